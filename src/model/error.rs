@@ -1,0 +1,87 @@
+//! Errors of the model layer.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a BLIP model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// An image file could not be decoded or is unusable.
+    #[error("cannot use image {path}: {reason}")]
+    Image {
+        /// The file (or `<memory>` for in-memory input).
+        path: PathBuf,
+        /// Why the image was refused.
+        reason: String,
+    },
+    /// `config.json` is missing, malformed or describes something we cannot run.
+    #[error("bad model config {path}: {reason}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The checkpoint's architecture is not one blipsearch runs.
+    #[error("unsupported architecture {found:?} in {path}: expected {expected}")]
+    UnsupportedArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// What the config names.
+        found: String,
+        /// What we accept.
+        expected: String,
+    },
+    /// Model files are missing from a local directory or could not be downloaded.
+    #[error("model files missing for {model}: {missing}. {hint}")]
+    MissingFiles {
+        /// A model id or directory.
+        model: String,
+        /// The files that could not be found.
+        missing: String,
+        /// How to fix it.
+        hint: String,
+    },
+    /// The checkpoint lacks a tensor the architecture needs.
+    #[error("checkpoint {path} is missing tensor `{tensor}`")]
+    MissingTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+    },
+    /// The checkpoint has a tensor of the wrong shape.
+    #[error("checkpoint {path}: tensor `{tensor}` has shape {found}, expected {expected}")]
+    TensorShape {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// Its shape in the file.
+        found: String,
+        /// The shape the config implies.
+        expected: String,
+    },
+    /// The tokenizer files are missing or broken.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Invalid input from the caller (empty text, bad option...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The requested device is not available.
+    #[error("device: {0}")]
+    Device(String),
+    /// A tensor operation failed (a bug or an out-of-memory condition).
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of the model layer.
+pub type Result<T> = std::result::Result<T, ModelError>;

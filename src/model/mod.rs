@@ -1,0 +1,23 @@
+//! BLIP (Li et al. 2022, <https://arxiv.org/abs/2201.12086>) in candle: everything needed to turn
+//! images and texts into ITC embeddings, ITM scores and captions.
+//!
+//! This layer knows nothing of indexes or servers. Entry points: [`Retriever`] (ITC + ITM, from a
+//! `BlipForImageTextRetrieval` checkpoint) and `Captioner` (from a `BlipForConditionalGeneration`
+//! checkpoint).
+
+pub mod config;
+pub mod device;
+pub mod error;
+mod layers;
+pub mod preprocess;
+pub mod retrieval;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
+pub use device::select_device;
+pub use error::{ModelError, Result};
+pub use retrieval::{ItmFirstToken, ItmScore, Retriever};
+pub use weights::ModelSource;

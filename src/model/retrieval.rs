@@ -1,0 +1,267 @@
+//! `BlipForImageTextRetrieval`: ITC embeddings (unimodal encoders + projections, normalised) and
+//! ITM scores (text encoder cross-attending to the image tokens + `itm_head`).
+//!
+//! Model card: <https://huggingface.co/Salesforce/blip-itm-base-coco>.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::Linear;
+use image::DynamicImage;
+
+use super::config::{BlipArchitecture, BlipConfig};
+use super::error::{ModelError, Result};
+use super::layers::{l2_normalize, linear};
+use super::preprocess::pixel_values;
+use super::text::TextModel;
+use super::tokenizer::{BlipTokenizer, TextBatch, CLS, ENC, MAX_TEXT_TOKENS};
+use super::vision::VisionModel;
+use super::weights::{explain_load_error, ModelFiles, ModelSource};
+
+/// The first token of the ITM text input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ItmFirstToken {
+    /// [ENC] = 30523, what the Salesforce checkpoints were trained with (original BLIP).
+    #[default]
+    Enc,
+    /// [CLS] = 101, what HF transformers' `BlipForImageTextRetrieval` feeds.
+    Cls,
+}
+
+impl ItmFirstToken {
+    fn id(self) -> u32 {
+        match self {
+            Self::Enc => ENC,
+            Self::Cls => CLS,
+        }
+    }
+}
+
+/// The ITM verdict on one (text, image) pair.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ItmScore {
+    /// `[no match, match]` logits of `itm_head`.
+    pub logits: [f32; 2],
+    /// p(match) = softmax(logits)[1].
+    pub prob: f32,
+}
+
+impl ItmScore {
+    fn from_logits(no: f32, yes: f32) -> Self {
+        // softmax over two classes, written to stay finite for any logits.
+        let prob = 1.0 / (1.0 + (no - yes).exp());
+        Self {
+            logits: [no, yes],
+            prob,
+        }
+    }
+}
+
+/// Image encoder output for a batch.
+pub struct ImageEmbeddings {
+    /// Normalised ITC vectors `(N, 256)`.
+    pub itc: Tensor,
+    /// The ViT's last hidden state `(N, tokens, hidden)`: what ITM cross-attends to.
+    pub tokens: Tensor,
+}
+
+/// Text encoder output for a batch.
+pub struct TextEmbeddings {
+    /// Normalised ITC vectors `(N, 256)`.
+    pub itc: Tensor,
+    /// Whether each text was cut to the 35-token limit.
+    pub truncated: Vec<bool>,
+}
+
+/// BLIP's retrieval model: ITC for candidate search, ITM for reranking.
+pub struct Retriever {
+    vision: VisionModel,
+    text: TextModel,
+    vision_proj: Linear,
+    text_proj: Linear,
+    itm_head: Linear,
+    tokenizer: BlipTokenizer,
+    config: BlipConfig,
+    device: Device,
+    name: String,
+}
+
+impl Retriever {
+    /// Loads a `BlipForImageTextRetrieval` checkpoint.
+    pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
+        let files = source.resolve()?;
+        Self::from_files(&files, &source.name(), device)
+    }
+
+    /// Loads from resolved files; `name` is kept for reporting.
+    pub fn from_files(files: &ModelFiles, name: &str, device: &Device) -> Result<Self> {
+        let config = BlipConfig::from_file(&files.config, BlipArchitecture::Retrieval)?;
+        let tokenizer =
+            BlipTokenizer::from_files(files.tokenizer_json.as_deref(), files.vocab_txt.as_deref())?;
+        let vb = files.var_builder(DType::F32, device)?;
+        let build = || -> candle_core::Result<_> {
+            let vision = VisionModel::new(&config.vision, vb.pp("vision_model"))?;
+            let text = TextModel::new(&config.text, true, vb.pp("text_encoder"))?;
+            let e = config.image_text_hidden_size;
+            let vision_proj = linear(config.vision.hidden_size, e, vb.pp("vision_proj"))?;
+            let text_proj = linear(config.text.hidden_size, e, vb.pp("text_proj"))?;
+            let itm_head = linear(config.text.hidden_size, 2, vb.pp("itm_head"))?;
+            Ok((vision, text, vision_proj, text_proj, itm_head))
+        };
+        let (vision, text, vision_proj, text_proj, itm_head) =
+            build().map_err(|e| explain_load_error(files.weights.path(), e))?;
+        Ok(Self {
+            vision,
+            text,
+            vision_proj,
+            text_proj,
+            itm_head,
+            tokenizer,
+            config,
+            device: device.clone(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The checkpoint's config.
+    pub fn config(&self) -> &BlipConfig {
+        &self.config
+    }
+
+    /// Where the model was loaded from.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &BlipTokenizer {
+        &self.tokenizer
+    }
+
+    /// Width of the ITC vectors (256 for every released checkpoint).
+    pub fn embedding_dim(&self) -> usize {
+        self.config.image_text_hidden_size
+    }
+
+    /// Preprocesses and encodes images (one forward pass for the batch).
+    pub fn embed_images(&self, images: &[DynamicImage]) -> Result<ImageEmbeddings> {
+        let pixels = pixel_values(images, self.config.vision.image_size, &self.device)?;
+        self.embed_pixels(&pixels)
+    }
+
+    /// Encodes preprocessed pixels `(N, 3, S, S)`.
+    pub fn embed_pixels(&self, pixels: &Tensor) -> Result<ImageEmbeddings> {
+        let s = self.config.vision.image_size;
+        match pixels.dims() {
+            [_, 3, h, w] if *h == s && *w == s => {}
+            d => {
+                return Err(ModelError::InvalidInput(format!(
+                    "pixel values of shape {d:?}, expected (N, 3, {s}, {s})"
+                )))
+            }
+        }
+        let tokens = self.vision.forward(pixels)?;
+        let cls = tokens.i((.., 0))?;
+        let itc = l2_normalize(&self.vision_proj.forward(&cls)?)?;
+        Ok(ImageEmbeddings { itc, tokens })
+    }
+
+    /// Cleans, tokenises and encodes texts for ITC (one forward pass for the batch).
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<TextEmbeddings> {
+        let batch = self.encode(texts)?;
+        let (ids, mask) = batch.tensors(None, &self.device)?;
+        let hidden = self.text_hidden(&ids, &mask)?;
+        let itc = l2_normalize(&self.text_proj.forward(&hidden.i((.., 0))?)?)?;
+        Ok(TextEmbeddings {
+            itc,
+            truncated: batch.truncated,
+        })
+    }
+
+    /// Tokenises texts with BLIP's cleaning and the 35-token limit.
+    pub fn encode(&self, texts: &[&str]) -> Result<TextBatch> {
+        if texts.is_empty() {
+            return Err(ModelError::InvalidInput("no texts given".into()));
+        }
+        self.tokenizer.encode_batch(texts, MAX_TEXT_TOKENS)
+    }
+
+    /// The unimodal text encoder's last hidden state for token ids `(N, L)`.
+    pub fn text_hidden(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(self.text.forward(ids, Some(mask), None, false, None)?)
+    }
+
+    /// ITC text vectors for token ids.
+    pub fn text_itc(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let hidden = self.text_hidden(ids, mask)?;
+        Ok(l2_normalize(&self.text_proj.forward(&hidden.i((.., 0))?)?)?)
+    }
+
+    /// ITM on pairs: text `p` is matched against image `image_of_text[p]` of `image_tokens`
+    /// `(N, tokens, hidden)`. Each image's cross-attention keys/values are computed once however
+    /// many texts read it; all pairs run in one forward pass.
+    pub fn itm(
+        &self,
+        texts: &[&str],
+        image_tokens: &Tensor,
+        image_of_text: &[usize],
+        first: ItmFirstToken,
+    ) -> Result<Vec<ItmScore>> {
+        let batch = self.encode(texts)?;
+        let (ids, mask) = batch.tensors(Some(first.id()), &self.device)?;
+        let logits = self.itm_logits(&ids, &mask, image_tokens, image_of_text)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(rows.iter().map(|r| ItmScore::from_logits(r[0], r[1])).collect())
+    }
+
+    /// ITM logits `(P, 2)` for token ids `(P, L)` (first token as given) against
+    /// `image_tokens[image_of_text[p]]`.
+    pub fn itm_logits(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        image_tokens: &Tensor,
+        image_of_text: &[usize],
+    ) -> Result<Tensor> {
+        let (p, _) = ids.dims2()?;
+        let (n, _, width) = image_tokens.dims3()?;
+        if width != self.config.vision.hidden_size {
+            return Err(ModelError::InvalidInput(format!(
+                "image tokens of width {width}, this model's ViT gives {}",
+                self.config.vision.hidden_size
+            )));
+        }
+        if image_of_text.len() != p || image_of_text.iter().any(|&i| i >= n) {
+            return Err(ModelError::InvalidInput(format!(
+                "{} image indices for {p} texts and {n} images",
+                image_of_text.len()
+            )));
+        }
+        let kv = self.text.image_kv(image_tokens)?;
+        let index: Vec<u32> = image_of_text.iter().map(|&i| i as u32).collect();
+        let kv = kv.select(&Tensor::new(index.as_slice(), &self.device)?)?;
+        let hidden = self.text.forward(ids, Some(mask), Some(&kv), false, None)?;
+        Ok(self.itm_head.forward(&hidden.i((.., 0))?)?)
+    }
+}
+
+/// Rows of a 2-D tensor as vectors (for JSON output and stores).
+pub fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn itm_prob_is_softmax() {
+        let s = ItmScore::from_logits(1.0, 3.0);
+        let e = (3f32.exp()) / (1f32.exp() + 3f32.exp());
+        assert!((s.prob - e).abs() < 1e-6);
+        assert!(ItmScore::from_logits(-1e30, 1e30).prob.is_finite());
+    }
+}

@@ -1,0 +1,372 @@
+//! The BLIP text transformer (BERT-base layout, HF `BlipTextModel`): a bidirectional encoder for
+//! ITC, the same with cross-attention over image tokens for ITM, and, with a causal mask, KV cache
+//! and LM head, the image-grounded decoder that writes captions.
+//!
+//! Paper: <https://arxiv.org/abs/2201.12086> (§3.1, "multimodal mixture of encoder-decoder").
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::BlipTextConfig;
+use super::layers::{activate, attention, layer_norm, linear, merge_heads, split_heads};
+
+/// Additive value of a masked position, as in transformers' BLIP text model.
+const MASKED: f64 = -10000.0;
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    layer_norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            word: candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("word_embeddings"))?,
+            position: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                vb.pp("position_embeddings"),
+            )?,
+            layer_norm: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, past: usize) -> candle_core::Result<Tensor> {
+        let (_, l) = ids.dims2()?;
+        let positions = Tensor::arange(past as u32, (past + l) as u32, ids.device())?;
+        let pos = self.position.forward(&positions)?;
+        let xs = self.word.forward(ids)?.broadcast_add(&pos)?;
+        self.layer_norm.forward(&xs)
+    }
+}
+
+/// Multi-head attention followed by `output.dense` + residual + LayerNorm (`BlipTextAttention`).
+struct AttentionBlock {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    layer_norm: LayerNorm,
+    heads: usize,
+    scale: f64,
+}
+
+impl AttentionBlock {
+    fn new(cfg: &BlipTextConfig, kv_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        let s = vb.pp("self");
+        Ok(Self {
+            query: linear(d, d, s.pp("query"))?,
+            key: linear(kv_dim, d, s.pp("key"))?,
+            value: linear(kv_dim, d, s.pp("value"))?,
+            dense: linear(d, d, vb.pp("output").pp("dense"))?,
+            layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            heads: cfg.num_attention_heads,
+            scale: 1.0 / ((d / cfg.num_attention_heads) as f64).sqrt(),
+        })
+    }
+
+    fn kv(&self, source: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            split_heads(&self.key.forward(source)?, self.heads)?,
+            split_heads(&self.value.forward(source)?, self.heads)?,
+        ))
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let q = split_heads(&self.query.forward(xs)?, self.heads)?;
+        let ctx = merge_heads(&attention(&q, k, v, mask, self.scale)?)?;
+        self.layer_norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+    }
+}
+
+struct Layer {
+    attention: AttentionBlock,
+    crossattention: Option<AttentionBlock>,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    cfg: BlipTextConfig,
+}
+
+impl Layer {
+    fn new(cfg: &BlipTextConfig, with_cross: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            attention: AttentionBlock::new(cfg, d, vb.pp("attention"))?,
+            crossattention: if with_cross {
+                Some(AttentionBlock::new(
+                    cfg,
+                    cfg.encoder_hidden_size,
+                    vb.pp("crossattention"),
+                )?)
+            } else {
+                None
+            },
+            intermediate: linear(d, cfg.intermediate_size, vb.pp("intermediate").pp("dense"))?,
+            output: linear(cfg.intermediate_size, d, vb.pp("output").pp("dense"))?,
+            output_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            cfg: cfg.clone(),
+        })
+    }
+}
+
+/// Per-layer keys and values of image tokens for the cross-attention, `(N, heads, T, head_dim)`.
+/// Computed once per image and shared by every text (ITM candidates, caption beams) that reads it.
+#[derive(Clone)]
+pub struct ImageKv {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl ImageKv {
+    /// Rows `index` (a `u32` tensor) of the batch: e.g. `[0, 0, 0, 1, 1, 1]` gives 3 beams per image.
+    pub fn select(&self, index: &Tensor) -> candle_core::Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.index_select(index, 0)?, v.index_select(index, 0)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { layers })
+    }
+
+    /// Number of images.
+    pub fn batch(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[0])
+    }
+}
+
+/// Self-attention keys and values of the tokens decoded so far.
+#[derive(Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps rows `index` of the batch (beam reordering).
+    pub fn select(&mut self, index: &Tensor) -> candle_core::Result<()> {
+        for kv in self.layers.iter_mut().flatten() {
+            *kv = (kv.0.index_select(index, 0)?, kv.1.index_select(index, 0)?);
+        }
+        Ok(())
+    }
+}
+
+/// `BlipTextModel` without pooler.
+pub struct TextModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    cfg: BlipTextConfig,
+}
+
+impl TextModel {
+    /// Builds the model from the tensors under `vb` (`text_encoder` or `text_decoder.bert`).
+    /// `with_cross` loads the cross-attention layers.
+    pub fn new(cfg: &BlipTextConfig, with_cross: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        let embeddings = Embeddings::new(cfg, vb.pp("embeddings"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, with_cross, vb.pp("encoder").pp("layer").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The config this model was built with.
+    pub fn config(&self) -> &BlipTextConfig {
+        &self.cfg
+    }
+
+    /// Projects image tokens `(N, T, encoder_hidden)` into every layer's cross-attention K/V.
+    pub fn image_kv(&self, image_tokens: &Tensor) -> candle_core::Result<ImageKv> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.crossattention {
+                Some(c) => c.kv(image_tokens),
+                None => Err(candle_core::Error::Msg(
+                    "this text model was built without cross-attention".into(),
+                )),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(ImageKv { layers })
+    }
+
+    /// Runs the transformer.
+    ///
+    /// - `ids`: `(B, L)` u32 token ids (the new tokens only when `cache` holds earlier ones);
+    /// - `attention_mask`: `(B, L)` with 1 for real tokens and 0 for padding (`None`: all real);
+    ///   ignored with a cache (decoding never pads);
+    /// - `image`: cross-attend to these image tokens (ITM, captions); `None` for the unimodal
+    ///   text encoder (ITC);
+    /// - `causal`: decoder masking; `cache`: incremental decoding.
+    ///
+    /// Returns the last hidden state `(B, L, hidden)`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        image: Option<&ImageKv>,
+        causal: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let mask = self_attention_mask(b, l, past, attention_mask, causal, ids.device())?;
+        let mut xs = self.embeddings.forward(ids, past)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (mut k, mut v) = layer.attention.kv(&xs)?;
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache.layers[i] {
+                    k = Tensor::cat(&[pk, &k], 2)?;
+                    v = Tensor::cat(&[pv, &v], 2)?;
+                }
+                cache.layers[i] = Some((k.clone(), v.clone()));
+            }
+            xs = layer.attention.forward(&xs, &k, &v, mask.as_ref())?;
+            if let Some(image) = image {
+                let cross = layer.crossattention.as_ref().ok_or_else(|| {
+                    candle_core::Error::Msg("this text model has no cross-attention".into())
+                })?;
+                let (ik, iv) = &image.layers[i];
+                xs = cross.forward(&xs, ik, iv, None)?;
+            }
+            let h = activate(&layer.intermediate.forward(&xs)?, layer.cfg.hidden_act)?;
+            xs = layer.output_norm.forward(&(layer.output.forward(&h)? + xs)?)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += l;
+        }
+        Ok(xs)
+    }
+}
+
+/// The additive self-attention mask, `(B, 1, 1|L, past + L)`, or `None` when nothing is masked.
+fn self_attention_mask(
+    b: usize,
+    l: usize,
+    past: usize,
+    padding: Option<&Tensor>,
+    causal: bool,
+    device: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    let total = past + l;
+    let padding = match padding {
+        Some(m) if past == 0 => Some(m.to_dtype(DType::F32)?.reshape((b, 1, 1, total))?),
+        _ => None,
+    };
+    let keep = match (causal, padding) {
+        (false, None) => return Ok(None),
+        (false, Some(p)) => p,
+        (true, p) => {
+            let rows: Vec<f32> = (0..l)
+                .flat_map(|i| (0..total).map(move |j| if j <= past + i { 1.0 } else { 0.0 }))
+                .collect();
+            let c = Tensor::from_vec(rows, (1, 1, l, total), device)?;
+            match p {
+                Some(p) => c.broadcast_mul(&p)?,
+                None => c,
+            }
+        }
+    };
+    Ok(Some(((keep - 1.0)? * -MASKED)?))
+}
+
+/// `cls.predictions`: dense + activation + LayerNorm, then the vocabulary projection.
+pub struct LmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    decoder: Linear,
+    cfg: BlipTextConfig,
+}
+
+impl LmHead {
+    /// Builds the head from `cls.predictions` tensors; the vocabulary projection falls back to the
+    /// word embeddings (`tied`) when the checkpoint stores it only once.
+    pub fn new(cfg: &BlipTextConfig, vb: VarBuilder, tied: &Tensor) -> candle_core::Result<Self> {
+        let d = cfg.hidden_size;
+        let t = vb.pp("transform");
+        let weight = if vb.contains_tensor("decoder.weight") {
+            vb.get((cfg.vocab_size, d), "decoder.weight")?
+        } else {
+            tied.clone()
+        };
+        let bias = if vb.contains_tensor("decoder.bias") {
+            vb.get(cfg.vocab_size, "decoder.bias")?
+        } else {
+            vb.get(cfg.vocab_size, "bias")?
+        };
+        Ok(Self {
+            dense: linear(d, d, t.pp("dense"))?,
+            layer_norm: layer_norm(d, cfg.layer_norm_eps, t.pp("LayerNorm"))?,
+            decoder: Linear::new(weight, Some(bias)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Hidden states `(B, L, hidden)` to logits `(B, L, vocab)`.
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = activate(&self.dense.forward(xs)?, self.cfg.hidden_act)?;
+        self.decoder.forward(&self.layer_norm.forward(&h)?)
+    }
+}
+
+/// `BlipTextLMHeadModel`: the image-grounded text decoder (`text_decoder.*`).
+pub struct TextDecoder {
+    /// The transformer, run with a causal mask and cross-attention.
+    pub bert: TextModel,
+    /// The vocabulary head.
+    pub head: LmHead,
+}
+
+impl TextDecoder {
+    /// Builds the decoder from the tensors under `vb` (`text_decoder`).
+    pub fn new(cfg: &BlipTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let bert = TextModel::new(cfg, true, vb.pp("bert"))?;
+        let tied = vb
+            .pp("bert")
+            .pp("embeddings")
+            .pp("word_embeddings")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let head = LmHead::new(cfg, vb.pp("cls").pp("predictions"), &tied)?;
+        Ok(Self { bert, head })
+    }
+
+    /// Logits `(B, L, vocab)` of the next token after each position.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        image: &ImageKv,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.bert.forward(ids, None, Some(image), true, cache)?;
+        self.head.forward(&h)
+    }
+}

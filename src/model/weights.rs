@@ -1,0 +1,255 @@
+//! Where a checkpoint comes from: a local HF snapshot directory, or a model id fetched with `hf-hub`
+//! into the usual Hugging Face cache (`HF_HOME`, default `~/.cache/huggingface`).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::error::{ModelError, Result};
+
+/// Default checkpoint for retrieval (ITC + ITM).
+pub const DEFAULT_RETRIEVAL_MODEL: &str = "Salesforce/blip-itm-base-coco";
+/// Default checkpoint for captions.
+pub const DEFAULT_CAPTION_MODEL: &str = "Salesforce/blip-image-captioning-base";
+
+/// A checkpoint: a local directory or a Hub model id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory holding `config.json`, weights and tokenizer files.
+    Dir(PathBuf),
+    /// A Hugging Face Hub model id such as `Salesforce/blip-itm-base-coco`.
+    Hub(String),
+}
+
+impl ModelSource {
+    /// A short name for logs and index metadata.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Dir(p) => p.display().to_string(),
+            Self::Hub(id) => id.clone(),
+        }
+    }
+
+    /// Finds (downloading if needed) the files of the checkpoint.
+    pub fn resolve(&self) -> Result<ModelFiles> {
+        match self {
+            Self::Dir(dir) => ModelFiles::from_dir(dir),
+            Self::Hub(id) => ModelFiles::from_hub(id),
+        }
+    }
+}
+
+/// The weights file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsFile {
+    /// `model.safetensors` (memory-mapped).
+    Safetensors(PathBuf),
+    /// `pytorch_model.bin` (a torch pickle).
+    PyTorch(PathBuf),
+}
+
+impl WeightsFile {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Safetensors(p) | Self::PyTorch(p) => p,
+        }
+    }
+}
+
+/// The files blipsearch reads from a checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// The weights.
+    pub weights: WeightsFile,
+    /// `tokenizer.json` if present.
+    pub tokenizer_json: Option<PathBuf>,
+    /// `vocab.txt` if present (used when there is no `tokenizer.json`).
+    pub vocab_txt: Option<PathBuf>,
+}
+
+const NO_HUB_HINT: &str = "Download the checkpoint elsewhere (e.g. `huggingface-cli download <id>`) and pass its \
+directory with --model-dir (or --caption-model-dir), or set HF_HOME to a cache that holds it";
+
+impl ModelFiles {
+    /// Reads a local snapshot directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFiles {
+                model: dir.display().to_string(),
+                missing: "the directory itself".into(),
+                hint: "--model-dir must name a directory with config.json, model.safetensors (or \
+                       pytorch_model.bin) and tokenizer.json (or vocab.txt)"
+                    .into(),
+            });
+        }
+        let have = |name: &str| Some(dir.join(name)).filter(|p| p.is_file());
+        let weights = have("model.safetensors")
+            .map(WeightsFile::Safetensors)
+            .or_else(|| have("pytorch_model.bin").map(WeightsFile::PyTorch));
+        Self::assemble(
+            &dir.display().to_string(),
+            have("config.json"),
+            weights,
+            have("tokenizer.json"),
+            have("vocab.txt"),
+            "--model-dir must name a directory with config.json, model.safetensors (or pytorch_model.bin) \
+             and tokenizer.json (or vocab.txt)",
+        )
+    }
+
+    /// Fetches the checkpoint's files from the Hub, or takes them from the local cache.
+    /// With `HF_HUB_OFFLINE=1` only the cache is consulted.
+    pub fn from_hub(id: &str) -> Result<Self> {
+        let cache = hf_hub::Cache::from_env();
+        let cached = cache.model(id.to_string());
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
+        let api = if offline {
+            None
+        } else {
+            hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()
+                .ok()
+                .map(|api| api.model(id.to_string()))
+        };
+        let mut errors = Vec::new();
+        let mut fetch = |name: &str| -> Option<PathBuf> {
+            if let Some(p) = cached.get(name) {
+                return Some(p);
+            }
+            let api = api.as_ref()?;
+            match api.get(name) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    errors.push(format!("{name}: {e}"));
+                    None
+                }
+            }
+        };
+        let config = fetch("config.json");
+        let weights = if config.is_some() {
+            fetch("model.safetensors")
+                .map(WeightsFile::Safetensors)
+                .or_else(|| fetch("pytorch_model.bin").map(WeightsFile::PyTorch))
+        } else {
+            None
+        };
+        let tokenizer_json = config.as_ref().and_then(|_| fetch("tokenizer.json"));
+        let vocab_txt = if tokenizer_json.is_none() && config.is_some() {
+            fetch("vocab.txt")
+        } else {
+            None
+        };
+        let hint = if errors.is_empty() {
+            NO_HUB_HINT.to_string()
+        } else {
+            format!("download failed ({}). {NO_HUB_HINT}", errors.join("; "))
+        };
+        Self::assemble(id, config, weights, tokenizer_json, vocab_txt, &hint)
+    }
+
+    fn assemble(
+        model: &str,
+        config: Option<PathBuf>,
+        weights: Option<WeightsFile>,
+        tokenizer_json: Option<PathBuf>,
+        vocab_txt: Option<PathBuf>,
+        hint: &str,
+    ) -> Result<Self> {
+        let mut missing = Vec::new();
+        if config.is_none() {
+            missing.push("config.json");
+        }
+        if weights.is_none() {
+            missing.push("model.safetensors (or pytorch_model.bin)");
+        }
+        if tokenizer_json.is_none() && vocab_txt.is_none() {
+            missing.push("tokenizer.json (or vocab.txt)");
+        }
+        match (config, weights) {
+            (Some(config), Some(weights)) if missing.is_empty() => Ok(Self {
+                config,
+                weights,
+                tokenizer_json,
+                vocab_txt,
+            }),
+            _ => Err(ModelError::MissingFiles {
+                model: model.to_string(),
+                missing: missing.join(", "),
+                hint: hint.to_string(),
+            }),
+        }
+    }
+
+    /// Opens the weights for reading (safetensors are memory-mapped, not copied).
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let vb = match &self.weights {
+            // SAFETY: the file is mapped read-only; like every mmap user we rely on nobody
+            // truncating the checkpoint while it is open.
+            WeightsFile::Safetensors(p) => unsafe {
+                VarBuilder::from_mmaped_safetensors(&[p], dtype, device)
+            },
+            WeightsFile::PyTorch(p) => VarBuilder::from_pth(p, dtype, device),
+        };
+        vb.map_err(|e| ModelError::Config {
+            path: self.weights.path().to_path_buf(),
+            reason: format!("cannot open weights: {e}"),
+        })
+    }
+}
+
+/// Turns a candle error raised while building a model into a message naming the tensor.
+pub(crate) fn explain_load_error(weights: &Path, err: candle_core::Error) -> ModelError {
+    use candle_core::Error as E;
+    match err {
+        E::CannotFindTensor { path } => ModelError::MissingTensor {
+            path: weights.to_path_buf(),
+            tensor: path,
+        },
+        E::UnexpectedShape { msg, expected, got } => ModelError::TensorShape {
+            path: weights.to_path_buf(),
+            tensor: msg
+                .strip_prefix("shape mismatch for ")
+                .unwrap_or(&msg)
+                .to_string(),
+            found: format!("{got:?}"),
+            expected: format!("{expected:?}"),
+        },
+        E::WithBacktrace { inner, .. } | E::Context { inner, .. } | E::WithPath { inner, .. } => {
+            explain_load_error(weights, *inner)
+        }
+        other => ModelError::Candle(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_dir_names_files_and_hint() {
+        let tmp = std::env::temp_dir().join("blipsearch-empty-model-dir-test");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let e = ModelFiles::from_dir(&tmp).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        assert!(e.contains("model.safetensors"), "{e}");
+        assert!(e.contains("tokenizer.json"), "{e}");
+        assert!(e.contains("--model-dir"), "{e}");
+    }
+
+    #[test]
+    fn offline_hub_miss_says_how_to_use_model_dir() {
+        // A cache dir that holds nothing, and no network calls.
+        let tmp = std::env::temp_dir().join("blipsearch-empty-hf-home");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::env::set_var("HF_HOME", &tmp);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let e = ModelFiles::from_hub("Salesforce/blip-itm-base-coco").unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+        assert!(e.contains("--model-dir"), "{e}");
+    }
+}
