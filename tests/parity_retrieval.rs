@@ -40,9 +40,11 @@ fn images(meta: &serde_json::Value) -> Vec<image::DynamicImage> {
         .collect()
 }
 
+/// The bound is max 0.02 / mean 1e-3 (about one 8-bit level); decoding (libjpeg-turbo) and
+/// resizing (Pillow's arithmetic) are reproduced exactly, so only float rounding remains.
 fn check_pixels(what: &str, ours: &Tensor, theirs: &Tensor) {
     let (max, mean) = diff(ours, theirs);
-    assert!(max <= 0.02 && mean <= 1e-3, "{what}: pixel values max {max} mean {mean}");
+    assert!(max <= 1e-4 && mean <= 1e-5, "{what}: pixel values max {max} mean {mean}");
 }
 
 #[test]
