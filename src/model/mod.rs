@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 mod layers;
 pub mod preprocess;
+pub mod resample;
 pub mod retrieval;
 pub mod text;
 pub mod tokenizer;

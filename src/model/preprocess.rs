@@ -1,17 +1,16 @@
 //! Image decoding and `BlipImageProcessor` preprocessing: EXIF orientation, RGB (transparency
 //! composited on white, as transformers does), bicubic resize of both sides to the model's input
-//! size with Pillow's arithmetic (via `fast_image_resize`), scale by 1/255, CLIP mean/std
+//! size with Pillow's arithmetic, scale by 1/255, CLIP mean/std
 //! normalisation, CHW layout.
 
 use std::io::Cursor;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use fast_image_resize::images::Image as FirImage;
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 
 use super::error::{ModelError, Result};
+use super::resample::resize_bicubic_u8;
 
 /// OpenAI CLIP mean, used by every BLIP checkpoint.
 pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -87,13 +86,41 @@ pub fn decode_image(bytes: &[u8], name: &Path, limits: DecodeLimits) -> Result<D
     image_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     let mut r = reader()?;
     r.limits(image_limits);
+    let is_jpeg = r.format() == Some(image::ImageFormat::Jpeg);
     let mut decoder = r.into_decoder().map_err(|e| fail(e.to_string()))?;
     let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    let libjpeg = if is_jpeg { decode_jpeg_libjpeg(bytes) } else { None };
+    let mut img = match libjpeg {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?,
+    };
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
     Ok(img)
+}
+
+/// Decodes a JPEG with libjpeg-turbo (mozjpeg), the decoder Pillow ships: its IDCT and "fancy"
+/// chroma upsampling differ from the pure-Rust decoder by up to 4 levels on 4:2:0 files, enough
+/// to move the model's inputs. `None` for colour spaces it cannot turn into RGB (CMYK) or any
+/// failure, so that the caller falls back to the `image` crate's decoder and its error messages.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<DynamicImage> {
+    std::panic::catch_unwind(|| -> Option<DynamicImage> {
+        let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
+        if !matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB
+        ) {
+            return None;
+        }
+        let mut started = d.rgb().ok()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let data: Vec<u8> = started.read_scanlines().ok()?;
+        started.finish().ok()?;
+        RgbImage::from_raw(w, h, data).map(DynamicImage::ImageRgb8)
+    })
+    .ok()
+    .flatten()
 }
 
 /// Whether an end-of-image marker (FF D9) follows the last start-of-scan marker (FF DA). Inside
@@ -126,31 +153,14 @@ pub fn to_rgb(img: &DynamicImage) -> RgbImage {
     out
 }
 
-/// Resizes to `size` x `size` with Pillow's bicubic filter (a = -0.5) on 8-bit pixels.
-///
-/// Pillow resamples horizontally first and rounds the intermediate to 8 bits; fast_image_resize
-/// goes vertical-first for 8-bit images, which moves ~9% of values by one level. Two single-axis
-/// passes reproduce Pillow exactly.
+/// Resizes to `size` x `size` exactly as Pillow's `resize(..., BICUBIC)` does (see
+/// [`super::resample`]).
 pub fn resize_bicubic(rgb: &RgbImage, size: u32) -> Result<RgbImage> {
     let (w, h) = rgb.dimensions();
-    let err = |e: String| ModelError::InvalidInput(format!("resize failed: {e}"));
-    let opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom));
-    let mut resizer = Resizer::new();
-    let mut pass = |src: FirImage<'static>, to_w: u32, to_h: u32| -> Result<FirImage<'static>> {
-        if (src.width(), src.height()) == (to_w, to_h) {
-            return Ok(src);
-        }
-        let mut dst = FirImage::new(to_w, to_h, PixelType::U8x3);
-        resizer
-            .resize(&src, &mut dst, &opts)
-            .map_err(|e| err(e.to_string()))?;
-        Ok(dst)
-    };
-    let src = FirImage::from_vec_u8(w, h, rgb.as_raw().clone(), PixelType::U8x3)
-        .map_err(|e| err(e.to_string()))?;
-    let horizontal = pass(src, size, h)?;
-    let both = pass(horizontal, size, size)?;
-    RgbImage::from_raw(size, size, both.into_vec()).ok_or_else(|| err("buffer size".into()))
+    let s = size as usize;
+    let out = resize_bicubic_u8(rgb.as_raw(), w as usize, h as usize, 3, s, s);
+    RgbImage::from_raw(size, size, out)
+        .ok_or_else(|| ModelError::InvalidInput("resize produced a wrong-sized buffer".into()))
 }
 
 /// Normalised CHW floats of one image, `3 * size * size` values.
