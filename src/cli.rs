@@ -58,7 +58,7 @@ impl RetrievalModelArgs {
     }
 
     fn limits(&self) -> Result<DecodeLimits> {
-        if !(self.max_megapixels > 0.0) {
+        if self.max_megapixels.is_nan() || self.max_megapixels <= 0.0 {
             bail!("--max-megapixels must be positive");
         }
         Ok(DecodeLimits {
@@ -180,7 +180,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
         images: Vec::new(),
         texts: Vec::new(),
     };
-    for (paths, imgs) in a.images.chunks(a.batch_size).zip(decoded.chunks(a.batch_size)) {
+    for (paths, imgs) in a
+        .images
+        .chunks(a.batch_size)
+        .zip(decoded.chunks(a.batch_size))
+    {
         let emb = model.embed_images(imgs)?;
         for (p, v) in paths.iter().zip(rows(&emb.itc)?) {
             out.images.push(EmbeddedImage {
@@ -227,11 +231,7 @@ fn score(a: ScoreArgs) -> Result<()> {
     let texts: Vec<&str> = a.texts.iter().map(String::as_str).collect();
     let img = model.embed_images(std::slice::from_ref(&image))?;
     let txt = model.embed_texts(&texts)?;
-    let cos: Vec<f32> = txt
-        .itc
-        .matmul(&img.itc.t()?)?
-        .flatten_all()?
-        .to_vec1()?;
+    let cos: Vec<f32> = txt.itc.matmul(&img.itc.t()?)?.flatten_all()?.to_vec1()?;
     let first = match a.itm_first_token {
         FirstToken::Enc => ItmFirstToken::Enc,
         FirstToken::Cls => ItmFirstToken::Cls,
@@ -264,4 +264,3 @@ fn score(a: ScoreArgs) -> Result<()> {
     }
     Ok(())
 }
-

@@ -20,7 +20,12 @@ fn blipsearch(args: &[&str]) -> (bool, String, String) {
 }
 
 fn norm(v: &serde_json::Value) -> f64 {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum::<f64>().sqrt()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap().powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 #[test]
@@ -29,9 +34,18 @@ fn embed_json_contract() {
     let img = fixtures().join("images").join("chelsea.png");
     let img2 = fixtures().join("images").join("rocket.jpg");
     let (ok, out, err) = blipsearch(&[
-        "embed", "--model-dir", dir.to_str().unwrap(),
-        "--image", img.to_str().unwrap(), "--image", img2.to_str().unwrap(),
-        "--text", "a photo of a cat", "--text", "dog", "--json",
+        "embed",
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--image",
+        img2.to_str().unwrap(),
+        "--text",
+        "a photo of a cat",
+        "--text",
+        "dog",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -49,8 +63,16 @@ fn embed_json_contract() {
     let meta = load_json(&fixtures().join("tiny-a").join("expected.json"));
     let expected = load_tensors(&fixtures().join("tiny-a").join("expected.safetensors"));
     let all: Vec<Vec<f32>> = expected["text_embeds"].to_vec2().unwrap();
-    let idx = strings(&meta["texts"]).iter().position(|t| t == "a photo of a cat").unwrap();
-    for (a, b) in texts[0]["embedding"].as_array().unwrap().iter().zip(&all[idx]) {
+    let idx = strings(&meta["texts"])
+        .iter()
+        .position(|t| t == "a photo of a cat")
+        .unwrap();
+    for (a, b) in texts[0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&all[idx])
+    {
         assert!((a.as_f64().unwrap() as f32 - b).abs() < 1e-4);
     }
 }
@@ -61,8 +83,15 @@ fn score_json_contract_and_first_token() {
     let img = fixtures().join("images").join("coffee.png");
     let run = |first: &str| {
         let (ok, out, err) = blipsearch(&[
-            "score", "--model-dir", dir.to_str().unwrap(), img.to_str().unwrap(),
-            "a cup of coffee", "a rocket launching", "--itm-first-token", first, "--json",
+            "score",
+            "--model-dir",
+            dir.to_str().unwrap(),
+            img.to_str().unwrap(),
+            "a cup of coffee",
+            "a rocket launching",
+            "--itm-first-token",
+            first,
+            "--json",
         ]);
         assert!(ok, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
@@ -93,7 +122,12 @@ fn bad_inputs_fail_cleanly() {
     let bad = tmp.path().join("broken.jpg");
     std::fs::write(&bad, b"not a jpeg").unwrap();
     let (ok, _, err) = blipsearch(&[
-        "score", "--model-dir", dir.to_str().unwrap(), bad.to_str().unwrap(), "a cat", "--json",
+        "score",
+        "--model-dir",
+        dir.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "a cat",
+        "--json",
     ]);
     assert!(!ok);
     assert!(err.contains("broken.jpg"), "{err}");
@@ -101,7 +135,12 @@ fn bad_inputs_fail_cleanly() {
     let (ok, _, err) = blipsearch(&["embed", "--model-dir", "/nonexistent/dir", "--text", "x"]);
     assert!(!ok && err.contains("--model-dir"), "{err}");
     let (ok, _, err) = blipsearch(&[
-        "embed", "--model-dir", dir.to_str().unwrap(), "--text", "!!! ...", "--json",
+        "embed",
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--text",
+        "!!! ...",
+        "--json",
     ]);
     assert!(!ok && err.contains("empty"), "{err}");
     let (ok, _, err) = blipsearch(&["embed", "--model-dir", dir.to_str().unwrap()]);
@@ -112,12 +151,21 @@ fn bad_inputs_fail_cleanly() {
 fn offline_hub_id_explains_model_dir() {
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-        .args(["embed", "--model", "Salesforce/blip-itm-base-coco", "--text", "a cat"])
+        .args([
+            "embed",
+            "--model",
+            "Salesforce/blip-itm-base-coco",
+            "--text",
+            "a cat",
+        ])
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_HOME", tmp.path())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("config.json") && err.contains("--model-dir"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("--model-dir"),
+        "{err}"
+    );
 }

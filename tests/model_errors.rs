@@ -32,7 +32,10 @@ fn missing_tensor_is_named() {
     let victim = "text_encoder.encoder.layer.1.crossattention.self.key.weight";
     assert!(tensors.remove(victim).is_some(), "fixture lacks {victim}");
     candle_core::safetensors::save(&tensors, &weights).unwrap();
-    let err = load(tmp.path()).err().expect("loading must fail").to_string();
+    let err = load(tmp.path())
+        .err()
+        .expect("loading must fail")
+        .to_string();
     assert!(err.contains(victim), "{err}");
 }
 
@@ -47,7 +50,10 @@ fn wrong_shape_is_named() {
     let bad = candle_core::Tensor::cat(&[&t, &t], 0).unwrap();
     tensors.insert(name.to_string(), bad);
     candle_core::safetensors::save(&tensors, &weights).unwrap();
-    let err = load(tmp.path()).err().expect("loading must fail").to_string();
+    let err = load(tmp.path())
+        .err()
+        .expect("loading must fail")
+        .to_string();
     assert!(err.contains(name), "{err}");
 }
 
@@ -60,13 +66,22 @@ fn unknown_architecture_is_refused() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["architectures"] = serde_json::json!(["BlipForQuestionAnswering"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let err = load(tmp.path()).err().expect("loading must fail").to_string();
-    assert!(err.contains("BlipForQuestionAnswering") && err.contains("BlipForImageTextRetrieval"), "{err}");
+    let err = load(tmp.path())
+        .err()
+        .expect("loading must fail")
+        .to_string();
+    assert!(
+        err.contains("BlipForQuestionAnswering") && err.contains("BlipForImageTextRetrieval"),
+        "{err}"
+    );
 }
 
 #[test]
 fn caption_checkpoint_is_not_a_retrieval_model() {
-    let err = load(&fixtures().join("tiny-a").join("caption")).err().expect("must fail").to_string();
+    let err = load(&fixtures().join("tiny-a").join("caption"))
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains("BlipForConditionalGeneration"), "{err}");
 }
 
@@ -76,7 +91,10 @@ fn missing_files_say_what_and_how() {
     copy_checkpoint(tmp.path());
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     let err = load(tmp.path()).err().expect("must fail").to_string();
-    assert!(err.contains("model.safetensors") && err.contains("--model-dir"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("--model-dir"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -94,14 +112,23 @@ fn bad_image_files_name_the_file_and_reason() {
         let p = tmp.path().join(name);
         std::fs::write(&p, bytes).unwrap();
         let err = load_image(&p, DecodeLimits::default()).err();
-        let err = err.unwrap_or_else(|| panic!("{name} must be refused")).to_string();
+        let err = err
+            .unwrap_or_else(|| panic!("{name} must be refused"))
+            .to_string();
         assert!(err.contains(name), "{err}");
     }
     let missing = tmp.path().join("nope.jpg");
-    let err = load_image(&missing, DecodeLimits::default()).unwrap_err().to_string();
+    let err = load_image(&missing, DecodeLimits::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("nope.jpg"), "{err}");
     // Over the pixel limit.
     let big = fixtures().join("images").join("chelsea.png");
-    let err = load_image(&big, DecodeLimits { max_pixels: 1000 }).unwrap_err().to_string();
-    assert!(err.contains("chelsea.png") && err.contains("limit"), "{err}");
+    let err = load_image(&big, DecodeLimits { max_pixels: 1000 })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("chelsea.png") && err.contains("limit"),
+        "{err}"
+    );
 }

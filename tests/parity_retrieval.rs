@@ -15,7 +15,6 @@ use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
 const TOL: f32 = 1e-4;
 
 struct Case {
-    name: &'static str,
     model: Retriever,
     expected: std::collections::HashMap<String, Tensor>,
     meta: serde_json::Value,
@@ -26,7 +25,6 @@ fn case(name: &'static str) -> Case {
     let model = Retriever::load(&ModelSource::Dir(dir.join("retrieval")), &Device::Cpu)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     Case {
-        name,
         model,
         expected: load_tensors(&dir.join("expected.safetensors")),
         meta: load_json(&dir.join("expected.json")),
@@ -44,7 +42,10 @@ fn images(meta: &serde_json::Value) -> Vec<image::DynamicImage> {
 /// resizing (Pillow's arithmetic) are reproduced exactly, so only float rounding remains.
 fn check_pixels(what: &str, ours: &Tensor, theirs: &Tensor) {
     let (max, mean) = diff(ours, theirs);
-    assert!(max <= 1e-4 && mean <= 1e-5, "{what}: pixel values max {max} mean {mean}");
+    assert!(
+        max <= 1e-4 && mean <= 1e-5,
+        "{what}: pixel values max {max} mean {mean}"
+    );
 }
 
 #[test]
@@ -74,8 +75,18 @@ fn vision_and_image_itc_match() {
     for name in CONFIGS {
         let c = case(name);
         let out = c.model.embed_pixels(&c.expected["pixel_values"]).unwrap();
-        assert_close(&format!("{name} ViT"), &out.tokens, &c.expected["vision_last_hidden"], TOL);
-        assert_close(&format!("{name} image ITC"), &out.itc, &c.expected["image_embeds"], TOL);
+        assert_close(
+            &format!("{name} ViT"),
+            &out.tokens,
+            &c.expected["vision_last_hidden"],
+            TOL,
+        );
+        assert_close(
+            &format!("{name} image ITC"),
+            &out.itc,
+            &c.expected["image_embeds"],
+            TOL,
+        );
     }
 }
 
@@ -94,13 +105,24 @@ fn tokenizer_matches_bert_tokenizer_with_pre_caption() {
         let batch = c.model.encode(&refs).unwrap();
         let (ids, mask) = batch.tensors(None, &Device::Cpu).unwrap();
         let (eids, emask) = ids_and_mask(&c);
-        assert_eq!(ids.to_vec2::<u32>().unwrap(), eids.to_vec2::<u32>().unwrap(), "{name} ids");
-        assert_eq!(mask.to_vec2::<u32>().unwrap(), emask.to_vec2::<u32>().unwrap(), "{name} mask");
+        assert_eq!(
+            ids.to_vec2::<u32>().unwrap(),
+            eids.to_vec2::<u32>().unwrap(),
+            "{name} ids"
+        );
+        assert_eq!(
+            mask.to_vec2::<u32>().unwrap(),
+            emask.to_vec2::<u32>().unwrap(),
+            "{name} mask"
+        );
         let cleaned = strings(&c.meta["cleaned_texts"]);
         for (t, want) in texts.iter().zip(&cleaned) {
             assert_eq!(&blipsearch::model::tokenizer::pre_caption(t), want);
         }
-        assert!(batch.truncated.iter().any(|&t| t), "{name}: the long text must be cut");
+        assert!(
+            batch.truncated.iter().any(|&t| t),
+            "{name}: the long text must be cut"
+        );
     }
 }
 
@@ -110,16 +132,32 @@ fn text_encoder_and_text_itc_match() {
         let c = case(name);
         let (ids, mask) = ids_and_mask(&c);
         let hidden = c.model.text_hidden(&ids, &mask).unwrap();
-        assert_close(&format!("{name} text hidden"), &hidden, &c.expected["text_last_hidden"], TOL);
+        assert_close(
+            &format!("{name} text hidden"),
+            &hidden,
+            &c.expected["text_last_hidden"],
+            TOL,
+        );
         let itc = c.model.text_itc(&ids, &mask).unwrap();
-        assert_close(&format!("{name} text ITC"), &itc, &c.expected["text_embeds"], TOL);
+        assert_close(
+            &format!("{name} text ITC"),
+            &itc,
+            &c.expected["text_embeds"],
+            TOL,
+        );
     }
 }
 
 fn pair_index(c: &Case) -> (Vec<u32>, Vec<usize>) {
     let pairs = c.meta["pairs"].as_array().unwrap();
-    let text: Vec<u32> = pairs.iter().map(|p| p[1].as_u64().unwrap() as u32).collect();
-    let image: Vec<usize> = pairs.iter().map(|p| p[0].as_u64().unwrap() as usize).collect();
+    let text: Vec<u32> = pairs
+        .iter()
+        .map(|p| p[1].as_u64().unwrap() as u32)
+        .collect();
+    let image: Vec<usize> = pairs
+        .iter()
+        .map(|p| p[0].as_u64().unwrap() as usize)
+        .collect();
     (text, image)
 }
 
@@ -133,15 +171,32 @@ fn itm_logits_match_with_cls_and_enc() {
         let pids = ids.index_select(&sel, 0).unwrap();
         let pmask = mask.index_select(&sel, 0).unwrap();
         let tokens = &c.expected["vision_last_hidden"];
-        let cls = c.model.itm_logits(&pids, &pmask, tokens, &image_of_pair).unwrap();
-        assert_close(&format!("{name} ITM [CLS]"), &cls, &c.expected["itm_logits_cls"], TOL);
+        let cls = c
+            .model
+            .itm_logits(&pids, &pmask, tokens, &image_of_pair)
+            .unwrap();
+        assert_close(
+            &format!("{name} ITM [CLS]"),
+            &cls,
+            &c.expected["itm_logits_cls"],
+            TOL,
+        );
         let enc_col = Tensor::full(ENC, (pids.dims()[0], 1), &Device::Cpu).unwrap();
         let enc_ids = Tensor::cat(&[&enc_col, &pids.i((.., 1..)).unwrap()], 1).unwrap();
-        let enc = c.model.itm_logits(&enc_ids, &pmask, tokens, &image_of_pair).unwrap();
-        assert_close(&format!("{name} ITM [ENC]"), &enc, &c.expected["itm_logits_enc"], TOL);
+        let enc = c
+            .model
+            .itm_logits(&enc_ids, &pmask, tokens, &image_of_pair)
+            .unwrap();
+        assert_close(
+            &format!("{name} ITM [ENC]"),
+            &enc,
+            &c.expected["itm_logits_enc"],
+            TOL,
+        );
         // The fixture is only useful if the pairs differ.
         let v: Vec<f32> = enc.i((.., 1)).unwrap().to_vec1().unwrap();
-        let spread = v.iter().cloned().fold(f32::MIN, f32::max) - v.iter().cloned().fold(f32::MAX, f32::min);
+        let spread =
+            v.iter().cloned().fold(f32::MIN, f32::max) - v.iter().cloned().fold(f32::MAX, f32::min);
         assert!(spread > 0.1, "{name}: ITM logits barely differ ({spread})");
     }
 }
@@ -153,7 +208,12 @@ fn high_level_api_agrees_with_expected_outputs() {
         let texts = strings(&c.meta["texts"]);
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let t = c.model.embed_texts(&refs).unwrap();
-        assert_close(&format!("{name} embed_texts"), &t.itc, &c.expected["text_embeds"], TOL);
+        assert_close(
+            &format!("{name} embed_texts"),
+            &t.itc,
+            &c.expected["text_embeds"],
+            TOL,
+        );
         let (_, image_of_pair) = pair_index(&c);
         let pair_texts: Vec<&str> = c.meta["pairs"]
             .as_array()
@@ -163,7 +223,12 @@ fn high_level_api_agrees_with_expected_outputs() {
             .collect();
         let scores = c
             .model
-            .itm(&pair_texts, &c.expected["vision_last_hidden"], &image_of_pair, ItmFirstToken::Enc)
+            .itm(
+                &pair_texts,
+                &c.expected["vision_last_hidden"],
+                &image_of_pair,
+                ItmFirstToken::Enc,
+            )
             .unwrap();
         let expected: Vec<Vec<f32>> = c.expected["itm_logits_enc"].to_vec2().unwrap();
         for (s, e) in scores.iter().zip(&expected) {
@@ -182,21 +247,41 @@ fn batched_equals_one_at_a_time() {
         let all = c.model.embed_pixels(pixels).unwrap();
         for i in 0..pixels.dims()[0] {
             let one = c.model.embed_pixels(&pixels.i(i..i + 1).unwrap()).unwrap();
-            assert_close("image batch vs single", &one.tokens, &all.tokens.i(i..i + 1).unwrap(), 1e-5);
-            assert_close("image ITC batch vs single", &one.itc, &all.itc.i(i..i + 1).unwrap(), 1e-5);
+            assert_close(
+                "image batch vs single",
+                &one.tokens,
+                &all.tokens.i(i..i + 1).unwrap(),
+                1e-5,
+            );
+            assert_close(
+                "image ITC batch vs single",
+                &one.itc,
+                &all.itc.i(i..i + 1).unwrap(),
+                1e-5,
+            );
         }
         let texts = strings(&c.meta["texts"]);
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let batch = c.model.embed_texts(&refs).unwrap();
         for (j, t) in refs.iter().enumerate() {
             let one = c.model.embed_texts(&[t]).unwrap();
-            assert_close("text ITC batch vs single", &one.itc, &batch.itc.i(j..j + 1).unwrap(), 1e-5);
+            assert_close(
+                "text ITC batch vs single",
+                &one.itc,
+                &batch.itc.i(j..j + 1).unwrap(),
+                1e-5,
+            );
         }
         let tokens = &c.expected["vision_last_hidden"];
         let n = tokens.dims()[0];
         let pair_texts: Vec<&str> = (0..n).flat_map(|_| refs.iter().copied()).collect();
-        let image_of: Vec<usize> = (0..n).flat_map(|i| std::iter::repeat(i).take(refs.len())).collect();
-        let all = c.model.itm(&pair_texts, tokens, &image_of, ItmFirstToken::Enc).unwrap();
+        let image_of: Vec<usize> = (0..n)
+            .flat_map(|i| std::iter::repeat_n(i, refs.len()))
+            .collect();
+        let all = c
+            .model
+            .itm(&pair_texts, tokens, &image_of, ItmFirstToken::Enc)
+            .unwrap();
         for (k, (t, &i)) in pair_texts.iter().zip(&image_of).enumerate() {
             let one = c
                 .model
@@ -216,5 +301,10 @@ fn pytorch_bin_checkpoint_loads_the_same_model() {
     let bin = Retriever::load(&ModelSource::Dir(dir.join("retrieval-bin")), &Device::Cpu).unwrap();
     let c = case("tiny-a");
     let out = bin.embed_pixels(&c.expected["pixel_values"]).unwrap();
-    assert_close("bin checkpoint image ITC", &out.itc, &c.expected["image_embeds"], TOL);
+    assert_close(
+        "bin checkpoint image ITC",
+        &out.itc,
+        &c.expected["image_embeds"],
+        TOL,
+    );
 }

@@ -41,7 +41,9 @@ fn square(field: &SizeField, name: &str) -> std::result::Result<usize, String> {
     match field {
         SizeField::One(n) => Ok(*n),
         SizeField::Two([h, w]) if h == w => Ok(*h),
-        SizeField::Two([h, w]) => Err(format!("{name} {h}x{w} is not square; only square inputs are supported")),
+        SizeField::Two([h, w]) => Err(format!(
+            "{name} {h}x{w} is not square; only square inputs are supported"
+        )),
     }
 }
 
@@ -245,7 +247,11 @@ impl BlipConfig {
         if found != Some(expected) {
             return Err(ModelError::UnsupportedArchitecture {
                 path: path.to_path_buf(),
-                found: if arch.is_empty() { "<none>".into() } else { arch },
+                found: if arch.is_empty() {
+                    "<none>".into()
+                } else {
+                    arch
+                },
                 expected: expected.class_name().into(),
             });
         }
@@ -292,7 +298,7 @@ impl BlipConfig {
     fn validate(&self) -> std::result::Result<(), String> {
         let v = &self.vision;
         let t = &self.text;
-        if v.patch_size == 0 || v.image_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || v.image_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size
@@ -325,7 +331,8 @@ mod tests {
     #[test]
     fn defaults_fill_missing_keys() {
         let json = r#"{"architectures":["BlipForImageTextRetrieval"],"text_config":{},"vision_config":{}}"#;
-        let c = BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).unwrap();
+        let c =
+            BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).unwrap();
         assert_eq!(c.vision.image_size, 384);
         assert_eq!(c.vision.num_tokens(), 577);
         assert_eq!(c.text.num_attention_heads, 8);
@@ -339,24 +346,33 @@ mod tests {
     fn large_vision_sets_cross_attention_width() {
         let json = r#"{"architectures":["BlipForImageTextRetrieval"],
             "vision_config":{"hidden_size":1024,"num_hidden_layers":24,"num_attention_heads":16,"intermediate_size":4096}}"#;
-        let c = BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).unwrap();
+        let c =
+            BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).unwrap();
         assert_eq!(c.text.encoder_hidden_size, 1024);
     }
 
     #[test]
     fn wrong_architecture_is_refused() {
         let json = r#"{"architectures":["BlipForQuestionAnswering"]}"#;
-        let e = BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).unwrap_err();
+        let e = BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval)
+            .unwrap_err();
         assert!(e.to_string().contains("BlipForQuestionAnswering"), "{e}");
         let json = r#"{"architectures":["BlipForConditionalGeneration"]}"#;
-        assert!(BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err());
+        assert!(
+            BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err()
+        );
     }
 
     #[test]
     fn bad_shapes_are_refused() {
         let json = r#"{"architectures":["BlipForImageTextRetrieval"],"vision_config":{"image_size":30,"patch_size":8}}"#;
-        assert!(BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err());
-        let json = r#"{"architectures":["BlipForImageTextRetrieval"],"text_config":{"hidden_size":30}}"#;
-        assert!(BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err());
+        assert!(
+            BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err()
+        );
+        let json =
+            r#"{"architectures":["BlipForImageTextRetrieval"],"text_config":{"hidden_size":30}}"#;
+        assert!(
+            BlipConfig::from_json(json, Path::new("c.json"), BlipArchitecture::Retrieval).is_err()
+        );
     }
 }

@@ -15,9 +15,9 @@ pub fn select_device(spec: &str) -> Result<Device> {
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
                 None => 0,
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| ModelError::Device(format!("bad device {s:?}: expected cuda:N")))?,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    ModelError::Device(format!("bad device {s:?}: expected cuda:N"))
+                })?,
             };
             match cuda(ordinal) {
                 Some(d) => Ok(d),

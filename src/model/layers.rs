@@ -26,7 +26,9 @@ pub(crate) fn activate(xs: &Tensor, act: Activation) -> candle_core::Result<Tens
 /// `(B, L, H*Dh)` -> `(B, H, L, Dh)`, contiguous.
 pub(crate) fn split_heads(xs: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let (b, l, d) = xs.dims3()?;
-    xs.reshape((b, l, heads, d / heads))?.transpose(1, 2)?.contiguous()
+    xs.reshape((b, l, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `(B, H, L, Dh)` -> `(B, L, H*Dh)`.
@@ -54,6 +56,10 @@ pub(crate) fn attention(
 
 /// L2-normalises the last dimension (torch `normalize(x, dim=-1)`, eps 1e-12).
 pub(crate) fn l2_normalize(xs: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = xs.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = xs
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     xs.broadcast_div(&norm)
 }

@@ -12,10 +12,10 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 use super::error::{ModelError, Result};
 use super::resample::resize_bicubic_u8;
 
-/// OpenAI CLIP mean, used by every BLIP checkpoint.
-pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+/// OpenAI CLIP mean, used by every BLIP checkpoint (the digits transformers writes).
+pub const MEAN: [f64; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP standard deviation.
-pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const STD: [f64; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Limits applied while decoding untrusted images.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +61,9 @@ pub fn decode_image(bytes: &[u8], name: &Path, limits: DecodeLimits) -> Result<D
         None => return Err(fail("not an image (unrecognised format)".into())),
         // JPEG decoders fill a cut-off file with grey instead of failing: check the end marker.
         Some(image::ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
-            return Err(fail("truncated JPEG (no end-of-image marker after the last scan)".into()))
+            return Err(fail(
+                "truncated JPEG (no end-of-image marker after the last scan)".into(),
+            ))
         }
         _ => {}
     }
@@ -89,7 +91,11 @@ pub fn decode_image(bytes: &[u8], name: &Path, limits: DecodeLimits) -> Result<D
     let is_jpeg = r.format() == Some(image::ImageFormat::Jpeg);
     let mut decoder = r.into_decoder().map_err(|e| fail(e.to_string()))?;
     let orientation = decoder.orientation().ok();
-    let libjpeg = if is_jpeg { decode_jpeg_libjpeg(bytes) } else { None };
+    let libjpeg = if is_jpeg {
+        decode_jpeg_libjpeg(bytes)
+    } else {
+        None
+    };
     let mut img = match libjpeg {
         Some(img) => img,
         None => DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?,
@@ -109,7 +115,9 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<DynamicImage> {
         let d = mozjpeg::Decompress::new_mem(bytes).ok()?;
         if !matches!(
             d.color_space(),
-            mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_RGB
+            mozjpeg::ColorSpace::JCS_YCbCr
+                | mozjpeg::ColorSpace::JCS_GRAYSCALE
+                | mozjpeg::ColorSpace::JCS_RGB
         ) {
             return None;
         }
@@ -167,10 +175,14 @@ pub fn resize_bicubic(rgb: &RgbImage, size: u32) -> Result<RgbImage> {
 pub fn normalize_chw(rgb: &RgbImage) -> Vec<f32> {
     let (w, h) = rgb.dimensions();
     let plane = (w * h) as usize;
+    // One lookup table per channel: every 8-bit value maps to one float.
+    let lut: Vec<[f32; 256]> = (0..3)
+        .map(|c| std::array::from_fn(|v| ((v as f64 / 255.0 - MEAN[c]) / STD[c]) as f32))
+        .collect();
     let mut out = vec![0f32; 3 * plane];
     for (i, p) in rgb.pixels().enumerate() {
         for c in 0..3 {
-            out[c * plane + i] = (f32::from(p[c]) / 255.0 - MEAN[c]) / STD[c];
+            out[c * plane + i] = lut[c][usize::from(p[c])];
         }
     }
     out
@@ -186,7 +198,11 @@ pub fn pixel_values(images: &[DynamicImage], size: usize, device: &Device) -> Re
         let rgb = resize_bicubic(&to_rgb(img), size as u32)?;
         data.extend(normalize_chw(&rgb));
     }
-    Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 3, size, size),
+        device,
+    )?)
 }
 
 #[cfg(test)]
@@ -196,9 +212,16 @@ mod tests {
     #[test]
     fn empty_and_garbage_are_refused_with_the_name() {
         let e = decode_image(b"", Path::new("zero.jpg"), DecodeLimits::default()).unwrap_err();
-        assert!(e.to_string().contains("zero.jpg") && e.to_string().contains("empty"), "{e}");
-        let e = decode_image(b"hello, not an image", Path::new("x.png"), DecodeLimits::default())
-            .unwrap_err();
+        assert!(
+            e.to_string().contains("zero.jpg") && e.to_string().contains("empty"),
+            "{e}"
+        );
+        let e = decode_image(
+            b"hello, not an image",
+            Path::new("x.png"),
+            DecodeLimits::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("x.png"), "{e}");
     }
 
@@ -242,7 +265,7 @@ mod tests {
         let t = pixel_values(&[img.clone(), img], 8, &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[2, 3, 8, 8]);
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        assert!((v[0] - (1.0 - MEAN[0]) / STD[0]).abs() < 1e-5);
-        assert!((v[64] - (0.0 - MEAN[1]) / STD[1]).abs() < 1e-5);
+        assert!((f64::from(v[0]) - (1.0 - MEAN[0]) / STD[0]).abs() < 1e-5);
+        assert!((f64::from(v[64]) - (0.0 - MEAN[1]) / STD[1]).abs() < 1e-5);
     }
 }

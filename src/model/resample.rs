@@ -53,7 +53,11 @@ fn coefficients(in_size: usize, out_size: usize) -> Coeffs {
         for (x, kx) in k.iter().enumerate().take(xmax) {
             let w = if total != 0.0 { kx / total } else { *kx };
             let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * ksize + x] = if w < 0.0 { (-0.5 + fixed) as i32 } else { (0.5 + fixed) as i32 };
+            weights[xx * ksize + x] = if w < 0.0 {
+                (-0.5 + fixed) as i32
+            } else {
+                (0.5 + fixed) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
@@ -84,7 +88,11 @@ pub fn resize_bicubic_u8(
     out_w: usize,
     out_h: usize,
 ) -> Vec<u8> {
-    assert_eq!(src.len(), w * h * channels, "buffer does not match its size");
+    assert_eq!(
+        src.len(),
+        w * h * channels,
+        "buffer does not match its size"
+    );
     let round = 1i64 << (PRECISION_BITS - 1);
     let need_h = out_w != w;
     let need_v = out_h != h;
@@ -128,7 +136,8 @@ pub fn resize_bicubic_u8(
         let k = &vert.weights[yy * vert.ksize..yy * vert.ksize + ymax];
         acc.fill(round);
         for (y, &kw) in k.iter().enumerate() {
-            let row = &horizontal[(ymin - first_row + y) * row_len..(ymin - first_row + y + 1) * row_len];
+            let row =
+                &horizontal[(ymin - first_row + y) * row_len..(ymin - first_row + y + 1) * row_len];
             let kw = i64::from(kw);
             for (a, &p) in acc.iter_mut().zip(row) {
                 *a += i64::from(p) * kw;
@@ -150,10 +159,16 @@ mod tests {
         for (i, o) in [(451, 32), (200, 384), (384, 384), (7, 3)] {
             let c = coefficients(i, o);
             for xx in 0..o {
-                let s: i64 = c.weights[xx * c.ksize..(xx + 1) * c.ksize].iter().map(|&w| i64::from(w)).sum();
+                let s: i64 = c.weights[xx * c.ksize..(xx + 1) * c.ksize]
+                    .iter()
+                    .map(|&w| i64::from(w))
+                    .sum();
                 // Each weight is rounded on its own: at most half a unit of error apiece.
                 let tol = c.ksize as i64 / 2 + 1;
-                assert!((s - (1 << PRECISION_BITS)).abs() <= tol, "{i}->{o} at {xx}: {s}");
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= tol,
+                    "{i}->{o} at {xx}: {s}"
+                );
             }
         }
     }

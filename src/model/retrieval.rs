@@ -214,7 +214,10 @@ impl Retriever {
         let (ids, mask) = batch.tensors(Some(first.id()), &self.device)?;
         let logits = self.itm_logits(&ids, &mask, image_tokens, image_of_text)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        Ok(rows.iter().map(|r| ItmScore::from_logits(r[0], r[1])).collect())
+        Ok(rows
+            .iter()
+            .map(|r| ItmScore::from_logits(r[0], r[1]))
+            .collect())
     }
 
     /// ITM logits `(P, 2)` for token ids `(P, L)` (first token as given) against

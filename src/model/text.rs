@@ -187,7 +187,11 @@ pub struct TextModel {
 impl TextModel {
     /// Builds the model from the tensors under `vb` (`text_encoder` or `text_decoder.bert`).
     /// `with_cross` loads the cross-attention layers.
-    pub fn new(cfg: &BlipTextConfig, with_cross: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn new(
+        cfg: &BlipTextConfig,
+        with_cross: bool,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let embeddings = Embeddings::new(cfg, vb.pp("embeddings"))?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| Layer::new(cfg, with_cross, vb.pp("encoder").pp("layer").pp(i)))
@@ -259,7 +263,9 @@ impl TextModel {
                 xs = cross.forward(&xs, ik, iv, None)?;
             }
             let h = activate(&layer.intermediate.forward(&xs)?, layer.cfg.hidden_act)?;
-            xs = layer.output_norm.forward(&(layer.output.forward(&h)? + xs)?)?;
+            xs = layer
+                .output_norm
+                .forward(&(layer.output.forward(&h)? + xs)?)?;
         }
         if let Some(cache) = cache {
             cache.len += l;

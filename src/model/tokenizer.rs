@@ -126,13 +126,21 @@ impl BlipTokenizer {
                 ))
             }
         };
-        inner.with_truncation(None).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        inner
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         inner.with_padding(None);
         inner.add_special_tokens(&[
             AddedToken::from("[DEC]", true),
             AddedToken::from("[ENC]", true),
         ]);
-        for (name, want) in [("[PAD]", PAD), ("[CLS]", CLS), ("[SEP]", SEP), ("[DEC]", DEC), ("[ENC]", ENC)] {
+        for (name, want) in [
+            ("[PAD]", PAD),
+            ("[CLS]", CLS),
+            ("[SEP]", SEP),
+            ("[DEC]", DEC),
+            ("[ENC]", ENC),
+        ] {
             let got = inner.token_to_id(name);
             if got != Some(want) {
                 return Err(ModelError::Tokenizer(format!(
@@ -194,7 +202,10 @@ mod tests {
 
     #[test]
     fn pre_caption_matches_blip() {
-        assert_eq!(pre_caption("A ROCKET launching into the sky!!!"), "a rocket launching into the sky");
+        assert_eq!(
+            pre_caption("A ROCKET launching into the sky!!!"),
+            "a rocket launching into the sky"
+        );
         assert_eq!(
             pre_caption("coffee cup (on a table)...  with   spaces"),
             "coffee cup on a table with spaces"

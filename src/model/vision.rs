@@ -136,7 +136,8 @@ impl VisionModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let post_layernorm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
+        let post_layernorm =
+            layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("post_layernorm"))?;
         Ok(Self {
             embeddings,
             layers,

@@ -71,7 +71,8 @@ pub struct ModelFiles {
     pub vocab_txt: Option<PathBuf>,
 }
 
-const NO_HUB_HINT: &str = "Download the checkpoint elsewhere (e.g. `huggingface-cli download <id>`) and pass its \
+const NO_HUB_HINT: &str =
+    "Download the checkpoint elsewhere (e.g. `huggingface-cli download <id>`) and pass its \
 directory with --model-dir (or --caption-model-dir), or set HF_HOME to a cache that holds it";
 
 impl ModelFiles {
@@ -248,7 +249,9 @@ mod tests {
         std::fs::create_dir_all(&tmp).unwrap();
         std::env::set_var("HF_HOME", &tmp);
         std::env::set_var("HF_HUB_OFFLINE", "1");
-        let e = ModelFiles::from_hub("Salesforce/blip-itm-base-coco").unwrap_err().to_string();
+        let e = ModelFiles::from_hub("Salesforce/blip-itm-base-coco")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("config.json"), "{e}");
         assert!(e.contains("--model-dir"), "{e}");
     }
