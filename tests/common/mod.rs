@@ -8,7 +8,9 @@ use candle_core::{Device, Tensor};
 
 /// `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// The tiny configs the generator writes.
@@ -30,8 +32,20 @@ pub fn load_json(path: &std::path::Path) -> serde_json::Value {
 /// (max |a - b|, mean |a - b|).
 pub fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a: Vec<f32> = a.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = b.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = a
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = b
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut max = 0f32;
     let mut sum = 0f64;
     for (x, y) in a.iter().zip(&b) {
@@ -46,7 +60,10 @@ pub fn diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
 /// Asserts max |a - b| <= tol, naming what was compared.
 pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
     let (max, mean) = diff(a, b);
-    assert!(max <= tol, "{what}: max |diff| {max:e} > {tol:e} (mean {mean:e})");
+    assert!(
+        max <= tol,
+        "{what}: max |diff| {max:e} > {tol:e} (mean {mean:e})"
+    );
 }
 
 /// The strings of a JSON array.
