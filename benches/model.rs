@@ -18,7 +18,9 @@ use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
 fn model_dir() -> PathBuf {
     std::env::var_os("BLIPSEARCH_BENCH_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a/retrieval"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a/retrieval")
+        })
 }
 
 fn bench(c: &mut Criterion) {
@@ -29,7 +31,10 @@ fn bench(c: &mut Criterion) {
         .iter()
         .map(|f| load_image(&images_dir.join(f), DecodeLimits::default()).expect("fixture image"))
         .collect();
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut g = c.benchmark_group(format!("model/{name}"));
     g.sample_size(10);
     for batch in [1usize, 8] {
@@ -41,14 +46,21 @@ fn bench(c: &mut Criterion) {
     }
     let query = ["a dog playing on the beach"];
     g.throughput(Throughput::Elements(1));
-    g.bench_function("embed_text_query", |b| b.iter(|| model.embed_texts(&query).expect("embed")));
+    g.bench_function("embed_text_query", |b| {
+        b.iter(|| model.embed_texts(&query).expect("embed"))
+    });
     let tokens = model.embed_images(&photos[..1]).expect("embed").tokens;
-    let long = "a man in a red jacket riding a bicycle down a busy city street next to a yellow taxi \
+    let long =
+        "a man in a red jacket riding a bicycle down a busy city street next to a yellow taxi \
                 while people walk past shops and a dog watches from the corner";
     let texts: Vec<&str> = std::iter::repeat_n(long, 16).collect();
     g.throughput(Throughput::Elements(texts.len() as u64));
     g.bench_function("itm_16_pairs_35_tokens", |b| {
-        b.iter(|| model.itm(&texts, &tokens, &[0; 16], ItmFirstToken::Enc).expect("itm"))
+        b.iter(|| {
+            model
+                .itm(&texts, &tokens, &[0; 16], ItmFirstToken::Enc)
+                .expect("itm")
+        })
     });
     g.finish();
 }

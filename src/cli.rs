@@ -12,6 +12,13 @@ use crate::model::preprocess::{load_image, DecodeLimits};
 use crate::model::retrieval::rows;
 use crate::model::weights::DEFAULT_RETRIEVAL_MODEL;
 use crate::model::{select_device, ItmFirstToken, ModelSource, Retriever};
+// --- caption / capfilt (issue 3) ---
+use crate::model::weights::DEFAULT_CAPTION_MODEL;
+use crate::model::{
+    capfilt_images, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
+    SampleParams, DEFAULT_PROMPT,
+};
+// --- end caption / capfilt ---
 
 /// Search your photos by describing them, with BLIP.
 #[derive(Debug, Parser)]
@@ -29,6 +36,12 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Score texts against one image: ITC cosine and ITM match probability.
     Score(ScoreArgs),
+    // --- caption / capfilt (issue 3) ---
+    /// Write captions for images with a BLIP captioning checkpoint.
+    Caption(CaptionArgs),
+    /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
+    Capfilt(CapfiltArgs),
+    // --- end caption / capfilt ---
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -158,6 +171,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Embed(a) => embed(a),
         Command::Score(a) => score(a),
+        Command::Caption(a) => caption(a),
+        Command::Capfilt(a) => capfilt(a),
     }
 }
 
@@ -264,3 +279,329 @@ fn score(a: ScoreArgs) -> Result<()> {
     }
     Ok(())
 }
+
+// --- caption / capfilt (issue 3) ---
+
+/// Which captioning checkpoint to run, and where.
+#[derive(Debug, Args)]
+pub struct CaptionModelArgs {
+    /// Local captioning checkpoint directory (config.json, model.safetensors or
+    /// pytorch_model.bin, tokenizer.json or vocab.txt).
+    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL_DIR", conflicts_with = "model")]
+    pub model_dir: Option<PathBuf>,
+    /// Hugging Face model id of a BlipForConditionalGeneration checkpoint, downloaded into the HF
+    /// cache on first use.
+    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
+    pub model: String,
+    /// auto, cpu or cuda:N.
+    #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Refuse images larger than this many megapixels.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_megapixels: f64,
+}
+
+/// Prompt and lengths shared by `caption` and `capfilt`.
+#[derive(Debug, Args)]
+pub struct GenerationArgs {
+    /// Text the captions continue (stripped from the output); may be empty.
+    #[arg(long, default_value = DEFAULT_PROMPT)]
+    pub prompt: String,
+    /// Longest decoder sequence in tokens, [DEC] and prompt included (as HF and BLIP count).
+    #[arg(long, default_value_t = 20)]
+    pub max_length: usize,
+    /// Shortest decoder sequence before [SEP] may end it, [DEC] and prompt included.
+    #[arg(long, default_value_t = 5)]
+    pub min_length: usize,
+}
+
+/// `blipsearch caption`.
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    #[command(flatten)]
+    model: CaptionModelArgs,
+    /// Images to caption.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Greedy decoding instead of beam search.
+    #[arg(long, conflicts_with_all = ["beams", "sample"])]
+    greedy: bool,
+    /// Beam search with N beams (the default, with 3).
+    #[arg(long, value_name = "N", conflicts_with = "sample")]
+    beams: Option<usize>,
+    /// Nucleus sampling instead of beam search (BLIP's CapFilt captioner).
+    #[arg(long)]
+    sample: bool,
+    /// Sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.9, requires = "sample")]
+    top_p: f32,
+    /// Sampling: keep at most this many tokens before top-p (0: no limit; 50 is HF's default).
+    #[arg(long, default_value_t = 50, requires = "sample")]
+    top_k: usize,
+    /// Sampling: HF repetition penalty on every token already in the sequence.
+    #[arg(long, default_value_t = 1.1, requires = "sample")]
+    repetition_penalty: f32,
+    /// Sampling: random seed.
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    seed: u64,
+    /// Sampling: captions per image.
+    #[arg(long, default_value_t = 1, requires = "sample")]
+    samples: usize,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Images per batch.
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Print JSON: {"captions":[{"image","text","token_ids"}]}, one entry per caption.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `blipsearch capfilt`.
+#[derive(Debug, Args)]
+pub struct CapfiltArgs {
+    /// Local captioning checkpoint directory (BlipForConditionalGeneration).
+    #[arg(
+        long,
+        env = "BLIPSEARCH_CAPTION_MODEL_DIR",
+        conflicts_with = "caption_model"
+    )]
+    caption_model_dir: Option<PathBuf>,
+    /// Hugging Face id of the captioning checkpoint.
+    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
+    caption_model: String,
+    /// Local retrieval checkpoint directory (BlipForImageTextRetrieval), whose ITM head filters.
+    #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "itm_model")]
+    itm_model_dir: Option<PathBuf>,
+    /// Hugging Face id of the retrieval checkpoint.
+    #[arg(long, env = "BLIPSEARCH_MODEL", default_value = DEFAULT_RETRIEVAL_MODEL)]
+    itm_model: String,
+    /// auto, cpu or cuda:N.
+    #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
+    device: String,
+    /// Refuse images larger than this many megapixels.
+    #[arg(long, default_value_t = 100.0)]
+    max_megapixels: f64,
+    /// The image.
+    image: PathBuf,
+    /// A text that came with the image (alt text, title...), filtered like the captions
+    /// (repeatable).
+    #[arg(long = "text")]
+    texts: Vec<String>,
+    /// Nucleus-sampled captions besides the beam caption (0: beam caption only).
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    /// Keep a text when ITM's p(match) is at least this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Beams of the beam-search caption.
+    #[arg(long, default_value_t = 3)]
+    beams: usize,
+    /// Sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Sampling: keep at most this many tokens before top-p (0: no limit).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Sampling: HF repetition penalty.
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f32,
+    /// Sampling: random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Print JSON: {"image","threshold","candidates":[{"source","text","p_match","kept"}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn megapixel_limits(max_megapixels: f64) -> Result<DecodeLimits> {
+    if max_megapixels.is_nan() || max_megapixels <= 0.0 {
+        bail!("--max-megapixels must be positive");
+    }
+    Ok(DecodeLimits {
+        max_pixels: (max_megapixels * 1e6) as u64,
+    })
+}
+
+fn source_of(dir: &Option<PathBuf>, id: &str) -> ModelSource {
+    match dir {
+        Some(dir) => ModelSource::Dir(dir.clone()),
+        None => ModelSource::Hub(id.to_string()),
+    }
+}
+
+fn load_captioner(source: &ModelSource, device: &Device) -> Result<Captioner> {
+    Captioner::load(source, device)
+        .with_context(|| format!("loading caption model {}", source.name()))
+}
+
+#[derive(Serialize)]
+struct CaptionEntry {
+    image: String,
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+#[derive(Serialize)]
+struct CaptionOutput {
+    captions: Vec<CaptionEntry>,
+}
+
+fn caption(a: CaptionArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mode = if a.greedy {
+        GenerationMode::Greedy
+    } else if a.sample {
+        if a.samples == 0 {
+            bail!("--samples must be at least 1");
+        }
+        GenerationMode::Sample(SampleParams {
+            top_p: a.top_p,
+            top_k: a.top_k,
+            repetition_penalty: a.repetition_penalty,
+            num_samples: a.samples,
+            seed: a.seed,
+        })
+    } else {
+        let num_beams = a.beams.unwrap_or(3);
+        if num_beams == 0 {
+            bail!("--beams must be at least 1");
+        }
+        GenerationMode::Beam(BeamParams {
+            num_beams,
+            ..BeamParams::default()
+        })
+    };
+    let params = CaptionParams {
+        prompt: a.generation.prompt.clone(),
+        max_length: a.generation.max_length,
+        min_length: a.generation.min_length,
+        mode,
+    };
+    let limits = megapixel_limits(a.model.max_megapixels)?;
+    // Decode everything first, so that a bad file fails before minutes of inference.
+    let decoded = a
+        .images
+        .iter()
+        .map(|p| load_image(p, limits))
+        .collect::<Result<Vec<_>, _>>()?;
+    let device = select_device(&a.model.device)?;
+    let model = load_captioner(&source_of(&a.model.model_dir, &a.model.model), &device)?;
+    let mut out = CaptionOutput {
+        captions: Vec::new(),
+    };
+    for (paths, imgs) in a
+        .images
+        .chunks(a.batch_size)
+        .zip(decoded.chunks(a.batch_size))
+    {
+        for (p, caps) in paths.iter().zip(model.caption_images(imgs, &params)?) {
+            for c in caps {
+                out.captions.push(CaptionEntry {
+                    image: p.display().to_string(),
+                    text: c.text,
+                    token_ids: c.token_ids,
+                });
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        for c in &out.captions {
+            println!("{}\t{}", c.image, c.text);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct CapfiltEntry {
+    source: crate::model::CandidateSource,
+    text: String,
+    p_match: f32,
+    kept: bool,
+}
+
+#[derive(Serialize)]
+struct CapfiltOutput {
+    image: String,
+    threshold: f32,
+    candidates: Vec<CapfiltEntry>,
+}
+
+fn capfilt(a: CapfiltArgs) -> Result<()> {
+    if a.beams == 0 {
+        bail!("--beams must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.threshold) {
+        bail!("--threshold must be between 0 and 1");
+    }
+    let params = CapFiltParams {
+        prompt: a.generation.prompt.clone(),
+        max_length: a.generation.max_length,
+        min_length: a.generation.min_length,
+        beam: BeamParams {
+            num_beams: a.beams,
+            ..BeamParams::default()
+        },
+        sampling: SampleParams {
+            top_p: a.top_p,
+            top_k: a.top_k,
+            repetition_penalty: a.repetition_penalty,
+            num_samples: a.samples,
+            seed: a.seed,
+        },
+        threshold: a.threshold,
+    };
+    let image = load_image(&a.image, megapixel_limits(a.max_megapixels)?)?;
+    let device = select_device(&a.device)?;
+    let captioner = load_captioner(&source_of(&a.caption_model_dir, &a.caption_model), &device)?;
+    let itm_source = source_of(&a.itm_model_dir, &a.itm_model);
+    let filter = Retriever::load(&itm_source, &device)
+        .with_context(|| format!("loading retrieval model {}", itm_source.name()))?;
+    let candidates = capfilt_images(
+        &captioner,
+        &filter,
+        std::slice::from_ref(&image),
+        std::slice::from_ref(&a.texts),
+        &params,
+    )?
+    .pop()
+    .unwrap_or_default();
+    let out = CapfiltOutput {
+        image: a.image.display().to_string(),
+        threshold: a.threshold,
+        candidates: candidates
+            .into_iter()
+            .map(|c| CapfiltEntry {
+                source: c.source,
+                text: c.text,
+                p_match: c.p_match,
+                kept: c.kept,
+            })
+            .collect(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", out.image);
+        println!("{:>8}  {:>4}  {:<6}  text", "p(match)", "keep", "source");
+        for c in &out.candidates {
+            let source = serde_json::to_value(c.source)?;
+            println!(
+                "{:>8.4}  {:>4}  {:<6}  {}",
+                c.p_match,
+                if c.kept { "yes" } else { "no" },
+                source.as_str().unwrap_or(""),
+                c.text
+            );
+        }
+    }
+    Ok(())
+}
+// --- end caption / capfilt ---

@@ -2,9 +2,11 @@
 //! images and texts into ITC embeddings, ITM scores and captions.
 //!
 //! This layer knows nothing of indexes or servers. Entry points: [`Retriever`] (ITC + ITM, from a
-//! `BlipForImageTextRetrieval` checkpoint) and `Captioner` (from a `BlipForConditionalGeneration`
-//! checkpoint).
+//! `BlipForImageTextRetrieval` checkpoint), [`Captioner`] (from a `BlipForConditionalGeneration`
+//! checkpoint) and [`capfilt_images`] (BLIP's caption-and-filter, using both).
 
+pub mod capfilt;
+pub mod caption;
 pub mod config;
 pub mod device;
 pub mod error;
@@ -17,6 +19,12 @@ pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
+pub use capfilt::{
+    capfilt_image, capfilt_images, CandidateSource, CapFiltCandidate, CapFiltParams,
+};
+pub use caption::{
+    BeamParams, Caption, CaptionParams, Captioner, GenerationMode, SampleParams, DEFAULT_PROMPT,
+};
 pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use device::select_device;
 pub use error::{ModelError, Result};

@@ -85,6 +85,40 @@ impl AttentionBlock {
         let ctx = merge_heads(&attention(&q, k, v, mask, self.scale)?)?;
         self.layer_norm.forward(&(self.dense.forward(&ctx)? + xs)?)
     }
+
+    /// Cross-attention where each of the `n` images in `k`/`v` is read by `rows` consecutive text
+    /// rows: the rows' queries are stacked along the query axis, so the image keys and values are
+    /// neither copied nor repeated (no mask: every image token is real).
+    fn forward_shared(
+        &self,
+        xs: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        if rows == 1 {
+            return self.forward(xs, k, v, None);
+        }
+        let (b, l, _) = xs.dims3()?;
+        let (n, h, _, dh) = k.dims4()?;
+        if b != n * rows {
+            return Err(candle_core::Error::Msg(format!(
+                "{b} text rows cannot share {n} images {rows} rows each"
+            )));
+        }
+        let q = split_heads(&self.query.forward(xs)?, self.heads)?
+            .reshape((n, rows, h, l, dh))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, h, rows * l, dh))?;
+        let ctx = attention(&q, k, v, None, self.scale)?
+            .reshape((n, h, rows, l, dh))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, h, l, dh))?;
+        let ctx = merge_heads(&ctx)?;
+        self.layer_norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+    }
 }
 
 struct Layer {
@@ -123,17 +157,38 @@ impl Layer {
 #[derive(Clone)]
 pub struct ImageKv {
     layers: Vec<(Tensor, Tensor)>,
+    /// How many consecutive text rows read each image (see [`ImageKv::shared_by`]).
+    rows_per_image: usize,
 }
 
 impl ImageKv {
     /// Rows `index` (a `u32` tensor) of the batch: e.g. `[0, 0, 0, 1, 1, 1]` gives 3 beams per image.
+    /// This copies the keys and values; [`ImageKv::shared_by`] avoids that when every image is
+    /// read by the same number of consecutive rows.
     pub fn select(&self, index: &Tensor) -> candle_core::Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|(k, v)| Ok((k.index_select(index, 0)?, v.index_select(index, 0)?)))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            rows_per_image: self.rows_per_image,
+        })
+    }
+
+    /// The same images, each read by `rows` consecutive text rows (text row `r` attends to image
+    /// `r / rows`), without copying: beams and samples of one image share its keys and values.
+    pub fn shared_by(&self, rows: usize) -> Self {
+        Self {
+            layers: self.layers.clone(),
+            rows_per_image: rows.max(1),
+        }
+    }
+
+    /// How many consecutive text rows read each image (1 unless set by [`ImageKv::shared_by`]).
+    pub fn rows_per_image(&self) -> usize {
+        self.rows_per_image
     }
 
     /// Number of images.
@@ -220,7 +275,10 @@ impl TextModel {
                 )),
             })
             .collect::<candle_core::Result<_>>()?;
-        Ok(ImageKv { layers })
+        Ok(ImageKv {
+            layers,
+            rows_per_image: 1,
+        })
     }
 
     /// Runs the transformer.
@@ -229,7 +287,7 @@ impl TextModel {
     /// - `attention_mask`: `(B, L)` with 1 for real tokens and 0 for padding (`None`: all real);
     ///   ignored with a cache (decoding never pads);
     /// - `image`: cross-attend to these image tokens (ITM, captions); `None` for the unimodal
-    ///   text encoder (ITC);
+    ///   text encoder (ITC); row `r` reads image `r / image.rows_per_image()`;
     /// - `causal`: decoder masking; `cache`: incremental decoding.
     ///
     /// Returns the last hidden state `(B, L, hidden)`.
@@ -260,7 +318,7 @@ impl TextModel {
                     candle_core::Error::Msg("this text model has no cross-attention".into())
                 })?;
                 let (ik, iv) = &image.layers[i];
-                xs = cross.forward(&xs, ik, iv, None)?;
+                xs = cross.forward_shared(&xs, ik, iv, image.rows_per_image)?;
             }
             let h = activate(&layer.intermediate.forward(&xs)?, layer.cfg.hidden_act)?;
             xs = layer
@@ -290,6 +348,8 @@ fn self_attention_mask(
     };
     let keep = match (causal, padding) {
         (false, None) => return Ok(None),
+        // One new token sees everything cached before it and itself.
+        (true, None) if l == 1 => return Ok(None),
         (false, Some(p)) => p,
         (true, p) => {
             let rows: Vec<f32> = (0..l)
