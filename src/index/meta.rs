@@ -1,0 +1,815 @@
+//! The metadata store (sled): the collection's source of truth.
+//!
+//! Everything needed to rebuild the derived indexes lives here: ids, paths, content hashes,
+//! captions, given texts and the ITC vectors. The HNSW graph and the tantivy index are caches of
+//! it (see [`super::Collection`] for the commit protocol).
+//!
+//! Trees (keys are big-endian `u64` ids so iteration follows id order):
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `images` | id | [`ImageRecord`] as JSON (ITC vector as base64 of little-endian `f32`) |
+//! | `by_path` | canonical path (UTF-8) | id |
+//! | `by_hash` | content hash (hex) | id |
+//! | `meta` | `collection`, `count` | [`CollectionInfo`] as JSON; number of images |
+//! | `commits` | `state` | [`CommitState`] as JSON |
+//! | `pending` | id | empty: ids touched since the last commit (the recovery journal) |
+//!
+//! Every mutation updates all affected trees, the count and the journal in one sled transaction.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::Transactional;
+
+use super::error::{IndexError, Result};
+
+/// Identifier of an image in a collection: allocated from a monotonic sled counter, never reused.
+///
+/// The same number is the HNSW data id and the tantivy `id` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ImageId(pub u64);
+
+impl ImageId {
+    /// The sled key: big-endian so that key order is id order.
+    pub fn to_key(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+
+    /// Parses a sled key written by [`ImageId::to_key`].
+    pub fn from_key(key: &[u8]) -> Result<Self> {
+        let bytes: [u8; 8] = key.try_into().map_err(|_| IndexError::Corrupt {
+            path: PathBuf::from("<sled>"),
+            reason: format!("id key of {} bytes", key.len()),
+        })?;
+        Ok(ImageId(u64::from_be_bytes(bytes)))
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where a caption came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionSource {
+    /// Supplied by the user (sidecar file, API).
+    Given,
+    /// BLIP captioner, beam search.
+    Beam,
+    /// BLIP captioner, nucleus sampling (CapFilt).
+    Sample,
+    /// Derived from the file name.
+    FileName,
+}
+
+/// A caption of an image and the CapFilt verdict on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Caption {
+    /// The caption text.
+    pub text: String,
+    /// Where it came from.
+    pub source: CaptionSource,
+    /// ITM p(match) of the caption against its image, when computed.
+    #[serde(default)]
+    pub p_match: Option<f32>,
+    /// Whether the filter kept it; only kept captions are indexed for text search.
+    pub kept: bool,
+}
+
+/// Everything stored about one image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The image's id.
+    pub id: ImageId,
+    /// Absolute, canonical path of the image file.
+    pub path: String,
+    /// Hex SHA-256 of the file's bytes (see [`content_hash`]).
+    pub content_hash: String,
+    /// File size.
+    pub size_bytes: u64,
+    /// Width in pixels (after EXIF orientation).
+    pub width: u32,
+    /// Height in pixels (after EXIF orientation).
+    pub height: u32,
+    /// File modification time, seconds since the Unix epoch.
+    pub mtime_unix: i64,
+    /// EXIF `DateTimeOriginal`, as written in the file.
+    #[serde(default)]
+    pub exif_date: Option<String>,
+    /// The normalised ITC image embedding (stored as base64 of little-endian `f32`).
+    #[serde(with = "f32_base64")]
+    pub itc: Vec<f32>,
+    /// Captions, kept or not.
+    #[serde(default)]
+    pub captions: Vec<Caption>,
+    /// Texts supplied with the image (sidecar, API), indexed as the `given` field.
+    #[serde(default)]
+    pub given_texts: Vec<String>,
+    /// When the image was added, seconds since the Unix epoch.
+    pub added_unix: i64,
+}
+
+impl ImageRecord {
+    /// The captions that passed the filter, i.e. those indexed for text search.
+    pub fn kept_captions(&self) -> impl Iterator<Item = &str> {
+        self.captions
+            .iter()
+            .filter(|c| c.kept)
+            .map(|c| c.text.as_str())
+    }
+}
+
+/// What a collection was built with. Stored once, at creation; every later open must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    /// Retrieval checkpoint (model id or directory) that made the ITC vectors and ViT features.
+    pub retrieval_model: String,
+    /// Captioning checkpoint, if captions were generated.
+    #[serde(default)]
+    pub caption_model: Option<String>,
+    /// ITC embedding dimension (256 for BLIP).
+    pub embedding_dim: usize,
+    /// ViT output tokens stored per image (577 for ViT-B/16 at 384).
+    pub vit_tokens: usize,
+    /// ViT hidden size (768 base, 1024 large).
+    pub vit_hidden: usize,
+    /// On-disk format version ([`CollectionInfo::FORMAT_VERSION`] when created).
+    pub format_version: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: i64,
+}
+
+impl CollectionInfo {
+    /// The on-disk format this code writes.
+    pub const FORMAT_VERSION: u32 = 1;
+
+    /// Info for a new collection, with the current format version and time.
+    pub fn new(
+        retrieval_model: impl Into<String>,
+        caption_model: Option<String>,
+        embedding_dim: usize,
+        vit_tokens: usize,
+        vit_hidden: usize,
+    ) -> Self {
+        CollectionInfo {
+            retrieval_model: retrieval_model.into(),
+            caption_model,
+            embedding_dim,
+            vit_tokens,
+            vit_hidden,
+            format_version: Self::FORMAT_VERSION,
+            created_unix: now_unix(),
+        }
+    }
+
+    /// Checks that a collection built with `self` can be used with `requested`.
+    ///
+    /// Retrieval model, dimensions and format must match: ITC vectors and ViT features of
+    /// different models live in different spaces. A different caption model is allowed (captions
+    /// are plain text) and only logged.
+    pub fn check_compatible(&self, requested: &CollectionInfo, dir: &Path) -> Result<()> {
+        let err = |field, stored: String, requested: String| IndexError::Incompatible {
+            path: dir.to_path_buf(),
+            field,
+            stored,
+            requested,
+        };
+        if self.format_version != requested.format_version {
+            return Err(err(
+                "format_version",
+                self.format_version.to_string(),
+                requested.format_version.to_string(),
+            ));
+        }
+        if self.retrieval_model != requested.retrieval_model {
+            return Err(err(
+                "retrieval_model",
+                self.retrieval_model.clone(),
+                requested.retrieval_model.clone(),
+            ));
+        }
+        for (field, a, b) in [
+            ("embedding_dim", self.embedding_dim, requested.embedding_dim),
+            ("vit_tokens", self.vit_tokens, requested.vit_tokens),
+            ("vit_hidden", self.vit_hidden, requested.vit_hidden),
+        ] {
+            if a != b {
+                return Err(err(field, a.to_string(), b.to_string()));
+            }
+        }
+        if requested.caption_model.is_some() && self.caption_model != requested.caption_model {
+            tracing::warn!(
+                stored = ?self.caption_model,
+                requested = ?requested.caption_model,
+                "caption model differs from the one the collection was built with; \
+                 old and new captions will be mixed"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The last commit recorded in sled (see [`super::Collection::commit`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitState {
+    /// Sequence number of the last committed batch; derived indexes carry the same number when
+    /// they are in step with sled. 0 before the first commit.
+    pub generation: u64,
+    /// Number of images at that commit.
+    pub images: u64,
+    /// When it was committed, seconds since the Unix epoch.
+    pub committed_unix: i64,
+}
+
+/// Hex SHA-256 of a file's bytes: the [`ImageRecord::content_hash`] used for de-duplication.
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+const KEY_INFO: &[u8] = b"collection";
+const KEY_COUNT: &[u8] = b"count";
+const KEY_STATE: &[u8] = b"state";
+
+/// The sled database of a collection (directory `meta/`).
+pub struct MetaStore {
+    dir: PathBuf,
+    db: sled::Db,
+    images: sled::Tree,
+    by_path: sled::Tree,
+    by_hash: sled::Tree,
+    meta: sled::Tree,
+    commits: sled::Tree,
+    pending: sled::Tree,
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<IndexError>>;
+
+fn abort<T>(e: IndexError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx_err(e: TransactionError<IndexError>) -> IndexError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn read_count(meta: &TransactionalTree) -> std::result::Result<u64, UnabortableTransactionError> {
+    Ok(meta
+        .get(KEY_COUNT)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
+
+impl MetaStore {
+    /// Opens (or creates) the database in `dir`.
+    ///
+    /// sled locks its files: a second open of the same directory fails until the first handle is
+    /// dropped.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs_err::create_dir_all(dir)?;
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(MetaStore {
+            dir: dir.to_path_buf(),
+            images: db.open_tree("images")?,
+            by_path: db.open_tree("by_path")?,
+            by_hash: db.open_tree("by_hash")?,
+            meta: db.open_tree("meta")?,
+            commits: db.open_tree("commits")?,
+            pending: db.open_tree("pending")?,
+            db,
+        })
+    }
+
+    /// The stored collection info, if the collection has been initialised.
+    pub fn info(&self) -> Result<Option<CollectionInfo>> {
+        match self.meta.get(KEY_INFO)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `info` if the collection has none yet, otherwise checks that it is compatible
+    /// ([`CollectionInfo::check_compatible`]). Returns the info in force.
+    pub fn init_info(&self, info: &CollectionInfo) -> Result<CollectionInfo> {
+        let bytes = serde_json::to_vec(info)?;
+        match self
+            .meta
+            .compare_and_swap(KEY_INFO, None as Option<&[u8]>, Some(bytes))?
+        {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(info.clone())
+            }
+            Err(_) => {
+                let stored = self.info()?.ok_or_else(|| IndexError::Corrupt {
+                    path: self.dir.clone(),
+                    reason: "collection info vanished during init".into(),
+                })?;
+                stored.check_compatible(info, &self.dir)?;
+                Ok(stored)
+            }
+        }
+    }
+
+    /// Checks `requested` against the stored info; a collection without info is compatible with
+    /// anything. The error names the differing field and suggests `blipsearch reindex`.
+    pub fn check_compatible(&self, requested: &CollectionInfo) -> Result<()> {
+        match self.info()? {
+            Some(stored) => stored.check_compatible(requested, &self.dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Allocates a fresh id. Ids are monotonic and never reused, even after a crash (sled
+    /// persists the counter ahead of use, so a crash can skip ids but not repeat them).
+    pub fn allocate_id(&self) -> Result<ImageId> {
+        Ok(ImageId(self.db.generate_id()?))
+    }
+
+    /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
+    ///
+    /// Fails with [`IndexError::AlreadyExists`] when the id, the path or the content hash is
+    /// already stored. Records the id in the recovery journal.
+    pub fn insert(&self, record: &ImageRecord) -> Result<()> {
+        let value = serde_json::to_vec(record)?;
+        let key = record.id.to_key();
+        (
+            &self.images,
+            &self.by_path,
+            &self.by_hash,
+            &self.meta,
+            &self.pending,
+        )
+            .transaction(|(images, by_path, by_hash, meta, pending)| {
+                if images.get(key)?.is_some() {
+                    return abort(IndexError::AlreadyExists {
+                        kind: "id",
+                        key: record.id.to_string(),
+                        existing: record.id,
+                    });
+                }
+                if let Some(existing) = by_path.get(record.path.as_bytes())? {
+                    return abort(IndexError::AlreadyExists {
+                        kind: "path",
+                        key: record.path.clone(),
+                        existing: id_or_abort(&existing)?,
+                    });
+                }
+                if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
+                    return abort(IndexError::AlreadyExists {
+                        kind: "content hash",
+                        key: record.content_hash.clone(),
+                        existing: id_or_abort(&existing)?,
+                    });
+                }
+                images.insert(&key, value.as_slice())?;
+                by_path.insert(record.path.as_bytes(), &key)?;
+                by_hash.insert(record.content_hash.as_bytes(), &key)?;
+                let count = read_count(meta)?;
+                meta.insert(KEY_COUNT, &(count + 1).to_be_bytes())?;
+                pending.insert(&key, &[])?;
+                Ok(())
+            })
+            .map_err(tx_err)
+    }
+
+    /// Replaces the record with the same id; returns the old one.
+    ///
+    /// Path and hash indexes follow a changed path or hash ([`IndexError::AlreadyExists`] if the
+    /// new one belongs to another image). Fails with [`IndexError::NotFound`] for unknown ids.
+    pub fn update(&self, record: &ImageRecord) -> Result<ImageRecord> {
+        let value = serde_json::to_vec(record)?;
+        let key = record.id.to_key();
+        (&self.images, &self.by_path, &self.by_hash, &self.pending)
+            .transaction(|(images, by_path, by_hash, pending)| {
+                let old: ImageRecord = match images.get(key)? {
+                    Some(v) => match serde_json::from_slice(&v) {
+                        Ok(r) => r,
+                        Err(e) => return abort(e.into()),
+                    },
+                    None => return abort(IndexError::NotFound(record.id)),
+                };
+                if old.path != record.path {
+                    if let Some(existing) = by_path.get(record.path.as_bytes())? {
+                        return abort(IndexError::AlreadyExists {
+                            kind: "path",
+                            key: record.path.clone(),
+                            existing: id_or_abort(&existing)?,
+                        });
+                    }
+                    by_path.remove(old.path.as_bytes())?;
+                    by_path.insert(record.path.as_bytes(), &key)?;
+                }
+                if old.content_hash != record.content_hash {
+                    if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
+                        return abort(IndexError::AlreadyExists {
+                            kind: "content hash",
+                            key: record.content_hash.clone(),
+                            existing: id_or_abort(&existing)?,
+                        });
+                    }
+                    by_hash.remove(old.content_hash.as_bytes())?;
+                    by_hash.insert(record.content_hash.as_bytes(), &key)?;
+                }
+                images.insert(&key, value.as_slice())?;
+                pending.insert(&key, &[])?;
+                Ok(old)
+            })
+            .map_err(tx_err)
+    }
+
+    /// Removes a record and its path and hash entries; returns it, or `None` if the id is
+    /// unknown. Records the id in the recovery journal.
+    pub fn remove(&self, id: ImageId) -> Result<Option<ImageRecord>> {
+        let key = id.to_key();
+        (
+            &self.images,
+            &self.by_path,
+            &self.by_hash,
+            &self.meta,
+            &self.pending,
+        )
+            .transaction(|(images, by_path, by_hash, meta, pending)| {
+                let Some(v) = images.remove(&key)? else {
+                    return Ok(None);
+                };
+                let old: ImageRecord = match serde_json::from_slice(&v) {
+                    Ok(r) => r,
+                    Err(e) => return abort(e.into()),
+                };
+                if by_path.get(old.path.as_bytes())?.as_deref() == Some(&key[..]) {
+                    by_path.remove(old.path.as_bytes())?;
+                }
+                if by_hash.get(old.content_hash.as_bytes())?.as_deref() == Some(&key[..]) {
+                    by_hash.remove(old.content_hash.as_bytes())?;
+                }
+                let count = read_count(meta)?;
+                meta.insert(KEY_COUNT, &count.saturating_sub(1).to_be_bytes())?;
+                pending.insert(&key, &[])?;
+                Ok(Some(old))
+            })
+            .map_err(tx_err)
+    }
+
+    /// The record of `id`, if stored.
+    pub fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
+        match self.images.get(id.to_key())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The id stored for a canonical path.
+    pub fn by_path(&self, path: &str) -> Result<Option<ImageId>> {
+        self.by_path
+            .get(path.as_bytes())?
+            .map(|v| ImageId::from_key(&v))
+            .transpose()
+    }
+
+    /// The id stored for a content hash.
+    pub fn by_hash(&self, hash: &str) -> Result<Option<ImageId>> {
+        self.by_hash
+            .get(hash.as_bytes())?
+            .map(|v| ImageId::from_key(&v))
+            .transpose()
+    }
+
+    /// All records in id order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<ImageRecord>> + '_ {
+        self.images.iter().map(|kv| {
+            let (_, v) = kv?;
+            Ok(serde_json::from_slice(&v)?)
+        })
+    }
+
+    /// All ids in id order.
+    pub fn ids(&self) -> impl Iterator<Item = Result<ImageId>> + '_ {
+        self.images.iter().keys().map(|k| ImageId::from_key(&k?))
+    }
+
+    /// Number of stored images (kept in the `meta` tree, O(1)).
+    pub fn count(&self) -> Result<u64> {
+        Ok(self
+            .meta
+            .get(KEY_COUNT)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Adds `id` to the recovery journal without touching the record: used before writing an
+    /// image's side files so that a crash between the files and the record is cleaned up.
+    pub fn mark_pending(&self, id: ImageId) -> Result<()> {
+        self.pending.insert(id.to_key(), &[])?;
+        Ok(())
+    }
+
+    /// Ids touched since the last commit.
+    pub fn pending(&self) -> Result<Vec<ImageId>> {
+        self.pending
+            .iter()
+            .keys()
+            .map(|k| ImageId::from_key(&k?))
+            .collect()
+    }
+
+    /// The last recorded commit.
+    pub fn commit_state(&self) -> Result<CommitState> {
+        match self.commits.get(KEY_STATE)? {
+            Some(v) => Ok(serde_json::from_slice(&v)?),
+            None => Ok(CommitState::default()),
+        }
+    }
+
+    /// Records that the derived indexes now hold `generation`, clears the journal entries in
+    /// `cleared` and flushes sled to disk. Returns the new state.
+    pub fn record_commit(&self, generation: u64, cleared: &[ImageId]) -> Result<CommitState> {
+        let state = CommitState {
+            generation,
+            images: self.count()?,
+            committed_unix: now_unix(),
+        };
+        let value = serde_json::to_vec(&state)?;
+        (&self.commits, &self.pending)
+            .transaction(|(commits, pending)| {
+                commits.insert(KEY_STATE, value.as_slice())?;
+                for id in cleared {
+                    pending.remove(&id.to_key())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.db.flush()?;
+        Ok(state)
+    }
+
+    /// Flushes sled's buffers to disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+fn id_or_abort(v: &[u8]) -> TxResult<ImageId> {
+    ImageId::from_key(v).map_err(ConflictableTransactionError::Abort)
+}
+
+/// Serde for `Vec<f32>` as base64 of little-endian bytes: 1368 characters for 256 dimensions
+/// instead of about 2600 as a JSON array, and exact.
+mod f32_base64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(v.len() * 4);
+        for x in v {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        let bytes = STANDARD.decode(s.as_bytes()).map_err(D::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(D::Error::custom(format!(
+                "f32 vector of {} bytes",
+                bytes.len()
+            )));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(id: ImageId, n: u64) -> ImageRecord {
+        ImageRecord {
+            id,
+            path: format!("/photos/img_{n}.jpg"),
+            content_hash: content_hash(format!("bytes {n}").as_bytes()),
+            size_bytes: 1000 + n,
+            width: 640,
+            height: 480,
+            mtime_unix: 1_700_000_000,
+            exif_date: Some("2023:01:02 03:04:05".into()),
+            itc: vec![0.1, -0.25, 1.0e-7, f32::MIN_POSITIVE],
+            captions: vec![
+                Caption {
+                    text: "a dog on a beach".into(),
+                    source: CaptionSource::Beam,
+                    p_match: Some(0.9),
+                    kept: true,
+                },
+                Caption {
+                    text: "a cat".into(),
+                    source: CaptionSource::Sample,
+                    p_match: Some(0.1),
+                    kept: false,
+                },
+            ],
+            given_texts: vec!["holiday".into()],
+            added_unix: 1_700_000_001,
+        }
+    }
+
+    fn info() -> CollectionInfo {
+        CollectionInfo::new("Salesforce/blip-itm-base-coco", None, 256, 577, 768)
+    }
+
+    #[test]
+    fn record_json_round_trip_is_exact() {
+        let r = record(ImageId(7), 7);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: ImageRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(r, back);
+        assert!(json.contains("\"source\":\"beam\""), "{json}");
+    }
+
+    #[test]
+    fn insert_get_lookup_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        let id = store.allocate_id().unwrap();
+        let r = record(id, 1);
+        store.insert(&r).unwrap();
+        assert_eq!(store.get(id).unwrap().as_ref(), Some(&r));
+        assert_eq!(store.by_path(&r.path).unwrap(), Some(id));
+        assert_eq!(store.by_hash(&r.content_hash).unwrap(), Some(id));
+        assert_eq!(store.count().unwrap(), 1);
+        assert_eq!(store.pending().unwrap(), vec![id]);
+
+        // Same path, same hash, same id: all refused, nothing changes.
+        let id2 = store.allocate_id().unwrap();
+        assert!(id2 > id);
+        let mut dup = record(id2, 2);
+        dup.path = r.path.clone();
+        assert!(matches!(
+            store.insert(&dup),
+            Err(IndexError::AlreadyExists { kind: "path", existing, .. }) if existing == id
+        ));
+        let mut dup = record(id2, 2);
+        dup.content_hash = r.content_hash.clone();
+        assert!(matches!(
+            store.insert(&dup),
+            Err(IndexError::AlreadyExists {
+                kind: "content hash",
+                ..
+            })
+        ));
+        assert!(matches!(
+            store.insert(&record(id, 3)),
+            Err(IndexError::AlreadyExists { kind: "id", .. })
+        ));
+        assert_eq!(store.count().unwrap(), 1);
+        assert!(store.get(id2).unwrap().is_none());
+
+        let removed = store.remove(id).unwrap().unwrap();
+        assert_eq!(removed, r);
+        assert!(store.get(id).unwrap().is_none());
+        assert!(store.by_path(&r.path).unwrap().is_none());
+        assert!(store.by_hash(&r.content_hash).unwrap().is_none());
+        assert_eq!(store.count().unwrap(), 0);
+        assert!(store.remove(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn update_moves_path_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        let a = record(store.allocate_id().unwrap(), 1);
+        let b = record(store.allocate_id().unwrap(), 2);
+        store.insert(&a).unwrap();
+        store.insert(&b).unwrap();
+
+        let mut a2 = a.clone();
+        a2.path = "/photos/moved.jpg".into();
+        a2.captions[1].kept = true;
+        assert_eq!(store.update(&a2).unwrap(), a);
+        assert_eq!(store.by_path("/photos/moved.jpg").unwrap(), Some(a.id));
+        assert!(store.by_path(&a.path).unwrap().is_none());
+        assert_eq!(store.get(a.id).unwrap().unwrap().kept_captions().count(), 2);
+
+        let mut clash = a2.clone();
+        clash.content_hash = b.content_hash.clone();
+        assert!(matches!(
+            store.update(&clash),
+            Err(IndexError::AlreadyExists { existing, .. }) if existing == b.id
+        ));
+        assert_eq!(store.get(a.id).unwrap().unwrap(), a2);
+        assert!(matches!(
+            store.update(&record(ImageId(999), 9)),
+            Err(IndexError::NotFound(ImageId(999)))
+        ));
+        assert_eq!(store.count().unwrap(), 2);
+    }
+
+    #[test]
+    fn survives_reopen_and_ids_stay_monotonic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, r) = {
+            let store = MetaStore::open(dir.path()).unwrap();
+            store.init_info(&info()).unwrap();
+            let r = record(store.allocate_id().unwrap(), 1);
+            store.insert(&r).unwrap();
+            store.record_commit(1, &[r.id]).unwrap();
+            (r.id, r)
+        };
+        let store = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(first).unwrap(), Some(r));
+        assert!(store.allocate_id().unwrap() > first);
+        assert_eq!(store.commit_state().unwrap().generation, 1);
+        assert_eq!(store.commit_state().unwrap().images, 1);
+        assert!(store.pending().unwrap().is_empty());
+        assert_eq!(store.iter().count(), 1);
+        assert_eq!(
+            store.ids().collect::<Result<Vec<_>>>().unwrap(),
+            vec![first]
+        );
+    }
+
+    #[test]
+    fn incompatible_info_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        store.init_info(&info()).unwrap();
+        // Same info again: fine; another caption model: fine.
+        store.init_info(&info()).unwrap();
+        let mut other = info();
+        other.caption_model = Some("Salesforce/blip-image-captioning-base".into());
+        store.check_compatible(&other).unwrap();
+
+        let mut other = info();
+        other.embedding_dim = 512;
+        let e = store.init_info(&other).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(
+            e,
+            IndexError::Incompatible {
+                field: "embedding_dim",
+                ..
+            }
+        ));
+        assert!(msg.contains("blipsearch reindex"), "{msg}");
+        assert!(msg.contains("256") && msg.contains("512"), "{msg}");
+
+        let mut other = info();
+        other.retrieval_model = "Salesforce/blip-itm-large-coco".into();
+        assert!(matches!(
+            store.check_compatible(&other),
+            Err(IndexError::Incompatible {
+                field: "retrieval_model",
+                ..
+            })
+        ));
+        assert_eq!(
+            store.info().unwrap(),
+            Some(info()).map(|mut i| {
+                i.created_unix = store.info().unwrap().unwrap().created_unix;
+                i
+            })
+        );
+    }
+
+    #[test]
+    fn content_hash_is_sha256_hex() {
+        assert_eq!(
+            content_hash(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,457 @@
+//! Full-text search over captions, given texts and file names (tantivy, directory `text/`).
+//!
+//! One document per image: `id` (u64, indexed + fast + stored), and three text fields analysed
+//! with tantivy's `en_stem` analyser (split on non-alphanumerics, lowercase, drop tokens over 40
+//! bytes, English Snowball stemming), indexed with positions so that quoted phrases work:
+//! - `caption`: the kept captions ([`ImageRecord::kept_captions`]);
+//! - `given`: texts supplied with the image;
+//! - `filename`: the words of the file name ([`filename_words`]).
+//!
+//! Text is not stored here: sled has it. Scores are BM25 summed over the fields with
+//! [`TextBoosts`]. Queries are user text, parsed leniently: no input is an error.
+//!
+//! The generation of each commit is saved in tantivy's commit payload, so that the collection
+//! can tell whether the index is in step with sled.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tantivy::collector::TopDocs;
+use tantivy::query::QueryParser;
+use tantivy::schema::{
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED,
+};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use super::error::Result;
+use super::meta::{ImageId, ImageRecord};
+
+const WRITER_HEAP_BYTES: usize = 64 << 20;
+
+/// Per-field BM25 multipliers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TextBoosts {
+    /// Kept captions (generated, filtered by ITM).
+    pub caption: f32,
+    /// Texts supplied by the user: the most deliberate description of an image.
+    pub given: f32,
+    /// File-name words: often meaningful, often camera noise (`img`, `dsc`).
+    pub filename: f32,
+}
+
+impl Default for TextBoosts {
+    fn default() -> Self {
+        TextBoosts {
+            caption: 1.0,
+            given: 1.5,
+            filename: 0.7,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Fields {
+    id: Field,
+    caption: Field,
+    given: Field,
+    filename: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let text = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer("en_stem")
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let id = b.add_u64_field("id", INDEXED | FAST | STORED);
+    let caption = b.add_text_field("caption", text.clone());
+    let given = b.add_text_field("given", text.clone());
+    let filename = b.add_text_field("filename", text);
+    (
+        b.build(),
+        Fields {
+            id,
+            caption,
+            given,
+            filename,
+        },
+    )
+}
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    generation: u64,
+}
+
+/// The tantivy index of a collection.
+pub struct TextIndex {
+    dir: PathBuf,
+    index: Index,
+    reader: IndexReader,
+    writer: IndexWriter<TantivyDocument>,
+    fields: Fields,
+    boosts: TextBoosts,
+}
+
+impl TextIndex {
+    /// Opens the index in `dir`, creating it if missing.
+    ///
+    /// An index that cannot be opened or has another schema is wiped and recreated empty (its
+    /// [`TextIndex::generation`] is then `None`): it is derived data, rebuilt from sled.
+    pub fn open(dir: &Path) -> Result<Self> {
+        fs_err::create_dir_all(dir)?;
+        let (schema, fields) = schema();
+        let index = if dir.join("meta.json").exists() {
+            match Index::open_in_dir(dir) {
+                Ok(index) if index.schema() == schema => index,
+                Ok(_) => {
+                    tracing::warn!(dir = %dir.display(), "text index has another schema; recreating");
+                    wipe(dir)?;
+                    Index::create_in_dir(dir, schema)?
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "text index unreadable; recreating");
+                    wipe(dir)?;
+                    Index::create_in_dir(dir, schema)?
+                }
+            }
+        } else {
+            Index::create_in_dir(dir, schema)?
+        };
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        let writer = index.writer_with_num_threads(1, WRITER_HEAP_BYTES)?;
+        Ok(TextIndex {
+            dir: dir.to_path_buf(),
+            index,
+            reader,
+            writer,
+            fields,
+            boosts: TextBoosts::default(),
+        })
+    }
+
+    /// Changes the field boosts used by [`TextIndex::search`].
+    pub fn set_boosts(&mut self, boosts: TextBoosts) {
+        self.boosts = boosts;
+    }
+
+    /// Generation recorded by the last commit; `None` for a new or recreated index.
+    pub fn generation(&self) -> Result<Option<u64>> {
+        let metas = self.index.load_metas()?;
+        Ok(metas
+            .payload
+            .and_then(|p| serde_json::from_str::<Payload>(&p).ok())
+            .map(|p| p.generation))
+    }
+
+    /// Indexes `record`, replacing any document with the same id (visible after commit).
+    pub fn upsert(&mut self, record: &ImageRecord) -> Result<()> {
+        let f = self.fields;
+        self.writer
+            .delete_term(Term::from_field_u64(f.id, record.id.0));
+        let mut doc = TantivyDocument::default();
+        doc.add_u64(f.id, record.id.0);
+        for caption in record.kept_captions() {
+            doc.add_text(f.caption, caption);
+        }
+        for given in &record.given_texts {
+            doc.add_text(f.given, given);
+        }
+        doc.add_text(f.filename, filename_words(&record.path));
+        self.writer.add_document(doc)?;
+        Ok(())
+    }
+
+    /// Deletes the document of `id`, if any (visible after commit).
+    pub fn delete(&mut self, id: ImageId) {
+        self.writer
+            .delete_term(Term::from_field_u64(self.fields.id, id.0));
+    }
+
+    /// Deletes every document (visible after commit): the first step of a rebuild.
+    pub fn clear(&mut self) -> Result<()> {
+        self.writer.delete_all_documents()?;
+        Ok(())
+    }
+
+    /// Makes all changes durable and visible, recording `generation` in the commit.
+    pub fn commit(&mut self, generation: u64) -> Result<()> {
+        let payload = serde_json::to_string(&Payload { generation })?;
+        let mut prepared = self.writer.prepare_commit()?;
+        prepared.set_payload(&payload);
+        prepared.commit()?;
+        self.reader.reload()?;
+        Ok(())
+    }
+
+    /// Number of (committed, not deleted) documents.
+    pub fn num_docs(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    /// The `k` best documents for the user query `query`, as (id, BM25 score), best first.
+    ///
+    /// Tantivy query syntax is honoured where it parses (`"a phrase"`, `+must`, `-not`,
+    /// `caption:dog`); whatever does not parse is searched as plain words.
+    pub fn search(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>> {
+        if k == 0 || query.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = self.fields;
+        let mut parser = QueryParser::for_index(&self.index, vec![f.caption, f.given, f.filename]);
+        parser.set_field_boost(f.caption, self.boosts.caption);
+        parser.set_field_boost(f.given, self.boosts.given);
+        parser.set_field_boost(f.filename, self.boosts.filename);
+        let (query, _errors) = parser.parse_query_lenient(query);
+        let searcher = self.reader.searcher();
+        let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
+        let mut hits = Vec::with_capacity(top.len());
+        for (score, addr) in top {
+            let ids = searcher
+                .segment_reader(addr.segment_ord)
+                .fast_fields()
+                .u64("id")?;
+            if let Some(id) = ids.first(addr.doc_id) {
+                hits.push((ImageId(id), score));
+            }
+        }
+        Ok(hits)
+    }
+
+    /// Bytes used on disk.
+    pub fn bytes_on_disk(&self) -> Result<u64> {
+        super::fsutil::dir_size(&self.dir)
+    }
+}
+
+/// Removes the files of a broken index directory (it holds nothing but the index).
+fn wipe(dir: &Path) -> Result<()> {
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs_err::remove_dir_all(entry.path())?;
+        } else {
+            fs_err::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The words of a file name, for the `filename` field: the extension is dropped and the stem is
+/// split at non-alphanumerics, lower-to-upper case changes and letter/digit changes, then
+/// lowercased. `IMG_1234-beach_sunset.jpg` gives `img 1234 beach sunset`,
+/// `BeachSunset2021.png` gives `beach sunset 2021`.
+pub fn filename_words(path: &str) -> String {
+    let name = path.rsplit(['/', '\\']).next().unwrap_or(path);
+    let stem = match name.rfind('.') {
+        Some(i) if i > 0 => &name[..i],
+        _ => name,
+    };
+    let mut words: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut prev: Option<char> = None;
+    for c in stem.chars() {
+        if !c.is_alphanumeric() {
+            if !current.is_empty() {
+                words.push(std::mem::take(&mut current));
+            }
+            prev = None;
+            continue;
+        }
+        if let Some(p) = prev {
+            let case_break = p.is_lowercase() && c.is_uppercase();
+            let kind_break = p.is_numeric() != c.is_numeric();
+            if (case_break || kind_break) && !current.is_empty() {
+                words.push(std::mem::take(&mut current));
+            }
+        }
+        current.extend(c.to_lowercase());
+        prev = Some(c);
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::meta::{Caption, CaptionSource};
+
+    fn record(id: u64, path: &str, captions: &[(&str, bool)], given: &[&str]) -> ImageRecord {
+        ImageRecord {
+            id: ImageId(id),
+            path: path.into(),
+            content_hash: format!("{id:064x}"),
+            size_bytes: 1,
+            width: 1,
+            height: 1,
+            mtime_unix: 0,
+            exif_date: None,
+            itc: vec![1.0],
+            captions: captions
+                .iter()
+                .map(|(text, kept)| Caption {
+                    text: (*text).into(),
+                    source: CaptionSource::Beam,
+                    p_match: None,
+                    kept: *kept,
+                })
+                .collect(),
+            given_texts: given.iter().map(|s| (*s).into()).collect(),
+            added_unix: 0,
+        }
+    }
+
+    #[test]
+    fn filename_words_split_like_people_name_files() {
+        assert_eq!(
+            filename_words("/x/IMG_1234-beach_sunset.jpg"),
+            "img 1234 beach sunset"
+        );
+        assert_eq!(filename_words("BeachSunset2021.png"), "beach sunset 2021");
+        assert_eq!(filename_words("C:\\pics\\DSC01234.JPG"), "dsc 01234");
+        assert_eq!(filename_words(".hidden"), "hidden");
+        assert_eq!(
+            filename_words("Ünïcode Straße.tar.gz"),
+            "ünïcode straße tar"
+        );
+        assert_eq!(filename_words("---.jpg"), "");
+    }
+
+    fn ids(hits: &[(ImageId, f32)]) -> Vec<u64> {
+        hits.iter().map(|(id, _)| id.0).collect()
+    }
+
+    #[test]
+    fn search_stems_boosts_deletes_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut index = TextIndex::open(dir.path()).unwrap();
+            assert_eq!(index.generation().unwrap(), None);
+            index
+                .upsert(&record(
+                    1,
+                    "/p/IMG_1.jpg",
+                    &[("two dogs running on a beach", true)],
+                    &[],
+                ))
+                .unwrap();
+            index
+                .upsert(&record(
+                    2,
+                    "/p/2.jpg",
+                    &[("a cat sleeping", true), ("a dog", false)],
+                    &[],
+                ))
+                .unwrap();
+            index
+                .upsert(&record(
+                    3,
+                    "/p/beach_sunset.jpg",
+                    &[("an orange sky", true)],
+                    &["holiday in Spain"],
+                ))
+                .unwrap();
+            index.commit(1).unwrap();
+            assert_eq!(index.num_docs(), 3);
+
+            // Stemming: "dog runs" matches "dogs running"; the rejected caption of 2 is not indexed.
+            assert_eq!(ids(&index.search("dog runs", 10).unwrap()), vec![1]);
+            // Given texts and file names are searched.
+            assert_eq!(ids(&index.search("holidays", 10).unwrap()), vec![3]);
+            assert_eq!(ids(&index.search("sunset", 10).unwrap()), vec![3]);
+            // Caption beats file name for the same word (boost 1.0 vs 0.7).
+            let beach = index.search("beach", 10).unwrap();
+            assert_eq!(ids(&beach), vec![1, 3]);
+            assert!(beach[0].1 > beach[1].1);
+            // Phrases.
+            assert_eq!(ids(&index.search("\"orange sky\"", 10).unwrap()), vec![3]);
+            assert!(index.search("\"sky orange\"", 10).unwrap().is_empty());
+            // Upsert replaces.
+            index
+                .upsert(&record(
+                    2,
+                    "/p/2.jpg",
+                    &[("a cat sleeping", true), ("a dog", true)],
+                    &[],
+                ))
+                .unwrap();
+            index.delete(ImageId(3));
+            index.commit(2).unwrap();
+            assert_eq!(index.num_docs(), 2);
+            assert_eq!(ids(&index.search("dog", 10).unwrap()).len(), 2);
+            assert!(index.search("holiday", 10).unwrap().is_empty());
+        }
+        let index = TextIndex::open(dir.path()).unwrap();
+        assert_eq!(index.generation().unwrap(), Some(2));
+        assert_eq!(index.num_docs(), 2);
+        assert_eq!(ids(&index.search("cat", 10).unwrap()), vec![2]);
+        assert_eq!(index.search("cat", 0).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn no_user_input_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = TextIndex::open(dir.path()).unwrap();
+        index
+            .upsert(&record(1, "/p/a.jpg", &[("a red car", true)], &[]))
+            .unwrap();
+        index.commit(1).unwrap();
+        for q in [
+            "",
+            "   ",
+            "\"",
+            "((",
+            "car)",
+            "caption:",
+            "nosuchfield:car",
+            "AND",
+            "OR OR",
+            "+",
+            "-",
+            "*",
+            "car^",
+            "car^abc",
+            "[1 TO",
+            "id:abc",
+            "id:>5",
+            "\\",
+            "car~",
+            "🙂",
+            "c\u{0}ar",
+            "a:b:c",
+            "'",
+            "{}",
+            "NOT car",
+            "red AND",
+            "+car -red",
+        ] {
+            index
+                .search(q, 5)
+                .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
+        }
+        assert_eq!(ids(&index.search("red car)", 5).unwrap()), vec![1]);
+    }
+
+    #[test]
+    fn a_broken_index_is_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut index = TextIndex::open(dir.path()).unwrap();
+            index
+                .upsert(&record(1, "/p/a.jpg", &[("a red car", true)], &[]))
+                .unwrap();
+            index.commit(4).unwrap();
+        }
+        std::fs::write(dir.path().join("meta.json"), b"{ not json").unwrap();
+        let index = TextIndex::open(dir.path()).unwrap();
+        assert_eq!(index.generation().unwrap(), None);
+        assert_eq!(index.num_docs(), 0);
+    }
+}
