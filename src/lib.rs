@@ -9,4 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod engine;
+pub mod index;
 pub mod model;

@@ -1,6 +1,8 @@
 //! The `blipsearch` command line. Each subcommand parses its options here and calls into the
 //! library; output formats (`--json`) are a stable contract other tools rely on.
 
+mod collection;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +38,14 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Score texts against one image: ITC cosine and ITM match probability.
     Score(ScoreArgs),
+    /// Add images (files or folders, recursively) to the collection.
+    Add(collection::IngestArgs),
+    /// Add new and changed images under folders, and drop those whose files are gone.
+    Sync(collection::IngestArgs),
+    /// Remove images (by id or path) from the collection.
+    Remove(collection::RemoveArgs),
+    /// Counts, disk use and models of the collection.
+    Stats(collection::StatsArgs),
     // --- caption / capfilt (issue 3) ---
     /// Write captions for images with a BLIP captioning checkpoint.
     Caption(CaptionArgs),
@@ -171,6 +181,10 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Embed(a) => embed(a),
         Command::Score(a) => score(a),
+        Command::Add(a) => collection::ingest(a, false),
+        Command::Sync(a) => collection::ingest(a, true),
+        Command::Remove(a) => collection::remove(a),
+        Command::Stats(a) => collection::stats(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
     }

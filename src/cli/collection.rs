@@ -1,0 +1,230 @@
+//! Collection subcommands: `add`, `sync`, `remove`, `stats`, `reindex`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::engine::{IngestOptions, IngestSummary, Ingestor};
+use crate::index::{Collection, CollectionInfo, HnswParams, ImageId};
+use crate::model::capfilt::CapFiltParams;
+use crate::model::caption::Captioner;
+use crate::model::weights::DEFAULT_CAPTION_MODEL;
+use crate::model::{select_device, ModelSource, Retriever};
+
+use super::RetrievalModelArgs;
+
+/// Where the collection lives.
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// The collection directory.
+    #[arg(long, env = "BLIPSEARCH_INDEX", default_value = crate::index::DEFAULT_DIR)]
+    pub index: PathBuf,
+}
+
+/// Options of `add` and `sync`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    #[command(flatten)]
+    model: RetrievalModelArgs,
+    /// Local captioning checkpoint (BlipForConditionalGeneration).
+    #[arg(
+        long,
+        env = "BLIPSEARCH_CAPTION_MODEL_DIR",
+        conflicts_with = "caption_model"
+    )]
+    caption_model_dir: Option<PathBuf>,
+    /// Hub id of the captioning checkpoint.
+    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
+    caption_model: String,
+    /// Skip captions: vectors only (much faster).
+    #[arg(long)]
+    no_captions: bool,
+    /// Nucleus-sampled captions per image (CapFilt), besides the beam caption.
+    #[arg(long, default_value_t = 3)]
+    samples: usize,
+    /// Keep a caption when ITM p(match) is at least this.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Commit (make durable and searchable) after this many new images.
+    #[arg(long, default_value_t = 64)]
+    commit_every: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Files or folders (recursive).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+/// `remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    /// Image ids or file paths.
+    #[arg(required = true)]
+    targets: Vec<String>,
+}
+
+/// `stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_models(a: &IngestArgs) -> Result<(Retriever, Option<Captioner>)> {
+    let device = select_device(&a.model.device)?;
+    let retriever =
+        Retriever::load(&a.model.source(), &device).context("loading retrieval model")?;
+    let captioner = if a.no_captions {
+        None
+    } else {
+        let source = match &a.caption_model_dir {
+            Some(d) => ModelSource::Dir(d.clone()),
+            None => ModelSource::Hub(a.caption_model.clone()),
+        };
+        Some(
+            Captioner::load(&source, &device)
+                .context("loading caption model (use --no-captions to skip captions)")?,
+        )
+    };
+    Ok((retriever, captioner))
+}
+
+fn collection_info(retriever: &Retriever, captioner: Option<&Captioner>) -> CollectionInfo {
+    let cfg = retriever.config();
+    CollectionInfo::new(
+        retriever.name(),
+        captioner.map(|c| c.name().to_string()),
+        retriever.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    )
+}
+
+fn ingest_options(a: &IngestArgs) -> Result<IngestOptions> {
+    let capfilt = if a.no_captions {
+        None
+    } else {
+        let mut p = CapFiltParams::default();
+        p.sampling.num_samples = a.samples;
+        p.threshold = a.threshold;
+        Some(p)
+    };
+    Ok(IngestOptions {
+        batch_size: a.batch_size,
+        commit_every: a.commit_every,
+        limits: a.model.limits()?,
+        capfilt,
+        progress: true,
+    })
+}
+
+/// `add` and `sync`.
+pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
+    let (retriever, captioner) = load_models(&a)?;
+    let info = collection_info(&retriever, captioner.as_ref());
+    let mut collection = Collection::open(&a.index.index, &info, HnswParams::default())?;
+    let options = ingest_options(&a)?;
+    let mut ingestor = Ingestor::new(&mut collection, &retriever, captioner.as_ref(), options)?;
+    let summary = if sync {
+        ingestor.sync(&a.paths)?
+    } else {
+        ingestor.add(&a.paths)?
+    };
+    print_summary(&summary, a.json)
+}
+
+fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "added {}, updated {}, unchanged {}, duplicates {}, removed {}, unsupported {}, hidden {}, failed {}",
+        s.added, s.updated, s.unchanged, s.duplicates, s.removed, s.unsupported, s.hidden, s.failed.len()
+    );
+    for f in &s.failed {
+        println!("  failed: {}: {}", f.path, f.reason);
+    }
+    println!("{} images in the collection", s.total);
+    Ok(())
+}
+
+/// `remove`.
+pub fn remove(a: RemoveArgs) -> Result<()> {
+    let mut c = Collection::open_existing(&a.index.index, HnswParams::default())?;
+    let mut removed = 0;
+    for t in &a.targets {
+        let id = match t.parse::<u64>() {
+            Ok(n) => Some(ImageId(n)),
+            Err(_) => {
+                let p = std::fs::canonicalize(t).unwrap_or_else(|_| PathBuf::from(t));
+                c.by_path(&p.display().to_string())?
+            }
+        };
+        match id {
+            Some(id) if c.remove(id)? => removed += 1,
+            _ => bail!("{t}: no such image in {}", a.index.index.display()),
+        }
+    }
+    c.commit()?;
+    println!("removed {removed}");
+    Ok(())
+}
+
+/// `stats`.
+pub fn stats(a: StatsArgs) -> Result<()> {
+    let c = Collection::open_existing(&a.index.index, HnswParams::default())?;
+    let s = c.stats()?;
+    let info = c.info();
+    if a.json {
+        let v = serde_json::json!({"stats": s, "info": info});
+        println!("{v}");
+        return Ok(());
+    }
+    println!("collection {}", path_str(&a.index.index));
+    println!("  images        {}", s.images);
+    println!(
+        "  vectors       {} (+{} tombstones)",
+        s.vectors, s.tombstones
+    );
+    println!("  text docs     {}", s.text_docs);
+    println!(
+        "  retrieval     {} ({}-d, ViT {}x{})",
+        info.retrieval_model, info.embedding_dim, info.vit_tokens, info.vit_hidden
+    );
+    println!(
+        "  captions      {}",
+        info.caption_model.as_deref().unwrap_or("none")
+    );
+    let b = s.bytes;
+    println!(
+        "  disk          {} total: meta {}, vectors {}, text {}, features {}, thumbs {}",
+        mb(b.total()),
+        mb(b.meta),
+        mb(b.vectors),
+        mb(b.text),
+        mb(b.features),
+        mb(b.thumbs)
+    );
+    Ok(())
+}
+
+fn mb(b: u64) -> String {
+    format!("{:.1} MB", b as f64 / 1e6)
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,31 @@
+//! Errors of the engine layer.
+
+use std::path::PathBuf;
+
+use crate::index::IndexError;
+use crate::model::ModelError;
+
+/// What can go wrong while ingesting or searching.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A model failed to load or run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The collection failed.
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    /// A file or folder could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Bad options or arguments.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// Result alias of the engine layer.
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,518 @@
+//! Ingestion: walk folders, skip what is already indexed, decode, embed in batches with the
+//! retrieval model, caption with CapFilt, and commit to the collection in batches so that a crash
+//! loses at most the batch in flight.
+
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use candle_core::IndexOp;
+use image::DynamicImage;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use super::error::{EngineError, Result};
+use crate::index::meta::now_unix;
+use crate::index::{
+    content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
+};
+use crate::model::capfilt::{capfilt_images, CandidateSource, CapFiltParams};
+use crate::model::caption::Captioner;
+use crate::model::preprocess::{decode_image, DecodeLimits};
+use crate::model::retrieval::rows;
+use crate::model::Retriever;
+
+/// File extensions ingested (case-insensitive).
+pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
+
+/// Largest sidecar text file read, in bytes.
+const MAX_SIDECAR_BYTES: u64 = 16 * 1024;
+
+/// How to ingest.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Commit after this many new or changed images (and at the end).
+    pub commit_every: usize,
+    /// Decoding limits (pixel count).
+    pub limits: DecodeLimits,
+    /// CapFilt settings; `None` skips captions (vector-only ingest).
+    pub capfilt: Option<CapFiltParams>,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            commit_every: 64,
+            limits: DecodeLimits::default(),
+            capfilt: Some(CapFiltParams::default()),
+            progress: true,
+        }
+    }
+}
+
+/// A file that could not be ingested.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// The file.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// What an ingest run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestSummary {
+    /// New images indexed.
+    pub added: usize,
+    /// Indexed images whose file changed and were embedded again.
+    pub updated: usize,
+    /// Indexed images whose file did not change.
+    pub unchanged: usize,
+    /// Files whose content is already indexed under another path.
+    pub duplicates: usize,
+    /// Hidden files and folders passed over.
+    pub hidden: usize,
+    /// Files of types we do not read.
+    pub unsupported: usize,
+    /// Records removed because their file is gone (`sync`).
+    pub removed: usize,
+    /// Files that could not be ingested, with the reason.
+    pub failed: Vec<Failure>,
+    /// Images in the collection after the run.
+    pub total: u64,
+}
+
+struct Prepared {
+    path: String,
+    hash: String,
+    size: u64,
+    mtime: i64,
+    image: DynamicImage,
+    given: Vec<String>,
+    exif_date: Option<String>,
+    replaces: Option<ImageId>,
+}
+
+/// Runs ingestion against one collection with loaded models.
+pub struct Ingestor<'a> {
+    collection: &'a mut Collection,
+    retriever: &'a Retriever,
+    captioner: Option<&'a Captioner>,
+    options: IngestOptions,
+}
+
+impl<'a> Ingestor<'a> {
+    /// An ingestor; `captioner` is required when `options.capfilt` is set.
+    pub fn new(
+        collection: &'a mut Collection,
+        retriever: &'a Retriever,
+        captioner: Option<&'a Captioner>,
+        options: IngestOptions,
+    ) -> Result<Self> {
+        if options.batch_size == 0 || options.commit_every == 0 {
+            return Err(EngineError::InvalidInput(
+                "batch size and commit interval must be at least 1".into(),
+            ));
+        }
+        if options.capfilt.is_some() && captioner.is_none() {
+            return Err(EngineError::InvalidInput(
+                "captions requested but no caption model loaded".into(),
+            ));
+        }
+        Ok(Self {
+            collection,
+            retriever,
+            captioner,
+            options,
+        })
+    }
+
+    /// Adds files and folders (recursively). Unchanged files are skipped, changed ones embedded
+    /// again; bad files are reported in the summary and skipped.
+    pub fn add(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
+        let mut summary = IngestSummary::default();
+        let files = walk(paths, &mut summary)?;
+        let bar = progress_bar(files.len() as u64, self.options.progress);
+        let mut batch: Vec<Prepared> = Vec::with_capacity(self.options.batch_size);
+        let mut batch_hashes = HashSet::new();
+        let mut since_commit = 0usize;
+        for file in files {
+            bar.set_message(short_name(&file));
+            match self.prepare(&file, &mut summary, &batch_hashes) {
+                Ok(Some(p)) => {
+                    batch_hashes.insert(p.hash.clone());
+                    batch.push(p);
+                }
+                Ok(None) => {}
+                Err(reason) => summary.failed.push(Failure {
+                    path: file.display().to_string(),
+                    reason,
+                }),
+            }
+            if batch.len() >= self.options.batch_size {
+                since_commit += self.flush(&mut batch, &mut summary)?;
+                batch_hashes.clear();
+                bar.inc(self.options.batch_size as u64);
+                if since_commit >= self.options.commit_every {
+                    self.commit(&bar)?;
+                    since_commit = 0;
+                }
+            } else if batch.is_empty() {
+                bar.inc(1);
+            }
+        }
+        let pending = batch.len() as u64;
+        self.flush(&mut batch, &mut summary)?;
+        bar.inc(pending);
+        self.commit(&bar)?;
+        bar.finish_and_clear();
+        summary.total = self.collection.len()?;
+        Ok(summary)
+    }
+
+    /// [`Self::add`], then removes indexed images under `paths` whose files are gone.
+    pub fn sync(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
+        let roots: Vec<String> = paths
+            .iter()
+            .map(|p| canonical(p).map(|c| c.display().to_string()))
+            .collect::<Result<_>>()?;
+        let mut gone = Vec::new();
+        for record in self.collection.iter() {
+            let record = record?;
+            let under = roots.iter().any(|r| Path::new(&record.path).starts_with(r));
+            if under && !Path::new(&record.path).exists() {
+                gone.push(record.id);
+            }
+        }
+        for id in &gone {
+            self.collection.remove(*id)?;
+        }
+        let mut summary = self.add(paths)?;
+        summary.removed = gone.len();
+        Ok(summary)
+    }
+
+    fn commit(&mut self, bar: &ProgressBar) -> Result<()> {
+        self.collection.commit()?;
+        let total = self.collection.len()?;
+        // A stable line on stderr: what it reports is durable and searchable.
+        bar.suspend(|| eprintln!("committed: {total} images in the collection"));
+        tracing::debug!(total, "committed");
+        Ok(())
+    }
+
+    /// Reads and checks one file. `Ok(None)`: skipped (counted in `summary`); `Err`: failed.
+    fn prepare(
+        &mut self,
+        file: &Path,
+        summary: &mut IngestSummary,
+        batch_hashes: &HashSet<String>,
+    ) -> std::result::Result<Option<Prepared>, String> {
+        let path = canonical(file).map_err(|e| e.to_string())?;
+        let path_str = path.display().to_string();
+        let meta = std::fs::metadata(&path).map_err(|e| format!("cannot stat: {e}"))?;
+        let size = meta.len();
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        let existing = self
+            .collection
+            .by_path(&path_str)
+            .map_err(|e| e.to_string())?;
+        let existing = match existing {
+            Some(id) => self.collection.get(id).map_err(|e| e.to_string())?,
+            None => None,
+        };
+        if let Some(r) = &existing {
+            if r.size_bytes == size && r.mtime_unix == mtime {
+                summary.unchanged += 1;
+                return Ok(None);
+            }
+        }
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read: {e}"))?;
+        let hash = content_hash(&bytes);
+        if let Some(r) = &existing {
+            if r.content_hash == hash {
+                // Touched but not changed: remember the new mtime so the next run is fast.
+                let mut r = r.clone();
+                r.mtime_unix = mtime;
+                self.collection.update(&r).map_err(|e| e.to_string())?;
+                summary.unchanged += 1;
+                return Ok(None);
+            }
+        }
+        let same_content = self.collection.by_hash(&hash).map_err(|e| e.to_string())?;
+        if same_content.is_some_and(|id| Some(id) != existing.as_ref().map(|r| r.id))
+            || batch_hashes.contains(&hash)
+        {
+            summary.duplicates += 1;
+            return Ok(None);
+        }
+        let image = decode_image(&bytes, &path, self.options.limits).map_err(|e| match e {
+            crate::model::ModelError::Image { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        let (exif_date, description) = exif_fields(&bytes);
+        let mut given: Vec<String> = sidecar_text(&path).into_iter().collect();
+        given.extend(description);
+        Ok(Some(Prepared {
+            path: path_str,
+            hash,
+            size,
+            mtime,
+            image,
+            given,
+            exif_date,
+            replaces: existing.map(|r| r.id),
+        }))
+    }
+
+    /// Embeds, captions and adds a batch; returns how many images it wrote.
+    fn flush(&mut self, batch: &mut Vec<Prepared>, summary: &mut IngestSummary) -> Result<usize> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let images: Vec<DynamicImage> = batch.iter().map(|p| p.image.clone()).collect();
+        let emb = self.retriever.embed_images(&images)?;
+        let itc = rows(&emb.itc)?;
+        let (_, t, d) = emb.tokens.dims3().map_err(crate::model::ModelError::from)?;
+        let captions: Vec<Vec<Caption>> = match (&self.options.capfilt, self.captioner) {
+            (Some(params), Some(captioner)) => {
+                let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
+                capfilt_images(captioner, self.retriever, &images, &given, params)?
+                    .into_iter()
+                    .map(|cands| {
+                        cands
+                            .into_iter()
+                            .map(|c| Caption {
+                                text: c.text,
+                                source: match c.source {
+                                    CandidateSource::Given => CaptionSource::Given,
+                                    CandidateSource::Beam => CaptionSource::Beam,
+                                    CandidateSource::Sample => CaptionSource::Sample,
+                                },
+                                p_match: Some(c.p_match),
+                                kept: c.kept,
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+            _ => vec![Vec::new(); batch.len()],
+        };
+        let n = batch.len();
+        for (i, (p, caps)) in batch.drain(..).zip(captions).enumerate() {
+            let tokens: Vec<f32> = emb
+                .tokens
+                .i(i)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1())
+                .map_err(crate::model::ModelError::from)?;
+            let features = FeatureMatrix {
+                rows: t,
+                cols: d,
+                data: tokens,
+            };
+            let record = ImageRecord {
+                id: ImageId(0),
+                path: p.path,
+                content_hash: p.hash,
+                size_bytes: p.size,
+                width: p.image.width(),
+                height: p.image.height(),
+                mtime_unix: p.mtime,
+                exif_date: p.exif_date,
+                itc: itc[i].clone(),
+                captions: caps,
+                given_texts: p.given,
+                added_unix: now_unix(),
+            };
+            if let Some(old) = p.replaces {
+                self.collection.remove(old)?;
+                summary.updated += 1;
+            } else {
+                summary.added += 1;
+            }
+            self.collection
+                .add(record, Some(&features), Some(&p.image))?;
+        }
+        Ok(n)
+    }
+}
+
+fn canonical(p: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(p).map_err(|e| EngineError::Io {
+        path: p.to_path_buf(),
+        source: e,
+    })
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.') && n.len() > 1 && n != "..")
+}
+
+fn is_supported(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The image files under `paths` (files given directly are taken as they are), sorted, hidden
+/// entries and unsupported types counted and skipped. Symlinks are followed; loops are detected
+/// and skipped.
+pub fn walk(paths: &[PathBuf], summary: &mut IngestSummary) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    for root in paths {
+        if !root.exists() {
+            return Err(EngineError::Io {
+                path: root.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            });
+        }
+        let mut it = walkdir::WalkDir::new(root).follow_links(true).into_iter();
+        while let Some(entry) = it.next() {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let path = e
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    let reason = if e.loop_ancestor().is_some() {
+                        "symlink loop".to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    summary.failed.push(Failure { path, reason });
+                    continue;
+                }
+            };
+            if entry.depth() > 0 && is_hidden(entry.path()) {
+                summary.hidden += 1;
+                if entry.file_type().is_dir() {
+                    it.skip_current_dir();
+                }
+                continue;
+            }
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let p = entry.path();
+            if !is_supported(p) {
+                if p.extension().is_some_and(|e| e == "txt") {
+                    continue; // sidecar captions, read with their image
+                }
+                summary.unsupported += 1;
+                continue;
+            }
+            let key = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            if seen.insert(key) {
+                files.push(p.to_path_buf());
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// `photo.jpg.txt` or `photo.txt` beside the image: a given text.
+fn sidecar_text(image: &Path) -> Option<String> {
+    let mut candidates = vec![PathBuf::from(format!("{}.txt", image.display()))];
+    candidates.push(image.with_extension("txt"));
+    for c in candidates {
+        let ok = std::fs::metadata(&c).is_ok_and(|m| m.is_file() && m.len() <= MAX_SIDECAR_BYTES);
+        if ok {
+            if let Ok(text) = std::fs::read_to_string(&c) {
+                let text = text.trim();
+                if !text.is_empty() {
+                    return Some(text.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// (EXIF DateTimeOriginal, EXIF ImageDescription), when present.
+fn exif_fields(bytes: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(exif) = exif::Reader::new().read_from_container(&mut Cursor::new(bytes)) else {
+        return (None, None);
+    };
+    let date = exif
+        .get_field(exif::Tag::DateTimeOriginal, exif::In::PRIMARY)
+        .map(|f| f.display_value().to_string());
+    let description = exif
+        .get_field(exif::Tag::ImageDescription, exif::In::PRIMARY)
+        .and_then(|f| match &f.value {
+            exif::Value::Ascii(parts) => parts
+                .first()
+                .map(|b| String::from_utf8_lossy(b).trim().to_string()),
+            _ => None,
+        })
+        .filter(|s| !s.is_empty());
+    (date, description)
+}
+
+fn short_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn progress_bar(len: u64, enabled: bool) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if !enabled {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images ({per_sec}, ETA {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_skips_hidden_and_unsupported_and_survives_loops() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("a/.hidden")).unwrap();
+        std::fs::write(d.join("a/x.JPG"), b"x").unwrap();
+        std::fs::write(d.join("a/y.png"), b"y").unwrap();
+        std::fs::write(d.join("a/.z.png"), b"z").unwrap();
+        std::fs::write(d.join("a/.hidden/w.png"), b"w").unwrap();
+        std::fs::write(d.join("a/notes.pdf"), b"p").unwrap();
+        std::fs::write(d.join("a/y.png.txt"), b"caption").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(d.join("a"), d.join("a/loop")).unwrap();
+        let mut s = IngestSummary::default();
+        let files = walk(&[d.to_path_buf()], &mut s).unwrap();
+        let names: Vec<String> = files.iter().map(|p| short_name(p)).collect();
+        assert_eq!(names, vec!["x.JPG", "y.png"]);
+        assert_eq!(s.unsupported, 1);
+        assert_eq!(s.hidden, 2);
+        #[cfg(unix)]
+        assert!(
+            s.failed.iter().any(|f| f.reason.contains("loop")),
+            "{:?}",
+            s.failed
+        );
+        assert_eq!(sidecar_text(&d.join("a/y.png")).as_deref(), Some("caption"));
+    }
+}

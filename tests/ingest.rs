@@ -1,0 +1,274 @@
+//! Ingestion through the real binary on the tiny fixture models: incremental runs, bad files,
+//! and crash safety under `kill -9`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_blipsearch"));
+    c.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn");
+    c
+}
+
+fn model_args() -> Vec<String> {
+    let f = fixtures().join("tiny-a");
+    vec![
+        "--model-dir".into(),
+        f.join("retrieval").display().to_string(),
+        "--caption-model-dir".into(),
+        f.join("caption").display().to_string(),
+    ]
+}
+
+/// `n` distinct small PNGs (different noise) in `dir`.
+fn make_images(dir: &Path, n: usize, seed: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let mut state = seed
+                .wrapping_mul(2654435761)
+                .wrapping_add(i as u32 * 40503 + 1);
+            let img = image::RgbImage::from_fn(40, 30, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+            });
+            let p = dir.join(format!("img_{seed}_{i:03}.png"));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+fn run_json(args: &[String]) -> serde_json::Value {
+    let out = bin().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn add(index: &Path, extra: &[&str], paths: &[&Path]) -> serde_json::Value {
+    let mut args: Vec<String> = vec![
+        "add".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(model_args());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(paths.iter().map(|p| p.display().to_string()));
+    run_json(&args)
+}
+
+fn stats(index: &Path) -> serde_json::Value {
+    run_json(&[
+        "stats".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+    ])["stats"]
+        .clone()
+}
+
+fn assert_consistent(index: &Path) -> u64 {
+    let s = stats(index);
+    let images = s["images"].as_u64().unwrap();
+    assert_eq!(s["vectors"].as_u64().unwrap(), images, "hnsw vs sled: {s}");
+    assert_eq!(
+        s["text_docs"].as_u64().unwrap(),
+        images,
+        "tantivy vs sled: {s}"
+    );
+    assert_eq!(s["pending"].as_u64().unwrap(), 0, "{s}");
+    images
+}
+
+#[test]
+fn incremental_add_sync_remove_and_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    let index = tmp.path().join("index");
+    let imgs = make_images(&photos, 5, 1);
+    std::fs::copy(
+        fixtures().join("images/chelsea_exif6.jpg"),
+        photos.join("cat.jpg"),
+    )
+    .unwrap();
+    std::fs::write(photos.join("cat.txt"), "a cat lying on a rug").unwrap();
+    std::fs::copy(&imgs[0], photos.join("copy_of_first.png")).unwrap(); // duplicate content
+    std::fs::write(photos.join("empty.jpg"), b"").unwrap();
+    std::fs::write(photos.join("fake.png"), b"I am text").unwrap();
+    let cut = std::fs::read(fixtures().join("images/rocket.jpg")).unwrap();
+    std::fs::write(photos.join("cut.jpg"), &cut[..cut.len() / 2]).unwrap();
+    std::fs::write(photos.join("notes.pdf"), b"%PDF").unwrap();
+    std::fs::write(photos.join(".secret.png"), b"x").unwrap();
+
+    let s = add(&index, &["--samples", "1"], &[&photos]);
+    assert_eq!(s["added"], 6, "{s}");
+    assert_eq!(s["duplicates"], 1, "{s}");
+    assert_eq!(s["failed"].as_array().unwrap().len(), 3, "{s}");
+    assert_eq!(s["unsupported"], 1, "{s}");
+    assert_eq!(s["hidden"], 1, "{s}");
+    let reasons = s["failed"].to_string();
+    assert!(
+        reasons.contains("empty") && reasons.contains("truncated"),
+        "{reasons}"
+    );
+    assert_eq!(assert_consistent(&index), 6);
+
+    // Nothing changed: nothing is embedded again.
+    let s = add(&index, &["--no-captions"], &[&photos]);
+    assert_eq!(
+        (s["added"].as_u64(), s["unchanged"].as_u64()),
+        (Some(0), Some(6)),
+        "{s}"
+    );
+
+    // A changed file is embedded again; a deleted one goes with sync.
+    make_images(&tmp.path().join("other"), 1, 9);
+    std::fs::copy(tmp.path().join("other/img_9_000.png"), &imgs[1]).unwrap();
+    std::fs::remove_file(&imgs[2]).unwrap();
+    let mut args: Vec<String> = vec![
+        "sync".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+        "--no-captions".into(),
+    ];
+    args.extend(model_args());
+    args.push(photos.display().to_string());
+    let s = run_json(&args);
+    assert_eq!(
+        (s["updated"].as_u64(), s["removed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(assert_consistent(&index), 5);
+
+    // remove by path
+    let out = bin()
+        .args([
+            "remove",
+            "--index",
+            index.to_str().unwrap(),
+            imgs[3].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(assert_consistent(&index), 4);
+    let out = bin()
+        .args([
+            "remove",
+            "--index",
+            index.to_str().unwrap(),
+            "/no/such/file.png",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // Another model on the same index is refused with a hint.
+    let mut args: Vec<String> = vec![
+        "add".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--no-captions".into(),
+    ];
+    args.extend([
+        "--model-dir".into(),
+        fixtures().join("tiny-b/retrieval").display().to_string(),
+    ]);
+    args.push(photos.display().to_string());
+    let out = bin().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reindex"), "{err}");
+}
+
+#[test]
+fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    let index = tmp.path().join("index");
+    let n = 160;
+    make_images(&photos, n, 7);
+    let delays = [120u64, 300, 500, 700];
+    let mut interrupted = 0;
+    for (round, delay) in delays.iter().enumerate() {
+        let mut args: Vec<String> =
+            vec!["add".into(), "--index".into(), index.display().to_string()];
+        args.extend(model_args());
+        args.extend(
+            ["--no-captions", "--batch-size", "2", "--commit-every", "2"].map(String::from),
+        );
+        args.push(photos.display().to_string());
+        let mut child = bin()
+            .args(&args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut committed = 0u64;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("committed: ") {
+                    committed = rest.split(' ').next().unwrap().parse().unwrap();
+                }
+            }
+            committed
+        });
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(*delay) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if child.try_wait().unwrap().is_none() {
+            interrupted += 1;
+        }
+        let _ = child.kill(); // SIGKILL on unix
+        let _ = child.wait();
+        let reported = reader.join().unwrap();
+        let out = bin()
+            .args(["stats", "--index", index.to_str().unwrap(), "--json"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            // Killed before the collection was created: nothing may have been reported.
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("no collection") && reported == 0,
+                "round {round}: {err}"
+            );
+            continue;
+        }
+        let images = assert_consistent(&index);
+        assert!(
+            images >= reported,
+            "round {round}: {images} searchable < {reported} reported committed"
+        );
+    }
+    assert!(
+        interrupted >= 2,
+        "only {interrupted} rounds were killed mid-ingest: make the ingest longer"
+    );
+    // A final run finishes the rest.
+    let s = add(&index, &["--no-captions"], &[&photos]);
+    assert_eq!(s["total"].as_u64().unwrap(), n as u64, "{s}");
+    assert_eq!(assert_consistent(&index), n as u64);
+}
