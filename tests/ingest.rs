@@ -196,6 +196,30 @@ fn incremental_add_sync_remove_and_bad_files() {
     let out = bin().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("reindex"), "{err}");
+    // reindex moves the collection to the other model, keeping its images.
+    let tiny_b = fixtures().join("tiny-b/retrieval").display().to_string();
+    let s = run_json(&[
+        "reindex".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+        "--no-captions".into(),
+        "--model-dir".into(),
+        tiny_b.clone(),
+    ]);
+    assert_eq!(s["added"], 4, "{s}");
+    assert_eq!(assert_consistent(&index), 4);
+    let info = run_json(&[
+        "stats".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+    ])["info"]
+        .clone();
+    assert!(
+        info["retrieval_model"].as_str().unwrap().contains("tiny-b"),
+        "{info}"
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Collection subcommands: `add`, `sync`, `remove`, `stats`, `reindex`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -25,6 +26,23 @@ pub struct IndexArgs {
 /// Options of `add` and `sync`.
 #[derive(Debug, Args)]
 pub struct IngestArgs {
+    #[command(flatten)]
+    common: IngestCommon,
+    /// Files or folders (recursive).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+/// `reindex`.
+#[derive(Debug, Args)]
+pub struct ReindexArgs {
+    #[command(flatten)]
+    common: IngestCommon,
+}
+
+/// What every ingesting command takes: collection, models and batching.
+#[derive(Debug, Args)]
+pub struct IngestCommon {
     #[command(flatten)]
     index: IndexArgs,
     #[command(flatten)]
@@ -57,9 +75,6 @@ pub struct IngestArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-    /// Files or folders (recursive).
-    #[arg(required = true)]
-    paths: Vec<PathBuf>,
 }
 
 /// `remove`.
@@ -82,7 +97,7 @@ pub struct StatsArgs {
     json: bool,
 }
 
-fn load_models(a: &IngestArgs) -> Result<(Retriever, Option<Captioner>)> {
+fn load_models(a: &IngestCommon) -> Result<(Retriever, Option<Captioner>)> {
     let device = select_device(&a.model.device)?;
     let retriever =
         Retriever::load(&a.model.source(), &device).context("loading retrieval model")?;
@@ -112,7 +127,7 @@ fn collection_info(retriever: &Retriever, captioner: Option<&Captioner>) -> Coll
     )
 }
 
-fn ingest_options(a: &IngestArgs) -> Result<IngestOptions> {
+fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
     let capfilt = if a.no_captions {
         None
     } else {
@@ -132,17 +147,76 @@ fn ingest_options(a: &IngestArgs) -> Result<IngestOptions> {
 
 /// `add` and `sync`.
 pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
-    let (retriever, captioner) = load_models(&a)?;
+    let c = &a.common;
+    let (retriever, captioner) = load_models(c)?;
     let info = collection_info(&retriever, captioner.as_ref());
-    let mut collection = Collection::open(&a.index.index, &info, HnswParams::default())?;
-    let options = ingest_options(&a)?;
+    let mut collection = Collection::open(&c.index.index, &info, HnswParams::default())?;
+    let options = ingest_options(c)?;
     let mut ingestor = Ingestor::new(&mut collection, &retriever, captioner.as_ref(), options)?;
     let summary = if sync {
         ingestor.sync(&a.paths)?
     } else {
         ingestor.add(&a.paths)?
     };
-    print_summary(&summary, a.json)
+    print_summary(&summary, c.json)
+}
+
+/// `reindex`: embeds every image of the collection again, from its original file, with the
+/// models given now, into a new collection beside the old one; the new one replaces the old only
+/// once it is complete (an interrupted reindex leaves the old collection as it was).
+pub fn reindex(a: ReindexArgs) -> Result<()> {
+    let c = &a.common;
+    let dir = &c.index.index;
+    let (paths, given) = {
+        let old = Collection::open_existing(dir, HnswParams::default())?;
+        let mut paths = Vec::new();
+        let mut given = HashMap::new();
+        for r in old.iter() {
+            let r = r?;
+            paths.push(PathBuf::from(&r.path));
+            given.insert(r.path.clone(), r.given_texts.clone());
+        }
+        (paths, given)
+    };
+    let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
+        paths.into_iter().partition(|p| p.exists());
+    for p in &missing {
+        eprintln!(
+            "warning: {} is gone; it will not be in the new collection",
+            p.display()
+        );
+    }
+    let (retriever, captioner) = load_models(c)?;
+    let info = collection_info(&retriever, captioner.as_ref());
+    let staging = sibling(dir, "reindex");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .with_context(|| format!("removing {}", staging.display()))?;
+    }
+    let summary = {
+        let mut fresh = Collection::open(&staging, &info, HnswParams::default())?;
+        let options = ingest_options(c)?;
+        let ingestor = Ingestor::new(&mut fresh, &retriever, captioner.as_ref(), options)?;
+        ingestor.with_given_texts(given).add(&present)?
+    };
+    let old = sibling(dir, "old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    std::fs::rename(&staging, dir)
+        .with_context(|| format!("moving {} into place", staging.display()))?;
+    std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    print_summary(&summary, c.json)
+}
+
+/// `index` -> `index.<suffix>` in the same parent folder.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "index".into());
+    dir.with_file_name(format!("{name}.{suffix}"))
 }
 
 fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {

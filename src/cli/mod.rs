@@ -46,6 +46,8 @@ pub enum Command {
     Remove(collection::RemoveArgs),
     /// Counts, disk use and models of the collection.
     Stats(collection::StatsArgs),
+    /// Embed every image again from its file with the models given now (after a model change).
+    Reindex(collection::ReindexArgs),
     // --- caption / capfilt (issue 3) ---
     /// Write captions for images with a BLIP captioning checkpoint.
     Caption(CaptionArgs),
@@ -185,6 +187,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sync(a) => collection::ingest(a, true),
         Command::Remove(a) => collection::remove(a),
         Command::Stats(a) => collection::stats(a),
+        Command::Reindex(a) => collection::reindex(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
     }

@@ -2,7 +2,7 @@
 //! retrieval model, caption with CapFilt, and commit to the collection in batches so that a crash
 //! loses at most the batch in flight.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -17,7 +17,7 @@ use crate::index::meta::now_unix;
 use crate::index::{
     content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
 };
-use crate::model::capfilt::{capfilt_images, CandidateSource, CapFiltParams};
+use crate::model::capfilt::{capfilt_images_with_tokens, CandidateSource, CapFiltParams};
 use crate::model::caption::Captioner;
 use crate::model::preprocess::{decode_image, DecodeLimits};
 use crate::model::retrieval::rows;
@@ -105,6 +105,7 @@ pub struct Ingestor<'a> {
     retriever: &'a Retriever,
     captioner: Option<&'a Captioner>,
     options: IngestOptions,
+    extra_given: HashMap<String, Vec<String>>,
 }
 
 impl<'a> Ingestor<'a> {
@@ -130,7 +131,15 @@ impl<'a> Ingestor<'a> {
             retriever,
             captioner,
             options,
+            extra_given: HashMap::new(),
         })
+    }
+
+    /// Texts to attach to images by canonical path, besides sidecar files and EXIF descriptions
+    /// (used by `reindex` to carry texts that were uploaded with the images).
+    pub fn with_given_texts(mut self, texts: HashMap<String, Vec<String>>) -> Self {
+        self.extra_given = texts;
+        self
     }
 
     /// Adds files and folders (recursively). Unchanged files are skipped, changed ones embedded
@@ -263,6 +272,11 @@ impl<'a> Ingestor<'a> {
         let (exif_date, description) = exif_fields(&bytes);
         let mut given: Vec<String> = sidecar_text(&path).into_iter().collect();
         given.extend(description);
+        for t in self.extra_given.get(&path_str).into_iter().flatten() {
+            if !given.contains(t) {
+                given.push(t.clone());
+            }
+        }
         Ok(Some(Prepared {
             path: path_str,
             hash,
@@ -287,24 +301,31 @@ impl<'a> Ingestor<'a> {
         let captions: Vec<Vec<Caption>> = match (&self.options.capfilt, self.captioner) {
             (Some(params), Some(captioner)) => {
                 let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
-                capfilt_images(captioner, self.retriever, &images, &given, params)?
-                    .into_iter()
-                    .map(|cands| {
-                        cands
-                            .into_iter()
-                            .map(|c| Caption {
-                                text: c.text,
-                                source: match c.source {
-                                    CandidateSource::Given => CaptionSource::Given,
-                                    CandidateSource::Beam => CaptionSource::Beam,
-                                    CandidateSource::Sample => CaptionSource::Sample,
-                                },
-                                p_match: Some(c.p_match),
-                                kept: c.kept,
-                            })
-                            .collect()
-                    })
-                    .collect()
+                capfilt_images_with_tokens(
+                    captioner,
+                    self.retriever,
+                    &images,
+                    Some(&emb.tokens),
+                    &given,
+                    params,
+                )?
+                .into_iter()
+                .map(|cands| {
+                    cands
+                        .into_iter()
+                        .map(|c| Caption {
+                            text: c.text,
+                            source: match c.source {
+                                CandidateSource::Given => CaptionSource::Given,
+                                CandidateSource::Beam => CaptionSource::Beam,
+                                CandidateSource::Sample => CaptionSource::Sample,
+                            },
+                            p_match: Some(c.p_match),
+                            kept: c.kept,
+                        })
+                        .collect()
+                })
+                .collect()
             }
             _ => vec![Vec::new(); batch.len()],
         };

@@ -9,6 +9,7 @@
 //! drops a text when ITM predicts "no match"). The two models encode the image with their own ViT:
 //! their weights differ.
 
+use candle_core::Tensor;
 use image::DynamicImage;
 
 use super::caption::{
@@ -113,6 +114,20 @@ pub fn capfilt_images(
     given: &[Vec<String>],
     params: &CapFiltParams,
 ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+    capfilt_images_with_tokens(captioner, filter, images, None, given, params)
+}
+
+/// [`capfilt_images`] reusing the filter's image tokens when the caller has them already
+/// (ingestion embeds every image with the retrieval ViT anyway): `itm_tokens` is
+/// `filter.embed_images(images)?.tokens`.
+pub fn capfilt_images_with_tokens(
+    captioner: &Captioner,
+    filter: &Retriever,
+    images: &[DynamicImage],
+    itm_tokens: Option<&Tensor>,
+    given: &[Vec<String>],
+    params: &CapFiltParams,
+) -> Result<Vec<Vec<CapFiltCandidate>>> {
     if images.is_empty() {
         return Err(ModelError::InvalidInput("no images given".into()));
     }
@@ -183,9 +198,23 @@ pub fn capfilt_images(
     if texts.is_empty() {
         return Ok(candidates);
     }
-    let itm_tokens = filter.embed_images(images)?.tokens;
+    let computed;
+    let itm_tokens = match itm_tokens {
+        Some(t) => t,
+        None => {
+            computed = filter.embed_images(images)?.tokens;
+            &computed
+        }
+    };
+    if itm_tokens.dims().first() != Some(&images.len()) {
+        return Err(ModelError::InvalidInput(format!(
+            "ITM image tokens of shape {:?} for {} images",
+            itm_tokens.dims(),
+            images.len()
+        )));
+    }
     let image_of_text: Vec<usize> = owners.iter().map(|&(i, _)| i).collect();
-    let scores = filter.itm(&texts, &itm_tokens, &image_of_text, ItmFirstToken::Enc)?;
+    let scores = filter.itm(&texts, itm_tokens, &image_of_text, ItmFirstToken::Enc)?;
     for ((i, j), s) in owners.into_iter().zip(scores) {
         let c = &mut candidates[i][j];
         c.p_match = s.prob;

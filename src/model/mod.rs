@@ -20,7 +20,8 @@ pub mod vision;
 pub mod weights;
 
 pub use capfilt::{
-    capfilt_image, capfilt_images, CandidateSource, CapFiltCandidate, CapFiltParams,
+    capfilt_image, capfilt_images, capfilt_images_with_tokens, CandidateSource, CapFiltCandidate,
+    CapFiltParams,
 };
 pub use caption::{
     BeamParams, Caption, CaptionParams, Captioner, GenerationMode, SampleParams, DEFAULT_PROMPT,

@@ -26,7 +26,11 @@ impl ModelSource {
     /// A short name for logs and index metadata.
     pub fn name(&self) -> String {
         match self {
-            Self::Dir(p) => p.display().to_string(),
+            // Canonical, so that `./m` and `/home/me/m` name the same checkpoint.
+            Self::Dir(p) => std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
             Self::Hub(id) => id.clone(),
         }
     }
