@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -77,6 +77,37 @@ fn stats(index: &Path) -> serde_json::Value {
         "--json".into(),
     ])["stats"]
         .clone()
+}
+
+/// Every record is findable by its own vector and its file name, and has its rerank features and
+/// thumbnail: nothing half-written is visible.
+fn assert_searchable(index: &Path) {
+    use blipsearch::index::{Collection, HnswParams};
+    let c = Collection::open_existing(index, HnswParams::default()).unwrap();
+    for r in c.iter() {
+        let r = r.unwrap();
+        let hits = c.search_vectors(&r.itc, 1, None, None).unwrap();
+        assert_eq!(
+            hits.first().map(|h| h.0),
+            Some(r.id),
+            "{} not found by its vector",
+            r.path
+        );
+        let stem = Path::new(&r.path)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .replace('_', " ");
+        let words = stem.split(' ').last().unwrap().to_string();
+        let text = c.search_text(&words, 5).unwrap();
+        assert!(
+            text.iter().any(|h| h.0 == r.id),
+            "{} not found by file name {words}",
+            r.path
+        );
+        c.features(r.id).unwrap();
+        assert!(!c.thumbnail(r.id).unwrap().is_empty());
+    }
 }
 
 fn assert_consistent(index: &Path) -> u64 {
@@ -229,9 +260,11 @@ fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
     let index = tmp.path().join("index");
     let n = 160;
     make_images(&photos, n, 7);
-    let delays = [120u64, 300, 500, 700];
+    // Kill moments: during start-up (before anything is committed), then after the 1st, 3rd, 7th
+    // and 12th commit of a run, i.e. always while it is still ingesting.
+    let plans: [(u64, usize); 5] = [(30, 0), (0, 1), (0, 3), (0, 7), (0, 12)];
     let mut interrupted = 0;
-    for (round, delay) in delays.iter().enumerate() {
+    for (round, &(delay_ms, after_commits)) in plans.iter().enumerate() {
         let mut args: Vec<String> =
             vec!["add".into(), "--index".into(), index.display().to_string()];
         args.extend(model_args());
@@ -246,21 +279,25 @@ fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
         let reader = std::thread::spawn(move || {
             let mut committed = 0u64;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("committed: ") {
                     committed = rest.split(' ').next().unwrap().parse().unwrap();
+                    let _ = tx.send(committed);
                 }
             }
             committed
         });
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(*delay) {
-            if child.try_wait().unwrap().is_some() {
-                break;
+        if after_commits == 0 {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+        } else {
+            for _ in 0..after_commits {
+                if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                    break; // the run ended (or stalled): kill whatever is left
+                }
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
         if child.try_wait().unwrap().is_none() {
             interrupted += 1;
@@ -282,14 +319,19 @@ fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
             continue;
         }
         let images = assert_consistent(&index);
+        assert_searchable(&index);
         assert!(
             images >= reported,
             "round {round}: {images} searchable < {reported} reported committed"
         );
+        assert!(
+            images < n as u64,
+            "round {round}: the ingest finished before the kill"
+        );
     }
     assert!(
-        interrupted >= 2,
-        "only {interrupted} rounds were killed mid-ingest: make the ingest longer"
+        interrupted >= 4,
+        "only {interrupted} rounds were killed mid-ingest"
     );
     // A final run finishes the rest.
     let s = add(&index, &["--no-captions"], &[&photos]);
