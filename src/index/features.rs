@@ -40,7 +40,7 @@ pub const HEADER_LEN: usize = 20;
 /// A `rows x cols` row-major matrix of ViT output features.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureMatrix {
-    /// Tokens ([CLS] + patches).
+    /// Tokens (`[CLS]` + patches).
     pub rows: usize,
     /// Hidden size.
     pub cols: usize,

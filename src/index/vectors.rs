@@ -414,8 +414,13 @@ impl VectorIndex {
             }
         }
         self.graph = graph;
+        // A tombstone must name a point of the graph (`len` subtracts them).
+        self.tombstones = manifest
+            .tombstones
+            .into_iter()
+            .filter(|id| ids.binary_search(id).is_ok())
+            .collect();
         self.ids = ids;
-        self.tombstones = manifest.tombstones.into_iter().collect();
         self.generation = Some(manifest.generation);
         Ok(true)
     }
@@ -927,9 +932,9 @@ mod tests {
             .map(|(id, _)| *id)
             .filter(|_| rng.uniform() < 0.05)
             .collect();
-        let allow = |id: ImageId| allow_set.contains(&id);
-        let allow: Option<&dyn Fn(ImageId) -> bool> = Some(&allow);
-        let five = truths(&items, &queries, 10, allow.unwrap_or(&|_| true));
+        let allow_fn = |id: ImageId| allow_set.contains(&id);
+        let five = truths(&items, &queries, 10, &allow_fn);
+        let allow: Option<&dyn Fn(ImageId) -> bool> = Some(&allow_fn);
         // n/20 allowed, below exact_threshold: auto scans exactly.
         run("5% auto", &index, 200, &five, allow, Strategy::Auto);
         let post = Strategy::PostFilter(0.05);
