@@ -98,7 +98,7 @@ fn assert_searchable(index: &Path) {
             .unwrap()
             .to_string_lossy()
             .replace('_', " ");
-        let words = stem.split(' ').last().unwrap().to_string();
+        let words = stem.split(' ').next_back().unwrap().to_string();
         let text = c.search_text(&words, 5).unwrap();
         assert!(
             text.iter().any(|h| h.0 == r.id),

@@ -2,6 +2,7 @@
 //! library; output formats (`--json`) are a stable contract other tools rely on.
 
 mod collection;
+mod search;
 
 use std::path::PathBuf;
 
@@ -46,6 +47,8 @@ pub enum Command {
     Remove(collection::RemoveArgs),
     /// Counts, disk use and models of the collection.
     Stats(collection::StatsArgs),
+    /// Search the collection by text, by an image file or by an indexed image.
+    Search(search::SearchArgs),
     /// Embed every image again from its file with the models given now (after a model change).
     Reindex(collection::ReindexArgs),
     // --- caption / capfilt (issue 3) ---
@@ -188,6 +191,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Remove(a) => collection::remove(a),
         Command::Stats(a) => collection::stats(a),
         Command::Reindex(a) => collection::reindex(a),
+        Command::Search(a) => search::search(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
     }

@@ -1,0 +1,166 @@
+//! `blipsearch search`: text or image queries against the collection.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::engine::search::{Filters, Fusion, SearchMode, SearchParams, SearchResults, Searcher};
+use crate::index::{Collection, HnswParams, ImageId};
+use crate::model::preprocess::load_image;
+use crate::model::{select_device, ModelSource, Retriever};
+
+use super::collection::IndexArgs;
+
+/// `search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    /// What to look for, in words.
+    #[arg(required_unless_present_any = ["image", "similar_to"])]
+    query: Option<String>,
+    /// Search by an image file instead.
+    #[arg(long, conflicts_with_all = ["query", "similar_to"])]
+    image: Option<PathBuf>,
+    /// Search for images like an indexed one (its id).
+    #[arg(long, conflicts_with_all = ["query", "image"])]
+    similar_to: Option<u64>,
+    /// Candidates from each retriever.
+    #[arg(long, default_value_t = 100)]
+    k: usize,
+    /// Candidates reranked with ITM (0: off).
+    #[arg(long, default_value_t = 16)]
+    rerank_k: usize,
+    /// hybrid, vector or text.
+    #[arg(long, default_value = "hybrid")]
+    mode: String,
+    /// Fuse with weights `VECTOR,TEXT` instead of reciprocal rank fusion.
+    #[arg(long, value_name = "VECTOR,TEXT")]
+    weighted: Option<String>,
+    /// HNSW search breadth.
+    #[arg(long)]
+    ef: Option<usize>,
+    /// Results shown.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Results skipped.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Drop reranked results with ITM p(match) below this.
+    #[arg(long)]
+    min_itm_prob: Option<f32>,
+    /// Only images under this path.
+    #[arg(long)]
+    path_prefix: Option<String>,
+    /// Only images taken (EXIF) on or after YYYY-MM-DD.
+    #[arg(long)]
+    date_from: Option<String>,
+    /// Only images taken (EXIF) on or before YYYY-MM-DD.
+    #[arg(long)]
+    date_to: Option<String>,
+    /// Minimum width in pixels.
+    #[arg(long)]
+    min_width: Option<u32>,
+    /// Minimum height in pixels.
+    #[arg(long)]
+    min_height: Option<u32>,
+    /// auto, cpu or cuda:N.
+    #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
+    device: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `search`.
+pub fn search(a: SearchArgs) -> Result<()> {
+    let collection = Collection::open_existing(&a.index.index, HnswParams::default())?;
+    let name = collection.info().retrieval_model.clone();
+    let source = if std::path::Path::new(&name).is_dir() {
+        ModelSource::Dir(PathBuf::from(&name))
+    } else {
+        ModelSource::Hub(name.clone())
+    };
+    let device = select_device(&a.device)?;
+    let retriever = Retriever::load(&source, &device)
+        .with_context(|| format!("loading {name}, the model this collection was built with"))?;
+    let fusion = match &a.weighted {
+        None => Fusion::default(),
+        Some(w) => {
+            let parts: Vec<f32> = w
+                .split(',')
+                .map(|x| x.trim().parse::<f32>())
+                .collect::<Result<_, _>>()
+                .context("--weighted takes two numbers, VECTOR,TEXT")?;
+            if parts.len() != 2 {
+                bail!("--weighted takes two numbers, VECTOR,TEXT");
+            }
+            Fusion::Weighted {
+                vector: parts[0],
+                text: parts[1],
+            }
+        }
+    };
+    let params = SearchParams {
+        k: a.k,
+        rerank_k: a.rerank_k,
+        mode: a.mode.parse::<SearchMode>()?,
+        fusion,
+        ef: a.ef,
+        limit: a.limit,
+        offset: a.offset,
+        min_itm_prob: a.min_itm_prob,
+        filters: Filters {
+            path_prefix: a.path_prefix.clone(),
+            date_from: a.date_from.clone(),
+            date_to: a.date_to.clone(),
+            min_width: a.min_width,
+            min_height: a.min_height,
+        },
+    };
+    let searcher = Searcher::new(&collection, &retriever);
+    let results = if let Some(p) = &a.image {
+        let img = load_image(p, Default::default())?;
+        searcher.search_image(&img, &params)?
+    } else if let Some(id) = a.similar_to {
+        searcher.search_similar(ImageId(id), &params)?
+    } else {
+        searcher.search_text(a.query.as_deref().unwrap_or_default(), &params)?
+    };
+    print(&results, a.json)
+}
+
+fn print(r: &SearchResults, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    for n in &r.notices {
+        eprintln!("note: {n}");
+    }
+    if r.hits.is_empty() {
+        println!("no results");
+        return Ok(());
+    }
+    println!(
+        "{:>4}  {:>8}  {:>8}  {:<40}  caption",
+        "rank", "score", "p(match)", "path"
+    );
+    for (i, h) in r.hits.iter().enumerate() {
+        let p = h
+            .itm_prob
+            .map(|p| format!("{p:.3}"))
+            .unwrap_or_else(|| "-".into());
+        let cap = h.captions.first().map(|c| c.text.as_str()).unwrap_or("");
+        println!(
+            "{:>4}  {:>8.4}  {:>8}  {:<40}  {}",
+            i + 1,
+            h.score,
+            p,
+            h.path,
+            cap
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! Search: a text query (or an image) becomes an ITC vector for approximate nearest-neighbour
+//! search, in parallel BM25 runs over captions, given texts and file names; the two lists are
+//! fused, and the best `rerank_k` candidates are reranked with ITM cross-attention against their
+//! stored ViT features. Final score of a reranked hit is BLIP's `itm_logit + itc_cosine`.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use image::DynamicImage;
+use serde::Serialize;
+
+use super::error::{EngineError, Result};
+use crate::index::{Caption, ImageId, ImageRecord, Store};
+use crate::model::retrieval::rows;
+use crate::model::{ItmFirstToken, Retriever};
+
+/// Largest number of candidates taken from each retriever.
+pub const MAX_K: usize = 1000;
+/// Largest number of candidates reranked with ITM.
+pub const MAX_RERANK_K: usize = 256;
+
+/// Which retrievers produce candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// ITC vectors and BM25, fused.
+    #[default]
+    Hybrid,
+    /// ITC vectors only.
+    Vector,
+    /// BM25 over captions, given texts and file names only.
+    Text,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "hybrid" => Ok(Self::Hybrid),
+            "vector" => Ok(Self::Vector),
+            "text" => Ok(Self::Text),
+            other => Err(EngineError::InvalidInput(format!(
+                "unknown mode {other:?}: use hybrid, vector or text"
+            ))),
+        }
+    }
+}
+
+/// How the vector and text lists are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub enum Fusion {
+    /// Reciprocal rank fusion: `sum 1 / (k + rank)`, ranks from 1.
+    Rrf {
+        /// The damping constant (60 in the RRF paper).
+        k: f32,
+    },
+    /// `w_vector * cosine + w_text * bm25 / max_bm25`.
+    Weighted {
+        /// Weight of the ITC cosine.
+        vector: f32,
+        /// Weight of the max-normalised BM25 score.
+        text: f32,
+    },
+}
+
+impl Default for Fusion {
+    fn default() -> Self {
+        Self::Rrf { k: 60.0 }
+    }
+}
+
+/// Restrictions on which images may be returned.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filters {
+    /// Only images whose path starts with this.
+    pub path_prefix: Option<String>,
+    /// Only images taken (EXIF) on or after this date, `YYYY-MM-DD`.
+    pub date_from: Option<String>,
+    /// Only images taken (EXIF) on or before this date, `YYYY-MM-DD`.
+    pub date_to: Option<String>,
+    /// Minimum width in pixels.
+    pub min_width: Option<u32>,
+    /// Minimum height in pixels.
+    pub min_height: Option<u32>,
+}
+
+impl Filters {
+    /// Whether nothing is filtered.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn check(&self) -> Result<()> {
+        for d in [&self.date_from, &self.date_to].into_iter().flatten() {
+            let ok = d.len() == 10
+                && d.chars().enumerate().all(|(i, c)| {
+                    if i == 4 || i == 7 {
+                        c == '-'
+                    } else {
+                        c.is_ascii_digit()
+                    }
+                });
+            if !ok {
+                return Err(EngineError::InvalidInput(format!(
+                    "date {d:?} is not YYYY-MM-DD"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `r` passes. An image without an EXIF date fails any date filter.
+    pub fn accepts(&self, r: &ImageRecord) -> bool {
+        if let Some(p) = &self.path_prefix {
+            if !r.path.starts_with(p.as_str()) {
+                return false;
+            }
+        }
+        if self.min_width.is_some_and(|w| r.width < w)
+            || self.min_height.is_some_and(|h| r.height < h)
+        {
+            return false;
+        }
+        if self.date_from.is_some() || self.date_to.is_some() {
+            // EXIF writes "YYYY:MM:DD HH:MM:SS"; compare the date part as YYYY-MM-DD.
+            let Some(date) = r
+                .exif_date
+                .as_deref()
+                .map(|d| d.get(..10).unwrap_or(d).replace(':', "-"))
+            else {
+                return false;
+            };
+            if self.date_from.as_deref().is_some_and(|f| date.as_str() < f)
+                || self.date_to.as_deref().is_some_and(|t| date.as_str() > t)
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Options of one search.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchParams {
+    /// Candidates taken from each retriever (clamped to [`MAX_K`]).
+    pub k: usize,
+    /// Candidates reranked with ITM (0 = off; clamped to [`MAX_RERANK_K`]).
+    pub rerank_k: usize,
+    /// Which retrievers run.
+    pub mode: SearchMode,
+    /// How their lists are combined.
+    pub fusion: Fusion,
+    /// HNSW search breadth (`None`: the index default).
+    pub ef: Option<usize>,
+    /// Results returned.
+    pub limit: usize,
+    /// Results skipped (paging).
+    pub offset: usize,
+    /// Drop reranked results whose ITM p(match) is below this (so that a query about something
+    /// absent can return nothing).
+    pub min_itm_prob: Option<f32>,
+    /// Restrictions.
+    pub filters: Filters,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        Self {
+            k: 100,
+            rerank_k: 16,
+            mode: SearchMode::Hybrid,
+            fusion: Fusion::default(),
+            ef: None,
+            limit: 20,
+            offset: 0,
+            min_itm_prob: None,
+            filters: Filters::default(),
+        }
+    }
+}
+
+/// One result, with every score that put it there.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchHit {
+    /// Image id.
+    pub id: u64,
+    /// Image path.
+    pub path: String,
+    /// The score results are ordered by: `itm_logit + itc` when reranked, else the fused score.
+    pub score: f32,
+    /// ITC cosine between query and image.
+    pub itc: Option<f32>,
+    /// BM25 score of the text match.
+    pub bm25: Option<f32>,
+    /// Rank (from 1) in the vector list.
+    pub vector_rank: Option<usize>,
+    /// Rank (from 1) in the text list.
+    pub text_rank: Option<usize>,
+    /// Fused score.
+    pub fused: f32,
+    /// ITM match logit, when reranked.
+    pub itm_logit: Option<f32>,
+    /// ITM p(match), when reranked.
+    pub itm_prob: Option<f32>,
+    /// Captions kept by CapFilt (why it may have matched on words).
+    pub captions: Vec<Caption>,
+}
+
+/// The answer to a search.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchResults {
+    /// Results after offset and limit.
+    pub hits: Vec<SearchHit>,
+    /// Candidates considered (after filters).
+    pub candidates: usize,
+    /// Whether the query text was cut to BLIP's 35-token limit.
+    pub truncated: bool,
+    /// Notices for the user (clamped parameters, truncation).
+    pub notices: Vec<String>,
+}
+
+/// Fuses ranked lists of `(id, score)` (best first) into one list, best first.
+/// Ties are broken by id so that the order is deterministic.
+pub fn fuse(vector: &[(u64, f32)], text: &[(u64, f32)], fusion: Fusion) -> Vec<(u64, f32)> {
+    let mut acc: HashMap<u64, f32> = HashMap::new();
+    match fusion {
+        Fusion::Rrf { k } => {
+            for list in [vector, text] {
+                for (rank, (id, _)) in list.iter().enumerate() {
+                    *acc.entry(*id).or_default() += 1.0 / (k + rank as f32 + 1.0);
+                }
+            }
+        }
+        Fusion::Weighted {
+            vector: wv,
+            text: wt,
+        } => {
+            for (id, s) in vector {
+                *acc.entry(*id).or_default() += wv * s;
+            }
+            let max = text.iter().map(|(_, s)| *s).fold(0f32, f32::max);
+            for (id, s) in text {
+                let norm = if max > 0.0 { s / max } else { 0.0 };
+                *acc.entry(*id).or_default() += wt * norm;
+            }
+        }
+    }
+    let mut out: Vec<(u64, f32)> = acc.into_iter().collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
+}
+
+/// Runs searches against a store with a retrieval model.
+pub struct Searcher<'a, S: Store> {
+    store: &'a S,
+    retriever: &'a Retriever,
+}
+
+impl<'a, S: Store> Searcher<'a, S> {
+    /// A searcher over `store`, whose vectors `retriever` made.
+    pub fn new(store: &'a S, retriever: &'a Retriever) -> Self {
+        Self { store, retriever }
+    }
+
+    fn clamp(params: &SearchParams) -> Result<(SearchParams, Vec<String>)> {
+        params.filters.check()?;
+        let mut p = params.clone();
+        let mut notices = Vec::new();
+        if p.k == 0 || p.limit == 0 {
+            return Err(EngineError::InvalidInput(
+                "k and limit must be at least 1".into(),
+            ));
+        }
+        if p.k > MAX_K {
+            notices.push(format!("k {} clamped to {MAX_K}", p.k));
+            p.k = MAX_K;
+        }
+        if p.rerank_k > MAX_RERANK_K {
+            notices.push(format!("rerank_k {} clamped to {MAX_RERANK_K}", p.rerank_k));
+            p.rerank_k = MAX_RERANK_K;
+        }
+        if p.limit > MAX_K {
+            notices.push(format!("limit {} clamped to {MAX_K}", p.limit));
+            p.limit = MAX_K;
+        }
+        Ok((p, notices))
+    }
+
+    /// Searches by a text query.
+    pub fn search_text(&self, query: &str, params: &SearchParams) -> Result<SearchResults> {
+        if query.trim().is_empty() {
+            return Err(EngineError::InvalidInput("empty query".into()));
+        }
+        let (p, mut notices) = Self::clamp(params)?;
+        let emb = self.retriever.embed_texts(&[query])?;
+        let truncated = emb.truncated[0];
+        if truncated {
+            notices.push("query cut to BLIP's 35-token limit".into());
+        }
+        let q = rows(&emb.itc)?.remove(0);
+        let vector = if p.mode != SearchMode::Text {
+            self.vector_candidates(&q, &p)?
+        } else {
+            Vec::new()
+        };
+        let text = if p.mode != SearchMode::Vector {
+            self.text_candidates(query, &p)?
+        } else {
+            Vec::new()
+        };
+        let mut res = self.finish(Some(query), &q, vector, text, &p)?;
+        res.truncated = truncated;
+        res.notices = notices;
+        Ok(res)
+    }
+
+    /// Searches by an image (no reranking: ITM needs a text).
+    pub fn search_image(
+        &self,
+        image: &DynamicImage,
+        params: &SearchParams,
+    ) -> Result<SearchResults> {
+        let (p, notices) = Self::clamp(params)?;
+        let emb = self.retriever.embed_images(std::slice::from_ref(image))?;
+        self.search_vector(&rows(&emb.itc)?.remove(0), &p, notices)
+    }
+
+    /// Searches by an indexed image.
+    pub fn search_similar(&self, id: ImageId, params: &SearchParams) -> Result<SearchResults> {
+        let (p, notices) = Self::clamp(params)?;
+        let record = self
+            .store
+            .get(id)?
+            .ok_or_else(|| EngineError::InvalidInput(format!("no image with id {}", id.0)))?;
+        self.search_vector(&record.itc, &p, notices)
+    }
+
+    fn search_vector(
+        &self,
+        q: &[f32],
+        p: &SearchParams,
+        notices: Vec<String>,
+    ) -> Result<SearchResults> {
+        let vector = self.vector_candidates(q, p)?;
+        let mut res = self.finish(None, q, vector, Vec::new(), p)?;
+        res.notices = notices;
+        Ok(res)
+    }
+
+    fn vector_candidates(&self, q: &[f32], p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+        let hits = if p.filters.is_empty() {
+            self.store.vector_search(q, p.k, p.ef, None)?
+        } else {
+            let filter = |id: ImageId| {
+                self.store
+                    .get(id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| p.filters.accepts(&r))
+            };
+            self.store.vector_search(q, p.k, p.ef, Some(&filter))?
+        };
+        Ok(hits.into_iter().map(|(id, s)| (id.0, s)).collect())
+    }
+
+    fn text_candidates(&self, query: &str, p: &SearchParams) -> Result<Vec<(u64, f32)>> {
+        // Over-fetch when filtering so that k candidates survive it.
+        let fetch = if p.filters.is_empty() {
+            p.k
+        } else {
+            (p.k * 4).min(MAX_K * 4)
+        };
+        let mut out = Vec::new();
+        for (id, s) in self.store.text_search(query, fetch)? {
+            if out.len() == p.k {
+                break;
+            }
+            let keep =
+                p.filters.is_empty() || self.store.get(id)?.is_some_and(|r| p.filters.accepts(&r));
+            if keep {
+                out.push((id.0, s));
+            }
+        }
+        Ok(out)
+    }
+
+    fn finish(
+        &self,
+        query: Option<&str>,
+        q: &[f32],
+        vector: Vec<(u64, f32)>,
+        text: Vec<(u64, f32)>,
+        p: &SearchParams,
+    ) -> Result<SearchResults> {
+        let vrank: HashMap<u64, (usize, f32)> = vector
+            .iter()
+            .enumerate()
+            .map(|(i, (id, s))| (*id, (i + 1, *s)))
+            .collect();
+        let trank: HashMap<u64, (usize, f32)> = text
+            .iter()
+            .enumerate()
+            .map(|(i, (id, s))| (*id, (i + 1, *s)))
+            .collect();
+        let fused = fuse(&vector, &text, p.fusion);
+        let candidates = fused.len();
+        let mut hits = Vec::with_capacity(fused.len());
+        for (id, f) in fused {
+            let Some(record) = self.store.get(ImageId(id))? else {
+                continue; // removed since the candidate lists were made
+            };
+            let itc = match vrank.get(&id) {
+                Some((_, s)) => *s,
+                None => dot(q, &record.itc),
+            };
+            hits.push(SearchHit {
+                id,
+                path: record.path.clone(),
+                score: f,
+                itc: Some(itc),
+                bm25: trank.get(&id).map(|x| x.1),
+                vector_rank: vrank.get(&id).map(|x| x.0),
+                text_rank: trank.get(&id).map(|x| x.0),
+                fused: f,
+                itm_logit: None,
+                itm_prob: None,
+                captions: record.captions.into_iter().filter(|c| c.kept).collect(),
+            });
+        }
+        if let Some(query) = query {
+            let n = p.rerank_k.min(hits.len());
+            if n > 0 {
+                self.rerank(query, &mut hits[..n])?;
+                hits[..n].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
+                if let Some(min) = p.min_itm_prob {
+                    let mut i = 0;
+                    hits.retain(|h| {
+                        i += 1;
+                        i > n || h.itm_prob.unwrap_or(0.0) >= min
+                    });
+                }
+            }
+        }
+        let hits = hits.into_iter().skip(p.offset).take(p.limit).collect();
+        Ok(SearchResults {
+            hits,
+            candidates,
+            truncated: false,
+            notices: Vec::new(),
+        })
+    }
+
+    /// ITM on (query, candidate) pairs in one batch; sets `itm_*` and `score = itm_logit + itc`.
+    fn rerank(&self, query: &str, hits: &mut [SearchHit]) -> Result<()> {
+        let mut data = Vec::new();
+        let mut shape = (0, 0);
+        for h in hits.iter() {
+            let f = self.store.features(ImageId(h.id))?;
+            shape = (f.rows, f.cols);
+            data.extend(f.data);
+        }
+        let device: &Device = self.retriever.device();
+        let tokens = Tensor::from_vec(data, (hits.len(), shape.0, shape.1), device)
+            .map_err(crate::model::ModelError::from)?;
+        let texts = vec![query; hits.len()];
+        let index: Vec<usize> = (0..hits.len()).collect();
+        let scores = self
+            .retriever
+            .itm(&texts, &tokens, &index, ItmFirstToken::Enc)?;
+        for (h, s) in hits.iter_mut().zip(scores) {
+            h.itm_logit = Some(s.logits[1]);
+            h.itm_prob = Some(s.prob);
+            h.score = s.logits[1] + h.itc.unwrap_or(0.0);
+        }
+        Ok(())
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator for property checks.
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    fn random_list(seed: &mut u64, n: usize, ids: u64) -> Vec<(u64, f32)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let id = lcg(seed) % ids;
+            if seen.insert(id) {
+                out.push((id, (lcg(seed) % 1000) as f32 / 1000.0));
+            }
+        }
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out
+    }
+
+    #[test]
+    fn fusion_properties_hold_on_random_lists() {
+        let mut seed = 7;
+        for _ in 0..500 {
+            let nv = (lcg(&mut seed) % 20) as usize;
+            let nt = (lcg(&mut seed) % 20) as usize;
+            let v = random_list(&mut seed, nv, 40);
+            let t = random_list(&mut seed, nt, 40);
+            for fusion in [
+                Fusion::Rrf { k: 60.0 },
+                Fusion::Weighted {
+                    vector: 1.0,
+                    text: 0.5,
+                },
+            ] {
+                let f = fuse(&v, &t, fusion);
+                // Every candidate exactly once, nothing else.
+                let mut ids: Vec<u64> = f.iter().map(|x| x.0).collect();
+                ids.sort();
+                let mut want: Vec<u64> = v.iter().chain(&t).map(|x| x.0).collect();
+                want.sort();
+                want.dedup();
+                assert_eq!(ids, want);
+                // Sorted, best first.
+                assert!(f.windows(2).all(|w| w[0].1 >= w[1].1));
+                // With one list, fusion keeps its order.
+                let only = fuse(&v, &[], fusion);
+                if matches!(fusion, Fusion::Rrf { .. }) {
+                    assert_eq!(
+                        only.iter().map(|x| x.0).collect::<Vec<_>>(),
+                        v.iter().map(|x| x.0).collect::<Vec<_>>()
+                    );
+                }
+            }
+            // RRF: an id first in both lists wins.
+            if let (Some(a), Some(_)) = (v.first(), t.first()) {
+                let mut t2 = t.clone();
+                t2.retain(|x| x.0 != a.0);
+                t2.insert(0, (a.0, 1.0));
+                assert_eq!(fuse(&v, &t2, Fusion::Rrf { k: 60.0 })[0].0, a.0);
+            }
+        }
+    }
+
+    #[test]
+    fn date_filters_read_exif_dates() {
+        let f = Filters {
+            date_from: Some("2020-01-01".into()),
+            date_to: Some("2020-12-31".into()),
+            ..Default::default()
+        };
+        f.check().unwrap();
+        let mut r = ImageRecord {
+            id: ImageId(1),
+            path: "/p/a.jpg".into(),
+            content_hash: String::new(),
+            size_bytes: 0,
+            width: 10,
+            height: 10,
+            mtime_unix: 0,
+            exif_date: Some("2020:06:01 10:00:00".into()),
+            itc: vec![],
+            captions: vec![],
+            given_texts: vec![],
+            added_unix: 0,
+        };
+        assert!(f.accepts(&r));
+        r.exif_date = Some("2021:01:01 00:00:00".into());
+        assert!(!f.accepts(&r));
+        r.exif_date = None;
+        assert!(!f.accepts(&r));
+        assert!(Filters {
+            date_from: Some("June".into()),
+            ..Default::default()
+        }
+        .check()
+        .is_err());
+    }
+}

@@ -1,0 +1,378 @@
+//! Search end to end on the tiny fixture models: ingest, search by text and by image, fusion,
+//! ITM rerank equal to scoring the same pairs directly, filters, deletes, bad input, CLI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use common::*;
+
+use blipsearch::engine::search::{Filters, SearchMode, SearchParams, Searcher};
+use blipsearch::engine::{IngestOptions, Ingestor};
+use blipsearch::index::{Collection, CollectionInfo, HnswParams, ImageId};
+use blipsearch::model::preprocess::{load_image, DecodeLimits};
+use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
+
+fn retriever() -> Retriever {
+    Retriever::load(
+        &ModelSource::Dir(fixtures().join("tiny-a/retrieval")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A collection of the fixture photos plus `n` noise images named `noise_<i>.png`.
+fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
+    std::fs::create_dir_all(photos.join("noise")).unwrap();
+    for f in [
+        "chelsea.png",
+        "coffee.png",
+        "rocket.jpg",
+        "astronaut.png",
+        "camera.png",
+    ] {
+        std::fs::copy(fixtures().join("images").join(f), photos.join(f)).unwrap();
+    }
+    for i in 0..n {
+        let img = image::RgbImage::from_fn(24, 16 + (i % 5) as u32, |x, y| {
+            image::Rgb([
+                (x * 9 + i as u32 * 31) as u8,
+                (y * 13 + i as u32 * 7) as u8,
+                (i * 5) as u8,
+            ])
+        });
+        img.save(photos.join("noise").join(format!("noise_{i}.png")))
+            .unwrap();
+    }
+    let cfg = r.config();
+    let info = CollectionInfo::new(
+        r.name(),
+        None,
+        r.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    );
+    let mut c = Collection::open(dir, &info, HnswParams::default()).unwrap();
+    let opts = IngestOptions {
+        capfilt: None,
+        progress: false,
+        ..Default::default()
+    };
+    let s = Ingestor::new(&mut c, r, None, opts)
+        .unwrap()
+        .add(&[photos.to_path_buf()])
+        .unwrap();
+    assert_eq!(s.added, 5 + n, "{s:?}");
+    c
+}
+
+fn path_of(c: &Collection, id: u64) -> String {
+    c.get(ImageId(id)).unwrap().unwrap().path
+}
+
+#[test]
+fn text_search_rerank_fusion_filters_and_deletes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let mut c = build(&tmp.path().join("index"), &photos, &r, 30);
+    let query = "a cat lying on a sofa";
+
+    // Vector only, no rerank: ordered by ITC cosine, which equals the dot product of embeddings.
+    let s = Searcher::new(&c, &r);
+    let p = SearchParams {
+        mode: SearchMode::Vector,
+        rerank_k: 0,
+        limit: 35,
+        ..Default::default()
+    };
+    let res = s.search_text(query, &p).unwrap();
+    assert_eq!(res.hits.len(), 35);
+    let q: Vec<f32> = r
+        .embed_texts(&[query])
+        .unwrap()
+        .itc
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for h in &res.hits {
+        let rec = c.get(ImageId(h.id)).unwrap().unwrap();
+        let cos: f32 = q.iter().zip(&rec.itc).map(|(a, b)| a * b).sum();
+        assert!((cos - h.itc.unwrap()).abs() < 1e-4);
+    }
+    assert!(res.hits.windows(2).all(|w| w[0].itc >= w[1].itc));
+
+    // Rerank: order and scores equal to scoring the same pairs directly with the model.
+    let p = SearchParams {
+        mode: SearchMode::Vector,
+        rerank_k: 8,
+        limit: 8,
+        ..Default::default()
+    };
+    let res = s.search_text(query, &p).unwrap();
+    let ids: Vec<u64> = res.hits.iter().map(|h| h.id).collect();
+    let mut feats = Vec::new();
+    for id in &ids {
+        feats.extend(c.features(ImageId(*id)).unwrap().data);
+    }
+    let cfg = r.config();
+    let tokens = Tensor::from_vec(
+        feats,
+        (ids.len(), cfg.vision.num_tokens(), cfg.vision.hidden_size),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let direct = r
+        .itm(
+            &vec![query; ids.len()],
+            &tokens,
+            &(0..ids.len()).collect::<Vec<_>>(),
+            ItmFirstToken::Enc,
+        )
+        .unwrap();
+    let mut expected: Vec<(u64, f32)> = ids
+        .iter()
+        .zip(&direct)
+        .zip(&res.hits)
+        .map(|((id, d), h)| (*id, d.logits[1] + h.itc.unwrap()))
+        .collect();
+    expected.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (h, (id, score)) in res.hits.iter().zip(&expected) {
+        assert_eq!(h.id, *id);
+        assert!((h.score - score).abs() < 1e-4);
+        assert!(h.itm_prob.is_some());
+    }
+
+    // Text mode finds a file by a word of its name; hybrid keeps it among the candidates.
+    let p = SearchParams {
+        mode: SearchMode::Text,
+        rerank_k: 0,
+        ..Default::default()
+    };
+    let res = s.search_text("rocket", &p).unwrap();
+    assert!(path_of(&c, res.hits[0].id).ends_with("rocket.jpg"));
+    let p = SearchParams {
+        rerank_k: 0,
+        k: 10,
+        limit: 50,
+        ..Default::default()
+    };
+    let res = s.search_text("rocket", &p).unwrap();
+    let rocket = res
+        .hits
+        .iter()
+        .find(|h| path_of(&c, h.id).ends_with("rocket.jpg"))
+        .unwrap();
+    assert_eq!(rocket.text_rank, Some(1));
+
+    // Filters: path prefix and size.
+    let prefix = std::fs::canonicalize(photos.join("noise"))
+        .unwrap()
+        .display()
+        .to_string();
+    let p = SearchParams {
+        rerank_k: 0,
+        limit: 100,
+        filters: Filters {
+            path_prefix: Some(prefix.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let res = s.search_text(query, &p).unwrap();
+    assert_eq!(res.hits.len(), 30);
+    assert!(res.hits.iter().all(|h| h.path.starts_with(&prefix)));
+    let p = SearchParams {
+        rerank_k: 0,
+        limit: 100,
+        filters: Filters {
+            min_width: Some(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let res = s.search_text(query, &p).unwrap();
+    assert!(
+        !res.hits.is_empty()
+            && res
+                .hits
+                .iter()
+                .all(|h| c.get(ImageId(h.id)).unwrap().unwrap().width >= 200)
+    );
+
+    // Paging is a window of the same order.
+    let all = s
+        .search_text(
+            query,
+            &SearchParams {
+                limit: 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let page = s
+        .search_text(
+            query,
+            &SearchParams {
+                limit: 5,
+                offset: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let a: Vec<u64> = all.hits[5..10].iter().map(|h| h.id).collect();
+    let b: Vec<u64> = page.hits.iter().map(|h| h.id).collect();
+    assert_eq!(a, b);
+
+    // Bad input.
+    assert!(s.search_text("   ", &SearchParams::default()).is_err());
+    assert!(s
+        .search_text(
+            query,
+            &SearchParams {
+                k: 0,
+                ..Default::default()
+            }
+        )
+        .is_err());
+    let big = s
+        .search_text(
+            query,
+            &SearchParams {
+                k: 1_000_000,
+                rerank_k: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(big.notices.iter().any(|n| n.contains("clamped")));
+    let long = "word ".repeat(80);
+    assert!(
+        s.search_text(
+            &long,
+            &SearchParams {
+                rerank_k: 0,
+                ..Default::default()
+            }
+        )
+        .unwrap()
+        .truncated
+    );
+    let bad_date = Filters {
+        date_from: Some("yesterday".into()),
+        ..Default::default()
+    };
+    assert!(s
+        .search_text(
+            query,
+            &SearchParams {
+                filters: bad_date,
+                ..Default::default()
+            }
+        )
+        .is_err());
+
+    // Deleted images never come back.
+    let gone: Vec<u64> = all.hits.iter().take(3).map(|h| h.id).collect();
+    for id in &gone {
+        assert!(c.remove(ImageId(*id)).unwrap());
+    }
+    c.commit().unwrap();
+    let s = Searcher::new(&c, &r);
+    for mode in [SearchMode::Hybrid, SearchMode::Vector, SearchMode::Text] {
+        let res = s
+            .search_text(
+                query,
+                &SearchParams {
+                    mode,
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(res.hits.iter().all(|h| !gone.contains(&h.id)), "{mode:?}");
+    }
+}
+
+#[test]
+fn image_search_finds_the_image_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let c = build(&tmp.path().join("index"), &photos, &r, 10);
+    let s = Searcher::new(&c, &r);
+    let img = load_image(&photos.join("coffee.png"), DecodeLimits::default()).unwrap();
+    let res = s.search_image(&img, &SearchParams::default()).unwrap();
+    assert!(path_of(&c, res.hits[0].id).ends_with("coffee.png"));
+    assert!((res.hits[0].itc.unwrap() - 1.0).abs() < 1e-4);
+    let first = res.hits[0].id;
+    let res = s
+        .search_similar(ImageId(first), &SearchParams::default())
+        .unwrap();
+    assert_eq!(res.hits[0].id, first);
+    assert!(s
+        .search_similar(ImageId(999_999), &SearchParams::default())
+        .is_err());
+}
+
+#[test]
+fn cli_search_json_and_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let photos: PathBuf = tmp.path().join("photos");
+    let index = tmp.path().join("index");
+    {
+        let r = retriever();
+        build(&index, &photos, &r, 5);
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+            .args(args)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let idx = index.to_str().unwrap();
+    let (ok, out, err) = run(&[
+        "search",
+        "--index",
+        idx,
+        "a rocket",
+        "--json",
+        "--rerank-k",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let hits = v["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 10);
+    assert!(hits[0]["itm_prob"].is_number() && hits[0]["itc"].is_number());
+    let (ok, out, err) = run(&["search", "--index", idx, "rocket", "--mode", "text"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().nth(1).unwrap().contains("rocket.jpg"), "{out}");
+    let cat = photos.join("chelsea.png");
+    let (ok, out, err) = run(&[
+        "search",
+        "--index",
+        idx,
+        "--image",
+        cat.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["hits"][0]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("chelsea.png"));
+    let (ok, _, err) = run(&["search", "--index", idx, "x", "--mode", "fuzzy"]);
+    assert!(!ok && err.contains("unknown mode"), "{err}");
+    let (ok, _, err) = run(&["search", "--index", idx, "   "]);
+    assert!(!ok && err.contains("empty"), "{err}");
+}
