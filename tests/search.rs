@@ -59,11 +59,13 @@ fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
         progress: false,
         ..Default::default()
     };
+    // Image files beside `noise/`, which is itself one entry.
+    let files = std::fs::read_dir(photos).unwrap().count() - 1;
     let s = Ingestor::new(&mut c, r, None, opts)
         .unwrap()
         .add(&[photos.to_path_buf()])
         .unwrap();
-    assert_eq!(s.added, 5 + n, "{s:?}");
+    assert_eq!(s.added, files + n, "{s:?}");
     c
 }
 
@@ -375,4 +377,34 @@ fn cli_search_json_and_table() {
     assert!(!ok && err.contains("unknown mode"), "{err}");
     let (ok, _, err) = run(&["search", "--index", idx, "   "]);
     assert!(!ok && err.contains("empty"), "{err}");
+}
+
+#[test]
+fn near_duplicates_group_a_recompressed_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let cat = image::open(fixtures().join("images/chelsea.png")).unwrap();
+    let mut buf = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95)
+        .encode_image(&cat)
+        .unwrap();
+    std::fs::write(photos.join("chelsea_copy.jpg"), buf.into_inner()).unwrap();
+    let c = build(&tmp.path().join("index"), &photos, &r, 3);
+    let groups = blipsearch::engine::duplicates::near_duplicates(&c, 0.999).unwrap();
+    let g = groups
+        .iter()
+        .find(|g| {
+            g.images
+                .iter()
+                .any(|(_, p)| p.ends_with("chelsea_copy.jpg"))
+        })
+        .expect("the copy is in a group");
+    assert!(
+        g.images.iter().any(|(_, p)| p.ends_with("chelsea.png")),
+        "{groups:?}"
+    );
+    assert!(g.max_cosine >= 0.999);
+    assert!(blipsearch::engine::duplicates::near_duplicates(&c, 2.0).is_err());
 }

@@ -49,6 +49,8 @@ pub enum Command {
     Stats(collection::StatsArgs),
     /// Search the collection by text, by an image file or by an indexed image.
     Search(search::SearchArgs),
+    /// List groups of near-duplicate images (ITC cosine above a threshold).
+    Duplicates(search::DuplicatesArgs),
     /// Embed every image again from its file with the models given now (after a model change).
     Reindex(collection::ReindexArgs),
     // --- caption / capfilt (issue 3) ---
@@ -192,6 +194,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(a) => collection::stats(a),
         Command::Reindex(a) => collection::reindex(a),
         Command::Search(a) => search::search(a),
+        Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
     }

@@ -164,3 +164,44 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `duplicates`.
+#[derive(Debug, Args)]
+pub struct DuplicatesArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    /// Images whose ITC cosine is at least this are grouped.
+    #[arg(long, default_value_t = 0.95)]
+    threshold: f32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `duplicates`.
+pub fn duplicates(a: DuplicatesArgs) -> Result<()> {
+    let collection = Collection::open_existing(&a.index.index, HnswParams::default())?;
+    let groups = crate::engine::duplicates::near_duplicates(&collection, a.threshold)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({ "groups": groups }))?
+        );
+        return Ok(());
+    }
+    if groups.is_empty() {
+        println!("no near-duplicates at cosine >= {}", a.threshold);
+    }
+    for (i, g) in groups.iter().enumerate() {
+        println!(
+            "group {} ({} images, max cosine {:.4})",
+            i + 1,
+            g.images.len(),
+            g.max_cosine
+        );
+        for (id, path) in &g.images {
+            println!("  {id:>8}  {path}");
+        }
+    }
+    Ok(())
+}

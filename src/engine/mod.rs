@@ -3,6 +3,7 @@
 //! rerank) in [`search`]. The CLI and the server both call into
 //! here; the engine depends on `model` and `index`, never the other way round.
 
+pub mod duplicates;
 pub mod error;
 pub mod ingest;
 pub mod search;
