@@ -10,10 +10,9 @@ use crate::engine::{IngestOptions, IngestSummary, Ingestor};
 use crate::index::{Collection, CollectionInfo, HnswParams, ImageId};
 use crate::model::capfilt::CapFiltParams;
 use crate::model::caption::Captioner;
-use crate::model::weights::DEFAULT_CAPTION_MODEL;
-use crate::model::{select_device, ModelSource, Retriever};
+use crate::model::{select_device, Retriever};
 
-use super::RetrievalModelArgs;
+use super::{CaptionCheckpointArgs, RetrievalModelArgs};
 
 /// Where the collection lives.
 #[derive(Debug, Args)]
@@ -47,16 +46,8 @@ pub struct IngestCommon {
     index: IndexArgs,
     #[command(flatten)]
     model: RetrievalModelArgs,
-    /// Local captioning checkpoint (BlipForConditionalGeneration).
-    #[arg(
-        long,
-        env = "BLIPSEARCH_CAPTION_MODEL_DIR",
-        conflicts_with = "caption_model"
-    )]
-    caption_model_dir: Option<PathBuf>,
-    /// Hub id of the captioning checkpoint.
-    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
-    caption_model: String,
+    #[command(flatten)]
+    caption: CaptionCheckpointArgs,
     /// Skip captions: vectors only (much faster).
     #[arg(long)]
     no_captions: bool,
@@ -104,10 +95,7 @@ fn load_models(a: &IngestCommon) -> Result<(Retriever, Option<Captioner>)> {
     let captioner = if a.no_captions {
         None
     } else {
-        let source = match &a.caption_model_dir {
-            Some(d) => ModelSource::Dir(d.clone()),
-            None => ModelSource::Hub(a.caption_model.clone()),
-        };
+        let source = a.caption.source();
         Some(
             Captioner::load(&source, &device)
                 .context("loading caption model (use --no-captions to skip captions)")?,

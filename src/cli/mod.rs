@@ -381,9 +381,9 @@ pub struct CaptionArgs {
     json: bool,
 }
 
-/// `blipsearch capfilt`.
+/// Which captioning checkpoint to run (`capfilt`, `add`, `sync`, `reindex`).
 #[derive(Debug, Args)]
-pub struct CapfiltArgs {
+pub struct CaptionCheckpointArgs {
     /// Local captioning checkpoint directory (BlipForConditionalGeneration).
     #[arg(
         long,
@@ -394,6 +394,22 @@ pub struct CapfiltArgs {
     /// Hugging Face id of the captioning checkpoint.
     #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
     caption_model: String,
+}
+
+impl CaptionCheckpointArgs {
+    fn source(&self) -> ModelSource {
+        match &self.caption_model_dir {
+            Some(dir) => ModelSource::Dir(dir.clone()),
+            None => ModelSource::Hub(self.caption_model.clone()),
+        }
+    }
+}
+
+/// `blipsearch capfilt`.
+#[derive(Debug, Args)]
+pub struct CapfiltArgs {
+    #[command(flatten)]
+    caption: CaptionCheckpointArgs,
     /// Local retrieval checkpoint directory (BlipForImageTextRetrieval), whose ITM head filters.
     #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "itm_model")]
     itm_model_dir: Option<PathBuf>,
@@ -584,7 +600,7 @@ fn capfilt(a: CapfiltArgs) -> Result<()> {
     };
     let image = load_image(&a.image, megapixel_limits(a.max_megapixels)?)?;
     let device = select_device(&a.device)?;
-    let captioner = load_captioner(&source_of(&a.caption_model_dir, &a.caption_model), &device)?;
+    let captioner = load_captioner(&a.caption.source(), &device)?;
     let itm_source = source_of(&a.itm_model_dir, &a.itm_model);
     let filter = Retriever::load(&itm_source, &device)
         .with_context(|| format!("loading retrieval model {}", itm_source.name()))?;
