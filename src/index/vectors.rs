@@ -974,18 +974,12 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
     }
 
-    /// The acceptance bar for the defaults on 20k vectors. Building 20k points with m = 32,
-    /// ef_construction = 200 takes over a minute in a debug build on 2 cores, so it is opt-in:
-    /// `cargo test --lib index::vectors -- --ignored`. The 5k test below keeps every assertion.
+    /// The acceptance bar for the defaults: recall@10 >= 0.98 on 20k seeded random unit vectors,
+    /// plain, with 30% tombstoned and with a 5% filter. About two minutes in a debug build on 2
+    /// cores (the graph code is generic, so it is compiled in this crate at opt-level 0).
     #[test]
-    #[ignore]
     fn recall_at_10_on_20k_random_vectors() {
         check_recall(20_000);
-    }
-
-    #[test]
-    fn recall_at_10_on_5k_random_vectors() {
-        check_recall(5_000);
     }
 
     /// Parameter sweep used to pick the defaults; run with `--ignored --nocapture`.
