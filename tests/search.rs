@@ -228,6 +228,21 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     let b: Vec<u64> = page.hits.iter().map(|h| h.id).collect();
     assert_eq!(a, b);
 
+    // A minimum ITM probability keeps only what ITM has seen and accepted.
+    for min in [0.0f32, 0.5, 1.0] {
+        let p = SearchParams {
+            rerank_k: 6,
+            min_itm_prob: Some(min),
+            ..Default::default()
+        };
+        let res = s.search_text(query, &p).unwrap();
+        assert!(res.hits.len() <= 6);
+        assert!(res.hits.iter().all(|h| h.itm_prob.unwrap() >= min));
+        if min == 0.0 {
+            assert_eq!(res.hits.len(), 6);
+        }
+    }
+
     // Bad input.
     assert!(s.search_text("   ", &SearchParams::default()).is_err());
     assert!(s
@@ -375,6 +390,19 @@ fn cli_search_json_and_table() {
         .ends_with("chelsea.png"));
     let (ok, _, err) = run(&["search", "--index", idx, "x", "--mode", "fuzzy"]);
     assert!(!ok && err.contains("unknown mode"), "{err}");
+    let not_image = photos.join("notes.jpg");
+    std::fs::write(&not_image, b"plain text").unwrap();
+    let (ok, _, err) = run(&[
+        "search",
+        "--index",
+        idx,
+        "--image",
+        not_image.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("notes.jpg") && !err.contains("panicked"),
+        "{err}"
+    );
     let (ok, _, err) = run(&["search", "--index", idx, "   "]);
     assert!(!ok && err.contains("empty"), "{err}");
 }

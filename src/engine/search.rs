@@ -157,8 +157,8 @@ pub struct SearchParams {
     pub limit: usize,
     /// Results skipped (paging).
     pub offset: usize,
-    /// Drop reranked results whose ITM p(match) is below this (so that a query about something
-    /// absent can return nothing).
+    /// Keep only reranked results with ITM p(match) at least this (so that a query about
+    /// something absent can return nothing); candidates beyond `rerank_k` are dropped too.
     pub min_itm_prob: Option<f32>,
     /// Restrictions.
     pub filters: Filters,
@@ -434,11 +434,9 @@ impl<'a, S: Store> Searcher<'a, S> {
                 self.rerank(query, &mut hits[..n])?;
                 hits[..n].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
                 if let Some(min) = p.min_itm_prob {
-                    let mut i = 0;
-                    hits.retain(|h| {
-                        i += 1;
-                        i > n || h.itm_prob.unwrap_or(0.0) >= min
-                    });
+                    // Only what ITM has seen can be said to match: unreranked candidates go too.
+                    hits.truncate(n);
+                    hits.retain(|h| h.itm_prob.unwrap_or(0.0) >= min);
                 }
             }
         }
@@ -485,68 +483,50 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator for property checks.
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
+    use proptest::prelude::*;
+
+    /// A ranked list: distinct ids, scores best first.
+    fn ranked() -> impl Strategy<Value = Vec<(u64, f32)>> {
+        proptest::collection::hash_map(0u64..60, 0f32..1.0, 0..25).prop_map(|m| {
+            let mut v: Vec<(u64, f32)> = m.into_iter().collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            v
+        })
     }
 
-    fn random_list(seed: &mut u64, n: usize, ids: u64) -> Vec<(u64, f32)> {
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        while out.len() < n {
-            let id = lcg(seed) % ids;
-            if seen.insert(id) {
-                out.push((id, (lcg(seed) % 1000) as f32 / 1000.0));
-            }
+    fn ids(v: &[(u64, f32)]) -> Vec<u64> {
+        v.iter().map(|x| x.0).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn fusion_ranks_the_union_once(v in ranked(), t in ranked(), rrf in any::<bool>()) {
+            let fusion = if rrf { Fusion::Rrf { k: 60.0 } } else { Fusion::Weighted { vector: 1.0, text: 0.5 } };
+            let f = fuse(&v, &t, fusion);
+            let mut got = ids(&f);
+            got.sort_unstable();
+            let mut want: Vec<u64> = ids(&v).into_iter().chain(ids(&t)).collect();
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(got, want);
+            prop_assert!(f.windows(2).all(|w| w[0].1 >= w[1].1));
         }
-        out.sort_by(|a, b| b.1.total_cmp(&a.1));
-        out
-    }
 
-    #[test]
-    fn fusion_properties_hold_on_random_lists() {
-        let mut seed = 7;
-        for _ in 0..500 {
-            let nv = (lcg(&mut seed) % 20) as usize;
-            let nt = (lcg(&mut seed) % 20) as usize;
-            let v = random_list(&mut seed, nv, 40);
-            let t = random_list(&mut seed, nt, 40);
-            for fusion in [
-                Fusion::Rrf { k: 60.0 },
-                Fusion::Weighted {
-                    vector: 1.0,
-                    text: 0.5,
-                },
-            ] {
-                let f = fuse(&v, &t, fusion);
-                // Every candidate exactly once, nothing else.
-                let mut ids: Vec<u64> = f.iter().map(|x| x.0).collect();
-                ids.sort();
-                let mut want: Vec<u64> = v.iter().chain(&t).map(|x| x.0).collect();
-                want.sort();
-                want.dedup();
-                assert_eq!(ids, want);
-                // Sorted, best first.
-                assert!(f.windows(2).all(|w| w[0].1 >= w[1].1));
-                // With one list, fusion keeps its order.
-                let only = fuse(&v, &[], fusion);
-                if matches!(fusion, Fusion::Rrf { .. }) {
-                    assert_eq!(
-                        only.iter().map(|x| x.0).collect::<Vec<_>>(),
-                        v.iter().map(|x| x.0).collect::<Vec<_>>()
-                    );
-                }
-            }
-            // RRF: an id first in both lists wins.
-            if let (Some(a), Some(_)) = (v.first(), t.first()) {
-                let mut t2 = t.clone();
-                t2.retain(|x| x.0 != a.0);
-                t2.insert(0, (a.0, 1.0));
-                assert_eq!(fuse(&v, &t2, Fusion::Rrf { k: 60.0 })[0].0, a.0);
-            }
+        #[test]
+        fn fusion_of_one_list_keeps_its_order(v in ranked()) {
+            // With nothing to fuse with, both fusions agree with the list itself.
+            prop_assert_eq!(ids(&fuse(&v, &[], Fusion::Rrf { k: 60.0 })), ids(&v));
+            prop_assert_eq!(ids(&fuse(&v, &[], Fusion::Weighted { vector: 1.0, text: 0.0 })), ids(&v));
+            prop_assert_eq!(ids(&fuse(&[], &v, Fusion::Rrf { k: 60.0 })), ids(&v));
+        }
+
+        #[test]
+        fn first_in_both_lists_wins_rrf(v in ranked(), t in ranked()) {
+            prop_assume!(!v.is_empty());
+            let top = v[0].0;
+            let mut t2: Vec<(u64, f32)> = t.into_iter().filter(|x| x.0 != top).collect();
+            t2.insert(0, (top, 1.0));
+            prop_assert_eq!(fuse(&v, &t2, Fusion::Rrf { k: 60.0 })[0].0, top);
         }
     }
 
