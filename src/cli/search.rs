@@ -47,7 +47,7 @@ pub struct SearchArgs {
     /// Results skipped.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Drop reranked results with ITM p(match) below this.
+    /// Return only reranked results with ITM p(match) at least this (absent things: no results).
     #[arg(long)]
     min_itm_prob: Option<f32>,
     /// Only images under this path.
