@@ -241,7 +241,10 @@ impl<'a> Ingestor<'a> {
             None => None,
         };
         if let Some(r) = &existing {
-            if r.size_bytes == size && r.mtime_unix == mtime {
+            // mtimes have one-second resolution here: a file written in the second it was
+            // indexed (or later) may have changed without its size or mtime showing it, so
+            // only older files are trusted without hashing (git's "racy clean" rule).
+            if r.size_bytes == size && r.mtime_unix == mtime && mtime < r.added_unix {
                 summary.unchanged += 1;
                 return Ok(None);
             }
