@@ -2,24 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn blipsearch(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env_remove("BLIPSEARCH_MODEL_DIR")
-        .env_remove("BLIPSEARCH_CAPTION_MODEL_DIR")
-        .output()
-        .expect("run blipsearch");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn path(p: &std::path::Path) -> String {
     p.to_str().unwrap().to_string()

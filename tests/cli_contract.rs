@@ -6,19 +6,6 @@ use std::process::Command;
 
 use common::*;
 
-fn blipsearch(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run blipsearch");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn norm(v: &serde_json::Value) -> f64 {
     v.as_array()
         .unwrap()

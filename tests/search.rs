@@ -343,18 +343,7 @@ fn cli_search_json_and_table() {
         let r = retriever();
         build(&index, &photos, &r, 5);
     }
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-            .args(args)
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = blipsearch;
     let idx = index.to_str().unwrap();
     let (ok, out, err) = run(&[
         "search",

@@ -6,6 +6,24 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
+/// Runs the real binary offline, without the user's model/index variables: (success, stdout,
+/// stderr).
+pub fn blipsearch(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("BLIPSEARCH_MODEL_DIR")
+        .env_remove("BLIPSEARCH_CAPTION_MODEL_DIR")
+        .env_remove("BLIPSEARCH_INDEX")
+        .output()
+        .expect("run blipsearch");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
