@@ -93,10 +93,7 @@ impl Retriever {
 
     /// Loads from resolved files; `name` is kept for reporting.
     pub fn from_files(files: &ModelFiles, name: &str, device: &Device) -> Result<Self> {
-        let config = BlipConfig::from_file(&files.config, BlipArchitecture::Retrieval)?;
-        let tokenizer =
-            BlipTokenizer::from_files(files.tokenizer_json.as_deref(), files.vocab_txt.as_deref())?;
-        let vb = files.var_builder(DType::F32, device)?;
+        let (config, tokenizer, vb) = files.open(BlipArchitecture::Retrieval, device)?;
         let build = || -> candle_core::Result<_> {
             let vision = VisionModel::new(&config.vision, vb.pp("vision_model"))?;
             let text = TextModel::new(&config.text, true, vb.pp("text_encoder"))?;

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::config::{BlipArchitecture, BlipConfig};
 use super::error::{ModelError, Result};
+use super::tokenizer::BlipTokenizer;
 
 /// Default checkpoint for retrieval (ITC + ITM).
 pub const DEFAULT_RETRIEVAL_MODEL: &str = "Salesforce/blip-itm-base-coco";
@@ -188,6 +190,20 @@ impl ModelFiles {
                 hint: hint.to_string(),
             }),
         }
+    }
+
+    /// What every BLIP model reads first: the config (checked to be `arch`), the tokenizer and the
+    /// weights (f32).
+    pub(crate) fn open(
+        &self,
+        arch: BlipArchitecture,
+        device: &Device,
+    ) -> Result<(BlipConfig, BlipTokenizer, VarBuilder<'static>)> {
+        let config = BlipConfig::from_file(&self.config, arch)?;
+        let tokenizer =
+            BlipTokenizer::from_files(self.tokenizer_json.as_deref(), self.vocab_txt.as_deref())?;
+        let vb = self.var_builder(DType::F32, device)?;
+        Ok((config, tokenizer, vb))
     }
 
     /// Opens the weights for reading (safetensors are memory-mapped, not copied).
