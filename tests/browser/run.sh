@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Browser test of the web UI: starts a real `blipsearch serve` on a temporary index of the fixture
+# images with the tiny fixture models, then drives the UI in headless Chromium
+# (tests/browser/ui.test.mjs). Screenshots land in target/browser/ (ui.png, ui-detail.png, and
+# failure.png when a step fails); the server log is target/browser/server.log.
+#
+# Needs: cargo, node + npm, and Debian's chromium (installed here with apt-get when missing and
+# running as root, as in CI). Environment overrides: BLIPSEARCH_BIN (skip the cargo build),
+# CHROMIUM (browser binary), ARTIFACT_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+ARTIFACT_DIR=${ARTIFACT_DIR:-$ROOT/target/browser}
+mkdir -p "$ARTIFACT_DIR"
+rm -f "$ARTIFACT_DIR"/failure.png
+
+if [ -z "${CHROMIUM:-}" ]; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "installing chromium (apt-get)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "chromium is missing: apt-get install -y chromium (as root), or set CHROMIUM" >&2
+      exit 1
+    fi
+  fi
+  CHROMIUM=$(command -v chromium)
+fi
+"$CHROMIUM" --version
+
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+if [ -z "${BLIPSEARCH_BIN:-}" ]; then
+  cargo build --bin blipsearch
+  TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
+    | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).target_directory))')
+  BLIPSEARCH_BIN=$TARGET_DIR/debug/blipsearch
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/blipsearch-browser.XXXXXX")
+SERVER_PID=
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# The collection: every fixture image but one; that one is uploaded through the UI.
+mkdir -p "$TMP/images"
+cp tests/fixtures/images/* "$TMP/images/"
+UPLOAD_IMAGE=$TMP/upload/rocket.jpg
+mkdir -p "$TMP/upload"
+mv "$TMP/images/rocket.jpg" "$UPLOAD_IMAGE"
+EXPECTED_IMAGES=$(find "$TMP/images" -type f | wc -l)
+
+PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+API_KEY=browser-test-key
+
+"$BLIPSEARCH_BIN" serve \
+  --images "$TMP/images" \
+  --index "$TMP/index" \
+  --bind "127.0.0.1:$PORT" \
+  --model-dir tests/fixtures/tiny-a/retrieval \
+  --caption-model-dir tests/fixtures/tiny-a/caption \
+  --api-key "$API_KEY" \
+  >"$ARTIFACT_DIR/server.log" 2>&1 &
+SERVER_PID=$!
+echo "blipsearch serve on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
+
+status=0
+BLIPSEARCH_URL="http://127.0.0.1:$PORT" \
+EXPECTED_IMAGES=$EXPECTED_IMAGES \
+QUERY_IMAGE="$TMP/images/camera.png" \
+UPLOAD_IMAGE="$UPLOAD_IMAGE" \
+BLIPSEARCH_API_KEY=$API_KEY \
+ARTIFACT_DIR=$ARTIFACT_DIR \
+CHROMIUM=$CHROMIUM \
+SERVER_PID=$SERVER_PID \
+  node tests/browser/ui.test.mjs || status=$?
+
+if [ "$status" != 0 ]; then
+  if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "the server exited early" >&2; fi
+  echo "---- last lines of $ARTIFACT_DIR/server.log" >&2
+  tail -n 40 "$ARTIFACT_DIR/server.log" >&2
+fi
+exit "$status"

@@ -1,0 +1,273 @@
+// Browser test of the blipsearch web UI in real headless Chromium (Debian's /usr/bin/chromium,
+// driven by playwright-core). Run through tests/browser/run.sh, which starts a real
+// `blipsearch serve` on fixture images with the tiny fixture models and sets:
+//   BLIPSEARCH_URL        base URL of the running server (required)
+//   EXPECTED_IMAGES       number of images the server indexes at start (required)
+//   QUERY_IMAGE           an indexed image: searching by it must rank it first (required)
+//   UPLOAD_IMAGE          an image that is not indexed yet: uploaded through the UI (required)
+//   BLIPSEARCH_API_KEY    the server's --api-key, if any: the test types it when the UI asks
+//   ARTIFACT_DIR          where screenshots go (default target/browser)
+//   CHROMIUM              browser binary (default /usr/bin/chromium)
+//   SERVER_PID            the server's pid: waiting stops early if it exits
+// Exit code 0 when every step passed; on failure a screenshot `failure.png` is saved.
+
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback;
+  if (v === undefined) throw new Error(`environment variable ${name} is required`);
+  return v;
+};
+
+const BASE = env('BLIPSEARCH_URL').replace(/\/$/, '');
+const EXPECTED_IMAGES = Number(env('EXPECTED_IMAGES'));
+const QUERY_IMAGE = env('QUERY_IMAGE');
+const UPLOAD_IMAGE = env('UPLOAD_IMAGE');
+const API_KEY = process.env.BLIPSEARCH_API_KEY || '';
+const ARTIFACTS = env('ARTIFACT_DIR', 'target/browser');
+const CHROMIUM = env('CHROMIUM', '/usr/bin/chromium');
+const SERVER_PID = Number(process.env.SERVER_PID || 0);
+const alive = (pid) => {
+  try { process.kill(pid, 0); return true; } catch { return false; }
+};
+// A made-up word: only the uploaded image's given text contains it.
+const UPLOAD_WORD = 'zanzibarquokka';
+
+fs.mkdirSync(ARTIFACTS, { recursive: true });
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function waitFor(what, fn, timeoutMs) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < end) {
+    if (SERVER_PID && !alive(SERVER_PID)) throw new Error(`the server (pid ${SERVER_PID}) exited while waiting for ${what}`);
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (err) {
+      last = err;
+    }
+    await sleep(500);
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${last.message}` : ''}`);
+}
+
+/** The server is up, its models are loaded and the start-up ingest has finished. */
+async function waitForServer() {
+  await waitFor('/readyz', async () => (await fetch(`${BASE}/readyz`)).ok, 300_000);
+  return waitFor('start-up ingest', async () => {
+    const s = await (await fetch(`${BASE}/api/status`)).json();
+    if (s.ingest && s.ingest.state === 'error') throw new Error(`ingest error: ${s.ingest.last_error}`);
+    return s.ingest && s.ingest.state === 'idle' && s.images >= EXPECTED_IMAGES ? s : null;
+  }, 300_000);
+}
+
+const steps = [];
+async function step(name, fn) {
+  const t0 = Date.now();
+  process.stdout.write(`- ${name} ... `);
+  await fn();
+  const ms = Date.now() - t0;
+  steps.push([name, ms]);
+  console.log(`ok (${ms} ms)`);
+}
+
+/** All result thumbnails have loaded real pixels; returns how many there are. */
+async function thumbnailsLoaded(page) {
+  await page.waitForFunction(() => {
+    const imgs = [...document.querySelectorAll('[data-testid=result-image]')];
+    return imgs.length > 0 && imgs.every((i) => i.complete);
+  }, null, { timeout: 60_000 });
+  const sizes = await page.$$eval('[data-testid=result-image]', (imgs) => imgs.map((i) => [i.naturalWidth, i.naturalHeight, i.currentSrc]));
+  for (const [w, h, src] of sizes) assert.ok(w > 0 && h > 0, `thumbnail ${src} did not load (naturalWidth ${w})`);
+  return sizes.length;
+}
+
+async function resultCount(page) {
+  return page.locator('[data-testid=result]').count();
+}
+
+async function waitForResults(page) {
+  await page.waitForSelector('[data-testid=result]', { timeout: 120_000 });
+  await page.waitForFunction(() => !document.body.classList.contains('is-loading'), null, { timeout: 120_000 });
+}
+
+async function main() {
+  const status = await waitForServer();
+  console.log(`server ready: ${status.images} images, models ${JSON.stringify(status.models)}`);
+
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, colorScheme: 'light' });
+  const page = await context.newPage();
+  const pageErrors = [];
+  page.on('pageerror', (err) => pageErrors.push(err.message));
+  page.on('console', (msg) => {
+    // 401 answers are expected when the server has a key; anything else the page logs as an
+    // error is reported (and failures of the app's own code arrive as pageerror).
+    if (msg.type() === 'error' && !/401/.test(msg.text())) console.log(`  [console] ${msg.text()}`);
+  });
+
+  try {
+    let query = '';
+
+    await step('home page: empty state and collection size', async () => {
+      await page.goto(`${BASE}/`);
+      await page.waitForSelector('[data-testid=empty-state]', { state: 'visible' });
+      assert.match(await page.textContent('#empty-title'), /Search your photos/);
+      await page.waitForFunction((n) => document.querySelector('[data-testid=footer-stats]').textContent.includes(`${n} images`), status.images);
+      assert.equal(await page.title(), 'blipsearch');
+      // The search box has focus on load: typing searches at once.
+      assert.equal(await page.evaluate(() => document.activeElement.id), 'q');
+    });
+
+    await step('text search with Enter shows a grid of loaded thumbnails', async () => {
+      // Hybrid mode: the vector side ranks every image, whatever the (tiny, random) model.
+      query = 'a cat sitting on a sofa';
+      await page.fill('[data-testid=search-input]', query);
+      await page.keyboard.press('Enter');
+      await waitForResults(page);
+      const n = await thumbnailsLoaded(page);
+      assert.ok(n >= Math.min(status.images, 2), `expected results, got ${n}`);
+      assert.equal(new URL(page.url()).searchParams.get('q'), query);
+      assert.match(await page.textContent('[data-testid=summary]'), /results? for/);
+      assert.ok(await page.isHidden('[data-testid=empty-state]'));
+    });
+
+    await step('arrow keys move through the grid; Enter opens the detail dialog', async () => {
+      await page.focus('[data-testid=result] >> nth=0');
+      await page.keyboard.press('ArrowRight');
+      assert.equal(await page.evaluate(() => document.activeElement.dataset.index), '1');
+      await page.keyboard.press('ArrowLeft');
+      assert.equal(await page.evaluate(() => document.activeElement.dataset.index), '0');
+      await page.keyboard.press('Enter');
+      await page.waitForSelector('[data-testid=detail]', { state: 'visible' });
+      assert.ok(await page.evaluate(() => document.querySelector('#detail').open));
+    });
+
+    await step('detail dialog shows the image, its captions and scores', async () => {
+      await page.waitForFunction(() => {
+        const img = document.querySelector('[data-testid=detail-image]');
+        return img.complete && img.naturalWidth > 0;
+      }, null, { timeout: 30_000 });
+      const captions = await page.$$eval('[data-testid=detail-caption] .caption-text', (els) => els.map((e) => e.textContent.trim()));
+      assert.ok(captions.length > 0 && captions.every((c) => c.length > 0), `captions: ${JSON.stringify(captions)}`);
+      const scores = await page.textContent('[data-testid=detail-scores]');
+      for (const label of ['ITM p(match)', 'Vector (ITC)', 'BM25', 'Fused']) assert.ok(scores.includes(label), `scores lack ${label}: ${scores}`);
+      await page.waitForFunction(() => /Path/.test(document.querySelector('[data-testid=detail-meta]').textContent));
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui-detail.png') });
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('[data-testid=detail]', { state: 'hidden' });
+      await page.waitForFunction(() => document.activeElement && document.activeElement.dataset.testid === 'result');
+    });
+
+    await step('reloading the URL restores the search', async () => {
+      await page.reload();
+      await waitForResults(page);
+      assert.equal(await page.inputValue('[data-testid=search-input]'), query);
+      await thumbnailsLoaded(page);
+    });
+
+    await step('search by image ranks the same image first', async () => {
+      await page.setInputFiles('[data-testid=image-search-input]', QUERY_IMAGE);
+      await page.waitForFunction(() => /similar to/.test(document.querySelector('[data-testid=summary]').textContent), null, { timeout: 120_000 });
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      const top = await page.getAttribute('[data-testid=result] >> nth=0', 'data-file-name');
+      assert.equal(top, path.basename(QUERY_IMAGE));
+    });
+
+    await step('"more like this" from the detail dialog', async () => {
+      await page.click('[data-testid=result] >> nth=1');
+      await page.waitForSelector('[data-testid=detail]', { state: 'visible' });
+      const id = await page.getAttribute('[data-testid=result] >> nth=1', 'data-id');
+      await page.click('[data-testid=more-like-this]');
+      await page.waitForSelector('[data-testid=detail]', { state: 'hidden' });
+      await page.waitForFunction((want) => new URL(location.href).searchParams.get('like') === want, id);
+      await waitForResults(page);
+      assert.ok(await thumbnailsLoaded(page) > 0);
+      assert.match(await page.textContent('[data-testid=summary]'), /similar to/);
+    });
+
+    await step('a server error is shown from its JSON body', async () => {
+      const bad = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'blipsearch-ui-')), 'broken.png');
+      fs.writeFileSync(bad, 'this is not a png');
+      await page.setInputFiles('[data-testid=image-search-input]', bad);
+      await page.waitForSelector('[data-testid=error]', { state: 'visible', timeout: 60_000 });
+      const text = await page.textContent('[data-testid=error]');
+      assert.match(text, /HTTP 4\d\d/, `error text: ${text}`);
+      await page.click('#error-close');
+    });
+
+    let uploadedId = '';
+    await step('upload with a description returns an id', async () => {
+      await page.click('[data-testid=upload-open]');
+      await page.waitForSelector('[data-testid=upload-dialog]', { state: 'visible' });
+      await page.setInputFiles('[data-testid=upload-file]', UPLOAD_IMAGE);
+      await page.fill('[data-testid=upload-text]', `a ${UPLOAD_WORD} on the launch pad`);
+      await page.click('[data-testid=upload-submit]');
+      if (API_KEY) {
+        // Writes need the key: the UI asks for it on the 401 and retries.
+        await page.waitForSelector('[data-testid=key-dialog]', { state: 'visible', timeout: 30_000 });
+        await page.fill('[data-testid=key-input]', API_KEY);
+        await page.click('[data-testid=key-save]');
+      }
+      await page.waitForSelector('[data-testid=upload-id], [data-testid=upload-error]', { timeout: 180_000 });
+      const err = await page.$('[data-testid=upload-error]');
+      assert.equal(err, null, `upload failed: ${err && await err.textContent()}`);
+      uploadedId = (await page.textContent('[data-testid=upload-id]')).replace('#', '');
+      assert.match(uploadedId, /^\d+$/);
+      assert.match(await page.textContent('[data-testid=upload-result]'), /Added as/);
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('[data-testid=upload-dialog]', { state: 'hidden' });
+      await page.waitForFunction((n) => document.querySelector('[data-testid=footer-stats]').textContent.includes(`${n} images`), status.images + 1, { timeout: 30_000 });
+    });
+
+    await step('the uploaded image is findable by its description', async () => {
+      await page.selectOption('[data-testid=mode]', 'text');
+      await page.fill('[data-testid=search-input]', UPLOAD_WORD);
+      await page.keyboard.press('Enter');
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      assert.equal(await page.getAttribute('[data-testid=result] >> nth=0', 'data-id'), uploadedId);
+      assert.equal(new URL(page.url()).searchParams.get('mode'), 'text');
+    });
+
+    await step('no match gives a helpful empty state', async () => {
+      await page.fill('[data-testid=search-input]', 'xqzvwk');
+      await page.keyboard.press('Enter');
+      await page.waitForSelector('[data-testid=empty-state]', { state: 'visible', timeout: 60_000 });
+      assert.match(await page.textContent('#empty-title'), /No matches/);
+      assert.equal(await resultCount(page), 0);
+    });
+
+    await step('screenshot of a result grid', async () => {
+      await page.selectOption('[data-testid=mode]', 'hybrid');
+      await page.fill('[data-testid=search-input]', query);
+      await page.keyboard.press('Enter');
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      await page.hover('[data-testid=result] >> nth=0');
+      await sleep(300);
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui.png') });
+    });
+
+    assert.deepEqual(pageErrors, [], 'uncaught errors in the page');
+  } catch (err) {
+    await page.screenshot({ path: path.join(ARTIFACTS, 'failure.png') }).catch(() => {});
+    if (pageErrors.length) console.error(`page errors: ${pageErrors.join('\n')}`);
+    throw err;
+  } finally {
+    await browser.close();
+  }
+  console.log(`browser test passed: ${steps.length} steps; screenshots in ${ARTIFACTS}/`);
+}
+
+main().catch((err) => {
+  console.error(`\nFAILED: ${err.stack || err}`);
+  process.exit(1);
+});
