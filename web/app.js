@@ -337,6 +337,7 @@
       if (seq === state.seq) {
         ui.results.removeAttribute('aria-busy');
         document.body.classList.remove('is-loading');
+        renderEmpty();
       }
     }
   }
@@ -838,7 +839,7 @@
   let keyWaiters = [];
   function askKey(reason) {
     $('#key-reason').textContent = reason
-      ? `The server said: ${reason}. Enter the API key; it is kept in this browser only.`
+      ? `The server said: ${reason.replace(/[.\s]+$/, "")}. Enter the API key; it is kept in this browser only.`
       : 'Enter the API key; it is kept in this browser only.';
     $('#key-input').value = state.key;
     if (!ui.key.open) {
@@ -968,13 +969,17 @@
     ev.preventDefault();
     submit();
   });
-  // Changing an option re-runs the current search (text or image) at once.
+  // Changing an option re-runs the current search at once (mode and rerank only apply to text).
   for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo]) {
     control.addEventListener('change', () => {
       updateFilterButton();
-      if (!state.query) return;
-      if (state.query.kind === 'text') startSearch(state.query);
-      else startSearch(state.query, { push: state.query.kind === 'like' });
+      const query = state.query;
+      if (!query) return;
+      if (query.kind !== 'text' && (control === ui.mode || control === ui.rerank)) {
+        history.replaceState(null, '', query.kind === 'like' ? pageUrl() : location.pathname);
+        return;
+      }
+      startSearch(query, { push: query.kind !== 'file' });
     });
   }
   ui.folder.addEventListener('change', () => {
