@@ -839,7 +839,7 @@
   let keyWaiters = [];
   function askKey(reason) {
     $('#key-reason').textContent = reason
-      ? `The server said: ${reason.replace(/[.\s]+$/, "")}. Enter the API key; it is kept in this browser only.`
+      ? `The server said: ${reason.replace(/[.\s]+$/, '')}. Enter the API key; it is kept in this browser only.`
       : 'Enter the API key; it is kept in this browser only.';
     $('#key-input').value = state.key;
     if (!ui.key.open) {

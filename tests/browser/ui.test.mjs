@@ -4,6 +4,7 @@
 //   BLIPSEARCH_URL        base URL of the running server (required)
 //   EXPECTED_IMAGES       number of images the server indexes at start (required)
 //   QUERY_IMAGE           an indexed image: searching by it must rank it first (required)
+//   DROP_IMAGE            another indexed image, dropped onto the page (required)
 //   UPLOAD_IMAGE          an image that is not indexed yet: uploaded through the UI (required)
 //   BLIPSEARCH_API_KEY    the server's --api-key, if any: the test types it when the UI asks
 //   ARTIFACT_DIR          where screenshots go (default target/browser)
@@ -26,6 +27,7 @@ const env = (name, fallback) => {
 const BASE = env('BLIPSEARCH_URL').replace(/\/$/, '');
 const EXPECTED_IMAGES = Number(env('EXPECTED_IMAGES'));
 const QUERY_IMAGE = env('QUERY_IMAGE');
+const DROP_IMAGE = env('DROP_IMAGE');
 const UPLOAD_IMAGE = env('UPLOAD_IMAGE');
 const API_KEY = process.env.BLIPSEARCH_API_KEY || '';
 const ARTIFACTS = env('ARTIFACT_DIR', 'target/browser');
@@ -144,6 +146,10 @@ async function main() {
       assert.equal(await page.evaluate(() => document.activeElement.dataset.index), '1');
       await page.keyboard.press('ArrowLeft');
       assert.equal(await page.evaluate(() => document.activeElement.dataset.index), '0');
+      // '/' jumps back to the search box; Tab from there leads into the grid again.
+      await page.keyboard.press('/');
+      assert.equal(await page.evaluate(() => document.activeElement.id), 'q');
+      await page.focus('[data-testid=result] >> nth=0');
       await page.keyboard.press('Enter');
       await page.waitForSelector('[data-testid=detail]', { state: 'visible' });
       assert.ok(await page.evaluate(() => document.querySelector('#detail').open));
@@ -179,6 +185,25 @@ async function main() {
       await thumbnailsLoaded(page);
       const top = await page.getAttribute('[data-testid=result] >> nth=0', 'data-file-name');
       assert.equal(top, path.basename(QUERY_IMAGE));
+    });
+
+    await step('dropping an image on the page searches by it', async () => {
+      const bytes = fs.readFileSync(DROP_IMAGE).toString('base64');
+      const name = path.basename(DROP_IMAGE);
+      const dataTransfer = await page.evaluateHandle(({ bytes, name }) => {
+        const bin = Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bin], name, { type: name.endsWith('.png') ? 'image/png' : 'image/jpeg' }));
+        return dt;
+      }, { bytes, name });
+      await page.dispatchEvent('main', 'dragenter', { dataTransfer });
+      assert.ok(await page.isVisible('#dropzone'), 'the drop zone did not appear');
+      await page.dispatchEvent('main', 'drop', { dataTransfer });
+      await page.waitForFunction((n) => document.querySelector('[data-testid=summary]').textContent.includes(n), name, { timeout: 120_000 });
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      assert.ok(await page.isHidden('#dropzone'));
+      assert.equal(await page.getAttribute('[data-testid=result] >> nth=0', 'data-file-name'), name);
     });
 
     await step('"more like this" from the detail dialog', async () => {
