@@ -1,0 +1,1021 @@
+// blipsearch web UI: plain JavaScript, no build step, no dependencies. Talks only to the JSON API
+// described in the repository's API contract (GET /api/search, POST /api/search/image, ...).
+'use strict';
+
+(() => {
+  const KEY_STORAGE = 'blipsearch.apiKey';
+  const DEFAULT_LIMIT = 20;
+  const DEFAULT_RERANK_K = 16;
+  const POLL_ACTIVE_MS = 1500;
+  const POLL_IDLE_MS = 15000;
+
+  const $ = (sel, root = document) => root.querySelector(sel);
+  const el = (tag, attrs = {}, ...children) => {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'class') node.className = v;
+      else if (k === 'text') node.textContent = v;
+      else if (k.startsWith('on')) node.addEventListener(k.slice(2), v);
+      else if (k === 'dataset') Object.assign(node.dataset, v);
+      else node.setAttribute(k, v === true ? '' : v);
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  };
+
+  const ui = {
+    form: $('#search-form'),
+    q: $('#q'),
+    mode: $('#mode'),
+    rerank: $('#rerank'),
+    limit: $('#limit'),
+    folder: $('#folder'),
+    folderList: $('#folder-list'),
+    dateFrom: $('#date-from'),
+    dateTo: $('#date-to'),
+    clearFilters: $('#clear-filters'),
+    imageInput: $('#image-search-input'),
+    results: $('#results'),
+    summary: $('#summary'),
+    notices: $('#notices'),
+    loadMore: $('#load-more'),
+    empty: $('#empty'),
+    emptyTitle: $('#empty-title'),
+    emptyText: $('#empty-text'),
+    emptyActions: $('#empty-actions'),
+    error: $('#error'),
+    errorTitle: $('#error-title'),
+    errorMessage: $('#error-message'),
+    ingest: $('#ingest'),
+    ingestText: $('#ingest-text'),
+    ingestProgress: $('#ingest-progress'),
+    ingestRefresh: $('#ingest-refresh'),
+    footerStats: $('#footer-stats'),
+    dropzone: $('#dropzone'),
+    detail: $('#detail'),
+    upload: $('#upload'),
+    key: $('#key'),
+    toast: $('#toast'),
+  };
+
+  const state = {
+    key: readKey(),
+    protectReads: false,
+    status: null,
+    ingestWasActive: false,
+    query: null, // {kind: 'text', q} | {kind: 'like', id, name} | {kind: 'file', file}
+    hits: [],
+    offset: 0,
+    hasMore: false,
+    seq: 0,
+    blobUrls: [],
+    queryBlobUrl: null,
+    detailIndex: -1,
+    detailHit: null,
+    focusIndex: 0,
+  };
+
+  // ---------------------------------------------------------------- API
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  function readKey() {
+    try { return localStorage.getItem(KEY_STORAGE) || ''; } catch { return ''; }
+  }
+
+  function writeKey(key) {
+    state.key = key;
+    try {
+      if (key) localStorage.setItem(KEY_STORAGE, key);
+      else localStorage.removeItem(KEY_STORAGE);
+    } catch { /* storage disabled: keep the key for this page only */ }
+  }
+
+  function authHeaders() {
+    return state.key ? { Authorization: `Bearer ${state.key}` } : {};
+  }
+
+  async function readError(res) {
+    let code = `http_${res.status}`;
+    let message = res.statusText || 'Request failed';
+    try {
+      const body = await res.json();
+      if (body && body.error) {
+        code = body.error.code || code;
+        message = body.error.message || message;
+      }
+    } catch { /* not JSON: keep the status line */ }
+    return new ApiError(res.status, code, message);
+  }
+
+  /** Calls the API; on 401 asks for a key once and retries. Throws ApiError. */
+  async function api(path, { method = 'GET', body, json, retry = true } = {}) {
+    const headers = { Accept: 'application/json', ...authHeaders() };
+    let payload = body;
+    if (json !== undefined) {
+      headers['Content-Type'] = 'application/json';
+      payload = JSON.stringify(json);
+    }
+    let res;
+    try {
+      res = await fetch(path, { method, headers, body: payload });
+    } catch {
+      throw new ApiError(0, 'network', 'Cannot reach the server. Is blipsearch still running?');
+    }
+    if (res.status === 401) {
+      const err = await readError(res);
+      if (method === 'GET') state.protectReads = true;
+      if (retry && await askKey(err.message)) return api(path, { method, body, json, retry: false });
+      throw err;
+    }
+    if (!res.ok) throw await readError(res);
+    const type = res.headers.get('content-type') || '';
+    return type.includes('json') ? res.json() : res.text();
+  }
+
+  /** Shows `url` in `img`, through an authorised fetch when reads need the key. */
+  function loadImage(img, url) {
+    if (!url) return;
+    if (!(state.protectReads && state.key)) {
+      img.src = url;
+      return;
+    }
+    fetch(url, { headers: authHeaders() })
+      .then((res) => (res.ok ? res.blob() : Promise.reject(new Error(res.statusText))))
+      .then((blob) => {
+        const obj = URL.createObjectURL(blob);
+        state.blobUrls.push(obj);
+        img.src = obj;
+      })
+      .catch(() => img.dispatchEvent(new Event('error')));
+  }
+
+  function releaseBlobs() {
+    for (const u of state.blobUrls) URL.revokeObjectURL(u);
+    state.blobUrls = [];
+  }
+
+  // ---------------------------------------------------------------- messages
+
+  function showError(err, title = 'Something went wrong.') {
+    const e = err instanceof ApiError ? err : new ApiError(0, 'client', String(err && err.message || err));
+    ui.errorTitle.textContent = e.status === 401 ? 'Not authorised.' : title;
+    ui.errorMessage.textContent = e.code && e.status ? `${e.message} (${e.code}, HTTP ${e.status})` : e.message;
+    ui.error.hidden = false;
+  }
+
+  function clearError() {
+    ui.error.hidden = true;
+  }
+
+  let toastTimer = 0;
+  function toast(text) {
+    ui.toast.textContent = text;
+    ui.toast.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { ui.toast.hidden = true; }, 4000);
+  }
+
+  // ---------------------------------------------------------------- formatting
+
+  const fmt = {
+    num: (v, digits = 3) => (typeof v === 'number' && Number.isFinite(v) ? v.toFixed(digits) : '—'),
+    pct: (v) => (typeof v === 'number' && Number.isFinite(v) ? `${Math.round(v * 100)}%` : '—'),
+    rank: (v) => (typeof v === 'number' ? `#${v}` : '—'),
+    bytes: (n) => {
+      if (typeof n !== 'number') return '—';
+      const units = ['B', 'KB', 'MB', 'GB'];
+      let i = 0;
+      while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+      return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+    },
+    date: (unix) => (typeof unix === 'number' ? new Date(unix * 1000).toLocaleString() : '—'),
+    count: (n) => (typeof n === 'number' ? n.toLocaleString() : '—'),
+  };
+
+  function bestCaption(hit) {
+    if (hit.matched_caption) return hit.matched_caption;
+    const caps = hit.captions || [];
+    const kept = caps.find((c) => c.kept) || caps[0];
+    return kept ? kept.text : '';
+  }
+
+  // ---------------------------------------------------------------- search parameters and URL
+
+  function filterParams(params) {
+    const folder = ui.folder.value.trim();
+    if (folder) params.set('folder', folder);
+    if (ui.dateFrom.value) params.set('date_from', ui.dateFrom.value);
+    if (ui.dateTo.value) params.set('date_to', ui.dateTo.value);
+    return params;
+  }
+
+  function hasFilters() {
+    return Boolean(ui.folder.value.trim() || ui.dateFrom.value || ui.dateTo.value);
+  }
+
+  function limit() {
+    return Number(ui.limit.value) || DEFAULT_LIMIT;
+  }
+
+  /** Page URL for the current query, so that a search can be shared or reloaded. */
+  function pageUrl() {
+    const p = new URLSearchParams();
+    const query = state.query;
+    if (query && query.kind === 'text') p.set('q', query.q);
+    if (query && query.kind === 'like') p.set('like', String(query.id));
+    if (ui.mode.value !== 'hybrid') p.set('mode', ui.mode.value);
+    if (!ui.rerank.checked) p.set('rerank', '0');
+    if (limit() !== DEFAULT_LIMIT) p.set('limit', String(limit()));
+    if (ui.folder.value.trim()) p.set('folder', ui.folder.value.trim());
+    if (ui.dateFrom.value) p.set('from', ui.dateFrom.value);
+    if (ui.dateTo.value) p.set('to', ui.dateTo.value);
+    const s = p.toString();
+    return s ? `?${s}` : location.pathname;
+  }
+
+  function applyUrl() {
+    const p = new URLSearchParams(location.search);
+    ui.q.value = p.get('q') || '';
+    const mode = p.get('mode');
+    ui.mode.value = ['hybrid', 'vector', 'text'].includes(mode) ? mode : 'hybrid';
+    ui.rerank.checked = p.get('rerank') !== '0';
+    const lim = p.get('limit');
+    ui.limit.value = [...ui.limit.options].some((o) => o.value === lim) ? lim : String(DEFAULT_LIMIT);
+    ui.folder.value = p.get('folder') || '';
+    ui.dateFrom.value = p.get('from') || '';
+    ui.dateTo.value = p.get('to') || '';
+    updateFilterButton();
+    const like = Number(p.get('like'));
+    if (p.get('q')) return { kind: 'text', q: p.get('q') };
+    if (Number.isInteger(like) && like >= 0 && p.has('like')) return { kind: 'like', id: like };
+    return null;
+  }
+
+  function updateFilterButton() {
+    ui.clearFilters.hidden = !hasFilters();
+  }
+
+  // ---------------------------------------------------------------- searching
+
+  function startSearch(query, { push = true } = {}) {
+    state.query = query;
+    state.offset = 0;
+    if (query.kind !== 'file' && state.queryBlobUrl) {
+      URL.revokeObjectURL(state.queryBlobUrl);
+      state.queryBlobUrl = null;
+    }
+    if (push) {
+      const url = pageUrl();
+      if (url !== location.search && !(url === location.pathname && !location.search)) {
+        history.pushState(null, '', url);
+      }
+    }
+    return runSearch(false);
+  }
+
+  async function runSearch(append) {
+    const query = state.query;
+    if (!query) return;
+    const seq = ++state.seq;
+    clearError();
+    ui.results.setAttribute('aria-busy', 'true');
+    document.body.classList.add('is-loading');
+    if (!append) ui.summary.textContent = 'Searching…';
+    const params = filterParams(new URLSearchParams());
+    params.set('limit', String(limit()));
+    params.set('offset', String(append ? state.offset : 0));
+    let req;
+    if (query.kind === 'text') {
+      params.set('q', query.q);
+      params.set('mode', ui.mode.value);
+      params.set('rerank_k', String(ui.rerank.checked ? DEFAULT_RERANK_K : 0));
+      req = api(`/api/search?${params}`);
+    } else if (query.kind === 'like') {
+      req = api(`/api/search/image?${params}`, { method: 'POST', json: { id: query.id } });
+    } else {
+      const body = new FormData();
+      body.append('image', query.file, query.file.name || 'image');
+      req = api(`/api/search/image?${params}`, { method: 'POST', body });
+    }
+    try {
+      const res = await req;
+      if (seq !== state.seq) return;
+      const hits = Array.isArray(res.hits) ? res.hits : [];
+      if (!append) {
+        releaseBlobs();
+        state.hits = [];
+        state.focusIndex = 0;
+      }
+      const start = state.hits.length;
+      state.hits.push(...hits);
+      state.offset = state.hits.length;
+      state.hasMore = hits.length >= limit();
+      renderSummary(res);
+      renderNotices(res.notices);
+      renderHits(start, append);
+      if (append && hits.length) focusTile(start);
+    } catch (err) {
+      if (seq !== state.seq) return;
+      if (!append) {
+        state.hits = [];
+        renderHits(0, false);
+        ui.summary.textContent = '';
+      }
+      showError(err, 'The search failed.');
+    } finally {
+      if (seq === state.seq) {
+        ui.results.removeAttribute('aria-busy');
+        document.body.classList.remove('is-loading');
+        renderEmpty();
+      }
+    }
+  }
+
+  function renderSummary(res) {
+    const n = state.hits.length;
+    const query = state.query;
+    const parts = [];
+    const count = el('strong', { text: `${n}${state.hasMore ? '+' : ''} ${n === 1 ? 'result' : 'results'}` });
+    ui.summary.replaceChildren();
+    if (query.kind === 'text') {
+      ui.summary.append(count, ' for ', el('q', { class: 'summary-q', text: query.q }));
+      parts.push(ui.mode.value);
+      parts.push(ui.rerank.checked ? `ITM rerank top ${DEFAULT_RERANK_K}` : 'no rerank');
+    } else {
+      const thumb = el('img', { class: 'summary-thumb', alt: '' });
+      if (query.kind === 'like') {
+        loadImage(thumb, `/api/images/${query.id}/thumbnail`);
+        ui.summary.append(count, ' similar to ', thumb, el('span', { text: query.name || `image #${query.id}` }));
+      } else {
+        thumb.src = state.queryBlobUrl;
+        ui.summary.append(count, ' similar to ', thumb, el('span', { text: query.file.name || 'your image' }));
+      }
+    }
+    if (typeof res.candidates === 'number') parts.push(`${res.candidates} candidates`);
+    if (typeof res.took_ms === 'number') parts.push(`${res.took_ms.toFixed(0)} ms`);
+    if (res.truncated) parts.push('truncated');
+    if (parts.length) ui.summary.append(el('span', { class: 'summary-meta', text: parts.join(' · ') }));
+    if (query.kind !== 'text') {
+      ui.summary.append(el('button', {
+        type: 'button', class: 'btn btn-link', text: 'Clear',
+        onclick: () => resetToHome(),
+      }));
+    }
+  }
+
+  function renderNotices(notices) {
+    const list = Array.isArray(notices) ? notices.filter(Boolean) : [];
+    ui.notices.replaceChildren(...list.map((n) => el('li', { text: n })));
+    ui.notices.hidden = list.length === 0;
+  }
+
+  function resetToHome() {
+    state.seq += 1;
+    state.query = null;
+    state.hits = [];
+    releaseBlobs();
+    ui.q.value = '';
+    ui.summary.replaceChildren();
+    renderNotices([]);
+    renderHits(0, false);
+    history.pushState(null, '', pageUrl());
+    ui.q.focus();
+  }
+
+  // ---------------------------------------------------------------- results grid
+
+  function tileFor(hit, index) {
+    const caption = bestCaption(hit);
+    const img = el('img', {
+      alt: caption || hit.file_name || `image ${hit.id}`,
+      loading: 'lazy',
+      decoding: 'async',
+      draggable: 'false',
+      'data-testid': 'result-image',
+    });
+    img.addEventListener('load', () => tile.classList.add('loaded'));
+    img.addEventListener('error', () => tile.classList.add('broken'));
+    loadImage(img, hit.thumbnail_url || `/api/images/${hit.id}/thumbnail`);
+
+    const chips = [];
+    if (typeof hit.itm_prob === 'number') chips.push(el('span', { class: 'chip chip-accent', title: 'ITM p(match)', text: `p ${fmt.pct(hit.itm_prob)}` }));
+    if (typeof hit.score === 'number') chips.push(el('span', { class: 'chip', title: 'final score', text: fmt.num(hit.score, 2) }));
+
+    const tile = el('button', {
+      type: 'button',
+      class: 'tile',
+      tabindex: index === state.focusIndex ? '0' : '-1',
+      'aria-label': `${hit.file_name || `Image ${hit.id}`}${caption ? `: ${caption}` : ''}. Open details.`,
+      'data-testid': 'result',
+      dataset: { id: String(hit.id), fileName: hit.file_name || '', index: String(index) },
+      onclick: () => openDetail(index),
+      onfocus: () => { state.focusIndex = index; setRoving(index); },
+    },
+    el('span', { class: 'tile-fallback', 'aria-hidden': 'true', text: hit.file_name || `#${hit.id}` }),
+    img,
+    el('span', { class: 'tile-overlay', 'aria-hidden': 'true' },
+      el('span', { class: 'tile-caption', text: caption || hit.file_name || '' }),
+      el('span', { class: 'tile-chips' }, chips)));
+
+    const like = el('button', {
+      type: 'button',
+      class: 'tile-like',
+      tabindex: '-1',
+      title: 'More like this',
+      'aria-label': `More like ${hit.file_name || `image ${hit.id}`}`,
+      'data-testid': 'tile-more-like-this',
+      onclick: (ev) => { ev.stopPropagation(); searchLike(hit); },
+    });
+    like.innerHTML = '<svg class="icon" viewBox="0 0 24 24" aria-hidden="true" focusable="false"><rect x="3" y="3" width="8" height="8" rx="1.5"/><rect x="13" y="13" width="8" height="8" rx="1.5"/><path d="M15 7h4M17 5v4"/></svg>';
+
+    return el('li', { class: 'cell' }, tile, like);
+  }
+
+  function renderHits(start, append) {
+    if (!append) ui.results.replaceChildren();
+    const frag = document.createDocumentFragment();
+    for (let i = start; i < state.hits.length; i += 1) frag.append(tileFor(state.hits[i], i));
+    ui.results.append(frag);
+    ui.loadMore.hidden = !(state.query && state.hasMore && state.hits.length);
+    renderEmpty();
+  }
+
+  function tiles() {
+    return [...ui.results.querySelectorAll('.tile')];
+  }
+
+  function setRoving(index) {
+    tiles().forEach((t, i) => { t.tabIndex = i === index ? 0 : -1; });
+  }
+
+  function focusTile(index) {
+    const all = tiles();
+    if (!all.length) return;
+    const i = Math.max(0, Math.min(all.length - 1, index));
+    state.focusIndex = i;
+    setRoving(i);
+    all[i].focus();
+    all[i].scrollIntoView({ block: 'nearest' });
+  }
+
+  function columns() {
+    const all = tiles();
+    if (all.length < 2) return 1;
+    const top = all[0].getBoundingClientRect().top;
+    let n = 0;
+    for (const t of all) {
+      if (Math.abs(t.getBoundingClientRect().top - top) > 2) break;
+      n += 1;
+    }
+    return Math.max(1, n);
+  }
+
+  ui.results.addEventListener('keydown', (ev) => {
+    if (!ev.target.classList.contains('tile')) return;
+    const i = Number(ev.target.dataset.index);
+    const cols = columns();
+    const moves = {
+      ArrowRight: i + 1,
+      ArrowLeft: i - 1,
+      ArrowDown: i + cols,
+      ArrowUp: i - cols,
+      Home: 0,
+      End: tiles().length - 1,
+    };
+    if (ev.key in moves) {
+      ev.preventDefault();
+      const next = moves[ev.key];
+      if (next >= 0 && next < tiles().length) focusTile(next);
+    } else if (ev.key === 'm' && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
+      ev.preventDefault();
+      searchLike(state.hits[i]);
+    }
+  });
+
+  // ---------------------------------------------------------------- empty states
+
+  function renderEmpty() {
+    const status = state.status;
+    const query = state.query;
+    const busy = document.body.classList.contains('is-loading');
+    let show = false;
+    let title = '';
+    let text = '';
+    const actions = [];
+    if (query && !busy && state.hits.length === 0 && ui.error.hidden) {
+      show = true;
+      if (query.kind === 'text') {
+        title = `No matches for “${query.q}”`;
+        if (hasFilters()) text = 'Nothing matched within the current folder and date filters. Clear them to search everything.';
+        else if (ui.mode.value === 'text') text = 'Text mode only finds words that appear in captions, given texts and file names. Hybrid or Vector mode also finds photos by what they look like.';
+        else if (status && status.images === 0) text = 'The collection is empty, so there is nothing to find yet.';
+        else text = 'Try other words, or describe the scene rather than naming it.';
+      } else {
+        title = 'No similar images';
+        text = hasFilters() ? 'Nothing similar within the current filters.' : 'The collection has no other images to compare with.';
+      }
+      if (hasFilters()) actions.push(el('button', { type: 'button', class: 'btn', text: 'Clear filters', onclick: clearFilters }));
+      if (query.kind === 'text' && ui.mode.value === 'text') {
+        actions.push(el('button', { type: 'button', class: 'btn', text: 'Search in Hybrid mode', onclick: () => { ui.mode.value = 'hybrid'; submit(); } }));
+      }
+    } else if (!query) {
+      show = true;
+      const ingest = status && status.ingest;
+      if (status && status.images === 0 && ingest && ingest.state !== 'idle' && ingest.state !== 'error') {
+        title = 'Indexing your photos…';
+        text = 'Captions and vectors are being computed. Results appear as soon as the first images are in.';
+      } else if (status && status.images === 0) {
+        title = 'No images yet';
+        text = 'Start the server with --images <folder> to index a folder of photos, or upload one here.';
+        actions.push(el('button', { type: 'button', class: 'btn btn-primary', text: 'Upload an image', onclick: openUpload }));
+      } else {
+        title = 'Search your photos';
+        text = `Describe what you are looking for in plain words${status ? ` across ${fmt.count(status.images)} images` : ''}, or drop an image anywhere on this page to find similar ones.`;
+        for (const example of ['a dog on the beach', 'people around a table', 'a city at night']) {
+          actions.push(el('button', {
+            type: 'button', class: 'btn btn-chip', text: example,
+            onclick: () => { ui.q.value = example; submit(); },
+          }));
+        }
+      }
+    }
+    ui.empty.hidden = !show;
+    if (show) {
+      ui.emptyTitle.textContent = title;
+      ui.emptyText.textContent = text;
+      ui.emptyActions.replaceChildren(...actions);
+    }
+  }
+
+  // ---------------------------------------------------------------- search by image
+
+  function searchLike(hit) {
+    if (!hit) return;
+    if (ui.detail.open) ui.detail.close();
+    return startSearch({ kind: 'like', id: hit.id, name: hit.file_name });
+  }
+
+  function searchByFile(file) {
+    if (!file) return;
+    if (file.type && !file.type.startsWith('image/')) {
+      showError(new ApiError(0, 'client', `“${file.name}” is not an image.`), 'Cannot search with this file.');
+      return;
+    }
+    if (state.queryBlobUrl) URL.revokeObjectURL(state.queryBlobUrl);
+    state.queryBlobUrl = URL.createObjectURL(file);
+    ui.q.value = '';
+    history.pushState(null, '', location.pathname);
+    return startSearch({ kind: 'file', file }, { push: false });
+  }
+
+  ui.imageInput.addEventListener('change', () => {
+    const file = ui.imageInput.files && ui.imageInput.files[0];
+    ui.imageInput.value = '';
+    searchByFile(file);
+  });
+
+  let dragDepth = 0;
+  const hasFiles = (ev) => ev.dataTransfer && [...ev.dataTransfer.types].includes('Files');
+  document.addEventListener('dragenter', (ev) => {
+    if (!hasFiles(ev) || ui.upload.open) return;
+    dragDepth += 1;
+    ui.dropzone.hidden = false;
+  });
+  document.addEventListener('dragleave', (ev) => {
+    if (!hasFiles(ev) || ui.upload.open) return;
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) ui.dropzone.hidden = true;
+  });
+  document.addEventListener('dragover', (ev) => {
+    if (hasFiles(ev)) ev.preventDefault();
+  });
+  document.addEventListener('drop', (ev) => {
+    if (!hasFiles(ev)) return;
+    ev.preventDefault();
+    dragDepth = 0;
+    ui.dropzone.hidden = true;
+    const file = ev.dataTransfer.files[0];
+    if (ui.upload.open) setUploadFile(file);
+    else searchByFile(file);
+  });
+
+  // ---------------------------------------------------------------- detail dialog
+
+  function scoreRow(label, value, hint, bar) {
+    const dd = el('dd', {}, el('span', { class: 'score-value', text: value }));
+    if (typeof bar === 'number' && Number.isFinite(bar)) {
+      const meter = el('span', { class: 'bar', 'aria-hidden': 'true' }, el('span', { style: `width:${Math.max(0, Math.min(1, bar)) * 100}%` }));
+      dd.prepend(meter);
+    }
+    return [el('dt', { title: hint, text: label }), dd];
+  }
+
+  function renderScores(hit) {
+    const box = $('#detail-scores');
+    box.replaceChildren();
+    if (typeof hit.score !== 'number') {
+      box.append(el('p', { class: 'muted', text: 'Not from a search: no scores.' }));
+      return;
+    }
+    const dl = el('dl', { class: 'score-grid' });
+    dl.append(
+      ...scoreRow('ITM p(match)', fmt.pct(hit.itm_prob), 'Image-text matching head: probability that the query describes this image', hit.itm_prob),
+      ...scoreRow('Score', fmt.num(hit.score), 'Final ranking score'),
+      ...scoreRow('ITM logit', fmt.num(hit.itm_logit), 'Raw image-text matching logit (rerank)'),
+      ...scoreRow('Vector (ITC)', fmt.num(hit.itc), 'Cosine similarity of the query and image embeddings', typeof hit.itc === 'number' ? (hit.itc + 1) / 2 : undefined),
+      ...scoreRow('Vector rank', fmt.rank(hit.vector_rank), 'Rank in the vector (ANN) candidates'),
+      ...scoreRow('BM25', fmt.num(hit.bm25, 2), 'Text score over captions, given texts and file name'),
+      ...scoreRow('Text rank', fmt.rank(hit.text_rank), 'Rank in the BM25 candidates'),
+      ...scoreRow('Fused', fmt.num(hit.fused, 4), 'Reciprocal-rank fusion of vector and text ranks'),
+    );
+    box.append(dl);
+  }
+
+  function renderCaptions(list, captions, matched) {
+    list.replaceChildren();
+    if (!captions.length) {
+      list.append(el('li', { class: 'muted', text: 'No captions.' }));
+      return;
+    }
+    for (const c of captions) {
+      const badges = [el('span', { class: `badge badge-${c.source || 'other'}`, text: c.source || 'caption' })];
+      if (typeof c.p_match === 'number') badges.push(el('span', { class: 'badge', title: 'ITM p(match) of this caption', text: `p ${fmt.pct(c.p_match)}` }));
+      if (c.kept === false) badges.push(el('span', { class: 'badge badge-dropped', title: 'Dropped by the CapFilt filter (not searchable)', text: 'filtered' }));
+      list.append(el('li', {
+        class: `caption${c.kept === false ? ' dropped' : ''}${matched && c.text === matched ? ' is-matched' : ''}`,
+        'data-testid': 'detail-caption',
+      }, el('span', { class: 'caption-text', text: c.text }), el('span', { class: 'caption-badges' }, badges)));
+    }
+  }
+
+  function renderMeta(info) {
+    const dl = $('#detail-meta');
+    const rows = [
+      ['Path', info.path],
+      ['Size', info.width && info.height ? `${info.width} × ${info.height}${info.size_bytes ? ` · ${fmt.bytes(info.size_bytes)}` : ''}` : null],
+      ['Taken', info.exif_date || null],
+      ['Modified', info.mtime_unix ? fmt.date(info.mtime_unix) : null],
+      ['Added', info.added_unix ? fmt.date(info.added_unix) : null],
+      ['Id', `#${info.id}`],
+    ];
+    dl.replaceChildren(...rows.filter(([, v]) => v).flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v })]));
+  }
+
+  function fillDetail(hit) {
+    state.detailHit = hit;
+    $('#detail-title').textContent = hit.file_name || `Image #${hit.id}`;
+    const img = $('#detail-img');
+    img.removeAttribute('src');
+    img.alt = bestCaption(hit) || hit.file_name || '';
+    loadImage(img, hit.file_url || `/api/images/${hit.id}/file`);
+    const matched = $('#detail-matched');
+    matched.hidden = !hit.matched_caption;
+    matched.textContent = hit.matched_caption ? `“${hit.matched_caption}”` : '';
+    renderScores(hit);
+    renderCaptions($('#detail-captions'), hit.captions || [], hit.matched_caption);
+    $('#detail-given-wrap').hidden = true;
+    renderMeta(hit);
+    $('#detail-open').href = hit.file_url || `/api/images/${hit.id}/file`;
+    $('#detail-prev').disabled = state.detailIndex <= 0;
+    $('#detail-next').disabled = state.detailIndex < 0 || state.detailIndex >= state.hits.length - 1;
+    // Full record: dates, size, given texts (and captions when the hit had none).
+    api(`/api/images/${hit.id}`).then((info) => {
+      if (state.detailHit !== hit) return;
+      renderMeta(info);
+      if (!(hit.captions && hit.captions.length)) renderCaptions($('#detail-captions'), info.captions || [], hit.matched_caption);
+      const given = info.given_texts || [];
+      $('#detail-given-wrap').hidden = given.length === 0;
+      $('#detail-given').replaceChildren(...given.map((t) => el('li', { class: 'caption' }, el('span', { class: 'caption-text', text: t }))));
+    }).catch((err) => {
+      if (state.detailHit === hit) showError(err, 'Could not load the image details.');
+    });
+  }
+
+  function openDetail(index) {
+    const hit = state.hits[index];
+    if (!hit) return;
+    state.detailIndex = index;
+    fillDetail(hit);
+    if (!ui.detail.open) ui.detail.showModal();
+    $('[data-close]', ui.detail).focus();
+  }
+
+  function openRecord(record) {
+    state.detailIndex = -1;
+    fillDetail(record);
+    if (!ui.detail.open) ui.detail.showModal();
+    $('[data-close]', ui.detail).focus();
+  }
+
+  ui.detail.addEventListener('close', () => {
+    state.detailHit = null;
+    // Back to the tile of the image last shown (the arrows may have moved on from the opener).
+    const want = tiles()[state.detailIndex];
+    if (want && state.query && document.activeElement !== want) focusTile(state.detailIndex);
+  });
+  ui.detail.addEventListener('keydown', (ev) => {
+    if (ev.target.matches('input, textarea, select')) return;
+    if (ev.key === 'ArrowLeft' && state.detailIndex > 0) { ev.preventDefault(); openDetail(state.detailIndex - 1); }
+    if (ev.key === 'ArrowRight' && state.detailIndex >= 0 && state.detailIndex < state.hits.length - 1) { ev.preventDefault(); openDetail(state.detailIndex + 1); }
+  });
+  $('#detail-prev').addEventListener('click', () => openDetail(state.detailIndex - 1));
+  $('#detail-next').addEventListener('click', () => openDetail(state.detailIndex + 1));
+  $('#detail-like').addEventListener('click', () => searchLike(state.detailHit));
+  $('#detail-delete').addEventListener('click', async () => {
+    const hit = state.detailHit;
+    if (!hit || !confirm(`Remove “${hit.file_name || `#${hit.id}`}” from the index? The file itself is not deleted.`)) return;
+    try {
+      await api(`/api/images/${hit.id}`, { method: 'DELETE' });
+      const i = state.hits.findIndex((h) => h.id === hit.id);
+      state.detailIndex = -1;
+      ui.detail.close();
+      if (i >= 0) {
+        state.hits.splice(i, 1);
+        renderHits(0, false);
+        focusTile(Math.min(i, state.hits.length - 1));
+      }
+      toast(`Removed ${hit.file_name || `#${hit.id}`} from the index.`);
+      refreshStatus();
+    } catch (err) {
+      showError(err, 'Could not remove the image.');
+    }
+  });
+
+  // Clicking the backdrop (outside the dialog box) closes any dialog; so do [data-close] buttons.
+  for (const dlg of [ui.detail, ui.upload, ui.key]) {
+    dlg.addEventListener('click', (ev) => {
+      if (ev.target === dlg) dlg.close();
+      if (ev.target.closest('[data-close]')) dlg.close();
+    });
+  }
+
+  // ---------------------------------------------------------------- upload
+
+  const uploadFile = $('#upload-file');
+  const uploadPreview = $('#upload-preview');
+  const uploadResult = $('#upload-result');
+  let uploadPreviewUrl = null;
+
+  function setUploadFile(file) {
+    if (!file) return;
+    const dt = new DataTransfer();
+    dt.items.add(file);
+    uploadFile.files = dt.files;
+    showUploadPreview();
+  }
+
+  function showUploadPreview() {
+    const file = uploadFile.files && uploadFile.files[0];
+    if (uploadPreviewUrl) URL.revokeObjectURL(uploadPreviewUrl);
+    uploadPreviewUrl = file ? URL.createObjectURL(file) : null;
+    uploadPreview.hidden = !file;
+    if (file) uploadPreview.src = uploadPreviewUrl;
+    $('#upload-placeholder').textContent = file ? file.name : 'Choose an image or drop it here';
+  }
+
+  function openUpload() {
+    uploadResult.replaceChildren();
+    ui.upload.showModal();
+    uploadFile.focus();
+  }
+
+  uploadFile.addEventListener('change', showUploadPreview);
+  $('#upload-open').addEventListener('click', openUpload);
+
+  $('#upload-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const file = uploadFile.files && uploadFile.files[0];
+    if (!file) {
+      uploadResult.replaceChildren(el('p', { class: 'form-error', text: 'Choose an image first.' }));
+      return;
+    }
+    const body = new FormData();
+    body.append('image', file, file.name);
+    for (const line of $('#upload-text').value.split('\n')) {
+      if (line.trim()) body.append('text', line.trim());
+    }
+    const submitBtn = $('#upload-submit');
+    submitBtn.disabled = true;
+    uploadResult.replaceChildren(el('p', { class: 'working' }, el('span', { class: 'spinner', 'aria-hidden': 'true' }), 'Captioning and indexing…'));
+    try {
+      const res = await api('/api/images', { method: 'POST', body });
+      const record = { ...(res.image || {}), id: res.id };
+      const heading = res.duplicate
+        ? el('p', { class: 'ok' }, 'Already in the index as ', el('strong', { 'data-testid': 'upload-id', text: `#${res.id}` }), '.')
+        : el('p', { class: 'ok' }, 'Added as ', el('strong', { 'data-testid': 'upload-id', text: `#${res.id}` }), '.');
+      const caps = el('ul', { class: 'captions' });
+      renderCaptions(caps, res.captions || record.captions || [], null);
+      uploadResult.replaceChildren(heading, caps, el('div', { class: 'upload-actions' },
+        el('button', { type: 'button', class: 'btn', text: 'View', 'data-testid': 'upload-view', onclick: () => { ui.upload.close(); openRecord(record); } }),
+        el('button', { type: 'button', class: 'btn', text: 'Find similar', onclick: () => { ui.upload.close(); searchLike(record); } })));
+      uploadResult.dataset.id = String(res.id);
+      $('#upload-text').value = '';
+      refreshStatus();
+    } catch (err) {
+      uploadResult.replaceChildren(el('p', { class: 'form-error', 'data-testid': 'upload-error', text: `${err.message}${err.code ? ` (${err.code})` : ''}` }));
+    } finally {
+      submitBtn.disabled = false;
+    }
+  });
+
+  ui.upload.addEventListener('close', () => {
+    uploadFile.value = '';
+    showUploadPreview();
+  });
+
+  // ---------------------------------------------------------------- API key
+
+  let keyWaiters = [];
+  function askKey(reason) {
+    $('#key-reason').textContent = reason
+      ? `The server said: ${reason.replace(/[.\s]+$/, '')}. Enter the API key; it is kept in this browser only.`
+      : 'Enter the API key; it is kept in this browser only.';
+    $('#key-input').value = state.key;
+    if (!ui.key.open) {
+      // A modal dialog cannot open over another modal one in every browser: stack it on top.
+      ui.key.showModal();
+    }
+    $('#key-input').focus();
+    return new Promise((resolve) => keyWaiters.push(resolve));
+  }
+
+  function settleKey(ok) {
+    const waiters = keyWaiters;
+    keyWaiters = [];
+    for (const w of waiters) w(ok);
+  }
+
+  $('#key-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const key = $('#key-input').value.trim();
+    writeKey(key);
+    ui.key.close();
+    settleKey(Boolean(key));
+    if (key) toast('API key saved in this browser.');
+  });
+  $('#key-clear').addEventListener('click', () => {
+    writeKey('');
+    $('#key-input').value = '';
+    ui.key.close();
+    toast('API key forgotten.');
+  });
+  ui.key.addEventListener('close', () => settleKey(false));
+  $('#key-open').addEventListener('click', () => { askKey(''); });
+
+  // ---------------------------------------------------------------- status and ingest progress
+
+  let pollTimer = 0;
+  async function refreshStatus() {
+    clearTimeout(pollTimer);
+    let active = false;
+    try {
+      const s = await api('/api/status', { retry: false });
+      state.status = s;
+      active = renderStatus(s);
+    } catch (err) {
+      if (err.status === 401) {
+        state.protectReads = true;
+        ui.footerStats.textContent = 'This server needs an API key to read.';
+      } else {
+        ui.footerStats.textContent = `Status unavailable: ${err.message}`;
+      }
+    }
+    pollTimer = setTimeout(refreshStatus, active ? POLL_ACTIVE_MS : POLL_IDLE_MS);
+  }
+
+  function renderStatus(s) {
+    const ing = s.ingest || {};
+    const active = ing.state === 'scanning' || ing.state === 'indexing';
+    if (s.auth && s.auth.reads) state.protectReads = true;
+    ui.ingest.hidden = !(active || ing.state === 'error');
+    ui.ingest.classList.toggle('is-error', ing.state === 'error');
+    if (ing.state === 'scanning') {
+      ui.ingestText.textContent = 'Scanning folders for new photos…';
+      ui.ingestProgress.removeAttribute('value');
+    } else if (ing.state === 'indexing') {
+      const total = ing.total || 0;
+      const done = ing.done || 0;
+      const name = ing.current ? ing.current.split(/[\\/]/).pop() : '';
+      ui.ingestText.textContent = `Indexing ${fmt.count(done)} of ${fmt.count(total)}${name ? ` · ${name}` : ''}${ing.failed ? ` · ${ing.failed} failed` : ''}`;
+      ui.ingestProgress.max = Math.max(1, total);
+      ui.ingestProgress.value = done;
+    } else if (ing.state === 'error') {
+      ui.ingestText.textContent = `Indexing stopped: ${ing.last_error || 'unknown error'}`;
+      ui.ingestProgress.value = 0;
+    }
+    if (state.ingestWasActive && !active && state.query) ui.ingestRefresh.hidden = false;
+    if (active && state.query) ui.ingestRefresh.hidden = false;
+    if (!state.query) ui.ingestRefresh.hidden = true;
+    state.ingestWasActive = active;
+    if (!active && ing.state !== 'error' && !ui.ingestRefresh.hidden) {
+      ui.ingest.hidden = false;
+      ui.ingestText.textContent = `Indexing finished${ing.failed ? ` (${ing.failed} failed)` : ''}.`;
+      ui.ingestProgress.max = 1;
+      ui.ingestProgress.value = 1;
+    }
+
+    const models = s.models || {};
+    const bits = [`${fmt.count(s.images)} images`];
+    if (models.retrieval) bits.push(`retrieval: ${models.retrieval}`);
+    bits.push(`captions: ${models.caption || 'off'}`);
+    if (s.device) bits.push(s.device);
+    if (s.version) bits.push(`v${s.version}`);
+    ui.footerStats.textContent = bits.join(' · ');
+
+    const folders = Array.isArray(s.folders) ? s.folders : [];
+    ui.folderList.replaceChildren(...folders.map((f) => el('option', { value: f })));
+    if (!state.query) renderEmpty();
+    return active;
+  }
+
+  ui.ingestRefresh.addEventListener('click', () => {
+    ui.ingestRefresh.hidden = true;
+    if (!state.ingestWasActive) ui.ingest.hidden = true;
+    runSearch(false);
+  });
+
+  // ---------------------------------------------------------------- wiring
+
+  function submit() {
+    const q = ui.q.value.trim();
+    if (!q) {
+      ui.q.focus();
+      if (state.query && state.query.kind !== 'text') return runSearch(false);
+      return;
+    }
+    return startSearch({ kind: 'text', q });
+  }
+
+  function clearFilters() {
+    ui.folder.value = '';
+    ui.dateFrom.value = '';
+    ui.dateTo.value = '';
+    updateFilterButton();
+    if (state.query) startSearch(state.query);
+  }
+
+  ui.form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    submit();
+  });
+  // Changing an option re-runs the current search at once (mode and rerank only apply to text).
+  for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo]) {
+    control.addEventListener('change', () => {
+      updateFilterButton();
+      const query = state.query;
+      if (!query) return;
+      if (query.kind !== 'text' && (control === ui.mode || control === ui.rerank)) {
+        history.replaceState(null, '', query.kind === 'like' ? pageUrl() : location.pathname);
+        return;
+      }
+      startSearch(query, { push: query.kind !== 'file' });
+    });
+  }
+  ui.folder.addEventListener('change', () => {
+    updateFilterButton();
+    if (state.query) startSearch(state.query, { push: state.query.kind !== 'file' });
+  });
+  ui.clearFilters.addEventListener('click', clearFilters);
+  ui.loadMore.addEventListener('click', () => runSearch(true));
+  $('#error-close').addEventListener('click', clearError);
+
+  document.addEventListener('keydown', (ev) => {
+    if (ev.key !== '/' || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    if (ev.target.closest('input, textarea, select, [contenteditable]')) return;
+    if (document.querySelector('dialog[open]')) return;
+    ev.preventDefault();
+    ui.q.focus();
+    ui.q.select();
+  });
+
+  window.addEventListener('popstate', () => {
+    const query = applyUrl();
+    if (query) startSearch(query, { push: false });
+    else {
+      state.seq += 1;
+      state.query = null;
+      state.hits = [];
+      renderHits(0, false);
+      ui.summary.replaceChildren();
+      renderNotices([]);
+    }
+  });
+
+  // Start: restore the search in the URL, then poll the status.
+  const initial = applyUrl();
+  renderEmpty();
+  refreshStatus();
+  if (initial) startSearch(initial, { push: false });
+  else ui.q.focus();
+})();
