@@ -5,6 +5,8 @@
 //! - [`model`]: BLIP itself (preprocessing, tokenizer, ViT, text encoder/decoder, ITC/ITM);
 //! - [`index`]: on-disk collection storage (sled metadata, HNSW vectors, tantivy text, ViT
 //!   features, thumbnails); takes vectors and ids, never a model;
+//! - [`engine`]: ingestion and search over a collection with the models;
+//! - [`server`]: the HTTP API, web UI and metrics (`blipsearch serve`);
 //! - `cli`: the command-line front end.
 #![warn(missing_docs)]
 
@@ -12,3 +14,4 @@ pub mod cli;
 pub mod engine;
 pub mod index;
 pub mod model;
+pub mod server;

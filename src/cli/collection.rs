@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::engine::{IngestOptions, IngestSummary, Ingestor};
+use crate::engine::{IngestOptions, IngestSummary, Ingestor, LocalModels};
 use crate::index::{Collection, CollectionInfo, HnswParams, ImageId};
 use crate::model::capfilt::CapFiltParams;
 use crate::model::caption::Captioner;
@@ -27,6 +28,9 @@ pub struct IndexArgs {
 pub struct IngestArgs {
     #[command(flatten)]
     common: IngestCommon,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
     /// Files or folders (recursive).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -37,20 +41,23 @@ pub struct IngestArgs {
 pub struct ReindexArgs {
     #[command(flatten)]
     common: IngestCommon,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// What every ingesting command takes: collection, models and batching.
 #[derive(Debug, Args)]
 pub struct IngestCommon {
     #[command(flatten)]
-    index: IndexArgs,
+    pub(super) index: IndexArgs,
     #[command(flatten)]
-    model: RetrievalModelArgs,
+    pub(super) model: RetrievalModelArgs,
     #[command(flatten)]
     caption: CaptionCheckpointArgs,
     /// Skip captions: vectors only (much faster).
     #[arg(long)]
-    no_captions: bool,
+    pub(super) no_captions: bool,
     /// Nucleus-sampled captions per image (CapFilt), besides the beam caption.
     #[arg(long, default_value_t = 3)]
     samples: usize,
@@ -63,9 +70,6 @@ pub struct IngestCommon {
     /// Commit (make durable and searchable) after this many new images.
     #[arg(long, default_value_t = 64)]
     commit_every: usize,
-    /// Print the summary as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// `remove`.
@@ -88,7 +92,7 @@ pub struct StatsArgs {
     json: bool,
 }
 
-fn load_models(a: &IngestCommon) -> Result<(Retriever, Option<Captioner>)> {
+pub(super) fn load_models(a: &IngestCommon) -> Result<LocalModels> {
     let device = select_device(&a.model.device)?;
     let retriever =
         Retriever::load(&a.model.source(), &device).context("loading retrieval model")?;
@@ -101,10 +105,16 @@ fn load_models(a: &IngestCommon) -> Result<(Retriever, Option<Captioner>)> {
                 .context("loading caption model (use --no-captions to skip captions)")?,
         )
     };
-    Ok((retriever, captioner))
+    Ok(LocalModels {
+        retriever,
+        captioner,
+    })
 }
 
-fn collection_info(retriever: &Retriever, captioner: Option<&Captioner>) -> CollectionInfo {
+pub(super) fn collection_info(
+    retriever: &Retriever,
+    captioner: Option<&Captioner>,
+) -> CollectionInfo {
     let cfg = retriever.config();
     CollectionInfo::new(
         retriever.name(),
@@ -115,7 +125,7 @@ fn collection_info(retriever: &Retriever, captioner: Option<&Captioner>) -> Coll
     )
 }
 
-fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
+pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
     let capfilt = if a.no_captions {
         None
     } else {
@@ -130,23 +140,28 @@ fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
         limits: a.model.limits()?,
         capfilt,
         progress: true,
+        observer: None,
     })
 }
 
 /// `add` and `sync`.
 pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
     let c = &a.common;
-    let (retriever, captioner) = load_models(c)?;
-    let info = collection_info(&retriever, captioner.as_ref());
-    let mut collection = Collection::open(&c.index.index, &info, HnswParams::default())?;
+    let models = load_models(c)?;
+    let info = collection_info(&models.retriever, models.captioner.as_ref());
+    let collection = RwLock::new(Collection::open(
+        &c.index.index,
+        &info,
+        HnswParams::default(),
+    )?);
     let options = ingest_options(c)?;
-    let mut ingestor = Ingestor::new(&mut collection, &retriever, captioner.as_ref(), options)?;
+    let mut ingestor = Ingestor::new(&collection, &models, options)?;
     let summary = if sync {
         ingestor.sync(&a.paths)?
     } else {
         ingestor.add(&a.paths)?
     };
-    print_summary(&summary, c.json)
+    print_summary(&summary, a.json)
 }
 
 /// `reindex`: embeds every image of the collection again, from its original file, with the
@@ -174,17 +189,17 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
             p.display()
         );
     }
-    let (retriever, captioner) = load_models(c)?;
-    let info = collection_info(&retriever, captioner.as_ref());
+    let models = load_models(c)?;
+    let info = collection_info(&models.retriever, models.captioner.as_ref());
     let staging = sibling(dir, "reindex");
     if staging.exists() {
         std::fs::remove_dir_all(&staging)
             .with_context(|| format!("removing {}", staging.display()))?;
     }
     let summary = {
-        let mut fresh = Collection::open(&staging, &info, HnswParams::default())?;
+        let fresh = RwLock::new(Collection::open(&staging, &info, HnswParams::default())?);
         let options = ingest_options(c)?;
-        let ingestor = Ingestor::new(&mut fresh, &retriever, captioner.as_ref(), options)?;
+        let ingestor = Ingestor::new(&fresh, &models, options)?;
         ingestor.with_given_texts(given).add(&present)?
     };
     let old = sibling(dir, "old");
@@ -195,7 +210,7 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
     std::fs::rename(&staging, dir)
         .with_context(|| format!("moving {} into place", staging.display()))?;
     std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    print_summary(&summary, c.json)
+    print_summary(&summary, a.json)
 }
 
 /// `index` -> `index.<suffix>` in the same parent folder.

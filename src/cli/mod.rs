@@ -3,6 +3,7 @@
 
 mod collection;
 mod search;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -49,6 +50,9 @@ pub enum Command {
     Stats(collection::StatsArgs),
     /// Search the collection by text, by an image file or by an indexed image.
     Search(search::SearchArgs),
+    /// Serve the web UI and JSON API over the collection, indexing --images folders in the
+    /// background.
+    Serve(serve::ServeArgs),
     /// List groups of near-duplicate images (ITC cosine above a threshold).
     Duplicates(search::DuplicatesArgs),
     /// Embed every image again from its file with the models given now (after a model change).
@@ -87,7 +91,7 @@ impl RetrievalModelArgs {
         }
     }
 
-    fn limits(&self) -> Result<DecodeLimits> {
+    pub(crate) fn limits(&self) -> Result<DecodeLimits> {
         if self.max_megapixels.is_nan() || self.max_megapixels <= 0.0 {
             bail!("--max-megapixels must be positive");
         }
@@ -194,6 +198,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(a) => collection::stats(a),
         Command::Reindex(a) => collection::reindex(a),
         Command::Search(a) => search::search(a),
+        Command::Serve(a) => serve::serve(a),
         Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),

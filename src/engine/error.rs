@@ -25,6 +25,15 @@ pub enum EngineError {
     /// Bad options or arguments.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The inference queue is full: try again shortly.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The models did not answer in time.
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    /// A bug or a broken invariant (a poisoned lock, a worker gone).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// Result alias of the engine layer.

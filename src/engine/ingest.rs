@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::UNIX_EPOCH;
 
 use candle_core::IndexOp;
@@ -13,15 +15,13 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
+use super::models::Encoders;
 use crate::index::meta::now_unix;
 use crate::index::{
     content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
 };
-use crate::model::capfilt::{capfilt_images_with_tokens, CandidateSource, CapFiltParams};
-use crate::model::caption::Captioner;
+use crate::model::capfilt::{CandidateSource, CapFiltParams};
 use crate::model::preprocess::{decode_image, DecodeLimits};
-use crate::model::retrieval::rows;
-use crate::model::Retriever;
 
 /// File extensions ingested (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -42,6 +42,41 @@ pub struct IngestOptions {
     pub capfilt: Option<CapFiltParams>,
     /// Draw a progress bar on a terminal.
     pub progress: bool,
+    /// Progress shared with other threads (the server's status), and the way to stop early.
+    pub observer: Option<Arc<IngestProgress>>,
+}
+
+/// Live progress of an ingest run, readable from other threads; also carries the request to
+/// stop (the run commits what it has and returns).
+#[derive(Debug, Default)]
+pub struct IngestProgress {
+    /// Files found by the walk.
+    pub total: AtomicU64,
+    /// Files dealt with (indexed, skipped or failed).
+    pub done: AtomicU64,
+    /// Files that failed.
+    pub failed: AtomicU64,
+    /// The file being read.
+    pub current: Mutex<Option<String>>,
+    cancel: AtomicBool,
+}
+
+impl IngestProgress {
+    /// Asks the run to stop after the batch in flight.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn set_current(&self, path: Option<String>) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = path;
+        }
+    }
 }
 
 impl Default for IngestOptions {
@@ -52,6 +87,7 @@ impl Default for IngestOptions {
             limits: DecodeLimits::default(),
             capfilt: Some(CapFiltParams::default()),
             progress: true,
+            observer: None,
         }
     }
 }
@@ -99,21 +135,20 @@ struct Prepared {
     replaces: Option<ImageId>,
 }
 
-/// Runs ingestion against one collection with loaded models.
-pub struct Ingestor<'a> {
-    collection: &'a mut Collection,
-    retriever: &'a Retriever,
-    captioner: Option<&'a Captioner>,
+/// Runs ingestion against one collection with loaded models. The collection is locked only
+/// for each read or write, never across a forward pass, so searches run during ingestion.
+pub struct Ingestor<'a, M: Encoders + ?Sized> {
+    collection: &'a RwLock<Collection>,
+    models: &'a M,
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
 }
 
-impl<'a> Ingestor<'a> {
-    /// An ingestor; `captioner` is required when `options.capfilt` is set.
+impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
+    /// An ingestor; `models` must be able to caption when `options.capfilt` is set.
     pub fn new(
-        collection: &'a mut Collection,
-        retriever: &'a Retriever,
-        captioner: Option<&'a Captioner>,
+        collection: &'a RwLock<Collection>,
+        models: &'a M,
         options: IngestOptions,
     ) -> Result<Self> {
         if options.batch_size == 0 || options.commit_every == 0 {
@@ -121,15 +156,14 @@ impl<'a> Ingestor<'a> {
                 "batch size and commit interval must be at least 1".into(),
             ));
         }
-        if options.capfilt.is_some() && captioner.is_none() {
+        if options.capfilt.is_some() && !models.can_caption() {
             return Err(EngineError::InvalidInput(
                 "captions requested but no caption model loaded".into(),
             ));
         }
         Ok(Self {
             collection,
-            retriever,
-            captioner,
+            models,
             options,
             extra_given: HashMap::new(),
         })
@@ -147,42 +181,81 @@ impl<'a> Ingestor<'a> {
     pub fn add(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
         let mut summary = IngestSummary::default();
         let files = walk(paths, &mut summary)?;
+        let observer = self.options.observer.clone();
+        if let Some(o) = &observer {
+            o.total.store(files.len() as u64, Ordering::SeqCst);
+            o.done.store(0, Ordering::SeqCst);
+            o.failed
+                .store(summary.failed.len() as u64, Ordering::SeqCst);
+        }
+        let advance = |bar: &ProgressBar, n: u64| {
+            bar.inc(n);
+            if let Some(o) = &observer {
+                o.done.fetch_add(n, Ordering::SeqCst);
+            }
+        };
         let bar = progress_bar(files.len() as u64, self.options.progress);
         let mut batch: Vec<Prepared> = Vec::with_capacity(self.options.batch_size);
         let mut batch_hashes = HashSet::new();
         let mut since_commit = 0usize;
         for file in files {
+            if observer.as_ref().is_some_and(|o| o.is_cancelled()) {
+                break;
+            }
             bar.set_message(short_name(&file));
+            if let Some(o) = &observer {
+                o.set_current(Some(file.display().to_string()));
+            }
             match self.prepare(&file, &mut summary, &batch_hashes) {
                 Ok(Some(p)) => {
                     batch_hashes.insert(p.hash.clone());
                     batch.push(p);
                 }
                 Ok(None) => {}
-                Err(reason) => summary.failed.push(Failure {
-                    path: file.display().to_string(),
-                    reason,
-                }),
+                Err(reason) => {
+                    if let Some(o) = &observer {
+                        o.failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    summary.failed.push(Failure {
+                        path: file.display().to_string(),
+                        reason,
+                    })
+                }
             }
             if batch.len() >= self.options.batch_size {
                 since_commit += self.flush(&mut batch, &mut summary)?;
                 batch_hashes.clear();
-                bar.inc(self.options.batch_size as u64);
+                advance(&bar, self.options.batch_size as u64);
                 if since_commit >= self.options.commit_every {
                     self.commit(&bar)?;
                     since_commit = 0;
                 }
             } else if batch.is_empty() {
-                bar.inc(1);
+                advance(&bar, 1);
             }
         }
         let pending = batch.len() as u64;
         self.flush(&mut batch, &mut summary)?;
-        bar.inc(pending);
+        advance(&bar, pending);
         self.commit(&bar)?;
         bar.finish_and_clear();
-        summary.total = self.collection.len()?;
+        if let Some(o) = &observer {
+            o.set_current(None);
+        }
+        summary.total = self.read()?.len()?;
         Ok(summary)
+    }
+
+    fn read(&self) -> Result<RwLockReadGuard<'a, Collection>> {
+        self.collection
+            .read()
+            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'a, Collection>> {
+        self.collection
+            .write()
+            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
     }
 
     /// [`Self::add`], then removes indexed images under `paths` whose files are gone.
@@ -192,7 +265,7 @@ impl<'a> Ingestor<'a> {
             .map(|p| canonical(p).map(|c| c.display().to_string()))
             .collect::<Result<_>>()?;
         let mut gone = Vec::new();
-        for record in self.collection.iter() {
+        for record in self.read()?.iter() {
             let record = record?;
             let under = roots.iter().any(|r| Path::new(&record.path).starts_with(r));
             if under && !Path::new(&record.path).exists() {
@@ -200,7 +273,7 @@ impl<'a> Ingestor<'a> {
             }
         }
         for id in &gone {
-            self.collection.remove(*id)?;
+            self.write()?.remove(*id)?;
         }
         let mut summary = self.add(paths)?;
         summary.removed = gone.len();
@@ -208,8 +281,11 @@ impl<'a> Ingestor<'a> {
     }
 
     fn commit(&mut self, bar: &ProgressBar) -> Result<()> {
-        self.collection.commit()?;
-        let total = self.collection.len()?;
+        let total = {
+            let mut c = self.write()?;
+            c.commit()?;
+            c.len()?
+        };
         // A stable line on stderr: what it reports is durable and searchable.
         bar.suspend(|| eprintln!("committed: {total} images in the collection"));
         tracing::debug!(total, "committed");
@@ -232,13 +308,12 @@ impl<'a> Ingestor<'a> {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
-        let existing = self
-            .collection
-            .by_path(&path_str)
-            .map_err(|e| e.to_string())?;
-        let existing = match existing {
-            Some(id) => self.collection.get(id).map_err(|e| e.to_string())?,
-            None => None,
+        let existing = {
+            let c = self.read().map_err(|e| e.to_string())?;
+            match c.by_path(&path_str).map_err(|e| e.to_string())? {
+                Some(id) => c.get(id).map_err(|e| e.to_string())?,
+                None => None,
+            }
         };
         if let Some(r) = &existing {
             // mtimes have one-second resolution here: a file written in the second it was
@@ -256,12 +331,17 @@ impl<'a> Ingestor<'a> {
                 // Touched but not changed: remember the new mtime so the next run is fast.
                 let mut r = r.clone();
                 r.mtime_unix = mtime;
-                self.collection.update(&r).map_err(|e| e.to_string())?;
+                self.write()
+                    .and_then(|mut c| Ok(c.update(&r)?))
+                    .map_err(|e| e.to_string())?;
                 summary.unchanged += 1;
                 return Ok(None);
             }
         }
-        let same_content = self.collection.by_hash(&hash).map_err(|e| e.to_string())?;
+        let same_content = self
+            .read()
+            .and_then(|c| Ok(c.by_hash(&hash)?))
+            .map_err(|e| e.to_string())?;
         if same_content.is_some_and(|id| Some(id) != existing.as_ref().map(|r| r.id))
             || batch_hashes.contains(&hash)
         {
@@ -298,39 +378,33 @@ impl<'a> Ingestor<'a> {
             return Ok(0);
         }
         let images: Vec<DynamicImage> = batch.iter().map(|p| p.image.clone()).collect();
-        let emb = self.retriever.embed_images(&images)?;
-        let itc = rows(&emb.itc)?;
+        let emb = self.models.encode_images(images.clone())?;
+        let itc = emb.itc;
         let (_, t, d) = emb.tokens.dims3().map_err(crate::model::ModelError::from)?;
-        let captions: Vec<Vec<Caption>> = match (&self.options.capfilt, self.captioner) {
-            (Some(params), Some(captioner)) => {
+        let captions: Vec<Vec<Caption>> = match &self.options.capfilt {
+            Some(params) => {
                 let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
-                capfilt_images_with_tokens(
-                    captioner,
-                    self.retriever,
-                    &images,
-                    Some(&emb.tokens),
-                    &given,
-                    params,
-                )?
-                .into_iter()
-                .map(|cands| {
-                    cands
-                        .into_iter()
-                        .map(|c| Caption {
-                            text: c.text,
-                            source: match c.source {
-                                CandidateSource::Given => CaptionSource::Given,
-                                CandidateSource::Beam => CaptionSource::Beam,
-                                CandidateSource::Sample => CaptionSource::Sample,
-                            },
-                            p_match: Some(c.p_match),
-                            kept: c.kept,
-                        })
-                        .collect()
-                })
-                .collect()
+                self.models
+                    .capfilt(images, Some(emb.tokens.clone()), given, params.clone())?
+                    .into_iter()
+                    .map(|cands| {
+                        cands
+                            .into_iter()
+                            .map(|c| Caption {
+                                text: c.text,
+                                source: match c.source {
+                                    CandidateSource::Given => CaptionSource::Given,
+                                    CandidateSource::Beam => CaptionSource::Beam,
+                                    CandidateSource::Sample => CaptionSource::Sample,
+                                },
+                                p_match: Some(c.p_match),
+                                kept: c.kept,
+                            })
+                            .collect()
+                    })
+                    .collect()
             }
-            _ => vec![Vec::new(); batch.len()],
+            None => vec![Vec::new(); batch.len()],
         };
         let n = batch.len();
         for (i, (p, caps)) in batch.drain(..).zip(captions).enumerate() {
@@ -359,14 +433,14 @@ impl<'a> Ingestor<'a> {
                 given_texts: p.given,
                 added_unix: now_unix(),
             };
+            let mut c = self.write()?;
             if let Some(old) = p.replaces {
-                self.collection.remove(old)?;
+                c.remove(old)?;
                 summary.updated += 1;
             } else {
                 summary.added += 1;
             }
-            self.collection
-                .add(record, Some(&features), Some(&p.image))?;
+            c.add(record, Some(&features), Some(&p.image))?;
         }
         Ok(n)
     }

@@ -5,14 +5,13 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
+use super::models::Encoders;
 use crate::index::{Caption, ImageId, ImageRecord, Store};
-use crate::model::retrieval::rows;
-use crate::model::{ItmFirstToken, Retriever};
 
 /// Largest number of candidates taken from each retriever.
 pub const MAX_K: usize = 1000;
@@ -252,15 +251,15 @@ pub fn fuse(vector: &[(u64, f32)], text: &[(u64, f32)], fusion: Fusion) -> Vec<(
 }
 
 /// Runs searches against a store with a retrieval model.
-pub struct Searcher<'a, S: Store> {
+pub struct Searcher<'a, S: Store, M: Encoders + ?Sized> {
     store: &'a S,
-    retriever: &'a Retriever,
+    models: &'a M,
 }
 
-impl<'a, S: Store> Searcher<'a, S> {
-    /// A searcher over `store`, whose vectors `retriever` made.
-    pub fn new(store: &'a S, retriever: &'a Retriever) -> Self {
-        Self { store, retriever }
+impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
+    /// A searcher over `store`, whose vectors the retrieval model of `models` made.
+    pub fn new(store: &'a S, models: &'a M) -> Self {
+        Self { store, models }
     }
 
     fn clamp(params: &SearchParams) -> Result<(SearchParams, Vec<String>)> {
@@ -293,12 +292,16 @@ impl<'a, S: Store> Searcher<'a, S> {
             return Err(EngineError::InvalidInput("empty query".into()));
         }
         let (p, mut notices) = Self::clamp(params)?;
-        let emb = self.retriever.embed_texts(&[query])?;
-        let truncated = emb.truncated[0];
+        let emb = self
+            .models
+            .encode_texts(vec![query.to_string()])?
+            .pop()
+            .ok_or_else(|| EngineError::InvalidInput("query could not be encoded".into()))?;
+        let truncated = emb.truncated;
         if truncated {
             notices.push("query cut to BLIP's 35-token limit".into());
         }
-        let q = rows(&emb.itc)?.remove(0);
+        let q = emb.itc;
         let vector = if p.mode != SearchMode::Text {
             self.vector_candidates(&q, &p)?
         } else {
@@ -322,8 +325,13 @@ impl<'a, S: Store> Searcher<'a, S> {
         params: &SearchParams,
     ) -> Result<SearchResults> {
         let (p, notices) = Self::clamp(params)?;
-        let emb = self.retriever.embed_images(std::slice::from_ref(image))?;
-        self.search_vector(&rows(&emb.itc)?.remove(0), &p, notices)
+        let emb = self.models.encode_images(vec![image.clone()])?;
+        let q = emb
+            .itc
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::InvalidInput("image could not be encoded".into()))?;
+        self.search_vector(&q, &p, notices)
     }
 
     /// Searches by an indexed image.
@@ -458,14 +466,14 @@ impl<'a, S: Store> Searcher<'a, S> {
             shape = (f.rows, f.cols);
             data.extend(f.data);
         }
-        let device: &Device = self.retriever.device();
-        let tokens = Tensor::from_vec(data, (hits.len(), shape.0, shape.1), device)
-            .map_err(crate::model::ModelError::from)?;
-        let texts = vec![query; hits.len()];
-        let index: Vec<usize> = (0..hits.len()).collect();
-        let scores = self
-            .retriever
-            .itm(&texts, &tokens, &index, ItmFirstToken::Enc)?;
+        // Built on the CPU: the model's owner moves it to its device.
+        let tokens = Tensor::from_vec(
+            data,
+            (hits.len(), shape.0, shape.1),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(crate::model::ModelError::from)?;
+        let scores = self.models.itm(query.to_string(), tokens)?;
         for (h, s) in hits.iter_mut().zip(scores) {
             h.itm_logit = Some(s.logits[1]);
             h.itm_prob = Some(s.prob);

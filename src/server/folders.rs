@@ -1,0 +1,81 @@
+//! Keeps the watched folders in the collection: a background thread runs the engine's `sync`
+//! (new and changed files indexed, deleted ones removed) at start and then every interval,
+//! sending its forward passes through the inference queue behind interactive requests.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::infer::InferClient;
+use super::state::{IngestState, IngestStatus};
+use crate::engine::{IngestOptions, Ingestor};
+use crate::index::meta::now_unix;
+use crate::index::Collection;
+
+/// Starts the folder sync thread. It stops (committing what it has) when `status.progress` is
+/// cancelled.
+pub fn spawn(
+    folders: Vec<PathBuf>,
+    interval: Duration,
+    collection: Arc<RwLock<Collection>>,
+    models: InferClient,
+    options: IngestOptions,
+    status: Arc<IngestStatus>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("folder-sync".into())
+        .spawn(move || {
+            let progress = status.progress.clone();
+            let mut options = options;
+            options.observer = Some(progress.clone());
+            options.progress = false;
+            while !progress.is_cancelled() {
+                set(&status.state, IngestState::Indexing);
+                let started = Instant::now();
+                let result = Ingestor::new(&collection, &models, options.clone())
+                    .and_then(|mut ing| ing.sync(&folders));
+                set(&status.last_run_unix, Some(now_unix()));
+                match result {
+                    Ok(summary) => {
+                        if summary.added + summary.updated + summary.removed > 0
+                            || !summary.failed.is_empty()
+                        {
+                            tracing::info!(
+                                added = summary.added,
+                                updated = summary.updated,
+                                removed = summary.removed,
+                                failed = summary.failed.len(),
+                                total = summary.total,
+                                secs = started.elapsed().as_secs_f64(),
+                                "folders synced"
+                            );
+                        }
+                        for f in &summary.failed {
+                            tracing::warn!(path = %f.path, reason = %f.reason, "skipped");
+                        }
+                        set(&status.last_error, None);
+                        set(&status.last_summary, Some(summary));
+                        set(&status.state, IngestState::Idle);
+                    }
+                    Err(e) => {
+                        tracing::error!(%e, "folder sync failed");
+                        set(&status.last_error, Some(e.to_string()));
+                        set(&status.state, IngestState::Error);
+                    }
+                }
+                // Wait for the next scan, waking often enough to stop promptly.
+                let until = Instant::now() + interval;
+                while Instant::now() < until && !progress.is_cancelled() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            set(&status.state, IngestState::Idle);
+        })
+}
+
+fn set<T>(m: &std::sync::Mutex<T>, v: T) {
+    if let Ok(mut g) = m.lock() {
+        *g = v;
+    }
+}

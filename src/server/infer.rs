@@ -1,0 +1,533 @@
+//! The inference queue, as text-embeddings-inference serves models: one dedicated thread owns
+//! the models and is the only one to run a forward pass. Requests are messages with a reply
+//! channel on a bounded queue (full: `429`); the worker takes interactive requests before
+//! background ingestion, batches what is waiting (query texts together, ITM pairs of several
+//! searches together, images together), drops requests whose caller has given up, and survives a
+//! panic in a forward pass.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError, Sender, TrySendError};
+use image::DynamicImage;
+
+use super::metrics::Metrics;
+use crate::engine::{EncodedImages, EncodedText, Encoders, EngineError, LocalModels, Result};
+use crate::model::capfilt::{CapFiltCandidate, CapFiltParams};
+use crate::model::{ItmFirstToken, ItmScore};
+
+/// Most query texts encoded in one forward pass.
+const MAX_TEXT_BATCH: usize = 32;
+/// Most images encoded in one forward pass.
+const MAX_IMAGE_BATCH: usize = 8;
+/// Most ITM pairs (all waiting searches together) in one forward pass.
+const MAX_ITM_BATCH: usize = 64;
+
+type Reply<T> = Sender<Result<T>>;
+
+enum Work {
+    Texts(Vec<String>, Reply<Vec<EncodedText>>),
+    Images(Vec<DynamicImage>, Reply<EncodedImages>),
+    Itm(String, Tensor, Reply<Vec<ItmScore>>),
+    CapFilt {
+        images: Vec<DynamicImage>,
+        tokens: Option<Tensor>,
+        given: Vec<Vec<String>>,
+        params: CapFiltParams,
+        reply: Reply<Vec<Vec<CapFiltCandidate>>>,
+    },
+}
+
+impl Work {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Texts(..) => "text",
+            Self::Images(..) => "image",
+            Self::Itm(..) => "itm",
+            Self::CapFilt { .. } => "capfilt",
+        }
+    }
+}
+
+struct Job {
+    work: Work,
+    enqueued: Instant,
+    /// After this the caller has stopped waiting: the work is skipped.
+    deadline: Option<Instant>,
+}
+
+/// Settings of the queue.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Interactive requests that may wait; more are refused with `429`.
+    pub capacity: usize,
+    /// How long an interactive request waits for its answer, queueing included.
+    pub timeout: Duration,
+}
+
+/// The worker thread and the way to reach it.
+pub struct InferenceQueue {
+    interactive: Sender<Job>,
+    background: Sender<Job>,
+    worker: Option<JoinHandle<()>>,
+    alive: Arc<AtomicBool>,
+    can_caption: bool,
+    config: QueueConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl InferenceQueue {
+    /// Moves `models` onto a new worker thread.
+    pub fn start(models: LocalModels, config: QueueConfig, metrics: Arc<Metrics>) -> Self {
+        let (interactive, interactive_rx) = bounded(config.capacity.max(1));
+        // Background work (folder ingestion) sends one batch at a time and waits for it.
+        let (background, background_rx) = bounded(1);
+        let alive = Arc::new(AtomicBool::new(true));
+        let can_caption = models.can_caption();
+        let worker = {
+            let alive = alive.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name("blip-inference".into())
+                .spawn(move || {
+                    Worker {
+                        models,
+                        interactive: interactive_rx,
+                        background: background_rx,
+                        pending: VecDeque::new(),
+                        metrics,
+                    }
+                    .run();
+                    alive.store(false, Ordering::SeqCst);
+                })
+                .ok()
+        };
+        if worker.is_none() {
+            alive.store(false, Ordering::SeqCst);
+        }
+        Self {
+            interactive,
+            background,
+            worker,
+            alive,
+            can_caption,
+            config,
+            metrics,
+        }
+    }
+
+    /// A client for requests made on behalf of API callers: bounded wait, refused when full.
+    pub fn client(&self) -> InferClient {
+        InferClient {
+            tx: self.interactive.clone(),
+            timeout: Some(self.config.timeout),
+            interactive: true,
+            can_caption: self.can_caption,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// A client for background ingestion: waits for its turn, as long as it takes.
+    pub fn background_client(&self) -> InferClient {
+        InferClient {
+            tx: self.background.clone(),
+            timeout: None,
+            interactive: false,
+            can_caption: self.can_caption,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Whether the worker thread is running.
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Interactive requests waiting.
+    pub fn waiting(&self) -> usize {
+        self.interactive.len()
+    }
+
+    /// Its capacity.
+    pub fn capacity(&self) -> usize {
+        self.config.capacity
+    }
+
+    /// Stops the worker once every client is gone and joins it.
+    pub fn shutdown(mut self) {
+        let worker = self.worker.take();
+        drop(self);
+        if let Some(w) = worker {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Sends work to the inference thread; implements [`Encoders`], so the engine's search and
+/// ingestion run unchanged on top of the queue.
+#[derive(Clone)]
+pub struct InferClient {
+    tx: Sender<Job>,
+    timeout: Option<Duration>,
+    interactive: bool,
+    can_caption: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl InferClient {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Work) -> Result<T> {
+        let (reply, rx) = bounded(1);
+        let now = Instant::now();
+        let job = Job {
+            work: make(reply),
+            enqueued: now,
+            deadline: self.timeout.map(|t| now + t),
+        };
+        let gone = || EngineError::Internal("the inference worker has stopped".into());
+        if self.interactive {
+            match self.tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    self.metrics.rejected.inc();
+                    return Err(EngineError::Busy(
+                        "the inference queue is full; retry shortly".into(),
+                    ));
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(gone()),
+            }
+        } else {
+            self.tx.send(job).map_err(|_| gone())?;
+        }
+        match self.timeout {
+            None => rx.recv().map_err(|_| gone())?,
+            Some(t) => match rx.recv_timeout(t) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => Err(EngineError::TimedOut(format!(
+                    "no answer from the models within {:.0} s",
+                    t.as_secs_f64()
+                ))),
+                Err(RecvTimeoutError::Disconnected) => Err(gone()),
+            },
+        }
+    }
+}
+
+impl Encoders for InferClient {
+    fn encode_images(&self, images: Vec<DynamicImage>) -> Result<EncodedImages> {
+        self.call(|r| Work::Images(images, r))
+    }
+
+    fn encode_texts(&self, texts: Vec<String>) -> Result<Vec<EncodedText>> {
+        self.call(|r| Work::Texts(texts, r))
+    }
+
+    fn itm(&self, text: String, tokens: Tensor) -> Result<Vec<ItmScore>> {
+        self.call(|r| Work::Itm(text, tokens, r))
+    }
+
+    fn capfilt(
+        &self,
+        images: Vec<DynamicImage>,
+        tokens: Option<Tensor>,
+        given: Vec<Vec<String>>,
+        params: CapFiltParams,
+    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+        self.call(|reply| Work::CapFilt {
+            images,
+            tokens,
+            given,
+            params,
+            reply,
+        })
+    }
+
+    fn can_caption(&self) -> bool {
+        self.can_caption
+    }
+}
+
+struct Worker {
+    models: LocalModels,
+    interactive: Receiver<Job>,
+    background: Receiver<Job>,
+    pending: VecDeque<Job>,
+    metrics: Arc<Metrics>,
+}
+
+/// Runs `f`, turning a panic into an error so that one bad input cannot take the worker down.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(%what, "panic in a forward pass");
+        Err(EngineError::Internal(format!(
+            "panic in a forward pass: {what}"
+        )))
+    })
+}
+
+/// Answers every job of a failed batch: a batch of one gets the error itself (so that a bad
+/// input stays a bad input), the jobs of a larger batch an internal error naming it.
+fn fail_all<T>(mut replies: Vec<Reply<T>>, e: EngineError) {
+    if replies.len() == 1 {
+        if let Some(r) = replies.pop() {
+            let _ = r.send(Err(e));
+        }
+        return;
+    }
+    for r in replies {
+        let _ = r.send(Err(EngineError::Internal(format!("batch failed: {e}"))));
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut background_open = true;
+        loop {
+            while let Ok(j) = self.interactive.try_recv() {
+                self.pending.push_back(j);
+            }
+            let job = match self.pending.pop_front() {
+                Some(j) => j,
+                None => {
+                    let next = if background_open {
+                        select! {
+                            recv(self.interactive) -> j => j.ok().map(Some).unwrap_or(None),
+                            recv(self.background) -> j => match j {
+                                Ok(j) => Some(j),
+                                Err(_) => { background_open = false; continue; }
+                            },
+                        }
+                    } else {
+                        self.interactive.recv().ok()
+                    };
+                    match next {
+                        Some(j) => j,
+                        None => break, // every client is gone: shut down
+                    }
+                }
+            };
+            self.process(job);
+        }
+        tracing::debug!("inference worker stopped");
+    }
+
+    /// Takes the jobs of the same kind as `first` from the pending list (up to `max` units).
+    fn gather(&mut self, first: Job, units: impl Fn(&Work) -> usize, max: usize) -> Vec<Job> {
+        let kind = first.work.kind();
+        let mut total = units(&first.work);
+        let mut out = vec![first];
+        let mut rest = VecDeque::with_capacity(self.pending.len());
+        while let Some(j) = self.pending.pop_front() {
+            let n = units(&j.work);
+            if j.work.kind() == kind && total + n <= max {
+                total += n;
+                out.push(j);
+            } else {
+                rest.push_back(j);
+            }
+        }
+        self.pending = rest;
+        out
+    }
+
+    fn process(&mut self, first: Job) {
+        let kind = first.work.kind();
+        let jobs = match &first.work {
+            Work::Texts(..) => self.gather(
+                first,
+                |w| match w {
+                    Work::Texts(t, _) => t.len(),
+                    _ => 0,
+                },
+                MAX_TEXT_BATCH,
+            ),
+            Work::Itm(..) => self.gather(
+                first,
+                |w| match w {
+                    Work::Itm(_, t, _) => t.dim(0).unwrap_or(1),
+                    _ => 0,
+                },
+                MAX_ITM_BATCH,
+            ),
+            Work::Images(..) => self.gather(
+                first,
+                |w| match w {
+                    Work::Images(i, _) => i.len(),
+                    _ => 0,
+                },
+                MAX_IMAGE_BATCH,
+            ),
+            Work::CapFilt { .. } => vec![first],
+        };
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            self.metrics
+                .queue_seconds
+                .with_label_values(&[kind])
+                .observe((now - j.enqueued).as_secs_f64());
+            if j.deadline.is_some_and(|d| d <= now) {
+                continue; // the caller has given up and been told so
+            }
+            live.push(j.work);
+        }
+        if live.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let units = match kind {
+            "text" => self.run_texts(live),
+            "itm" => self.run_itm(live),
+            "image" => self.run_images(live),
+            _ => self.run_capfilt(live),
+        };
+        self.metrics
+            .infer_seconds
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .batch_size
+            .with_label_values(&[kind])
+            .observe(units as f64);
+    }
+
+    fn run_texts(&self, work: Vec<Work>) -> usize {
+        let mut texts = Vec::new();
+        let mut replies = Vec::new();
+        for w in work {
+            if let Work::Texts(t, r) = w {
+                replies.push((t.len(), r));
+                texts.extend(t);
+            }
+        }
+        let n = texts.len();
+        match guarded(|| self.models.encode_texts(texts)) {
+            Ok(all) => {
+                let mut all = all.into_iter();
+                for (len, r) in replies {
+                    let _ = r.send(Ok(all.by_ref().take(len).collect()));
+                }
+            }
+            Err(e) => fail_all(replies.into_iter().map(|x| x.1).collect(), e),
+        }
+        n
+    }
+
+    fn run_images(&self, work: Vec<Work>) -> usize {
+        let mut images = Vec::new();
+        let mut replies = Vec::new();
+        for w in work {
+            if let Work::Images(i, r) = w {
+                replies.push((i.len(), r));
+                images.extend(i);
+            }
+        }
+        let n = images.len();
+        let result = guarded(|| {
+            let enc = self.models.encode_images(images)?;
+            let mut out = Vec::with_capacity(replies.len());
+            let mut start = 0;
+            for (len, _) in &replies {
+                let tokens = enc
+                    .tokens
+                    .narrow(0, start, *len)
+                    .map_err(crate::model::ModelError::from)?;
+                out.push(EncodedImages {
+                    itc: enc.itc[start..start + len].to_vec(),
+                    tokens,
+                });
+                start += len;
+            }
+            Ok(out)
+        });
+        match result {
+            Ok(parts) => {
+                for ((_, r), p) in replies.into_iter().zip(parts) {
+                    let _ = r.send(Ok(p));
+                }
+            }
+            Err(e) => fail_all(replies.into_iter().map(|x| x.1).collect(), e),
+        }
+        n
+    }
+
+    fn run_itm(&self, work: Vec<Work>) -> usize {
+        let mut texts = Vec::new();
+        let mut tokens = Vec::new();
+        let mut replies = Vec::new();
+        for w in work {
+            if let Work::Itm(text, t, r) = w {
+                texts.push(text);
+                tokens.push(t);
+                replies.push(r);
+            }
+        }
+        let mut pairs = 0;
+        let result = guarded(|| {
+            let device = self.models.retriever.device();
+            let mut counts = Vec::with_capacity(tokens.len());
+            let mut parts = Vec::with_capacity(tokens.len());
+            for t in &tokens {
+                counts.push(t.dim(0).map_err(crate::model::ModelError::from)?);
+                parts.push(
+                    t.to_device(device)
+                        .map_err(crate::model::ModelError::from)?,
+                );
+            }
+            let all = Tensor::cat(&parts, 0).map_err(crate::model::ModelError::from)?;
+            // Pair p is (text of its search, its own image row).
+            let mut pair_texts = Vec::new();
+            for (text, n) in texts.iter().zip(&counts) {
+                pair_texts.extend(std::iter::repeat_n(text.as_str(), *n));
+            }
+            pairs = pair_texts.len();
+            let index: Vec<usize> = (0..pairs).collect();
+            let scores =
+                self.models
+                    .retriever
+                    .itm(&pair_texts, &all, &index, ItmFirstToken::Enc)?;
+            let mut it = scores.into_iter();
+            Ok(counts
+                .iter()
+                .map(|n| it.by_ref().take(*n).collect::<Vec<_>>())
+                .collect::<Vec<_>>())
+        });
+        match result {
+            Ok(parts) => {
+                for (r, p) in replies.into_iter().zip(parts) {
+                    let _ = r.send(Ok(p));
+                }
+            }
+            Err(e) => fail_all(replies, e),
+        }
+        pairs
+    }
+
+    fn run_capfilt(&self, work: Vec<Work>) -> usize {
+        let mut n = 0;
+        for w in work {
+            if let Work::CapFilt {
+                images,
+                tokens,
+                given,
+                params,
+                reply,
+            } = w
+            {
+                n += images.len();
+                let r = guarded(|| self.models.capfilt(images, tokens, given, params));
+                let _ = reply.send(r);
+            }
+        }
+        n
+    }
+}

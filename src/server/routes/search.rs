@@ -1,0 +1,296 @@
+//! `GET /api/search` (text) and `POST /api/search/image` (upload or an indexed id).
+
+use std::time::Instant;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::{content_type, decode_upload, is_multipart, read_upload, split_path};
+use crate::engine::search::{
+    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher,
+};
+use crate::index::{Caption, ImageId, Store};
+use crate::server::error::{ApiError, ApiResult};
+use crate::server::state::AppState;
+
+/// Registers the search routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/search", web::get().to(search_text))
+        .route("/api/search/image", web::post().to(search_image));
+}
+
+/// Query parameters of both searches.
+#[derive(Debug, Deserialize)]
+pub struct SearchQuery {
+    q: Option<String>,
+    k: Option<usize>,
+    rerank_k: Option<usize>,
+    mode: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+    folder: Option<String>,
+    date_from: Option<String>,
+    date_to: Option<String>,
+    min_itm_prob: Option<f32>,
+}
+
+impl SearchQuery {
+    fn params(&self) -> ApiResult<SearchParams> {
+        let d = SearchParams::default();
+        let mode = match &self.mode {
+            None => SearchMode::Hybrid,
+            Some(m) => m.parse::<SearchMode>()?,
+        };
+        if let Some(p) = self.min_itm_prob {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(ApiError::bad_request(
+                    "min_itm_prob must be between 0 and 1",
+                ));
+            }
+        }
+        let blank = |s: &Option<String>| s.clone().filter(|x| !x.trim().is_empty());
+        Ok(SearchParams {
+            k: self.k.unwrap_or(d.k),
+            rerank_k: self.rerank_k.unwrap_or(d.rerank_k),
+            mode,
+            limit: self.limit.unwrap_or(d.limit),
+            offset: self.offset.unwrap_or(0),
+            min_itm_prob: self.min_itm_prob,
+            filters: Filters {
+                path_prefix: blank(&self.folder),
+                date_from: blank(&self.date_from),
+                date_to: blank(&self.date_to),
+                ..Default::default()
+            },
+            ..d
+        })
+    }
+}
+
+/// One result as the API shows it.
+#[derive(Debug, Serialize)]
+struct HitOut {
+    id: u64,
+    path: String,
+    file_name: String,
+    folder: String,
+    width: u32,
+    height: u32,
+    score: f32,
+    itc: Option<f32>,
+    bm25: Option<f32>,
+    vector_rank: Option<usize>,
+    text_rank: Option<usize>,
+    fused: f32,
+    itm_logit: Option<f32>,
+    itm_prob: Option<f32>,
+    matched_caption: Option<String>,
+    captions: Vec<Caption>,
+    thumbnail_url: String,
+    file_url: String,
+}
+
+#[derive(Debug, Serialize)]
+struct SearchOut {
+    query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_id: Option<u64>,
+    hits: Vec<HitOut>,
+    candidates: usize,
+    truncated: bool,
+    notices: Vec<String>,
+    took_ms: f64,
+}
+
+/// The kept caption sharing most words with the query (the first kept one when none does).
+fn matched_caption(query: Option<&str>, captions: &[Caption]) -> Option<String> {
+    let words: Vec<String> = query
+        .unwrap_or("")
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() > 1)
+        .map(str::to_lowercase)
+        .collect();
+    let overlap = |c: &Caption| {
+        let text = c.text.to_lowercase();
+        let mine: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).collect();
+        words.iter().filter(|w| mine.contains(&w.as_str())).count()
+    };
+    let mut best: Option<(&Caption, usize)> = None;
+    for c in captions.iter().filter(|c| c.kept) {
+        let n = overlap(c);
+        if best.is_none_or(|(_, m)| n > m) {
+            best = Some((c, n));
+        }
+    }
+    best.map(|(c, _)| c.text.clone())
+}
+
+fn render<S: Store>(
+    store: &S,
+    query: Option<&str>,
+    source_id: Option<u64>,
+    r: SearchResults,
+    started: Instant,
+) -> ApiResult<SearchOut> {
+    let mut hits = Vec::with_capacity(r.hits.len());
+    for h in r.hits {
+        let SearchHit {
+            id,
+            path,
+            score,
+            itc,
+            bm25,
+            vector_rank,
+            text_rank,
+            fused,
+            itm_logit,
+            itm_prob,
+            captions,
+        } = h;
+        let (width, height) = store
+            .get(ImageId(id))?
+            .map_or((0, 0), |rec| (rec.width, rec.height));
+        let (file_name, folder) = split_path(&path);
+        hits.push(HitOut {
+            id,
+            path,
+            file_name,
+            folder,
+            width,
+            height,
+            score,
+            itc,
+            bm25,
+            vector_rank,
+            text_rank,
+            fused,
+            itm_logit,
+            itm_prob,
+            matched_caption: matched_caption(query, &captions),
+            captions,
+            thumbnail_url: format!("/api/images/{id}/thumbnail"),
+            file_url: format!("/api/images/{id}/file"),
+        });
+    }
+    Ok(SearchOut {
+        query: query.map(str::to_string),
+        source_id,
+        hits,
+        candidates: r.candidates,
+        truncated: r.truncated,
+        notices: r.notices,
+        took_ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+async fn search_text(
+    state: web::Data<AppState>,
+    query: web::Query<SearchQuery>,
+) -> ApiResult<HttpResponse> {
+    let started = Instant::now();
+    let q = query
+        .q
+        .clone()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
+    if q.len() > 2000 {
+        return Err(ApiError::bad_request("the query is over 2000 bytes"));
+    }
+    let params = query.params()?;
+    let out = web::block(move || -> ApiResult<SearchOut> {
+        let c = state.read()?;
+        let r = Searcher::new(&*c, &state.client).search_text(&q, &params)?;
+        render(&*c, Some(&q), None, r, started)
+    })
+    .await??;
+    Ok(HttpResponse::Ok().json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ById {
+    id: u64,
+}
+
+async fn search_image(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<SearchQuery>,
+    payload: web::Payload,
+) -> ApiResult<HttpResponse> {
+    let started = Instant::now();
+    let mut params = query.params()?;
+    params.mode = SearchMode::Vector;
+    params.rerank_k = 0;
+    if is_multipart(&req) {
+        let upload = read_upload(&req, payload, state.settings.max_upload_bytes).await?;
+        let bytes = upload
+            .image
+            .ok_or_else(|| ApiError::bad_request("missing the `image` file field"))?;
+        let limits = state.settings.limits;
+        let out = web::block(move || -> ApiResult<SearchOut> {
+            let (image, _) = decode_upload(&bytes, limits)?;
+            let c = state.read()?;
+            let r = Searcher::new(&*c, &state.client).search_image(&image, &params)?;
+            render(&*c, None, None, r, started)
+        })
+        .await??;
+        Ok(HttpResponse::Ok().json(out))
+    } else if content_type(&req).starts_with("application/json") {
+        let body = payload
+            .to_bytes_limited(64 * 1024)
+            .await
+            .map_err(|_| ApiError::too_large("the JSON body is over 64 KiB"))?
+            .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
+        let ById { id } = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("expected {{\"id\": <image id>}}: {e}")))?;
+        let out = web::block(move || -> ApiResult<SearchOut> {
+            let c = state.read()?;
+            if c.get(ImageId(id))?.is_none() {
+                return Err(ApiError::not_found(format!("no image with id {id}")));
+            }
+            let r = Searcher::new(&*c, &state.client).search_similar(ImageId(id), &params)?;
+            render(&*c, None, Some(id), r, started)
+        })
+        .await??;
+        Ok(HttpResponse::Ok().json(out))
+    } else {
+        Err(ApiError::unsupported_media(
+            "send multipart/form-data with an `image` file, or JSON {\"id\": ...}",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::CaptionSource;
+
+    fn cap(text: &str, kept: bool) -> Caption {
+        Caption {
+            text: text.into(),
+            source: CaptionSource::Beam,
+            p_match: None,
+            kept,
+        }
+    }
+
+    #[test]
+    fn matched_caption_prefers_overlap_and_kept() {
+        let caps = [
+            cap("a cat on a sofa", true),
+            cap("a dog on a beach", true),
+            cap("a dog playing on the beach", false),
+        ];
+        assert_eq!(
+            matched_caption(Some("dog beach"), &caps).as_deref(),
+            Some("a dog on a beach")
+        );
+        assert_eq!(
+            matched_caption(Some("rocket"), &caps).as_deref(),
+            Some("a cat on a sofa")
+        );
+        assert_eq!(matched_caption(None, &[cap("x", false)]), None);
+    }
+}

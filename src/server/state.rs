@@ -1,0 +1,129 @@
+//! What every handler shares: the collection, the inference queue, the folder ingest's status,
+//! settings and metrics.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use serde::Serialize;
+
+use super::error::{ApiError, ApiResult};
+use super::infer::{InferClient, InferenceQueue};
+use super::metrics::Metrics;
+use crate::engine::{IngestProgress, IngestSummary};
+use crate::index::Collection;
+use crate::model::capfilt::CapFiltParams;
+use crate::model::preprocess::DecodeLimits;
+
+/// Settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Required for writes (and reads when `protect_reads`), when set.
+    pub api_key: Option<String>,
+    /// Whether reads need the key too.
+    pub protect_reads: bool,
+    /// Largest accepted upload, in bytes.
+    pub max_upload_bytes: usize,
+    /// Largest accepted image, in pixels.
+    pub limits: DecodeLimits,
+    /// CapFilt settings for uploads (and folder ingestion); `None`: no captions.
+    pub capfilt: Option<CapFiltParams>,
+    /// Where uploaded images are stored.
+    pub uploads_dir: PathBuf,
+    /// Watched folders.
+    pub folders: Vec<PathBuf>,
+    /// Model names, for `/api/status`.
+    pub retrieval_model: String,
+    /// The caption model's name, when captions are on.
+    pub caption_model: Option<String>,
+    /// The device the models run on.
+    pub device: String,
+}
+
+/// The folder ingest's state, for `/api/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestState {
+    /// Waiting for the next scan.
+    Idle,
+    /// Walking and indexing.
+    Indexing,
+    /// The last run failed (see `last_error`).
+    Error,
+}
+
+/// Folder ingest status shared between the ingest thread and the handlers.
+#[derive(Debug)]
+pub struct IngestStatus {
+    /// Live counters of the run (also the way to stop it).
+    pub progress: Arc<IngestProgress>,
+    /// What the thread is doing.
+    pub state: Mutex<IngestState>,
+    /// The last run's failure, if it failed.
+    pub last_error: Mutex<Option<String>>,
+    /// When the last run ended.
+    pub last_run_unix: Mutex<Option<i64>>,
+    /// What the last run did.
+    pub last_summary: Mutex<Option<IngestSummary>>,
+}
+
+impl Default for IngestStatus {
+    fn default() -> Self {
+        Self {
+            progress: Arc::new(IngestProgress::default()),
+            state: Mutex::new(IngestState::Idle),
+            last_error: Mutex::new(None),
+            last_run_unix: Mutex::new(None),
+            last_summary: Mutex::new(None),
+        }
+    }
+}
+
+/// Shared state of the app.
+pub struct AppState {
+    /// The collection; locked per operation, never across a forward pass by writers.
+    pub collection: Arc<RwLock<Collection>>,
+    /// The inference queue.
+    pub queue: InferenceQueue,
+    /// Client of the queue for request handlers.
+    pub client: InferClient,
+    /// Folder ingest status.
+    pub ingest: Arc<IngestStatus>,
+    /// Settings.
+    pub settings: ApiSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// Read access to the collection.
+    pub fn read(&self) -> ApiResult<RwLockReadGuard<'_, Collection>> {
+        self.collection
+            .read()
+            .map_err(|_| ApiError::internal("collection lock poisoned"))
+    }
+
+    /// Write access to the collection.
+    pub fn write(&self) -> ApiResult<RwLockWriteGuard<'_, Collection>> {
+        self.collection
+            .write()
+            .map_err(|_| ApiError::internal("collection lock poisoned"))
+    }
+
+    /// Brings the gauges up to date before `/metrics` is rendered.
+    pub fn refresh_gauges(&self) {
+        if let Ok(c) = self.collection.read() {
+            if let Ok(n) = c.len() {
+                self.metrics.images.set(n as i64);
+            }
+        }
+        let p = &self.ingest.progress;
+        self.metrics
+            .ingest_done
+            .set(p.done.load(Ordering::SeqCst) as i64);
+        self.metrics
+            .ingest_total
+            .set(p.total.load(Ordering::SeqCst) as i64);
+        self.metrics.queue_depth.set(self.queue.waiting() as i64);
+    }
+}
