@@ -693,8 +693,10 @@
     api(`/api/images/${hit.id}`).then((info) => {
       if (state.detailHit !== hit) return;
       renderMeta(info);
-      if (!(hit.captions && hit.captions.length)) renderCaptions($('#detail-captions'), info.captions || [], hit.matched_caption);
-      const given = info.given_texts || [];
+      // The record has every caption, the ones the filter dropped too (a hit has the kept ones).
+      const all = info.captions || [];
+      if (all.length) renderCaptions($('#detail-captions'), all, hit.matched_caption);
+      const given = (info.given_texts || []).filter((t) => !all.some((c) => c.text === t));
       $('#detail-given-wrap').hidden = given.length === 0;
       $('#detail-given').replaceChildren(...given.map((t) => el('li', { class: 'caption' }, el('span', { class: 'caption-text', text: t }))));
     }).catch((err) => {
@@ -862,7 +864,10 @@
     writeKey(key);
     ui.key.close();
     settleKey(Boolean(key));
-    if (key) toast('API key saved in this browser.');
+    if (key) {
+      toast('API key saved in this browser.');
+      refreshStatus();
+    }
   });
   $('#key-clear').addEventListener('click', () => {
     writeKey('');
@@ -876,11 +881,12 @@
   // ---------------------------------------------------------------- status and ingest progress
 
   let pollTimer = 0;
-  async function refreshStatus() {
+  /** Polls /api/status; `ask` lets a 401 open the key dialog (the first call, not every poll). */
+  async function refreshStatus(ask = false) {
     clearTimeout(pollTimer);
     let active = false;
     try {
-      const s = await api('/api/status', { retry: false });
+      const s = await api('/api/status', { retry: ask === true });
       state.status = s;
       active = renderStatus(s);
     } catch (err) {
@@ -926,9 +932,12 @@
     }
 
     const models = s.models || {};
+    // A local model directory is shown by its last two path parts (the full path in the title).
+    const short = (m) => (m && m.startsWith('/') ? m.split('/').filter(Boolean).slice(-2).join('/') : m);
     const bits = [`${fmt.count(s.images)} images`];
-    if (models.retrieval) bits.push(`retrieval: ${models.retrieval}`);
-    bits.push(`captions: ${models.caption || 'off'}`);
+    if (models.retrieval) bits.push(`retrieval: ${short(models.retrieval)}`);
+    bits.push(`captions: ${short(models.caption) || 'off'}`);
+    ui.footerStats.title = [models.retrieval, models.caption].filter(Boolean).join('\n');
     if (s.device) bits.push(s.device);
     if (s.version) bits.push(`v${s.version}`);
     ui.footerStats.textContent = bits.join(' · ');
@@ -1015,7 +1024,7 @@
   // Start: restore the search in the URL, then poll the status.
   const initial = applyUrl();
   renderEmpty();
-  refreshStatus();
+  refreshStatus(true);
   if (initial) startSearch(initial, { push: false });
   else ui.q.focus();
 })();
