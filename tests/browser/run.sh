@@ -29,6 +29,11 @@ if [ -z "${CHROMIUM:-}" ]; then
 fi
 "$CHROMIUM" --version
 
+# playwright-core (pinned in package-lock.json) needs Node.js 20 or newer.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
+  echo "the browser test needs Node.js >= 20 and npm (found: $(node --version 2>/dev/null || echo none))" >&2
+  exit 1
+fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
 if [ -z "${BLIPSEARCH_BIN:-}" ]; then
