@@ -53,7 +53,7 @@ fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
         cfg.vision.num_tokens(),
         cfg.vision.hidden_size,
     );
-    let mut c = Collection::open(dir, &info, HnswParams::default()).unwrap();
+    let c = std::sync::RwLock::new(Collection::open(dir, &info, HnswParams::default()).unwrap());
     let opts = IngestOptions {
         capfilt: None,
         progress: false,
@@ -61,12 +61,12 @@ fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
     };
     // Image files beside `noise/`, which is itself one entry.
     let files = std::fs::read_dir(photos).unwrap().count() - 1;
-    let s = Ingestor::new(&mut c, r, None, opts)
+    let s = Ingestor::new(&c, r, opts)
         .unwrap()
         .add(&[photos.to_path_buf()])
         .unwrap();
     assert_eq!(s.added, files + n, "{s:?}");
-    c
+    c.into_inner().unwrap()
 }
 
 fn path_of(c: &Collection, id: u64) -> String {

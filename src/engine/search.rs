@@ -98,7 +98,9 @@ impl Filters {
                     } else {
                         c.is_ascii_digit()
                     }
-                });
+                })
+                && matches!(d[5..7].parse::<u32>(), Ok(1..=12))
+                && matches!(d[8..10].parse::<u32>(), Ok(1..=31));
             if !ok {
                 return Err(EngineError::InvalidInput(format!(
                     "date {d:?} is not YYYY-MM-DD"

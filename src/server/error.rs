@@ -136,3 +136,35 @@ impl From<actix_web::error::BlockingError> for ApiError {
 
 /// Result alias of the API handlers.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_map_to_statuses() {
+        let cases = [
+            (EngineError::InvalidInput("x".into()), 400, "bad_request"),
+            (EngineError::Busy("x".into()), 429, "overloaded"),
+            (EngineError::TimedOut("x".into()), 503, "timeout"),
+            (
+                EngineError::Index(IndexError::NotFound(crate::index::ImageId(3))),
+                404,
+                "not_found",
+            ),
+            (
+                EngineError::Internal("secret detail".into()),
+                500,
+                "internal",
+            ),
+        ];
+        for (e, status, code) in cases {
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.code), (status, code));
+            assert!(
+                !a.message.contains("secret"),
+                "internal details stay in the log"
+            );
+        }
+    }
+}

@@ -531,3 +531,49 @@ impl Worker {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's side of the queue, against a queue nobody serves: a full queue refuses at
+    /// once, a queued request gives up at its deadline, a gone worker is an internal error.
+    #[test]
+    fn full_queue_refuses_and_waiting_times_out() {
+        let (tx, rx) = bounded(1);
+        let client = InferClient {
+            tx,
+            timeout: Some(Duration::from_millis(300)),
+            interactive: true,
+            can_caption: false,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let queued = {
+            let c = client.clone();
+            std::thread::spawn(move || c.encode_texts(vec!["first".into()]))
+        };
+        while rx.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let busy = client.encode_texts(vec!["second".into()]);
+        assert!(
+            matches!(busy, Err(EngineError::Busy(_))),
+            "{:?}",
+            busy.err()
+        );
+        assert_eq!(client.metrics.rejected.get(), 1);
+        let waited = queued.join().unwrap();
+        assert!(
+            matches!(waited, Err(EngineError::TimedOut(_))),
+            "{:?}",
+            waited.err()
+        );
+        drop(rx);
+        let gone = client.encode_texts(vec!["third".into()]);
+        assert!(
+            matches!(gone, Err(EngineError::Internal(_))),
+            "{:?}",
+            gone.err()
+        );
+    }
+}

@@ -1,0 +1,743 @@
+//! The HTTP API on the real app (`server::app`) with the tiny fixture models and a temporary
+//! collection: every endpoint, the error cases, the API key.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use actix_web::test::{self, TestRequest};
+use actix_web::web::Bytes;
+use blipsearch::engine::{IngestOptions, LocalModels};
+use blipsearch::index::{Collection, CollectionInfo, HnswParams};
+use blipsearch::model::capfilt::CapFiltParams;
+use blipsearch::model::caption::Captioner;
+use blipsearch::model::preprocess::DecodeLimits;
+use blipsearch::model::{ModelSource, Retriever};
+use blipsearch::server::routes::ROUTES;
+use blipsearch::server::state::ApiSettings;
+use blipsearch::server::{app, uploads_dir, Running, ServerConfig};
+use candle_core::Device;
+use serde_json::Value;
+
+struct Setup {
+    running: Running,
+    _tmp: tempfile::TempDir,
+    photos: PathBuf,
+}
+
+struct Options {
+    api_key: Option<&'static str>,
+    protect_reads: bool,
+    max_upload_bytes: usize,
+    max_pixels: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            protect_reads: false,
+            max_upload_bytes: 5 << 20,
+            max_pixels: 100_000_000,
+        }
+    }
+}
+
+fn start(o: Options) -> Setup {
+    let fx = common::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
+        std::fs::copy(fx.join("images").join(f), photos.join(f)).unwrap();
+    }
+    // A sidecar text makes one image findable by words.
+    std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
+    let retriever =
+        Retriever::load(&ModelSource::Dir(fx.join("tiny-a/retrieval")), &Device::Cpu).unwrap();
+    let captioner =
+        Captioner::load(&ModelSource::Dir(fx.join("tiny-a/caption")), &Device::Cpu).unwrap();
+    let cfg = retriever.config();
+    let info = CollectionInfo::new(
+        retriever.name(),
+        Some(captioner.name().to_string()),
+        retriever.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    );
+    let index = tmp.path().join("index");
+    let collection = Collection::open(&index, &info, HnswParams::default()).unwrap();
+    let mut capfilt = CapFiltParams::default();
+    capfilt.sampling.num_samples = 1;
+    capfilt.max_length = 8;
+    capfilt.min_length = 2;
+    let limits = DecodeLimits {
+        max_pixels: o.max_pixels,
+    };
+    let config = ServerConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        api: ApiSettings {
+            api_key: o.api_key.map(str::to_string),
+            protect_reads: o.protect_reads,
+            max_upload_bytes: o.max_upload_bytes,
+            limits,
+            capfilt: Some(capfilt.clone()),
+            uploads_dir: uploads_dir(&index),
+            folders: vec![std::fs::canonicalize(&photos).unwrap()],
+            retrieval_model: retriever.name().to_string(),
+            caption_model: Some(captioner.name().to_string()),
+            device: "cpu".into(),
+        },
+        queue_capacity: 16,
+        request_timeout: Duration::from_secs(120),
+        rescan_interval: Duration::from_secs(3600),
+        ingest: IngestOptions {
+            capfilt: Some(capfilt),
+            limits,
+            progress: false,
+            ..Default::default()
+        },
+        cors_origins: Vec::new(),
+        http_workers: 1,
+    };
+    let models = LocalModels {
+        retriever,
+        captioner: Some(captioner),
+    };
+    let running = Running::start(&config, models, collection).unwrap();
+    Setup {
+        running,
+        _tmp: tmp,
+        photos,
+    }
+}
+
+macro_rules! service {
+    ($s:expr) => {
+        test::init_service(app(
+            $s.running.state.clone(),
+            $s.running.metrics.clone(),
+            &[],
+        ))
+        .await
+    };
+}
+
+/// Sends a request; returns status and body.
+macro_rules! send {
+    ($svc:expr, $req:expr $(,)?) => {{
+        let res = test::call_service(&$svc, $req.to_request()).await;
+        let status = res.status();
+        (status, test::read_body(res).await)
+    }};
+}
+
+fn json(b: &Bytes) -> Value {
+    serde_json::from_slice(b).unwrap_or_else(|e| {
+        panic!("not JSON ({e}): {}", String::from_utf8_lossy(b));
+    })
+}
+
+/// An error body: `{"error":{"code","message"}}`; returns the code.
+fn error_code(b: &Bytes) -> String {
+    let v = json(b);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    v["error"]["code"].as_str().unwrap().to_string()
+}
+
+const BOUNDARY: &str = "----blipsearchtestboundary";
+
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match filename {
+            Some(f) => body.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={BOUNDARY}"), body)
+}
+
+fn post_multipart(uri: &str, parts: &[(&str, Option<&str>, &[u8])]) -> TestRequest {
+    let (ct, body) = multipart(parts);
+    TestRequest::post()
+        .uri(uri)
+        .insert_header(("content-type", ct))
+        .set_payload(body)
+}
+
+fn png(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Waits until the background folder sync has finished its first run; returns the status.
+macro_rules! wait_for_ingest {
+    ($svc:expr, $key:expr) => {{
+        let started = Instant::now();
+        loop {
+            let (st, b) = send!(
+                $svc,
+                TestRequest::get()
+                    .uri("/api/status")
+                    .insert_header(("x-api-key", $key))
+            );
+            assert_eq!(st, StatusCode::OK);
+            let v = json(&b);
+            if v["ingest"]["last_run_unix"].is_i64() && v["ingest"]["state"] == "idle" {
+                break v;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "ingest did not finish: {v}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    }};
+}
+
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[actix_web::test]
+async fn every_endpoint_and_its_errors() {
+    let s = start(Options::default());
+    let svc = service!(s);
+
+    // Health before anything else: the process answers and the worker runs.
+    let (st, b) = send!(svc, TestRequest::get().uri("/healthz"));
+    assert_eq!((st, &b[..]), (StatusCode::OK, &b"ok"[..]));
+    let (st, _) = send!(svc, TestRequest::get().uri("/readyz"));
+    assert_eq!(st, StatusCode::OK);
+
+    // The folder is ingested in the background; status shows it.
+    let status = wait_for_ingest!(svc, "");
+    assert_eq!(status["images"], 4, "{status}");
+    assert_eq!(status["ingest"]["done"], 4, "{status}");
+    assert_eq!(status["ingest"]["failed"], 0, "{status}");
+    assert_eq!(status["device"], "cpu");
+    assert!(status["models"]["caption"].is_string());
+
+    // Text search, reranked: every hit has ITM scores within the rerank depth, and carries
+    // what the UI shows.
+    let (st, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=a%20rocket&rerank_k=4")
+    );
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    let hits = v["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 4, "{v}");
+    for h in hits {
+        assert!(h["itm_prob"].is_f64(), "{h}");
+        let (logit, itc) = (h["itm_logit"].as_f64().unwrap(), h["itc"].as_f64().unwrap());
+        assert!(
+            (h["score"].as_f64().unwrap() - (logit + itc)).abs() < 1e-4,
+            "{h}"
+        );
+        assert!(h["thumbnail_url"].as_str().unwrap().ends_with("/thumbnail"));
+        assert!(h["width"].as_u64().unwrap() > 0);
+    }
+    let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    // Words of the sidecar text find the rocket through BM25, with rerank off.
+    let (st, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=launch%20dusk&mode=text&rerank_k=0"),
+    );
+    assert_eq!(st, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["hits"][0]["file_name"], "rocket.jpg", "{v}");
+    assert!(v["hits"][0]["bm25"].as_f64().unwrap() > 0.0);
+    assert!(v["hits"][0]["itm_prob"].is_null());
+    let rocket = v["hits"][0]["id"].as_u64().unwrap();
+    // Paging and folder filter.
+    let (_, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=photo&limit=2&offset=1&rerank_k=0")
+    );
+    assert_eq!(json(&b)["hits"].as_array().unwrap().len(), 2);
+    let (_, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=photo&folder=/nowhere&rerank_k=0")
+    );
+    assert_eq!(json(&b)["hits"].as_array().unwrap().len(), 0);
+    // Bad searches.
+    for (uri, code) in [
+        ("/api/search", StatusCode::BAD_REQUEST),
+        ("/api/search?q=%20%20", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&mode=fuzzy", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&k=lots", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&k=0", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&min_itm_prob=2", StatusCode::BAD_REQUEST),
+        (
+            "/api/search?q=x&date_from=yesterday",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (st, b) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, code, "{uri}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(error_code(&b), "bad_request");
+    }
+
+    // Image metadata, thumbnail and file.
+    let (st, b) = send!(
+        svc,
+        TestRequest::get().uri(&format!("/api/images/{rocket}"))
+    );
+    assert_eq!(st, StatusCode::OK);
+    let img = json(&b);
+    assert_eq!(img["given_texts"][0], "a rocket launch at dusk", "{img}");
+    assert!(img["captions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["source"] == "beam"));
+    assert!(img["captions"][0]["p_match"].is_f64(), "{img}");
+    let res = test::call_service(
+        &svc,
+        TestRequest::get()
+            .uri(&format!("/api/images/{rocket}/thumbnail"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers().get("content-type").unwrap(), "image/jpeg");
+    let thumb = test::read_body(res).await;
+    assert!(image::load_from_memory(&thumb).is_ok());
+    let res = test::call_service(
+        &svc,
+        TestRequest::get()
+            .uri(&format!("/api/images/{rocket}/file"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.headers().get("content-type").unwrap(), "image/jpeg");
+    assert_eq!(
+        test::read_body(res).await.to_vec(),
+        file_bytes(&s.photos.join("rocket.jpg"))
+    );
+    for uri in [
+        "/api/images/999999",
+        "/api/images/999999/thumbnail",
+        "/api/images/999999/file",
+    ] {
+        let (st, b) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(error_code(&b), "not_found");
+    }
+    for uri in [
+        "/api/images/abc",
+        "/api/images/-1/file",
+        "/api/images/..%2F..%2Fetc%2Fpasswd/file",
+    ] {
+        let (st, b) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(error_code(&b), "bad_request");
+    }
+
+    // Search by an uploaded image: the same picture comes first, with cosine 1.
+    let coffee = file_bytes(&s.photos.join("coffee.png"));
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/search/image", &[("image", Some("q.png"), &coffee)]),
+    );
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["hits"][0]["file_name"], "coffee.png", "{v}");
+    assert!((v["hits"][0]["itc"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+    // ... and by an indexed id ("more like this").
+    let (st, b) = send!(
+        svc,
+        TestRequest::post()
+            .uri("/api/search/image?limit=2")
+            .set_json(serde_json::json!({ "id": rocket })),
+    );
+    assert_eq!(st, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["source_id"], rocket);
+    assert_eq!(v["hits"][0]["id"], rocket);
+    assert_eq!(v["hits"].as_array().unwrap().len(), 2);
+    for (req, code, what) in [
+        (
+            TestRequest::post()
+                .uri("/api/search/image")
+                .set_json(serde_json::json!({ "id": 424242 })),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/search/image")
+                .set_json(serde_json::json!({ "path": "/etc/passwd" })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/search/image")
+                .insert_header(("content-type", "text/plain"))
+                .set_payload("hello"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            post_multipart("/api/search/image", &[("text", None, b"no image")]),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            post_multipart(
+                "/api/search/image",
+                &[("image", Some("x.png"), b"not an image")],
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ] {
+        let (st, b) = send!(svc, req);
+        assert_eq!(st, code, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(error_code(&b), what);
+    }
+
+    // Upload with a text: CapFilt captions, indexed at once, findable by its text.
+    let red = png(40, 30, [220, 20, 20]);
+    let (st, b) = send!(
+        svc,
+        post_multipart(
+            "/api/images",
+            &[
+                ("image", Some("red.png"), &red),
+                ("text", None, b"a crimson square tile")
+            ],
+        ),
+    );
+    assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    let up = json(&b);
+    let new_id = up["id"].as_u64().unwrap();
+    assert_eq!(up["duplicate"], false);
+    let caps = up["captions"].as_array().unwrap();
+    assert_eq!(caps[0]["source"], "given", "{up}");
+    assert_eq!(caps[0]["text"], "a crimson square tile");
+    assert!(caps.iter().any(|c| c["source"] == "beam"));
+    assert!(caps.iter().all(|c| c["p_match"].is_f64()));
+    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
+    assert_eq!(json(&b)["images"], 5);
+    // The same bytes again: the existing image.
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/images", &[("image", Some("again.png"), &red)])
+    );
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(json(&b)["duplicate"], true);
+    assert_eq!(json(&b)["id"], new_id);
+    // Bad uploads, and none of them adds anything.
+    let mut truncated = file_bytes(&s.photos.join("rocket.jpg"));
+    truncated.truncate(truncated.len() / 2);
+    for (req, code, what) in [
+        (
+            post_multipart("/api/images", &[("image", Some("t.txt"), b"plain text")]),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            post_multipart("/api/images", &[("image", Some("cut.jpg"), &truncated)]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image",
+        ),
+        (
+            post_multipart("/api/images", &[("image", Some("e.png"), b"")]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_image",
+        ),
+        (
+            post_multipart("/api/images", &[("text", None, b"only words")]),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/images")
+                .set_json(serde_json::json!({"image": "x"})),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/images")
+                .insert_header(("content-type", "multipart/form-data; boundary=zzz"))
+                .set_payload("--zzz\r\nbroken"),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ] {
+        let (st, b) = send!(svc, req);
+        assert_eq!(st, code, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(error_code(&b), what);
+    }
+    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
+    assert_eq!(json(&b)["images"], 5);
+    let uploads: Vec<_> = std::fs::read_dir(uploads_dir(&s._tmp.path().join("index")))
+        .unwrap()
+        .collect();
+    assert_eq!(uploads.len(), 1, "failed uploads must not leave files");
+
+    // Caption without indexing.
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/caption", &[("image", Some("c.png"), &coffee)])
+    );
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["captions"][0]["source"], "beam", "{v}");
+    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
+    assert_eq!(json(&b)["images"], 5);
+
+    // Delete: gone from metadata and search; the uploaded file is removed with it.
+    let (st, b) = send!(
+        svc,
+        TestRequest::delete().uri(&format!("/api/images/{new_id}"))
+    );
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(json(&b)["deleted"], new_id);
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri(&format!("/api/images/{new_id}"))
+    );
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = send!(
+        svc,
+        TestRequest::delete().uri(&format!("/api/images/{new_id}"))
+    );
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (_, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=crimson%20square&rerank_k=0&limit=50")
+    );
+    assert!(json(&b)["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["id"] != new_id));
+    assert_eq!(
+        std::fs::read_dir(uploads_dir(&s._tmp.path().join("index")))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A file in a watched folder is never deleted by the API.
+    let (st, _) = send!(
+        svc,
+        TestRequest::delete().uri(&format!("/api/images/{rocket}"))
+    );
+    assert_eq!(st, StatusCode::OK);
+    assert!(s.photos.join("rocket.jpg").exists());
+
+    // Unknown routes and methods.
+    let (st, b) = send!(svc, TestRequest::get().uri("/api/nothing"));
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&b), "not_found");
+
+    // The UI is served, with its assets.
+    let res = test::call_service(&svc, TestRequest::get().uri("/").to_request()).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res
+        .headers()
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(res.headers().contains_key("content-security-policy"));
+    let html = String::from_utf8(test::read_body(res).await.to_vec()).unwrap();
+    assert!(html.contains("/assets/app.js"), "the page loads its script");
+    for a in ["app.js", "style.css", "favicon.svg"] {
+        let (st, _) = send!(svc, TestRequest::get().uri(&format!("/assets/{a}")));
+        assert_eq!(st, StatusCode::OK, "{a}");
+    }
+    let (st, _) = send!(svc, TestRequest::get().uri("/assets/..%2FCargo.toml"));
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Metrics: per-route counters and durations, queue and index figures.
+    let (st, b) = send!(svc, TestRequest::get().uri("/metrics"));
+    assert_eq!(st, StatusCode::OK);
+    let m = String::from_utf8(b.to_vec()).unwrap();
+    for needle in [
+        "blipsearch_http_requests_total{method=\"GET\",route=\"/api/search\",status=\"200\"}",
+        "blipsearch_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/images\"",
+        "blipsearch_inference_seconds_count{kind=\"itm\"}",
+        "blipsearch_inference_batch_size_bucket{kind=\"text\"",
+        "blipsearch_inference_queue_seconds_count{kind=\"capfilt\"}",
+        "blipsearch_index_images 3",
+        "blipsearch_inference_rejected_total 0",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+
+    // The OpenAPI document describes every route, and only those.
+    let (st, b) = send!(svc, TestRequest::get().uri("/api/openapi.json"));
+    assert_eq!(st, StatusCode::OK);
+    let doc = json(&b);
+    let mut documented = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    let mut routes: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    documented.sort();
+    routes.sort();
+    assert_eq!(documented, routes);
+
+    s.running.stop();
+}
+
+#[actix_web::test]
+async fn api_key_guards_writes_and_optionally_reads() {
+    let key = "correct-horse-battery";
+    // Writes need the key; reads do not.
+    let s = start(Options {
+        api_key: Some(key),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let red = png(20, 20, [200, 0, 0]);
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/images", &[("image", Some("r.png"), &red)])
+    );
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(error_code(&b), "unauthorized");
+    let (st, _) = send!(
+        svc,
+        post_multipart("/api/images", &[("image", Some("r.png"), &red)])
+            .insert_header(("authorization", "Bearer wrong-key-entirely")),
+    );
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    for (name, value) in [
+        ("authorization", format!("Bearer {key}")),
+        ("x-api-key", key.to_string()),
+    ] {
+        let (st, b) = send!(
+            svc,
+            post_multipart("/api/caption", &[("image", Some("r.png"), &red)])
+                .insert_header((name, value)),
+        );
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    }
+    let (st, _) = send!(svc, TestRequest::delete().uri("/api/images/1"));
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, _) = send!(svc, TestRequest::get().uri("/api/search?q=x&rerank_k=0"));
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = send!(
+        svc,
+        post_multipart("/api/search/image", &[("image", Some("r.png"), &red)]),
+    );
+    assert_eq!(st, StatusCode::OK, "searching by image is a read");
+    s.running.stop();
+
+    // With --protect-reads, reads need it too (the UI shell and health checks do not).
+    let s = start(Options {
+        api_key: Some(key),
+        protect_reads: true,
+        ..Default::default()
+    });
+    let svc = service!(s);
+    for uri in [
+        "/api/search?q=x",
+        "/api/status",
+        "/api/images/1/thumbnail",
+        "/metrics",
+    ] {
+        let (st, _) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{uri}");
+    }
+    for uri in [
+        "/",
+        "/assets/app.js",
+        "/healthz",
+        "/readyz",
+        "/api/openapi.json",
+    ] {
+        let (st, _) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, StatusCode::OK, "{uri}");
+    }
+    let (st, _) = send!(
+        svc,
+        TestRequest::get()
+            .uri("/api/status")
+            .insert_header(("authorization", format!("Bearer {key}"))),
+    );
+    assert_eq!(st, StatusCode::OK);
+    // <img> tags cannot send headers: GET takes ?api_key=.
+    wait_for_ingest!(svc, key);
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri(&format!("/api/images/1/thumbnail?api_key={key}")),
+    );
+    assert_eq!(st, StatusCode::OK);
+    s.running.stop();
+}
+
+#[actix_web::test]
+async fn upload_limits_in_bytes_and_pixels() {
+    let s = start(Options {
+        max_upload_bytes: 4000,
+        max_pixels: 10_000,
+        ..Default::default()
+    });
+    let svc = service!(s);
+    // Over the byte limit (a noisy PNG does not compress).
+    let noisy = image::RgbImage::from_fn(80, 80, |x, y| {
+        image::Rgb([(x * 37 + y * 11) as u8, (x * y) as u8, ((x ^ y) * 3) as u8])
+    });
+    let mut big = std::io::Cursor::new(Vec::new());
+    noisy.write_to(&mut big, image::ImageFormat::Png).unwrap();
+    let big = big.into_inner();
+    assert!(big.len() > 4000);
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/images", &[("image", Some("b.png"), &big)])
+    );
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(error_code(&b), "payload_too_large");
+    // Small in bytes, over the pixel limit: refused before decoding.
+    let wide = png(200, 100, [0, 0, 255]);
+    assert!(wide.len() < 4000);
+    for uri in ["/api/images", "/api/search/image", "/api/caption"] {
+        let (st, b) = send!(svc, post_multipart(uri, &[("image", Some("w.png"), &wide)]));
+        assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+        assert!(
+            String::from_utf8_lossy(&b).contains("megapixels"),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    s.running.stop();
+}
