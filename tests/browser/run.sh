@@ -62,35 +62,58 @@ mkdir -p "$TMP/upload"
 mv "$TMP/images/rocket.jpg" "$UPLOAD_IMAGE"
 EXPECTED_IMAGES=$(find "$TMP/images" -type f | wc -l)
 
-PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
 API_KEY=browser-test-key
 
-"$BLIPSEARCH_BIN" serve \
-  --images "$TMP/images" \
-  --index "$TMP/index" \
-  --bind "127.0.0.1:$PORT" \
-  --model-dir tests/fixtures/tiny-a/retrieval \
-  --caption-model-dir tests/fixtures/tiny-a/caption \
-  --api-key "$API_KEY" \
-  >"$ARTIFACT_DIR/server.log" 2>&1 &
-SERVER_PID=$!
-echo "blipsearch serve on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
+# start_server EXTRA_ARGS...: a server on a free loopback port over the temporary index.
+start_server() {
+  PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+  "$BLIPSEARCH_BIN" serve \
+    --images "$TMP/images" \
+    --index "$TMP/index" \
+    --bind "127.0.0.1:$PORT" \
+    --model-dir tests/fixtures/tiny-a/retrieval \
+    --caption-model-dir tests/fixtures/tiny-a/caption \
+    --api-key "$API_KEY" \
+    "$@" \
+    >>"$ARTIFACT_DIR/server.log" 2>&1 &
+  SERVER_PID=$!
+  echo "blipsearch serve $* on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
+}
 
-status=0
-BLIPSEARCH_URL="http://127.0.0.1:$PORT" \
-EXPECTED_IMAGES=$EXPECTED_IMAGES \
-QUERY_IMAGE="$TMP/images/camera.png" \
-DROP_IMAGE="$TMP/images/coffee.png" \
-UPLOAD_IMAGE="$UPLOAD_IMAGE" \
-BLIPSEARCH_API_KEY=$API_KEY \
-ARTIFACT_DIR=$ARTIFACT_DIR \
-CHROMIUM=$CHROMIUM \
-SERVER_PID=$SERVER_PID \
-  node tests/browser/ui.test.mjs || status=$?
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+}
 
-if [ "$status" != 0 ]; then
-  if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "the server exited early" >&2; fi
-  echo "---- last lines of $ARTIFACT_DIR/server.log" >&2
-  tail -n 40 "$ARTIFACT_DIR/server.log" >&2
-fi
-exit "$status"
+# run_ui_test EXPECTED_IMAGES [UI_TEST]: the browser test against the running server.
+run_ui_test() {
+  local status=0
+  BLIPSEARCH_URL="http://127.0.0.1:$PORT" \
+  EXPECTED_IMAGES=$1 \
+  UI_TEST=${2:-full} \
+  QUERY_IMAGE="$TMP/images/camera.png" \
+  DROP_IMAGE="$TMP/images/coffee.png" \
+  UPLOAD_IMAGE="$UPLOAD_IMAGE" \
+  BLIPSEARCH_API_KEY=$API_KEY \
+  ARTIFACT_DIR=$ARTIFACT_DIR \
+  CHROMIUM=$CHROMIUM \
+  SERVER_PID=$SERVER_PID \
+    node tests/browser/ui.test.mjs || status=$?
+  if [ "$status" != 0 ]; then
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "the server exited early" >&2; fi
+    echo "---- last lines of $ARTIFACT_DIR/server.log" >&2
+    tail -n 40 "$ARTIFACT_DIR/server.log" >&2
+    exit "$status"
+  fi
+}
+
+: >"$ARTIFACT_DIR/server.log"
+# 1. The whole UI; writes need the key (the UI asks for it on the upload's 401).
+start_server
+run_ui_test "$EXPECTED_IMAGES"
+stop_server
+# 2. Same index (now with the upload), reads need the key too.
+start_server --protect-reads
+run_ui_test $((EXPECTED_IMAGES + 1)) protected-reads
+stop_server

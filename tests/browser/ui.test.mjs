@@ -10,6 +10,7 @@
 //   ARTIFACT_DIR          where screenshots go (default target/browser)
 //   CHROMIUM              browser binary (default /usr/bin/chromium)
 //   SERVER_PID            the server's pid: waiting stops early if it exits
+//   UI_TEST               `protected-reads` for the short test of a server run with --protect-reads
 // Exit code 0 when every step passed; on failure a screenshot `failure.png` is saved.
 
 import assert from 'node:assert/strict';
@@ -61,9 +62,10 @@ async function waitFor(what, fn, timeoutMs) {
 
 /** The server is up, its models are loaded and the start-up ingest has finished. */
 async function waitForServer() {
-  await waitFor('/readyz', async () => (await fetch(`${BASE}/readyz`)).ok, 300_000);
+  const headers = API_KEY ? { Authorization: `Bearer ${API_KEY}` } : {};
+  await waitFor('/readyz', async () => (await fetch(`${BASE}/readyz`, { headers })).ok, 300_000);
   return waitFor('start-up ingest', async () => {
-    const s = await (await fetch(`${BASE}/api/status`)).json();
+    const s = await (await fetch(`${BASE}/api/status`, { headers })).json();
     if (s.ingest && s.ingest.state === 'error') throw new Error(`ingest error: ${s.ingest.last_error}`);
     return s.ingest && s.ingest.state === 'idle' && s.images >= EXPECTED_IMAGES ? s : null;
   }, 300_000);
@@ -99,10 +101,8 @@ async function waitForResults(page) {
   await page.waitForFunction(() => !document.body.classList.contains('is-loading'), null, { timeout: 120_000 });
 }
 
-async function main() {
-  const status = await waitForServer();
-  console.log(`server ready: ${status.images} images, models ${JSON.stringify(status.models)}`);
-
+/** Opens a fresh browser page, runs `body(page)`, fails on uncaught page errors. */
+async function withPage(body) {
   const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true });
   const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, colorScheme: 'light' });
   const page = await context.newPage();
@@ -115,6 +115,20 @@ async function main() {
   });
 
   try {
+    await body(page);
+    assert.deepEqual(pageErrors, [], 'uncaught errors in the page');
+  } catch (err) {
+    await page.screenshot({ path: path.join(ARTIFACTS, 'failure.png') }).catch(() => {});
+    if (pageErrors.length) console.error(`page errors: ${pageErrors.join('\n')}`);
+    throw err;
+  } finally {
+    await browser.close();
+  }
+}
+
+/** The whole UI against a server whose writes need the key. */
+async function fullTest(status) {
+  await withPage(async (page) => {
     let query = '';
 
     await step('home page: empty state and collection size', async () => {
@@ -280,15 +294,55 @@ async function main() {
       await sleep(300);
       await page.screenshot({ path: path.join(ARTIFACTS, 'ui.png') });
     });
+  });
+}
 
-    assert.deepEqual(pageErrors, [], 'uncaught errors in the page');
-  } catch (err) {
-    await page.screenshot({ path: path.join(ARTIFACTS, 'failure.png') }).catch(() => {});
-    if (pageErrors.length) console.error(`page errors: ${pageErrors.join('\n')}`);
-    throw err;
-  } finally {
-    await browser.close();
-  }
+/** A server run with --protect-reads: the UI asks for the key at once and loads images with it. */
+async function protectedReadsTest(status) {
+  assert.ok(API_KEY, 'the protected-reads test needs BLIPSEARCH_API_KEY');
+  await withPage(async (page) => {
+    await step('protected reads: a shared search link asks for the key first', async () => {
+      await page.goto(`${BASE}/?q=${encodeURIComponent('a photo')}`);
+      await page.waitForSelector('[data-testid=key-dialog]', { state: 'visible', timeout: 30_000 });
+      assert.match(await page.textContent('#key-reason'), /key/i);
+      await page.fill('[data-testid=key-input]', API_KEY);
+      await page.keyboard.press('Enter');
+      await page.waitForSelector('[data-testid=key-dialog]', { state: 'hidden' });
+    });
+
+    await step('protected reads: results and thumbnails load with the key', async () => {
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      // <img src> cannot send a header: the UI fetches with the key and shows blob: URLs.
+      const srcs = await page.$$eval('[data-testid=result-image]', (imgs) => imgs.map((i) => i.currentSrc));
+      assert.ok(srcs.every((u) => u.startsWith('blob:')), `thumbnail sources: ${srcs.slice(0, 3)}`);
+      await page.waitForFunction((n) => document.querySelector('[data-testid=footer-stats]').textContent.includes(`${n} images`), status.images, { timeout: 30_000 });
+    });
+
+    await step('protected reads: the detail dialog loads the original', async () => {
+      await page.click('[data-testid=result] >> nth=0');
+      await page.waitForFunction(() => {
+        const img = document.querySelector('[data-testid=detail-image]');
+        return img.complete && img.naturalWidth > 0;
+      }, null, { timeout: 30_000 });
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid=detail-caption]').length > 0);
+      await page.keyboard.press('Escape');
+    });
+
+    await step('protected reads: the key survives a reload (localStorage)', async () => {
+      await page.reload();
+      await waitForResults(page);
+      await thumbnailsLoaded(page);
+      assert.ok(await page.isHidden('[data-testid=key-dialog]'));
+    });
+  });
+}
+
+async function main() {
+  const status = await waitForServer();
+  console.log(`server ready: ${status.images} images, models ${JSON.stringify(status.models)}`);
+  if (process.env.UI_TEST === 'protected-reads') await protectedReadsTest(status);
+  else await fullTest(status);
   console.log(`browser test passed: ${steps.length} steps; screenshots in ${ARTIFACTS}/`);
 }
 
