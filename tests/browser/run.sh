@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Browser test of the web UI: starts a real `blipsearch serve` on a temporary index of the fixture
 # images with the tiny fixture models, then drives the UI in headless Chromium
-# (tests/browser/ui.test.mjs). Screenshots land in target/browser/ (ui.png, ui-detail.png, and
+# (tests/browser/ui.test.mjs) in two passes: the whole UI with a key on writes, then a short pass
+# with --protect-reads. Screenshots land in target/browser/ (ui.png, ui-detail.png, and
 # failure.png when a step fails); the server log is target/browser/server.log.
 #
 # Needs: cargo, node + npm, and Debian's chromium (installed here with apt-get when missing and
