@@ -438,6 +438,11 @@ async fn every_endpoint_and_its_errors() {
     let up = json(&b);
     let new_id = up["id"].as_u64().unwrap();
     assert_eq!(up["duplicate"], false);
+    let stored = up["image"]["file_name"].as_str().unwrap();
+    assert!(
+        stored.ends_with("-red.png"),
+        "uploads keep their name: {stored}"
+    );
     let caps = up["captions"].as_array().unwrap();
     assert_eq!(caps[0]["source"], "given", "{up}");
     assert_eq!(caps[0]["text"], "a crimson square tile");

@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
-use super::{decode_upload, parse_id, read_upload, ImageOut};
+use super::{decode_upload, parse_id, read_upload, safe_stem, ImageOut};
 use crate::engine::{Encoders, IngestOptions, Ingestor};
 use crate::index::{content_hash, Caption, CaptionSource, ImageId, IndexError};
 use crate::model::capfilt::CandidateSource;
@@ -93,6 +93,7 @@ async fn upload(
         .image
         .ok_or_else(|| ApiError::bad_request("missing the `image` file field"))?;
     let texts = form.texts;
+    let stem = form.file_name.as_deref().and_then(safe_stem);
     let (status, out) = web::block(move || -> ApiResult<(StatusCode, UploadOut)> {
         let (_, ext) = decode_upload(&bytes, state.settings.limits)?;
         let hash = content_hash(&bytes);
@@ -112,7 +113,12 @@ async fn upload(
         let dir = &state.settings.uploads_dir;
         std::fs::create_dir_all(dir)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-        let path = dir.join(format!("{}.{ext}", &hash[..32]));
+        // Named by content (unique) and by what the user called it (readable).
+        let name = match &stem {
+            Some(stem) => format!("{}-{stem}.{ext}", &hash[..12]),
+            None => format!("{}.{ext}", &hash[..32]),
+        };
+        let path = dir.join(name);
         std::fs::write(&path, &bytes)
             .map_err(|e| ApiError::internal(format!("writing {}: {e}", path.display())))?;
         let canonical = std::fs::canonicalize(&path)

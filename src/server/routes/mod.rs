@@ -97,6 +97,8 @@ impl From<ImageRecord> for ImageOut {
 pub struct Upload {
     /// The `image` field's bytes.
     pub image: Option<Vec<u8>>,
+    /// The file name the client gave the image, if any.
+    pub file_name: Option<String>,
     /// The `text` fields.
     pub texts: Vec<String>,
 }
@@ -137,6 +139,12 @@ pub async fn read_upload(
         let mut field =
             field.map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or("").to_string();
+        if name == "image" {
+            out.file_name = field
+                .content_disposition()
+                .and_then(|cd| cd.get_filename())
+                .map(str::to_string);
+        }
         let limit = match name.as_str() {
             "image" => max_bytes,
             "text" => MAX_TEXT_BYTES,
@@ -229,4 +237,42 @@ pub fn decode_upload(
 pub fn parse_id(raw: &str) -> ApiResult<u64> {
     raw.parse::<u64>()
         .map_err(|_| ApiError::bad_request(format!("{raw:?} is not an image id")))
+}
+
+/// A safe file-name stem from a client's file name: letters, digits, `-` and `_` only (others
+/// become `_`), at most 60 characters, no extension; `None` when nothing is left.
+pub fn safe_stem(name: &str) -> Option<String> {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let stem = base.rsplit_once('.').map_or(base, |(s, _)| s);
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(60)
+        .collect();
+    let clean = clean.trim_matches('_').to_string();
+    (!clean.is_empty()).then_some(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_stem_keeps_only_harmless_characters() {
+        assert_eq!(
+            safe_stem("Holiday 2024.JPG").as_deref(),
+            Some("Holiday_2024")
+        );
+        assert_eq!(safe_stem("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(safe_stem("C:\\x\\été.png").as_deref(), Some("t"));
+        assert_eq!(safe_stem("....png"), None);
+        assert_eq!(safe_stem(""), None);
+        assert_eq!(safe_stem(&"a".repeat(100)).unwrap().len(), 60);
+    }
 }
