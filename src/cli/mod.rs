@@ -2,6 +2,7 @@
 //! library; output formats (`--json`) are a stable contract other tools rely on.
 
 mod collection;
+mod eval;
 mod search;
 
 use std::path::PathBuf;
@@ -59,6 +60,10 @@ pub enum Command {
     /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
     Capfilt(CapfiltArgs),
     // --- end caption / capfilt ---
+    // --- eval (issue 8) ---
+    /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
+    SynthWorld(eval::SynthWorldArgs),
+    // --- end eval ---
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -197,6 +202,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
+        Command::SynthWorld(a) => eval::synth_world(a),
     }
 }
 
