@@ -373,8 +373,8 @@ fn paint(img: &mut RgbImage, shape: Shape, cx: f32, cy: f32, r: f32, fill: [u8; 
             }
             let a = hits as f32 / 16.0;
             let p = img.get_pixel_mut(x, y);
-            for c in 0..3 {
-                p.0[c] = (p.0[c] as f32 * (1.0 - a) + fill[c] as f32 * a).round() as u8;
+            for (v, f) in p.0.iter_mut().zip(fill) {
+                *v = (*v as f32 * (1.0 - a) + f as f32 * a).round() as u8;
             }
         }
     }
