@@ -4,6 +4,7 @@
 //! Depends on `model` (and `engine` for errors); nothing below depends on it.
 
 pub mod error;
+pub mod metrics;
 pub mod synth;
 
 pub use error::{EvalError, Result};
