@@ -229,7 +229,7 @@ pub fn cider_d(hypotheses: &[String], references: &[Vec<String>]) -> Result<Cide
             let r = tfidf(r, &df, log_images);
             let delta = h.length - r.length;
             let penalty = (-(delta * delta) / (2.0 * CIDER_SIGMA * CIDER_SIGMA)).exp();
-            for n in 0..MAX_N {
+            for (n, acc) in sum.iter_mut().enumerate() {
                 let mut val: f64 = h.vec[n]
                     .iter()
                     .map(|(g, &wh)| {
@@ -240,7 +240,7 @@ pub fn cider_d(hypotheses: &[String], references: &[Vec<String>]) -> Result<Cide
                 if h.norm[n] != 0.0 && r.norm[n] != 0.0 {
                     val /= h.norm[n] * r.norm[n];
                 }
-                sum[n] += val * penalty;
+                *acc += val * penalty;
             }
         }
         let mean = sum.iter().sum::<f64>() / MAX_N as f64;
@@ -307,13 +307,11 @@ mod tests {
         let (h, r) = corpus();
         let b = corpus_bleu(&h, &r).unwrap();
         let want = EXPECTED_BLEU;
-        for k in 0..4 {
+        for (k, (got, want)) in b.bleu.iter().zip(want).enumerate() {
             assert!(
-                (b.bleu[k] - want[k]).abs() < 1e-12,
-                "BLEU-{}: {} vs {}",
-                k + 1,
-                b.bleu[k],
-                want[k]
+                (got - want).abs() < 1e-12,
+                "BLEU-{}: {got} vs {want}",
+                k + 1
             );
         }
         assert!((b.length_ratio - EXPECTED_RATIO).abs() < 1e-9);
@@ -339,14 +337,9 @@ mod tests {
         let h = s(&["a dog"]);
         let r = vec![s(&["a dog runs on the grass", "a brown dog"])];
         let b = corpus_bleu(&h, &r).unwrap();
-        for k in 0..4 {
-            assert!(
-                (b.bleu[k] - EXPECTED_SHORT_BLEU[k]).abs() < 1e-12,
-                "{k}: {}",
-                b.bleu[k]
-            );
-        }
-        // One image: log(1) = 0 weights every n-gram 0, so CIDEr is 0 (as in pycocoevalcap).
+        for (got, want) in b.bleu.iter().zip(EXPECTED_SHORT_BLEU) {
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        } // One image: log(1) = 0 weights every n-gram 0, so CIDEr is 0 (as in pycocoevalcap).
         assert_eq!(cider_d(&h, &r).unwrap().cider, 0.0);
     }
 
