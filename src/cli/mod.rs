@@ -63,6 +63,12 @@ pub enum Command {
     // --- eval (issue 8) ---
     /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
     SynthWorld(eval::SynthWorldArgs),
+    /// Measure retrieval (recall@1/5/10, ITC and ITC + ITM rerank) and captions (BLEU-4, CIDEr) on
+    /// a captioned dataset, as the BLIP paper does.
+    Eval(eval::EvalArgs),
+    /// Bootstrap a captioned dataset with CapFilt: caption every image, keep the texts ITM
+    /// matches, and count kept and dropped texts by source.
+    CapfiltDataset(eval::CapfiltDatasetArgs),
     // --- end eval ---
 }
 
@@ -203,6 +209,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
         Command::SynthWorld(a) => eval::synth_world(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::CapfiltDataset(a) => eval::capfilt_dataset(a),
     }
 }
 

@@ -3,7 +3,10 @@
 //! caption evaluation as in the BLIP paper, and dataset bootstrapping with CapFilt.
 //! Depends on `model` (and `engine` for errors); nothing below depends on it.
 
+pub mod bootstrap;
+pub mod dataset;
 pub mod error;
+pub mod evaluate;
 pub mod metrics;
 pub mod synth;
 
