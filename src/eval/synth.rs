@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::error::{EvalError, Result};
 
@@ -469,7 +470,9 @@ fn wrong_set(n: usize, share: f64, rng: &mut StdRng) -> Vec<bool> {
     flags
 }
 
-fn write_jsonl(path: &Path, records: &[SynthRecord]) -> Result<()> {
+/// Writes JSON lines; returns the SHA-256 of what was written (recorded in `world.json`, so that
+/// a regenerated world can be checked against the one a model was trained on).
+fn write_jsonl(path: &Path, records: &[SynthRecord]) -> Result<String> {
     let mut text = String::new();
     for r in records {
         text.push_str(
@@ -478,8 +481,9 @@ fn write_jsonl(path: &Path, records: &[SynthRecord]) -> Result<()> {
         );
         text.push('\n');
     }
-    fs_err::write(path, text)?;
-    Ok(())
+    fs_err::write(path, &text)?;
+    let digest = Sha256::digest(text.as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -634,8 +638,8 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
         })
         .collect();
 
-    write_jsonl(&out.join("train.jsonl"), &train)?;
-    write_jsonl(&out.join("test.jsonl"), &test)?;
+    let train_sha = write_jsonl(&out.join("train.jsonl"), &train)?;
+    let test_sha = write_jsonl(&out.join("test.jsonl"), &test)?;
     write_jsonl(&out.join("test_noisy.jsonl"), &noisy)?;
     write_json(&out.join("test.json"), &annotations)?;
     write_json(
@@ -658,6 +662,8 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
             "size": params.size,
             "wrong_share": params.wrong_share,
             "summary": &summary,
+            "train_jsonl_sha256": train_sha,
+            "test_jsonl_sha256": test_sha,
             "generator": concat!("blipsearch ", env!("CARGO_PKG_VERSION"), " synth-world"),
         }),
     )?;
