@@ -2,6 +2,7 @@
 //! library; output formats (`--json`) are a stable contract other tools rely on.
 
 mod collection;
+mod eval;
 mod search;
 mod serve;
 
@@ -63,6 +64,16 @@ pub enum Command {
     /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
     Capfilt(CapfiltArgs),
     // --- end caption / capfilt ---
+    // --- eval (issue 8) ---
+    /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
+    SynthWorld(eval::SynthWorldArgs),
+    /// Measure retrieval (recall@1/5/10, ITC and ITC + ITM rerank) and captions (BLEU-4, CIDEr) on
+    /// a captioned dataset, as the BLIP paper does.
+    Eval(eval::EvalArgs),
+    /// Bootstrap a captioned dataset with CapFilt: caption every image, keep the texts ITM
+    /// matches, and count kept and dropped texts by source.
+    CapfiltDataset(eval::CapfiltDatasetArgs),
+    // --- end eval ---
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -202,6 +213,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
+        Command::SynthWorld(a) => eval::synth_world(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::CapfiltDataset(a) => eval::capfilt_dataset(a),
     }
 }
 
