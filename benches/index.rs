@@ -15,6 +15,16 @@ use blipsearch::index::{
 
 const DIM: usize = 256;
 
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs each bench once without it,
+/// and then the data sets shrink tenfold so that CI stays quick.
+fn scale(n: usize) -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        n
+    } else {
+        n / 10
+    }
+}
+
 /// Seeded uniform stream (xorshift64).
 struct Rng(u64);
 
@@ -28,7 +38,11 @@ impl Rng {
     fn unit_vector(&mut self) -> Vec<f32> {
         // Sum of uniforms: close enough to Gaussian for direction sampling.
         let v: Vec<f32> = (0..DIM)
-            .map(|_| (0..4).map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5).sum())
+            .map(|_| {
+                (0..4)
+                    .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    .sum()
+            })
             .collect();
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.into_iter().map(|x| x / n).collect()
@@ -37,7 +51,7 @@ impl Rng {
 
 fn vectors(c: &mut Criterion) {
     let mut rng = Rng(0x5EED);
-    let n = 20_000;
+    let n = scale(20_000);
     let items: Vec<(ImageId, Vec<f32>)> = (0..n)
         .map(|i| (ImageId(i as u64 + 1), rng.unit_vector()))
         .collect();
@@ -45,7 +59,7 @@ fn vectors(c: &mut Criterion) {
     let params = HnswParams::default();
     let mut g = c.benchmark_group("hnsw");
     g.sample_size(10);
-    let small = 2_000;
+    let small = scale(2_000);
     g.throughput(Throughput::Elements(small as u64));
     g.bench_function(BenchmarkId::new("insert_batch_256d", small), |b| {
         b.iter(|| {
@@ -72,14 +86,17 @@ fn vectors(c: &mut Criterion) {
             },
         );
     }
-    g.bench_function(BenchmarkId::new(format!("search_k10_n{n}"), "filter_5pct"), |b| {
-        let keep = |id: ImageId| id.0 % 20 == 0;
-        b.iter(|| {
-            for q in &queries {
-                index.search(q, 10, None, Some(&keep)).expect("search");
-            }
-        })
-    });
+    g.bench_function(
+        BenchmarkId::new(format!("search_k10_n{n}"), "filter_5pct"),
+        |b| {
+            let keep = |id: ImageId| id.0 % 20 == 0;
+            b.iter(|| {
+                for q in &queries {
+                    index.search(q, 10, None, Some(&keep)).expect("search");
+                }
+            })
+        },
+    );
     g.finish();
 }
 
@@ -98,7 +115,7 @@ fn text(c: &mut Criterion) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let n = 10_000u64;
+    let n = scale(10_000) as u64;
     let records: Vec<ImageRecord> = (1..=n)
         .map(|id| ImageRecord {
             id: ImageId(id),
@@ -122,7 +139,7 @@ fn text(c: &mut Criterion) {
         .collect();
     let mut g = c.benchmark_group("tantivy");
     g.sample_size(10);
-    let small = 1_000;
+    let small = scale(1_000);
     g.throughput(Throughput::Elements(small as u64));
     g.bench_function(BenchmarkId::new("upsert_commit", small), |b| {
         b.iter(|| {
@@ -140,7 +157,11 @@ fn text(c: &mut Criterion) {
         index.upsert(r).expect("upsert");
     }
     index.commit(1).expect("commit");
-    for query in ["dog", "red bicycle street", "a child playing with a dog in the park"] {
+    for query in [
+        "dog",
+        "red bicycle street",
+        "a child playing with a dog in the park",
+    ] {
         let words = query.split(' ').count();
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(
