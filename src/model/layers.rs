@@ -1,6 +1,6 @@
 //! Small building blocks shared by the vision and text transformers.
 
-use candle_core::{Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::config::Activation;
@@ -20,6 +20,88 @@ pub(crate) fn activate(xs: &Tensor, act: Activation) -> candle_core::Result<Tens
         Activation::Gelu => xs.gelu_erf(),
         Activation::GeluTanh => xs.gelu(),
         Activation::Relu => xs.relu(),
+    }
+}
+
+/// `act(lin(xs))`: the feed-forward block's first half. On the CPU in f32 the bias add and the
+/// activation run fused, in one pass over the output split across threads (candle runs both as
+/// separate single-threaded passes); the arithmetic is the same, so the result is bit-identical.
+pub(crate) fn linear_act(
+    lin: &Linear,
+    xs: &Tensor,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    let fusable = xs.device().is_cpu()
+        && xs.dtype() == candle_core::DType::F32
+        && xs.is_contiguous()
+        && act == Activation::Gelu
+        && xs.rank() >= 2;
+    let Some(bias) = lin.bias().filter(|_| fusable) else {
+        return activate(&lin.forward(xs)?, act);
+    };
+    // The matmul as `Linear::forward` does it for contiguous inputs: rows stacked, no broadcast.
+    let dims = xs.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let rows = xs.elem_count() / k.max(1);
+    let y = xs.reshape((rows, k))?.matmul(&lin.weight().t()?)?;
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = y.dim(1)?;
+    y.apply_op2_no_bwd(bias, &BiasGelu)?.reshape(out_dims)
+}
+
+/// `gelu_erf(y + bias)` over the rows of a contiguous `(rows, n)` f32 matrix, in parallel.
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(y), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("bias-gelu: f32 only");
+        };
+        let (Some((y0, y1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("bias-gelu: contiguous inputs only");
+        };
+        let (y, b) = (&y[y0..y1], &b[b0..b1]);
+        let n = b.len();
+        if n == 0 || y.len() % n != 0 {
+            candle_core::bail!("bias-gelu: {} values for a bias of {n}", y.len());
+        }
+        let mut out = vec![0f32; y.len()];
+        let rows = y.len() / n;
+        let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+        let per = rows.div_ceil(threads) * n;
+        let work = |(src, dst): (&[f32], &mut [f32])| {
+            for (src, dst) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+                for ((d, &v), &bias) in dst.iter_mut().zip(src).zip(b) {
+                    // candle's `broadcast_add` then `gelu_erf`, term for term.
+                    let v = v + bias;
+                    *d = (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.)
+                        * 0.5
+                        * v;
+                }
+            }
+        };
+        if threads == 1 {
+            work((y, &mut out));
+        } else {
+            std::thread::scope(|s| {
+                for pair in y.chunks(per).zip(out.chunks_mut(per)) {
+                    s.spawn(move || work(pair));
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 

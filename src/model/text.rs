@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::BlipTextConfig;
-use super::layers::{activate, attention, layer_norm, linear, merge_heads, split_heads};
+use super::layers::{
+    activate, attention, layer_norm, linear, linear_act, merge_heads, split_heads,
+};
 
 /// Additive value of a masked position, as in transformers' BLIP text model.
 const MASKED: f64 = -10000.0;
@@ -320,7 +322,7 @@ impl TextModel {
                 let (ik, iv) = &image.layers[i];
                 xs = cross.forward_shared(&xs, ik, iv, image.rows_per_image)?;
             }
-            let h = activate(&layer.intermediate.forward(&xs)?, layer.cfg.hidden_act)?;
+            let h = linear_act(&layer.intermediate, &xs, layer.cfg.hidden_act)?;
             xs = layer
                 .output_norm
                 .forward(&(layer.output.forward(&h)? + xs)?)?;

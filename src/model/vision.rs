@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::config::BlipVisionConfig;
-use super::layers::{activate, attention, layer_norm, linear, merge_heads};
+use super::layers::{attention, layer_norm, linear, linear_act, merge_heads};
 
 struct Embeddings {
     class_embedding: Tensor,
@@ -115,8 +115,12 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let h = (self.attn.forward(&self.layer_norm1.forward(xs)?)? + xs)?;
-        let m = self.fc1.forward(&self.layer_norm2.forward(&h)?)?;
-        let m = self.fc2.forward(&activate(&m, self.cfg.hidden_act)?)?;
+        let m = linear_act(
+            &self.fc1,
+            &self.layer_norm2.forward(&h)?,
+            self.cfg.hidden_act,
+        )?;
+        let m = self.fc2.forward(&m)?;
         m + h
     }
 }

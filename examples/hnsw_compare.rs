@@ -1,0 +1,180 @@
+//! Our side of the vector-index comparison in `benches/compare.sh --vectors N`: builds a
+//! [`VectorIndex`] over `N` seeded random 256-d unit vectors (the hardest case for a graph index:
+//! no clusters), then measures recall@10 against exact search and single-thread QPS at several
+//! `ef`. With `--write DIR` it also writes the vectors, queries and exact top-10 it used
+//! (`vectors.f32`, `queries.f32` little-endian row-major, `truth.u32` 0-based rows, `meta.json`)
+//! so that `benches/hnswlib_side.py` measures hnswlib on exactly the same data.
+//!
+//! ```sh
+//! cargo run --release --example hnsw_compare -- --n 1000000 --write /tmp/vec1m
+//! ```
+//!
+//! Prints JSON lines (side "ours"): build seconds, memory added by the index, and one line per
+//! `ef` with recall@10 and queries/s.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use blipsearch::index::{HnswParams, ImageId, VectorIndex};
+
+const DIM: usize = 256;
+const K: usize = 10;
+
+/// Seeded N(0,1) stream: Box-Muller over xorshift64.
+struct Gauss(u64);
+
+impl Gauss {
+    fn uniform(&mut self) -> f64 {
+        let s = &mut self.0;
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        ((*s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn next(&mut self) -> f32 {
+        let (a, b) = (self.uniform(), self.uniform());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+    fn unit(&mut self, out: &mut [f32]) {
+        for x in out.iter_mut() {
+            *x = self.next();
+        }
+        let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
+        out.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// Resident memory of this process in MiB (Linux `VmRSS`).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Exact top-`K` rows by inner product for every query, on all cores.
+fn exact_top(data: &[f32], queries: &[f32]) -> Vec<Vec<u32>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let nq = queries.len() / DIM;
+    let per = nq.div_ceil(threads);
+    let mut out = vec![Vec::new(); nq];
+    std::thread::scope(|s| {
+        for (chunk_i, chunk) in out.chunks_mut(per).enumerate() {
+            s.spawn(move || {
+                for (j, slot) in chunk.iter_mut().enumerate() {
+                    let qi = chunk_i * per + j;
+                    let q = &queries[qi * DIM..(qi + 1) * DIM];
+                    let mut scores: Vec<(f32, u32)> = data
+                        .chunks_exact(DIM)
+                        .enumerate()
+                        .map(|(i, v)| (v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i as u32))
+                        .collect();
+                    scores.select_nth_unstable_by(K, |a, b| b.0.total_cmp(&a.0));
+                    scores.truncate(K);
+                    *slot = scores.into_iter().map(|x| x.1).collect();
+                }
+            });
+        }
+    });
+    out
+}
+
+fn write_f32(path: &std::path::Path, xs: &[f32]) -> Result<()> {
+    let mut f = std::io::BufWriter::new(fs_err::File::create(path)?);
+    for x in xs {
+        f.write_all(&x.to_le_bytes())?;
+    }
+    Ok(f.flush()?)
+}
+
+fn main() -> Result<()> {
+    let mut n = 100_000usize;
+    let mut queries = 200usize;
+    let mut write: Option<PathBuf> = None;
+    let mut efs = vec![64usize, 128, 256, 512];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--n" => n = value("--n")?.parse()?,
+            "--queries" => queries = value("--queries")?.parse()?,
+            "--write" => write = Some(value("--write")?.into()),
+            "--ef" => {
+                efs = value("--ef")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            s => bail!("unknown argument {s}"),
+        }
+    }
+    let mut g = Gauss(0x9E37_79B9_7F4A_7C15);
+    let mut data = vec![0f32; n * DIM];
+    data.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
+    let mut qs = vec![0f32; queries * DIM];
+    qs.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
+    let t = Instant::now();
+    let truth = exact_top(&data, &qs);
+    let exact_s = t.elapsed().as_secs_f64();
+    if let Some(dir) = &write {
+        fs_err::create_dir_all(dir)?;
+        write_f32(&dir.join("vectors.f32"), &data)?;
+        write_f32(&dir.join("queries.f32"), &qs)?;
+        let flat: Vec<u8> = truth.iter().flatten().flat_map(|i| i.to_le_bytes()).collect();
+        fs_err::write(dir.join("truth.u32"), flat)?;
+        let params = HnswParams::default();
+        let meta = json!({"n": n, "dim": DIM, "queries": queries, "k": K, "m": params.m,
+            "ef_construction": params.ef_construction, "ef": efs});
+        fs_err::write(dir.join("meta.json"), meta.to_string())?;
+    }
+
+    let dir = tempfile::tempdir()?;
+    let params = HnswParams::default();
+    let before = rss_mib();
+    let mut index = VectorIndex::open(dir.path(), DIM, params)?;
+    let t = Instant::now();
+    let chunk = 20_000;
+    for (c, rows) in data.chunks(chunk * DIM).enumerate() {
+        let items: Vec<(ImageId, Vec<f32>)> = rows
+            .chunks_exact(DIM)
+            .enumerate()
+            .map(|(i, v)| (ImageId((c * chunk + i) as u64 + 1), v.to_vec()))
+            .collect();
+        index.insert_batch(&items)?;
+    }
+    let build_s = t.elapsed().as_secs_f64();
+    let index_mib = rss_mib() - before;
+    println!(
+        "{}",
+        json!({"side": "ours", "kind": "build", "n": n, "dim": DIM, "m": params.m,
+            "ef_construction": params.ef_construction, "build_s": build_s,
+            "threads": candle_core::utils::get_num_threads(),
+            "index_mib": index_mib, "exact_s": exact_s})
+    );
+    for &ef in &efs {
+        let t = Instant::now();
+        let mut hits = 0usize;
+        for (qi, want) in truth.iter().enumerate() {
+            let got = index.search(&qs[qi * DIM..(qi + 1) * DIM], K, Some(ef), None)?;
+            hits += got
+                .iter()
+                .filter(|(id, _)| want.contains(&((id.0 - 1) as u32)))
+                .count();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"side": "ours", "kind": "search", "ef": ef,
+                "recall": hits as f64 / (K * queries) as f64, "qps": queries as f64 / secs})
+        );
+    }
+    Ok(())
+}
