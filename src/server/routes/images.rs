@@ -97,7 +97,10 @@ async fn upload(
     let (status, out) = web::block(move || -> ApiResult<(StatusCode, UploadOut)> {
         let (_, ext) = decode_upload(&bytes, state.settings.limits)?;
         let hash = content_hash(&bytes);
-        if let Some(id) = state.read()?.by_hash(&hash)? {
+        // One guard at a time: a second read lock on this thread could deadlock behind a
+        // waiting writer.
+        let existing = state.read()?.by_hash(&hash)?;
+        if let Some(id) = existing {
             let rec = state
                 .read()?
                 .get(id)?
