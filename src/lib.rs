@@ -12,3 +12,4 @@ pub mod cli;
 pub mod engine;
 pub mod index;
 pub mod model;
+pub mod train;

@@ -3,6 +3,7 @@
 
 mod collection;
 mod search;
+mod train;
 
 use std::path::PathBuf;
 
@@ -59,6 +60,8 @@ pub enum Command {
     /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
     Capfilt(CapfiltArgs),
     // --- end caption / capfilt ---
+    /// Train a retrieval (ITC + ITM) or caption (LM) model on image-caption pairs.
+    Train(train::TrainArgs),
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -197,6 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
+        Command::Train(a) => train::train(a),
     }
 }
 
