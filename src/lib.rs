@@ -5,11 +5,13 @@
 //! - [`model`]: BLIP itself (preprocessing, tokenizer, ViT, text encoder/decoder, ITC/ITM);
 //! - [`index`]: on-disk collection storage (sled metadata, HNSW vectors, tantivy text, ViT
 //!   features, thumbnails); takes vectors and ids, never a model;
+//! - [`eval`]: a synthetic captioned world, caption metrics, dataset readers, evaluation;
 //! - `cli`: the command-line front end.
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod engine;
+pub mod eval;
 pub mod index;
 pub mod model;
 pub mod train;

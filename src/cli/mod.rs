@@ -2,6 +2,7 @@
 //! library; output formats (`--json`) are a stable contract other tools rely on.
 
 mod collection;
+mod eval;
 mod search;
 mod train;
 
@@ -62,6 +63,10 @@ pub enum Command {
     // --- end caption / capfilt ---
     /// Train a retrieval (ITC + ITM) or caption (LM) model on image-caption pairs.
     Train(train::TrainArgs),
+    // --- eval (issue 8) ---
+    /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
+    SynthWorld(eval::SynthWorldArgs),
+    // --- end eval ---
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -201,6 +206,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
         Command::Train(a) => train::train(a),
+        Command::SynthWorld(a) => eval::synth_world(a),
     }
 }
 

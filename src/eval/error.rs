@@ -1,0 +1,44 @@
+//! Errors of the evaluation layer (synthetic world, datasets, metrics, eval runs).
+
+use std::path::PathBuf;
+
+use crate::engine::EngineError;
+use crate::model::ModelError;
+
+/// What can go wrong while generating, reading or evaluating a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A model failed to load or run.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A file or folder could not be read or written (fs-err: the message names the path).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// An image could not be encoded or written.
+    #[error("cannot write image {path}: {source}")]
+    ImageWrite {
+        /// The path.
+        path: PathBuf,
+        /// The underlying error.
+        source: image::ImageError,
+    },
+    /// A dataset file is malformed.
+    #[error("{path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Dataset {
+        /// The dataset file.
+        path: PathBuf,
+        /// The 1-based line, for JSON lines files.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+    /// Bad options or arguments.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// Result alias of the evaluation layer.
+pub type Result<T> = std::result::Result<T, EvalError>;

@@ -1,0 +1,10 @@
+//! Evaluation: a synthetic captioned world to train and test tiny models on, caption metrics
+//! (BLEU-4, CIDEr-D), dataset readers (JSON lines, BLIP/Karpathy annotation files), retrieval and
+//! caption evaluation as in the BLIP paper, and dataset bootstrapping with CapFilt.
+//! Depends on `model` (and `engine` for errors); nothing below depends on it.
+
+pub mod error;
+pub mod metrics;
+pub mod synth;
+
+pub use error::{EvalError, Result};
