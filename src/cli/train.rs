@@ -82,6 +82,10 @@ pub struct TrainArgs {
     /// Also checkpoint every N steps (0: after each epoch only).
     #[arg(long, default_value_t = 0)]
     save_every: u64,
+    /// Stop after this many steps of this invocation, with a checkpoint (as if interrupted;
+    /// `--resume` continues the run).
+    #[arg(long)]
+    stop_after: Option<u64>,
     /// Seed of initialisation, shuffling, queues and negative sampling.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -153,7 +157,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut trainer = Trainer::new(store, data, cfg, &a.out, resume)?;
-    let summary = trainer.run()?;
+    let summary = trainer.run_for(a.stop_after)?;
     eprintln!(
         "trained {} steps ({} in all) in {:.1} s; last epoch mean loss {:.4}; checkpoint in {}",
         summary.steps,

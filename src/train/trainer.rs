@@ -268,6 +268,12 @@ impl Trainer {
 
     /// Runs to the end, checkpointing after every epoch (and every `save_every` steps).
     pub fn run(&mut self) -> Result<TrainSummary> {
+        self.run_for(None)
+    }
+
+    /// Like [`Trainer::run`], but stops (after a checkpoint) once this invocation has taken
+    /// `max_steps` steps, as an interrupted run would; `--resume` continues it.
+    pub fn run_for(&mut self, max_steps: Option<u64>) -> Result<TrainSummary> {
         let _training = TrainingMode::enter();
         let total = self.total_steps();
         let start_step = self.step;
@@ -338,6 +344,16 @@ impl Trainer {
                 })?;
                 if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 {
                     self.save(epoch)?;
+                }
+                if max_steps.is_some_and(|m| self.step - start_step >= m) {
+                    self.save(epoch)?;
+                    bar.abandon();
+                    return Ok(TrainSummary {
+                        steps: self.step - start_step,
+                        total_steps: self.step,
+                        seconds: started.elapsed().as_secs_f64(),
+                        last_epoch_loss: sum / count.max(1) as f64,
+                    });
                 }
             }
             last_epoch_loss = sum / count.max(1) as f64;
