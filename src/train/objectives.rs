@@ -585,8 +585,7 @@ pub fn caption_loss(store: &ParamStore, batch: &CaptionBatch) -> Result<Tensor> 
         .decoder
         .bert
         .forward(&batch.ids, Some(&batch.mask), Some(&kv), true, None)?;
-    let logits = net.decoder.head.forward(&hidden)?;
-    let (b, l, v) = logits.dims3()?;
+    let (b, l, d) = hidden.dims3()?;
     if l < 2 {
         return Err(TrainError::InvalidInput("captions too short".into()));
     }
@@ -597,7 +596,7 @@ pub fn caption_loss(store: &ParamStore, batch: &CaptionBatch) -> Result<Tensor> 
         for (j, &t) in row.iter().enumerate().skip(1) {
             if t != IGNORE {
                 // Position j - 1 predicts token j.
-                rows.push((i * (l - 1) + j - 1) as u32);
+                rows.push((i * l + j - 1) as u32);
                 targets.push(t as u32);
             }
         }
@@ -607,9 +606,12 @@ pub fn caption_loss(store: &ParamStore, batch: &CaptionBatch) -> Result<Tensor> 
             "no caption token to learn (only prompt and padding)".into(),
         ));
     }
-    let shifted = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
-    let picked = shifted.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?;
-    cross_entropy(&picked, &targets, LABEL_SMOOTHING)
+    // The vocabulary projection only where there is a label (row-wise, so the same values).
+    let picked = hidden
+        .reshape((b * l, d))?
+        .index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?;
+    let logits = net.decoder.head.forward(&picked)?;
+    cross_entropy(&logits, &targets, LABEL_SMOOTHING)
 }
 
 /// A scalar tensor as `f32`.
