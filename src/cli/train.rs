@@ -72,6 +72,9 @@ pub struct TrainArgs {
     /// Weight of the momentum model's soft targets in ITC.
     #[arg(long, default_value_t = 0.4)]
     alpha: f64,
+    /// Momentum of the ITC momentum encoders (BLIP: 0.995; lower learns faster from scratch).
+    #[arg(long, default_value_t = 0.995)]
+    momentum: f64,
     /// ITC positives are only the pair itself (BLIP's released code), not every caption of the
     /// same image.
     #[arg(long)]
@@ -151,6 +154,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         queue_size: a.queue_size,
         alpha: a.alpha,
+        momentum: a.momentum,
         same_image_positives: !a.diagonal_itc_targets,
         prompt: a.prompt.clone(),
         save_every: a.save_every,

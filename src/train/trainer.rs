@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::data::Dataset;
 use super::objectives::{
     caption_loss, retrieval_losses, scalar, CaptionBatch, ItcTargets, Negatives, RetrievalBatch,
-    RetrievalState, ALPHA,
+    RetrievalState, ALPHA, MOMENTUM,
 };
 use super::optim::{AdamW, AdamWParams, LrSchedule};
 use super::params::{ParamStore, TEMP};
@@ -60,6 +60,9 @@ pub struct TrainConfig {
     pub queue_size: usize,
     /// Weight of the momentum targets in ITC (ramped up over the first epoch, as BLIP does).
     pub alpha: f64,
+    /// Momentum of the ITC momentum encoders (BLIP: 0.995).
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
     /// Positives of the ITC targets: same image (true) or the pair only.
     pub same_image_positives: bool,
     /// Caption prompt, excluded from the LM loss.
@@ -82,12 +85,17 @@ impl Default for TrainConfig {
             weight_decay: 0.05,
             queue_size: 57600,
             alpha: ALPHA,
+            momentum: MOMENTUM,
             same_image_positives: true,
             prompt: crate::model::DEFAULT_PROMPT.to_string(),
             save_every: 0,
             seed: 42,
         }
     }
+}
+
+fn default_momentum() -> f64 {
+    MOMENTUM
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,7 +174,13 @@ impl Trainer {
         let total = steps_per_epoch * cfg.epochs as u64;
         let mut state = match cfg.objective {
             Objective::Retrieval => {
+                if !(0.0..=1.0).contains(&cfg.momentum) {
+                    return Err(TrainError::InvalidInput(
+                        "momentum must be in [0, 1]".into(),
+                    ));
+                }
                 let mut s = RetrievalState::new(&store, cfg.queue_size, cfg.seed)?;
+                s.momentum_coef = cfg.momentum;
                 s.targets = if cfg.same_image_positives {
                     ItcTargets::SameImage
                 } else {
