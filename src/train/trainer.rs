@@ -356,7 +356,7 @@ impl Trainer {
                     path: log_path.clone(),
                     source,
                 })?;
-                if self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0 {
+                if self.cfg.save_every > 0 && self.step.is_multiple_of(self.cfg.save_every) {
                     self.save(epoch)?;
                 }
                 if max_steps.is_some_and(|m| self.step - start_step >= m) {
