@@ -17,3 +17,4 @@ pub mod eval;
 pub mod index;
 pub mod model;
 pub mod server;
+pub mod train;

@@ -5,11 +5,11 @@
 //! Paper: <https://arxiv.org/abs/2201.12086> (§3.1, "multimodal mixture of encoder-decoder").
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::config::BlipTextConfig;
 use super::layers::{
-    activate, attention, layer_norm, linear, linear_act, merge_heads, split_heads,
+    activate, attention, layer_norm, linear, linear_act, merge_heads, split_heads, LayerNorm,
 };
 
 /// Additive value of a masked position, as in transformers' BLIP text model.
