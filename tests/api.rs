@@ -32,6 +32,10 @@ struct Options {
     protect_reads: bool,
     max_upload_bytes: usize,
     max_pixels: u64,
+    /// Checkpoints (retrieval, caption) other than the random tiny-a ones.
+    models: Option<(PathBuf, PathBuf)>,
+    /// A folder to serve instead of a copy of the fixture photos.
+    photos: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -41,6 +45,8 @@ impl Default for Options {
             protect_reads: false,
             max_upload_bytes: 5 << 20,
             max_pixels: 100_000_000,
+            models: None,
+            photos: None,
         }
     }
 }
@@ -48,17 +54,24 @@ impl Default for Options {
 fn start(o: Options) -> Setup {
     let fx = common::fixtures();
     let tmp = tempfile::tempdir().unwrap();
-    let photos = tmp.path().join("photos");
-    std::fs::create_dir_all(&photos).unwrap();
-    for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
-        std::fs::copy(fx.join("images").join(f), photos.join(f)).unwrap();
-    }
-    // A sidecar text makes one image findable by words.
-    std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
-    let retriever =
-        Retriever::load(&ModelSource::Dir(fx.join("tiny-a/retrieval")), &Device::Cpu).unwrap();
-    let captioner =
-        Captioner::load(&ModelSource::Dir(fx.join("tiny-a/caption")), &Device::Cpu).unwrap();
+    let photos = match o.photos {
+        Some(p) => p,
+        None => {
+            let photos = tmp.path().join("photos");
+            std::fs::create_dir_all(&photos).unwrap();
+            for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
+                std::fs::copy(fx.join("images").join(f), photos.join(f)).unwrap();
+            }
+            // A sidecar text makes one image findable by words.
+            std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
+            photos
+        }
+    };
+    let (retrieval_dir, caption_dir) = o
+        .models
+        .unwrap_or_else(|| (fx.join("tiny-a/retrieval"), fx.join("tiny-a/caption")));
+    let retriever = Retriever::load(&ModelSource::Dir(retrieval_dir), &Device::Cpu).unwrap();
+    let captioner = Captioner::load(&ModelSource::Dir(caption_dir), &Device::Cpu).unwrap();
     let cfg = retriever.config();
     let info = CollectionInfo::new(
         retriever.name(),
@@ -744,5 +757,84 @@ async fn upload_limits_in_bytes_and_pixels() {
             String::from_utf8_lossy(&b)
         );
     }
+    s.running.stop();
+}
+
+/// With the models trained on the synthetic world (tests/fixtures/synth), searching the API for
+/// a described scene ranks a matching scene first, with and without ITM rerank.
+///
+/// Ignored until the synthetic fixtures are trained to issue 8's thresholds: the committed
+/// retrieval model reaches recall@1 0.075 (see tests/fixtures/synth/README.md), and this test
+/// fails on it ("a red circle": first hit a red triangle). Run with `-- --ignored` after
+/// retraining.
+#[actix_web::test]
+#[ignore = "the committed synthetic retrieval fixture is under-trained (recall@1 0.075)"]
+async fn api_search_finds_described_synthetic_scenes() {
+    use blipsearch::eval::synth::{generate, SynthParams};
+    let fx = common::fixtures();
+    let world = tempfile::tempdir().unwrap();
+    // A fresh world from the same generator (another seed): scenes the models never saw.
+    generate(
+        world.path(),
+        &SynthParams {
+            train: 0,
+            test: 80,
+            seed: 7,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let scenes: std::collections::HashMap<String, Value> =
+        std::fs::read_to_string(world.path().join("test.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let r: Value = serde_json::from_str(l).unwrap();
+                let name = Path::new(r["image"].as_str().unwrap())
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                (name, r["scene"].clone())
+            })
+            .collect();
+    let s = start(Options {
+        models: Some((fx.join("synth/retrieval"), fx.join("synth/caption"))),
+        photos: Some(world.path().join("images/test")),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    let status = wait_for_ingest!(svc, "");
+    assert_eq!(status["images"], 80, "{status}");
+    let mut checked = 0;
+    for (colour, shape) in [
+        ("red", "circle"),
+        ("blue", "square"),
+        ("green", "triangle"),
+        ("yellow", "circle"),
+        ("red", "triangle"),
+        ("green", "square"),
+    ] {
+        if !scenes
+            .values()
+            .any(|sc| sc["colour"] == colour && sc["shape"] == shape)
+        {
+            continue;
+        }
+        checked += 1;
+        for rerank in [0, 16] {
+            let uri = format!("/api/search?q=a%20{colour}%20{shape}&rerank_k={rerank}&limit=3");
+            let (st, b) = send!(svc, TestRequest::get().uri(&uri));
+            assert_eq!(st, StatusCode::OK);
+            let v = json(&b);
+            let first = v["hits"][0]["file_name"].as_str().unwrap_or_default();
+            let scene = &scenes[first];
+            assert!(
+                scene["colour"] == colour && scene["shape"] == shape,
+                "a {colour} {shape} (rerank {rerank}): first hit {first} is {scene}"
+            );
+        }
+    }
+    assert!(checked >= 4, "the world has too few of the queried scenes");
     s.running.stop();
 }
