@@ -80,7 +80,13 @@ impl CustomOp2 for BiasGelu {
         }
         let mut out = vec![0f32; y.len()];
         let rows = y.len() / n;
-        let threads = candle_core::utils::get_num_threads().clamp(1, rows.max(1));
+        // Below ~256k values (a text query, a decoding step) starting threads costs more than
+        // it saves, and on a loaded machine a new thread can wait milliseconds for a core.
+        let threads = if y.len() < 1 << 18 {
+            1
+        } else {
+            candle_core::utils::get_num_threads().clamp(1, rows.max(1))
+        };
         let per = rows.div_ceil(threads) * n;
         let work = |(src, dst): (&[f32], &mut [f32])| bias_gelu_rows(src, dst, b);
         if threads == 1 {
