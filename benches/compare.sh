@@ -13,6 +13,8 @@
 #   --vectors N     run the vector-index comparison with N seeded 256-d unit vectors
 #   --no-model      skip the model comparison (with --vectors)
 #   --out DIR       where raw results go (default target/bench-compare)
+#   --baseline BIN  instead of PyTorch, alternate with another build of examples/bench_compare
+#                   (e.g. one built from an older commit): before/after ratios from one run
 # Environment:
 #   BLIPSEARCH_BENCH_PYTHON  a Python that has (or may get) torch, transformers, hnswlib;
 #                            default: the venv BLIPSEARCH_BENCH_VENV, created when missing
@@ -24,7 +26,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-rounds=3 iters=2 threads=$(nproc) vectors=0 model=1
+rounds=3 iters=2 threads=$(nproc) vectors=0 model=1 baseline=
 ops=image_b1,image_b8,text_query,itm,caption
 out=${CARGO_TARGET_DIR:-$root/target}/bench-compare
 while [ $# -gt 0 ]; do
@@ -36,7 +38,8 @@ while [ $# -gt 0 ]; do
         --vectors) vectors=$2; shift 2 ;;
         --no-model) model=0; shift ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --baseline) baseline=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -88,6 +91,13 @@ if [ "$model" = 1 ]; then
             --ops "$ops" "${images[@]}" | tee -a "$results" >&2
     }
     theirs() {
+        if [ -n "$baseline" ]; then
+            say "round $r: baseline $baseline"
+            "$baseline" --retrieval "$models/retrieval" --caption "$models/caption" --iters "$iters" \
+                --ops "$ops" "${images[@]}" | sed 's/"side":"ours"/"side":"baseline"/' \
+                | tee -a "$results" >&2
+            return
+        fi
         say "round $r: PyTorch transformers"
         "$py" benches/pytorch_side.py --retrieval "$models/retrieval" --caption "$models/caption" \
             --iters "$iters" --threads "$threads" --ops "$ops" "${images[@]}" 2>/dev/null \
@@ -97,7 +107,8 @@ if [ "$model" = 1 ]; then
     for r in $(seq 1 "$rounds"); do
         if [ $((r % 2)) = 1 ]; then ours; theirs; else theirs; ours; fi
     done
-    "$py" benches/report.py "$results" --threads "$threads" | tee "$out/model.md"
+    "$py" benches/report.py "$results" --threads "$threads" ${baseline:+--other baseline} \
+        | tee "$out/model.md"
 fi
 
 if [ "$vectors" != 0 ]; then

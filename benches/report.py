@@ -71,6 +71,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--threads", type=int, default=None, help="threads both sides used (peak uses this many cores)")
+    ap.add_argument("--other", default="pytorch", help="the side to compare with: pytorch, or baseline (compare.sh --baseline)")
     a = ap.parse_args()
     samples: dict[tuple[str, str], list[float]] = {}
     flops: dict[str, float] = {}
@@ -110,14 +111,15 @@ def main() -> int:
         return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
     out = []
-    out.append("| operation | unit | ours median (min-max) | PyTorch median (min-max) | ours/PyTorch | our FLOP/s (share of peak) |")
+    other = {"pytorch": "PyTorch"}.get(a.other, a.other)
+    out.append(f"| operation | unit | ours median (min-max) | {other} median (min-max) | ours/{other} | our FLOP/s (share of peak) |")
     out.append("|---|---|---|---|---|---|")
     for op, label in ORDER:
         if op not in units:
             continue
         cells = []
         meds = {}
-        for side in ("ours", "pytorch"):
+        for side in ("ours", a.other):
             r = rates(side, op)
             if not r:
                 cells.append("-")
@@ -126,7 +128,7 @@ def main() -> int:
             cells.append(f"{fmt(meds[side])} ({fmt(min(r))}-{fmt(max(r))}), n={len(r)}")
         if len(meds) == 2:
             latency = units[op].startswith("s/")
-            ratio = meds["pytorch"] / meds["ours"] if latency else meds["ours"] / meds["pytorch"]
+            ratio = meds[a.other] / meds["ours"] if latency else meds["ours"] / meds[a.other]
             ratio_s = f"**{ratio:.2f}x**"
         else:
             ratio_s = "-"
@@ -137,7 +139,7 @@ def main() -> int:
             fl = "-"
         out.append(f"| {label} | {units[op]} | {cells[0]} | {cells[1]} | {ratio_s} | {fl} |")
     if memory:
-        mo, mp = memory.get("ours"), memory.get("pytorch")
+        mo, mp = memory.get("ours"), memory.get(a.other)
         if mo and mp:
             # for memory, lower is better: the ratio is still ours/PyTorch
             out.append(f"| peak memory (both models loaded, whole process) | MiB, lower is better | {mo:.0f} | {mp:.0f} "
@@ -145,13 +147,13 @@ def main() -> int:
     print("\n".join(out))
     print()
     print(f"Threads per side: {threads}. Machine peak: {peak_desc}.")
-    for side in ("ours", "pytorch"):
+    for side in ("ours", a.other):
         c = extras.get((side, "caption"))
         if c:
             print(f"{side} caption: {c.get('tokens')} new tokens: {c.get('text')!r}")
-    po, pp = extras.get(("ours", "itm"), {}).get("p_match"), extras.get(("pytorch", "itm"), {}).get("p_match")
+    po, pp = extras.get(("ours", "itm"), {}).get("p_match"), extras.get((a.other, "itm"), {}).get("p_match")
     if po and pp:
-        print(f"ITM p(match) max |ours - PyTorch| = {max(abs(x - y) for x, y in zip(po, pp)):.2e}")
+        print(f"ITM p(match) max |ours - {other}| = {max(abs(x - y) for x, y in zip(po, pp)):.2e}")
     return 0
 
 

@@ -151,7 +151,8 @@ fn main() -> Result<()> {
         .iter()
         .map(|p| load_image(p, DecodeLimits::default()))
         .collect::<Result<Vec<_>, _>>()?;
-    let batch = |n: usize| -> Vec<DynamicImage> { photos.iter().cycle().take(n).cloned().collect() };
+    let batch =
+        |n: usize| -> Vec<DynamicImage> { photos.iter().cycle().take(n).cloned().collect() };
     let (b1, b8) = (batch(1), batch(8));
     let cfg = retriever.config().clone();
     let proj = cfg.image_text_hidden_size;
@@ -160,13 +161,13 @@ fn main() -> Result<()> {
     let stored: Tensor = retriever.embed_images(&b8)?.tokens;
     let stored_tokens = stored.dims()[1] as f64;
     let query_tokens = retriever.encode(&[QUERY])?.ids[0].len() as f64;
-    let itm_texts: Vec<&str> = vec![LONG_TEXT; 8];
+    let itm_texts = [LONG_TEXT; 8];
     let itm_tokens = retriever.encode(&itm_texts[..1])?.ids[0].len() as f64;
     let pairs: Vec<usize> = (0..8).collect();
     let caption_params = CaptionParams::default();
     let prompt_len = captioner.prompt_ids(&caption_params.prompt)?.len();
 
-    let ops = vec![
+    let ops = [
         Op {
             name: "image_b1",
             items: 1,

@@ -128,7 +128,11 @@ fn main() -> Result<()> {
         fs_err::create_dir_all(dir)?;
         write_f32(&dir.join("vectors.f32"), &data)?;
         write_f32(&dir.join("queries.f32"), &qs)?;
-        let flat: Vec<u8> = truth.iter().flatten().flat_map(|i| i.to_le_bytes()).collect();
+        let flat: Vec<u8> = truth
+            .iter()
+            .flatten()
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
         fs_err::write(dir.join("truth.u32"), flat)?;
         let params = HnswParams::default();
         let meta = json!({"n": n, "dim": DIM, "queries": queries, "k": K, "m": params.m,

@@ -241,8 +241,25 @@ impl Retriever {
             )));
         }
         let kv = self.text.image_kv(image_tokens)?;
-        let index: Vec<u32> = image_of_text.iter().map(|&i| i as u32).collect();
-        let kv = kv.select(&Tensor::new(index.as_slice(), &self.device)?)?;
+        // Text p reads image p (reranking one query against N candidates), or runs of equal
+        // length per image: the keys/values are used as they are, without a gathered copy.
+        let rows = p / n.max(1);
+        let kv = if rows >= 1
+            && rows * n == p
+            && image_of_text
+                .iter()
+                .enumerate()
+                .all(|(t, &i)| i == t / rows)
+        {
+            if rows == 1 {
+                kv
+            } else {
+                kv.shared_by(rows)
+            }
+        } else {
+            let index: Vec<u32> = image_of_text.iter().map(|&i| i as u32).collect();
+            kv.select(&Tensor::new(index.as_slice(), &self.device)?)?
+        };
         let hidden = self.text.forward(ids, Some(mask), Some(&kv), false, None)?;
         Ok(self.itm_head.forward(&hidden.i((.., 0))?)?)
     }
