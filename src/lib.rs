@@ -14,3 +14,4 @@ pub mod engine;
 pub mod eval;
 pub mod index;
 pub mod model;
+pub mod train;

@@ -4,6 +4,7 @@
 mod collection;
 mod eval;
 mod search;
+mod train;
 
 use std::path::PathBuf;
 
@@ -60,6 +61,8 @@ pub enum Command {
     /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
     Capfilt(CapfiltArgs),
     // --- end caption / capfilt ---
+    /// Train a retrieval (ITC + ITM) or caption (LM) model on image-caption pairs.
+    Train(train::TrainArgs),
     // --- eval (issue 8) ---
     /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
     SynthWorld(eval::SynthWorldArgs),
@@ -208,6 +211,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Duplicates(a) => search::duplicates(a),
         Command::Caption(a) => caption(a),
         Command::Capfilt(a) => capfilt(a),
+        Command::Train(a) => train::train(a),
         Command::SynthWorld(a) => eval::synth_world(a),
         Command::Eval(a) => eval::eval(a),
         Command::CapfiltDataset(a) => eval::capfilt_dataset(a),

@@ -10,7 +10,7 @@ pub mod caption;
 pub mod config;
 pub mod device;
 pub mod error;
-mod layers;
+pub mod layers;
 pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
@@ -29,5 +29,6 @@ pub use caption::{
 pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use device::select_device;
 pub use error::{ModelError, Result};
+pub use layers::TrainingMode;
 pub use retrieval::{ItmFirstToken, ItmScore, Retriever};
 pub use weights::ModelSource;

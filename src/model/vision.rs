@@ -5,10 +5,10 @@
 //! <https://huggingface.co/Salesforce/blip-itm-base-coco>.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 use super::config::BlipVisionConfig;
-use super::layers::{activate, attention, layer_norm, linear, merge_heads};
+use super::layers::{activate, attention, layer_norm, linear, merge_heads, LayerNorm};
 
 struct Embeddings {
     class_embedding: Tensor,
