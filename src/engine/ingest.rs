@@ -20,7 +20,7 @@ use crate::index::meta::now_unix;
 use crate::index::{
     content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
 };
-use crate::model::capfilt::{CandidateSource, CapFiltParams};
+use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
 use crate::model::preprocess::{decode_image, DecodeLimits};
 
 /// File extensions ingested (case-insensitive).
@@ -387,21 +387,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 self.models
                     .capfilt(images, Some(emb.tokens.clone()), given, params.clone())?
                     .into_iter()
-                    .map(|cands| {
-                        cands
-                            .into_iter()
-                            .map(|c| Caption {
-                                text: c.text,
-                                source: match c.source {
-                                    CandidateSource::Given => CaptionSource::Given,
-                                    CandidateSource::Beam => CaptionSource::Beam,
-                                    CandidateSource::Sample => CaptionSource::Sample,
-                                },
-                                p_match: Some(c.p_match),
-                                kept: c.kept,
-                            })
-                            .collect()
-                    })
+                    .map(|cands| cands.into_iter().map(caption_of).collect())
                     .collect()
             }
             None => vec![Vec::new(); batch.len()],
@@ -443,6 +429,20 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             c.add(record, Some(&features), Some(&p.image))?;
         }
         Ok(n)
+    }
+}
+
+/// A CapFilt candidate as the collection stores it.
+pub fn caption_of(c: CapFiltCandidate) -> Caption {
+    Caption {
+        text: c.text,
+        source: match c.source {
+            CandidateSource::Given => CaptionSource::Given,
+            CandidateSource::Beam => CaptionSource::Beam,
+            CandidateSource::Sample => CaptionSource::Sample,
+        },
+        p_match: Some(c.p_match),
+        kept: c.kept,
     }
 }
 

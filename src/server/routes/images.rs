@@ -8,9 +8,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
 use super::{decode_upload, parse_id, read_upload, safe_stem, ImageOut};
+use crate::engine::ingest::caption_of;
 use crate::engine::{Encoders, IngestOptions, Ingestor};
-use crate::index::{content_hash, Caption, CaptionSource, ImageId, IndexError};
-use crate::model::capfilt::CandidateSource;
+use crate::index::{content_hash, Caption, ImageId, IndexError};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -231,19 +231,7 @@ async fn caption(
             .pop()
             .unwrap_or_default();
         Ok(CaptionOut {
-            captions: cands
-                .into_iter()
-                .map(|c| Caption {
-                    text: c.text,
-                    source: match c.source {
-                        CandidateSource::Given => CaptionSource::Given,
-                        CandidateSource::Beam => CaptionSource::Beam,
-                        CandidateSource::Sample => CaptionSource::Sample,
-                    },
-                    p_match: Some(c.p_match),
-                    kept: c.kept,
-                })
-                .collect(),
+            captions: cands.into_iter().map(caption_of).collect(),
         })
     })
     .await??;
