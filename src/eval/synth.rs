@@ -205,6 +205,19 @@ impl Scene {
         }
     }
 
+    /// A stable id of the scene: "2-large-red-circle-left".
+    pub fn id(&self) -> String {
+        format!(
+            "{}-{}-{}-{}-{:?}",
+            self.count,
+            self.size.word(),
+            self.colour.word(),
+            self.shape.word(),
+            self.position
+        )
+        .to_lowercase()
+    }
+
     /// The noun phrase: "a small red circle", "three large blue squares".
     pub fn noun_phrase(&self) -> String {
         let count = match self.count {
@@ -415,6 +428,10 @@ pub struct SynthRecord {
     pub image: String,
     /// The caption given with the image (wrong when `wrong`).
     pub caption: String,
+    /// What the image shows, as an id ([`Scene::id`]): every rendering of one scene shares it,
+    /// so training treats them as one picture (BLIP's `idx`: ITC positives of one another, never
+    /// ITM negatives), however the caption reads.
+    pub image_id: String,
     /// Whether the caption was deliberately corrupted.
     pub wrong: bool,
     /// The right caption (same template) when `wrong`.
@@ -551,6 +568,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
         let record = if is_wrong {
             SynthRecord {
                 image: rel.clone(),
+                image_id: scene.id(),
                 caption: scene.corrupt(&mut rng).caption(template),
                 wrong: true,
                 true_caption: Some(truth),
@@ -559,6 +577,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
         } else {
             SynthRecord {
                 image: rel.clone(),
+                image_id: scene.id(),
                 caption: truth,
                 wrong: false,
                 true_caption: None,
@@ -589,6 +608,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
         save(&scene.render(params.size, &mut rng), &rel)?;
         test.push(SynthRecord {
             image: rel.clone(),
+            image_id: scene.id(),
             caption: scene.caption(0),
             wrong: false,
             true_caption: None,
@@ -621,6 +641,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
             if is_wrong {
                 SynthRecord {
                     image: r.image.clone(),
+                    image_id: r.scene.id(),
                     caption: r.scene.corrupt(&mut rng).caption(template),
                     wrong: true,
                     true_caption: Some(truth),
@@ -629,6 +650,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
             } else {
                 SynthRecord {
                     image: r.image.clone(),
+                    image_id: r.scene.id(),
                     caption: truth,
                     wrong: false,
                     true_caption: None,

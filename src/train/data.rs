@@ -4,6 +4,10 @@
 //! "filename", "sentences": [{"raw"}], "split"}]}`, of which the `train` and `restval` splits are
 //! used).
 //!
+//! A record may carry an `"image_id"` (string or number), as BLIP's own annotation files do: pairs
+//! that share one are the same picture for training (BLIP's `idx`), so they are one another's ITC
+//! positives and never one another's ITM negatives. Without it, the image path is the id.
+//!
 //! Images are decoded and preprocessed once, up front: a missing or unreadable image is reported
 //! (with its path and the reason) and its pairs are skipped.
 
@@ -20,8 +24,11 @@ use crate::model::preprocess::{load_image, pixel_values, DecodeLimits};
 /// One (image, caption) pair.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
-    /// Index of the image in [`Dataset::images`] (pairs of one image share it: ITC positives).
+    /// Index of the image in [`Dataset::images`].
     pub image: usize,
+    /// What the pair shows, as a dense index: pairs with one `image_id` (or, without ids, of one
+    /// image) share it. ITC positives; never ITM negatives of one another.
+    pub group: usize,
     /// The caption as written in the file.
     pub caption: String,
 }
@@ -42,10 +49,50 @@ pub struct Dataset {
 struct Line {
     image: String,
     caption: String,
+    #[serde(default)]
+    image_id: Option<Value>,
 }
 
-/// Reads the (image, caption) records of a dataset file, in file order.
-pub fn read_records(path: &Path) -> Result<Vec<(String, String)>> {
+/// One record of a dataset file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Image path as written.
+    pub image: String,
+    /// Caption.
+    pub caption: String,
+    /// The `image_id` given, as text (numbers written in decimal); `None`: the image path.
+    pub image_id: Option<String>,
+}
+
+impl Record {
+    fn new(image: &str, caption: &str, image_id: Option<&Value>) -> Self {
+        Self {
+            image: image.to_string(),
+            caption: caption.to_string(),
+            image_id: image_id.and_then(id_text),
+        }
+    }
+
+    /// The key pairs are grouped by: the `image_id` when given, else the image path (the flag
+    /// keeps an id from ever equalling a path).
+    pub fn group_key(&self) -> (bool, &str) {
+        match &self.image_id {
+            Some(id) => (true, id),
+            None => (false, &self.image),
+        }
+    }
+}
+
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Reads the records of a dataset file, in file order.
+pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let text = fs_err::read_to_string(path).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
         source,
@@ -70,7 +117,14 @@ pub fn read_records(path: &Path) -> Result<Vec<(String, String)>> {
             line: i + 1,
             reason: format!("expected {{\"image\": path, \"caption\": text}}: {e}"),
         })?;
-        out.push((rec.image, rec.caption));
+        if rec.image_id.as_ref().is_some_and(|v| id_text(v).is_none()) {
+            return Err(TrainError::Data {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: "\"image_id\" must be a string or a number".into(),
+            });
+        }
+        out.push(Record::new(&rec.image, &rec.caption, rec.image_id.as_ref()));
     }
     if out.is_empty() {
         return Err(TrainError::Data {
@@ -82,7 +136,7 @@ pub fn read_records(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-fn karpathy(path: &Path, doc: &Value) -> Result<Vec<(String, String)>> {
+fn karpathy(path: &Path, doc: &Value) -> Result<Vec<Record>> {
     let bad = |i: usize, what: &str| TrainError::Data {
         path: path.to_path_buf(),
         line: 0,
@@ -95,14 +149,15 @@ fn karpathy(path: &Path, doc: &Value) -> Result<Vec<(String, String)>> {
                 .get("image")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(i, "no \"image\" string"))?;
+            let id = e.get("image_id");
             match e.get("caption") {
-                Some(Value::String(c)) => out.push((image.to_string(), c.clone())),
+                Some(Value::String(c)) => out.push(Record::new(image, c, id)),
                 Some(Value::Array(cs)) => {
                     for c in cs {
                         let c = c
                             .as_str()
                             .ok_or_else(|| bad(i, "a caption is not a string"))?;
-                        out.push((image.to_string(), c.to_string()));
+                        out.push(Record::new(image, c, id));
                     }
                 }
                 _ => return Err(bad(i, "no \"caption\" string or list")),
@@ -131,7 +186,7 @@ fn karpathy(path: &Path, doc: &Value) -> Result<Vec<(String, String)>> {
                     .get("raw")
                     .and_then(Value::as_str)
                     .ok_or_else(|| bad(i, "a sentence has no \"raw\" text"))?;
-                out.push((image.clone(), raw.to_string()));
+                out.push(Record::new(&image, raw, None));
             }
         }
     }
@@ -165,7 +220,11 @@ impl Dataset {
         let mut pixels = Vec::new();
         let mut skipped = Vec::new();
         let mut pairs = Vec::new();
-        for (image, caption) in records {
+        let mut groups: HashMap<(bool, String), usize> = HashMap::new();
+        for record in records {
+            let key = record.group_key();
+            let key = (key.0, key.1.to_string());
+            let Record { image, caption, .. } = record;
             let slot = match index.get(&image) {
                 Some(s) => *s,
                 None => {
@@ -189,7 +248,13 @@ impl Dataset {
                 }
             };
             if let Some(image) = slot {
-                pairs.push(Pair { image, caption });
+                let next = groups.len();
+                let group = *groups.entry(key).or_insert(next);
+                pairs.push(Pair {
+                    image,
+                    group,
+                    caption,
+                });
             }
         }
         if pairs.is_empty() {
@@ -232,6 +297,37 @@ mod tests {
     }
 
     #[test]
+    fn image_ids_group_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.png", "b.png", "c.png"] {
+            image::RgbImage::new(8, 8).save(dir.path().join(name)).unwrap();
+        }
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            concat!(
+                "{\"image\": \"a.png\", \"caption\": \"x\", \"image_id\": \"s1\"}\n",
+                "{\"image\": \"b.png\", \"caption\": \"y\", \"image_id\": \"s1\"}\n",
+                "{\"image\": \"c.png\", \"caption\": \"z\", \"image_id\": 7}\n",
+                "{\"image\": \"c.png\", \"caption\": \"w\"}\n",
+                "{\"image\": \"a.png\", \"caption\": \"v\"}\n",
+            ),
+        )
+        .unwrap();
+        let d = Dataset::load(&p, None, 16, &Device::Cpu).unwrap();
+        let groups: Vec<usize> = d.pairs.iter().map(|p| p.group).collect();
+        let images: Vec<usize> = d.pairs.iter().map(|p| p.image).collect();
+        // Two images under one id share a group; the id-less pairs group by their image, apart
+        // from the ids.
+        assert_eq!(groups, vec![0, 0, 1, 2, 3]);
+        assert_eq!(images, vec![0, 1, 2, 2, 0]);
+
+        std::fs::write(&p, "{\"image\": \"a.png\", \"caption\": \"x\", \"image_id\": [1]}\n").unwrap();
+        let e = read_records(&p).unwrap_err().to_string();
+        assert!(e.contains("d.jsonl:1:") && e.contains("image_id"), "{e}");
+    }
+
+    #[test]
     fn karpathy_forms() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("k.json");
@@ -243,7 +339,10 @@ mod tests {
         .unwrap();
         let r = read_records(&p).unwrap();
         assert_eq!(r.len(), 3);
-        assert_eq!(r[1], ("a.jpg".into(), "two".into()));
+        assert_eq!(r[1].image, "a.jpg");
+        assert_eq!(r[1].caption, "two");
+        assert_eq!(r[1].image_id.as_deref(), Some("1"));
+        assert_eq!(r[2].image_id, None);
         std::fs::write(
             &p,
             r#"{"images": [{"filepath": "train2014", "filename": "a.jpg", "split": "train",
@@ -253,6 +352,7 @@ mod tests {
         )
         .unwrap();
         let r = read_records(&p).unwrap();
-        assert_eq!(r, vec![("train2014/a.jpg".into(), "A cat.".into())]);
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].image.as_str(), r[0].caption.as_str()), ("train2014/a.jpg", "A cat."));
     }
 }

@@ -393,7 +393,7 @@ impl Trainer {
         let pixels = self.data.batch_pixels(&images)?;
         match self.cfg.objective {
             Objective::Retrieval => {
-                let idx = images.iter().map(|&x| x as i64).collect();
+                let idx = pairs.iter().map(|p| p.group as i64).collect();
                 let batch = RetrievalBatch::from_texts(&self.tokenizer, pixels, &captions, idx)?;
                 // BLIP ramps alpha up over the first epoch.
                 let alpha = if epoch == 0 {
