@@ -761,15 +761,23 @@ async fn upload_limits_in_bytes_and_pixels() {
 }
 
 /// With the models trained on the synthetic world (tests/fixtures/synth), searching the API for
-/// a described scene ranks a matching scene first, with and without ITM rerank.
-///
-/// Ignored until the synthetic fixtures are trained to issue 8's thresholds: the committed
-/// retrieval model reaches recall@1 0.075 (see tests/fixtures/synth/README.md), and this test
-/// fails on it ("a red circle": first hit a red triangle). Run with `-- --ignored` after
-/// retraining.
+/// a described scene ranks a matching scene first (hybrid ITC + BM25 ranking, no rerank).
 #[actix_web::test]
-#[ignore = "the committed synthetic retrieval fixture is under-trained (recall@1 0.075)"]
+#[ignore = "5 of the 6 queries measured (CLI, same world of 80 images) (\"a red circle\": first hit a \
+            red square); the CLI test on the 200 held-out scenes gets 6 of 6 (synth_semantic.rs)"]
 async fn api_search_finds_described_synthetic_scenes() {
+    described_synthetic_scenes_rank_first(0).await;
+}
+
+/// The same with the ITM rerank over the first 16.
+#[actix_web::test]
+#[ignore = "2 of the 6 measured: the synthetic ITM was trained only on captions naming all five \
+            attributes, so \"a red circle\" is out of its distribution"]
+async fn api_search_with_rerank_finds_described_synthetic_scenes() {
+    described_synthetic_scenes_rank_first(16).await;
+}
+
+async fn described_synthetic_scenes_rank_first(rerank: u32) {
     use blipsearch::eval::synth::{generate, SynthParams};
     let fx = common::fixtures();
     let world = tempfile::tempdir().unwrap();
@@ -822,18 +830,16 @@ async fn api_search_finds_described_synthetic_scenes() {
             continue;
         }
         checked += 1;
-        for rerank in [0, 16] {
-            let uri = format!("/api/search?q=a%20{colour}%20{shape}&rerank_k={rerank}&limit=3");
-            let (st, b) = send!(svc, TestRequest::get().uri(&uri));
-            assert_eq!(st, StatusCode::OK);
-            let v = json(&b);
-            let first = v["hits"][0]["file_name"].as_str().unwrap_or_default();
-            let scene = &scenes[first];
-            assert!(
-                scene["colour"] == colour && scene["shape"] == shape,
-                "a {colour} {shape} (rerank {rerank}): first hit {first} is {scene}"
-            );
-        }
+        let uri = format!("/api/search?q=a%20{colour}%20{shape}&rerank_k={rerank}&limit=3");
+        let (st, b) = send!(svc, TestRequest::get().uri(&uri));
+        assert_eq!(st, StatusCode::OK);
+        let v = json(&b);
+        let first = v["hits"][0]["file_name"].as_str().unwrap_or_default();
+        let scene = &scenes[first];
+        assert!(
+            scene["colour"] == colour && scene["shape"] == shape,
+            "a {colour} {shape} (rerank {rerank}): first hit {first} is {scene}"
+        );
     }
     assert!(checked >= 4, "the world has too few of the queried scenes");
     s.running.stop();

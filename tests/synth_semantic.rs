@@ -85,14 +85,14 @@ fn recall(v: &Value, scoring: &str, direction: &str) -> f64 {
 }
 
 /// Share of captions naming each attribute of the scene right: colour, shape, size, count,
-/// position (the count word is "a" for one).
-fn attribute_accuracy(caps: &Path, scenes: &HashMap<String, Value>) -> [f64; 5] {
+/// position (the count word is "a" for one), and colour and shape together.
+fn attribute_accuracy(caps: &Path, scenes: &HashMap<String, Value>) -> [f64; 6] {
     let lines: Vec<Value> = std::fs::read_to_string(caps)
         .unwrap()
         .lines()
         .map(json)
         .collect();
-    let mut right = [0usize; 5];
+    let mut right = [0usize; 6];
     for l in &lines {
         let name = Path::new(l["image"].as_str().unwrap())
             .file_name()
@@ -108,13 +108,15 @@ fn attribute_accuracy(caps: &Path, scenes: &HashMap<String, Value>) -> [f64; 5] 
             2 => "two",
             _ => "three",
         };
-        let checks = [
+        let mut checks = [
             has(scene["colour"].as_str().unwrap()),
             has(shape) || has(&format!("{shape}s")),
             has(scene["size"].as_str().unwrap()),
             has(count),
             has(scene["position"].as_str().unwrap()),
+            false,
         ];
+        checks[5] = checks[0] && checks[1];
         for (r, ok) in right.iter_mut().zip(checks) {
             *r += ok as usize;
         }
@@ -122,10 +124,10 @@ fn attribute_accuracy(caps: &Path, scenes: &HashMap<String, Value>) -> [f64; 5] 
     right.map(|r| r as f64 / lines.len() as f64)
 }
 
-/// The captioner on the 200 held-out scenes. Measured with the committed checkpoint (step 1300):
-/// colour 1.00, shape 0.45, size 0.955, count 0.825, position 0.235 (always "at the bottom";
-/// chance is 0.25), BLEU-4 55.5, CIDEr 399.6 (x100). It has learnt colour, size and mostly count,
-/// not yet shape or position: the thresholds below hold what it does and fail if that regresses.
+/// The captioner on the 200 held-out scenes. Measured with the committed checkpoint (3450
+/// steps): colour 1.00, shape 0.915, size 0.97, count 0.925, position 0.57 (chance 0.25), colour
+/// and shape together 0.915, BLEU-4 76.7, CIDEr 659.3 (x100). Issue 8's target is the right shape
+/// and colour for most images; the thresholds leave a margin under the measured figures.
 #[test]
 fn held_out_captions() {
     let (_tmp, w) = world();
@@ -143,15 +145,21 @@ fn held_out_captions() {
     assert!(ok, "{err}");
     let v = json(&out);
     let acc = attribute_accuracy(&caps, &scenes(&w));
-    eprintln!("{v}\ncolour, shape, size, count, position right: {acc:?}");
-    let [colour, _shape, size, count, _position] = acc;
+    eprintln!("{v}\ncolour, shape, size, count, position, colour+shape right: {acc:?}");
+    let [colour, shape, size, count, position, both] = acc;
     assert!(colour >= 0.95, "colour right on {colour}");
-    assert!(size >= 0.85, "size right on {size}");
-    assert!(count >= 0.6, "count right on {count} (chance 0.33)");
+    assert!(shape >= 0.85, "shape right on {shape}");
+    assert!(both >= 0.85, "colour and shape right together on {both}");
+    assert!(size >= 0.9, "size right on {size}");
+    assert!(count >= 0.85, "count right on {count} (chance 0.33)");
+    assert!(
+        position >= 0.45,
+        "position right on {position} (chance 0.25)"
+    );
     let cider = v["captions"]["cider"].as_f64().unwrap();
     let bleu4 = v["captions"]["bleu4"].as_f64().unwrap();
     assert!(
-        cider > 250.0 && bleu4 > 35.0,
+        cider > 550.0 && bleu4 > 65.0,
         "CIDEr {cider}, BLEU-4 {bleu4}"
     );
 }
@@ -177,7 +185,7 @@ fn held_out_retrieval() -> Value {
 
 /// What the committed retrieval model does: ITC ranks far above chance (R@1 0.5%, R@10 5% for
 /// text->image; R@1 1.5%, R@10 15% for image->text, three captions per image). Measured: IR R@1
-/// 8.3, R@10 72.2; TR R@1 11.0, R@10 53.0.
+/// 29.3, R@10 93.8; TR R@1 24.0, R@10 77.5.
 #[test]
 fn held_out_itc_retrieval_beats_chance() {
     let v = held_out_retrieval();
@@ -185,13 +193,30 @@ fn held_out_itc_retrieval_beats_chance() {
     let ir = &itc["image_retrieval"];
     let tr = &itc["text_retrieval"];
     let get = |x: &Value, k: &str| x[k].as_f64().unwrap();
-    assert!(get(ir, "r1") >= 4.0 && get(ir, "r10") >= 40.0, "IR {ir}");
-    assert!(get(tr, "r1") >= 4.0 && get(tr, "r10") >= 35.0, "TR {tr}");
+    assert!(get(ir, "r1") >= 20.0 && get(ir, "r10") >= 85.0, "IR {ir}");
+    assert!(get(tr, "r1") >= 15.0 && get(tr, "r10") >= 65.0, "TR {tr}");
+}
+
+/// The ITM rerank (ITC top 16) ranks better than ITC alone, summed over both directions (R@1).
+/// Measured: text->image 28.2 with rerank against 29.3, image->text 30.0 against 24.0
+/// (58.2 against 53.3).
+#[test]
+fn held_out_itm_rerank_beats_itc() {
+    let v = held_out_retrieval();
+    let ir_itc = recall(&v, "itc", "image_retrieval");
+    let ir_itm = recall(&v, "itm_rerank", "image_retrieval");
+    let tr_itc = recall(&v, "itc", "text_retrieval");
+    let tr_itm = recall(&v, "itm_rerank", "text_retrieval");
+    assert!(
+        ir_itm + tr_itm > ir_itc + tr_itc,
+        "rerank ({tr_itm}, {ir_itm}) no better than ITC ({tr_itc}, {ir_itc})"
+    );
 }
 
 /// The target: text->image R@1 >= 80% with the ITM rerank, and the rerank better than ITC.
 #[test]
-#[ignore = "the committed tiny retrieval model is far from it: IR R@1 7.2 with rerank, 8.3 ITC"]
+#[ignore = "the committed tiny retrieval model is short of it: text->image R@1 28.2 with rerank \
+            (29.3 ITC); see tests/fixtures/synth/README.md"]
 fn held_out_itm_rerank_reaches_the_target() {
     let v = held_out_retrieval();
     let ir_itc = recall(&v, "itc", "image_retrieval");
@@ -208,7 +233,8 @@ fn held_out_itm_rerank_reaches_the_target() {
 /// The target: CapFilt's filter drops the injected wrong captions of `test_noisy.jsonl` with
 /// precision and recall >= 0.9.
 #[test]
-#[ignore = "the committed tiny ITM head has not learnt: p(match) < 0.5 for all (P 0.2, R 1.0)"]
+#[ignore = "measured precision 0.48, recall 0.925: the tiny ITM head also drops 40 of the 160 \
+            right captions (tests/fixtures/synth/README.md)"]
 fn capfilt_drops_the_wrong_captions() {
     let (_tmp, w) = world();
     let (ok, out, err) = blipsearch(&[
@@ -294,8 +320,7 @@ fn first_hits() -> Vec<(String, &'static str, String, String, Value)> {
     out
 }
 
-/// What the committed models do: the first hit has the asked colour, with and without rerank
-/// (12 of 12 measured; colour and shape both right for 3 of 12).
+/// What the committed models do: the first hit has the asked colour, with and without rerank.
 #[test]
 fn search_finds_the_described_colour() {
     for (q, rerank, colour, _, scene) in first_hits() {
@@ -307,10 +332,26 @@ fn search_finds_the_described_colour() {
     }
 }
 
-/// The target: the first hit is the asked colour and shape.
+/// The first hit without rerank (hybrid ITC + BM25 over the captions) is the asked colour and
+/// shape: 6 of 6 measured.
 #[test]
-#[ignore = "the committed tiny models have not learnt shape yet (see held_out_captions)"]
 fn search_finds_the_described_scenes() {
+    for (q, rerank, colour, shape, scene) in first_hits() {
+        if rerank != "0" {
+            continue;
+        }
+        assert!(
+            scene["colour"] == colour.as_str() && scene["shape"] == shape.as_str(),
+            "{q} (rerank {rerank}): first hit is {scene}"
+        );
+    }
+}
+
+/// The target: the first hit is the asked colour and shape with the ITM rerank as well.
+#[test]
+#[ignore = "ITM reranks short queries badly (1 of 6 measured): it was trained only on captions \
+            naming all five attributes, so \"a red circle\" is out of its distribution"]
+fn search_with_rerank_finds_the_described_scenes() {
     for (q, rerank, colour, shape, scene) in first_hits() {
         assert!(
             scene["colour"] == colour.as_str() && scene["shape"] == shape.as_str(),

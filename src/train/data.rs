@@ -300,7 +300,9 @@ mod tests {
     fn image_ids_group_pairs() {
         let dir = tempfile::tempdir().unwrap();
         for name in ["a.png", "b.png", "c.png"] {
-            image::RgbImage::new(8, 8).save(dir.path().join(name)).unwrap();
+            image::RgbImage::new(8, 8)
+                .save(dir.path().join(name))
+                .unwrap();
         }
         let p = dir.path().join("d.jsonl");
         std::fs::write(
@@ -322,7 +324,11 @@ mod tests {
         assert_eq!(groups, vec![0, 0, 1, 2, 3]);
         assert_eq!(images, vec![0, 1, 2, 2, 0]);
 
-        std::fs::write(&p, "{\"image\": \"a.png\", \"caption\": \"x\", \"image_id\": [1]}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"image\": \"a.png\", \"caption\": \"x\", \"image_id\": [1]}\n",
+        )
+        .unwrap();
         let e = read_records(&p).unwrap_err().to_string();
         assert!(e.contains("d.jsonl:1:") && e.contains("image_id"), "{e}");
     }
@@ -353,6 +359,9 @@ mod tests {
         .unwrap();
         let r = read_records(&p).unwrap();
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].image.as_str(), r[0].caption.as_str()), ("train2014/a.jpg", "A cat."));
+        assert_eq!(
+            (r[0].image.as_str(), r[0].caption.as_str()),
+            ("train2014/a.jpg", "A cat.")
+        );
     }
 }
