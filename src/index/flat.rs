@@ -125,8 +125,8 @@ unsafe fn dot_portable(a: *const f32, b: *const f32, n: usize) -> f32 {
     };
     let mut acc = [0f32; LANES];
     for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+        for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *acc += x * y;
         }
     }
     acc.iter().sum()
