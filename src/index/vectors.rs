@@ -5,15 +5,16 @@
 //! # Who does what
 //! `hnsw_rs` builds the graph and saves and loads it. Searches do not use its search: they walk
 //! a compact copy of the graph ([`super::flat`]: one contiguous arena of vectors, CSR neighbour
-//! lists, an epoch-stamped visited array, a SIMD dot product), 3-5x faster per query on the
-//! same graph (benches/README.md). The copy is a snapshot, kept current like this:
+//! lists, an epoch-stamped visited array, a SIMD dot product), about 5x faster per query on the
+//! same graph at 100k random vectors (benches/README.md). The copy is a snapshot, kept current
+//! like this:
 //! - load, [`VectorIndex::rebuild`] and [`VectorIndex::compact`] make a new copy;
 //! - [`VectorIndex::remove`] marks the tombstone in the copy too;
 //! - inserted points go into the graph and into a side list of vectors that every search scans
 //!   exactly and merges, so they are found at once and with their exact score; when the side
 //!   list reaches a sixteenth of the copy (at least 1024, at most 4096 points), the insert that
-//!   got it there remakes the copy from the graph (linear time: about a second per million
-//!   points, i.e. under a millisecond per inserted point at 1M, next to ~10 ms for the insert).
+//!   got it there remakes the copy from the graph (linear in the graph's size; amortised over at
+//!   least 1024 inserts, each of which costs a graph search at `ef_construction` anyway).
 //!
 //! Searching the snapshot rather than the live graph loses nothing: the snapshot is a complete
 //! HNSW graph of the points it holds, and the others are scanned exactly.
