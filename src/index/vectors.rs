@@ -70,6 +70,7 @@
 //! Note for debug builds: `Hnsw<f32, DistL2>` is generic, so its code is compiled in this crate
 //! at opt-level 0 even though `hnsw_rs` itself is built with opt-level 3; only the distance
 //! kernels (non-generic, in `anndists`) run optimised. Expect ~3x slower graph builds in tests.
+//! The flat search is this crate's code too, so it also runs unoptimised in debug tests.
 
 //! # Persistence
 //! [`VectorIndex::save`] dumps the graph with `hnsw_rs`'s `file_dump` to `g<generation>.hnsw.graph`
@@ -469,9 +470,12 @@ impl VectorIndex {
                 self.pending_ids.clear();
             }
             None => {
-                // Cannot happen with hnsw_rs 0.3; if it ever does, search with hnsw_rs.
+                // Cannot happen with hnsw_rs 0.3; if it ever does, search with hnsw_rs (whose
+                // graph holds every point: the side list is not needed).
                 tracing::error!("hnsw_rs graph layout not understood; searching with hnsw_rs");
                 self.hnsw_rs_search = true;
+                self.pending = Rows::new(self.dim);
+                self.pending_ids.clear();
             }
         }
     }
