@@ -5,6 +5,7 @@ JSON lines into one Markdown table. Usage: report_vectors.py RESULTS.jsonl"""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 
@@ -23,18 +24,38 @@ def main() -> int:
     print(f"{n} seeded 256-d unit vectors, M={o.get('m')}, ef_construction={o.get('ef_construction')}, "
           f"build threads {o.get('threads')}, 200 queries, single-thread search")
     print()
-    print("| | ours (hnsw_rs) | hnswlib | ours/hnswlib |")
-    print("|---|---|---|---|")
+    print("| | ours (flat search) | ours, hnsw_rs search | hnswlib | ours/hnswlib |")
+    print("|---|---|---|---|---|")
     if o and h:
-        print(f"| build time, s | {o['build_s']:.1f} | {h['build_s']:.1f} | {o['build_s'] / h['build_s']:.2f}x time |")
-        print(f"| index memory (RSS growth), MiB | {o['index_mib']:.0f} | {h['index_mib']:.0f} "
+        print(f"| build time, s | {o['build_s']:.1f} | (same build) | {h['build_s']:.1f} "
+              f"| {o['build_s'] / h['build_s']:.2f}x time |")
+        print(f"| index memory (RSS growth), MiB | {o['index_mib']:.0f} | (same) | {h['index_mib']:.0f} "
               f"| {o['index_mib'] / max(h['index_mib'], 1e-9):.2f}x |")
+    cell = lambda r: f"recall@10 {r['recall']:.4f}, {r['qps']:.0f} QPS" if r else "-"
     for ef in sorted(search):
         s = search[ef]
-        so, sh = s.get("ours"), s.get("hnswlib")
-        cell = lambda r: f"recall@10 {r['recall']:.4f}, {r['qps']:.0f} QPS" if r else "-"
+        so, sr, sh = s.get("ours"), s.get("ours_hnsw_rs"), s.get("hnswlib")
         ratio = f"{so['qps'] / sh['qps']:.2f}x QPS" if so and sh else "-"
-        print(f"| ef = {ef} | {cell(so)} | {cell(sh)} | {ratio} |")
+        print(f"| ef = {ef} | {cell(so)} | {cell(sr)} | {cell(sh)} | {ratio} |")
+    # QPS at equal recall: hnswlib's QPS interpolated (log-linear in QPS) at each of our recalls.
+    hl = sorted((s["hnswlib"]["recall"], s["hnswlib"]["qps"]) for s in search.values() if "hnswlib" in s)
+    if len(hl) >= 2:
+        print()
+        print("| our recall@10 | our QPS | hnswlib QPS at that recall (interpolated) | ours/hnswlib |")
+        print("|---|---|---|---|")
+        for ef in sorted(search):
+            so = search[ef].get("ours")
+            if not so:
+                continue
+            r = so["recall"]
+            for (r0, q0), (r1, q1) in zip(hl, hl[1:]):
+                if r0 <= r <= r1:
+                    t = (r - r0) / (r1 - r0) if r1 > r0 else 0.0
+                    qh = math.exp(math.log(q0) + t * (math.log(q1) - math.log(q0)))
+                    print(f"| {r:.4f} | {so['qps']:.0f} | {qh:.0f} | {so['qps'] / qh:.2f}x |")
+                    break
+            else:
+                print(f"| {r:.4f} | {so['qps']:.0f} | outside hnswlib's measured range | - |")
     return 0
 
 

@@ -17,6 +17,7 @@
 
 pub mod error;
 pub mod features;
+mod flat;
 mod fsutil;
 pub mod meta;
 pub mod text;

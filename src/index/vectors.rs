@@ -2,10 +2,28 @@
 //! [`ImageId`], with tombstones for deletes, filtered search with an exact fallback, and a
 //! checksummed on-disk dump.
 //!
+//! # Who does what
+//! `hnsw_rs` builds the graph and saves and loads it. Searches do not use its search: they walk
+//! a compact copy of the graph ([`super::flat`]: one contiguous arena of vectors, CSR neighbour
+//! lists, an epoch-stamped visited array, a SIMD dot product), about 5x faster per query on the
+//! same graph at 100k random vectors (benches/README.md). The copy is a snapshot, kept current
+//! like this:
+//! - load, [`VectorIndex::rebuild`] and [`VectorIndex::compact`] make a new copy;
+//! - [`VectorIndex::remove`] marks the tombstone in the copy too;
+//! - inserted points go into the graph and into a side list of vectors that every search scans
+//!   exactly and merges, so they are found at once and with their exact score; when the side
+//!   list reaches a sixteenth of the copy (at least 1024, at most 4096 points), the insert that
+//!   got it there remakes the copy from the graph (linear in the graph's size; amortised over at
+//!   least 1024 inserts, each of which costs a graph search at `ef_construction` anyway).
+//!
+//! Searching the snapshot rather than the live graph loses nothing: the snapshot is a complete
+//! HNSW graph of the points it holds, and the others are scanned exactly.
+//!
 //! # Distance
-//! Vectors are L2-normalised on the way in (queries too) and the graph uses `DistL2`. On unit
-//! vectors `‖a−b‖² = 2 − 2·cos(a, b)`, so the ranking is the cosine ranking and the cosine is
-//! recovered as `1 − d²/2`. Why not the alternatives:
+//! Vectors are L2-normalised on the way in (queries too). Our search scores by dot product,
+//! which on unit vectors is the cosine. The graph is built with `DistL2`: on unit vectors
+//! `‖a−b‖² = 2 − 2·cos(a, b)`, so it ranks as the cosine does (its own search, kept for
+//! comparison, recovers the cosine as `1 − d²/2`). Why not the alternatives for the build:
 //! - `DistDot` (1 − a·b) panics: its scalar path asserts `1 − a·b ≥ 0`, which fails for a vector
 //!   against itself whenever the `f32` sum rounds above 1 (37% of random unit vectors in 256-d):
 //!   a search by an indexed image would abort;
@@ -35,21 +53,24 @@
 //! - share `s` of the graph passing with `4k / s ≤ 4·ef`: **post-filter**, an unfiltered graph
 //!   search for `max(ef, 4k / s)` candidates, filtered afterwards. This covers tombstones (s ≥ 0.8
 //!   once compaction runs) and mild filters;
-//! - otherwise: `hnsw_rs`'s **`search_filter`**, the filter applied inside the walk. It is exact
-//!   enough but slow: with a filter, `hnsw_rs` never stops its layer-0 walk early, so it runs
-//!   2.5x (30% tombstones) to 6x (5% filter) longer than post-filtering at the same recall.
+//! - otherwise: **filter inside the walk**: every point routes, only passing points enter the
+//!   results, and the walk goes on until it holds `ef` of them. (`hnsw_rs`'s `search_filter`,
+//!   which this replaced, never stopped its layer-0 walk early with a filter: 2.5x (30%
+//!   tombstones) to 6x (5% filter) longer than post-filtering at the same recall.)
 //!
 //! Whatever the strategy, a graph search that returns fewer than `k` hits (the filter cut the
 //! graph into pieces, tombstones clustered near the query) is redone as an exact scan, so a search
 //! returns `k` results whenever `k` live ids pass the filter.
 //!
-//! Measured at 20k random vectors, release build, 2 loaded cores, per query: plain 0.99 recall
-//! in ~5-7 ms; 5% filter: post-filter (`ef` 800) 0.9975 in 10 ms, `search_filter` 1.0 in 65 ms,
-//! exact 0.3 ms; 30% tombstones: post-filter 0.9885 in 5 ms, `search_filter` 1.0 in 13 ms.
+//! Measured with `hnsw_rs`'s search at 20k random vectors, release build, 2 loaded cores, per
+//! query: plain 0.99 recall in ~5-7 ms; 5% filter: post-filter (`ef` 800) 0.9975 in 10 ms,
+//! `search_filter` 1.0 in 65 ms, exact 0.3 ms; 30% tombstones: post-filter 0.9885 in 5 ms,
+//! `search_filter` 1.0 in 13 ms. (Not remeasured per strategy since the flat copy.)
 //!
 //! Note for debug builds: `Hnsw<f32, DistL2>` is generic, so its code is compiled in this crate
 //! at opt-level 0 even though `hnsw_rs` itself is built with opt-level 3; only the distance
-//! kernels (non-generic, in `anndists`) run optimised. Expect ~3x slower graph work in tests.
+//! kernels (non-generic, in `anndists`) run optimised. Expect ~3x slower graph builds in tests.
+//! The flat search is this crate's code too, so it also runs unoptimised in debug tests.
 
 //! # Persistence
 //! [`VectorIndex::save`] dumps the graph with `hnsw_rs`'s `file_dump` to `g<generation>.hnsw.graph`
@@ -75,6 +96,7 @@ use hnsw_rs::prelude::{DistL2, Distance};
 use serde::{Deserialize, Serialize};
 
 use super::error::{IndexError, Result};
+use super::flat::{FlatGraph, Rows, TopK};
 use super::fsutil;
 use super::meta::ImageId;
 
@@ -289,7 +311,8 @@ enum Strategy {
     Exact,
     /// Unfiltered graph search over-fetching by 1 / share, then filtering.
     PostFilter(f64),
-    /// `hnsw_rs::search_filter`: the filter applied inside the graph walk.
+    /// The filter applied inside the graph walk (`hnsw_rs::search_filter` when searching with
+    /// `hnsw_rs`).
     GraphFilter,
 }
 
@@ -326,6 +349,13 @@ pub struct VectorIndex {
     /// Generation of the dump this state was loaded from or last saved as; `None` for a fresh
     /// or unusable dump.
     generation: Option<u64>,
+    /// The compact copy of the graph that searches walk (see the module docs)...
+    flat: FlatGraph,
+    /// ...and the points inserted since it was made (unit vectors, ids), scanned exactly.
+    pending: Rows,
+    pending_ids: Vec<u64>,
+    /// Search with `hnsw_rs` itself instead of the flat copy (benchmarks and tests compare).
+    hnsw_rs_search: bool,
 }
 
 impl VectorIndex {
@@ -347,6 +377,10 @@ impl VectorIndex {
             ids: Vec::new(),
             tombstones: HashSet::new(),
             generation: None,
+            flat: FlatGraph::empty(dim),
+            pending: Rows::new(dim),
+            pending_ids: Vec::new(),
+            hnsw_rs_search: false,
         };
         match index.try_load() {
             Ok(true) => {}
@@ -422,7 +456,44 @@ impl VectorIndex {
             .collect();
         self.ids = ids;
         self.generation = Some(manifest.generation);
+        self.sync_flat();
         Ok(true)
+    }
+
+    /// Remakes the flat copy from the graph, which then holds every point.
+    fn sync_flat(&mut self) {
+        let tombstones = &self.tombstones;
+        match FlatGraph::from_hnsw(&self.graph.hnsw, self.dim, |id| tombstones.contains(&id)) {
+            Some(flat) => {
+                self.flat = flat;
+                self.pending = Rows::new(self.dim);
+                self.pending_ids.clear();
+            }
+            None => {
+                // Cannot happen with hnsw_rs 0.3; if it ever does, search with hnsw_rs (whose
+                // graph holds every point: the side list is not needed).
+                tracing::error!("hnsw_rs graph layout not understood; searching with hnsw_rs");
+                self.hnsw_rs_search = true;
+                self.pending = Rows::new(self.dim);
+                self.pending_ids.clear();
+            }
+        }
+    }
+
+    /// Remakes the flat copy once the points inserted since the last one are too many to scan
+    /// exactly on every search: more than a sixteenth of the copy, at least 1024 and at most
+    /// 4096 (a few hundred microseconds of scanning per search at 256 dimensions).
+    fn sync_flat_if_stale(&mut self) {
+        let limit = (self.flat.len() / 16).clamp(1024, 4096);
+        if self.pending_ids.len() >= limit {
+            self.sync_flat();
+        }
+    }
+
+    /// Benchmarks only: search with `hnsw_rs`'s own code (`true`) instead of the flat copy.
+    #[doc(hidden)]
+    pub fn set_hnsw_rs_search(&mut self, on: bool) {
+        self.hnsw_rs_search = on;
     }
 
     /// Generation of the dump this state came from or was last saved as; `None` when nothing
@@ -521,6 +592,9 @@ impl VectorIndex {
         }
         self.graph.hnsw.insert_slice((&v, data_id));
         self.insert_id(id.0);
+        self.pending.push(&v);
+        self.pending_ids.push(id.0);
+        self.sync_flat_if_stale();
         Ok(())
     }
 
@@ -537,15 +611,22 @@ impl VectorIndex {
         }
         let refs: Vec<(&Vec<f32>, usize)> = prepared.iter().map(|(v, id)| (v, *id)).collect();
         self.graph.hnsw.parallel_insert(&refs);
-        for (id, _) in items {
+        for ((id, _), (v, _)) in items.iter().zip(&prepared) {
             self.insert_id(id.0);
+            self.pending.push(v);
+            self.pending_ids.push(id.0);
         }
+        self.sync_flat_if_stale();
         Ok(())
     }
 
     /// Tombstones `id`; returns whether it was live.
     pub fn remove(&mut self, id: ImageId) -> bool {
-        self.contains(id) && self.tombstones.insert(id.0)
+        let removed = self.contains(id) && self.tombstones.insert(id.0);
+        if removed {
+            self.flat.mark_dead(id.0);
+        }
+        removed
     }
 
     /// Whether tombstones make up at least [`HnswParams::compact_fraction`] of the graph.
@@ -584,11 +665,21 @@ impl VectorIndex {
             ids: Vec::with_capacity(capacity.max(items.len())),
             tombstones: HashSet::new(),
             generation: None,
+            flat: FlatGraph::empty(self.dim),
+            pending: Rows::new(self.dim),
+            pending_ids: Vec::new(),
+            hnsw_rs_search: false,
         };
         fresh.insert_batch(&items)?;
         self.graph = fresh.graph;
         self.ids = fresh.ids;
         self.tombstones.clear();
+        self.flat = fresh.flat;
+        self.pending = fresh.pending;
+        self.pending_ids = fresh.pending_ids;
+        if !self.pending_ids.is_empty() {
+            self.sync_flat();
+        }
         Ok(())
     }
 
@@ -656,6 +747,9 @@ impl VectorIndex {
             }
             other => other,
         };
+        if !self.hnsw_rs_search {
+            return Ok(self.search_flat(&q, k, ef, filter, strategy, &allowed));
+        }
         let neighbours: Vec<Neighbour> = match strategy {
             Strategy::Exact => return Ok(self.exact(&q, k, &allowed)),
             Strategy::Plain | Strategy::Auto => self.graph.hnsw.search(&q, k, ef),
@@ -689,6 +783,89 @@ impl VectorIndex {
             }
         }
         Ok(hits)
+    }
+
+    /// [`VectorIndex::search_with`] on the flat copy, for a unit query and a chosen strategy.
+    fn search_flat(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Option<&dyn Fn(ImageId) -> bool>,
+        strategy: Strategy,
+        allowed: &dyn Fn(u64) -> bool,
+    ) -> Vec<(ImageId, f32)> {
+        let flat = &self.flat;
+        let q = flat.query(q);
+        let found = match strategy {
+            Strategy::Exact => return self.exact_flat(&q, k, filter, allowed),
+            Strategy::Plain | Strategy::Auto => flat.search(&q, ef, None),
+            Strategy::PostFilter(share) => {
+                // Over-fetch so that about `k * slack` of the candidates pass.
+                let want = ((k as f64 * POST_FILTER_SLACK / share.max(1e-9)).ceil() as usize)
+                    .clamp(ef, POST_FILTER_MAX_EF * ef);
+                flat.search(&q, want, None)
+            }
+            Strategy::GraphFilter => {
+                let inside =
+                    |d: u32| !flat.is_dead(d) && filter.is_none_or(|f| f(ImageId(flat.id(d))));
+                flat.search(&q, ef, Some(&inside))
+            }
+        };
+        let mut top = TopK::new(k);
+        for (id, score) in found
+            .into_iter()
+            .map(|(d, score)| (flat.id(d), score))
+            .filter(|(id, _)| allowed(*id))
+            .take(k)
+        {
+            top.offer(score, id);
+        }
+        // Points inserted since the copy was made: exactly.
+        self.pending
+            .scan(&q, &|i| allowed(self.pending_ids[i]), &mut top, |i| {
+                self.pending_ids[i]
+            });
+        let mut hits: Vec<(ImageId, f32)> = top
+            .into_sorted()
+            .into_iter()
+            .map(|(id, s)| (ImageId(id), s))
+            .collect();
+        if hits.len() < k.min(self.len()) {
+            // The graph walk came up short (selective filter, tombstones clustered near the
+            // query, tiny graph): the exact answer is never short.
+            let exact = self.exact_flat(&q, k, filter, allowed);
+            if exact.len() > hits.len() {
+                hits = exact;
+            }
+        }
+        hits
+    }
+
+    /// Exact top-`k` over the allowed points, by brute force over the flat copy and the points
+    /// inserted since.
+    fn exact_flat(
+        &self,
+        q: &Rows,
+        k: usize,
+        filter: Option<&dyn Fn(ImageId) -> bool>,
+        allowed: &dyn Fn(u64) -> bool,
+    ) -> Vec<(ImageId, f32)> {
+        let flat = &self.flat;
+        let mut top = TopK::new(k);
+        flat.scan(
+            q,
+            &|d| !flat.is_dead(d) && filter.is_none_or(|f| f(ImageId(flat.id(d)))),
+            &mut top,
+        );
+        self.pending
+            .scan(q, &|i| allowed(self.pending_ids[i]), &mut top, |i| {
+                self.pending_ids[i]
+            });
+        top.into_sorted()
+            .into_iter()
+            .map(|(id, s)| (ImageId(id), s))
+            .collect()
     }
 
     /// Estimated number of live ids passing `allowed`, from a stride sample of up to 1024 ids.
@@ -890,8 +1067,8 @@ mod tests {
 
     /// Recall@10 of the default parameters against brute force on `n` random 256-d unit vectors
     /// (seeded), with 200 random queries: plain, with a 5% allow-list (each strategy), and with
-    /// 30% of the ids tombstoned. All must reach 0.98. `search_filter` is ~8x slower than the
-    /// other paths, so it is measured on the first 25 queries only.
+    /// 30% of the ids tombstoned. All must reach 0.98. The in-walk filter visits far more of the
+    /// graph than the other paths, so it is measured on the first 25 queries only.
     fn check_recall(n: usize) {
         let items = data(n, 42);
         let mut rng = Rng::new(7);
@@ -940,7 +1117,7 @@ mod tests {
         let post = Strategy::PostFilter(0.05);
         run("5% post-filter", &index, 200, &five, allow, post);
         let graph = Strategy::GraphFilter;
-        run("5% search_filter", &index, 25, &five, allow, graph);
+        run("5% in-walk filter", &index, 25, &five, allow, graph);
 
         let mut removed = HashSet::new();
         for (id, _) in &items {
@@ -963,7 +1140,7 @@ mod tests {
             Strategy::Auto,
         );
         run(
-            "30% tombstoned search_filter",
+            "30% tombstoned in-walk filter",
             &index,
             25,
             &live,
@@ -1221,6 +1398,207 @@ mod unit_tests {
                 .generation(),
             None
         );
+    }
+
+    /// Exact top-`k` (id, cosine) among `items` passing `allow`, ties by id.
+    fn exact_top(
+        items: &[(ImageId, Vec<f32>)],
+        q: &[f32],
+        k: usize,
+        allow: &dyn Fn(ImageId) -> bool,
+    ) -> Vec<(ImageId, f32)> {
+        let mut scored: Vec<(ImageId, f32)> = items
+            .iter()
+            .filter(|(id, _)| allow(*id))
+            .map(|(id, v)| (*id, v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>()))
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.truncate(k);
+        scored
+    }
+
+    /// Same ids (as sets: near-equal scores may swap) and scores within `tol` (matched by id).
+    fn assert_same_hits(got: &[(ImageId, f32)], want: &[(ImageId, f32)], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+        let mut g: Vec<ImageId> = got.iter().map(|h| h.0).collect();
+        let mut w: Vec<ImageId> = want.iter().map(|h| h.0).collect();
+        g.sort();
+        w.sort();
+        if g != w {
+            // Only a tie at the cut may differ.
+            let last = want.last().map_or(0.0, |h| h.1);
+            for (id, s) in got.iter().filter(|h| !w.contains(&h.0)) {
+                assert!((s - last).abs() <= tol, "{id} ({s}) not in {want:?}");
+            }
+        }
+        for (id, s) in got {
+            if let Some((_, ws)) = want.iter().find(|h| h.0 == *id) {
+                assert!((s - ws).abs() <= tol, "{id}: {s} vs {ws}");
+            }
+        }
+        for w in got.windows(2) {
+            assert!(w[0].1 >= w[1].1, "not best first: {got:?}");
+        }
+    }
+
+    /// A flat copy is made (not left to the staleness rule) and used.
+    fn synced(index: &mut VectorIndex) {
+        index.sync_flat();
+        assert!(!index.hnsw_rs_search);
+        assert!(index.pending_ids.is_empty());
+        assert_eq!(index.flat.len(), index.ids.len());
+    }
+
+    #[test]
+    fn flat_search_at_full_ef_is_exact_with_and_without_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = open(dir.path());
+        let items = small(600);
+        index.insert_batch(&items).unwrap();
+        synced(&mut index);
+        let mut rng = Rng::new(21);
+        let odd = |id: ImageId| id.0 % 2 == 1 && !id.0.is_multiple_of(7);
+        for _ in 0..20 {
+            let q = rng.unit_vector(DIM);
+            let all = exact_top(&items, &q, 10, &|_| true);
+            for strategy in [Strategy::Plain, Strategy::Exact] {
+                let got = index
+                    .search_with(&q, 10, Some(600), None, strategy)
+                    .unwrap();
+                assert_same_hits(&got, &all, 1e-5);
+            }
+            let want = exact_top(&items, &q, 10, &odd);
+            for strategy in [
+                Strategy::GraphFilter,
+                Strategy::PostFilter(0.4),
+                Strategy::Exact,
+            ] {
+                let got = index
+                    .search_with(&q, 10, Some(600), Some(&odd), strategy)
+                    .unwrap();
+                assert_same_hits(&got, &want, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn flat_search_agrees_with_hnsw_rs_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = open(dir.path());
+        let items = small(3000);
+        // One by one: with parallel inserts hnsw_rs's entry point is not always the first point
+        // on the top level, and the two searches would start from different points.
+        for (id, v) in &items {
+            index.insert(*id, v).unwrap();
+        }
+        synced(&mut index);
+        let mut rng = Rng::new(23);
+        let (mut same, mut total) = (0usize, 0usize);
+        for _ in 0..50 {
+            let q = rng.unit_vector(DIM);
+            let flat = index
+                .search_with(&q, 10, Some(32), None, Strategy::Plain)
+                .unwrap();
+            index.hnsw_rs_search = true;
+            let theirs = index
+                .search_with(&q, 10, Some(32), None, Strategy::Plain)
+                .unwrap();
+            index.hnsw_rs_search = false;
+            assert_eq!(flat.len(), 10);
+            for (id, s) in &flat {
+                total += 1;
+                if let Some((_, t)) = theirs.iter().find(|h| h.0 == *id) {
+                    same += 1;
+                    // Theirs is 1 - d²/2 from an L2 distance; ours a dot product.
+                    assert!((s - t).abs() < 1e-5, "{id}: {s} vs {t}");
+                }
+            }
+        }
+        // The walks differ only in the upper-layer descent (ours repeats the greedy step until
+        // no neighbour is closer, hnsw_rs takes one step per layer).
+        assert!(same as f64 / total as f64 >= 0.97, "{same}/{total}");
+    }
+
+    #[test]
+    fn flat_search_follows_removes_inserts_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut items = small(1500);
+        let later = items.split_off(1200);
+        let mut index = open(dir.path());
+        index.insert_batch(&items).unwrap();
+        synced(&mut index);
+        // Tombstones in the copy, and points inserted after it (scanned exactly).
+        let removed: HashSet<ImageId> = items.iter().step_by(3).map(|(id, _)| *id).collect();
+        for id in &removed {
+            assert!(index.remove(*id));
+        }
+        for (id, v) in &later[..100] {
+            index.insert(*id, v).unwrap();
+        }
+        index.insert_batch(&later[100..]).unwrap();
+        assert_eq!(index.pending_ids.len(), 300, "below the staleness limit");
+        let everything: Vec<(ImageId, Vec<f32>)> = items.iter().chain(&later).cloned().collect();
+        let live = |id: ImageId| !removed.contains(&id);
+        let even = |id: ImageId| id.0.is_multiple_of(2);
+        let mut rng = Rng::new(29);
+        let queries: Vec<Vec<f32>> = (0..10).map(|_| rng.unit_vector(DIM)).collect();
+        let check = |index: &VectorIndex| {
+            for q in &queries {
+                let want = exact_top(&everything, q, 10, &live);
+                for strategy in [
+                    Strategy::PostFilter(0.7),
+                    Strategy::GraphFilter,
+                    Strategy::Exact,
+                ] {
+                    let got = index
+                        .search_with(q, 10, Some(1500), None, strategy)
+                        .unwrap();
+                    assert_same_hits(&got, &want, 1e-5);
+                }
+                let want = exact_top(&everything, q, 10, &|id| live(id) && even(id));
+                for strategy in [Strategy::PostFilter(0.3), Strategy::GraphFilter] {
+                    let got = index
+                        .search_with(q, 10, Some(1500), Some(&even), strategy)
+                        .unwrap();
+                    assert_same_hits(&got, &want, 1e-5);
+                }
+            }
+        };
+        check(&index);
+        let before: Vec<_> = queries
+            .iter()
+            .map(|q| index.search(q, 10, None, None).unwrap())
+            .collect();
+        index.save(1).unwrap();
+        drop(index);
+        let mut index = open(dir.path());
+        // Reloaded: one flat copy of everything, tombstones marked.
+        assert!(index.pending_ids.is_empty());
+        assert_eq!(index.flat.len(), 1500);
+        check(&index);
+        for (q, b) in queries.iter().zip(&before) {
+            assert_eq!(&index.search(q, 10, None, None).unwrap(), b);
+        }
+        // Compaction remakes the copy without the tombstones.
+        index.compact().unwrap();
+        assert_eq!(index.flat.len(), 1500 - removed.len());
+        check(&index);
+    }
+
+    #[test]
+    fn enough_inserts_remake_the_flat_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = open(dir.path());
+        let items = small(2100);
+        index.insert_batch(&items[..1000]).unwrap();
+        assert_eq!((index.flat.len(), index.pending_ids.len()), (0, 1000));
+        index.insert_batch(&items[1000..1100]).unwrap();
+        assert_eq!((index.flat.len(), index.pending_ids.len()), (1100, 0));
+        for (id, v) in &items[1100..] {
+            index.insert(*id, v).unwrap();
+        }
+        assert_eq!(index.flat.len() + index.pending_ids.len(), 2100);
+        assert_eq!(index.pending_ids.len(), 1000);
     }
 
     #[test]

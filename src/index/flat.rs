@@ -1,0 +1,661 @@
+//! A compact, read-only copy of an `hnsw_rs` graph, searched by our own code.
+//!
+//! `hnsw_rs` keeps every point in its own reference-counted allocation, with its neighbour lists
+//! behind a lock, and calls a distance dispatched at run time: each hop of a search is several
+//! cache misses and atomic reference-count updates. [`FlatGraph`] copies the graph, through
+//! `hnsw_rs`'s public API, into
+//! - one contiguous arena of the unit vectors, each row padded to a multiple of 16 floats and
+//!   aligned to 64 bytes (the padding is zeros, so dot products are unchanged);
+//! - one CSR neighbour table per layer (`u32` internal ids);
+//!
+//! and searches it with a reusable visited array stamped with a search epoch (no hashing, no
+//! clearing), prefetches of the next vectors, and a dot product chosen once for the CPU
+//! (AVX-512F, AVX2+FMA, or portable code). The score is the dot product of unit vectors, i.e. the
+//! cosine.
+//!
+//! Internal ids order the points by level, then by their slot in `hnsw_rs`'s per-level table:
+//! `dense = offset[level] + slot`. The points present in layer `l` (level ≥ `l`) are then the
+//! suffix `dense ≥ offset[l]`, so each upper layer's table is indexed by `dense − offset[l]`.
+//!
+//! The copy is a snapshot: [`super::VectorIndex`] rebuilds it after bulk changes and keeps the
+//! points inserted since in a small exactly-scanned side list (see its module docs).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::Mutex;
+
+use hnsw_rs::hnsw::{Hnsw, IterPoint};
+use hnsw_rs::prelude::Distance;
+
+/// Floats per block: one AVX-512 register, one 64-byte cache line.
+const LANES: usize = 16;
+
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Block([f32; LANES]);
+
+/// A dot product over `n` floats (`n` a multiple of [`LANES`]) at two pointers.
+type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
+
+/// Picks the fastest dot product this CPU runs.
+fn pick_dot() -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return dot_avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return dot_avx2;
+        }
+    }
+    dot_portable
+}
+
+/// # Safety
+/// `a` and `b` must be valid for `n` reads; `n` is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): `i + 16 <= n` for every load, and the caller guarantees `n` reads.
+    unsafe {
+        while i + 4 * LANES <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + j * LANES;
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(o)), _mm512_loadu_ps(b.add(o)), *acc);
+            }
+            i += 4 * LANES;
+        }
+        while i < n {
+            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc[0]);
+            i += LANES;
+        }
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(s)
+}
+
+/// # Safety
+/// As [`dot_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: *const f32, b: *const f32, n: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): `i + 8 <= n` for every load, and the caller guarantees `n` reads.
+    unsafe {
+        while i + 32 <= n {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let o = i + j * 8;
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), _mm256_loadu_ps(b.add(o)), *acc);
+            }
+            i += 32;
+        }
+        while i < n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+            acc[1] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.add(i + 8)),
+                _mm256_loadu_ps(b.add(i + 8)),
+                acc[1],
+            );
+            i += LANES;
+        }
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Portable dot product, in 16 independent lanes so that the compiler vectorises it.
+///
+/// # Safety
+/// As [`dot_avx512`].
+unsafe fn dot_portable(a: *const f32, b: *const f32, n: usize) -> f32 {
+    // SAFETY: the caller guarantees `n` reads at both pointers.
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(a, n),
+            std::slice::from_raw_parts(b, n),
+        )
+    };
+    let mut acc = [0f32; LANES];
+    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *acc += x * y;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// Hints the CPU to fetch `lines` cache lines from `p`.
+#[inline(always)]
+fn prefetch(p: *const f32, lines: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        for l in 0..lines {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(l * LANES) as *const i8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, lines);
+}
+
+/// Vectors of one dimension, each padded to whole [`Block`]s, in one allocation.
+pub(super) struct Rows {
+    dim: usize,
+    per_row: usize,
+    blocks: Vec<Block>,
+    dot: DotFn,
+}
+
+impl Rows {
+    pub(super) fn new(dim: usize) -> Self {
+        Rows {
+            dim,
+            per_row: dim.div_ceil(LANES),
+            blocks: Vec::new(),
+            dot: pick_dot(),
+        }
+    }
+
+    fn with_capacity(dim: usize, rows: usize) -> Self {
+        let mut r = Rows::new(dim);
+        r.blocks.reserve_exact(rows * r.per_row);
+        r
+    }
+
+    /// Appends `v` (`dim` floats).
+    pub(super) fn push(&mut self, v: &[f32]) {
+        debug_assert_eq!(v.len(), self.dim);
+        let start = self.blocks.len();
+        self.blocks
+            .resize(start + self.per_row, Block([0.0; LANES]));
+        for (b, chunk) in self.blocks[start..].iter_mut().zip(v.chunks(LANES)) {
+            b.0[..chunk.len()].copy_from_slice(chunk);
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.blocks.len() / self.per_row.max(1)
+    }
+
+    fn ptr(&self, i: usize) -> *const f32 {
+        debug_assert!(i < self.len());
+        self.blocks[i * self.per_row..].as_ptr() as *const f32
+    }
+
+    /// Row `i` without its padding.
+    #[cfg(test)]
+    fn row(&self, i: usize) -> &[f32] {
+        let blocks = &self.blocks[i * self.per_row..(i + 1) * self.per_row];
+        // SAFETY: `Block` is `repr(C)` over `[f32; 16]` with no padding (64 bytes, align 64), so
+        // `per_row` blocks are `per_row * 16 ≥ dim` initialised floats.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const f32, self.dim) }
+    }
+
+    /// Dot product of row `i` with `q` (a one-row [`Rows`] of the same dimension).
+    #[inline(always)]
+    fn dot_with(&self, q: &Rows, i: usize) -> f32 {
+        debug_assert_eq!(q.per_row, self.per_row);
+        // SAFETY: both rows hold `per_row * 16` floats; the kernel suits this CPU (`pick_dot`).
+        unsafe { (self.dot)(q.ptr(0), self.ptr(i), self.per_row * LANES) }
+    }
+
+    /// Scores every row `i` with `allowed(i)` against `q` and keeps the best `k` in `top`.
+    pub(super) fn scan(
+        &self,
+        q: &Rows,
+        allowed: &dyn Fn(usize) -> bool,
+        top: &mut TopK,
+        tag: impl Fn(usize) -> u64,
+    ) {
+        for i in 0..self.len() {
+            if allowed(i) {
+                top.offer(self.dot_with(q, i), tag(i));
+            }
+        }
+    }
+}
+
+/// A scored internal id; ordered by score, then by id (for determinism).
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct Scored {
+    score: f32,
+    id: u32,
+}
+impl Eq for Scored {}
+impl PartialOrd for Scored {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scored {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score
+            .total_cmp(&other.score)
+            .then(other.id.cmp(&self.id))
+    }
+}
+
+/// The best `k` of a stream of `(score, id)`; ties go to the smaller id.
+pub(super) struct TopK {
+    k: usize,
+    heap: BinaryHeap<Reverse<(OrdScore, Reverse<u64>)>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+struct OrdScore(f32);
+impl Eq for OrdScore {}
+impl PartialOrd for OrdScore {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for OrdScore {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+impl TopK {
+    pub(super) fn new(k: usize) -> Self {
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    pub(super) fn offer(&mut self, score: f32, id: u64) {
+        if self.k == 0 {
+            return;
+        }
+        let item = Reverse((OrdScore(score), Reverse(id)));
+        if self.heap.len() < self.k {
+            self.heap.push(item);
+        } else if self.heap.peek().is_some_and(|worst| item < *worst) {
+            self.heap.pop();
+            self.heap.push(item);
+        }
+    }
+
+    /// Best first.
+    pub(super) fn into_sorted(self) -> Vec<(u64, f32)> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse((OrdScore(s), Reverse(id)))| (id, s))
+            .collect()
+    }
+}
+
+/// One layer's neighbour lists, for the internal ids `first..`.
+struct Layer {
+    first: u32,
+    offsets: Vec<u32>,
+    links: Vec<u32>,
+}
+
+impl Layer {
+    #[inline(always)]
+    fn links(&self, dense: u32) -> &[u32] {
+        let i = (dense - self.first) as usize;
+        &self.links[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+}
+
+/// Per-search working memory, pooled and reused.
+struct Scratch {
+    /// `visited[d] == epoch` iff `d` was seen in the current search.
+    visited: Vec<u16>,
+    epoch: u16,
+    candidates: BinaryHeap<Scored>,
+    results: BinaryHeap<Reverse<Scored>>,
+    fresh: Vec<u32>,
+}
+
+impl Scratch {
+    fn new(n: usize) -> Self {
+        Scratch {
+            visited: vec![0; n],
+            epoch: 0,
+            candidates: BinaryHeap::new(),
+            results: BinaryHeap::new(),
+            fresh: Vec::new(),
+        }
+    }
+
+    /// Starts a search: a new epoch marks everything unvisited.
+    fn next_epoch(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.visited.fill(0);
+            self.epoch = 1;
+        }
+        self.candidates.clear();
+        self.results.clear();
+    }
+}
+
+/// The compact copy of a graph (see the module docs).
+pub(super) struct FlatGraph {
+    rows: Rows,
+    /// Data id (the caller's id) of each internal id.
+    ids: Vec<u64>,
+    /// `(data id, internal id)`, sorted by data id.
+    by_id: Vec<(u64, u32)>,
+    /// Tombstones, by internal id.
+    dead: Vec<bool>,
+    /// `layers[l]` for `l` in `0..=top level`.
+    layers: Vec<Layer>,
+    entry: u32,
+    scratch: Mutex<Vec<Scratch>>,
+}
+
+impl FlatGraph {
+    /// An empty graph for vectors of `dim` dimensions.
+    pub(super) fn empty(dim: usize) -> Self {
+        FlatGraph {
+            rows: Rows::new(dim),
+            ids: Vec::new(),
+            by_id: Vec::new(),
+            dead: Vec::new(),
+            layers: Vec::new(),
+            entry: 0,
+            scratch: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Copies `hnsw` (whose vectors have `dim` dimensions); `is_dead` says which data ids are
+    /// tombstones. `None` if the graph is not laid out as this module expects (then the caller
+    /// must not use a flat copy).
+    pub(super) fn from_hnsw<D: Distance<f32> + Send + Sync>(
+        hnsw: &Hnsw<'_, f32, D>,
+        dim: usize,
+        is_dead: impl Fn(u64) -> bool,
+    ) -> Option<Self> {
+        let indexation = hnsw.get_point_indexation();
+        let n = indexation.get_nb_point();
+        if n == 0 {
+            return Some(Self::empty(dim));
+        }
+        if n > u32::MAX as usize {
+            return None;
+        }
+        let top = indexation.get_max_level_observed() as usize;
+        let mut offset = Vec::with_capacity(top + 2);
+        offset.push(0usize);
+        for l in 0..=top {
+            offset.push(offset[l] + indexation.get_layer_nb_point(l));
+        }
+        if offset[top + 1] != n || offset[top] == n {
+            return None;
+        }
+        let mut rows = Rows::with_capacity(dim, n);
+        let mut ids = Vec::with_capacity(n);
+        let mut layers: Vec<Layer> = (0..=top)
+            .map(|l| Layer {
+                first: offset[l] as u32,
+                offsets: {
+                    let mut o = Vec::with_capacity(n - offset[l] + 1);
+                    o.push(0);
+                    o
+                },
+                links: Vec::new(),
+            })
+            .collect();
+        for (dense, point) in IterPoint::new(indexation).enumerate() {
+            let pid = point.get_point_id();
+            let level = pid.0 as usize;
+            if level > top || pid.1 < 0 || offset[level] + pid.1 as usize != dense {
+                return None;
+            }
+            let v = point.get_v();
+            if v.len() != dim {
+                return None;
+            }
+            rows.push(v);
+            ids.push(point.get_origin_id() as u64);
+            let neighbourhood = point.get_neighborhood_id();
+            for (l, layer) in layers.iter_mut().enumerate().take(level + 1) {
+                for nb in neighbourhood.get(l).into_iter().flatten() {
+                    let (nl, slot) = (nb.p_id.0 as usize, nb.p_id.1);
+                    if nl > top || slot < 0 || slot as usize >= offset[nl + 1] - offset[nl] {
+                        return None;
+                    }
+                    // A link to a point absent from this layer cannot be walked; hnsw_rs never
+                    // makes one, but skip it rather than trust that.
+                    if nl >= l {
+                        layer.links.push((offset[nl] + slot as usize) as u32);
+                    }
+                }
+                layer.offsets.push(layer.links.len() as u32);
+            }
+        }
+        if ids.len() != n {
+            return None;
+        }
+        let mut by_id: Vec<(u64, u32)> = ids
+            .iter()
+            .enumerate()
+            .map(|(d, &id)| (id, d as u32))
+            .collect();
+        by_id.sort_unstable();
+        let dead = ids.iter().map(|&id| is_dead(id)).collect();
+        Some(FlatGraph {
+            rows,
+            ids,
+            by_id,
+            dead,
+            layers,
+            // `hnsw_rs`'s entry point is the first point created on the top level.
+            entry: offset[top] as u32,
+            scratch: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Points in the copy, tombstones included.
+    pub(super) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Marks data id `id` as a tombstone, if it is in the copy.
+    pub(super) fn mark_dead(&mut self, id: u64) {
+        if let Ok(i) = self.by_id.binary_search_by_key(&id, |e| e.0) {
+            self.dead[self.by_id[i].1 as usize] = true;
+        }
+    }
+
+    /// Data id of internal id `d`.
+    #[inline]
+    pub(super) fn id(&self, d: u32) -> u64 {
+        self.ids[d as usize]
+    }
+
+    /// Whether internal id `d` is a tombstone.
+    #[inline]
+    pub(super) fn is_dead(&self, d: u32) -> bool {
+        self.dead[d as usize]
+    }
+
+    /// A query in the layout of the rows (padded, aligned).
+    pub(super) fn query(&self, q: &[f32]) -> Rows {
+        let mut r = Rows::with_capacity(self.rows.dim, 1);
+        r.push(q);
+        r
+    }
+
+    /// Exact top-`k` over the internal ids passing `allowed`, into `top` (tagged by data id).
+    pub(super) fn scan(&self, q: &Rows, allowed: &dyn Fn(u32) -> bool, top: &mut TopK) {
+        self.rows
+            .scan(q, &|i| allowed(i as u32), top, |i| self.ids[i]);
+    }
+
+    /// Graph search: up to `ef` internal ids near `q`, best first, as `(internal id, cosine)`.
+    ///
+    /// Without `allowed` this is HNSW's search (greedy descent of the upper layers, then a
+    /// best-first walk of layer 0 keeping the `ef` best). With `allowed`, every point still
+    /// routes the walk but only allowed ones enter the results, and the walk does not stop
+    /// before it holds `ef` of them (or runs out of graph).
+    pub(super) fn search(
+        &self,
+        q: &Rows,
+        ef: usize,
+        allowed: Option<&dyn Fn(u32) -> bool>,
+    ) -> Vec<(u32, f32)> {
+        if self.ids.is_empty() || ef == 0 {
+            return Vec::new();
+        }
+        let mut s = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| Scratch::new(self.ids.len()));
+        let out = self.walk(q, ef, allowed, &mut s);
+        self.scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(s);
+        out
+    }
+
+    fn walk(
+        &self,
+        q: &Rows,
+        ef: usize,
+        allowed: Option<&dyn Fn(u32) -> bool>,
+        s: &mut Scratch,
+    ) -> Vec<(u32, f32)> {
+        let rows = &self.rows;
+        let lines = rows.per_row;
+        let score = |d: u32| rows.dot_with(q, d as usize);
+
+        // Upper layers: greedy descent to the closest point found.
+        let mut cur = self.entry;
+        let mut cur_score = score(cur);
+        for layer in self.layers[1..].iter().rev() {
+            loop {
+                let mut moved = false;
+                for &nb in layer.links(cur) {
+                    let sc = score(nb);
+                    if sc > cur_score {
+                        cur_score = sc;
+                        cur = nb;
+                        moved = true;
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+
+        // Layer 0: best-first walk.
+        s.next_epoch();
+        let epoch = s.epoch;
+        let layer0 = &self.layers[0];
+        s.visited[cur as usize] = epoch;
+        let start = Scored {
+            score: cur_score,
+            id: cur,
+        };
+        s.candidates.push(start);
+        if allowed.is_none_or(|f| f(cur)) {
+            s.results.push(Reverse(start));
+        }
+        while let Some(c) = s.candidates.pop() {
+            let bound = s.results.peek().map_or(f32::NEG_INFINITY, |r| r.0.score);
+            if c.score < bound && (s.results.len() >= ef || allowed.is_none()) {
+                break;
+            }
+            // Mark the unvisited neighbours first, prefetching their vectors, then score them.
+            s.fresh.clear();
+            for &nb in layer0.links(c.id) {
+                let v = &mut s.visited[nb as usize];
+                if *v != epoch {
+                    *v = epoch;
+                    s.fresh.push(nb);
+                    prefetch(rows.ptr(nb as usize), 1);
+                }
+            }
+            for j in 0..s.fresh.len() {
+                if let Some(&next) = s.fresh.get(j + 1) {
+                    prefetch(rows.ptr(next as usize), lines);
+                }
+                let nb = s.fresh[j];
+                let sc = score(nb);
+                let bound = s.results.peek().map_or(f32::NEG_INFINITY, |r| r.0.score);
+                if s.results.len() < ef || sc > bound {
+                    let e = Scored { score: sc, id: nb };
+                    s.candidates.push(e);
+                    if allowed.is_none_or(|f| f(nb)) {
+                        s.results.push(Reverse(e));
+                        if s.results.len() > ef {
+                            s.results.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let mut out: Vec<(u32, f32)> = s.results.drain().map(|r| (r.0.id, r.0.score)).collect();
+        out.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::testutil::Rng;
+
+    #[test]
+    fn every_dot_kernel_agrees_with_f64() {
+        let mut rng = Rng::new(5);
+        for dim in [1, 7, 16, 17, 64, 100, 256, 768] {
+            let (a, b) = (rng.unit_vector(dim), rng.unit_vector(dim));
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let (mut ra, mut rb) = (Rows::new(dim), Rows::new(dim));
+            ra.push(&a);
+            rb.push(&b);
+            assert_eq!(ra.row(0), &a[..]);
+            let n = ra.per_row * LANES;
+            let mut kernels: Vec<(&str, DotFn)> = vec![("portable", dot_portable)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    kernels.push(("avx512", dot_avx512));
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    kernels.push(("avx2", dot_avx2));
+                }
+            }
+            for (name, k) in kernels {
+                // SAFETY: both rows hold `n` floats; the kernel was checked against the CPU.
+                let got = unsafe { k(ra.ptr(0), rb.ptr(0), n) };
+                assert!(
+                    (got as f64 - want).abs() < 1e-5,
+                    "{name} dim {dim}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_keeps_the_best_and_breaks_ties_by_id() {
+        let mut top = TopK::new(3);
+        for (id, s) in [(5, 0.1), (4, 0.9), (3, 0.5), (2, 0.5), (1, 0.2), (0, 0.5)] {
+            top.offer(s, id);
+        }
+        assert_eq!(top.into_sorted(), vec![(4, 0.9), (0, 0.5), (2, 0.5)]);
+        let mut none = TopK::new(0);
+        none.offer(1.0, 1);
+        assert!(none.into_sorted().is_empty());
+    }
+}
