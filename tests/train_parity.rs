@@ -240,3 +240,77 @@ fn caption_loss_and_step_match_pytorch() {
     let n = assert_params_after(&store, &want, lr);
     assert!(n > 80, "only {n} parameters compared");
 }
+
+/// A caption's `also_matches` pictures are its ITC positives and never its ITM negatives (nor is
+/// it theirs), and the queue keeps the lists through a saved training state.
+#[test]
+fn also_matches_are_positives_never_negatives() {
+    let dir = fixtures();
+    let reference = load_json(&dir.join("train").join("reference.json"));
+    let want = load_tensors(&dir.join("train").join("retrieval.safetensors"));
+    let store = ParamStore::from_checkpoint(
+        &dir.join("tiny-a").join("retrieval"),
+        BlipArchitecture::Retrieval,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let _training = TrainingMode::enter();
+    let texts = strings(&reference["retrieval"]["texts"]);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let tokenizer = blipsearch::model::tokenizer::BlipTokenizer::from_files(
+        Some(&dir.join("tiny-a").join("retrieval").join("tokenizer.json")),
+        None,
+    )
+    .unwrap();
+    let b = refs.len();
+    assert!(b >= 4, "the reference batch has {b} pairs");
+    let idx: Vec<i64> = (0..b as i64).collect();
+    let plain =
+        RetrievalBatch::from_texts(&tokenizer, want["pixels"].clone(), &refs, idx.clone()).unwrap();
+    // Caption 0 also describes the pictures of pairs 1 and 2.
+    let mut also = vec![Vec::new(); b];
+    also[0] = vec![1, 2];
+    let batch = RetrievalBatch::from_texts(&tokenizer, want["pixels"].clone(), &refs, idx)
+        .unwrap()
+        .with_also(also.clone())
+        .unwrap();
+    assert!(
+        RetrievalBatch::from_texts(&tokenizer, want["pixels"].clone(), &refs, vec![0; b])
+            .unwrap()
+            .with_also(vec![Vec::new(); b + 1])
+            .is_err()
+    );
+
+    let itc_of = |batch: &RetrievalBatch, seed: u64| {
+        let mut s = RetrievalState::new(&store, 8, 0).unwrap();
+        let l = retrieval_losses(&store, &mut s, batch, 0.0, &Negatives::Sample(seed)).unwrap();
+        (scalar(&l.itc).unwrap(), l.negatives, s)
+    };
+    let (itc_plain, _, _) = itc_of(&plain, 1);
+    let (itc_also, _, state) = itc_of(&batch, 1);
+    assert!(
+        (itc_plain - itc_also).abs() > 1e-4,
+        "the also-matches did not change the ITC targets ({itc_plain} vs {itc_also})"
+    );
+    for seed in 0..40 {
+        let (_, (neg_image, neg_text), _) = itc_of(&batch, seed);
+        assert!(
+            ![0, 1, 2].contains(&neg_image[0]),
+            "seed {seed}: caption 0 got image {} as its negative",
+            neg_image[0]
+        );
+        for image in [1, 2] {
+            assert_ne!(
+                neg_text[image], 0,
+                "seed {seed}: image {image} got caption 0"
+            );
+        }
+    }
+
+    // The queue holds the lists (slots 0..b) and a saved state restores them.
+    assert_eq!(state.also_queue[..b], also[..]);
+    let saved = state.to_tensors().unwrap();
+    let mut back = RetrievalState::new(&store, 8, 0).unwrap();
+    back.load_tensors(&saved).unwrap();
+    assert_eq!(back.also_queue, state.also_queue);
+}

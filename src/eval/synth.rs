@@ -14,6 +14,11 @@
 //! `"wrong": true` and the `"true_caption"`, so that CapFilt's filter can be scored. The mark is
 //! for measurement only: a trainer should treat such lines as the noisy web text they imitate.
 //!
+//! `train_partial.jsonl` describes each correctly captioned training image once more, partially
+//! ("a red circle", "two large blue squares", "three small triangles at the top"), as people type
+//! queries; each such caption lists every other scene it also describes as `"also_matches"`, so
+//! that training counts those pictures as matches rather than negatives.
+//!
 //! The generator uses `rand`'s `StdRng`, so a seed gives the same world for a given `Cargo.lock`.
 
 use std::path::Path;
@@ -155,6 +160,9 @@ pub const COUNTS: [u8; 3] = [1, 2, 3];
 /// Number of caption templates ([`Scene::caption`]).
 pub const TEMPLATES: usize = 3;
 
+/// Number of partial-description forms ([`Scene::partial`]).
+pub const PARTIAL_FORMS: usize = 4;
+
 /// What a synthetic image shows: `count` identical shapes in one half of the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Scene {
@@ -253,6 +261,64 @@ impl Scene {
     /// Every reference caption of the scene, one per template.
     pub fn references(&self) -> Vec<String> {
         (0..TEMPLATES).map(|t| self.caption(t)).collect()
+    }
+
+    /// A partial description: form 0 to [`PARTIAL_FORMS`] - 1 (larger values wrap) leaves out
+    /// some attributes, the count word always kept: 0 "a red circle" (size and position left
+    /// out), 1 "two large red circles" (position), 2 "two red circles on the left" (size), 3 "two
+    /// large circles on the left" (colour). Returns the caption and every scene it describes
+    /// (this one included).
+    pub fn partial(&self, form: usize) -> (String, Vec<Scene>) {
+        let count = match self.count {
+            1 => "a",
+            2 => "two",
+            _ => "three",
+        };
+        let plural = if self.count > 1 { "s" } else { "" };
+        let (shape, colour, size, pos) = (
+            self.shape.word(),
+            self.colour.word(),
+            self.size.word(),
+            self.position.phrase(),
+        );
+        // (caption, keeps size, keeps colour, keeps position)
+        let (text, keep_size, keep_colour, keep_pos) = match form % PARTIAL_FORMS {
+            0 => (
+                format!("{count} {colour} {shape}{plural}"),
+                false,
+                true,
+                false,
+            ),
+            1 => (
+                format!("{count} {size} {colour} {shape}{plural}"),
+                true,
+                true,
+                false,
+            ),
+            2 => (
+                format!("{count} {colour} {shape}{plural} {pos}"),
+                false,
+                true,
+                true,
+            ),
+            _ => (
+                format!("{count} {size} {shape}{plural} {pos}"),
+                true,
+                false,
+                true,
+            ),
+        };
+        let described = Scene::all()
+            .into_iter()
+            .filter(|o| {
+                o.shape == self.shape
+                    && o.count == self.count
+                    && (!keep_size || o.size == self.size)
+                    && (!keep_colour || o.colour == self.colour)
+                    && (!keep_pos || o.position == self.position)
+            })
+            .collect();
+        (text, described)
     }
 
     /// The scene with one or two attributes changed to another value (a wrong caption's scene).
@@ -432,6 +498,9 @@ pub struct SynthRecord {
     /// so training treats them as one picture (BLIP's `idx`: ITC positives of one another, never
     /// ITM negatives), however the caption reads.
     pub image_id: String,
+    /// The other scenes a partial caption also describes (`train_partial.jsonl` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_matches: Vec<String>,
     /// Whether the caption was deliberately corrupted.
     pub wrong: bool,
     /// The right caption (same template) when `wrong`.
@@ -516,6 +585,8 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// - `train.jsonl`: one [`SynthRecord`] per training image, a random template, `wrong_share`
 ///   of them wrong;
 /// - `test.jsonl`: one clean record per test image (template 0); every test scene is distinct;
+/// - `train_partial.jsonl`: a partial description of each correct training caption's image
+///   ([`Scene::partial`]), with the other scenes it describes as `"also_matches"`;
 /// - `test_noisy.jsonl`: the test images again, `wrong_share` of the captions wrong (CapFilt);
 /// - `test.json`: BLIP annotation style `[{"image", "caption": [3 references]}]`;
 /// - `dataset_synth.json`: Karpathy `dataset_coco.json` style, both splits, true captions;
@@ -570,6 +641,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
                 image: rel.clone(),
                 image_id: scene.id(),
                 caption: scene.corrupt(&mut rng).caption(template),
+                also_matches: Vec::new(),
                 wrong: true,
                 true_caption: Some(truth),
                 scene,
@@ -579,6 +651,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
                 image: rel.clone(),
                 image_id: scene.id(),
                 caption: truth,
+                also_matches: Vec::new(),
                 wrong: false,
                 true_caption: None,
                 scene,
@@ -610,6 +683,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
             image: rel.clone(),
             image_id: scene.id(),
             caption: scene.caption(0),
+            also_matches: Vec::new(),
             wrong: false,
             true_caption: None,
             scene: *scene,
@@ -643,6 +717,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
                     image: r.image.clone(),
                     image_id: r.scene.id(),
                     caption: r.scene.corrupt(&mut rng).caption(template),
+                    also_matches: Vec::new(),
                     wrong: true,
                     true_caption: Some(truth),
                     scene: r.scene,
@@ -652,6 +727,7 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
                     image: r.image.clone(),
                     image_id: r.scene.id(),
                     caption: truth,
+                    also_matches: Vec::new(),
                     wrong: false,
                     true_caption: None,
                     scene: r.scene,
@@ -660,7 +736,32 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
         })
         .collect();
 
+    // Partial descriptions of the correctly captioned training images, from a generator of their
+    // own so that every other file stays as it was before they existed.
+    let mut prng = StdRng::seed_from_u64(params.seed ^ 0x7061_7274_6961_6c73);
+    let partial: Vec<SynthRecord> = train
+        .iter()
+        .filter(|r| !r.wrong)
+        .map(|r| {
+            let (caption, described) = r.scene.partial(prng.random_range(0..PARTIAL_FORMS));
+            SynthRecord {
+                image: r.image.clone(),
+                caption,
+                image_id: r.image_id.clone(),
+                also_matches: described
+                    .iter()
+                    .filter(|s| **s != r.scene)
+                    .map(Scene::id)
+                    .collect(),
+                wrong: false,
+                true_caption: None,
+                scene: r.scene,
+            }
+        })
+        .collect();
+
     let train_sha = write_jsonl(&out.join("train.jsonl"), &train)?;
+    write_jsonl(&out.join("train_partial.jsonl"), &partial)?;
     let test_sha = write_jsonl(&out.join("test.jsonl"), &test)?;
     write_jsonl(&out.join("test_noisy.jsonl"), &noisy)?;
     write_json(&out.join("test.json"), &annotations)?;
@@ -720,6 +821,31 @@ mod tests {
         assert_eq!(set.len(), 288);
         let captions: std::collections::HashSet<_> = all.iter().map(|s| s.caption(0)).collect();
         assert_eq!(captions.len(), 288);
+    }
+
+    #[test]
+    fn partial_captions_describe_their_scenes() {
+        let s = Scene {
+            shape: Shape::Circle,
+            colour: Colour::Red,
+            size: Size::Large,
+            count: 2,
+            position: Position::Left,
+        };
+        let (text, described) = s.partial(0);
+        assert_eq!(text, "two red circles");
+        assert_eq!(described.len(), 8); // 2 sizes x 4 positions
+        assert!(described.contains(&s));
+        assert!(described
+            .iter()
+            .all(|o| o.colour == s.colour && o.shape == s.shape && o.count == 2));
+        assert_eq!(s.partial(1).0, "two large red circles");
+        assert_eq!(s.partial(1).1.len(), 4);
+        assert_eq!(s.partial(2).0, "two red circles on the left");
+        assert_eq!(s.partial(2).1.len(), 2);
+        let one = Scene { count: 1, ..s };
+        assert_eq!(one.partial(3).0, "a large circle on the left");
+        assert_eq!(one.partial(3).1.len(), 4); // 4 colours
     }
 
     #[test]
@@ -791,6 +917,7 @@ mod tests {
         assert_eq!(sa.test_noisy_wrong, 2);
         for f in [
             "train.jsonl",
+            "train_partial.jsonl",
             "test.jsonl",
             "test_noisy.jsonl",
             "test.json",
@@ -816,6 +943,19 @@ mod tests {
                     assert!(r.scene.references().contains(&r.caption));
                 }
             }
+        }
+        // One partial caption per correct training caption, of the same image; its
+        // also-matches are the other scenes it describes.
+        let partial = std::fs::read_to_string(a.path().join("train_partial.jsonl")).unwrap();
+        let partial: Vec<SynthRecord> = partial
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(partial.len(), 20 - 4);
+        for r in &partial {
+            assert!(!r.wrong && !r.also_matches.is_empty());
+            assert!(!r.also_matches.contains(&r.image_id));
+            assert!(!r.scene.references().contains(&r.caption));
         }
         let c = tempfile::tempdir().unwrap();
         generate(c.path(), &SynthParams { seed: 8, ..params }).unwrap();

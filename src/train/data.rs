@@ -8,6 +8,11 @@
 //! that share one are the same picture for training (BLIP's `idx`), so they are one another's ITC
 //! positives and never one another's ITM negatives. Without it, the image path is the id.
 //!
+//! A caption that truly describes more pictures than its own (a partial description such as "a
+//! red circle") may list them as `"also_matches": [image_id, ...]`: those pictures are then its
+//! ITC positives too and never its ITM negatives, nor it theirs. Without the list such a caption
+//! would teach ITM that it does not match every other picture it describes.
+//!
 //! Images are decoded and preprocessed once, up front: a missing or unreadable image is reported
 //! (with its path and the reason) and its pairs are skipped.
 
@@ -31,6 +36,8 @@ pub struct Pair {
     pub group: usize,
     /// The caption as written in the file.
     pub caption: String,
+    /// Other groups the caption also truly describes (`"also_matches"`).
+    pub also: Vec<usize>,
 }
 
 /// A caption dataset with its images preprocessed.
@@ -51,6 +58,8 @@ struct Line {
     caption: String,
     #[serde(default)]
     image_id: Option<Value>,
+    #[serde(default)]
+    also_matches: Option<Value>,
 }
 
 /// One record of a dataset file.
@@ -62,6 +71,8 @@ pub struct Record {
     pub caption: String,
     /// The `image_id` given, as text (numbers written in decimal); `None`: the image path.
     pub image_id: Option<String>,
+    /// The `also_matches` ids, as text.
+    pub also_matches: Vec<String>,
 }
 
 impl Record {
@@ -70,6 +81,7 @@ impl Record {
             image: image.to_string(),
             caption: caption.to_string(),
             image_id: image_id.and_then(id_text),
+            also_matches: Vec::new(),
         }
     }
 
@@ -124,7 +136,28 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
                 reason: "\"image_id\" must be a string or a number".into(),
             });
         }
-        out.push(Record::new(&rec.image, &rec.caption, rec.image_id.as_ref()));
+        let also_matches = match &rec.also_matches {
+            None => Vec::new(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(id_text)
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| TrainError::Data {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    reason: "\"also_matches\" must list strings or numbers".into(),
+                })?,
+            Some(_) => {
+                return Err(TrainError::Data {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    reason: "\"also_matches\" must be a list of image ids".into(),
+                })
+            }
+        };
+        let mut record = Record::new(&rec.image, &rec.caption, rec.image_id.as_ref());
+        record.also_matches = also_matches;
+        out.push(record);
     }
     if out.is_empty() {
         return Err(TrainError::Data {
@@ -224,6 +257,11 @@ impl Dataset {
         for record in records {
             let key = record.group_key();
             let key = (key.0, key.1.to_string());
+            let also_keys: Vec<(bool, String)> = record
+                .also_matches
+                .iter()
+                .map(|id| (true, id.clone()))
+                .collect();
             let Record { image, caption, .. } = record;
             let slot = match index.get(&image) {
                 Some(s) => *s,
@@ -248,12 +286,23 @@ impl Dataset {
                 }
             };
             if let Some(image) = slot {
-                let next = groups.len();
-                let group = *groups.entry(key).or_insert(next);
+                let mut dense = |key: (bool, String)| {
+                    let next = groups.len();
+                    *groups.entry(key).or_insert(next)
+                };
+                let group = dense(key);
+                let mut also: Vec<usize> = also_keys
+                    .into_iter()
+                    .map(&mut dense)
+                    .filter(|&g| g != group)
+                    .collect();
+                also.sort_unstable();
+                also.dedup();
                 pairs.push(Pair {
                     image,
                     group,
                     caption,
+                    also,
                 });
             }
         }
@@ -331,6 +380,46 @@ mod tests {
         .unwrap();
         let e = read_records(&p).unwrap_err().to_string();
         assert!(e.contains("d.jsonl:1:") && e.contains("image_id"), "{e}");
+    }
+
+    #[test]
+    fn also_matches_name_more_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a.png", "b.png"] {
+            image::RgbImage::new(8, 8)
+                .save(dir.path().join(name))
+                .unwrap();
+        }
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(
+            &p,
+            concat!(
+                "{\"image\": \"a.png\", \"caption\": \"x\", \"image_id\": \"s1\"}\n",
+                "{\"image\": \"a.png\", \"caption\": \"part\", \"image_id\": \"s1\", ",
+                "\"also_matches\": [\"s2\", \"s1\", 9, \"s2\"]}\n",
+                "{\"image\": \"b.png\", \"caption\": \"y\", \"image_id\": \"s2\"}\n",
+            ),
+        )
+        .unwrap();
+        let d = Dataset::load(&p, None, 16, &Device::Cpu).unwrap();
+        let groups: Vec<usize> = d.pairs.iter().map(|p| p.group).collect();
+        assert_eq!(groups, vec![0, 0, 1]);
+        // Its own group is left out, duplicates merged; an id no record carries still counts.
+        assert_eq!(d.pairs[1].also, vec![1, 2]);
+        assert!(d.pairs[0].also.is_empty() && d.pairs[2].also.is_empty());
+
+        for bad in ["\"s2\"", "[[1]]"] {
+            std::fs::write(
+                &p,
+                format!("{{\"image\": \"a.png\", \"caption\": \"x\", \"also_matches\": {bad}}}\n"),
+            )
+            .unwrap();
+            let e = read_records(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("d.jsonl:1:") && e.contains("also_matches"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

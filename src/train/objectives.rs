@@ -133,6 +133,8 @@ pub struct RetrievalBatch {
     pub mask: Tensor,
     /// Image id of each pair: pairs with the same id are positives of each other.
     pub idx: Vec<i64>,
+    /// Further image ids each caption truly describes (`"also_matches"`; usually none).
+    pub also: Vec<Vec<i64>>,
 }
 
 impl RetrievalBatch {
@@ -145,12 +147,32 @@ impl RetrievalBatch {
     ) -> Result<Self> {
         let batch = tokenizer.encode_batch(captions, MAX_TEXT_TOKENS)?;
         let (ids, mask) = batch.tensors(None, pixels.device())?;
+        let also = vec![Vec::new(); idx.len()];
         Ok(Self {
             pixels,
             ids,
             mask,
             idx,
+            also,
         })
+    }
+
+    /// Sets the further image ids each caption describes (one list per pair).
+    pub fn with_also(mut self, also: Vec<Vec<i64>>) -> Result<Self> {
+        if also.len() != self.idx.len() {
+            return Err(TrainError::InvalidInput(format!(
+                "{} also-match lists for a batch of {}",
+                also.len(),
+                self.idx.len()
+            )));
+        }
+        self.also = also;
+        Ok(self)
+    }
+
+    /// Whether caption `text` describes a picture of image id `image`.
+    fn describes(&self, text: usize, image: i64) -> bool {
+        self.idx[text] == image || self.also[text].contains(&image)
     }
 }
 
@@ -233,6 +255,8 @@ pub struct RetrievalState {
     pub text_queue: Tensor,
     /// Image ids of the queued features (-100: empty slot).
     pub idx_queue: Vec<i64>,
+    /// The further image ids each queued caption describes (see [`RetrievalBatch::also`]).
+    pub also_queue: Vec<Vec<i64>>,
     /// Next queue slot to overwrite.
     pub ptr: usize,
     /// Momentum coefficient (0.995).
@@ -277,6 +301,7 @@ impl RetrievalState {
             image_queue,
             text_queue,
             idx_queue: vec![-100; queue_size],
+            also_queue: vec![Vec::new(); queue_size],
             ptr: 0,
             momentum_coef: MOMENTUM,
             targets: ItcTargets::default(),
@@ -298,8 +323,14 @@ impl RetrievalState {
         Ok(())
     }
 
-    fn enqueue(&mut self, image_feat: &Tensor, text_feat: &Tensor, idx: &[i64]) -> Result<()> {
+    fn enqueue(
+        &mut self,
+        image_feat: &Tensor,
+        text_feat: &Tensor,
+        batch: &RetrievalBatch,
+    ) -> Result<()> {
         let q = self.queue_size();
+        let idx = &batch.idx;
         let b = idx.len();
         if b > q {
             return Err(TrainError::InvalidInput(format!(
@@ -315,6 +346,7 @@ impl RetrievalState {
             img[slot] = fi[j].clone();
             txt[slot] = ft[j].clone();
             self.idx_queue[slot] = idx[j];
+            self.also_queue[slot] = batch.also[j].clone();
         }
         self.ptr = (self.ptr + b) % q;
         let e = fi.first().map_or(0, Vec::len);
@@ -341,6 +373,22 @@ impl RetrievalState {
             "queue.idx".into(),
             Tensor::new(self.idx_queue.as_slice(), self.image_queue.device())?,
         );
+        // The also-match lists as a (Q, W) matrix padded with -100 (W at least 1).
+        let w = self
+            .also_queue
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut also = vec![-100i64; self.also_queue.len() * w];
+        for (row, ids) in self.also_queue.iter().enumerate() {
+            also[row * w..row * w + ids.len()].copy_from_slice(ids);
+        }
+        out.insert(
+            "queue.also".into(),
+            Tensor::from_vec(also, (self.also_queue.len(), w), self.image_queue.device())?,
+        );
         out.insert(
             "queue.ptr".into(),
             Tensor::new(&[self.ptr as i64], self.image_queue.device())?,
@@ -361,6 +409,20 @@ impl RetrievalState {
         self.image_queue = get("queue.image")?;
         self.text_queue = get("queue.text")?;
         self.idx_queue = get("queue.idx")?.to_vec1::<i64>()?;
+        // States written before also-match lists existed have none.
+        self.also_queue = match t.get("queue.also") {
+            Some(a) => a
+                .to_vec2::<i64>()?
+                .into_iter()
+                .map(|row| row.into_iter().filter(|&x| x != -100).collect())
+                .collect(),
+            None => vec![Vec::new(); self.idx_queue.len()],
+        };
+        if self.also_queue.len() != self.idx_queue.len() {
+            return Err(TrainError::InvalidInput(
+                "training state: queue.also does not fit queue.idx".into(),
+            ));
+        }
         self.ptr = get("queue.ptr")?
             .to_vec1::<i64>()?
             .first()
@@ -448,26 +510,36 @@ pub fn retrieval_losses(
         .forward(&batch.ids, Some(&batch.mask), None, false, None)?;
     let text_feat = l2_normalize(&net.text_proj.forward(&text_hidden.i((.., 0))?)?)?;
 
-    // ITC targets from the image ids of the batch and the queue.
+    // ITC targets from the image ids of the batch and the queue: caption t describes image i
+    // when they share an id or i's id is among t's also-matches. Rows are normalised.
     let q = state.queue_size();
     let idx_all: Vec<i64> = batch.idx.iter().chain(&state.idx_queue).copied().collect();
-    let mut targets = vec![0f32; b * (b + q)];
-    for i in 0..b {
-        let row = &mut targets[i * (b + q)..(i + 1) * (b + q)];
-        match state.targets {
-            ItcTargets::SameImage => {
-                let n = idx_all.iter().filter(|&&x| x == batch.idx[i]).count() as f32;
-                for (j, x) in idx_all.iter().enumerate() {
-                    if *x == batch.idx[i] {
-                        row[j] = 1.0 / n;
+    let also_all: Vec<&Vec<i64>> = batch.also.iter().chain(&state.also_queue).collect();
+    let targets = |positive: &dyn Fn(usize, usize) -> bool| -> Vec<f32> {
+        let mut out = vec![0f32; b * (b + q)];
+        for (i, row) in out.chunks_mut(b + q).enumerate() {
+            match state.targets {
+                ItcTargets::SameImage => {
+                    let n = (0..b + q).filter(|&j| positive(i, j)).count().max(1) as f32;
+                    for (j, x) in row.iter_mut().enumerate() {
+                        if positive(i, j) {
+                            *x = 1.0 / n;
+                        }
                     }
                 }
+                ItcTargets::Diagonal => row[i] = 1.0,
             }
-            ItcTargets::Diagonal => row[i] = 1.0,
         }
-    }
+        out
+    };
+    let describes = |ids: &[i64], image: i64| ids.contains(&image);
+    // Image i of the batch against every text j (batch, then queue).
+    let i2t = targets(&|i, j| idx_all[j] == batch.idx[i] || describes(also_all[j], batch.idx[i]));
+    // Text i of the batch against every image j.
+    let t2i = targets(&|i, j| batch.describes(i, idx_all[j]));
     let dev = batch.pixels.device();
-    let sim_targets = Tensor::from_vec(targets, (b, b + q), dev)?;
+    let i2t_sim_targets = Tensor::from_vec(i2t, (b, b + q), dev)?;
+    let t2i_sim_targets = Tensor::from_vec(t2i, (b, b + q), dev)?;
 
     // Momentum features (no gradient).
     state.momentum_update(store)?;
@@ -488,11 +560,11 @@ pub fn retrieval_losses(
     let sim_t2i_m = text_feat_m
         .matmul(&image_feat_m_all)?
         .broadcast_div(&temp_c)?;
-    let mix = |sim_m: &Tensor| -> Result<Tensor> {
-        Ok(((softmax_diff(sim_m)? * alpha)? + (&sim_targets * (1.0 - alpha))?)?.detach())
+    let mix = |sim_m: &Tensor, sim_targets: &Tensor| -> Result<Tensor> {
+        Ok(((softmax_diff(sim_m)? * alpha)? + (sim_targets * (1.0 - alpha))?)?.detach())
     };
-    let i2t_targets = mix(&sim_i2t_m)?;
-    let t2i_targets = mix(&sim_t2i_m)?;
+    let i2t_targets = mix(&sim_i2t_m, &i2t_sim_targets)?;
+    let t2i_targets = mix(&sim_t2i_m, &t2i_sim_targets)?;
 
     let sim_i2t = image_feat.matmul(&text_feat_m_all)?.broadcast_div(temp)?;
     let sim_t2i = text_feat.matmul(&image_feat_m_all)?.broadcast_div(temp)?;
@@ -500,7 +572,7 @@ pub fn retrieval_losses(
         Ok((log_softmax_diff(sim)? * t)?.sum(1)?.mean_all()?.neg()?)
     };
     let itc = ((soft_ce(&sim_i2t, &i2t_targets)? + soft_ce(&sim_t2i, &t2i_targets)?)? / 2.0)?;
-    state.enqueue(&image_feat_m, &text_feat_m, &batch.idx)?;
+    state.enqueue(&image_feat_m, &text_feat_m, batch)?;
 
     // ITM hard negatives.
     let (neg_image, neg_text) = match negatives {
@@ -521,20 +593,24 @@ pub fn retrieval_losses(
         Negatives::Sample(seed) => {
             let imf = image_feat.detach();
             let txf = text_feat.detach();
-            let weights = |a: &Tensor, c: &Tensor| -> Result<Vec<Vec<f32>>> {
+            // Row i, column j: `matches(i, j)` pairs are never negatives of each other.
+            let weights = |a: &Tensor,
+                           c: &Tensor,
+                           matches: &dyn Fn(usize, usize) -> bool|
+             -> Result<Vec<Vec<f32>>> {
                 let w = softmax_diff(&a.matmul(&c.t()?)?.broadcast_div(&temp_c)?)?;
                 let mut w = w.to_vec2::<f32>()?;
                 for (i, row) in w.iter_mut().enumerate() {
                     for (j, x) in row.iter_mut().enumerate() {
-                        if batch.idx[i] == batch.idx[j] {
+                        if matches(i, j) {
                             *x = 0.0;
                         }
                     }
                 }
                 Ok(w)
             };
-            let w_i2t = weights(&imf, &txf)?;
-            let w_t2i = weights(&txf, &imf)?;
+            let w_i2t = weights(&imf, &txf, &|i, j| batch.describes(j, batch.idx[i]))?;
+            let w_t2i = weights(&txf, &imf, &|i, j| batch.describes(i, batch.idx[j]))?;
             let mut rng = StdRng::seed_from_u64(*seed);
             let neg_image: Vec<usize> =
                 (0..b).map(|i| sample_row(&w_t2i[i], &mut rng, i)).collect();

@@ -394,7 +394,12 @@ impl Trainer {
         match self.cfg.objective {
             Objective::Retrieval => {
                 let idx = pairs.iter().map(|p| p.group as i64).collect();
-                let batch = RetrievalBatch::from_texts(&self.tokenizer, pixels, &captions, idx)?;
+                let also = pairs
+                    .iter()
+                    .map(|p| p.also.iter().map(|&g| g as i64).collect())
+                    .collect();
+                let batch = RetrievalBatch::from_texts(&self.tokenizer, pixels, &captions, idx)?
+                    .with_also(also)?;
                 // BLIP ramps alpha up over the first epoch.
                 let alpha = if epoch == 0 {
                     self.cfg.alpha * (i as f64 / self.steps_per_epoch as f64).min(1.0)
