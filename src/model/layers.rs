@@ -3,9 +3,11 @@
 use std::cell::Cell;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::Activation;
+pub(crate) use super::linear::linear;
+use super::linear::{Epilogue, Linear};
 
 thread_local! {
     static TRAINING: Cell<bool> = const { Cell::new(false) };
@@ -33,7 +35,7 @@ impl Drop for TrainingMode {
     }
 }
 
-fn training() -> bool {
+pub(crate) fn training() -> bool {
     TRAINING.with(Cell::get)
 }
 
@@ -77,11 +79,6 @@ pub fn log_softmax_diff(xs: &Tensor) -> candle_core::Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// A `nn.Linear` with bias, named as in the checkpoint.
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
-}
-
 /// A `nn.LayerNorm` (weight and bias), named as in the checkpoint.
 pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     Ok(LayerNorm {
@@ -100,13 +97,25 @@ pub(crate) fn activate(xs: &Tensor, act: Activation) -> candle_core::Result<Tens
 
 /// `act(lin(xs))`: the feed-forward block's first half. On the CPU in f32 the bias add and the
 /// erf-GELU run fused, in one vectorised pass over the output split across threads (candle runs
-/// both as separate single-threaded scalar passes). The GELU's erf is a rational approximation
+/// both as separate single-threaded scalar passes); inputs of a few rows take the small-M kernel
+/// with the GELU applied as each output is written. The GELU's erf is a rational approximation
 /// within 4.2e-7 of the exact one (see [`erf`]); elsewhere the arithmetic is candle's.
 pub(crate) fn linear_act(
     lin: &Linear,
     xs: &Tensor,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
+    let epilogue = if act == Activation::Gelu {
+        Epilogue::GeluErf
+    } else {
+        Epilogue::None
+    };
+    if let Some(y) = lin.forward_small(xs, epilogue)? {
+        return match epilogue {
+            Epilogue::GeluErf => Ok(y),
+            Epilogue::None => activate(&y, act),
+        };
+    }
     // The fused op has no backward pass: training takes the plain (differentiable) path.
     let fusable = !training()
         && xs.device().is_cpu()
@@ -201,10 +210,15 @@ fn bias_gelu_rows_generic(src: &[f32], dst: &mut [f32], bias: &[f32]) {
     let n = bias.len();
     for (src, dst) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
         for ((d, &v), &b) in dst.iter_mut().zip(src).zip(bias) {
-            let v = v + b;
-            *d = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
+            *d = gelu_erf(v + b);
         }
     }
+}
+
+/// `x * (1 + erf(x / sqrt 2)) / 2`, with [`erf`]'s approximation.
+#[inline(always)]
+pub(crate) fn gelu_erf(v: f32) -> f32 {
+    (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
 
 /// erf for f32 as a rational function, `x·P(x²)/Q(x²)` on `x` clamped to ±4 (beyond, erf is ±1
@@ -304,19 +318,23 @@ mod tests {
     #[test]
     fn fused_bias_gelu_matches_candle() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        let xs = Tensor::randn(0f32, 2.0, (3, 5, 16), &dev)?;
-        let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
-        let lin = Linear::new(w, Some(b));
-        let fused = linear_act(&lin, &xs, Activation::Gelu)?;
-        let plain = activate(&lin.forward(&xs)?, Activation::Gelu)?;
-        assert_eq!(fused.dims(), plain.dims());
-        let diff = (fused - plain)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 2e-6, "max |fused - candle| = {diff}");
+        // 15 rows take the small-M kernel, 90 candle's matmul and the fused bias+GELU op.
+        for rows in [5, 30] {
+            let xs = Tensor::randn(0f32, 2.0, (3, rows, 16), &dev)?;
+            let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+            let lin = Linear::new(w.clone(), Some(b.clone()));
+            let fused = linear_act(&lin, &xs, Activation::Gelu)?;
+            let plain = candle_nn::Linear::new(w, Some(b)).forward(&xs)?;
+            let plain = activate(&plain, Activation::Gelu)?;
+            assert_eq!(fused.dims(), plain.dims());
+            let diff = (fused - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 2e-6, "{rows} rows: max |fused - candle| = {diff}");
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod linear;
 pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
