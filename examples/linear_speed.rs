@@ -1,9 +1,11 @@
-//! The small-M linear kernel against candle's matmul, in one process, alternating.
+//! The small-M linear kernel and the fused softmax against candle's matmul and softmax, in one
+//! process, alternating.
 //!
 //! Part 1 times `Linear::forward` on random weights for the shapes of BLIP-base's text model
 //! (768 -> 768, 768 -> 3072, 3072 -> 768, the 768 -> 30524 vocabulary head) at the row counts of
 //! a text query, a decoding step and ITM, with the kernel on and off. Part 2 (with checkpoint
-//! directories) times a text query and a caption the same way. Because both paths run in the
+//! directories) times a text query, the caption model's ViT on one image and a caption the same
+//! way (both kernels on against both off). Because both paths run in the
 //! same process, one after the other, load from other processes hits both alike.
 //!
 //! ```sh
@@ -16,7 +18,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blipsearch::model::linear::{set_small_m_kernel, Linear};
+use blipsearch::model::layers::set_fast_kernels;
+use blipsearch::model::linear::Linear;
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{CaptionParams, Captioner, ModelSource, Retriever};
 use candle_core::{Device, Module, Tensor};
@@ -85,7 +88,7 @@ fn shapes(rounds: usize) -> Result<()> {
             let (mut old, mut new) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 for on in [false, true] {
-                    set_small_m_kernel(on);
+                    set_fast_kernels(on);
                     let s = best(5, || lin.forward(&xs).map(drop).map_err(Into::into))?;
                     if on { &mut new } else { &mut old }.push(s);
                 }
@@ -101,11 +104,25 @@ fn shapes(rounds: usize) -> Result<()> {
             );
         }
     }
-    set_small_m_kernel(true);
+    set_fast_kernels(true);
     Ok(())
 }
 
+/// As the `blipsearch` binary does (src/main.rs): keep freed tensor buffers in the heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
 fn main() -> Result<()> {
+    tune_malloc();
     let o = parse()?;
     if !o.skip_shapes {
         shapes(o.rounds)?;
@@ -118,7 +135,7 @@ fn main() -> Result<()> {
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds {
             for on in [false, true] {
-                set_small_m_kernel(on);
+                set_fast_kernels(on);
                 let s = best(5, || {
                     model.embed_texts(&query).map(drop).map_err(Into::into)
                 })?;
@@ -127,7 +144,7 @@ fn main() -> Result<()> {
         }
         let (old, new) = (median(old), median(new));
         println!(
-            "text query: candle {:.1} ms ({:.2} q/s), kernel {:.1} ms ({:.2} q/s): {:.2}x",
+            "text query: candle {:.1} ms ({:.2} q/s), kernels {:.1} ms ({:.2} q/s): {:.2}x",
             old * 1e3,
             1.0 / old,
             new * 1e3,
@@ -143,11 +160,28 @@ fn main() -> Result<()> {
         )?;
         let params = CaptionParams::default();
         let images = [image];
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            for on in [false, true] {
+                set_fast_kernels(on);
+                let s = best(2, || {
+                    model.embed_images(&images).map(drop).map_err(Into::into)
+                })?;
+                if on { &mut new } else { &mut old }.push(s);
+            }
+        }
+        let (old, new) = (median(old), median(new));
+        println!(
+            "ViT, 1 image: candle {:.0} ms, kernels {:.0} ms: {:.2}x",
+            old * 1e3,
+            new * 1e3,
+            old / new
+        );
         let mut texts = Vec::new();
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds {
             for on in [false, true] {
-                set_small_m_kernel(on);
+                set_fast_kernels(on);
                 let t = Instant::now();
                 let caps = model.caption_images(&images, &params)?;
                 if on { &mut new } else { &mut old }.push(t.elapsed().as_secs_f64());
@@ -156,7 +190,7 @@ fn main() -> Result<()> {
         }
         let (old, new) = (median(old), median(new));
         println!(
-            "caption (beam 3, max 20): candle {old:.2} s, kernel {new:.2} s: {:.2}x",
+            "caption (beam 3, max 20): candle {old:.2} s, kernels {new:.2} s: {:.2}x",
             old / new
         );
         texts.dedup();

@@ -8,13 +8,11 @@
 //! layout, and dot it with every input row at once. Larger inputs (the ViT, ITM batches) and
 //! training keep candle's path.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::layers::{gelu_erf, training};
+use super::layers::{fast_kernels, gelu_erf, training};
 
 /// Inputs of at most this many rows (all leading dimensions together) take the small-M kernel.
 /// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`): the kernel beats gemm at every
@@ -31,16 +29,6 @@ const PARALLEL_MIN_MACS: usize = 1 << 20;
 const NR: usize = 4;
 /// Input rows computed together.
 const MR: usize = 4;
-
-static SMALL_M_ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the small-M kernel on or off for the whole process (on by default). Only for measuring
-/// it against candle's path in one process (`examples/linear_speed.rs`); results differ in the
-/// last bits only.
-#[doc(hidden)]
-pub fn set_small_m_kernel(enabled: bool) {
-    SMALL_M_ENABLED.store(enabled, Ordering::Relaxed);
-}
 
 /// The activation fused into [`Linear::forward_act`]'s fast path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +75,7 @@ impl Linear {
             return Ok(None);
         };
         let rows = xs.elem_count() / k.max(1);
-        let applies = SMALL_M_ENABLED.load(Ordering::Relaxed)
+        let applies = fast_kernels()
             && !training()
             && xs.device().is_cpu()
             && xs.dtype() == DType::F32
