@@ -83,7 +83,7 @@ fn shapes(rounds: usize) -> Result<()> {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let b = Tensor::randn(0f32, 0.02, n, &dev)?;
         let lin = Linear::new(w, Some(b));
-        for &m in &[1, 3, 8, 10, 16, 35, 64] {
+        for &m in &[1, 3, 8, 10, 16, 35, 48, 64] {
             let xs = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
             let (mut old, mut new) = (Vec::new(), Vec::new());
             for _ in 0..rounds {

@@ -15,10 +15,11 @@ use rayon::prelude::*;
 use super::layers::{fast_kernels, gelu_erf, training};
 
 /// Inputs of at most this many rows (all leading dimensions together) take the small-M kernel.
-/// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`): the kernel beats gemm at every
-/// shape up to 35 rows; 64 keeps a margin without reaching the ViT (577 rows per image) or an ITM
-/// batch (35 rows per candidate, 8 candidates).
-pub const SMALL_M_MAX_ROWS: usize = 64;
+/// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`, BLIP-base's four linear
+/// shapes): the kernel is 1.1-8x gemm up to 35 rows, even at 48, and 0.84-1.3x at 64. A text
+/// query (~10 rows) and a decoding step (3 rows per image) are well inside; the ViT (577 rows
+/// per image) and ITM (35 rows per candidate) keep gemm.
+pub const SMALL_M_MAX_ROWS: usize = 48;
 
 /// Below this many multiply-adds per call the kernel runs on the calling thread: waking the
 /// thread pool costs more than it saves (and on a loaded machine a woken thread can wait
