@@ -42,9 +42,9 @@ pub(crate) fn training() -> bool {
 
 static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
 
-/// Turns the small-M linear kernel ([`super::linear`]) and the fused scaled softmax of
-/// [`attention`] on or off for the whole process (on by default; off is candle's matmul and
-/// softmax). Only for measuring them against candle's path in one process
+/// Turns this module's fast paths on or off for the whole process: the small-M linear kernel
+/// ([`super::linear`]), the few-query attention and the fused scaled softmax of [`attention`]
+/// (on by default; off is candle's matmul and softmax). Only for measuring them against candle's path in one process
 /// (`examples/linear_speed.rs`); results differ in the last bits only.
 #[doc(hidden)]
 pub fn set_fast_kernels(enabled: bool) {
@@ -280,7 +280,9 @@ pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, l, h * dh))
 }
 
-/// Scaled dot-product attention. `mask` is additive and broadcasts to `(B, H, Lq, Lk)`.
+/// Scaled dot-product attention. `mask` is additive and broadcasts to `(B, H, Lq, Lk)`. Unmasked
+/// attention of a few query rows (decoding steps) reads keys and values in place
+/// ([`super::attention`]).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -288,6 +290,11 @@ pub(crate) fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    if mask.is_none() && !training() && fast_kernels() {
+        if let Some(out) = super::attention::few_query_attention(q, k, v, scale)? {
+            return Ok(out);
+        }
+    }
     let scores = q.matmul(&k.t()?)?;
     let probs = if training() {
         let scores = (scores * scale)?;
@@ -363,7 +370,7 @@ impl CustomOp1 for ScaledSoftmax {
 }
 
 /// `dst = softmax(scale * src)` for each row of `n` values, with the widest SIMD the CPU has.
-fn softmax_rows(src: &[f32], dst: &mut [f32], n: usize, scale: f32) {
+pub(crate) fn softmax_rows(src: &[f32], dst: &mut [f32], n: usize, scale: f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked just above).

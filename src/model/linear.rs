@@ -248,9 +248,9 @@ pub(crate) fn small_m_linear(
 /// # Safety
 /// `x` must be valid for `m * k` reads; `out.len() == (w.len() / k) * m`; the CPU must have the
 /// features the chosen kernel was compiled for ([`pick_kernel`] checks).
-type KernelFn = unsafe fn(*const f32, &[f32], usize, usize, &mut [f32]);
+pub(crate) type KernelFn = unsafe fn(*const f32, &[f32], usize, usize, &mut [f32]);
 
-fn pick_kernel() -> KernelFn {
+pub(crate) fn pick_kernel() -> KernelFn {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {

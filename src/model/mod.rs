@@ -5,6 +5,7 @@
 //! `BlipForImageTextRetrieval` checkpoint), [`Captioner`] (from a `BlipForConditionalGeneration`
 //! checkpoint) and [`capfilt_images`] (BLIP's caption-and-filter, using both).
 
+mod attention;
 pub mod capfilt;
 pub mod caption;
 pub mod config;
