@@ -30,7 +30,8 @@ pub(crate) fn few_query_attention(
         && [q, k, v]
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.rank() == 4)
-        && q.dim(2)? <= FEW_QUERIES_MAX
+        && (1..=FEW_QUERIES_MAX).contains(&q.dim(2)?)
+        && q.dim(3)? > 0
         && q.dims()[..2] == k.dims()[..2]
         && k.dims() == v.dims()
         && q.dim(3)? == k.dim(3)?
