@@ -1,11 +1,14 @@
 //! Small building blocks shared by the vision and text transformers.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Module, Shape, Tensor, D};
+use candle_nn::VarBuilder;
 
 use super::config::Activation;
+pub(crate) use super::linear::linear;
+use super::linear::{Epilogue, Linear};
 
 thread_local! {
     static TRAINING: Cell<bool> = const { Cell::new(false) };
@@ -33,8 +36,23 @@ impl Drop for TrainingMode {
     }
 }
 
-fn training() -> bool {
+pub(crate) fn training() -> bool {
     TRAINING.with(Cell::get)
+}
+
+static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Turns this module's fast paths on or off for the whole process: the small-M linear kernel
+/// ([`super::linear`]), the few-query attention and the fused scaled softmax of [`attention`]
+/// (on by default; off is candle's matmul and softmax). Only for measuring them against candle's path in one process
+/// (`examples/linear_speed.rs`); results differ in the last bits only.
+#[doc(hidden)]
+pub fn set_fast_kernels(enabled: bool) {
+    FAST_KERNELS.store(enabled, Ordering::Relaxed);
+}
+
+pub(crate) fn fast_kernels() -> bool {
+    FAST_KERNELS.load(Ordering::Relaxed)
 }
 
 /// A `nn.LayerNorm`: candle's fused kernel for inference, a differentiable composition of tensor
@@ -77,11 +95,6 @@ pub fn log_softmax_diff(xs: &Tensor) -> candle_core::Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
-/// A `nn.Linear` with bias, named as in the checkpoint.
-pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
-}
-
 /// A `nn.LayerNorm` (weight and bias), named as in the checkpoint.
 pub(crate) fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     Ok(LayerNorm {
@@ -100,13 +113,25 @@ pub(crate) fn activate(xs: &Tensor, act: Activation) -> candle_core::Result<Tens
 
 /// `act(lin(xs))`: the feed-forward block's first half. On the CPU in f32 the bias add and the
 /// erf-GELU run fused, in one vectorised pass over the output split across threads (candle runs
-/// both as separate single-threaded scalar passes). The GELU's erf is a rational approximation
+/// both as separate single-threaded scalar passes); inputs of a few rows take the small-M kernel
+/// with the GELU applied as each output is written. The GELU's erf is a rational approximation
 /// within 4.2e-7 of the exact one (see [`erf`]); elsewhere the arithmetic is candle's.
 pub(crate) fn linear_act(
     lin: &Linear,
     xs: &Tensor,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
+    let epilogue = if act == Activation::Gelu {
+        Epilogue::GeluErf
+    } else {
+        Epilogue::None
+    };
+    if let Some(y) = lin.forward_small(xs, epilogue)? {
+        return match epilogue {
+            Epilogue::GeluErf => Ok(y),
+            Epilogue::None => activate(&y, act),
+        };
+    }
     // The fused op has no backward pass: training takes the plain (differentiable) path.
     let fusable = !training()
         && xs.device().is_cpu()
@@ -201,10 +226,15 @@ fn bias_gelu_rows_generic(src: &[f32], dst: &mut [f32], bias: &[f32]) {
     let n = bias.len();
     for (src, dst) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
         for ((d, &v), &b) in dst.iter_mut().zip(src).zip(bias) {
-            let v = v + b;
-            *d = (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v;
+            *d = gelu_erf(v + b);
         }
     }
+}
+
+/// `x * (1 + erf(x / sqrt 2)) / 2`, with [`erf`]'s approximation.
+#[inline(always)]
+pub(crate) fn gelu_erf(v: f32) -> f32 {
+    (erf(v * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * v
 }
 
 /// erf for f32 as a rational function, `x·P(x²)/Q(x²)` on `x` clamped to ±4 (beyond, erf is ±1
@@ -250,7 +280,9 @@ pub(crate) fn merge_heads(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, l, h * dh))
 }
 
-/// Scaled dot-product attention. `mask` is additive and broadcasts to `(B, H, Lq, Lk)`.
+/// Scaled dot-product attention. `mask` is additive and broadcasts to `(B, H, Lq, Lk)`. Unmasked
+/// attention of a few query rows (decoding steps) reads keys and values in place
+/// ([`super::attention`]).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -258,17 +290,167 @@ pub(crate) fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
+    if mask.is_none() && !training() && fast_kernels() {
+        if let Some(out) = super::attention::few_query_attention(q, k, v, scale)? {
+            return Ok(out);
+        }
+    }
+    let scores = q.matmul(&k.t()?)?;
     let probs = if training() {
+        let scores = (scores * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         softmax_diff(&scores)?
     } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
+        match mask {
+            Some(m) => softmax_scaled((scores * scale)?.broadcast_add(m)?, 1.0)?,
+            None => softmax_scaled(scores, scale)?,
+        }
     };
     probs.matmul(v)
+}
+
+/// `softmax(scale * xs)` over the last dimension. On the CPU in f32 one vectorised pass per row
+/// (candle's softmax calls the scalar libm `expf` per element, and the scaling is a pass of its
+/// own: together 20% of a ViT forward, whose attention has 12 x 577 x 577 scores per layer).
+fn softmax_scaled(xs: Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    if fast_kernels() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
+        return xs
+            .contiguous()?
+            .apply_op1_no_bwd(&ScaledSoftmax(scale as f32));
+    }
+    let xs = if scale == 1.0 { xs } else { (xs * scale)? };
+    candle_nn::ops::softmax_last_dim(&xs)
+}
+
+/// `softmax(scale * x)` over the last dimension of a contiguous f32 tensor, rows in parallel.
+struct ScaledSoftmax(f32);
+
+impl CustomOp1 for ScaledSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("scaled-softmax: f32 only");
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("scaled-softmax: contiguous input only");
+        };
+        let x = &x[a..b];
+        let n = l.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; x.len()];
+        if n == 0 {
+            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        }
+        let rows = x.len() / n;
+        // As for the fused bias+GELU: threads only pay off on large inputs (the ViT's scores).
+        let threads = if x.len() < 1 << 18 {
+            1
+        } else {
+            candle_core::utils::get_num_threads().clamp(1, rows.max(1))
+        };
+        let per = rows.div_ceil(threads) * n;
+        let scale = self.0;
+        let work = |(src, dst): (&[f32], &mut [f32])| softmax_rows(src, dst, n, scale);
+        if threads == 1 {
+            work((x, &mut out));
+        } else {
+            std::thread::scope(|s| {
+                for pair in x.chunks(per).zip(out.chunks_mut(per)) {
+                    s.spawn(move || work(pair));
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// `dst = softmax(scale * src)` for each row of `n` values, with the widest SIMD the CPU has.
+pub(crate) fn softmax_rows(src: &[f32], dst: &mut [f32], n: usize, scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { softmax_rows_avx512(src, dst, n, scale) };
+    }
+    softmax_rows_generic(src, dst, n, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_rows_avx512(src: &[f32], dst: &mut [f32], n: usize, scale: f32) {
+    softmax_rows_generic(src, dst, n, scale)
+}
+
+#[inline(always)]
+fn softmax_rows_generic(src: &[f32], dst: &mut [f32], n: usize, scale: f32) {
+    const L: usize = 16;
+    for (src, dst) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+        // Lane-wise max and sum (a plain fold would not vectorise: float order is kept).
+        let mut lanes = [f32::NEG_INFINITY; L];
+        let chunks = src.chunks_exact(L);
+        let mut max = chunks
+            .remainder()
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for c in chunks {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v);
+            }
+        }
+        max = lanes.iter().fold(max, |m, &v| m.max(v));
+        // `scale > 0`, so the largest scaled value is `scale * max`.
+        let shift = scale * max;
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = exp(v * scale - shift);
+        }
+        let mut lanes = [0f32; L];
+        let chunks = dst.chunks_exact(L);
+        let mut sum: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for (s, &v) in lanes.iter_mut().zip(c) {
+                *s += v;
+            }
+        }
+        sum += lanes.iter().sum::<f32>();
+        let inv = 1.0 / sum;
+        dst.iter_mut().for_each(|d| *d *= inv);
+    }
+}
+
+/// `e^x` for f32, branch-free so that it vectorises: `x = n ln 2 + r` with `|r| <= ln 2 / 2`
+/// (Cody-Waite: `ln 2` in two parts), `e^r` by its degree-7 Taylor polynomial (truncation error
+/// below 3e-9), `2^n` built in the exponent bits. Within 2 ulp of the exact value on [-87, 88];
+/// 0 below -87 (where f32 would be denormal: a softmax weight that small is 0 anyway), and
+/// saturates at `e^88` above. See the test below.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer, kept in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let underflow = x < -87.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let two_n = f32::from_bits(((ni + 127) << 23) as u32);
+    if underflow {
+        0.0
+    } else {
+        p * two_n
+    }
 }
 
 /// L2-normalises the last dimension (torch `normalize(x, dim=-1)`, eps 1e-12).
@@ -302,21 +484,73 @@ mod tests {
     }
 
     #[test]
+    fn exp_is_within_2_ulp() {
+        let mut worst = (0.0f64, 0.0f32);
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            if rel > worst.0 {
+                worst = (rel, x);
+            }
+        }
+        // 2 ulp of f32 is 2^-22 relative.
+        assert!(
+            worst.0 <= 2.4e-7,
+            "exp off by {} relative at {}",
+            worst.0,
+            worst.1
+        );
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn scaled_softmax_matches_candle() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // Rows of 1, 15, 16 and 577 values (remainders and the ViT's row length); the last is
+        // large enough to run on threads.
+        let cases: [(&[usize], f64); 4] = [
+            (&[3, 1], 0.125),
+            (&[7, 15], 1.0),
+            (&[2, 3, 16], 0.5),
+            (&[600, 577], 0.125),
+        ];
+        for (shape, scale) in cases {
+            let xs = Tensor::randn(0f32, 20.0, shape, &dev)?;
+            let got = softmax_scaled(xs.clone(), scale)?;
+            let want = candle_nn::ops::softmax_last_dim(&(xs * scale)?)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{shape:?}: max |ours - candle| = {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn fused_bias_gelu_matches_candle() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        let xs = Tensor::randn(0f32, 2.0, (3, 5, 16), &dev)?;
-        let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
-        let lin = Linear::new(w, Some(b));
-        let fused = linear_act(&lin, &xs, Activation::Gelu)?;
-        let plain = activate(&lin.forward(&xs)?, Activation::Gelu)?;
-        assert_eq!(fused.dims(), plain.dims());
-        let diff = (fused - plain)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 2e-6, "max |fused - candle| = {diff}");
+        // 15 rows take the small-M kernel, 90 candle's matmul and the fused bias+GELU op.
+        for rows in [5, 30] {
+            let xs = Tensor::randn(0f32, 2.0, (3, rows, 16), &dev)?;
+            let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+            let lin = Linear::new(w.clone(), Some(b.clone()));
+            let fused = linear_act(&lin, &xs, Activation::Gelu)?;
+            let plain = candle_nn::Linear::new(w, Some(b)).forward(&xs)?;
+            let plain = activate(&plain, Activation::Gelu)?;
+            assert_eq!(fused.dims(), plain.dims());
+            let diff = (fused - plain)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 2e-6, "{rows} rows: max |fused - candle| = {diff}");
+        }
         Ok(())
     }
 }

@@ -5,12 +5,14 @@
 //! `BlipForImageTextRetrieval` checkpoint), [`Captioner`] (from a `BlipForConditionalGeneration`
 //! checkpoint) and [`capfilt_images`] (BLIP's caption-and-filter, using both).
 
+mod attention;
 pub mod capfilt;
 pub mod caption;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod linear;
 pub mod preprocess;
 pub mod resample;
 pub mod retrieval;

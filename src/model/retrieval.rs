@@ -4,12 +4,12 @@
 //! Model card: <https://huggingface.co/Salesforce/blip-itm-base-coco>.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::Linear;
 use image::DynamicImage;
 
 use super::config::{BlipArchitecture, BlipConfig};
 use super::error::{ModelError, Result};
 use super::layers::{l2_normalize, linear};
+use super::linear::Linear;
 use super::preprocess::pixel_values;
 use super::text::TextModel;
 use super::tokenizer::{BlipTokenizer, TextBatch, CLS, ENC, MAX_TEXT_TOKENS};

@@ -5,12 +5,13 @@
 //! Paper: <https://arxiv.org/abs/2201.12086> (§3.1, "multimodal mixture of encoder-decoder").
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::BlipTextConfig;
 use super::layers::{
     activate, attention, layer_norm, linear, linear_act, merge_heads, split_heads, LayerNorm,
 };
+use super::linear::Linear;
 
 /// Additive value of a masked position, as in transformers' BLIP text model.
 const MASKED: f64 = -10000.0;

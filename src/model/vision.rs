@@ -5,10 +5,11 @@
 //! <https://huggingface.co/Salesforce/blip-itm-base-coco>.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::BlipVisionConfig;
 use super::layers::{attention, layer_norm, linear, linear_act, merge_heads, LayerNorm};
+use super::linear::Linear;
 
 struct Embeddings {
     class_embedding: Tensor,

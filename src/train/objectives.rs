@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, IndexOp, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -29,6 +29,7 @@ use super::params::{ParamStore, TEMP};
 use super::{Result, TrainError};
 use crate::model::config::BlipConfig;
 use crate::model::layers::{l2_normalize, linear, log_softmax_diff, softmax_diff};
+use crate::model::linear::Linear;
 use crate::model::text::{TextDecoder, TextModel};
 use crate::model::tokenizer::{BlipTokenizer, DEC, ENC, MAX_TEXT_TOKENS};
 use crate::model::vision::VisionModel;

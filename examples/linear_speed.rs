@@ -1,0 +1,200 @@
+//! The small-M linear kernel and the fused softmax against candle's matmul and softmax, in one
+//! process, alternating.
+//!
+//! Part 1 times `Linear::forward` on random weights for the shapes of BLIP-base's text model
+//! (768 -> 768, 768 -> 3072, 3072 -> 768, the 768 -> 30524 vocabulary head) at the row counts of
+//! a text query, a decoding step and ITM, with the kernel on and off. Part 2 (with checkpoint
+//! directories) times a text query, the caption model's ViT on one image and a caption the same
+//! way (both kernels on against both off). Because both paths run in the
+//! same process, one after the other, load from other processes hits both alike.
+//!
+//! ```sh
+//! cargo run --release --example linear_speed
+//! cargo run --release --example linear_speed -- --retrieval ~/.cache/blipsearch/full/retrieval \
+//!     --caption ~/.cache/blipsearch/full/caption --rounds 3
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use blipsearch::model::layers::set_fast_kernels;
+use blipsearch::model::linear::Linear;
+use blipsearch::model::preprocess::{load_image, DecodeLimits};
+use blipsearch::model::{CaptionParams, Captioner, ModelSource, Retriever};
+use candle_core::{Device, Module, Tensor};
+
+struct Options {
+    retrieval: Option<PathBuf>,
+    caption: Option<PathBuf>,
+    rounds: usize,
+    skip_shapes: bool,
+}
+
+fn parse() -> Result<Options> {
+    let mut args = std::env::args().skip(1);
+    let mut o = Options {
+        retrieval: None,
+        caption: None,
+        rounds: 3,
+        skip_shapes: false,
+    };
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--retrieval" => o.retrieval = Some(value("--retrieval")?.into()),
+            "--caption" => o.caption = Some(value("--caption")?.into()),
+            "--rounds" => o.rounds = value("--rounds")?.parse()?,
+            "--skip-shapes" => o.skip_shapes = true,
+            s => bail!("unknown argument {s}"),
+        }
+    }
+    Ok(o)
+}
+
+/// Best of `reps` calls, in seconds.
+fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Median of the samples.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn shapes(rounds: usize) -> Result<()> {
+    let dev = Device::Cpu;
+    println!(
+        "threads {}; best of 5 calls per round, median over {rounds} rounds",
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:>4} {:>13} | {:>10} {:>10} | {:>7} | {:>9}",
+        "M", "K -> N", "candle ms", "kernel ms", "speedup", "kernel GB/s"
+    );
+    for &(k, n) in &[(768, 768), (768, 3072), (3072, 768), (768, 30524)] {
+        let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+        let b = Tensor::randn(0f32, 0.02, n, &dev)?;
+        let lin = Linear::new(w, Some(b));
+        for &m in &[1, 3, 8, 10, 16, 35, 48, 64] {
+            let xs = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+            let (mut old, mut new) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                for on in [false, true] {
+                    set_fast_kernels(on);
+                    let s = best(5, || lin.forward(&xs).map(drop).map_err(Into::into))?;
+                    if on { &mut new } else { &mut old }.push(s);
+                }
+            }
+            let (old, new) = (median(old), median(new));
+            println!(
+                "{m:>4} {:>13} | {:>10.3} {:>10.3} | {:>6.2}x | {:>9.1}",
+                format!("{k} -> {n}"),
+                old * 1e3,
+                new * 1e3,
+                old / new,
+                (n * k * 4) as f64 / new / 1e9
+            );
+        }
+    }
+    set_fast_kernels(true);
+    Ok(())
+}
+
+/// As the `blipsearch` binary does (src/main.rs): keep freed tensor buffers in the heap.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
+fn main() -> Result<()> {
+    tune_malloc();
+    let o = parse()?;
+    if !o.skip_shapes {
+        shapes(o.rounds)?;
+    }
+    let dev = Device::Cpu;
+    if let Some(dir) = &o.retrieval {
+        let model = Retriever::load(&ModelSource::Dir(dir.clone()), &dev)?;
+        let query = ["a dog running on the beach with a ball"];
+        model.embed_texts(&query)?;
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            for on in [false, true] {
+                set_fast_kernels(on);
+                let s = best(5, || {
+                    model.embed_texts(&query).map(drop).map_err(Into::into)
+                })?;
+                if on { &mut new } else { &mut old }.push(s);
+            }
+        }
+        let (old, new) = (median(old), median(new));
+        println!(
+            "text query: candle {:.1} ms ({:.2} q/s), kernels {:.1} ms ({:.2} q/s): {:.2}x",
+            old * 1e3,
+            1.0 / old,
+            new * 1e3,
+            1.0 / new,
+            old / new
+        );
+    }
+    if let Some(dir) = &o.caption {
+        let model = Captioner::load(&ModelSource::Dir(dir.clone()), &dev)?;
+        let image = load_image(
+            std::path::Path::new("tests/fixtures/images/chelsea.png"),
+            DecodeLimits::default(),
+        )?;
+        let params = CaptionParams::default();
+        let images = [image];
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            for on in [false, true] {
+                set_fast_kernels(on);
+                let s = best(2, || {
+                    model.embed_images(&images).map(drop).map_err(Into::into)
+                })?;
+                if on { &mut new } else { &mut old }.push(s);
+            }
+        }
+        let (old, new) = (median(old), median(new));
+        println!(
+            "ViT, 1 image: candle {:.0} ms, kernels {:.0} ms: {:.2}x",
+            old * 1e3,
+            new * 1e3,
+            old / new
+        );
+        let mut texts = Vec::new();
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for _ in 0..o.rounds {
+            for on in [false, true] {
+                set_fast_kernels(on);
+                let t = Instant::now();
+                let caps = model.caption_images(&images, &params)?;
+                if on { &mut new } else { &mut old }.push(t.elapsed().as_secs_f64());
+                texts.push(caps[0][0].text.clone());
+            }
+        }
+        let (old, new) = (median(old), median(new));
+        println!(
+            "caption (beam 3, max 20): candle {old:.2} s, kernels {new:.2} s: {:.2}x",
+            old / new
+        );
+        texts.dedup();
+        println!("captions written: {texts:?}");
+    }
+    Ok(())
+}

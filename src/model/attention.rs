@@ -1,0 +1,198 @@
+//! Attention for a few query rows: a decoding step's self-attention over the KV cache and its
+//! cross-attention over the image tokens (3 beams of one image read 577 keys per head).
+//!
+//! candle's batched matmul packs each head's keys and values for gemm on every call; with 1-3
+//! query rows that packing is most of the work. Here each head's keys and values are read once,
+//! in place: the scores by the small-M dot kernel of [`super::linear`], the softmax in one pass,
+//! the weighted sum of values row by row.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::layers::softmax_rows;
+use super::linear::{pick_kernel, KernelFn};
+
+/// At most this many query rows per head take this path.
+pub(crate) const FEW_QUERIES_MAX: usize = 8;
+
+/// Below this many multiply-adds per call the heads run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// `softmax(scale q kᵀ) v` for `q` `(B, H, Lq, Dh)`, `k` and `v` `(B, H, T, Dh)`, without a mask,
+/// when `Lq <= FEW_QUERIES_MAX` and all are contiguous f32 on the CPU; `None` otherwise.
+pub(crate) fn few_query_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let applies = q.device().is_cpu()
+        && [q, k, v]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.rank() == 4)
+        && (1..=FEW_QUERIES_MAX).contains(&q.dim(2)?)
+        && q.dim(3)? > 0
+        && q.dims()[..2] == k.dims()[..2]
+        && k.dims() == v.dims()
+        && q.dim(3)? == k.dim(3)?
+        && k.dim(2)? > 0
+        && [q, k, v].iter().all(|t| t.is_contiguous());
+    if !applies {
+        return Ok(None);
+    }
+    let op = FewQueries {
+        scale: scale as f32,
+    };
+    q.apply_op3_no_bwd(k, v, &op).map(Some)
+}
+
+struct FewQueries {
+    scale: f32,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("few-query attention: f32 only");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("few-query attention: contiguous inputs only");
+    };
+    Ok(&v[a..b])
+}
+
+impl CustomOp3 for FewQueries {
+    fn name(&self) -> &'static str {
+        "few-query-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (b, h, lq, dh) = l1.shape().dims4()?;
+        let t = l2.shape().dims4()?.2;
+        let mut out = vec![0f32; b * h * lq * dh];
+        let kernel = pick_kernel();
+        let head = |(i, out): (usize, &mut [f32])| {
+            let q = &q[i * lq * dh..][..lq * dh];
+            let k = &k[i * t * dh..][..t * dh];
+            let v = &v[i * t * dh..][..t * dh];
+            one_head(kernel, q, k, v, lq, t, dh, self.scale, out);
+        };
+        if b * h * lq * t * dh < PARALLEL_MIN_MACS {
+            out.chunks_mut(lq * dh).enumerate().for_each(head);
+        } else {
+            out.par_chunks_mut(lq * dh).enumerate().for_each(head);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// One head: `out (lq, dh) = softmax(scale q kᵀ) v`.
+#[allow(clippy::too_many_arguments)]
+fn one_head(
+    kernel: KernelFn,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lq: usize,
+    t: usize,
+    dh: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    // Scores key-major (`st[j * lq + i]`, as the kernel writes them), then query-major.
+    let mut st = vec![0f32; t * lq];
+    // SAFETY: `q` holds `lq` rows of `dh`, `k` `t` rows of `dh`, `st` `t * lq` values.
+    unsafe { kernel(q.as_ptr(), k, lq, dh, &mut st) };
+    let mut scores = vec![0f32; lq * t];
+    for (j, col) in st.chunks_exact(lq).enumerate() {
+        for (i, &s) in col.iter().enumerate() {
+            scores[i * t + j] = s;
+        }
+    }
+    let mut probs = vec![0f32; lq * t];
+    softmax_rows(&scores, &mut probs, t, scale);
+    weighted_sum(&probs, v, lq, t, dh, out);
+}
+
+/// `out[i] = sum_j p[i][j] v[j]` for `lq` rows of `p` (`t` each) and `v` `(t, dh)`.
+fn weighted_sum(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked just above).
+        return unsafe { weighted_sum_avx512(p, v, lq, t, dh, out) };
+    }
+    weighted_sum_generic(p, v, lq, t, dh, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_sum_avx512(
+    p: &[f32],
+    v: &[f32],
+    lq: usize,
+    t: usize,
+    dh: usize,
+    out: &mut [f32],
+) {
+    weighted_sum_generic(p, v, lq, t, dh, out)
+}
+
+/// Row by row of `v`, so that each value row is read once for every query (the inner loop over
+/// `dh` vectorises).
+#[inline(always)]
+fn weighted_sum_generic(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (j, vj) in v.chunks_exact(dh).enumerate().take(t) {
+        for (i, o) in out.chunks_exact_mut(dh).enumerate().take(lq) {
+            let pij = p[i * t + j];
+            for (o, &x) in o.iter_mut().zip(vj) {
+                *o += pij * x;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against candle's formulation on decoding shapes (1 and 3 queries, 577 image keys, a
+    /// short KV cache) and odd ones.
+    #[test]
+    fn matches_candle_attention() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        for &(b, h, lq, t, dh) in &[
+            (1, 12, 3, 577, 64),
+            (3, 12, 1, 7, 64),
+            (2, 3, 5, 33, 17),
+            (1, 1, 8, 1, 16),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let scale = 1.0 / (dh as f64).sqrt();
+            let got = few_query_attention(&q, &k, &v, scale)?.expect("applies");
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 2e-5,
+                "{:?}: max |ours - candle| = {diff}",
+                (b, h, lq, t, dh)
+            );
+        }
+        Ok(())
+    }
+}
