@@ -763,16 +763,12 @@ async fn upload_limits_in_bytes_and_pixels() {
 /// With the models trained on the synthetic world (tests/fixtures/synth), searching the API for
 /// a described scene ranks a matching scene first (hybrid ITC + BM25 ranking, no rerank).
 #[actix_web::test]
-#[ignore = "5 of the 6 queries measured (CLI, same world of 80 images) (\"a red circle\": first hit a \
-            red square); the CLI test on the 200 held-out scenes gets 6 of 6 (synth_semantic.rs)"]
 async fn api_search_finds_described_synthetic_scenes() {
     described_synthetic_scenes_rank_first(0).await;
 }
 
 /// The same with the ITM rerank over the first 16.
 #[actix_web::test]
-#[ignore = "2 of the 6 measured: the synthetic ITM was trained only on captions naming all five \
-            attributes, so \"a red circle\" is out of its distribution"]
 async fn api_search_with_rerank_finds_described_synthetic_scenes() {
     described_synthetic_scenes_rank_first(16).await;
 }
