@@ -115,19 +115,6 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// As the `blipsearch` binary does (src/main.rs): keep freed tensor buffers in the heap.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc() {
-    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 struct Op<'a> {
     name: &'static str,
     items: usize,
@@ -137,7 +124,7 @@ struct Op<'a> {
 }
 
 fn main() -> Result<()> {
-    tune_malloc();
+    blipsearch::model::device::tune_malloc();
     let o = parse()?;
     let device = Device::Cpu;
     let t = Instant::now();

@@ -108,21 +108,8 @@ fn shapes(rounds: usize) -> Result<()> {
     Ok(())
 }
 
-/// As the `blipsearch` binary does (src/main.rs): keep freed tensor buffers in the heap.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc() {
-    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 fn main() -> Result<()> {
-    tune_malloc();
+    blipsearch::model::device::tune_malloc();
     let o = parse()?;
     if !o.skip_shapes {
         shapes(o.rounds)?;

@@ -91,31 +91,58 @@ fn adamw(store: &ParamStore) -> AdamW {
     AdamW::new(vars, AdamWParams::default())
 }
 
-#[test]
-fn retrieval_losses_and_step_match_pytorch() {
+/// The retrieval side of the loss-parity fixture: the reference values, the PyTorch tensors,
+/// the tiny checkpoint as trainable parameters, its tokenizer and the batch's texts.
+struct RetrievalFixture {
+    reference: serde_json::Value,
+    want: HashMap<String, Tensor>,
+    store: ParamStore,
+    tokenizer: blipsearch::model::tokenizer::BlipTokenizer,
+    texts: Vec<String>,
+}
+
+fn retrieval_fixture() -> RetrievalFixture {
     let dir = fixtures();
     let reference = load_json(&dir.join("train").join("reference.json"));
     let want = load_tensors(&dir.join("train").join("retrieval.safetensors"));
-    let lr = reference["lr"].as_f64().unwrap();
-    let alpha = reference["alpha"].as_f64().unwrap();
     let store = ParamStore::from_checkpoint(
         &dir.join("tiny-a").join("retrieval"),
         BlipArchitecture::Retrieval,
         &Device::Cpu,
     )
     .unwrap();
-    let _training = TrainingMode::enter();
-
-    // Our tokenisation of the texts gives the reference ids.
-    let texts = strings(&reference["retrieval"]["texts"]);
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let pixels = want["pixels"].clone();
-    let idx: Vec<i64> = want["idx"].to_vec1().unwrap();
     let tokenizer = blipsearch::model::tokenizer::BlipTokenizer::from_files(
         Some(&dir.join("tiny-a").join("retrieval").join("tokenizer.json")),
         None,
     )
     .unwrap();
+    let texts = strings(&reference["retrieval"]["texts"]);
+    RetrievalFixture {
+        reference,
+        want,
+        store,
+        tokenizer,
+        texts,
+    }
+}
+
+#[test]
+fn retrieval_losses_and_step_match_pytorch() {
+    let RetrievalFixture {
+        reference,
+        want,
+        store,
+        tokenizer,
+        texts,
+    } = retrieval_fixture();
+    let lr = reference["lr"].as_f64().unwrap();
+    let alpha = reference["alpha"].as_f64().unwrap();
+    let _training = TrainingMode::enter();
+
+    // Our tokenisation of the texts gives the reference ids.
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let pixels = want["pixels"].clone();
+    let idx: Vec<i64> = want["idx"].to_vec1().unwrap();
     let batch = RetrievalBatch::from_texts(&tokenizer, pixels, &refs, idx.clone()).unwrap();
     assert_eq!(
         batch.ids.to_vec2::<u32>().unwrap(),
@@ -245,23 +272,15 @@ fn caption_loss_and_step_match_pytorch() {
 /// it theirs), and the queue keeps the lists through a saved training state.
 #[test]
 fn also_matches_are_positives_never_negatives() {
-    let dir = fixtures();
-    let reference = load_json(&dir.join("train").join("reference.json"));
-    let want = load_tensors(&dir.join("train").join("retrieval.safetensors"));
-    let store = ParamStore::from_checkpoint(
-        &dir.join("tiny-a").join("retrieval"),
-        BlipArchitecture::Retrieval,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let RetrievalFixture {
+        want,
+        store,
+        tokenizer,
+        texts,
+        ..
+    } = retrieval_fixture();
     let _training = TrainingMode::enter();
-    let texts = strings(&reference["retrieval"]["texts"]);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let tokenizer = blipsearch::model::tokenizer::BlipTokenizer::from_files(
-        Some(&dir.join("tiny-a").join("retrieval").join("tokenizer.json")),
-        None,
-    )
-    .unwrap();
     let b = refs.len();
     assert!(b >= 4, "the reference batch has {b} pairs");
     let idx: Vec<i64> = (0..b as i64).collect();

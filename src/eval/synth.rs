@@ -226,14 +226,18 @@ impl Scene {
         .to_lowercase()
     }
 
+    /// The count word and the plural ending: ("a", ""), ("two", "s"), ("three", "s").
+    fn count_words(&self) -> (&'static str, &'static str) {
+        match self.count {
+            1 => ("a", ""),
+            2 => ("two", "s"),
+            _ => ("three", "s"),
+        }
+    }
+
     /// The noun phrase: "a small red circle", "three large blue squares".
     pub fn noun_phrase(&self) -> String {
-        let count = match self.count {
-            1 => "a",
-            2 => "two",
-            _ => "three",
-        };
-        let plural = if self.count > 1 { "s" } else { "" };
+        let (count, plural) = self.count_words();
         format!(
             "{count} {} {} {}{plural}",
             self.size.word(),
@@ -269,12 +273,7 @@ impl Scene {
     /// large circles on the left" (colour). Returns the caption and every scene it describes
     /// (this one included).
     pub fn partial(&self, form: usize) -> (String, Vec<Scene>) {
-        let count = match self.count {
-            1 => "a",
-            2 => "two",
-            _ => "three",
-        };
-        let plural = if self.count > 1 { "s" } else { "" };
+        let (count, plural) = self.count_words();
         let (shape, colour, size, pos) = (
             self.shape.word(),
             self.colour.word(),
@@ -797,15 +796,19 @@ pub fn generate(out: &Path, params: &SynthParams) -> Result<SynthSummary> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn captions_follow_the_scene() {
-        let s = Scene {
+    fn two_large_red_circles_left() -> Scene {
+        Scene {
             shape: Shape::Circle,
             colour: Colour::Red,
             size: Size::Large,
             count: 2,
             position: Position::Left,
-        };
+        }
+    }
+
+    #[test]
+    fn captions_follow_the_scene() {
+        let s = two_large_red_circles_left();
         assert_eq!(s.caption(0), "two large red circles on the left");
         assert_eq!(s.caption(1), "there are two large red circles on the left");
         assert_eq!(s.caption(2), "on the left two large red circles");
@@ -825,13 +828,7 @@ mod tests {
 
     #[test]
     fn partial_captions_describe_their_scenes() {
-        let s = Scene {
-            shape: Shape::Circle,
-            colour: Colour::Red,
-            size: Size::Large,
-            count: 2,
-            position: Position::Left,
-        };
+        let s = two_large_red_circles_left();
         let (text, described) = s.partial(0);
         assert_eq!(text, "two red circles");
         assert_eq!(described.len(), 8); // 2 sizes x 4 positions

@@ -51,13 +51,7 @@ struct FewQueries {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("few-query attention: f32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("few-query attention: contiguous inputs only");
-    };
-    Ok(&v[a..b])
+    super::layers::contiguous_f32("few-query attention", s, l)
 }
 
 impl CustomOp3 for FewQueries {

@@ -153,6 +153,21 @@ pub(crate) fn linear_act(
     y.apply_op2_no_bwd(bias, &BiasGelu)?.reshape(out_dims)
 }
 
+/// The values of a contiguous f32 tensor in a custom op's storage; `op` names the op in errors.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: contiguous inputs only");
+    };
+    Ok(&v[a..b])
+}
+
 /// `gelu_erf(y + bias)` over the rows of a contiguous `(rows, n)` f32 matrix, in parallel.
 struct BiasGelu;
 
@@ -168,14 +183,10 @@ impl CustomOp2 for BiasGelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(y), CpuStorage::F32(b)) = (s1, s2) else {
-            candle_core::bail!("bias-gelu: f32 only");
-        };
-        let (Some((y0, y1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("bias-gelu: contiguous inputs only");
-        };
-        let (y, b) = (&y[y0..y1], &b[b0..b1]);
+        let (y, b) = (
+            contiguous_f32("bias-gelu", s1, l1)?,
+            contiguous_f32("bias-gelu", s2, l2)?,
+        );
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
             candle_core::bail!("bias-gelu: {} values for a bias of {n}", y.len());

@@ -148,13 +148,7 @@ impl SmallM {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("small-m linear: f32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("small-m linear: contiguous inputs only");
-    };
-    Ok(&v[a..b])
+    super::layers::contiguous_f32("small-m linear", s, l)
 }
 
 impl CustomOp2 for SmallM {

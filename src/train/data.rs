@@ -345,15 +345,22 @@ mod tests {
         assert!(e.contains("d.jsonl:3:"), "{e}");
     }
 
-    #[test]
-    fn image_ids_group_pairs() {
+    /// A temporary folder with blank 8x8 PNGs of these names, and the path of a dataset file in
+    /// it (not written).
+    fn images_and_dataset(names: &[&str]) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["a.png", "b.png", "c.png"] {
+        for name in names {
             image::RgbImage::new(8, 8)
                 .save(dir.path().join(name))
                 .unwrap();
         }
         let p = dir.path().join("d.jsonl");
+        (dir, p)
+    }
+
+    #[test]
+    fn image_ids_group_pairs() {
+        let (_dir, p) = images_and_dataset(&["a.png", "b.png", "c.png"]);
         std::fs::write(
             &p,
             concat!(
@@ -384,13 +391,7 @@ mod tests {
 
     #[test]
     fn also_matches_name_more_groups() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in ["a.png", "b.png"] {
-            image::RgbImage::new(8, 8)
-                .save(dir.path().join(name))
-                .unwrap();
-        }
-        let p = dir.path().join("d.jsonl");
+        let (_dir, p) = images_and_dataset(&["a.png", "b.png"]);
         std::fs::write(
             &p,
             concat!(

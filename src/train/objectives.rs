@@ -533,9 +533,8 @@ pub fn retrieval_losses(
         }
         out
     };
-    let describes = |ids: &[i64], image: i64| ids.contains(&image);
     // Image i of the batch against every text j (batch, then queue).
-    let i2t = targets(&|i, j| idx_all[j] == batch.idx[i] || describes(also_all[j], batch.idx[i]));
+    let i2t = targets(&|i, j| idx_all[j] == batch.idx[i] || also_all[j].contains(&batch.idx[i]));
     // Text i of the batch against every image j.
     let t2i = targets(&|i, j| batch.describes(i, idx_all[j]));
     let dev = batch.pixels.device();
