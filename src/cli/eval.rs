@@ -6,18 +6,16 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use super::{CaptionCheckpointArgs, RetrievalModelArgs};
+use super::{CaptionCheckpointArgs, FilterArgs, RetrievalModelArgs};
 use crate::eval::bootstrap::{capfilt_dataset as capfilt_dataset_run, BootstrapOptions};
 use crate::eval::dataset::{Dataset, DatasetFormat};
 use crate::eval::evaluate::{
     evaluate_captions, evaluate_retrieval, EvalOptions, RetrievalReport, RetrievalScores,
 };
 use crate::eval::synth::{generate, SynthParams};
-use crate::model::preprocess::DecodeLimits;
-use crate::model::weights::DEFAULT_RETRIEVAL_MODEL;
 use crate::model::{
     select_device, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
-    ModelSource, Retriever, SampleParams, DEFAULT_PROMPT,
+    ModelSource, SampleParams, DEFAULT_PROMPT,
 };
 
 /// `blipsearch synth-world`.
@@ -299,30 +297,8 @@ pub struct CapfiltDatasetArgs {
     dataset: DatasetArgs,
     #[command(flatten)]
     caption: CaptionCheckpointArgs,
-    /// Local retrieval checkpoint directory (BlipForImageTextRetrieval), whose ITM head filters.
-    #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "itm_model")]
-    itm_model_dir: Option<PathBuf>,
-    /// Hugging Face id of the retrieval checkpoint.
-    #[arg(long, env = "BLIPSEARCH_MODEL", default_value = DEFAULT_RETRIEVAL_MODEL)]
-    itm_model: String,
-    /// auto, cpu or cuda:N.
-    #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
-    device: String,
-    /// Refuse images larger than this many megapixels.
-    #[arg(long, default_value_t = 100.0)]
-    max_megapixels: f64,
-    /// Nucleus-sampled captions per image besides the beam caption.
-    #[arg(long, default_value_t = 1)]
-    samples: usize,
-    /// Keep a text when ITM's p(match) is at least this.
-    #[arg(long, default_value_t = 0.5)]
-    threshold: f32,
-    /// Beams of the beam-search caption.
-    #[arg(long, default_value_t = 3)]
-    beams: usize,
-    /// Sampling: random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Text the captions continue (stripped from them).
     #[arg(long, default_value = DEFAULT_PROMPT)]
     prompt: String,
@@ -336,46 +312,32 @@ pub struct CapfiltDatasetArgs {
 }
 
 pub(crate) fn capfilt_dataset(a: CapfiltDatasetArgs) -> Result<()> {
-    if a.beams == 0 {
-        bail!("--beams must be at least 1");
-    }
-    if !(0.0..=1.0).contains(&a.threshold) {
-        bail!("--threshold must be between 0 and 1");
-    }
-    if a.max_megapixels.is_nan() || a.max_megapixels <= 0.0 {
-        bail!("--max-megapixels must be positive");
-    }
+    let f = &a.filter;
+    let limits = f.limits()?;
     let (data, root) = a.dataset.load(&a.input)?;
     let params = CapFiltParams {
         prompt: a.prompt.clone(),
         beam: BeamParams {
-            num_beams: a.beams,
+            num_beams: f.beams,
             ..BeamParams::default()
         },
         sampling: SampleParams {
-            num_samples: a.samples,
-            seed: a.seed,
+            num_samples: f.samples,
+            seed: f.seed,
             ..SampleParams::default()
         },
-        threshold: a.threshold,
+        threshold: f.threshold,
         ..CapFiltParams::default()
     };
-    let device = select_device(&a.device)?;
+    let device = select_device(&f.device)?;
     let cap_source = a.caption.source();
     let captioner = Captioner::load(&cap_source, &device)
         .with_context(|| format!("loading caption model {}", cap_source.name()))?;
-    let itm_source = match &a.itm_model_dir {
-        Some(d) => ModelSource::Dir(d.clone()),
-        None => ModelSource::Hub(a.itm_model.clone()),
-    };
-    let filter = Retriever::load(&itm_source, &device)
-        .with_context(|| format!("loading retrieval model {}", itm_source.name()))?;
+    let filter = f.load_filter(&device)?;
     let opts = BootstrapOptions {
         images_root: root,
         batch_size: a.batch_size,
-        limits: DecodeLimits {
-            max_pixels: (a.max_megapixels * 1e6) as u64,
-        },
+        limits,
         params,
         progress: true,
     };

@@ -428,11 +428,10 @@ impl CaptionCheckpointArgs {
     }
 }
 
-/// `blipsearch capfilt`.
+/// What `capfilt` and `capfilt-dataset` share: the filter's checkpoint, the device, the image
+/// limit, and how many captions are written and judged.
 #[derive(Debug, Args)]
-pub struct CapfiltArgs {
-    #[command(flatten)]
-    caption: CaptionCheckpointArgs,
+pub struct FilterArgs {
     /// Local retrieval checkpoint directory (BlipForImageTextRetrieval), whose ITM head filters.
     #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "itm_model")]
     itm_model_dir: Option<PathBuf>,
@@ -445,13 +444,7 @@ pub struct CapfiltArgs {
     /// Refuse images larger than this many megapixels.
     #[arg(long, default_value_t = 100.0)]
     max_megapixels: f64,
-    /// The image.
-    image: PathBuf,
-    /// A text that came with the image (alt text, title...), filtered like the captions
-    /// (repeatable).
-    #[arg(long = "text")]
-    texts: Vec<String>,
-    /// Nucleus-sampled captions besides the beam caption (0: beam caption only).
+    /// Nucleus-sampled captions per image besides the beam caption (0: beam caption only).
     #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Keep a text when ITM's p(match) is at least this.
@@ -460,6 +453,44 @@ pub struct CapfiltArgs {
     /// Beams of the beam-search caption.
     #[arg(long, default_value_t = 3)]
     beams: usize,
+    /// Sampling: random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl FilterArgs {
+    /// Checks the values and returns the image decoding limits.
+    fn limits(&self) -> Result<DecodeLimits> {
+        if self.beams == 0 {
+            bail!("--beams must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.threshold) {
+            bail!("--threshold must be between 0 and 1");
+        }
+        megapixel_limits(self.max_megapixels)
+    }
+
+    /// Loads the filtering retrieval model.
+    fn load_filter(&self, device: &Device) -> Result<Retriever> {
+        let source = source_of(&self.itm_model_dir, &self.itm_model);
+        Retriever::load(&source, device)
+            .with_context(|| format!("loading retrieval model {}", source.name()))
+    }
+}
+
+/// `blipsearch capfilt`.
+#[derive(Debug, Args)]
+pub struct CapfiltArgs {
+    #[command(flatten)]
+    caption: CaptionCheckpointArgs,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// The image.
+    image: PathBuf,
+    /// A text that came with the image (alt text, title...), filtered like the captions
+    /// (repeatable).
+    #[arg(long = "text")]
+    texts: Vec<String>,
     /// Sampling: keep the most likely tokens up to this probability mass.
     #[arg(long, default_value_t = 0.9)]
     top_p: f32,
@@ -469,9 +500,6 @@ pub struct CapfiltArgs {
     /// Sampling: HF repetition penalty.
     #[arg(long, default_value_t = 1.1)]
     repetition_penalty: f32,
-    /// Sampling: random seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
     generation: GenerationArgs,
     /// Print JSON: {"image","threshold","candidates":[{"source","text","p_match","kept"}]}.
@@ -598,35 +626,29 @@ struct CapfiltOutput {
 }
 
 fn capfilt(a: CapfiltArgs) -> Result<()> {
-    if a.beams == 0 {
-        bail!("--beams must be at least 1");
-    }
-    if !(0.0..=1.0).contains(&a.threshold) {
-        bail!("--threshold must be between 0 and 1");
-    }
+    let f = &a.filter;
+    let limits = f.limits()?;
     let params = CapFiltParams {
         prompt: a.generation.prompt.clone(),
         max_length: a.generation.max_length,
         min_length: a.generation.min_length,
         beam: BeamParams {
-            num_beams: a.beams,
+            num_beams: f.beams,
             ..BeamParams::default()
         },
         sampling: SampleParams {
             top_p: a.top_p,
             top_k: a.top_k,
             repetition_penalty: a.repetition_penalty,
-            num_samples: a.samples,
-            seed: a.seed,
+            num_samples: f.samples,
+            seed: f.seed,
         },
-        threshold: a.threshold,
+        threshold: f.threshold,
     };
-    let image = load_image(&a.image, megapixel_limits(a.max_megapixels)?)?;
-    let device = select_device(&a.device)?;
+    let image = load_image(&a.image, limits)?;
+    let device = select_device(&f.device)?;
     let captioner = load_captioner(&a.caption.source(), &device)?;
-    let itm_source = source_of(&a.itm_model_dir, &a.itm_model);
-    let filter = Retriever::load(&itm_source, &device)
-        .with_context(|| format!("loading retrieval model {}", itm_source.name()))?;
+    let filter = f.load_filter(&device)?;
     let candidates = capfilt_images(
         &captioner,
         &filter,
@@ -638,7 +660,7 @@ fn capfilt(a: CapfiltArgs) -> Result<()> {
     .unwrap_or_default();
     let out = CapfiltOutput {
         image: a.image.display().to_string(),
-        threshold: a.threshold,
+        threshold: f.threshold,
         candidates: candidates
             .into_iter()
             .map(|c| CapfiltEntry {
