@@ -55,6 +55,21 @@ pub(crate) fn fast_kernels() -> bool {
     FAST_KERNELS.load(Ordering::Relaxed)
 }
 
+static ABSORBED_CROSS_ATTENTION: AtomicBool = AtomicBool::new(true);
+
+/// Turns the unprojected cross-attention of [`super::text::TextModel::image_context`] (ITM) on
+/// or off for the whole process (on by default; off projects every image's keys and values).
+/// Only for measuring the two in one process (`examples/linear_speed.rs`); results differ in
+/// the last bits only.
+#[doc(hidden)]
+pub fn set_absorbed_cross_attention(enabled: bool) {
+    ABSORBED_CROSS_ATTENTION.store(enabled, Ordering::Relaxed);
+}
+
+pub(crate) fn absorbed_cross_attention() -> bool {
+    ABSORBED_CROSS_ATTENTION.load(Ordering::Relaxed)
+}
+
 /// A `nn.LayerNorm`: candle's fused kernel for inference, a differentiable composition of tensor
 /// ops in [`TrainingMode`].
 #[derive(Clone, Debug)]
@@ -326,7 +341,7 @@ pub(crate) fn attention(
 /// `softmax(scale * xs)` over the last dimension. On the CPU in f32 one vectorised pass per row
 /// (candle's softmax calls the scalar libm `expf` per element, and the scaling is a pass of its
 /// own: together 20% of a ViT forward, whose attention has 12 x 577 x 577 scores per layer).
-fn softmax_scaled(xs: Tensor, scale: f64) -> candle_core::Result<Tensor> {
+pub(crate) fn softmax_scaled(xs: Tensor, scale: f64) -> candle_core::Result<Tensor> {
     if fast_kernels() && xs.device().is_cpu() && xs.dtype() == candle_core::DType::F32 {
         return xs
             .contiguous()?

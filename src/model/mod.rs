@@ -32,5 +32,5 @@ pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use device::select_device;
 pub use error::{ModelError, Result};
 pub use layers::TrainingMode;
-pub use retrieval::{ItmFirstToken, ItmScore, Retriever};
+pub use retrieval::{CrossAttention, ItmFirstToken, ItmScore, Retriever};
 pub use weights::ModelSource;
