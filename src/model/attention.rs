@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layers::softmax_rows;
+use super::layers::softmax_rows_inplace;
 use super::linear::{pick_kernel, KernelFn};
 
 /// At most this many query rows per head take this path.
@@ -111,9 +111,8 @@ fn one_head(
             scores[i * t + j] = s;
         }
     }
-    let mut probs = vec![0f32; lq * t];
-    softmax_rows(&scores, &mut probs, t, scale);
-    weighted_sum(&probs, v, lq, t, dh, out);
+    softmax_rows_inplace(&mut scores, t, scale);
+    weighted_sum(&scores, v, lq, t, dh, out);
 }
 
 /// `out[i] = sum_j p[i][j] v[j]` for `lq` rows of `p` (`t` each) and `v` `(t, dh)`.

@@ -13,6 +13,7 @@ use super::layers::{
     softmax_diff, softmax_scaled, split_heads, training, LayerNorm,
 };
 use super::linear::Linear;
+use super::sgemm::matmul_2d;
 
 /// Additive value of a masked position, as in transformers' BLIP text model.
 const MASKED: f64 = -10000.0;
@@ -171,13 +172,20 @@ impl AttentionBlock {
                 .transpose(0, 1)?
                 .contiguous()?;
             let a = qi.matmul(&wk)?.reshape((h * t, kv_dim))?;
-            let scores = a.matmul(&xi.t()?)?;
+            let scores = match matmul_2d(&a, &xi, true)? {
+                Some(s) => s,
+                None => a.matmul(&xi.t()?)?,
+            };
             let probs = if training() {
                 softmax_diff(&(scores * self.scale)?)?
             } else {
                 softmax_scaled(scores, self.scale)?
             };
-            let mixed = probs.matmul(&xi)?.reshape((h, t, kv_dim))?;
+            let mixed = match matmul_2d(&probs, &xi, false)? {
+                Some(m) => m,
+                None => probs.matmul(&xi)?,
+            }
+            .reshape((h, t, kv_dim))?;
             outs.push(
                 mixed
                     .matmul(&wv_t)?
