@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use rayon::prelude::*;
 
 use super::config::BlipTextConfig;
 use super::layers::{
@@ -162,8 +163,7 @@ impl AttentionBlock {
             .weight()
             .reshape((h, dh, kv_dim))?
             .transpose(1, 2)?;
-        let mut outs = Vec::with_capacity(n);
-        for i in 0..n {
+        let one = |i: usize| -> candle_core::Result<Tensor> {
             let xi = x.get(i)?;
             // `(heads, L', head_dim)`: the image's text rows, head by head.
             let qi = q
@@ -186,13 +186,18 @@ impl AttentionBlock {
                 None => probs.matmul(&xi)?,
             }
             .reshape((h, t, kv_dim))?;
-            outs.push(
-                mixed
-                    .matmul(&wv_t)?
-                    .transpose(0, 1)?
-                    .reshape((rows, l, d))?,
-            );
-        }
+            mixed.matmul(&wv_t)?.transpose(0, 1)?.reshape((rows, l, d))
+        };
+        // Images in parallel on the CPU (each one's matmuls then mostly run on one thread,
+        // without a hand-off per matmul); training mode is per thread, so it stays sequential.
+        let outs: Vec<Tensor> = if n > 1 && !training() && x.device().is_cpu() {
+            (0..n)
+                .into_par_iter()
+                .map(one)
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            (0..n).map(one).collect::<candle_core::Result<_>>()?
+        };
         let ctx = Tensor::cat(&outs, 0)?;
         let ctx = match self.value.bias() {
             Some(bv) => ctx.broadcast_add(bv)?,
