@@ -577,7 +577,9 @@ mod tests {
     #[test]
     fn fused_bias_gelu_matches_candle() -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        // 15 rows take the small-M kernel, 90 candle's matmul and the fused bias+GELU op.
+        // 15 rows take the small-M kernel, 90 the large-M kernel (candle's matmul and the fused
+        // bias+GELU op without AVX-512). Outputs reach ~10 and the paths sum in different
+        // orders, so the bound is 1e-5 (2e-6 failed now and then on random inputs).
         for rows in [5, 30] {
             let xs = Tensor::randn(0f32, 2.0, (3, rows, 16), &dev)?;
             let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
@@ -592,7 +594,7 @@ mod tests {
                 .flatten_all()?
                 .max(0)?
                 .to_scalar::<f32>()?;
-            assert!(diff < 2e-6, "{rows} rows: max |fused - candle| = {diff}");
+            assert!(diff < 1e-5, "{rows} rows: max |fused - candle| = {diff}");
         }
         Ok(())
     }
