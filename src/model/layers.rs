@@ -335,6 +335,9 @@ pub(crate) fn attention(
         if let Some(out) = super::attention::few_query_attention(q, k, v, scale)? {
             return Ok(out);
         }
+        if let Some(out) = super::attention::parallel_heads_attention(q, k, v, scale)? {
+            return Ok(out);
+        }
     }
     let scores = q.matmul(&k.t()?)?;
     let probs = if training() {

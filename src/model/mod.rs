@@ -16,7 +16,7 @@ pub mod linear;
 pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
-mod sgemm;
+pub(crate) mod sgemm;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
