@@ -18,10 +18,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blipsearch::model::layers::set_fast_kernels;
+use blipsearch::model::layers::{
+    set_absorbed_cross_attention, set_fast_kernels, set_large_m_kernel,
+};
 use blipsearch::model::linear::Linear;
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
-use blipsearch::model::{CaptionParams, Captioner, ModelSource, Retriever};
+use blipsearch::model::{CaptionParams, Captioner, ItmFirstToken, ModelSource, Retriever};
 use candle_core::{Device, Module, Tensor};
 
 struct Options {
@@ -83,7 +85,7 @@ fn shapes(rounds: usize) -> Result<()> {
         let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
         let b = Tensor::randn(0f32, 0.02, n, &dev)?;
         let lin = Linear::new(w, Some(b));
-        for &m in &[1, 3, 8, 10, 16, 35, 48, 64] {
+        for &m in &[1, 3, 8, 10, 16, 35, 48, 64, 280, 577] {
             let xs = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
             let (mut old, mut new) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
@@ -105,6 +107,98 @@ fn shapes(rounds: usize) -> Result<()> {
         }
     }
     set_fast_kernels(true);
+    Ok(())
+}
+
+/// ITM as `benches/compare.sh` runs it (one 35-token text against the stored ViT outputs of 8
+/// images), with the image tokens projected to keys and values against read unprojected.
+fn itm(model: &Retriever, rounds: usize) -> Result<()> {
+    const TEXT: &str = "a man in a red jacket riding a bicycle down a busy city street next to a \
+         yellow taxi while people walk past brightly lit shops and a small dog watches them from \
+         the corner of a bakery";
+    let photos = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"]
+        .iter()
+        .map(|n| {
+            load_image(
+                &std::path::Path::new("tests/fixtures/images").join(n),
+                DecodeLimits::default(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let images: Vec<_> = photos.iter().cycle().take(8).cloned().collect();
+    let stored = model.embed_images(&images)?.tokens;
+    let texts = [TEXT; 8];
+    let pairs: Vec<usize> = (0..8).collect();
+    let mut probs = Vec::new();
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for on in [false, true] {
+            set_absorbed_cross_attention(on);
+            let s = best(2, || {
+                let s = model.itm(&texts, &stored, &pairs, ItmFirstToken::Enc)?;
+                probs.push((on, s.iter().map(|s| s.prob).collect::<Vec<_>>()));
+                Ok(())
+            })?;
+            if on { &mut new } else { &mut old }.push(s);
+        }
+    }
+    set_absorbed_cross_attention(true);
+    let worst = probs
+        .iter()
+        .flat_map(|(_, p)| p.iter().zip(&probs[0].1).map(|(a, b)| (a - b).abs()))
+        .fold(0f32, f32::max);
+    let (old, new) = (median(old), median(new));
+    println!(
+        "ITM, 8 pairs: projected K/V {:.0} ms ({:.2} pairs/s), unprojected {:.0} ms ({:.2} pairs/s): \
+         {:.2}x; p(match) max |diff| {worst:.2e}",
+        old * 1e3,
+        8.0 / old,
+        new * 1e3,
+        8.0 / new,
+        old / new
+    );
+    Ok(())
+}
+
+/// The retrieval model's ViT on one image (`embed_images`, preprocessing included) with the
+/// large-M matmul against candle's, every other kernel on.
+fn vit_large_m(model: &Retriever, rounds: usize) -> Result<()> {
+    let image = load_image(
+        std::path::Path::new("tests/fixtures/images/chelsea.png"),
+        DecodeLimits::default(),
+    )?;
+    let images = [image];
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    let mut itc = Vec::new();
+    for _ in 0..rounds {
+        for on in [false, true] {
+            set_large_m_kernel(on);
+            let s = best(2, || {
+                itc.push(
+                    model
+                        .embed_images(&images)?
+                        .itc
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+                Ok(())
+            })?;
+            if on { &mut new } else { &mut old }.push(s);
+        }
+    }
+    set_large_m_kernel(true);
+    let worst = itc
+        .iter()
+        .flat_map(|v| v.iter().zip(&itc[0]).map(|(a, b)| (a - b).abs()))
+        .fold(0f32, f32::max);
+    let (old, new) = (median(old), median(new));
+    println!(
+        "ViT + ITC, 1 image: candle's matmul {:.0} ms, large-M kernel {:.0} ms: {:.2}x; \
+         ITC max |diff| {worst:.2e}",
+        old * 1e3,
+        new * 1e3,
+        old / new
+    );
     Ok(())
 }
 
@@ -130,6 +224,8 @@ fn main() -> Result<()> {
             }
         }
         let (old, new) = (median(old), median(new));
+        itm(&model, o.rounds)?;
+        vit_large_m(&model, o.rounds)?;
         println!(
             "text query: candle {:.1} ms ({:.2} q/s), kernels {:.1} ms ({:.2} q/s): {:.2}x",
             old * 1e3,

@@ -308,3 +308,60 @@ fn pytorch_bin_checkpoint_loads_the_same_model() {
         TOL,
     );
 }
+
+/// ITM's two forms of cross-attention (image tokens projected to keys and values, or read
+/// directly with the key and value weights folded into queries and outputs) agree with each
+/// other to 1e-5 and with transformers to the usual tolerance: on the fixture's pairs (each text
+/// against its own copy of an image) and with two texts sharing each image. The fixtures' key
+/// and value biases are not zero, so dropping the value bias (or keeping the key bias where it
+/// does not cancel) would fail here.
+#[test]
+fn itm_unprojected_cross_attention_matches_projected() {
+    use blipsearch::model::CrossAttention;
+    for name in CONFIGS {
+        let c = case(name);
+        let (ids, mask) = ids_and_mask(&c);
+        let (text_of_pair, image_of_pair) = pair_index(&c);
+        let sel = Tensor::new(text_of_pair.as_slice(), &Device::Cpu).unwrap();
+        let pids = ids.index_select(&sel, 0).unwrap();
+        let pmask = mask.index_select(&sel, 0).unwrap();
+        let tokens = &c.expected["vision_last_hidden"];
+        let run = |ids: &Tensor, mask: &Tensor, images: &[usize], form| {
+            c.model
+                .itm_logits_with(ids, mask, tokens, images, form)
+                .unwrap()
+        };
+        let projected = run(&pids, &pmask, &image_of_pair, CrossAttention::Projected);
+        let unprojected = run(&pids, &pmask, &image_of_pair, CrossAttention::Unprojected);
+        assert_close(
+            &format!("{name} ITM unprojected vs transformers"),
+            &unprojected,
+            &c.expected["itm_logits_cls"],
+            TOL,
+        );
+        assert_close(
+            &format!("{name} ITM unprojected vs projected"),
+            &unprojected,
+            &projected,
+            1e-5,
+        );
+        // Texts 0 and 1 read image 0, texts 2 and 3 image 1 (the shared, uncopied layout).
+        let n_images = tokens.dims()[0];
+        let n_texts = ids.dims()[0];
+        let images: Vec<usize> = (0..2 * n_images).map(|r| r / 2).collect();
+        let texts: Vec<u32> = (0..2 * n_images).map(|r| (r % n_texts) as u32).collect();
+        let sel = Tensor::new(texts.as_slice(), &Device::Cpu).unwrap();
+        let (sids, smask) = (
+            ids.index_select(&sel, 0).unwrap(),
+            mask.index_select(&sel, 0).unwrap(),
+        );
+        let projected = run(&sids, &smask, &images, CrossAttention::Projected);
+        let unprojected = run(&sids, &smask, &images, CrossAttention::Unprojected);
+        assert_close(
+            &format!("{name} ITM shared images, unprojected vs projected"),
+            &unprojected,
+            &projected,
+            1e-5,
+        );
+    }
+}

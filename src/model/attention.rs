@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layers::softmax_rows;
+use super::layers::softmax_rows_inplace;
 use super::linear::{pick_kernel, KernelFn};
 
 /// At most this many query rows per head take this path.
@@ -88,6 +88,79 @@ impl CustomOp3 for FewQueries {
     }
 }
 
+/// `softmax(scale q kᵀ) v` for `q` `(B, H, Lq, Dh)`, `k` and `v` `(B, H, T, Dh)`, without a mask,
+/// with the heads in parallel and each head's two matmuls ([`super::sgemm`]) and softmax on one
+/// thread: no hand-off between threads inside a head, and one head's scores (577 x 577 in the
+/// ViT: 1.3 MB) stay in cache between the three steps. Applies to contiguous f32 on the CPU
+/// with at least two heads and more than [`FEW_QUERIES_MAX`] query rows where the CPU has
+/// AVX-512; `None` otherwise.
+pub(crate) fn parallel_heads_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let applies = super::sgemm::available()
+        && super::layers::large_m_kernel()
+        && q.device().is_cpu()
+        && [q, k, v]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.rank() == 4 && t.is_contiguous())
+        && q.dim(2)? > FEW_QUERIES_MAX
+        && q.dim(0)? * q.dim(1)? >= 2
+        && q.dim(3)? > 0
+        && q.dims()[..2] == k.dims()[..2]
+        && k.dims() == v.dims()
+        && q.dim(3)? == k.dim(3)?
+        && k.dim(2)? > 0;
+    if !applies {
+        return Ok(None);
+    }
+    let op = ParallelHeads {
+        scale: scale as f32,
+    };
+    q.apply_op3_no_bwd(k, v, &op).map(Some)
+}
+
+struct ParallelHeads {
+    scale: f32,
+}
+
+impl CustomOp3 for ParallelHeads {
+    fn name(&self) -> &'static str {
+        "parallel-heads-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::linear::Epilogue;
+        use super::sgemm::{matmul, Rhs};
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (b, h, lq, dh) = l1.shape().dims4()?;
+        let t = l2.shape().dims4()?.2;
+        let mut out = vec![0f32; b * h * lq * dh];
+        out.par_chunks_mut(lq * dh)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let q = &q[i * lq * dh..][..lq * dh];
+                let k = &k[i * t * dh..][..t * dh];
+                let v = &v[i * t * dh..][..t * dh];
+                let mut scores = matmul(q, k, Rhs::OutIn, None, lq, t, dh, Epilogue::None, 1);
+                softmax_rows_inplace(&mut scores, t, self.scale);
+                let o = matmul(&scores, v, Rhs::InOut, None, lq, dh, t, Epilogue::None, 1);
+                out.copy_from_slice(&o);
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// One head: `out (lq, dh) = softmax(scale q kᵀ) v`.
 #[allow(clippy::too_many_arguments)]
 fn one_head(
@@ -111,9 +184,8 @@ fn one_head(
             scores[i * t + j] = s;
         }
     }
-    let mut probs = vec![0f32; lq * t];
-    softmax_rows(&scores, &mut probs, t, scale);
-    weighted_sum(&probs, v, lq, t, dh, out);
+    softmax_rows_inplace(&mut scores, t, scale);
+    weighted_sum(&scores, v, lq, t, dh, out);
 }
 
 /// `out[i] = sum_j p[i][j] v[j]` for `lq` rows of `p` (`t` each) and `v` `(t, dh)`.
@@ -157,6 +229,35 @@ fn weighted_sum_generic(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel-heads form against candle's, on a ViT-like shape and odd ones.
+    #[test]
+    fn parallel_heads_match_candle_attention() -> candle_core::Result<()> {
+        if !crate::model::sgemm::available() {
+            return Ok(());
+        }
+        let dev = candle_core::Device::Cpu;
+        for &(b, h, lq, t, dh) in &[(1, 12, 197, 197, 64), (2, 3, 33, 50, 17), (1, 2, 9, 1, 8)] {
+            let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let scale = 1.0 / (dh as f64).sqrt();
+            let got = parallel_heads_attention(&q, &k, &v, scale)?.expect("applies");
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let diff = (got - want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 2e-5,
+                "{:?}: max |ours - candle| = {diff}",
+                (b, h, lq, t, dh)
+            );
+        }
+        Ok(())
+    }
 
     /// Against candle's formulation on decoding shapes (1 and 3 queries, 577 image keys, a
     /// short KV cache) and odd ones.

@@ -1,24 +1,25 @@
-//! `nn.Linear` with a kernel for inputs of a few rows.
+//! `nn.Linear` with our own kernels on the CPU: one for inputs of a few rows (below), and for
+//! inputs of many rows the blocked AVX-512 matmul of [`super::sgemm`].
 //!
 //! candle sends every `Linear` through `Tensor::matmul` and the `gemm` crate, which packs the
 //! weight matrix on every call. For the inputs that dominate query time (a text query of ~10
 //! tokens, a decoding step of 3 beams, the 768 x 30524 vocabulary head) the multiply is bound by
 //! reading the weights from memory, and that packing costs more than the multiply itself. Below
 //! [`SMALL_M_MAX_ROWS`] input rows we read each weight row once, straight from the checkpoint
-//! layout, and dot it with every input row at once. Larger inputs (the ViT, ITM batches) and
-//! training keep candle's path.
+//! layout, and dot it with every input row at once. Larger inputs (the ViT, ITM batches) go to
+//! [`super::sgemm`] where the CPU has AVX-512, to candle otherwise; training keeps candle's path.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::layers::{fast_kernels, gelu_erf, training};
+use super::layers::{fast_kernels, gelu_erf, large_m_kernel, training};
 
 /// Inputs of at most this many rows (all leading dimensions together) take the small-M kernel.
 /// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`, BLIP-base's four linear
 /// shapes): the kernel is 1.1-8x gemm up to 35 rows, even at 48, and 0.84-1.3x at 64. A text
 /// query (~10 rows) and a decoding step (3 rows per image) are well inside; the ViT (577 rows
-/// per image) and ITM (35 rows per candidate) keep gemm.
+/// per image) and ITM (35 rows per candidate) take [`super::sgemm`] (or candle's gemm).
 pub const SMALL_M_MAX_ROWS: usize = 48;
 
 /// Below this many multiply-adds per call the kernel runs on the calling thread: waking the
@@ -64,9 +65,10 @@ impl Linear {
         self.inner.bias()
     }
 
-    /// `epilogue(x W^T + b)` through the small-M kernel when it applies; `None` otherwise (the
-    /// caller then takes candle's path).
-    pub(crate) fn forward_small(
+    /// `epilogue(x W^T + b)` through our kernels when they apply (on the CPU in f32 outside
+    /// training: the small-M kernel up to [`SMALL_M_MAX_ROWS`] rows, the blocked AVX-512 matmul of
+    /// [`super::sgemm`] above); `None` otherwise (the caller then takes candle's path).
+    pub(crate) fn forward_fast(
         &self,
         xs: &Tensor,
         epilogue: Epilogue,
@@ -82,7 +84,8 @@ impl Linear {
             && xs.dtype() == DType::F32
             && w.dtype() == DType::F32
             && xs.rank() >= 2
-            && (1..=SMALL_M_MAX_ROWS).contains(&rows)
+            && rows > 0
+            && (rows <= SMALL_M_MAX_ROWS || (large_m_kernel() && super::sgemm::available()))
             && xs.is_contiguous()
             && w.is_contiguous()
             && w.dims2()?.1 == k
@@ -101,7 +104,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        match self.forward_small(xs, Epilogue::None)? {
+        match self.forward_fast(xs, Epilogue::None)? {
             Some(y) => Ok(y),
             None => self.inner.forward(xs),
         }
@@ -138,7 +141,17 @@ impl SmallM {
                 wl.shape()
             );
         }
-        let y = small_m_linear(x, w, b, x.len() / k, n, k, self.epilogue);
+        let m = x.len() / k;
+        let y = if m <= SMALL_M_MAX_ROWS {
+            small_m_linear(x, w, b, m, n, k, self.epilogue)
+        } else {
+            let threads = if m * n * k < PARALLEL_MIN_MACS {
+                1
+            } else {
+                candle_core::utils::get_num_threads()
+            };
+            super::sgemm::linear(x, w, b, m, n, k, self.epilogue, threads)
+        };
         let mut dims = xl.shape().dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
@@ -596,7 +609,7 @@ mod tests {
         for bias in [None, Some(b)] {
             let lin = Linear::new(w.clone(), bias.clone());
             let fast = lin
-                .forward_small(&xs, Epilogue::None)?
+                .forward_fast(&xs, Epilogue::None)?
                 .expect("fast path applies");
             let plain = candle_nn::Linear::new(w.clone(), bias).forward(&xs)?;
             assert_eq!(fast.dims(), plain.dims());
@@ -607,7 +620,7 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "max |fast - candle| = {diff}");
             let _training = super::super::layers::TrainingMode::enter();
-            assert!(lin.forward_small(&xs, Epilogue::None)?.is_none());
+            assert!(lin.forward_fast(&xs, Epilogue::None)?.is_none());
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use super::error::{ModelError, Result};
 use super::layers::{l2_normalize, linear};
 use super::linear::Linear;
 use super::preprocess::pixel_values;
-use super::text::TextModel;
+use super::text::{ImageKv, TextModel};
 use super::tokenizer::{BlipTokenizer, TextBatch, CLS, ENC, MAX_TEXT_TOKENS};
 use super::vision::VisionModel;
 use super::weights::{explain_load_error, ModelFiles, ModelSource};
@@ -33,6 +33,19 @@ impl ItmFirstToken {
             Self::Cls => CLS,
         }
     }
+}
+
+/// How ITM's cross-attention reads the image tokens (the same result up to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrossAttention {
+    /// Whichever takes fewer multiply-adds for the texts' length ([`TextModel::image_context`]).
+    #[default]
+    Auto,
+    /// Project every image's tokens to keys and values in each layer, then attend.
+    Projected,
+    /// Attend to the image tokens directly, with the key and value weights folded into the
+    /// queries and outputs ([`ImageKv::unprojected`]).
+    Unprojected,
 }
 
 /// The ITM verdict on one (text, image) pair.
@@ -226,6 +239,19 @@ impl Retriever {
         image_tokens: &Tensor,
         image_of_text: &[usize],
     ) -> Result<Tensor> {
+        self.itm_logits_with(ids, mask, image_tokens, image_of_text, CrossAttention::Auto)
+    }
+
+    /// [`Retriever::itm_logits`] with the cross-attention's form chosen by the caller (the same
+    /// logits up to rounding; for tests and measurements).
+    pub fn itm_logits_with(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        image_tokens: &Tensor,
+        image_of_text: &[usize],
+        form: CrossAttention,
+    ) -> Result<Tensor> {
         let (p, _) = ids.dims2()?;
         let (n, _, width) = image_tokens.dims3()?;
         if width != self.config.vision.hidden_size {
@@ -240,17 +266,24 @@ impl Retriever {
                 image_of_text.len()
             )));
         }
-        let kv = self.text.image_kv(image_tokens)?;
         // Text p reads image p (reranking one query against N candidates), or runs of equal
         // length per image: the keys/values are used as they are, without a gathered copy.
         let rows = p / n.max(1);
-        let kv = if rows >= 1
+        let shared = rows >= 1
             && rows * n == p
             && image_of_text
                 .iter()
                 .enumerate()
-                .all(|(t, &i)| i == t / rows)
-        {
+                .all(|(t, &i)| i == t / rows);
+        let per_image = if shared { rows } else { 1 };
+        let kv = match form {
+            CrossAttention::Auto => self
+                .text
+                .image_context(image_tokens, per_image * ids.dim(1)?)?,
+            CrossAttention::Unprojected => ImageKv::unprojected(image_tokens)?,
+            CrossAttention::Projected => self.text.image_kv(image_tokens)?,
+        };
+        let kv = if shared {
             if rows == 1 {
                 kv
             } else {

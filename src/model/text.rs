@@ -6,12 +6,15 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
+use rayon::prelude::*;
 
 use super::config::BlipTextConfig;
 use super::layers::{
-    activate, attention, layer_norm, linear, linear_act, merge_heads, split_heads, LayerNorm,
+    absorbed_cross_attention, activate, attention, layer_norm, linear, linear_act, merge_heads,
+    softmax_diff, softmax_scaled, split_heads, training, LayerNorm,
 };
 use super::linear::Linear;
+use super::sgemm::matmul_2d;
 
 /// Additive value of a masked position, as in transformers' BLIP text model.
 const MASKED: f64 = -10000.0;
@@ -122,6 +125,108 @@ impl AttentionBlock {
         let ctx = merge_heads(&ctx)?;
         self.layer_norm.forward(&(self.dense.forward(&ctx)? + xs)?)
     }
+
+    /// Cross-attention straight from the image tokens `x` `(n, T, kv_dim)`, without projecting
+    /// them to keys and values; `rows` consecutive text rows read each image. For head `h`, with
+    /// `Wk_h`, `Wv_h` its `(head_dim, kv_dim)` slices of the key and value weights:
+    ///
+    /// - scores `Q_h K_hᵀ = (Q_h Wk_h) xᵀ + (Q_h bk_h) 1ᵀ`; the second term is the same for every
+    ///   key, so softmax cancels it and the key bias is never read;
+    /// - output `P_h (x Wv_hᵀ + 1 bv_hᵀ) = (P_h x) Wv_hᵀ + bv_h`, since each row of `P_h` sums to 1.
+    ///
+    /// All heads' `Q_h Wk_h` are stacked into one `(heads * L', kv_dim)` matrix per image (`L'`
+    /// the image's text rows), so the image is read by two large matmuls per layer. That is
+    /// `2 heads L' T kv_dim` multiply-adds against `2 T kv_dim d` for the projection: cheaper while
+    /// `heads * L' < d` (see [`absorbed_pays`]). Same math as [`AttentionBlock::forward_shared`]
+    /// up to summation order.
+    fn forward_absorbed(
+        &self,
+        xs: &Tensor,
+        x: &Tensor,
+        rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l, d) = xs.dims3()?;
+        let (n, _, kv_dim) = x.dims3()?;
+        let h = self.heads;
+        let dh = d / h;
+        if b != n * rows {
+            return Err(candle_core::Error::Msg(format!(
+                "{b} text rows cannot share {n} images {rows} rows each"
+            )));
+        }
+        let t = rows * l;
+        let q = self.query.forward(xs)?;
+        // `(heads, head_dim, kv_dim)`: row block `h` of the weights, a view.
+        let wk = self.key.weight().reshape((h, dh, kv_dim))?;
+        let wv_t = self
+            .value
+            .weight()
+            .reshape((h, dh, kv_dim))?
+            .transpose(1, 2)?;
+        let one = |i: usize| -> candle_core::Result<Tensor> {
+            let xi = x.get(i)?;
+            // `(heads, L', head_dim)`: the image's text rows, head by head.
+            let qi = q
+                .narrow(0, i * rows, rows)?
+                .reshape((t, h, dh))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let a = qi.matmul(&wk)?.reshape((h * t, kv_dim))?;
+            let scores = match matmul_2d(&a, &xi, true)? {
+                Some(s) => s,
+                None => a.matmul(&xi.t()?)?,
+            };
+            let probs = if training() {
+                softmax_diff(&(scores * self.scale)?)?
+            } else {
+                softmax_scaled(scores, self.scale)?
+            };
+            let mixed = match matmul_2d(&probs, &xi, false)? {
+                Some(m) => m,
+                None => probs.matmul(&xi)?,
+            }
+            .reshape((h, t, kv_dim))?;
+            mixed.matmul(&wv_t)?.transpose(0, 1)?.reshape((rows, l, d))
+        };
+        // Images in parallel on the CPU (each one's matmuls then mostly run on one thread,
+        // without a hand-off per matmul); training mode is per thread, so it stays sequential.
+        let outs: Vec<Tensor> = if n > 1 && !training() && x.device().is_cpu() {
+            (0..n)
+                .into_par_iter()
+                .map(one)
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            (0..n).map(one).collect::<candle_core::Result<_>>()?
+        };
+        let ctx = Tensor::cat(&outs, 0)?;
+        let ctx = match self.value.bias() {
+            Some(bv) => ctx.broadcast_add(bv)?,
+            None => ctx,
+        };
+        self.layer_norm.forward(&(self.dense.forward(&ctx)? + xs)?)
+    }
+}
+
+/// Whether [`AttentionBlock::forward_absorbed`] does fewer multiply-adds than projecting the
+/// image's keys and values and attending to them, for `text_rows` text rows per image, `tokens`
+/// image tokens of width `kv_dim`, text width `d` and `heads` heads. Per layer and image:
+///
+/// - absorbed: `2 heads L' T kv_dim` (scores against the tokens, weighted sum of the tokens)
+///   plus `2 L' d kv_dim` (the queries through `Wk`, the mixed tokens through `Wv`);
+/// - projected: `2 T kv_dim d` (keys and values) plus `2 L' T d` (scores, weighted sum of the
+///   values).
+///
+/// With BLIP-base (`d = kv_dim = 768`, 12 heads, 577 tokens) that holds up to 62 text rows per
+/// image; a 35-token ITM text takes 0.58 of the work.
+pub(crate) fn absorbed_pays(
+    text_rows: usize,
+    tokens: usize,
+    kv_dim: usize,
+    d: usize,
+    heads: usize,
+) -> bool {
+    let [l, t, kv, d, h] = [text_rows, tokens, kv_dim, d, heads].map(|v| v as u128);
+    h * l * t * kv + l * d * kv < t * kv * d + l * t * d
 }
 
 struct Layer {
@@ -155,27 +260,56 @@ impl Layer {
     }
 }
 
-/// Per-layer keys and values of image tokens for the cross-attention, `(N, heads, T, head_dim)`.
-/// Computed once per image and shared by every text (ITM candidates, caption beams) that reads it.
+/// What the cross-attention reads of each image.
+#[derive(Clone)]
+enum ImageSource {
+    /// Per-layer keys and values, `(N, heads, T, head_dim)`.
+    Projected(Vec<(Tensor, Tensor)>),
+    /// The image tokens themselves, `(N, T, encoder_hidden)`: every layer attends to them
+    /// through its key and value weights without projecting them
+    /// ([`AttentionBlock::forward_absorbed`]).
+    Tokens(Tensor),
+}
+
+/// The image side of the cross-attention: per-layer keys and values of the image tokens,
+/// computed once per image and shared by every text (caption beams, CapFilt texts) that reads
+/// it, or, for texts of a few tokens read once (ITM), the image tokens alone
+/// ([`ImageKv::unprojected`]).
 #[derive(Clone)]
 pub struct ImageKv {
-    layers: Vec<(Tensor, Tensor)>,
+    source: ImageSource,
     /// How many consecutive text rows read each image (see [`ImageKv::shared_by`]).
     rows_per_image: usize,
 }
 
 impl ImageKv {
+    /// Image tokens `(N, T, encoder_hidden)` read without projecting them: the cross-attention
+    /// folds its key and value weights into the queries and outputs instead. Cheaper than
+    /// [`TextModel::image_kv`] when each image is read by few text rows, once
+    /// ([`TextModel::image_context`] chooses).
+    pub fn unprojected(image_tokens: &Tensor) -> candle_core::Result<Self> {
+        image_tokens.dims3()?;
+        Ok(Self {
+            source: ImageSource::Tokens(image_tokens.clone()),
+            rows_per_image: 1,
+        })
+    }
+
     /// Rows `index` (a `u32` tensor) of the batch: e.g. `[0, 0, 0, 1, 1, 1]` gives 3 beams per image.
     /// This copies the keys and values; [`ImageKv::shared_by`] avoids that when every image is
     /// read by the same number of consecutive rows.
     pub fn select(&self, index: &Tensor) -> candle_core::Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((k.index_select(index, 0)?, v.index_select(index, 0)?)))
-            .collect::<candle_core::Result<_>>()?;
+        let source = match &self.source {
+            ImageSource::Projected(layers) => ImageSource::Projected(
+                layers
+                    .iter()
+                    .map(|(k, v)| Ok((k.index_select(index, 0)?, v.index_select(index, 0)?)))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+            ImageSource::Tokens(x) => ImageSource::Tokens(x.index_select(index, 0)?),
+        };
         Ok(Self {
-            layers,
+            source,
             rows_per_image: self.rows_per_image,
         })
     }
@@ -184,7 +318,7 @@ impl ImageKv {
     /// `r / rows`), without copying: beams and samples of one image share its keys and values.
     pub fn shared_by(&self, rows: usize) -> Self {
         Self {
-            layers: self.layers.clone(),
+            source: self.source.clone(),
             rows_per_image: rows.max(1),
         }
     }
@@ -196,7 +330,15 @@ impl ImageKv {
 
     /// Number of images.
     pub fn batch(&self) -> usize {
-        self.layers.first().map_or(0, |(k, _)| k.dims()[0])
+        match &self.source {
+            ImageSource::Projected(layers) => layers.first().map_or(0, |(k, _)| k.dims()[0]),
+            ImageSource::Tokens(x) => x.dims()[0],
+        }
+    }
+
+    /// Whether the image tokens are read without projection ([`ImageKv::unprojected`]).
+    pub fn is_unprojected(&self) -> bool {
+        matches!(self.source, ImageSource::Tokens(_))
     }
 }
 
@@ -279,9 +421,37 @@ impl TextModel {
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(ImageKv {
-            layers,
+            source: ImageSource::Projected(layers),
             rows_per_image: 1,
         })
+    }
+
+    /// The cross-attention's view of image tokens `(N, T, encoder_hidden)` that are each read
+    /// once by texts of `text_rows` tokens: [`ImageKv::unprojected`] when that takes fewer
+    /// multiply-adds (short texts: a 35-token ITM text with BLIP-base), [`TextModel::image_kv`]
+    /// otherwise. Texts that read one image many times over (caption beams, decoding steps)
+    /// should project once with [`TextModel::image_kv`] instead.
+    pub fn image_context(
+        &self,
+        image_tokens: &Tensor,
+        text_rows: usize,
+    ) -> candle_core::Result<ImageKv> {
+        let (_, tokens, width) = image_tokens.dims3()?;
+        let cfg = &self.cfg;
+        let absorb = absorbed_cross_attention()
+            && !training()
+            && absorbed_pays(
+                text_rows,
+                tokens,
+                width,
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+            );
+        if absorb {
+            ImageKv::unprojected(image_tokens)
+        } else {
+            self.image_kv(image_tokens)
+        }
     }
 
     /// Runs the transformer.
@@ -320,8 +490,15 @@ impl TextModel {
                 let cross = layer.crossattention.as_ref().ok_or_else(|| {
                     candle_core::Error::Msg("this text model has no cross-attention".into())
                 })?;
-                let (ik, iv) = &image.layers[i];
-                xs = cross.forward_shared(&xs, ik, iv, image.rows_per_image)?;
+                xs = match &image.source {
+                    ImageSource::Projected(layers) => {
+                        let (ik, iv) = &layers[i];
+                        cross.forward_shared(&xs, ik, iv, image.rows_per_image)?
+                    }
+                    ImageSource::Tokens(x) => {
+                        cross.forward_absorbed(&xs, x, image.rows_per_image)?
+                    }
+                };
             }
             let h = linear_act(&layer.intermediate, &xs, layer.cfg.hidden_act)?;
             xs = layer
