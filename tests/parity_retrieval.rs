@@ -161,15 +161,22 @@ fn pair_index(c: &Case) -> (Vec<u32>, Vec<usize>) {
     (text, image)
 }
 
+/// The token ids and attention mask of the texts `rows` (one row per ITM pair).
+fn text_rows(ids: &Tensor, mask: &Tensor, rows: &[u32]) -> (Tensor, Tensor) {
+    let sel = Tensor::new(rows, &Device::Cpu).unwrap();
+    (
+        ids.index_select(&sel, 0).unwrap(),
+        mask.index_select(&sel, 0).unwrap(),
+    )
+}
+
 #[test]
 fn itm_logits_match_with_cls_and_enc() {
     for name in CONFIGS {
         let c = case(name);
         let (ids, mask) = ids_and_mask(&c);
         let (text_of_pair, image_of_pair) = pair_index(&c);
-        let sel = Tensor::new(text_of_pair.as_slice(), &Device::Cpu).unwrap();
-        let pids = ids.index_select(&sel, 0).unwrap();
-        let pmask = mask.index_select(&sel, 0).unwrap();
+        let (pids, pmask) = text_rows(&ids, &mask, &text_of_pair);
         let tokens = &c.expected["vision_last_hidden"];
         let cls = c
             .model
@@ -322,9 +329,7 @@ fn itm_unprojected_cross_attention_matches_projected() {
         let c = case(name);
         let (ids, mask) = ids_and_mask(&c);
         let (text_of_pair, image_of_pair) = pair_index(&c);
-        let sel = Tensor::new(text_of_pair.as_slice(), &Device::Cpu).unwrap();
-        let pids = ids.index_select(&sel, 0).unwrap();
-        let pmask = mask.index_select(&sel, 0).unwrap();
+        let (pids, pmask) = text_rows(&ids, &mask, &text_of_pair);
         let tokens = &c.expected["vision_last_hidden"];
         let run = |ids: &Tensor, mask: &Tensor, images: &[usize], form| {
             c.model
@@ -350,11 +355,7 @@ fn itm_unprojected_cross_attention_matches_projected() {
         let n_texts = ids.dims()[0];
         let images: Vec<usize> = (0..2 * n_images).map(|r| r / 2).collect();
         let texts: Vec<u32> = (0..2 * n_images).map(|r| (r % n_texts) as u32).collect();
-        let sel = Tensor::new(texts.as_slice(), &Device::Cpu).unwrap();
-        let (sids, smask) = (
-            ids.index_select(&sel, 0).unwrap(),
-            mask.index_select(&sel, 0).unwrap(),
-        );
+        let (sids, smask) = text_rows(&ids, &mask, &texts);
         let projected = run(&sids, &smask, &images, CrossAttention::Projected);
         let unprojected = run(&sids, &smask, &images, CrossAttention::Unprojected);
         assert_close(

@@ -236,45 +236,40 @@ mod tests {
         if !crate::model::sgemm::available() {
             return Ok(());
         }
-        let dev = candle_core::Device::Cpu;
-        for &(b, h, lq, t, dh) in &[(1, 12, 197, 197, 64), (2, 3, 33, 50, 17), (1, 2, 9, 1, 8)] {
-            let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
-            let scale = 1.0 / (dh as f64).sqrt();
-            let got = parallel_heads_attention(&q, &k, &v, scale)?.expect("applies");
-            let scores = (q.matmul(&k.t()?)? * scale)?;
-            let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(
-                diff < 2e-5,
-                "{:?}: max |ours - candle| = {diff}",
-                (b, h, lq, t, dh)
-            );
-        }
-        Ok(())
+        assert_matches_candle(
+            parallel_heads_attention,
+            &[(1, 12, 197, 197, 64), (2, 3, 33, 50, 17), (1, 2, 9, 1, 8)],
+        )
     }
 
     /// Against candle's formulation on decoding shapes (1 and 3 queries, 577 image keys, a
     /// short KV cache) and odd ones.
     #[test]
     fn matches_candle_attention() -> candle_core::Result<()> {
+        assert_matches_candle(
+            few_query_attention,
+            &[
+                (1, 12, 3, 577, 64),
+                (3, 12, 1, 7, 64),
+                (2, 3, 5, 33, 17),
+                (1, 1, 8, 1, 16),
+            ],
+        )
+    }
+
+    /// `attention` on random `(batch, heads, queries, keys, head_dim)` shapes against candle's
+    /// softmax(q kᵀ scale) v, to 2e-5.
+    fn assert_matches_candle(
+        attention: impl Fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Option<Tensor>>,
+        shapes: &[(usize, usize, usize, usize, usize)],
+    ) -> candle_core::Result<()> {
         let dev = candle_core::Device::Cpu;
-        for &(b, h, lq, t, dh) in &[
-            (1, 12, 3, 577, 64),
-            (3, 12, 1, 7, 64),
-            (2, 3, 5, 33, 17),
-            (1, 1, 8, 1, 16),
-        ] {
+        for &(b, h, lq, t, dh) in shapes {
             let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
             let scale = 1.0 / (dh as f64).sqrt();
-            let got = few_query_attention(&q, &k, &v, scale)?.expect("applies");
+            let got = attention(&q, &k, &v, scale)?.expect("applies");
             let scores = (q.matmul(&k.t()?)? * scale)?;
             let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
             let diff = (got - want)?

@@ -500,10 +500,11 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// A seeded uniform draw in [-1, 1) (test data for the kernels here and in `sgemm`).
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

@@ -519,13 +519,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::model::linear::tests::lcg;
 
     /// Against an f64 reference on shapes that leave every remainder: rows not a multiple of the
     /// tile, columns not a multiple of a panel or block, the shared dimension over several
