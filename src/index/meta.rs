@@ -273,6 +273,33 @@ fn tx_err(e: TransactionError<IndexError>) -> IndexError {
     }
 }
 
+/// How long [`MetaStore::open`] waits for sled's own lock to be released.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `e` is sled failing to take its file lock (`flock` answering `EWOULDBLOCK`).
+fn is_lock_contention(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Calls `open` until it stops failing on sled's file lock or `wait` has passed, sleeping 5 ms,
+/// then 10, 20, ... up to 200 ms between tries. Any other error is returned at once.
+fn open_waiting_for_lock<T>(
+    mut open: impl FnMut() -> sled::Result<T>,
+    wait: std::time::Duration,
+) -> sled::Result<T> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match open() {
+            Err(e) if is_lock_contention(&e) && start.elapsed() < wait => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn read_count(meta: &TransactionalTree) -> std::result::Result<u64, UnabortableTransactionError> {
     Ok(meta
         .get(KEY_COUNT)?
@@ -285,10 +312,15 @@ impl MetaStore {
     /// Opens (or creates) the database in `dir`.
     ///
     /// sled locks its files: a second open of the same directory fails until the first handle is
-    /// dropped.
+    /// dropped. sled 0.34 releases that lock from its flusher thread, which it does not join when
+    /// the last handle drops, so a reopen right after a drop can see the lock still held by a
+    /// handle that is already gone (spacejam/sled#1289). [`open_waiting_for_lock`] bridges that
+    /// gap; a collection held by another live process is refused earlier, by the collection's own
+    /// lock file ([`IndexError::Locked`]).
     pub fn open(dir: &Path) -> Result<Self> {
         fs_err::create_dir_all(dir)?;
-        let db = sled::Config::new().path(dir).open()?;
+        let config = sled::Config::new().path(dir);
+        let db = open_waiting_for_lock(|| config.open(), SLED_LOCK_WAIT)?;
         Ok(MetaStore {
             dir: dir.to_path_buf(),
             images: db.open_tree("images")?,
@@ -736,6 +768,64 @@ mod tests {
             Err(IndexError::NotFound(ImageId(999)))
         ));
         assert_eq!(store.count().unwrap(), 2);
+    }
+
+    fn would_block() -> sled::Error {
+        sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "could not acquire lock",
+        ))
+    }
+
+    #[test]
+    fn open_waits_out_a_lingering_lock_and_nothing_else() {
+        let wait = std::time::Duration::from_secs(5);
+        // Held for three tries, then released: the fourth try's handle comes back.
+        let mut tries = 0;
+        let got = open_waiting_for_lock(
+            || {
+                tries += 1;
+                if tries <= 3 {
+                    Err(would_block())
+                } else {
+                    Ok(tries)
+                }
+            },
+            wait,
+        );
+        assert_eq!(got.unwrap(), 4);
+
+        // Any other error is returned on the first try.
+        let mut tries = 0;
+        let got: sled::Result<()> = open_waiting_for_lock(
+            || {
+                tries += 1;
+                Err(sled::Error::Unsupported("nope".into()))
+            },
+            wait,
+        );
+        assert!(matches!(got, Err(sled::Error::Unsupported(_))));
+        assert_eq!(tries, 1);
+
+        // A lock that stays held is reported once the wait is over.
+        let start = std::time::Instant::now();
+        let got: sled::Result<()> =
+            open_waiting_for_lock(|| Err(would_block()), std::time::Duration::from_millis(50));
+        assert!(got.as_ref().is_err_and(is_lock_contention), "{got:?}");
+        assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn immediate_reopens_do_not_trip_on_the_flusher() {
+        // The race of spacejam/sled#1289: each drop is followed at once by a reopen.
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20u64 {
+            let store = MetaStore::open(dir.path()).unwrap();
+            assert_eq!(store.count().unwrap(), i);
+            store
+                .insert(&record(store.allocate_id().unwrap(), i))
+                .unwrap();
+        }
     }
 
     #[test]
