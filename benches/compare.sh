@@ -11,6 +11,7 @@
 #   --threads T     threads for both sides (default: all cores, nproc)
 #   --ops LIST      comma-separated subset of image_b1,image_b8,text_query,itm,caption
 #   --vectors N     run the vector-index comparison with N seeded 256-d unit vectors
+#   --ef LIST       comma-separated search ef values for --vectors (default 64,128,256,512,1024)
 #   --no-model      skip the model comparison (with --vectors)
 #   --out DIR       where raw results go (default target/bench-compare)
 #   --baseline BIN  instead of PyTorch, alternate with another build of examples/bench_compare
@@ -26,7 +27,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-rounds=3 iters=2 threads=$(nproc) vectors=0 model=1 baseline=
+rounds=3 iters=2 threads=$(nproc) vectors=0 model=1 baseline= efs=64,128,256,512,1024
 ops=image_b1,image_b8,text_query,itm,caption
 out=${CARGO_TARGET_DIR:-$root/target}/bench-compare
 while [ $# -gt 0 ]; do
@@ -36,10 +37,11 @@ while [ $# -gt 0 ]; do
         --threads) threads=$2; shift 2 ;;
         --ops) ops=$2; shift 2 ;;
         --vectors) vectors=$2; shift 2 ;;
+        --ef) efs=$2; shift 2 ;;
         --no-model) model=0; shift ;;
         --out) out=$2; shift 2 ;;
         --baseline) baseline=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -56,9 +58,14 @@ if [ -z "$py" ]; then
     fi
     py=$venv/bin/python
 fi
+# The vector table needs only hnswlib and numpy; the model table needs the rest too.
+needs="hnswlib:hnswlib numpy:numpy"
+if [ "$model" = 1 ]; then
+    needs="$needs torch:torch transformers:transformers PIL:pillow safetensors:safetensors"
+    needs="$needs skimage:scikit-image"
+fi
 missing=()
-for pair in torch:torch transformers:transformers hnswlib:hnswlib numpy:numpy PIL:pillow \
-            safetensors:safetensors skimage:scikit-image; do
+for pair in $needs; do
     "$py" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -120,7 +127,7 @@ if [ "$vectors" != 0 ]; then
     : > "$vres"
     # Ours writes the vectors, queries and exact top-10 it used; hnswlib reads the same files.
     RAYON_NUM_THREADS=$threads "$CARGO_TARGET_DIR/release/examples/hnsw_compare" \
-        --n "$vectors" --write "$data" | tee -a "$vres" >&2
+        --n "$vectors" --ef "$efs" --write "$data" | tee -a "$vres" >&2
     "$py" benches/hnswlib_side.py --data "$data" --threads "$threads" | tee -a "$vres" >&2
     "$py" benches/report_vectors.py "$vres" | tee "$out/vectors.md"
     rm -rf "$data"
