@@ -19,6 +19,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -274,7 +275,7 @@ fn tx_err(e: TransactionError<IndexError>) -> IndexError {
 }
 
 /// How long [`MetaStore::open`] waits for sled's own lock to be released.
-const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether `e` is sled failing to take its file lock (`flock` answering `EWOULDBLOCK`).
 fn is_lock_contention(e: &sled::Error) -> bool {
@@ -285,15 +286,15 @@ fn is_lock_contention(e: &sled::Error) -> bool {
 /// then 10, 20, ... up to 200 ms between tries. Any other error is returned at once.
 fn open_waiting_for_lock<T>(
     mut open: impl FnMut() -> sled::Result<T>,
-    wait: std::time::Duration,
+    wait: Duration,
 ) -> sled::Result<T> {
-    let start = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(5);
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
     loop {
         match open() {
             Err(e) if is_lock_contention(&e) && start.elapsed() < wait => {
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                pause = (pause * 2).min(Duration::from_millis(200));
             }
             other => return other,
         }
@@ -779,7 +780,7 @@ mod tests {
 
     #[test]
     fn open_waits_out_a_lingering_lock_and_nothing_else() {
-        let wait = std::time::Duration::from_secs(5);
+        let wait = Duration::from_secs(5);
         // Held for three tries, then released: the fourth try's handle comes back.
         let mut tries = 0;
         let got = open_waiting_for_lock(
@@ -808,11 +809,11 @@ mod tests {
         assert_eq!(tries, 1);
 
         // A lock that stays held is reported once the wait is over.
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let got: sled::Result<()> =
-            open_waiting_for_lock(|| Err(would_block()), std::time::Duration::from_millis(50));
+            open_waiting_for_lock(|| Err(would_block()), Duration::from_millis(50));
         assert!(got.as_ref().is_err_and(is_lock_contention), "{got:?}");
-        assert!(start.elapsed() >= std::time::Duration::from_millis(50));
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 
     #[test]
