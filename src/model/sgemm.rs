@@ -11,7 +11,12 @@
 //! A group of input rows (`KC x MR`, 21 KiB) stays in L1 while the weight panels stream past it
 //! from L2. Each thread takes ranges of output columns, so every weight value is copied once per
 //! call; the bias and the erf-GELU are applied while the finished rows are still in cache, and
-//! the output is never zeroed (the first block writes it).
+//! the output is never zeroed (the first block writes it). The packs live in per-thread scratch
+//! buffers ([`with_scratch`]) kept between calls: every value a tile reads was written by this
+//! call's packing, so they are neither zeroed nor allocated again.
+
+use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -28,6 +33,37 @@ const NR: usize = 32;
 const KC: usize = 384;
 /// Output columns per block (a multiple of [`NR`]): `KC x NC` weight values, 384 KiB, in L2.
 const NC: usize = 8 * NR;
+
+/// The largest pack (in floats, 16 MiB) kept in a thread's scratch between calls; larger ones
+/// (batches of several images) are allocated per call, so that an idle thread holds at most this.
+const SCRATCH_MAX: usize = 1 << 22;
+
+thread_local! {
+    /// The packed input of the calls this thread makes.
+    static INPUT_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The packed weight panels of the column ranges this thread computes.
+    static WEIGHT_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of this thread's scratch `key`, holding whatever an earlier call left
+/// there (the caller writes before it reads). A fresh zeroed buffer stands in when `len` is over
+/// [`SCRATCH_MAX`], or when the scratch is in use further up this thread's stack (a rayon worker
+/// that picked up another multiply while waiting inside one).
+fn with_scratch<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) if len <= SCRATCH_MAX => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            f(&mut buf[..len])
+        }
+        _ => f(&mut vec![0f32; len]),
+    })
+}
 
 /// Whether [`linear`] runs on this CPU (AVX-512F).
 pub(crate) fn available() -> bool {
@@ -97,29 +133,51 @@ pub(crate) fn matmul(
     let mut y: Vec<f32> = Vec::with_capacity(m * n);
     // The input, packed once for every task: block `pc / KC` holds groups of MR rows, each
     // `kc` steps of MR values (`kc` the block's width).
-    let groups = m.div_ceil(MR);
-    let block = groups * MR * KC;
-    let mut apack = vec![0f32; k.div_ceil(KC) * block];
-    let pack = |(bi, dst): (usize, &mut [f32])| {
-        let pc = bi * KC;
-        pack_input(x, m, k, pc, KC.min(k - pc), dst);
-    };
-    if threads > 1 && m * k >= 1 << 16 {
-        apack.par_chunks_mut(block).enumerate().for_each(pack);
-    } else {
-        apack.chunks_mut(block).enumerate().for_each(pack);
-    }
+    let block = m.div_ceil(MR) * MR * KC.min(k);
+    with_scratch(&INPUT_PACK, k.div_ceil(KC) * block, |apack| {
+        let pack = |(bi, dst): (usize, &mut [f32])| {
+            let pc = bi * KC;
+            pack_input(x, m, k, pc, KC.min(k - pc), dst);
+        };
+        if threads > 1 && m * k >= 1 << 16 {
+            apack.par_chunks_mut(block).enumerate().for_each(pack);
+        } else {
+            apack.chunks_mut(block).enumerate().for_each(pack);
+        }
+        multiply(apack, w, rhs, b, m, n, k, epilogue, threads, &mut y);
+    });
+    // SAFETY: every one of the `m * n` values was written by `multiply` (each of its tasks covers
+    // all rows of its columns, the columns of all tasks cover `0..n`).
+    unsafe { y.set_len(m * n) };
+    y
+}
+
+/// The tiles of [`matmul`] over the packed input `apack`, written into `y`'s spare capacity
+/// (`m * n` values).
+#[allow(clippy::too_many_arguments)]
+fn multiply(
+    apack: &[f32],
+    w: &[f32],
+    rhs: Rhs,
+    b: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+    epilogue: Epilogue,
+    threads: usize,
+    y: &mut Vec<f32>,
+) {
+    assert!(y.capacity() >= m * n);
     // Column ranges of whole panels, two per thread so that a thread slowed by other load on the
     // machine leaves work for the other.
     let panels = n.div_ceil(NR);
     let chunks = (2 * threads.max(1)).min(panels);
     let per = panels.div_ceil(chunks) * NR;
     let out = SendPtr(y.as_mut_ptr());
-    let apack = &apack[..];
     let task = |c0: usize| {
         let c1 = (c0 + per).min(n);
         // SAFETY: tasks write disjoint column ranges `c0..c1` of `y` (`m x n`); the CPU has
-        // AVX-512F (asserted above).
+        // AVX-512F (asserted in `matmul`, the only caller).
         #[cfg(target_arch = "x86_64")]
         unsafe {
             x86::columns(apack, w, rhs, b, m, n, k, c0, c1, epilogue, out)
@@ -136,10 +194,6 @@ pub(crate) fn matmul(
             .into_par_iter()
             .for_each(task);
     }
-    // SAFETY: every one of the `m * n` values was written by the tasks above (each task covers
-    // all rows of its columns, the columns of all tasks cover `0..n`).
-    unsafe { y.set_len(m * n) };
-    y
 }
 
 /// `dst[g][t][ii] = x[g MR + ii][pc + t]` (0 past row `m`): groups of `kc x MR`.
@@ -239,7 +293,7 @@ fn finish(row: &mut [f32], bias: Option<&[f32]>, e: Epilogue) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{finish, Epilogue, Rhs, SendPtr, KC, MR, NC, NR};
+    use super::{finish, with_scratch, Epilogue, Rhs, SendPtr, KC, MR, NC, NR, WEIGHT_PACK};
 
     /// Output columns `c0..c1` of every row of `y` (through `out`, `m x n`) from the packed
     /// input `apack` (see [`super::linear`]).
@@ -261,8 +315,33 @@ mod x86 {
         epilogue: Epilogue,
         out: SendPtr,
     ) {
+        with_scratch(&WEIGHT_PACK, NC * KC.min(k), |bpack| {
+            // SAFETY: the caller's guarantees, passed on.
+            unsafe { columns_with(apack, w, rhs, bias, m, n, k, c0, c1, epilogue, out, bpack) }
+        })
+    }
+
+    /// [`columns`] with `bpack` (`NC x min(KC, k)` floats) to pack the weight panels into.
+    ///
+    /// # Safety
+    /// As [`columns`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn columns_with(
+        apack: &[f32],
+        w: &[f32],
+        rhs: Rhs,
+        bias: Option<&[f32]>,
+        m: usize,
+        n: usize,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        epilogue: Epilogue,
+        out: SendPtr,
+        bpack: &mut [f32],
+    ) {
         let groups = m.div_ceil(MR);
-        let mut bpack = vec![0f32; NC * KC.min(k)];
         for jc in (c0..c1).step_by(NC) {
             let jc1 = (jc + NC).min(c1);
             let panels = (jc1 - jc).div_ceil(NR);
@@ -270,10 +349,10 @@ mod x86 {
             while pc < k {
                 let kc = KC.min(k - pc);
                 match rhs {
-                    Rhs::OutIn => pack_weight(w, k, jc, jc1, pc, kc, &mut bpack),
-                    Rhs::InOut => pack_plain(w, n, jc, jc1, pc, kc, &mut bpack),
+                    Rhs::OutIn => pack_weight(w, k, jc, jc1, pc, kc, bpack),
+                    Rhs::InOut => pack_plain(w, n, jc, jc1, pc, kc, bpack),
                 }
-                let ablock = &apack[(pc / KC) * groups * MR * KC..];
+                let ablock = &apack[(pc / KC) * groups * MR * KC.min(k)..];
                 let last = pc + kc == k;
                 // Each group of input rows stays in L1 while the weight panels stream past it.
                 for g in 0..groups {
@@ -537,6 +616,9 @@ mod tests {
             (113, 70, 300),
             (57, 97, 513),
             (200, 300, 800),
+            // Smaller again: the scratch packs still hold the larger call's values.
+            (15, 33, 7),
+            (57, 97, 513),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
             let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 0.1).collect();
