@@ -28,6 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", required=True, help="directory written by hnsw_compare --write")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--ef", help="comma-separated search ef values (default: those in meta.json)")
     a = ap.parse_args()
     meta = json.load(open(os.path.join(a.data, "meta.json")))
     n, dim, k = meta["n"], meta["dim"], meta["k"]
@@ -44,7 +45,8 @@ def main() -> int:
     print(json.dumps({"side": "hnswlib", "kind": "build", "n": n, "dim": dim, "m": meta["m"],
                       "ef_construction": meta["ef_construction"], "build_s": build_s, "threads": a.threads,
                       "index_mib": index_mib, "version": getattr(hnswlib, "__version__", "0.8.0")}), flush=True)
-    for ef in meta["ef"]:
+    efs = [int(e) for e in a.ef.split(",")] if a.ef else meta["ef"]
+    for ef in efs:
         index.set_ef(ef)
         secs = float("inf")
         for _ in range(3):  # best of three passes, as examples/hnsw_compare.rs does
