@@ -10,8 +10,15 @@
 //! ```
 //!
 //! Prints JSON lines (side "ours"): build seconds, memory added by the index, and one line per
-//! `ef` with recall@10 and queries/s, for our search path (side "ours") and for `hnsw_rs`'s own
-//! search over the same graph (side "ours_hnsw_rs"), best of three passes each.
+//! `ef` with recall@10 and queries/s, for our search path (side "ours"; `"exact": true` where
+//! the index answers that `ef` by an exact scan, see `VectorIndex::search`) and for `hnsw_rs`'s
+//! own search over the same graph (side "ours_hnsw_rs"), best of three passes each; then the
+//! exact scan itself (side "ours_scan", `VectorIndex::search_exact`).
+//!
+//! `--read DIR` takes the vectors, queries and exact top-10 from a directory an earlier `--write`
+//! made instead of generating them. `--scan-only` skips the graph and measures only the exact
+//! scan, over the same rows and with the same code (`ExactScan`): at 1M vectors the graph takes
+//! two hours to build on two cores, the scan a few seconds to set up.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,7 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use blipsearch::index::{HnswParams, ImageId, VectorIndex};
+use blipsearch::index::{ExactScan, HnswParams, ImageId, VectorIndex};
 
 const DIM: usize = 256;
 const K: usize = 10;
@@ -98,10 +105,60 @@ fn write_f32(path: &std::path::Path, xs: &[f32]) -> Result<()> {
     Ok(f.flush()?)
 }
 
+fn read_f32(path: &std::path::Path) -> Result<Vec<f32>> {
+    let bytes = fs_err::read(path)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Vectors, queries (both row-major) and the exact top-`K` rows of each query.
+type Data = (Vec<f32>, Vec<f32>, Vec<Vec<u32>>);
+
+/// The [`Data`] written by an earlier `--write DIR`.
+fn read_data(dir: &std::path::Path) -> Result<Data> {
+    let meta: serde_json::Value = serde_json::from_slice(&fs_err::read(dir.join("meta.json"))?)?;
+    if meta["dim"] != DIM || meta["k"] != K {
+        bail!(
+            "{}: dim {} and k {} (this harness: {DIM}, {K})",
+            dir.display(),
+            meta["dim"],
+            meta["k"]
+        );
+    }
+    let data = read_f32(&dir.join("vectors.f32"))?;
+    let qs = read_f32(&dir.join("queries.f32"))?;
+    let truth: Vec<Vec<u32>> = fs_err::read(dir.join("truth.u32"))?
+        .chunks_exact(4 * K)
+        .map(|row| {
+            row.chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        })
+        .collect();
+    if data.len() % DIM != 0 || qs.len() != truth.len() * DIM {
+        bail!("{}: files of inconsistent sizes", dir.display());
+    }
+    Ok((data, qs, truth))
+}
+
+/// Recall@`K` of `found` (0-based rows per query) against `truth`.
+fn recall(truth: &[Vec<u32>], found: impl Iterator<Item = Vec<u32>>) -> f64 {
+    let hits: usize = truth
+        .iter()
+        .zip(found)
+        .map(|(want, got)| got.iter().filter(|r| want.contains(r)).count())
+        .sum();
+    hits as f64 / (K * truth.len()) as f64
+}
+
 fn main() -> Result<()> {
     let mut n = 100_000usize;
     let mut queries = 200usize;
     let mut write: Option<PathBuf> = None;
+    let mut read: Option<PathBuf> = None;
+    let mut scan_only = false;
     let mut efs = vec![64usize, 128, 256, 512, 1024];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -110,6 +167,8 @@ fn main() -> Result<()> {
             "--n" => n = value("--n")?.parse()?,
             "--queries" => queries = value("--queries")?.parse()?,
             "--write" => write = Some(value("--write")?.into()),
+            "--read" => read = Some(value("--read")?.into()),
+            "--scan-only" => scan_only = true,
             "--ef" => {
                 efs = value("--ef")?
                     .split(',')
@@ -119,14 +178,46 @@ fn main() -> Result<()> {
             s => bail!("unknown argument {s}"),
         }
     }
-    let mut g = Gauss(0x9E37_79B9_7F4A_7C15);
-    let mut data = vec![0f32; n * DIM];
-    data.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
-    let mut qs = vec![0f32; queries * DIM];
-    qs.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
     let t = Instant::now();
-    let truth = exact_top(&data, &qs);
+    let (data, qs, truth) = match &read {
+        Some(dir) => read_data(dir)?,
+        None => {
+            let mut g = Gauss(0x9E37_79B9_7F4A_7C15);
+            let mut data = vec![0f32; n * DIM];
+            data.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
+            let mut qs = vec![0f32; queries * DIM];
+            qs.chunks_exact_mut(DIM).for_each(|v| g.unit(v));
+            let truth = exact_top(&data, &qs);
+            (data, qs, truth)
+        }
+    };
     let exact_s = t.elapsed().as_secs_f64();
+    n = data.len() / DIM;
+    queries = truth.len();
+    if scan_only {
+        let scan = ExactScan::new(DIM, &data);
+        let mut best = (0.0, f64::INFINITY);
+        for _ in 0..REPEATS {
+            let t = Instant::now();
+            let found: Vec<Vec<u32>> = qs
+                .chunks_exact(DIM)
+                .map(|q| {
+                    scan.top_k(q, K)
+                        .iter()
+                        .map(|&(row, _)| row as u32)
+                        .collect()
+                })
+                .collect();
+            let secs = t.elapsed().as_secs_f64();
+            best = (recall(&truth, found.into_iter()), best.1.min(secs));
+        }
+        println!(
+            "{}",
+            json!({"side": "ours_scan", "kind": "search", "ef": null, "n": n,
+                "recall": best.0, "qps": queries as f64 / best.1})
+        );
+        return Ok(());
+    }
     if let Some(dir) = &write {
         fs_err::create_dir_all(dir)?;
         write_f32(&dir.join("vectors.f32"), &data)?;
@@ -189,12 +280,30 @@ fn main() -> Result<()> {
             }
         }
         for (p, (recall, secs)) in best.iter().enumerate() {
+            let exact = p == 0 && index.scans_exactly(K, Some(ef));
             println!(
                 "{}",
-                json!({"side": paths[p].0, "kind": "search", "ef": ef,
+                json!({"side": paths[p].0, "kind": "search", "ef": ef, "exact": exact,
                     "recall": recall, "qps": queries as f64 / secs})
             );
         }
     }
+    index.set_hnsw_rs_search(false);
+    let mut best = (0.0, f64::INFINITY);
+    for _ in 0..REPEATS {
+        let t = Instant::now();
+        let mut found = Vec::with_capacity(queries);
+        for q in qs.chunks_exact(DIM) {
+            let got = index.search_exact(q, K, None)?;
+            found.push(got.iter().map(|(id, _)| (id.0 - 1) as u32).collect());
+        }
+        let secs = t.elapsed().as_secs_f64();
+        best = (recall(&truth, found.into_iter()), best.1.min(secs));
+    }
+    println!(
+        "{}",
+        json!({"side": "ours_scan", "kind": "search", "ef": null, "n": n,
+            "recall": best.0, "qps": queries as f64 / best.1})
+    );
     Ok(())
 }

@@ -224,6 +224,38 @@ impl Rows {
     }
 }
 
+/// An exact top-`k` scan over bare vectors, without a graph: the code [`super::VectorIndex`]'s
+/// exact strategy runs (padded, aligned rows, the SIMD dot product, [`TopK`]), so that a
+/// benchmark can measure it at sizes whose graph would take hours to build
+/// (`examples/hnsw_compare.rs --scan-only`). Not part of the supported API.
+#[doc(hidden)]
+pub struct ExactScan {
+    rows: Rows,
+}
+
+impl ExactScan {
+    /// `vectors`: row-major, `dim` floats per row, already unit length (scores are dot products).
+    pub fn new(dim: usize, vectors: &[f32]) -> Self {
+        assert!(
+            dim > 0 && vectors.len().is_multiple_of(dim),
+            "rows of {dim} floats"
+        );
+        let mut rows = Rows::with_capacity(dim, vectors.len() / dim);
+        vectors.chunks_exact(dim).for_each(|v| rows.push(v));
+        ExactScan { rows }
+    }
+
+    /// The `k` rows with the largest dot product with `query` (`dim` floats), best first, as
+    /// `(row, score)`; ties go to the smaller row.
+    pub fn top_k(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        let mut q = Rows::with_capacity(self.rows.dim, 1);
+        q.push(query);
+        let mut top = TopK::new(k);
+        self.rows.scan(&q, &|_| true, &mut top, |i| i as u64);
+        top.into_sorted()
+    }
+}
+
 /// A scored internal id; ordered by score, then by id (for determinism).
 #[derive(Clone, Copy, PartialEq, Debug)]
 struct Scored {

@@ -36,6 +36,8 @@ use serde::Serialize;
 
 pub use error::{IndexError, Result};
 pub use features::{FeatureMatrix, FeatureStore};
+#[doc(hidden)]
+pub use flat::ExactScan;
 pub use meta::{
     content_hash, Caption, CaptionSource, CollectionInfo, CommitState, ImageId, ImageRecord,
     MetaStore,

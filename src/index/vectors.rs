@@ -322,6 +322,12 @@ const POST_FILTER_SLACK: f64 = 4.0;
 /// the filter instead.
 const POST_FILTER_MAX_EF: usize = 4;
 
+/// An unfiltered search at `ef` scans exactly when the live points number at most
+/// `SCAN_ROWS_PER_EF * ef`: a graph walk scores some tens of points per unit of `ef`, each a
+/// cache miss, while the scan streams the rows in order; past this ratio the scan is as fast
+/// and never misses (measured in benches/README.md, "Exact scan or graph walk").
+const SCAN_ROWS_PER_EF: usize = 128;
+
 /// A hit of an exact scan, ordered by distance (max-heap keeps the worst on top).
 #[derive(PartialEq)]
 struct Hit(f32, u64);
@@ -711,6 +717,39 @@ impl VectorIndex {
         self.search_with(query, k, ef, filter, Strategy::Auto)
     }
 
+    /// The exact top-`k` by brute force over every live point passing `filter`: what
+    /// [`VectorIndex::search`] converges to as `ef` grows, and what it answers itself when the
+    /// scan is the cheaper of the two (see [`VectorIndex::scans_exactly`]).
+    pub fn search_exact(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&dyn Fn(ImageId) -> bool>,
+    ) -> Result<Vec<(ImageId, f32)>> {
+        self.search_with(query, k, None, filter, Strategy::Exact)
+    }
+
+    /// Whether an unfiltered [`VectorIndex::search`] for `k` at `ef` (default
+    /// [`HnswParams::ef_search`]) is answered by an exact scan rather than a graph walk: when the
+    /// live points number at most [`HnswParams::exact_threshold`] or `128 · ef` (past that
+    /// `ef`, walking the graph costs more than scanning every point).
+    pub fn scans_exactly(&self, k: usize, ef: Option<usize>) -> bool {
+        let ef = ef.unwrap_or(self.params.ef_search).max(k);
+        self.len() <= self.exact_limit(ef)
+    }
+
+    /// Candidate counts up to which a search at `ef` scans exactly. Not when searching with
+    /// `hnsw_rs` (that mode exists to measure `hnsw_rs`'s own walk), beyond the fixed threshold.
+    fn exact_limit(&self, ef: usize) -> usize {
+        if self.hnsw_rs_search {
+            self.params.exact_threshold
+        } else {
+            self.params
+                .exact_threshold
+                .max(ef.saturating_mul(SCAN_ROWS_PER_EF))
+        }
+    }
+
     fn search_with(
         &self,
         query: &[f32],
@@ -734,7 +773,7 @@ impl VectorIndex {
                     None => live,
                 };
                 let share = passing as f64 / self.ids.len() as f64;
-                if passing <= self.params.exact_threshold {
+                if passing <= self.exact_limit(ef) {
                     Strategy::Exact
                 } else if filter.is_none() && tombstones.is_empty() {
                     Strategy::Plain
@@ -1207,6 +1246,39 @@ mod unit_tests {
 
     fn open(dir: &Path) -> VectorIndex {
         VectorIndex::open(dir, DIM, HnswParams::default()).unwrap()
+    }
+
+    #[test]
+    fn large_ef_is_answered_by_the_exact_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = HnswParams {
+            exact_threshold: 0,
+            ..HnswParams::default()
+        };
+        let mut index = VectorIndex::open(dir.path(), DIM, params).unwrap();
+        let items = small(300);
+        index.insert_batch(&items).unwrap();
+        // 300 live points: 128 * 2 = 256 < 300 walks the graph, 128 * 3 = 384 scans.
+        assert!(!index.scans_exactly(1, Some(2)));
+        assert!(index.scans_exactly(1, Some(3)));
+        assert!(index.scans_exactly(3, Some(1)), "ef is at least k");
+        let q = &items[7].1;
+        let mut brute: Vec<(ImageId, f32)> = items
+            .iter()
+            .map(|(id, v)| (*id, v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>()))
+            .collect();
+        brute.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let exact = index.search_exact(q, 10, None).unwrap();
+        let ids = |hits: &[(ImageId, f32)]| hits.iter().map(|h| h.0).collect::<Vec<_>>();
+        assert_eq!(ids(&exact), ids(&brute[..10]));
+        for ((_, a), (_, b)) in exact.iter().zip(&brute) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // A search at an ef past the ratio returns the exact answer.
+        assert_eq!(
+            ids(&index.search(q, 10, Some(3), None).unwrap()),
+            ids(&exact)
+        );
     }
 
     #[test]
