@@ -19,6 +19,7 @@ def main() -> int:
             build[r["side"]] = r
         elif r["kind"] == "search":
             search.setdefault(r["ef"], {})[r["side"]] = r
+    scan = search.pop(None, {}).get("ours_scan")
     o, h = build.get("ours", {}), build.get("hnswlib", {})
     n = o.get("n") or h.get("n")
     print(f"{n} seeded 256-d unit vectors, M={o.get('m')}, ef_construction={o.get('ef_construction')}, "
@@ -36,15 +37,18 @@ def main() -> int:
         s = search[ef]
         so, sr, sh = s.get("ours"), s.get("ours_hnsw_rs"), s.get("hnswlib")
         ratio = f"{so['qps'] / sh['qps']:.2f}x QPS" if so and sh else "-"
-        print(f"| ef = {ef} | {cell(so)} | {cell(sr)} | {cell(sh)} | {ratio} |")
+        mark = " (exact scan)" if so and so.get("exact") else ""
+        print(f"| ef = {ef} | {cell(so)}{mark} | {cell(sr)} | {cell(sh)} | {ratio} |")
+    if scan:
+        print(f"| exact scan (ours, `search_exact`) | {cell(scan)} | | | |")
     # QPS at equal recall: hnswlib's QPS interpolated (log-linear in QPS) at each of our recalls.
     hl = sorted((s["hnswlib"]["recall"], s["hnswlib"]["qps"]) for s in search.values() if "hnswlib" in s)
     if len(hl) >= 2:
         print()
         print("| our recall@10 | our QPS | hnswlib QPS at that recall (interpolated) | ours/hnswlib |")
         print("|---|---|---|---|")
-        for ef in sorted(search):
-            so = search[ef].get("ours")
+        ours = [search[ef].get("ours") for ef in sorted(search)] + [scan]
+        for so in ours:
             if not so:
                 continue
             r = so["recall"]
