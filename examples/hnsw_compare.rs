@@ -19,6 +19,10 @@
 //! made instead of generating them. `--scan-only` skips the graph and measures only the exact
 //! scan, over the same rows and with the same code (`ExactScan`): at 1M vectors the graph takes
 //! two hours to build on two cores, the scan a few seconds to set up.
+//!
+//! `--index DIR` keeps the built index in `DIR` (saved as a dump) and, when `DIR` already holds
+//! one of the same size, loads it instead of building (no build line is printed then): one slow
+//! build, then any number of search measurements, e.g. of two builds of the search code.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -162,6 +166,7 @@ fn main() -> Result<()> {
     let mut write: Option<PathBuf> = None;
     let mut read: Option<PathBuf> = None;
     let mut scan_only = false;
+    let mut keep: Option<PathBuf> = None;
     let mut efs = vec![64usize, 128, 256, 512, 1024];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -172,6 +177,7 @@ fn main() -> Result<()> {
             "--write" => write = Some(value("--write")?.into()),
             "--read" => read = Some(value("--read")?.into()),
             "--scan-only" => scan_only = true,
+            "--index" => keep = Some(value("--index")?.into()),
             "--ef" => {
                 efs = value("--ef")?
                     .split(',')
@@ -223,10 +229,27 @@ fn main() -> Result<()> {
         fs_err::write(dir.join("meta.json"), meta.to_string())?;
     }
 
-    let dir = tempfile::tempdir()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = keep.as_deref().unwrap_or(tmp.path());
     let params = HnswParams::default();
     let before = rss_mib();
-    let mut index = VectorIndex::open(dir.path(), DIM, params)?;
+    let t = Instant::now();
+    let mut index = VectorIndex::open(dir, DIM, params)?;
+    if index.len() == n {
+        eprintln!(
+            "loaded the index in {} ({:.1?})",
+            dir.display(),
+            t.elapsed()
+        );
+        return search_rows(&mut index, &efs, &qs, &truth, n);
+    }
+    if !index.is_empty() {
+        bail!(
+            "{} holds an index of {} points, not {n}",
+            dir.display(),
+            index.len()
+        );
+    }
     let t = Instant::now();
     let chunk = 20_000;
     for (c, rows) in data.chunks(chunk * DIM).enumerate() {
@@ -246,10 +269,26 @@ fn main() -> Result<()> {
             "threads": candle_core::utils::get_num_threads(),
             "index_mib": index_mib, "exact_s": exact_s})
     );
+    if keep.is_some() {
+        index.save(1)?;
+    }
+    search_rows(&mut index, &efs, &qs, &truth, n)
+}
+
+/// Measures our search path and `hnsw_rs`'s at each `ef`, then the exact scan, and prints their
+/// lines.
+fn search_rows(
+    index: &mut VectorIndex,
+    efs: &[usize],
+    qs: &[f32],
+    truth: &[Vec<u32>],
+    n: usize,
+) -> Result<()> {
+    let queries = truth.len();
     // Each `ef` is timed `REPEATS` times per search path, the paths alternating, and the best
     // time is kept (the machine is shared: the best run is the least disturbed one).
     let paths = [("ours", false), ("ours_hnsw_rs", true)];
-    for &ef in &efs {
+    for &ef in efs {
         let mut best = [(0.0f64, f64::INFINITY); 2];
         let n_paths = if ef <= HNSW_RS_MAX_EF { 2 } else { 1 };
         for round in 0..REPEATS {
@@ -286,7 +325,7 @@ fn main() -> Result<()> {
         }
     }
     index.set_hnsw_rs_search(false);
-    scan_row(&qs, &truth, n, |q| {
+    scan_row(qs, truth, n, |q| {
         let got = index.search_exact(q, K, None)?;
         Ok(got.iter().map(|(id, _)| (id.0 - 1) as u32).collect())
     })
