@@ -12,8 +12,8 @@
 //! Prints JSON lines (side "ours"): build seconds, memory added by the index, and one line per
 //! `ef` with recall@10 and queries/s, for our search path (side "ours"; `"exact": true` where
 //! the index answers that `ef` by an exact scan, see `VectorIndex::search`) and for `hnsw_rs`'s
-//! own search over the same graph (side "ours_hnsw_rs", up to ef 1024), best of three passes each; then the
-//! exact scan itself (side "ours_scan", `VectorIndex::search_exact`).
+//! own search over the same graph (side "ours_hnsw_rs", up to ef 1024), best of three passes
+//! each; then the exact scan itself (side "ours_scan", `VectorIndex::search_exact`).
 //!
 //! `--read DIR` takes the vectors, queries and exact top-10 from a directory an earlier `--write`
 //! made instead of generating them. `--scan-only` skips the graph and measures only the exact
@@ -22,7 +22,8 @@
 //!
 //! `--index DIR` keeps the built index in `DIR` (saved as a dump) and, when `DIR` already holds
 //! one of the same size, loads it instead of building (no build line is printed then): one slow
-//! build, then any number of search measurements, e.g. of two builds of the search code.
+//! build, then any number of search measurements, e.g. of two builds of the search code. Use one
+//! `DIR` per data set: only the size is checked.
 
 use std::io::Write;
 use std::path::PathBuf;
