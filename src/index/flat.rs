@@ -13,8 +13,9 @@
 //! (AVX-512F, AVX2+FMA, or portable code). The score is the dot product of unit vectors, i.e. the
 //! cosine.
 //!
-//! The large arrays (vectors, links, visited marks) are advised for transparent huge pages: a
-//! search touches random rows of them, and with 4 KiB pages each jump is a TLB miss as well.
+//! Arrays of 4 MiB and more (the vectors and layer-0 links from a few thousand points; the
+//! visited marks, 2 bytes a point, from 2M) are advised for transparent huge pages: a search
+//! touches random rows of them, and with 4 KiB pages each jump is a TLB miss as well.
 //!
 //! Internal ids order the points by level, then by their slot in `hnsw_rs`'s per-level table:
 //! `dense = offset[level] + slot`. The points present in layer `l` (level ≥ `l`) are then the
