@@ -34,6 +34,11 @@ pub struct Uploaded {
     pub duplicate: bool,
 }
 
+/// Where uploads go inside a collection directory.
+pub fn uploads_dir(index: &Path) -> PathBuf {
+    index.join("uploads")
+}
+
 /// One uploaded image as the client sent it.
 #[derive(Debug, Clone, Copy)]
 pub struct NewUpload<'a> {

@@ -18,7 +18,6 @@ pub mod routes;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -221,7 +220,4 @@ pub fn serve(
     result
 }
 
-/// Where uploads go inside a collection directory.
-pub fn uploads_dir(index: &std::path::Path) -> PathBuf {
-    index.join("uploads")
-}
+pub use crate::engine::uploads::uploads_dir;
