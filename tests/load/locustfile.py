@@ -66,14 +66,31 @@ def png(seed: int, size: int = 48) -> bytes:
                           (base[2] + rng.randrange(32)) % 256))
         rows.append(bytes(row))
     raw = b"".join(rows)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
     ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+# A decompression-heavy image: 4000x4000 RGB (16 megapixels, 48 MB decoded) in ~190 KB of PNG,
+# for the server's decode memory. Built once; a tEXt chunk makes each upload's bytes unique.
+BIG_SIDE = 4000
+_row = b"\x00" + (bytes(range(256)) * (3 * BIG_SIDE // 256 + 1))[:3 * BIG_SIDE]
+BIG_IDAT = chunk(b"IDAT", zlib.compress(_row * BIG_SIDE, 9))
+del _row
+
+
+def big_png(nonce: str = "") -> bytes:
+    ihdr = struct.pack(">IIBBBBB", BIG_SIDE, BIG_SIDE, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"tEXt", b"Comment\x00" + nonce.encode()) + BIG_IDAT + chunk(b"IEND", b""))
+
+
+BIG_QUERY = big_png("query")
 
 
 def fresh_png() -> bytes:
@@ -171,6 +188,13 @@ class Visitor(HttpUser):
                               files={"image": ("query.png", data)}, catch_response=True) as r:
             r.success()
 
+    @task(3)
+    def search_by_big_upload(self):
+        with self.client.post("/api/search/image?limit=5",
+                              name="/api/search/image (multipart 16 MP)",
+                              files={"image": ("big.png", BIG_QUERY)}, catch_response=True) as r:
+            r.success()
+
     @task(8)
     def search_by_id(self):
         with self.client.post("/api/search/image?limit=5", name="/api/search/image (json id)",
@@ -194,6 +218,13 @@ class Visitor(HttpUser):
                 kept.append((e["id"], data, name))
             else:
                 deletable.append((e["id"], data, name))
+
+    @task(1)
+    def upload_big(self):
+        data = big_png(f"{os.getpid()}-{started}-{next(counter)}")
+        e = self._post_upload(self.client, data, f"big{next(counter)}.png", "16 MP", True)
+        if e["status"] in (200, 201):
+            readable.append(e["id"])
 
     @task(3)
     def upload_same_bytes_concurrently(self):

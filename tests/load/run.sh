@@ -29,6 +29,7 @@ LOAD_USERS=${LOAD_USERS:-32}
 LOAD_QUEUE=${LOAD_QUEUE:-8}
 LOAD_RESCAN_SECONDS=${LOAD_RESCAN_SECONDS:-10}
 LOAD_RSS_LIMIT_MB=${LOAD_RSS_LIMIT_MB:-1024}
+LOAD_DECODE_MB=${LOAD_DECODE_MB:-256}
 LOAD_VENV=${LOAD_VENV:-$ROOT/target/load-venv}
 ARTIFACT_DIR=${ARTIFACT_DIR:-$ROOT/target/load}
 mkdir -p "$ARTIFACT_DIR"
@@ -69,6 +70,12 @@ FOLDER_IMAGES=$(find "$TMP/images" -type f | wc -l)
 API_KEY=load-test-key-0123456789
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 BASE_URL=http://127.0.0.1:$PORT
+# A small decode memory budget, so that the 16-megapixel images of the workload reach it
+# (servers from before the budget have no such flag).
+DECODE_ARGS=()
+if "$BLIPSEARCH_BIN" serve --help | grep -q -- --decode-memory-mb; then
+  DECODE_ARGS=(--decode-memory-mb "$LOAD_DECODE_MB")
+fi
 
 "$BLIPSEARCH_BIN" serve \
   --images "$TMP/images" \
@@ -79,9 +86,10 @@ BASE_URL=http://127.0.0.1:$PORT
   --api-key "$API_KEY" \
   --queue-capacity "$LOAD_QUEUE" \
   --rescan-interval "$LOAD_RESCAN_SECONDS" \
+  "${DECODE_ARGS[@]}" \
   >"$ARTIFACT_DIR/server.log" 2>&1 &
 SERVER_PID=$!
-echo "blipsearch serve on $BASE_URL (pid $SERVER_PID, queue $LOAD_QUEUE, log $ARTIFACT_DIR/server.log)"
+echo "blipsearch serve on $BASE_URL (pid $SERVER_PID, queue $LOAD_QUEUE, ${DECODE_ARGS[*]:-no decode budget}, log $ARTIFACT_DIR/server.log)"
 
 fail() {
   echo "FAIL: $*" >&2
