@@ -14,6 +14,7 @@
 # holds anything but the folder images and the kept uploads; the server's peak RSS (VmHWM) is
 # over LOAD_RSS_LIMIT_MB.
 #
+# Needs: cargo, python3 >= 3.11 (Locust 2.47) with venv, PyPI on the first run (~20 s).
 # Environment: BLIPSEARCH_BIN (skip the cargo build), LOAD_SECONDS (60), LOAD_USERS (32),
 # LOAD_QUEUE (8, the server's --queue-capacity), LOAD_RESCAN_SECONDS (10, folder rescans run
 # during the load), LOAD_RSS_LIMIT_MB (see below), LOAD_VENV (target/load-venv), ARTIFACT_DIR
@@ -40,7 +41,20 @@ REQS=tests/load/requirements.txt
 STAMP=$LOAD_VENV/.requirements.sha256
 if [ ! -x "$LOAD_VENV/bin/locust" ] || ! sha256sum --status -c "$STAMP" 2>/dev/null; then
   echo "installing $REQS into $LOAD_VENV"
-  python3 -m venv "$LOAD_VENV"
+  rm -rf "$LOAD_VENV"
+  if ! python3 -m venv "$LOAD_VENV" >/dev/null 2>&1; then
+    # Debian ships venv apart from python3.
+    if [ "$(id -u)" = 0 ]; then
+      echo "installing python3-venv (apt-get)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      rm -rf "$LOAD_VENV"
+      python3 -m venv "$LOAD_VENV"
+    else
+      echo "python3 -m venv failed: apt-get install -y python3-venv (as root)" >&2
+      exit 1
+    fi
+  fi
   "$LOAD_VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
   sha256sum "$REQS" >"$STAMP"
 fi
