@@ -93,6 +93,7 @@ for u in uploads:
         committed[u["id"]].add(u["sha256"])
 live = {i: shas for i, shas in committed.items() if i not in deleted and i not in uncertain}
 lost = []
+live_paths = set()
 for i, shas in sorted(live.items()):
     if len(shas) > 1:
         lost.append(f"id {i} was answered for {len(shas)} different images")
@@ -102,7 +103,9 @@ for i, shas in sorted(live.items()):
     if s != 200:
         lost.append(f"id {i}: GET /api/images/{i} -> {s} {body[:160]!r}")
         continue
-    if json.loads(body).get("content_hash") != sha:
+    meta = json.loads(body)
+    live_paths.add(os.path.realpath(meta.get("path", "")))
+    if meta.get("content_hash") != sha:
         lost.append(f"id {i}: content_hash is not the uploaded bytes' hash")
     s, body = call("GET", f"/api/images/{i}/file")
     if s != 200:
@@ -140,6 +143,13 @@ if status.get("images") != expected:
                     f"({FIXTURES} folder images + {len(live)} uploads kept)")
 if status.get("ingest", {}).get("last_error"):
     failures.append(f"folder ingest error: {status['ingest']['last_error']}")
+
+# Files left in the uploads folder that no kept upload uses (a leak, reported, not a failure).
+uploads_dir = os.environ.get("UPLOADS_DIR", "")
+orphans = sorted(
+    n for n in (os.listdir(uploads_dir) if os.path.isdir(uploads_dir) else [])
+    if os.path.realpath(os.path.join(uploads_dir, n)) not in live_paths
+)
 
 # 4. Memory.
 hwm_kb = proc_status("VmHWM")
@@ -180,6 +190,8 @@ print("uploads (kind, status, duplicate): "
 print(f"committed uploads: {len(committed)} ids, {len(deleted)} deleted by the test, "
       f"{len(live)} kept and checked, {len(lost)} lost or wrong; "
       f"collection: {status.get('images')} images (expected {expected})")
+print(f"files in the uploads folder that no kept upload uses (leaked, not a failure): "
+      f"{len(orphans)}" + (f", e.g. {orphans[:3]}" if orphans else ""))
 print(f"503 with Retry-After (memory budget or busy, allowed): {busy_503}")
 first = rss[0][1] / 1024 if rss else float("nan")
 print(f"server RSS: {first:.0f} MiB at start, peak sampled {max([kb for _, kb in rss] + [0]) / 1024:.0f} "

@@ -149,7 +149,7 @@ PY
 echo "folder images indexed: ids $FIXTURE_IDS"
 
 export LOAD_OUT=$ARTIFACT_DIR API_KEY SERVER_PID FIXTURE_IDS BASE_URL LOAD_SECONDS \
-  LOAD_RSS_LIMIT_MB FIXTURE_DIR=$TMP/images
+  LOAD_RSS_LIMIT_MB FIXTURE_DIR=$TMP/images UPLOADS_DIR=$TMP/index/uploads
 echo "load: $LOAD_USERS users for $LOAD_SECONDS s (Locust log $ARTIFACT_DIR/locust.log)"
 # --stop-timeout lets every user finish its request in flight, so that no upload the server
 # commits goes unrecorded. Locust's own exit status is ignored: report.py judges the records.
