@@ -94,6 +94,36 @@ def big_png(nonce: str = "") -> bytes:
 BIG_QUERY = big_png("query")
 
 
+def huge_png(side: int = 7000) -> bytes:
+    """A 7000x7000 RGB PNG (49 megapixels, 147 MB decoded) of ~0.6 MB, compressed row by row."""
+    row = b"\x00" + (bytes(range(256)) * (3 * side // 256 + 1))[:3 * side]
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def huge_burst(environment):
+    """Once per run, at 40% of it: eight searches by a 49 MP image at once. Without a decode
+    budget they decode side by side (2 GiB and more); with one, they wait their turn, get 429, or
+    get 413 when one alone is over the budget."""
+    data = huge_png()
+    gevent.sleep(max(0.0, 0.4 * float(os.environ.get("LOAD_SECONDS", "60"))
+                     - (time.time() - started)))
+
+    def one():
+        s = HttpSession(environment.host, environment.events.request, None)
+        with s.post("/api/search/image?limit=3", name="/api/search/image (49 MP, 8 at once)",
+                    files={"image": ("huge.png", data)}, catch_response=True) as r:
+            r.success()
+
+    pool = Pool(8)
+    for _ in range(8):
+        pool.spawn(one)
+    pool.join()
+
+
 def fresh_png() -> bytes:
     # Seeds differ per process and per call, so the bytes are new to the server.
     return png(hash((os.getpid(), started, next(counter))))
@@ -129,8 +159,10 @@ def sample_rss():
 
 
 @events.test_start.add_listener
-def on_test_start(**_kw):
+def on_test_start(environment, **_kw):
     gevent.spawn(sample_rss)
+    if BIG:
+        gevent.spawn(huge_burst, environment)
 
 
 @events.quitting.add_listener
