@@ -7,7 +7,8 @@ was sent and what came back), every delete to LOAD_OUT/deletes.jsonl, and the se
 checks the server afterwards and prints the figures.
 
 Environment: LOAD_OUT, API_KEY, SERVER_PID, FIXTURE_IDS (comma-separated ids of the folder
-images), FIXTURE_DIR (their files, for search by image upload).
+images), FIXTURE_DIR (their files, for search by image upload), LOAD_SECONDS (when the 49 MP
+burst goes), LOAD_BIG_IMAGES (0: no 16 or 49 MP images).
 """
 
 import hashlib
@@ -30,7 +31,7 @@ SERVER_PID = int(os.environ["SERVER_PID"])
 FIXTURE_IDS = [int(x) for x in os.environ["FIXTURE_IDS"].split(",") if x]
 FIXTURE_DIR = os.environ["FIXTURE_DIR"]
 AUTH = {"X-Api-Key": API_KEY}
-BIG = os.environ.get("LOAD_BIG_IMAGES", "1") != "0"  # the 16-megapixel tasks (on by default)
+BIG = os.environ.get("LOAD_BIG_IMAGES", "1") != "0"  # the 16 and 49 MP images (on by default)
 
 QUERIES = [
     "a cat", "an astronaut in space", "a red rocket", "a cup of coffee", "a motorcycle",
