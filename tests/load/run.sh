@@ -161,7 +161,7 @@ export LOAD_OUT=$ARTIFACT_DIR API_KEY SERVER_PID FIXTURE_IDS BASE_URL LOAD_SECON
 echo "load: $LOAD_USERS users for $LOAD_SECONDS s (Locust log $ARTIFACT_DIR/locust.log)"
 # --stop-timeout lets every user finish its request in flight, so that no upload the server
 # commits goes unrecorded. Locust's own exit status is ignored: report.py judges the records.
-"$LOAD_VENV/bin/locust" -f tests/load/locustfile.py --headless --only-summary \
+timeout $((LOAD_SECONDS + 120)) "$LOAD_VENV/bin/locust" -f tests/load/locustfile.py --headless --only-summary \
   --users "$LOAD_USERS" --spawn-rate "$LOAD_USERS" --run-time "${LOAD_SECONDS}s" \
   --stop-timeout 30 --host "$BASE_URL" --loglevel WARNING \
   >"$ARTIFACT_DIR/locust.log" 2>&1 || true
@@ -170,4 +170,4 @@ if grep -q Traceback "$ARTIFACT_DIR/locust.log"; then
   fail "the Locust workload raised (see above)"
 fi
 kill -0 "$SERVER_PID" 2>/dev/null || fail "the server died under load"
-"$PY" tests/load/report.py || fail "load checks failed (figures above)"
+timeout 150 "$PY" tests/load/report.py || fail "load checks failed (figures above)"
