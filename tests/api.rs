@@ -1304,3 +1304,78 @@ async fn orphan_uploads_are_removed_at_start() {
     assert_eq!(st, StatusCode::OK, "the uploaded image keeps its file");
     s.running.stop();
 }
+
+/// Mutated images (flipped bytes, cut files, headers claiming huge sizes, in every format we
+/// read) through the keyless search by image and the upload: always an answer below 500.
+#[actix_web::test]
+async fn mutated_and_huge_header_images_never_get_a_5xx() {
+    use rand::{Rng, SeedableRng};
+    let s = start(Options {
+        decode_memory_bytes: 256 << 20,
+        decode_wait: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let fx = common::fixtures().join("images");
+    let base = image::open(fx.join("chelsea.png"))
+        .unwrap()
+        .thumbnail(48, 48);
+    let mut seeds: Vec<Vec<u8>> = vec![file_bytes(&fx.join("rocket.jpg"))];
+    for format in [
+        image::ImageFormat::Png,
+        image::ImageFormat::Jpeg,
+        image::ImageFormat::Gif,
+        image::ImageFormat::Bmp,
+        image::ImageFormat::Tiff,
+        image::ImageFormat::WebP,
+    ] {
+        let mut out = std::io::Cursor::new(Vec::new());
+        base.to_rgb8().write_to(&mut out, format).unwrap();
+        seeds.push(out.into_inner());
+    }
+    seeds.push(huge_png(60_000, 60_000 / 8));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut statuses = std::collections::BTreeMap::new();
+    for case in 0..160 {
+        let mut b = seeds[case % seeds.len()].clone();
+        match case % 4 {
+            // Flip bytes anywhere.
+            0 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let i = rng.random_range(0..b.len());
+                    b[i] ^= rng.random_range(1..=255u8);
+                }
+            }
+            // Cut the file.
+            1 => b.truncate(rng.random_range(0..b.len())),
+            // Write large numbers over the first 40 bytes (where every format keeps its size).
+            2 => {
+                let i = rng.random_range(0..b.len().min(40).saturating_sub(4));
+                let v: u32 = rng.random_range(30_000..u32::MAX);
+                b[i..i + 4].copy_from_slice(&v.to_be_bytes());
+            }
+            // Splice: a header followed by another file's body.
+            _ => {
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                b.truncate(b.len().min(64));
+                b.extend_from_slice(&other[other.len().min(64)..]);
+            }
+        }
+        let uri = if case % 5 == 0 {
+            "/api/images"
+        } else {
+            "/api/search/image"
+        };
+        let (st, body) = send!(svc, post_multipart(uri, &[("image", Some("m.img"), &b)]));
+        assert!(
+            st.as_u16() < 500,
+            "case {case} on {uri}: {st} {}",
+            String::from_utf8_lossy(&body)
+        );
+        *statuses.entry(st.as_u16()).or_insert(0) += 1;
+    }
+    eprintln!("statuses of mutated images: {statuses:?}");
+    assert_eq!(s.running.state.settings.budget.in_use(), 0);
+    s.running.stop();
+}
