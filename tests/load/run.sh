@@ -161,9 +161,9 @@ export LOAD_OUT=$ARTIFACT_DIR API_KEY SERVER_PID FIXTURE_IDS BASE_URL LOAD_SECON
 echo "load: $LOAD_USERS users for $LOAD_SECONDS s (Locust log $ARTIFACT_DIR/locust.log)"
 # --stop-timeout lets every user finish its request in flight, so that no upload the server
 # commits goes unrecorded. Locust's own exit status is ignored: report.py judges the records.
-timeout $((LOAD_SECONDS + 120)) "$LOAD_VENV/bin/locust" -f tests/load/locustfile.py --headless --only-summary \
+timeout $((LOAD_SECONDS + 150)) "$LOAD_VENV/bin/locust" -f tests/load/locustfile.py --headless --only-summary \
   --users "$LOAD_USERS" --spawn-rate "$LOAD_USERS" --run-time "${LOAD_SECONDS}s" \
-  --stop-timeout 30 --host "$BASE_URL" --loglevel WARNING \
+  --stop-timeout 90 --host "$BASE_URL" --loglevel WARNING \
   >"$ARTIFACT_DIR/locust.log" 2>&1 || true
 if grep -q Traceback "$ARTIFACT_DIR/locust.log"; then
   tail -n 40 "$ARTIFACT_DIR/locust.log" >&2
