@@ -73,7 +73,7 @@ impl Running {
         collection: Collection,
     ) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let uploads = Uploads::new(&config.api.uploads_dir);
+        let uploads = Uploads::open(&config.api.uploads_dir).map_err(std::io::Error::other)?;
         match uploads.remove_orphans(&collection) {
             Ok(0) => {}
             Ok(n) => tracing::info!(n, "removed uploaded files that no image points to"),
