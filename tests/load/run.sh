@@ -24,7 +24,7 @@
 # ARTIFACT_DIR (target/load: server.log, locust.log and the raw records).
 #
 # RSS bound (LOAD_RSS_LIMIT_MB, default 2048): the server's VmHWM with this workload (debug
-# build, 2 shared CPU cores, 60 s, 32 users, --decode-memory-mb 256) measured 824-1066 MiB; the
+# build, 2 shared CPU cores, 60 s, 32 users, --decode-memory-mb 256) measured 774-1066 MiB; the
 # bound is about twice the highest. Without the decode budget (servers before d5c15db) the
 # 49 MP burst alone takes it to 2.4 GiB. Of the ~1 GiB, ~330 MiB is the workload without the
 # 16/49 MP images (LOAD_BIG_IMAGES=0); most of the rest is freed decode memory that glibc's
