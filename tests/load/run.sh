@@ -23,13 +23,11 @@
 # the 16 and 49 megapixel images), LOAD_RSS_LIMIT_MB (see below), LOAD_VENV (target/load-venv),
 # ARTIFACT_DIR (target/load: server.log, locust.log and the raw records).
 #
-# RSS bound (LOAD_RSS_LIMIT_MB, default 2048): the server's VmHWM with this workload (debug
-# build, 2 shared CPU cores, 60 s, 32 users, --decode-memory-mb 256) measured 774-1066 MiB; the
-# bound is about twice the highest. Without the decode budget (servers before d5c15db) the
-# 49 MP burst alone takes it to 2.4 GiB. Of the ~1 GiB, ~330 MiB is the workload without the
-# 16/49 MP images (LOAD_BIG_IMAGES=0); most of the rest is freed decode memory that glibc's
-# per-thread arenas keep (with MALLOC_ARENA_MAX=2 the same decodes plateau at ~400 MiB), so a
-# tighter bound needs the allocator's retention dealt with first.
+# RSS bound (LOAD_RSS_LIMIT_MB, default 2048): about twice the server's highest measured VmHWM
+# with this workload (debug build, 2 CPU cores, 60 s, 32 users, --decode-memory-mb 256). The
+# decode budget bounds the decoded pixels alive at once; the rest of the figure is the models,
+# the collection's writers and the allocator's working memory. A server without the budget
+# takes the eight 49 MP searches alone past 2.4 GiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
