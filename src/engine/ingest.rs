@@ -425,9 +425,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             copies,
         )
         .map_err(|e| match e {
-            ModelError::Image { reason, .. } => NotPrepared::Failed(reason),
             ModelError::Busy(m) => NotPrepared::Busy(m),
-            other => NotPrepared::Failed(other.to_string()),
+            other => NotPrepared::Failed(other.image_reason().unwrap_or_else(|| other.to_string())),
         })?;
         let image = admitted.image;
         let (width, height) = (image.width(), image.height());

@@ -76,11 +76,7 @@ pub enum ModelError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// An image has more pixels than the decode limit allows (refused from its header).
-    #[error(
-        "cannot use image {path}: {width}x{height} is {:.1} megapixels, over the limit of {:.1}",
-        *width as f64 * *height as f64 / 1e6,
-        *max_pixels as f64 / 1e6
-    )]
+    #[error("cannot use image {path}: {}", self.image_reason().unwrap_or_default())]
     TooManyPixels {
         /// The image.
         path: PathBuf,
@@ -92,10 +88,7 @@ pub enum ModelError {
         max_pixels: u64,
     },
     /// One image needs more memory to decode than the whole decode budget.
-    #[error(
-        "cannot use image {path}: decoding it needs {needed_mib} MiB, over the decode memory \
-         budget of {capacity_mib} MiB"
-    )]
+    #[error("cannot use image {path}: {}", self.image_reason().unwrap_or_default())]
     OverBudget {
         /// The image.
         path: PathBuf,
@@ -117,3 +110,32 @@ pub enum ModelError {
 
 /// Result alias of the model layer.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+impl ModelError {
+    /// Why an image cannot be used, without its path (for messages that name it already):
+    /// `None` for errors that are not about one image.
+    pub fn image_reason(&self) -> Option<String> {
+        match self {
+            Self::Image { reason, .. } => Some(reason.clone()),
+            Self::TooManyPixels {
+                width,
+                height,
+                max_pixels,
+                ..
+            } => Some(format!(
+                "{width}x{height} is {:.1} megapixels, over the limit of {:.1}",
+                f64::from(*width) * f64::from(*height) / 1e6,
+                *max_pixels as f64 / 1e6
+            )),
+            Self::OverBudget {
+                needed_mib,
+                capacity_mib,
+                ..
+            } => Some(format!(
+                "decoding it needs {needed_mib} MiB, over the decode memory budget of \
+                 {capacity_mib} MiB"
+            )),
+            _ => None,
+        }
+    }
+}

@@ -118,24 +118,9 @@ impl From<EngineError> for ApiError {
             EngineError::Model(ModelError::Image { reason, .. }) => {
                 Self::unprocessable("invalid_image", reason)
             }
-            EngineError::Model(ModelError::TooManyPixels {
-                width,
-                height,
-                max_pixels,
-                ..
-            }) => Self::too_large(format!(
-                "{width}x{height} is {:.1} megapixels, over the limit of {:.1}",
-                f64::from(width) * f64::from(height) / 1e6,
-                max_pixels as f64 / 1e6
-            )),
-            EngineError::Model(ModelError::OverBudget {
-                needed_mib,
-                capacity_mib,
-                ..
-            }) => Self::too_large(format!(
-                "decoding this image needs {needed_mib} MiB, over the server's decode memory \
-                 budget of {capacity_mib} MiB"
-            )),
+            EngineError::Model(
+                e @ (ModelError::TooManyPixels { .. } | ModelError::OverBudget { .. }),
+            ) => Self::too_large(e.image_reason().unwrap_or_default()),
             EngineError::Model(ModelError::Busy(m)) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m)
             }
