@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{content_type, decode_upload, is_multipart, read_upload, split_path};
 use crate::engine::search::{
-    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher,
+    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher, MAX_K, MAX_RERANK_K,
 };
 use crate::index::{Caption, ImageId, Store};
 use crate::server::error::{ApiError, ApiResult};
@@ -19,8 +19,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/search/image", web::post().to(search_image));
 }
 
-/// Query parameters of both searches.
+/// Largest `offset`: past every candidate list a search can make (two retrievers of at most
+/// `MAX_K` each), so nothing is lost by the bound.
+const MAX_OFFSET: usize = 10_000;
+
+/// Query parameters of both searches. Unknown parameters are refused (400), so that a
+/// misspelt filter is not silently ignored.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SearchQuery {
     q: Option<String>,
     k: Option<usize>,
@@ -31,8 +37,50 @@ pub struct SearchQuery {
     folder: Option<String>,
     date_from: Option<String>,
     date_to: Option<String>,
-    min_itm_prob: Option<f32>,
+    min_itm_prob: Option<f64>,
+    /// The API key of a GET request (`auth` reads it); accepted here, never used.
+    #[serde(rename = "api_key")]
+    _api_key: Option<serde::de::IgnoredAny>,
 }
+
+/// Refuses `value` of parameter `name` outside `range`, which the OpenAPI document states.
+fn check_range(
+    name: &str,
+    value: Option<usize>,
+    range: std::ops::RangeInclusive<usize>,
+) -> ApiResult<()> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(ApiError::bad_request(format!(
+            "{name} must be between {} and {}",
+            range.start(),
+            range.end()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The text query: present, at most [`MAX_QUERY_BYTES`] bytes, and with at least one letter
+/// or digit (Unicode `\p{L}` or `\p{N}`, as the OpenAPI document's pattern says); a query
+/// of only spaces, punctuation or symbols leaves the text model nothing to encode.
+fn text_query(q: Option<&str>) -> ApiResult<String> {
+    static WORD: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"[\p{L}\p{N}]").expect("a valid regex"));
+    let q = q.ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
+    if q.len() > MAX_QUERY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "the query is over {MAX_QUERY_BYTES} bytes"
+        )));
+    }
+    if !WORD.is_match(q) {
+        return Err(ApiError::bad_request(
+            "the query has no letter or digit to search for",
+        ));
+    }
+    Ok(q.trim().to_string())
+}
+
+/// Longest text query, in bytes.
+const MAX_QUERY_BYTES: usize = 2000;
 
 impl SearchQuery {
     fn params(&self) -> ApiResult<SearchParams> {
@@ -41,6 +89,10 @@ impl SearchQuery {
             None => SearchMode::Hybrid,
             Some(m) => m.parse::<SearchMode>()?,
         };
+        check_range("k", self.k, 1..=MAX_K)?;
+        check_range("rerank_k", self.rerank_k, 0..=MAX_RERANK_K)?;
+        check_range("limit", self.limit, 1..=MAX_K)?;
+        check_range("offset", self.offset, 0..=MAX_OFFSET)?;
         if let Some(p) = self.min_itm_prob {
             if !(0.0..=1.0).contains(&p) {
                 return Err(ApiError::bad_request(
@@ -55,11 +107,11 @@ impl SearchQuery {
             mode,
             limit: self.limit.unwrap_or(d.limit),
             offset: self.offset.unwrap_or(0),
-            min_itm_prob: self.min_itm_prob,
+            min_itm_prob: self.min_itm_prob.map(|p| p as f32),
             filters: Filters {
                 path_prefix: blank(&self.folder),
-                date_from: blank(&self.date_from),
-                date_to: blank(&self.date_to),
+                date_from: self.date_from.clone(),
+                date_to: self.date_to.clone(),
                 ..Default::default()
             },
             ..d
@@ -188,15 +240,7 @@ async fn search_text(
     query: web::Query<SearchQuery>,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
-    let q = query
-        .q
-        .clone()
-        .map(|q| q.trim().to_string())
-        .filter(|q| !q.is_empty())
-        .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
-    if q.len() > 2000 {
-        return Err(ApiError::bad_request("the query is over 2000 bytes"));
-    }
+    let q = text_query(query.q.as_deref())?;
     let params = query.params()?;
     let out = web::block(move || -> ApiResult<SearchOut> {
         let c = state.read()?;
