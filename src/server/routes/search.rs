@@ -59,29 +59,6 @@ fn check_range(
     }
 }
 
-/// The text query: present, at most [`MAX_QUERY_BYTES`] bytes, and with at least one letter
-/// or digit (Unicode `\p{L}` or `\p{N}`, as the OpenAPI document's pattern says); a query
-/// of only spaces, punctuation or symbols leaves the text model nothing to encode.
-fn text_query(q: Option<&str>) -> ApiResult<String> {
-    static WORD: std::sync::LazyLock<regex::Regex> =
-        std::sync::LazyLock::new(|| regex::Regex::new(r"[\p{L}\p{N}]").expect("a valid regex"));
-    let q = q.ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
-    if q.len() > MAX_QUERY_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "the query is over {MAX_QUERY_BYTES} bytes"
-        )));
-    }
-    if !WORD.is_match(q) {
-        return Err(ApiError::bad_request(
-            "the query has no letter or digit to search for",
-        ));
-    }
-    Ok(q.trim().to_string())
-}
-
-/// Longest text query, in bytes.
-const MAX_QUERY_BYTES: usize = 2000;
-
 impl SearchQuery {
     fn params(&self) -> ApiResult<SearchParams> {
         let d = SearchParams::default();
@@ -240,7 +217,15 @@ async fn search_text(
     query: web::Query<SearchQuery>,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
-    let q = text_query(query.q.as_deref())?;
+    let q = query
+        .q
+        .clone()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
+    if q.len() > 2000 {
+        return Err(ApiError::bad_request("the query is over 2000 bytes"));
+    }
     let params = query.params()?;
     let out = web::block(move || -> ApiResult<SearchOut> {
         let c = state.read()?;
