@@ -13,7 +13,7 @@ use blipsearch::engine::{IngestOptions, LocalModels};
 use blipsearch::index::{Collection, CollectionInfo, HnswParams};
 use blipsearch::model::capfilt::CapFiltParams;
 use blipsearch::model::caption::Captioner;
-use blipsearch::model::preprocess::DecodeLimits;
+use blipsearch::model::preprocess::{DecodeBudget, DecodeLimits};
 use blipsearch::model::{ModelSource, Retriever};
 use blipsearch::server::routes::ROUTES;
 use blipsearch::server::state::ApiSettings;
@@ -32,6 +32,14 @@ struct Options {
     protect_reads: bool,
     max_upload_bytes: usize,
     max_pixels: u64,
+    /// The decode memory budget.
+    decode_memory_bytes: u64,
+    /// How long a request waits for room in the budget.
+    decode_wait: Duration,
+    /// How long a request body may take.
+    body_timeout: Duration,
+    /// A collection directory to open instead of a fresh one.
+    index: Option<PathBuf>,
     /// Checkpoints (retrieval, caption) other than the random tiny-a ones.
     models: Option<(PathBuf, PathBuf)>,
     /// A folder to serve instead of a copy of the fixture photos.
@@ -45,6 +53,10 @@ impl Default for Options {
             protect_reads: false,
             max_upload_bytes: 5 << 20,
             max_pixels: 100_000_000,
+            decode_memory_bytes: 2 << 30,
+            decode_wait: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(60),
+            index: None,
             models: None,
             photos: None,
         }
@@ -80,7 +92,7 @@ fn start(o: Options) -> Setup {
         cfg.vision.num_tokens(),
         cfg.vision.hidden_size,
     );
-    let index = tmp.path().join("index");
+    let index = o.index.unwrap_or_else(|| tmp.path().join("index"));
     let collection = Collection::open(&index, &info, HnswParams::default()).unwrap();
     let mut capfilt = CapFiltParams::default();
     capfilt.sampling.num_samples = 1;
@@ -89,6 +101,7 @@ fn start(o: Options) -> Setup {
     let limits = DecodeLimits {
         max_pixels: o.max_pixels,
     };
+    let budget = DecodeBudget::new(o.decode_memory_bytes);
     let config = ServerConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         api: ApiSettings {
@@ -96,6 +109,9 @@ fn start(o: Options) -> Setup {
             protect_reads: o.protect_reads,
             max_upload_bytes: o.max_upload_bytes,
             limits,
+            budget: budget.clone(),
+            decode_wait: o.decode_wait,
+            body_timeout: o.body_timeout,
             capfilt: Some(capfilt.clone()),
             uploads_dir: uploads_dir(&index),
             folders: vec![std::fs::canonicalize(&photos).unwrap()],
@@ -624,9 +640,11 @@ async fn every_endpoint_and_its_errors() {
             documented.push((method.clone(), path.clone()));
         }
     }
+    // The UI's own pages are not part of the API.
     let mut routes: Vec<(String, String)> = ROUTES
         .iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .filter(|(_, p, _)| *p != "/" && !p.starts_with("/assets/"))
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
         .collect();
     documented.sort();
     routes.sort();
@@ -838,5 +856,526 @@ async fn described_synthetic_scenes_rank_first(rerank: u32) {
         );
     }
     assert!(checked >= 4, "the world has too few of the queried scenes");
+    s.running.stop();
+}
+
+/// A PNG whose header claims `w` x `h` 16-bit RGBA pixels (every row filtered "none", all
+/// zeros, so it compresses to almost nothing): small on the wire, huge once decoded.
+fn huge_png(w: u32, h: u32) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    {
+        let mut e = png::Encoder::new(&mut out, w, h);
+        e.set_color(png::ColorType::Rgba);
+        e.set_depth(png::BitDepth::Sixteen);
+        e.set_compression(png::Compression::Fast);
+        let mut writer = e.write_header().unwrap();
+        let mut enc = writer.stream_writer().unwrap();
+        let row = vec![0u8; w as usize * 8];
+        for _ in 0..h {
+            enc.write_all(&row).unwrap();
+        }
+        enc.finish().unwrap();
+    }
+    out
+}
+
+/// Protection is decided on the route that runs: no spelling of a protected path reaches its
+/// handler without the key (each of these used to slip past a check on the raw path).
+#[actix_web::test]
+async fn the_key_is_checked_on_the_route_that_runs() {
+    let key = "correct-horse-battery";
+    let s = start(Options {
+        api_key: Some(key),
+        protect_reads: true,
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, key);
+    let red = png(20, 20, [200, 0, 0]);
+    let writes: Vec<(&str, String)> = vec![
+        ("DELETE", "/%61pi/images/1".into()),
+        ("DELETE", "/api/images/%31".into()),
+        ("DELETE", "/api/%69mages/1".into()),
+        ("DELETE", "//api/images/1".into()),
+        ("DELETE", "/api/./images/1".into()),
+        ("DELETE", "/api/images/1/".into()),
+        ("DELETE", "/API/images/1".into()),
+        ("DELETE", "/api/images//1".into()),
+        ("POST", "/%61pi/images".into()),
+        ("POST", "/api/image%73".into()),
+        ("POST", "/%61pi/caption".into()),
+        ("POST", "/api/caption/".into()),
+        ("POST", "/%61pi/search/image".into()),
+    ];
+    for (method, uri) in &writes {
+        let req = post_multipart(uri, &[("image", Some("r.png"), &red)])
+            .method(actix_web::http::Method::from_bytes(method.as_bytes()).unwrap());
+        let (st, b) = send!(svc, req);
+        assert!(
+            st == StatusCode::UNAUTHORIZED || st == StatusCode::NOT_FOUND,
+            "{method} {uri}: {st} {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    for uri in [
+        "/%61pi/search?q=x",
+        "/api/%73earch?q=x",
+        "/%61pi/status",
+        "/api/images/%31",
+        "/api/images/1/%74humbnail",
+        "/api/images/1/fil%65",
+        "/m%65trics",
+        "//metrics",
+        "/metrics/",
+    ] {
+        for method in ["GET", "HEAD"] {
+            let req = TestRequest::default()
+                .method(actix_web::http::Method::from_bytes(method.as_bytes()).unwrap())
+                .uri(uri);
+            let (st, _) = send!(svc, req);
+            assert!(
+                st == StatusCode::UNAUTHORIZED || st == StatusCode::NOT_FOUND,
+                "{method} {uri}: {st}"
+            );
+        }
+    }
+    // Every route in the table: without the key, 401 unless it is open; with it, not 401.
+    for (method, pattern, access) in ROUTES {
+        // An id that does not exist: the DELETE with the key must not remove anything.
+        let uri = pattern
+            .replace("{id}", "999999")
+            .replace("{file}", "app.js");
+        let m = actix_web::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let (st, _) = send!(svc, TestRequest::default().method(m.clone()).uri(&uri));
+        let open = *access == blipsearch::server::auth::Access::Open;
+        assert_eq!(
+            st == StatusCode::UNAUTHORIZED,
+            !open,
+            "{method} {uri}: {st}"
+        );
+        let (st, _) = send!(
+            svc,
+            TestRequest::default()
+                .method(m)
+                .uri(&uri)
+                .insert_header(("x-api-key", key))
+        );
+        assert_ne!(st, StatusCode::UNAUTHORIZED, "{method} {uri} with the key");
+    }
+    // Nothing was deleted on the way.
+    let (st, _) = send!(
+        svc,
+        TestRequest::get()
+            .uri("/api/images/1")
+            .insert_header(("x-api-key", key))
+    );
+    assert_eq!(st, StatusCode::OK);
+    s.running.stop();
+}
+
+/// Deep or long queries are refused with 400 before tantivy's recursive parser sees them (800
+/// open parentheses used to overflow the stack and abort the process); the server goes on.
+#[actix_web::test]
+async fn queries_past_the_parser_bounds_are_400_and_the_server_lives() {
+    let s = start(Options::default());
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let enc = |q: &str| q.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
+    for q in [
+        "(".repeat(800),
+        "(".repeat(1500),
+        format!("+{}", "(".repeat(700)),
+        format!("\"{}\"", "(".repeat(900)),
+        format!("{}rocket{}", "(".repeat(20), ")".repeat(20)),
+        vec!["rocket"; 400].join(" AND "),
+        "a".repeat(2001),
+    ] {
+        let (st, b) = send!(
+            svc,
+            TestRequest::get().uri(&format!("/api/search?q={}&rerank_k=0", enc(&q)))
+        );
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        assert_eq!(error_code(&b), "bad_request");
+    }
+    for q in [
+        "(rocket AND (launch OR dusk))",
+        "[a TO z]",
+        "\"a rocket\"~2",
+        "+rocket -cat",
+    ] {
+        let (st, _) = send!(
+            svc,
+            TestRequest::get().uri(&format!("/api/search?q={}&rerank_k=0", enc(q)))
+        );
+        assert_eq!(st, StatusCode::OK, "{q}");
+    }
+    s.running.stop();
+}
+
+/// Decoding is admitted by the bytes the header promises: an image larger than the whole
+/// budget is 413 before any pixel is decoded (also through the keyless search by image), and
+/// while the budget is taken requests get 429 with Retry-After, then succeed once it is free.
+#[actix_web::test]
+async fn decodes_are_admitted_under_the_memory_budget() {
+    let s = start(Options {
+        decode_memory_bytes: 64 << 20,
+        decode_wait: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    // 3000 x 3000 16-bit RGBA: 72 MB decoded, well under 1 MB on the wire.
+    let huge = huge_png(3000, 3000);
+    assert!(huge.len() < 1 << 20, "{}", huge.len());
+    for uri in ["/api/images", "/api/search/image", "/api/caption"] {
+        let (st, b) = send!(svc, post_multipart(uri, &[("image", Some("h.png"), &huge)]));
+        assert_eq!(
+            st,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{uri}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        assert!(String::from_utf8_lossy(&b).contains("decode memory budget"));
+    }
+    // Someone else holds the budget: a fitting image waits, then gets 429 with Retry-After.
+    let budget = s.running.state.settings.budget.clone();
+    let held = budget
+        .admit(budget.capacity() - 100_000, Path::new("held"), None)
+        .unwrap();
+    let small = png(300, 300, [10, 200, 30]);
+    for uri in ["/api/images", "/api/search/image"] {
+        let res = test::call_service(
+            &svc,
+            post_multipart(uri, &[("image", Some("s.png"), &small)]).to_request(),
+        )
+        .await;
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{uri}");
+        assert!(res.headers().contains_key("retry-after"), "{uri}");
+    }
+    drop(held);
+    let (st, b) = send!(
+        svc,
+        post_multipart("/api/images", &[("image", Some("s.png"), &small)])
+    );
+    assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(budget.in_use(), 0, "every permit is given back");
+    s.running.stop();
+}
+
+/// Concurrent uploads under one file name, some of identical bytes, some not: no 5xx, the
+/// identical ones answer one id, and every answered image keeps its file.
+#[actix_web::test]
+async fn concurrent_uploads_with_one_name_never_lose_a_file() {
+    let s = start(Options::default());
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let same = png(24, 24, [1, 2, 3]);
+    let mut bodies: Vec<Vec<u8>> = (0..6).map(|_| same.clone()).collect();
+    bodies.extend((0..6u8).map(|i| png(24, 24, [100, i, 200])));
+    let requests = bodies.iter().map(|b| {
+        test::call_service(
+            &svc,
+            post_multipart("/api/images", &[("image", Some("same-name.png"), b)]).to_request(),
+        )
+    });
+    let responses = futures_util::future::join_all(requests).await;
+    let mut ids = Vec::new();
+    for res in responses {
+        let st = res.status();
+        let b = test::read_body(res).await;
+        assert!(
+            st == StatusCode::CREATED || st == StatusCode::OK,
+            "{st}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        ids.push(json(&b)["id"].as_u64().unwrap());
+    }
+    assert!(ids[..6].iter().all(|&i| i == ids[0]), "{ids:?}");
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 7, "{ids:?}");
+    for id in ids {
+        let (st, b) = send!(
+            svc,
+            TestRequest::get().uri(&format!("/api/images/{id}/file"))
+        );
+        assert_eq!(st, StatusCode::OK, "image {id}");
+        assert!(!b.is_empty());
+    }
+    s.running.stop();
+}
+
+/// The HTTP details: 405 with Allow on a known path, HEAD wherever GET works, Range on files,
+/// bounded metric labels, calendar dates, a stalled body answered 408.
+#[actix_web::test]
+async fn methods_ranges_labels_dates_and_stalled_bodies() {
+    let s = start(Options {
+        body_timeout: Duration::from_millis(500),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let res = test::call_service(&svc, TestRequest::put().uri("/api/search").to_request()).await;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers().get("allow").unwrap(), "GET, HEAD");
+    let res =
+        test::call_service(&svc, TestRequest::patch().uri("/api/images/1").to_request()).await;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers().get("allow").unwrap(), "GET, HEAD, DELETE");
+    let (st, b) = send!(
+        svc,
+        TestRequest::default()
+            .method(actix_web::http::Method::from_bytes(b"BREW").unwrap())
+            .uri("/api/status")
+    );
+    assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(error_code(&b), "method_not_allowed");
+    let (st, _) = send!(svc, TestRequest::get().uri("/api/nothing-here"));
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    for uri in [
+        "/api/status",
+        "/api/images/1",
+        "/api/images/1/thumbnail",
+        "/healthz",
+        "/",
+    ] {
+        let (st, _) = send!(
+            svc,
+            TestRequest::default()
+                .method(actix_web::http::Method::HEAD)
+                .uri(uri)
+        );
+        assert_eq!(st, StatusCode::OK, "HEAD {uri}");
+    }
+    // The file is streamed with Range support.
+    let (st, whole) = send!(svc, TestRequest::get().uri("/api/images/1/file"));
+    assert_eq!(st, StatusCode::OK);
+    let res = test::call_service(
+        &svc,
+        TestRequest::get()
+            .uri("/api/images/1/file")
+            .insert_header(("range", "bytes=0-9"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        res.headers().get("x-content-type-options").unwrap(),
+        "nosniff"
+    );
+    assert_eq!(test::read_body(res).await, whole.slice(0..10));
+    // Dates that are not in the calendar are 400.
+    for d in ["2024-02-31", "2023-02-29", "2024-13-01"] {
+        let (st, b) = send!(
+            svc,
+            TestRequest::get().uri(&format!("/api/search?q=x&date_from={d}"))
+        );
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{d}: {}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=x&rerank_k=0&date_to=2024-02-29")
+    );
+    assert_eq!(st, StatusCode::OK);
+    // Metric labels take only known methods.
+    let (_, m) = send!(svc, TestRequest::get().uri("/metrics"));
+    let m = String::from_utf8(m.to_vec()).unwrap();
+    assert!(!m.contains("BREW"), "{m}");
+    assert!(m.contains("method=\"other\""), "{m}");
+    // A body that stops arriving is answered 408 and the connection closed.
+    let (ct, body) = multipart(&[("image", Some("r.png"), &png(20, 20, [1, 1, 1]))]);
+    let first = Bytes::copy_from_slice(&body[..body.len() / 2]);
+    use futures_util::StreamExt;
+    let stalled = futures_util::stream::iter([Ok::<_, actix_web::error::PayloadError>(first)])
+        .chain(futures_util::stream::pending());
+    let req = TestRequest::post()
+        .uri("/api/search/image")
+        .insert_header(("content-type", ct))
+        .to_request();
+    let payload: actix_web::dev::Payload = actix_web::dev::Payload::from(Box::pin(stalled)
+        as std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<Bytes, actix_web::error::PayloadError>>>,
+        >);
+    let (req, _) = req.replace_payload(payload);
+    let started = Instant::now();
+    let res = test::call_service(&svc, req).await;
+    assert_eq!(res.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    s.running.stop();
+}
+
+/// Without the key, paths start at their root folder's name (the server's layout stays
+/// private); with the key they are whole; a folder filter takes either form.
+#[actix_web::test]
+async fn paths_are_relative_to_their_root_without_the_key() {
+    let key = "correct-horse-battery";
+    let s = start(Options {
+        api_key: Some(key),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let (_, b) = send!(svc, TestRequest::get().uri("/api/images/1"));
+    let shown = json(&b)["path"].as_str().unwrap().to_string();
+    assert!(shown.starts_with("photos/"), "{shown}");
+    let (_, b) = send!(
+        svc,
+        TestRequest::get()
+            .uri("/api/images/1")
+            .insert_header(("x-api-key", key))
+    );
+    let whole = json(&b)["path"].as_str().unwrap().to_string();
+    assert!(
+        Path::new(&whole).is_absolute() && whole.ends_with(&shown[7..]),
+        "{whole}"
+    );
+    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
+    assert_eq!(json(&b)["folders"], serde_json::json!(["photos"]));
+    for folder in [
+        "photos",
+        &std::fs::canonicalize(&s.photos)
+            .unwrap()
+            .display()
+            .to_string(),
+    ] {
+        let (st, b) = send!(
+            svc,
+            TestRequest::get().uri(&format!("/api/search?q=rocket&rerank_k=0&folder={folder}"))
+        );
+        assert_eq!(st, StatusCode::OK);
+        let hits = json(&b)["hits"].as_array().unwrap().clone();
+        assert!(!hits.is_empty(), "{folder}");
+        assert!(hits
+            .iter()
+            .all(|h| h["path"].as_str().unwrap().starts_with("photos/")));
+    }
+    s.running.stop();
+}
+
+/// Files in the upload folder that no image points to (a crash between writing and indexing)
+/// are removed when the server starts; uploaded images keep theirs.
+#[actix_web::test]
+async fn orphan_uploads_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("index");
+    let s = start(Options {
+        index: Some(index.clone()),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let (st, b) = send!(
+        svc,
+        post_multipart(
+            "/api/images",
+            &[("image", Some("kept.png"), &png(30, 30, [9, 9, 9]))]
+        )
+    );
+    assert_eq!(st, StatusCode::CREATED);
+    let id = json(&b)["id"].as_u64().unwrap();
+    // The app holds the state: drop it first, so that stopping closes the collection.
+    drop(svc);
+    s.running.stop();
+    let uploads = uploads_dir(&index);
+    let orphan = uploads.join("0123456789ab-orphan.png");
+    std::fs::write(&orphan, png(5, 5, [1, 1, 1])).unwrap();
+    let kept: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
+    assert_eq!(kept.len(), 2);
+    let s = start(Options {
+        index: Some(index.clone()),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    assert!(!orphan.exists(), "the orphan is gone");
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri(&format!("/api/images/{id}/file"))
+    );
+    assert_eq!(st, StatusCode::OK, "the uploaded image keeps its file");
+    s.running.stop();
+}
+
+/// Mutated images (flipped bytes, cut files, headers claiming huge sizes, in every format we
+/// read) through the keyless search by image and the upload: always an answer below 500.
+#[actix_web::test]
+async fn mutated_and_huge_header_images_never_get_a_5xx() {
+    use rand::{Rng, SeedableRng};
+    let s = start(Options {
+        decode_memory_bytes: 256 << 20,
+        decode_wait: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let svc = service!(s);
+    wait_for_ingest!(svc, "");
+    let fx = common::fixtures().join("images");
+    let base = image::open(fx.join("chelsea.png"))
+        .unwrap()
+        .thumbnail(48, 48);
+    let mut seeds: Vec<Vec<u8>> = vec![file_bytes(&fx.join("rocket.jpg"))];
+    for format in [
+        image::ImageFormat::Png,
+        image::ImageFormat::Jpeg,
+        image::ImageFormat::Gif,
+        image::ImageFormat::Bmp,
+        image::ImageFormat::Tiff,
+        image::ImageFormat::WebP,
+    ] {
+        let mut out = std::io::Cursor::new(Vec::new());
+        base.to_rgb8().write_to(&mut out, format).unwrap();
+        seeds.push(out.into_inner());
+    }
+    seeds.push(huge_png(60_000, 60_000 / 8));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut statuses = std::collections::BTreeMap::new();
+    for case in 0..160 {
+        let mut b = seeds[case % seeds.len()].clone();
+        match case % 4 {
+            // Flip bytes anywhere.
+            0 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let i = rng.random_range(0..b.len());
+                    b[i] ^= rng.random_range(1..=255u8);
+                }
+            }
+            // Cut the file.
+            1 => b.truncate(rng.random_range(0..b.len())),
+            // Write large numbers over the first 40 bytes (where every format keeps its size).
+            2 => {
+                let i = rng.random_range(0..b.len().min(40).saturating_sub(4));
+                let v: u32 = rng.random_range(30_000..u32::MAX);
+                b[i..i + 4].copy_from_slice(&v.to_be_bytes());
+            }
+            // Splice: a header followed by another file's body.
+            _ => {
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                b.truncate(b.len().min(64));
+                b.extend_from_slice(&other[other.len().min(64)..]);
+            }
+        }
+        let uri = if case % 5 == 0 {
+            "/api/images"
+        } else {
+            "/api/search/image"
+        };
+        let (st, body) = send!(svc, post_multipart(uri, &[("image", Some("m.img"), &b)]));
+        assert!(
+            st.as_u16() < 500,
+            "case {case} on {uri}: {st} {}",
+            String::from_utf8_lossy(&body)
+        );
+        *statuses.entry(st.as_u16()).or_insert(0) += 1;
+    }
+    eprintln!("statuses of mutated images: {statuses:?}");
+    assert_eq!(s.running.state.settings.budget.in_use(), 0);
     s.running.stop();
 }

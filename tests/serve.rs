@@ -109,3 +109,116 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
         3
     );
 }
+
+/// A plain HTTP/1.1 multipart POST of one `image` field on loopback; returns the status.
+fn post_image(port: u16, path: &str, image: &[u8]) -> Option<u16> {
+    let boundary = "----blipsearchrssprobe";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; \
+         filename=\"huge.png\"\r\nContent-Type: image/png\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(image);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
+    s.write_all(&body).ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.split(' ').nth(1)?.parse().ok()
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
+#[cfg(target_os = "linux")]
+fn rss_mib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+            / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Eight concurrent searches by a 99-megapixel 16-bit RGBA PNG (under 1 MB on the wire, 1.5 GB
+/// to decode and convert) against a server whose decode budget admits one at a time: each is
+/// answered 200 or 429 (never 5xx), and the server's peak RSS stays within its resident size
+/// before the burst plus the budget (and a margin for the model's own working memory).
+#[cfg(target_os = "linux")]
+#[test]
+fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
+    use std::io::Write as _;
+    const BUDGET_MIB: u64 = 1600;
+    let fx = common::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .arg("serve")
+        .arg("--index")
+        .arg(tmp.path().join("index"))
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .arg("--model-dir")
+        .arg(fx.join("tiny-a/retrieval"))
+        .arg("--no-captions")
+        .args(["--decode-memory-mb", &BUDGET_MIB.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while get(port, "/readyz").is_none_or(|(c, _)| c != 200) {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
+        assert!(started.elapsed() < Duration::from_secs(120), "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // 9950 x 9950 = 99.0 MP, rows of zeros: deflate squeezes 792 MB to a few hundred KB.
+    let (w, h) = (9950u32, 9950u32);
+    let mut png_bytes = Vec::new();
+    {
+        let mut e = png::Encoder::new(&mut png_bytes, w, h);
+        e.set_color(png::ColorType::Rgba);
+        e.set_depth(png::BitDepth::Sixteen);
+        e.set_compression(png::Compression::High);
+        let mut writer = e.write_header().unwrap();
+        let mut stream = writer.stream_writer().unwrap();
+        let row = vec![0u8; w as usize * 8];
+        for _ in 0..h {
+            stream.write_all(&row).unwrap();
+        }
+        stream.finish().unwrap();
+    }
+    assert!(png_bytes.len() < 1 << 20, "{}", png_bytes.len());
+    let (before, _) = rss_mib(child.id());
+    let png_bytes = std::sync::Arc::new(png_bytes);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let b = png_bytes.clone();
+            std::thread::spawn(move || post_image(port, "/api/search/image", &b))
+        })
+        .collect();
+    let codes: Vec<Option<u16>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let (_, peak) = rss_mib(child.id());
+    child.kill().unwrap();
+    let _ = child.wait();
+    eprintln!("statuses {codes:?}; RSS before {before} MiB, peak {peak} MiB");
+    assert!(
+        codes.iter().all(|c| matches!(c, Some(200) | Some(429))),
+        "{codes:?}"
+    );
+    assert!(codes.contains(&Some(200)), "one at a time fits: {codes:?}");
+    assert!(
+        peak <= before + BUDGET_MIB + 256,
+        "peak RSS {peak} MiB over {before} + {BUDGET_MIB} + 256 MiB"
+    );
+}

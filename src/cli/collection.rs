@@ -11,6 +11,7 @@ use crate::engine::{IngestOptions, IngestSummary, Ingestor, LocalModels};
 use crate::index::{Collection, CollectionInfo, HnswParams, ImageId};
 use crate::model::capfilt::CapFiltParams;
 use crate::model::caption::Captioner;
+use crate::model::preprocess::DecodeBudget;
 use crate::model::{select_device, Retriever};
 
 use super::{CaptionCheckpointArgs, RetrievalModelArgs};
@@ -70,6 +71,11 @@ pub struct IngestCommon {
     /// Commit (make durable and searchable) after this many new images.
     #[arg(long, default_value_t = 64)]
     commit_every: usize,
+    /// Memory for decoded images, in MiB, shared by everything that decodes at once (a batch;
+    /// under `serve`, every request and the folder ingest). An image that needs more alone is
+    /// refused; otherwise work waits (requests: up to a few seconds, then 429).
+    #[arg(long, env = "BLIPSEARCH_DECODE_MEMORY_MB", default_value_t = 2048)]
+    pub(super) decode_memory_mb: u64,
 }
 
 /// `remove`.
@@ -134,6 +140,9 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
         p.threshold = a.threshold;
         Some(p)
     };
+    if a.decode_memory_mb == 0 {
+        bail!("--decode-memory-mb must be at least 1");
+    }
     Ok(IngestOptions {
         batch_size: a.batch_size,
         commit_every: a.commit_every,
@@ -141,6 +150,8 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
         capfilt,
         progress: true,
         observer: None,
+        budget: DecodeBudget::new(a.decode_memory_mb << 20),
+        budget_wait: None,
     })
 }
 

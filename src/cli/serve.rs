@@ -13,6 +13,9 @@ use crate::index::{Collection, HnswParams};
 use crate::server::state::ApiSettings;
 use crate::server::{serve as run_server, uploads_dir, ServerConfig};
 
+/// How long a request waits for room in the decode budget before it is refused with 429.
+const DECODE_WAIT: Duration = Duration::from_secs(5);
+
 /// `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -41,6 +44,9 @@ pub struct ServeArgs {
     /// Seconds a request may wait for the models (queueing included).
     #[arg(long, default_value_t = 120)]
     request_timeout: u64,
+    /// Seconds a request body may take to arrive, whole (then 408 and the connection closes).
+    #[arg(long, default_value_t = 60)]
+    body_timeout: u64,
     /// Seconds between scans of the --images folders.
     #[arg(long, default_value_t = 60)]
     rescan_interval: u64,
@@ -58,8 +64,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if !(a.max_upload_mb > 0.0 && a.max_upload_mb.is_finite()) {
         bail!("--max-upload-mb must be positive");
     }
-    if a.queue_capacity == 0 || a.request_timeout == 0 || a.rescan_interval == 0 {
-        bail!("--queue-capacity, --request-timeout and --rescan-interval must be at least 1");
+    if a.queue_capacity == 0
+        || a.request_timeout == 0
+        || a.rescan_interval == 0
+        || a.body_timeout == 0
+    {
+        bail!(
+            "--queue-capacity, --request-timeout, --body-timeout and --rescan-interval must be at \
+             least 1"
+        );
     }
     if a.api_key.as_deref().is_some_and(|k| k.trim().len() < 8) {
         bail!("--api-key must be at least 8 characters");
@@ -103,7 +116,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             api_key: a.api_key.clone(),
             protect_reads: a.protect_reads,
             max_upload_bytes: (a.max_upload_mb * 1024.0 * 1024.0) as usize,
+            body_timeout: Duration::from_secs(a.body_timeout),
             limits,
+            budget: options.budget.clone(),
+            decode_wait: DECODE_WAIT,
             capfilt: options.capfilt.clone(),
             uploads_dir: uploads_dir(index),
             folders,

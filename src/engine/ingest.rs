@@ -7,7 +7,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use candle_core::IndexOp;
 use image::DynamicImage;
@@ -17,11 +17,13 @@ use serde::Serialize;
 use super::error::{EngineError, Result};
 use super::models::Encoders;
 use crate::index::meta::now_unix;
+use crate::index::thumbs::THUMB_MAX_SIDE;
 use crate::index::{
     content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
 };
 use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
-use crate::model::preprocess::{decode_image, DecodeLimits};
+use crate::model::preprocess::{decode_admitted, DecodeBudget, DecodeLimits, DecodePermit};
+use crate::model::ModelError;
 
 /// File extensions ingested (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -44,7 +46,16 @@ pub struct IngestOptions {
     pub progress: bool,
     /// Progress shared with other threads (the server's status), and the way to stop early.
     pub observer: Option<Arc<IngestProgress>>,
+    /// Memory for decoded images, shared with whatever else decodes in the process.
+    pub budget: Arc<DecodeBudget>,
+    /// How long a file may wait for its share of `budget` (`None`: as long as it takes);
+    /// past it the run stops with [`EngineError::Busy`].
+    pub budget_wait: Option<Duration>,
 }
+
+/// Size of the decode budget when none is given: room for one 100-megapixel 16-bit RGBA image
+/// with its conversions, or dozens of camera photos.
+pub const DEFAULT_DECODE_BUDGET: u64 = 2 << 30;
 
 /// Live progress of an ingest run, readable from other threads; also carries the request to
 /// stop (the run commits what it has and returns).
@@ -88,6 +99,8 @@ impl Default for IngestOptions {
             capfilt: Some(CapFiltParams::default()),
             progress: true,
             observer: None,
+            budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
+            budget_wait: None,
         }
     }
 }
@@ -129,10 +142,31 @@ struct Prepared {
     hash: String,
     size: u64,
     mtime: i64,
+    width: u32,
+    height: u32,
+    /// Taken by the forward pass.
     image: DynamicImage,
+    /// At most [`THUMB_MAX_SIDE`] a side: what the thumbnail is made of.
+    thumb: DynamicImage,
+    /// The decode budget held by `image` (and the copy CapFilt reads).
+    _permit: DecodePermit,
     given: Vec<String>,
     exif_date: Option<String>,
     replaces: Option<ImageId>,
+}
+
+/// Why a file was not prepared.
+enum NotPrepared {
+    /// It cannot be ingested: the reason goes in the summary.
+    Failed(String),
+    /// The decode budget had no room within the wait.
+    Busy(String),
+}
+
+impl From<String> for NotPrepared {
+    fn from(reason: String) -> Self {
+        Self::Failed(reason)
+    }
 }
 
 /// Runs ingestion against one collection with loaded models. The collection is locked only
@@ -206,13 +240,28 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             if let Some(o) = &observer {
                 o.set_current(Some(file.display().to_string()));
             }
-            match self.prepare(&file, &mut summary, &batch_hashes) {
+            let mut prepared = self.prepare(&file, &mut summary, &batch_hashes, !batch.is_empty());
+            if matches!(prepared, Err(NotPrepared::Busy(_))) && !batch.is_empty() {
+                // The budget is held by this batch (among others): embed it, then wait.
+                let n = batch.len() as u64;
+                since_commit += self.flush(&mut batch, &mut summary)?;
+                batch_hashes.clear();
+                advance(&bar, n);
+                prepared = self.prepare(&file, &mut summary, &batch_hashes, false);
+            }
+            match prepared {
                 Ok(Some(p)) => {
                     batch_hashes.insert(p.hash.clone());
                     batch.push(p);
                 }
                 Ok(None) => {}
-                Err(reason) => {
+                Err(NotPrepared::Busy(reason)) => {
+                    self.flush(&mut batch, &mut summary)?;
+                    self.commit(&bar)?;
+                    bar.finish_and_clear();
+                    return Err(EngineError::Busy(reason));
+                }
+                Err(NotPrepared::Failed(reason)) => {
                     if let Some(o) = &observer {
                         o.failed.fetch_add(1, Ordering::SeqCst);
                     }
@@ -292,13 +341,15 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         Ok(())
     }
 
-    /// Reads and checks one file. `Ok(None)`: skipped (counted in `summary`); `Err`: failed.
+    /// Reads and checks one file. `Ok(None)`: skipped (counted in `summary`); `Err`: failed,
+    /// or no room in the decode budget (at once when `holding`: this run holds a batch).
     fn prepare(
         &mut self,
         file: &Path,
         summary: &mut IngestSummary,
         batch_hashes: &HashSet<String>,
-    ) -> std::result::Result<Option<Prepared>, String> {
+        holding: bool,
+    ) -> std::result::Result<Option<Prepared>, NotPrepared> {
         let path = canonical(file).map_err(|e| e.to_string())?;
         let path_str = path.display().to_string();
         let meta = std::fs::metadata(&path).map_err(|e| format!("cannot stat: {e}"))?;
@@ -348,10 +399,33 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             summary.duplicates += 1;
             return Ok(None);
         }
-        let image = decode_image(&bytes, &path, self.options.limits).map_err(|e| match e {
-            crate::model::ModelError::Image { reason, .. } => reason,
-            other => other.to_string(),
+        // CapFilt reads a second copy of the image beside the retrieval model's.
+        let copies = if self.options.capfilt.is_some() { 2 } else { 1 };
+        let wait = if holding {
+            Some(Duration::ZERO)
+        } else {
+            self.options.budget_wait
+        };
+        let admitted = decode_admitted(
+            &bytes,
+            &path,
+            self.options.limits,
+            &self.options.budget,
+            wait,
+            copies,
+        )
+        .map_err(|e| match e {
+            ModelError::Image { reason, .. } => NotPrepared::Failed(reason),
+            ModelError::Busy(m) => NotPrepared::Busy(m),
+            other => NotPrepared::Failed(other.to_string()),
         })?;
+        let image = admitted.image;
+        let (width, height) = (image.width(), image.height());
+        let thumb = if width.max(height) > THUMB_MAX_SIDE {
+            image.thumbnail(THUMB_MAX_SIDE, THUMB_MAX_SIDE)
+        } else {
+            image.clone()
+        };
         let (exif_date, description) = exif_fields(&bytes);
         let mut given: Vec<String> = sidecar_text(&path).into_iter().collect();
         given.extend(description);
@@ -365,7 +439,11 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             hash,
             size,
             mtime,
+            width,
+            height,
             image,
+            thumb,
+            _permit: admitted.permit,
             given,
             exif_date,
             replaces: existing.map(|r| r.id),
@@ -377,21 +455,30 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         if batch.is_empty() {
             return Ok(0);
         }
-        let images: Vec<DynamicImage> = batch.iter().map(|p| p.image.clone()).collect();
-        let emb = self.models.encode_images(images.clone())?;
-        let itc = emb.itc;
-        let (_, t, d) = emb.tokens.dims3().map_err(crate::model::ModelError::from)?;
-        let captions: Vec<Vec<Caption>> = match &self.options.capfilt {
+        // The images leave the batch (their permits stay until it is written).
+        let images: Vec<DynamicImage> = batch
+            .iter_mut()
+            .map(|p| std::mem::replace(&mut p.image, DynamicImage::new_rgb8(0, 0)))
+            .collect();
+        let (emb, captions): (_, Vec<Vec<Caption>>) = match &self.options.capfilt {
             Some(params) => {
+                let emb = self.models.encode_images(images.clone())?;
                 let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
-                self.models
+                let captions = self
+                    .models
                     .capfilt(images, Some(emb.tokens.clone()), given, params.clone())?
                     .into_iter()
                     .map(|cands| cands.into_iter().map(caption_of).collect())
-                    .collect()
+                    .collect();
+                (emb, captions)
             }
-            None => vec![Vec::new(); batch.len()],
+            None => (
+                self.models.encode_images(images)?,
+                vec![Vec::new(); batch.len()],
+            ),
         };
+        let itc = emb.itc;
+        let (_, t, d) = emb.tokens.dims3().map_err(crate::model::ModelError::from)?;
         let n = batch.len();
         for (i, (p, caps)) in batch.drain(..).zip(captions).enumerate() {
             let tokens: Vec<f32> = emb
@@ -410,8 +497,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 path: p.path,
                 content_hash: p.hash,
                 size_bytes: p.size,
-                width: p.image.width(),
-                height: p.image.height(),
+                width: p.width,
+                height: p.height,
                 mtime_unix: p.mtime,
                 exif_date: p.exif_date,
                 itc: itc[i].clone(),
@@ -426,7 +513,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             } else {
                 summary.added += 1;
             }
-            c.add(record, Some(&features), Some(&p.image))?;
+            c.add(record, Some(&features), Some(&p.thumb))?;
         }
         Ok(n)
     }

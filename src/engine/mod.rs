@@ -9,7 +9,9 @@ pub mod error;
 pub mod ingest;
 pub mod models;
 pub mod search;
+pub mod uploads;
 
 pub use error::{EngineError, Result};
 pub use ingest::{IngestOptions, IngestProgress, IngestSummary, Ingestor};
 pub use models::{EncodedImages, EncodedText, Encoders, LocalModels};
+pub use uploads::{NewUpload, Uploaded, Uploads};

@@ -83,6 +83,32 @@ pub struct Filters {
     pub min_height: Option<u32>,
 }
 
+/// Whether `d` is `YYYY-MM-DD` and names a day that exists (no 2023-02-29, no 2024-04-31).
+fn is_calendar_date(d: &str) -> bool {
+    let b = d.as_bytes();
+    let digits = |r: std::ops::Range<usize>| {
+        b[r.clone()]
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d[r].parse::<u32>().ok())
+            .flatten()
+    };
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return false;
+    }
+    let (Some(y), Some(m), Some(day)) = (digits(0..4), digits(5..7), digits(8..10)) else {
+        return false;
+    };
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&day)
+}
+
 impl Filters {
     /// Whether nothing is filtered.
     pub fn is_empty(&self) -> bool {
@@ -91,19 +117,9 @@ impl Filters {
 
     fn check(&self) -> Result<()> {
         for d in [&self.date_from, &self.date_to].into_iter().flatten() {
-            let ok = d.len() == 10
-                && d.chars().enumerate().all(|(i, c)| {
-                    if i == 4 || i == 7 {
-                        c == '-'
-                    } else {
-                        c.is_ascii_digit()
-                    }
-                })
-                && matches!(d[5..7].parse::<u32>(), Ok(1..=12))
-                && matches!(d[8..10].parse::<u32>(), Ok(1..=31));
-            if !ok {
+            if !is_calendar_date(d) {
                 return Err(EngineError::InvalidInput(format!(
-                    "date {d:?} is not YYYY-MM-DD"
+                    "date {d:?} is not a calendar date YYYY-MM-DD"
                 )));
             }
         }
@@ -293,6 +309,8 @@ impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
         if query.trim().is_empty() {
             return Err(EngineError::InvalidInput("empty query".into()));
         }
+        // Before any forward pass: a query the text index cannot parse is refused at once.
+        crate::index::text::check_query(query)?;
         let (p, mut notices) = Self::clamp(params)?;
         let emb = self
             .models
@@ -567,11 +585,28 @@ mod tests {
         assert!(!f.accepts(&r));
         r.exif_date = None;
         assert!(!f.accepts(&r));
-        assert!(Filters {
-            date_from: Some("June".into()),
-            ..Default::default()
+        for bad in [
+            "June",
+            "2024-02-30",
+            "2023-02-29",
+            "2024-04-31",
+            "2024-13-01",
+            "2024-00-10",
+            "2024-1-01",
+            "２０２４-01-01",
+        ] {
+            let f = Filters {
+                date_from: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(f.check().is_err(), "{bad}");
         }
-        .check()
-        .is_err());
+        for good in ["2024-02-29", "2000-02-29", "2023-12-31", "0001-01-01"] {
+            let f = Filters {
+                date_to: Some(good.into()),
+                ..Default::default()
+            };
+            f.check().unwrap();
+        }
     }
 }

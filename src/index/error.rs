@@ -63,6 +63,9 @@ pub enum IndexError {
         /// The length of the vector given.
         got: usize,
     },
+    /// A text query is past the parser's bounds (length, nesting, number of words).
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
     /// A vector is all zeros or holds NaN or infinity.
     #[error("invalid vector: {0}")]
     InvalidVector(String),

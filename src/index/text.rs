@@ -8,7 +8,10 @@
 //! - `filename`: the words of the file name ([`filename_words`]).
 //!
 //! Text is not stored here: sled has it. Scores are BM25 summed over the fields with
-//! [`TextBoosts`]. Queries are user text, parsed leniently: no input is an error.
+//! [`TextBoosts`]. Queries are user text, parsed leniently: whatever does not parse is searched
+//! as plain words. Only a query past the parser's bounds ([`check_query`]: length, nesting,
+//! number of terms) is refused, because tantivy's parser recurses once per nesting level and a
+//! deep query would overflow the stack of the thread that parses it.
 //!
 //! The generation of each commit is saved in tantivy's commit payload, so that the collection
 //! can tell whether the index is in step with sled.
@@ -23,10 +26,53 @@ use tantivy::schema::{
 };
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
-use super::error::Result;
+use super::error::{IndexError, Result};
 use super::meta::{ImageId, ImageRecord};
 
 const WRITER_HEAP_BYTES: usize = 64 << 20;
+
+/// Longest query parsed, in bytes.
+pub const MAX_QUERY_BYTES: usize = 2000;
+/// Deepest nesting of parentheses in a query.
+pub const MAX_QUERY_DEPTH: usize = 8;
+/// Most words and operators in a query (each word becomes a clause on three fields).
+pub const MAX_QUERY_TERMS: usize = 256;
+
+/// Checks a user query against the parser's bounds: at most [`MAX_QUERY_BYTES`] bytes,
+/// [`MAX_QUERY_DEPTH`] levels of parentheses and [`MAX_QUERY_TERMS`] words. Depth is counted
+/// over every `(`, quoted or not, which can only overestimate what the parser recurses into.
+pub fn check_query(query: &str) -> Result<()> {
+    let refuse = |why: String| Err(IndexError::InvalidQuery(why));
+    if query.len() > MAX_QUERY_BYTES {
+        return refuse(format!(
+            "the query is {} bytes, over the limit of {MAX_QUERY_BYTES}",
+            query.len()
+        ));
+    }
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for c in query.chars() {
+        match c {
+            '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_QUERY_DEPTH {
+        return refuse(format!(
+            "the query nests parentheses {deepest} deep, over the limit of {MAX_QUERY_DEPTH}"
+        ));
+    }
+    let terms = query.split_whitespace().count();
+    if terms > MAX_QUERY_TERMS {
+        return refuse(format!(
+            "the query has {terms} words, over the limit of {MAX_QUERY_TERMS}"
+        ));
+    }
+    Ok(())
+}
 
 /// Per-field BM25 multipliers.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -196,8 +242,10 @@ impl TextIndex {
     /// The `k` best documents for the user query `query`, as (id, BM25 score), best first.
     ///
     /// Tantivy query syntax is honoured where it parses (`"a phrase"`, `+must`, `-not`,
-    /// `caption:dog`); whatever does not parse is searched as plain words.
+    /// `caption:dog`); whatever does not parse is searched as plain words. A query past the
+    /// bounds of [`check_query`] is an [`IndexError::InvalidQuery`].
     pub fn search(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>> {
+        check_query(query)?;
         if k == 0 || query.trim().is_empty() {
             return Ok(Vec::new());
         }
@@ -437,6 +485,79 @@ mod tests {
                 .unwrap_or_else(|e| panic!("query {q:?} failed: {e}"));
         }
         assert_eq!(ids(&index.search("red car)", 5).unwrap()), vec![1]);
+    }
+
+    /// Each of these overflowed the parsing thread's stack (or could) before the bounds; now
+    /// each is refused with a clear error, and queries just inside the bounds still run.
+    #[test]
+    fn queries_past_the_bounds_are_refused_not_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = TextIndex::open(dir.path()).unwrap();
+        let deep = MAX_QUERY_DEPTH + 1;
+        for q in [
+            "(".repeat(800),
+            "(".repeat(5000),
+            format!("+{}", "(".repeat(deep)),
+            format!("{}car{}", "(".repeat(deep), ")".repeat(deep)),
+            format!("\"{}\"", "(".repeat(deep)),
+            vec!["car"; MAX_QUERY_TERMS + 1].join(" AND "),
+            "a".repeat(MAX_QUERY_BYTES + 1),
+        ] {
+            match index.search(&q, 5) {
+                Err(IndexError::InvalidQuery(m)) => assert!(m.contains("limit"), "{m}"),
+                other => panic!("{:?}...: {other:?}", &q[..20.min(q.len())]),
+            }
+        }
+        for q in [
+            format!(
+                "{}car{}",
+                "(".repeat(MAX_QUERY_DEPTH),
+                ")".repeat(MAX_QUERY_DEPTH)
+            ),
+            format!("+{}red", "(".repeat(MAX_QUERY_DEPTH)),
+            vec!["car"; MAX_QUERY_TERMS / 2].join(" AND "),
+            "[a TO z] {1 TO 5} \"x y\"~2 car^2 -red +blue".to_string(),
+        ] {
+            index.search(&q, 5).unwrap();
+        }
+    }
+
+    /// Any string made of the query language's characters and words either searches or is
+    /// refused with `InvalidQuery`: never a panic, never another error, never a stack overflow.
+    #[test]
+    fn any_query_searches_or_is_refused() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = TextIndex::open(dir.path()).unwrap();
+        index
+            .upsert(&record(1, "/p/a.jpg", &[("a red car", true)], &[]))
+            .unwrap();
+        index.commit(1).unwrap();
+        let piece = prop_oneof![
+            Just("(".to_string()),
+            Just(")".to_string()),
+            Just(" AND ".to_string()),
+            Just(" OR ".to_string()),
+            Just("NOT ".to_string()),
+            Just(" TO ".to_string()),
+            "[-+\"\\[\\]{}:^~*' ]{1,3}",
+            "[a-z0-9]{1,8}",
+            "\\PC{1,4}",
+        ];
+        let mut runner = TestRunner::new_with_rng(
+            Config::with_cases(512),
+            TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+        );
+        runner
+            .run(&proptest::collection::vec(piece, 0..600), |parts| {
+                let q: String = parts.concat();
+                match index.search(&q, 5) {
+                    Ok(_) | Err(IndexError::InvalidQuery(_)) => Ok(()),
+                    Err(e) => Err(TestCaseError::fail(format!("{q:?}: {e}"))),
+                }
+            })
+            .unwrap();
     }
 
     #[test]

@@ -75,6 +75,38 @@ pub enum ModelError {
     /// Invalid input from the caller (empty text, bad option...).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// An image has more pixels than the decode limit allows (refused from its header).
+    #[error(
+        "cannot use image {path}: {width}x{height} is {:.1} megapixels, over the limit of {:.1}",
+        *width as f64 * *height as f64 / 1e6,
+        *max_pixels as f64 / 1e6
+    )]
+    TooManyPixels {
+        /// The image.
+        path: PathBuf,
+        /// Its width.
+        width: u32,
+        /// Its height.
+        height: u32,
+        /// The limit.
+        max_pixels: u64,
+    },
+    /// One image needs more memory to decode than the whole decode budget.
+    #[error(
+        "cannot use image {path}: decoding it needs {needed_mib} MiB, over the decode memory \
+         budget of {capacity_mib} MiB"
+    )]
+    OverBudget {
+        /// The image.
+        path: PathBuf,
+        /// What decoding it needs, in MiB (rounded up).
+        needed_mib: u64,
+        /// The whole budget, in MiB.
+        capacity_mib: u64,
+    },
+    /// The decode budget is taken by other images for longer than the caller would wait.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The requested device is not available.
     #[error("device: {0}")]
     Device(String),

@@ -5,6 +5,8 @@
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
@@ -31,6 +33,202 @@ impl Default for DecodeLimits {
             max_pixels: 100_000_000,
         }
     }
+}
+
+/// A process-wide budget of memory for decoded images, in bytes. Every decode of untrusted
+/// input is admitted first, by the bytes its header says it will take ([`decode_cost`]), and
+/// holds a [`DecodePermit`] for as long as its pixels live; so whatever the concurrency, the
+/// decoded images of a process never take more than the budget.
+#[derive(Debug)]
+pub struct DecodeBudget {
+    capacity: u64,
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+/// A share of a [`DecodeBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct DecodePermit {
+    budget: Arc<DecodeBudget>,
+    bytes: u64,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl DecodeBudget {
+    /// A budget of `capacity` bytes.
+    pub fn new(capacity: u64) -> Arc<Self> {
+        Arc::new(Self {
+            capacity,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// Its size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes held by permits now.
+    pub fn in_use(&self) -> u64 {
+        self.used.lock().map_or(self.capacity, |u| *u)
+    }
+
+    /// Takes `bytes` of the budget for `name`, waiting for other permits to be given back for
+    /// at most `wait` (`None`: as long as it takes). More than the whole budget is
+    /// [`ModelError::OverBudget`] at once; still short after `wait`, [`ModelError::Busy`].
+    pub fn admit(
+        self: &Arc<Self>,
+        bytes: u64,
+        name: &Path,
+        wait: Option<Duration>,
+    ) -> Result<DecodePermit> {
+        if bytes > self.capacity {
+            return Err(ModelError::OverBudget {
+                path: name.to_path_buf(),
+                needed_mib: bytes.div_ceil(MIB),
+                capacity_mib: self.capacity / MIB,
+            });
+        }
+        let poisoned = || ModelError::InvalidInput("the decode budget's lock is poisoned".into());
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut used = self.used.lock().map_err(|_| poisoned())?;
+        while *used + bytes > self.capacity {
+            used = match deadline {
+                None => self.freed.wait(used).map_err(|_| poisoned())?,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ModelError::Busy(format!(
+                            "the decode memory budget ({} MiB) is taken by other images; \
+                             retry shortly",
+                            self.capacity / MIB
+                        )));
+                    }
+                    self.freed
+                        .wait_timeout(used, left)
+                        .map_err(|_| poisoned())?
+                        .0
+                }
+            };
+        }
+        *used += bytes;
+        Ok(DecodePermit {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+}
+
+impl DecodePermit {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Gives back what is held beyond `bytes` (once a decode's scratch is freed).
+    pub fn shrink_to(&mut self, bytes: u64) {
+        if bytes < self.bytes {
+            self.budget.release(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+    }
+}
+
+impl DecodeBudget {
+    fn release(&self, bytes: u64) {
+        if let Ok(mut used) = self.used.lock() {
+            *used = used.saturating_sub(bytes);
+        }
+        self.freed.notify_all();
+    }
+}
+
+impl Drop for DecodePermit {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// A decoded image (8-bit RGB) and the share of the decode budget its pixels hold.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The image, EXIF orientation applied, transparency composited on white.
+    pub image: DynamicImage,
+    /// Held for as long as the image lives.
+    pub permit: DecodePermit,
+}
+
+/// What decoding an image takes at its peak, from its header alone: the decoder's output
+/// (`width x height x bytes per pixel` of its colour type), an 8-bit RGBA copy for images with
+/// transparency, and the 8-bit RGB image kept afterwards; or, when more, the `copies` of the
+/// RGB image its caller keeps. Errors as [`decode_image`] would give them for a header that
+/// does not parse or is over `limits`.
+pub fn decode_cost(bytes: &[u8], name: &Path, limits: DecodeLimits, copies: u64) -> Result<u64> {
+    let fail = |reason: String| ModelError::Image {
+        path: name.to_path_buf(),
+        reason,
+    };
+    let decoder = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?
+        .into_decoder()
+        .map_err(|e| fail(format!("cannot read header: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    check_pixels(name, w, h, limits)?;
+    let alpha = if decoder.color_type().has_alpha() {
+        4 * pixels
+    } else {
+        0
+    };
+    let peak = decoder.total_bytes() + alpha + 3 * pixels;
+    Ok(peak.max(copies * 3 * pixels))
+}
+
+fn check_pixels(name: &Path, w: u32, h: u32, limits: DecodeLimits) -> Result<()> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels == 0 {
+        return Err(ModelError::Image {
+            path: name.to_path_buf(),
+            reason: "image has no pixels".into(),
+        });
+    }
+    if pixels > limits.max_pixels {
+        return Err(ModelError::TooManyPixels {
+            path: name.to_path_buf(),
+            width: w,
+            height: h,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes untrusted image bytes under `budget`: admitted by [`decode_cost`] (waiting at most
+/// `wait`), decoded, converted to 8-bit RGB with [`to_rgb`] (what the models read first), and
+/// the permit shrunk to the RGB pixels that stay, `copies` times (a caller that will copy the
+/// image counts the copies).
+pub fn decode_admitted(
+    bytes: &[u8],
+    name: &Path,
+    limits: DecodeLimits,
+    budget: &Arc<DecodeBudget>,
+    wait: Option<Duration>,
+    copies: u64,
+) -> Result<Admitted> {
+    let copies = copies.max(1);
+    let cost = decode_cost(bytes, name, limits, copies)?;
+    let rgb = |w: u32, h: u32| 3 * u64::from(w) * u64::from(h);
+    let mut permit = budget.admit(cost, name, wait)?;
+    let image = decode_image(bytes, name, limits)?;
+    let image = match image {
+        DynamicImage::ImageRgb8(_) => image,
+        other => DynamicImage::ImageRgb8(to_rgb(&other)),
+    };
+    permit.shrink_to(copies * rgb(image.width(), image.height()));
+    Ok(Admitted { image, permit })
 }
 
 /// Reads and decodes an image file, applying its EXIF orientation.
@@ -71,16 +269,7 @@ pub fn decode_image(bytes: &[u8], name: &Path, limits: DecodeLimits) -> Result<D
         .into_dimensions()
         .map_err(|e| fail(format!("cannot read header: {e}")))?;
     let pixels = u64::from(w) * u64::from(h);
-    if pixels == 0 {
-        return Err(fail("image has no pixels".into()));
-    }
-    if pixels > limits.max_pixels {
-        return Err(fail(format!(
-            "{w}x{h} is {:.1} megapixels, over the limit of {:.1}",
-            pixels as f64 / 1e6,
-            limits.max_pixels as f64 / 1e6
-        )));
-    }
+    check_pixels(name, w, h, limits)?;
     let mut image_limits = image::Limits::default();
     image_limits.max_image_width = Some(w);
     image_limits.max_image_height = Some(h);
@@ -195,7 +384,11 @@ pub fn pixel_values(images: &[DynamicImage], size: usize, device: &Device) -> Re
     }
     let mut data = Vec::with_capacity(images.len() * 3 * size * size);
     for img in images {
-        let rgb = resize_bicubic(&to_rgb(img), size as u32)?;
+        let rgb = match img {
+            // Decoded under a budget, images are RGB already: no full-size copy.
+            DynamicImage::ImageRgb8(rgb) => resize_bicubic(rgb, size as u32)?,
+            other => resize_bicubic(&to_rgb(other), size as u32)?,
+        };
         data.extend(normalize_chw(&rgb));
     }
     Ok(Tensor::from_vec(

@@ -1,33 +1,49 @@
-//! API keys: with `--api-key`, every write needs the key, and with `--protect-reads` every read
-//! of the API, `/metrics` included. The UI, `/healthz` and `/readyz` stay open. The key comes as
-//! `Authorization: Bearer KEY` or `X-Api-Key: KEY`; GET requests may also carry `?api_key=KEY`,
-//! because `<img>` tags cannot send headers.
+//! API keys. Every route is registered with an [`Access`] level, and the key is checked by a
+//! middleware on that route, after routing has matched it, so no spelling of a path (percent
+//! encoding, doubled or trailing slashes, dot segments, case) reaches a handler without its
+//! check: a spelling that matches no route ends in 404 or 405 before any handler runs.
+//!
+//! With `--api-key`, every [`Access::Write`] route needs the key, and with `--protect-reads`
+//! every [`Access::Read`] route too (`/metrics` included). [`Access::Open`] routes (the UI,
+//! `/healthz`, `/readyz`, the OpenAPI document) never do. The key comes as
+//! `Authorization: Bearer KEY` or `X-Api-Key: KEY`; GET and HEAD requests may also carry
+//! `?api_key=KEY`, because `<img>` tags cannot send headers.
 
-use actix_web::body::{EitherBody, MessageBody};
+use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, StatusCode};
-use actix_web::middleware::Next;
-use actix_web::{web, ResponseError};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpMessage, ResponseError};
 
 use super::error::ApiError;
 use super::state::AppState;
 
-/// Whether a request changes the collection (or spends model time for a caller: captioning).
-fn is_write(method: &Method, path: &str) -> bool {
-    match *method {
-        Method::GET | Method::HEAD | Method::OPTIONS => false,
-        // Searching by an uploaded image is a read that happens to need a body.
-        _ => path != "/api/search/image",
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: the UI, health, readiness and the OpenAPI document.
+    Open,
+    /// A read of the API: needs the key under `--protect-reads`.
+    Read,
+    /// A write, or work done for the caller on the models (captioning): needs the key
+    /// whenever one is set.
+    Write,
+}
+
+impl Access {
+    fn needs_key(self, protect_reads: bool) -> bool {
+        match self {
+            Self::Open => false,
+            Self::Read => protect_reads,
+            Self::Write => true,
+        }
     }
 }
 
-fn needs_key(method: &Method, path: &str, protect_reads: bool) -> bool {
-    let api = path.starts_with("/api/") || path == "/api" || path == "/metrics";
-    if !api || path == "/api/openapi.json" {
-        return false;
-    }
-    is_write(method, path) || protect_reads
-}
+/// Whether the request presented the server's key; put in the request's extensions by the
+/// route middleware (always `false` when the server has no key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeyPresented(pub bool);
 
 /// Compares without an early exit, so response time does not reveal a prefix of the key.
 fn same(a: &str, b: &str) -> bool {
@@ -45,7 +61,7 @@ fn presented(req: &ServiceRequest) -> Option<String> {
     if let Some(v) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim().to_string());
     }
-    if req.method() == Method::GET {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
         return web::Query::<std::collections::HashMap<String, String>>::from_query(
             req.query_string(),
         )
@@ -55,31 +71,50 @@ fn presented(req: &ServiceRequest) -> Option<String> {
     None
 }
 
-/// Middleware: refuses requests that need the key and lack it (401).
-pub async fn require_key<B: MessageBody>(
+async fn check(
+    access: Access,
     req: ServiceRequest,
-    next: Next<B>,
-) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
-    if let Some(state) = req.app_data::<web::Data<AppState>>() {
-        if let Some(key) = &state.settings.api_key {
-            if needs_key(req.method(), req.path(), state.settings.protect_reads) {
-                let ok = presented(&req).is_some_and(|k| same(&k, key));
-                if !ok {
-                    let res = ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "this endpoint needs the API key (Authorization: Bearer KEY)",
-                    )
-                    .error_response();
-                    let (http, _) = req.into_parts();
-                    return Ok(ServiceResponse::new(http, res).map_into_right_body());
-                }
-            }
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<EitherBody<BoxBody>>, actix_web::Error> {
+    let (key, protect_reads) = match req.app_data::<web::Data<AppState>>() {
+        Some(state) => (state.settings.api_key.clone(), state.settings.protect_reads),
+        // Without the state no handler can run either; refuse rather than guess.
+        None => {
+            let res = ApiError::internal("the app state is missing").error_response();
+            let (http, _) = req.into_parts();
+            return Ok(ServiceResponse::new(http, res).map_into_right_body());
         }
+    };
+    let ok = key
+        .as_deref()
+        .is_some_and(|key| presented(&req).is_some_and(|k| same(&k, key)));
+    req.extensions_mut().insert(KeyPresented(ok));
+    if key.is_some() && access.needs_key(protect_reads) && !ok {
+        let res = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this endpoint needs the API key (Authorization: Bearer KEY)",
+        )
+        .error_response();
+        let (http, _) = req.into_parts();
+        return Ok(ServiceResponse::new(http, res).map_into_right_body());
     }
     next.call(req)
         .await
         .map(ServiceResponse::map_into_left_body)
+}
+
+/// The middleware that guards one route at `access`: 401 without the key where it is needed.
+pub fn guard(
+    access: Access,
+) -> impl actix_web::dev::Transform<
+    actix_service::boxed::BoxService<ServiceRequest, ServiceResponse, actix_web::Error>,
+    ServiceRequest,
+    Response = ServiceResponse<impl MessageBody>,
+    Error = actix_web::Error,
+    InitError = (),
+> {
+    from_fn(move |req: ServiceRequest, next: Next<BoxBody>| check(access, req, next))
 }
 
 #[cfg(test)]
@@ -87,18 +122,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn classifies_writes_and_reads() {
-        assert!(needs_key(&Method::POST, "/api/images", false));
-        assert!(needs_key(&Method::DELETE, "/api/images/3", false));
-        assert!(needs_key(&Method::POST, "/api/caption", false));
-        assert!(!needs_key(&Method::POST, "/api/search/image", false));
-        assert!(needs_key(&Method::POST, "/api/search/image", true));
-        assert!(!needs_key(&Method::GET, "/api/search", false));
-        assert!(needs_key(&Method::GET, "/api/search", true));
-        assert!(needs_key(&Method::GET, "/metrics", true));
-        assert!(!needs_key(&Method::GET, "/", true));
-        assert!(!needs_key(&Method::GET, "/healthz", true));
-        assert!(!needs_key(&Method::GET, "/api/openapi.json", true));
+    fn access_levels_and_key_comparison() {
+        assert!(!Access::Open.needs_key(true));
+        assert!(!Access::Read.needs_key(false));
+        assert!(Access::Read.needs_key(true));
+        assert!(Access::Write.needs_key(false));
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
     }
 }

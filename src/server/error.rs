@@ -95,6 +95,10 @@ impl ResponseError for ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.insert_header(("Retry-After", "1"));
         }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: the connection cannot be reused.
+            r.force_close();
+        }
         r.json(Body {
             error: Inner {
                 code: self.code,
@@ -114,6 +118,28 @@ impl From<EngineError> for ApiError {
             EngineError::Model(ModelError::Image { reason, .. }) => {
                 Self::unprocessable("invalid_image", reason)
             }
+            EngineError::Model(ModelError::TooManyPixels {
+                width,
+                height,
+                max_pixels,
+                ..
+            }) => Self::too_large(format!(
+                "{width}x{height} is {:.1} megapixels, over the limit of {:.1}",
+                f64::from(width) * f64::from(height) / 1e6,
+                max_pixels as f64 / 1e6
+            )),
+            EngineError::Model(ModelError::OverBudget {
+                needed_mib,
+                capacity_mib,
+                ..
+            }) => Self::too_large(format!(
+                "decoding this image needs {needed_mib} MiB, over the server's decode memory \
+                 budget of {capacity_mib} MiB"
+            )),
+            EngineError::Model(ModelError::Busy(m)) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m)
+            }
+            EngineError::Index(IndexError::InvalidQuery(m)) => Self::bad_request(m),
             EngineError::Index(IndexError::NotFound(id)) => {
                 Self::not_found(format!("no image with id {id}"))
             }

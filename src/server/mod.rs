@@ -27,7 +27,7 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Compress, Condition};
 use actix_web::{web, App, HttpRequest, HttpServer};
 
-use crate::engine::{IngestOptions, LocalModels};
+use crate::engine::{IngestOptions, LocalModels, Uploads};
 use crate::index::Collection;
 use error::ApiError;
 use infer::{InferenceQueue, QueueConfig};
@@ -73,6 +73,12 @@ impl Running {
         collection: Collection,
     ) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
+        let uploads = Uploads::new(&config.api.uploads_dir);
+        match uploads.remove_orphans(&collection) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "removed uploaded files that no image points to"),
+            Err(e) => tracing::warn!(%e, "cannot clean the upload directory"),
+        }
         let queue = InferenceQueue::start(
             models,
             QueueConfig {
@@ -91,7 +97,12 @@ impl Running {
                 config.rescan_interval,
                 collection.clone(),
                 queue.background_client(),
-                config.ingest.clone(),
+                IngestOptions {
+                    // The folder ingest shares the requests' decode budget, and waits for it.
+                    budget: config.api.budget.clone(),
+                    budget_wait: None,
+                    ..config.ingest.clone()
+                },
                 ingest.clone(),
             )?)
         };
@@ -100,6 +111,7 @@ impl Running {
             client: queue.client(),
             queue,
             ingest,
+            uploads,
             settings: config.api.clone(),
             metrics: metrics.clone(),
         };
@@ -173,7 +185,6 @@ pub fn app(
         .configure(routes::system::configure)
         .configure(routes::ui::configure)
         .default_service(web::to(not_found))
-        .wrap(from_fn(auth::require_key))
         .wrap(Condition::new(!cors_origins.is_empty(), cors))
         .wrap(Compress::default())
         .wrap(from_fn(metrics::track))
@@ -192,7 +203,10 @@ pub fn serve(
     let metrics = running.metrics.clone();
     let result = actix_web::rt::System::new().block_on(async move {
         let mut server = HttpServer::new(move || app(state.clone(), metrics.clone(), &cors))
-            .shutdown_timeout(10);
+            .shutdown_timeout(10)
+            // Headers must arrive within this (bodies have their own limit, BODY_TIMEOUT).
+            .client_request_timeout(Duration::from_secs(10))
+            .keep_alive(Duration::from_secs(30));
         if config.http_workers > 0 {
             server = server.workers(config.http_workers);
         }

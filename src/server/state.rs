@@ -10,10 +10,11 @@ use serde::Serialize;
 use super::error::{ApiError, ApiResult};
 use super::infer::{InferClient, InferenceQueue};
 use super::metrics::Metrics;
+use crate::engine::Uploads;
 use crate::engine::{IngestProgress, IngestSummary};
 use crate::index::Collection;
 use crate::model::capfilt::CapFiltParams;
-use crate::model::preprocess::DecodeLimits;
+use crate::model::preprocess::{DecodeBudget, DecodeLimits};
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -24,8 +25,14 @@ pub struct ApiSettings {
     pub protect_reads: bool,
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: usize,
+    /// Longest time a request body may take to arrive (then 408).
+    pub body_timeout: std::time::Duration,
     /// Largest accepted image, in pixels.
     pub limits: DecodeLimits,
+    /// Memory for decoded images, shared by every request and the folder ingest.
+    pub budget: Arc<DecodeBudget>,
+    /// How long a request waits for room in `budget` before it is refused (429).
+    pub decode_wait: std::time::Duration,
     /// CapFilt settings for uploads (and folder ingestion); `None`: no captions.
     pub capfilt: Option<CapFiltParams>,
     /// Where uploaded images are stored.
@@ -89,6 +96,8 @@ pub struct AppState {
     pub client: InferClient,
     /// Folder ingest status.
     pub ingest: Arc<IngestStatus>,
+    /// Uploaded images and their files.
+    pub uploads: Uploads,
     /// Settings.
     pub settings: ApiSettings,
     /// Metrics.

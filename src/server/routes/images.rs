@@ -1,35 +1,46 @@
 //! Images: metadata, thumbnail and file (served by id only, never by a path from the request),
 //! upload (CapFilt captions, indexed at once), delete, and captioning without indexing.
 
-use std::collections::HashMap;
-
-use actix_web::http::StatusCode;
+use actix_files::NamedFile;
+use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 
-use super::{decode_upload, parse_id, read_upload, safe_stem, ImageOut};
+use super::{
+    check_upload, decode_upload, parse_id, read_upload, safe_stem, Endpoint, ImageOut, PathView,
+};
 use crate::engine::ingest::caption_of;
-use crate::engine::{Encoders, IngestOptions, Ingestor};
-use crate::index::{content_hash, Caption, ImageId, IndexError};
+use crate::engine::{Encoders, IngestOptions, NewUpload};
+use crate::index::{Caption, ImageId, IndexError};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
 /// Registers the image routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/images", web::post().to(upload))
-        .route("/api/images/{id}", web::get().to(get_image))
-        .route("/api/images/{id}", web::delete().to(delete_image))
-        .route("/api/images/{id}/thumbnail", web::get().to(thumbnail))
-        .route("/api/images/{id}/file", web::get().to(file))
-        .route("/api/caption", web::post().to(caption));
+    Endpoint::new("/api/images").post(upload).register(cfg);
+    Endpoint::new("/api/images/{id}")
+        .get(get_image)
+        .delete(delete_image)
+        .register(cfg);
+    Endpoint::new("/api/images/{id}/thumbnail")
+        .get(thumbnail)
+        .register(cfg);
+    Endpoint::new("/api/images/{id}/file")
+        .get(file)
+        .register(cfg);
+    Endpoint::new("/api/caption").post(caption).register(cfg);
 }
 
-async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+async fn get_image(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    view: PathView,
+) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
     let rec = web::block(move || -> ApiResult<_> { Ok(state.read()?.get(ImageId(id))?) })
         .await??
         .ok_or_else(|| ApiError::not_found(format!("no image with id {id}")))?;
-    Ok(HttpResponse::Ok().json(ImageOut::from(rec)))
+    Ok(HttpResponse::Ok().json(ImageOut::new(rec, &view)))
 }
 
 async fn thumbnail(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
@@ -54,25 +65,33 @@ async fn thumbnail(state: web::Data<AppState>, id: web::Path<String>) -> ApiResu
         .body(bytes))
 }
 
-async fn file(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+/// The original file, streamed (with Range, conditional requests and HEAD).
+async fn file(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
-    let (path, bytes) = web::block(move || -> ApiResult<_> {
+    let file = web::block(move || -> ApiResult<NamedFile> {
         let rec = state
             .read()?
             .get(ImageId(id))?
             .ok_or_else(|| ApiError::not_found(format!("no image with id {id}")))?;
         // The path comes from the collection, which only holds what was indexed.
-        let bytes = std::fs::read(&rec.path).map_err(|e| {
-            ApiError::not_found(format!("the file of image {id} cannot be read: {e}"))
-        })?;
-        Ok((rec.path, bytes))
+        NamedFile::open(&rec.path)
+            .map_err(|e| ApiError::not_found(format!("the file of image {id} cannot be read: {e}")))
     })
     .await??;
-    let mime = mime_guess::from_path(&path).first_or_octet_stream();
-    Ok(HttpResponse::Ok()
-        .content_type(mime.essence_str())
-        .insert_header(("X-Content-Type-Options", "nosniff"))
-        .body(bytes))
+    let mime = mime_guess::from_path(file.path()).first_or_octet_stream();
+    let mut res = file
+        .set_content_type(mime)
+        .disable_content_disposition()
+        .into_response(&req);
+    res.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    Ok(res)
 }
 
 #[derive(Serialize)]
@@ -87,87 +106,55 @@ async fn upload(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
+    view: PathView,
 ) -> ApiResult<HttpResponse> {
-    let form = read_upload(&req, payload, state.settings.max_upload_bytes).await?;
+    let form = read_upload(&req, payload, &state.settings).await?;
     let bytes = form
         .image
         .ok_or_else(|| ApiError::bad_request("missing the `image` file field"))?;
     let texts = form.texts;
     let stem = form.file_name.as_deref().and_then(safe_stem);
     let (status, out) = web::block(move || -> ApiResult<(StatusCode, UploadOut)> {
-        let (_, ext) = decode_upload(&bytes, state.settings.limits)?;
-        let hash = content_hash(&bytes);
-        // One guard at a time: a second read lock on this thread could deadlock behind a
-        // waiting writer.
-        let existing = state.read()?.by_hash(&hash)?;
-        if let Some(id) = existing {
-            let rec = state
-                .read()?
-                .get(id)?
-                .ok_or_else(|| ApiError::internal("hash points to a missing record"))?;
-            let out = UploadOut {
-                id: id.0,
-                duplicate: true,
-                captions: rec.captions.clone(),
-                image: rec.into(),
-            };
-            return Ok((StatusCode::OK, out));
-        }
-        let dir = &state.settings.uploads_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-        // Named by content (unique) and by what the user called it (readable).
-        let name = match &stem {
-            Some(stem) => format!("{}-{stem}.{ext}", &hash[..12]),
-            None => format!("{}.{ext}", &hash[..32]),
-        };
-        let path = dir.join(name);
-        std::fs::write(&path, &bytes)
-            .map_err(|e| ApiError::internal(format!("writing {}: {e}", path.display())))?;
-        let canonical = std::fs::canonicalize(&path)
-            .map_err(|e| ApiError::internal(format!("{}: {e}", path.display())))?;
+        let s = &state.settings;
+        // CapFilt reads a second copy of the image beside the retrieval model's.
+        let copies = if s.capfilt.is_some() { 2 } else { 1 };
+        let ext = check_upload(&bytes, s, copies)?;
         let options = IngestOptions {
             batch_size: 1,
             commit_every: 1,
-            limits: state.settings.limits,
-            capfilt: state.settings.capfilt.clone(),
+            limits: s.limits,
+            capfilt: s.capfilt.clone(),
             progress: false,
             observer: None,
+            budget: s.budget.clone(),
+            budget_wait: Some(s.decode_wait),
         };
-        let given = HashMap::from([(canonical.display().to_string(), texts)]);
-        let summary = Ingestor::new(&state.collection, &state.client, options)?
-            .with_given_texts(given)
-            .add(std::slice::from_ref(&canonical));
-        let summary = match summary {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = std::fs::remove_file(&canonical);
-                return Err(e.into());
-            }
-        };
-        if let Some(f) = summary.failed.first() {
-            let _ = std::fs::remove_file(&canonical);
-            return Err(ApiError::unprocessable("invalid_image", f.reason.clone()));
-        }
-        let c = state.read()?;
-        let id = c
-            .by_path(&canonical.display().to_string())?
-            .ok_or_else(|| ApiError::internal("the uploaded image was not indexed"))?;
-        let rec = c
-            .get(id)?
-            .ok_or_else(|| ApiError::internal("the uploaded image has no record"))?;
-        let duplicate = summary.added == 0;
-        Ok((
-            if duplicate {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
+        let done = state.uploads.add(
+            &state.collection,
+            &state.client,
+            options,
+            NewUpload {
+                bytes: &bytes,
+                stem: stem.as_deref(),
+                ext,
             },
+            texts,
+        )?;
+        let rec = state.read()?.get(done.id)?.ok_or_else(|| {
+            ApiError::not_found(format!("image {} was deleted meanwhile", done.id))
+        })?;
+        let status = if done.duplicate {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        Ok((
+            status,
             UploadOut {
-                id: id.0,
-                duplicate,
+                id: done.id.0,
+                duplicate: done.duplicate,
                 captions: rec.captions.clone(),
-                image: rec.into(),
+                image: ImageOut::new(rec, &view),
             },
         ))
     })
@@ -181,21 +168,11 @@ async fn delete_image(
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
     web::block(move || -> ApiResult<()> {
-        let mut c = state.write()?;
-        let rec = c
-            .get(ImageId(id))?
-            .ok_or_else(|| ApiError::not_found(format!("no image with id {id}")))?;
-        c.remove(ImageId(id))?;
-        c.commit()?;
-        drop(c);
-        // Uploaded files are ours to delete; files in the user's folders never are.
-        let p = std::path::Path::new(&rec.path);
-        if let Ok(dir) = std::fs::canonicalize(&state.settings.uploads_dir) {
-            if p.starts_with(&dir) {
-                let _ = std::fs::remove_file(p);
-            }
+        if state.uploads.remove_image(&state.collection, ImageId(id))? {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(format!("no image with id {id}")))
         }
-        Ok(())
     })
     .await??;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": id })))
@@ -218,16 +195,16 @@ async fn caption(
             "this server runs without a caption model (--no-captions)",
         ));
     };
-    let form = read_upload(&req, payload, state.settings.max_upload_bytes).await?;
+    let form = read_upload(&req, payload, &state.settings).await?;
     let bytes = form
         .image
         .ok_or_else(|| ApiError::bad_request("missing the `image` file field"))?;
     let texts = form.texts;
     let out = web::block(move || -> ApiResult<CaptionOut> {
-        let (image, _) = decode_upload(&bytes, state.settings.limits)?;
+        let admitted = decode_upload(&bytes, &state.settings, 1)?;
         let cands = state
             .client
-            .capfilt(vec![image], None, vec![texts], params)?
+            .capfilt(vec![admitted.image], None, vec![texts], params)?
             .pop()
             .unwrap_or_default();
         Ok(CaptionOut {

@@ -6,35 +6,145 @@ pub mod search;
 pub mod system;
 pub mod ui;
 
-use std::io::Cursor;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use actix_multipart::Multipart;
-use actix_web::{web, HttpRequest};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{
+    guard, web, FromRequest, Handler, HttpMessage, HttpRequest, Resource, Responder, ResponseError,
+    Route,
+};
 use futures_util::StreamExt;
-use image::DynamicImage;
 use serde::Serialize;
 
+use super::auth::{self, Access, KeyPresented};
 use super::error::{ApiError, ApiResult};
+use super::state::ApiSettings;
+use super::state::AppState;
+use crate::engine::EngineError;
 use crate::index::{Caption, ImageRecord};
-use crate::model::preprocess::{decode_image, DecodeLimits};
+use crate::model::preprocess::{decode_admitted, decode_cost, Admitted};
 
-/// Every route as (method, pattern): what the OpenAPI document must describe.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/api/search"),
-    ("post", "/api/search/image"),
-    ("get", "/api/images/{id}"),
-    ("get", "/api/images/{id}/thumbnail"),
-    ("get", "/api/images/{id}/file"),
-    ("post", "/api/images"),
-    ("delete", "/api/images/{id}"),
-    ("post", "/api/caption"),
-    ("get", "/api/status"),
-    ("get", "/api/openapi.json"),
-    ("get", "/healthz"),
-    ("get", "/readyz"),
-    ("get", "/metrics"),
+/// Every route as (method, pattern, who may call it): what the server registers (see
+/// [`Endpoint`]) and what the OpenAPI document must describe. `get` routes answer HEAD too.
+pub const ROUTES: &[(&str, &str, Access)] = &[
+    ("get", "/api/search", Access::Read),
+    // Searching by an uploaded image is a read that happens to need a body.
+    ("post", "/api/search/image", Access::Read),
+    ("get", "/api/images/{id}", Access::Read),
+    ("get", "/api/images/{id}/thumbnail", Access::Read),
+    ("get", "/api/images/{id}/file", Access::Read),
+    ("post", "/api/images", Access::Write),
+    ("delete", "/api/images/{id}", Access::Write),
+    // Captioning changes nothing but spends model time for the caller.
+    ("post", "/api/caption", Access::Write),
+    ("get", "/api/status", Access::Read),
+    ("get", "/api/openapi.json", Access::Open),
+    ("get", "/healthz", Access::Open),
+    ("get", "/readyz", Access::Open),
+    ("get", "/metrics", Access::Read),
+    ("get", "/", Access::Open),
+    ("get", "/assets/{file}", Access::Open),
 ];
+
+/// Who may call `method pattern`, from [`ROUTES`]; a route missing there needs the key.
+fn access_of(method: &str, pattern: &str) -> Access {
+    ROUTES
+        .iter()
+        .find(|(m, p, _)| *m == method && *p == pattern)
+        .map_or(Access::Write, |r| r.2)
+}
+
+/// One path and its methods, each guarded by the key check at its [`Access`] level (from
+/// [`ROUTES`]); GET routes answer HEAD too, and any other method answers 405 with `Allow`.
+pub struct Endpoint {
+    pattern: &'static str,
+    resource: Resource,
+    allow: Vec<&'static str>,
+}
+
+impl Endpoint {
+    /// An endpoint at `pattern`, with no methods yet.
+    pub fn new(pattern: &'static str) -> Self {
+        Self {
+            pattern,
+            resource: web::resource(pattern),
+            allow: Vec::new(),
+        }
+    }
+
+    fn route<F, Args>(mut self, method: &'static str, route: Route, handler: F) -> Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        let access = access_of(&method.to_ascii_lowercase(), self.pattern);
+        self.allow.push(method);
+        self.resource = self
+            .resource
+            .route(route.to(handler).wrap(auth::guard(access)));
+        self
+    }
+
+    /// GET (and HEAD) answered by `handler`.
+    pub fn get<F, Args>(mut self, handler: F) -> Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        let route = Route::new().guard(guard::Any(guard::Get()).or(guard::Head()));
+        self = self.route("GET", route, handler);
+        self.allow.push("HEAD");
+        self
+    }
+
+    /// POST answered by `handler`.
+    pub fn post<F, Args>(self, handler: F) -> Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.route("POST", web::post(), handler)
+    }
+
+    /// DELETE answered by `handler`.
+    pub fn delete<F, Args>(self, handler: F) -> Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.route("DELETE", web::delete(), handler)
+    }
+
+    /// Adds the endpoint to the app.
+    pub fn register(self, cfg: &mut web::ServiceConfig) {
+        let allow = self.allow.join(", ");
+        cfg.service(
+            self.resource
+                .default_service(web::to(move |req: HttpRequest| {
+                    let allow = allow.clone();
+                    async move {
+                        let mut res = ApiError::new(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "method_not_allowed",
+                            format!("{} is not allowed here; use {allow}", req.method()),
+                        )
+                        .error_response();
+                        if let Ok(v) = HeaderValue::from_str(&allow) {
+                            res.headers_mut().insert(header::ALLOW, v);
+                        }
+                        res
+                    }
+                })),
+        );
+    }
+}
 
 /// An image as the API shows it.
 #[derive(Debug, Serialize)]
@@ -68,13 +178,98 @@ fn split_path(path: &str) -> (String, String) {
     )
 }
 
-impl From<ImageRecord> for ImageOut {
-    fn from(r: ImageRecord) -> Self {
-        let (file_name, folder) = split_path(&r.path);
+/// How paths appear to a caller: whole to whoever presented the key (and to everyone when the
+/// server has no key, since anyone may then write), otherwise starting from the name of the
+/// root folder they lie in (a watched folder, or the upload folder), so that the server's
+/// file-system layout stays private. A path under no root shows as its file name.
+#[derive(Debug, Clone)]
+pub struct PathView {
+    full: bool,
+    roots: Vec<PathBuf>,
+}
+
+impl PathView {
+    /// The view for a caller who presented the key (`full`) or not.
+    pub fn new(settings: &ApiSettings, full: bool) -> Self {
+        let mut roots = settings.folders.clone();
+        roots.push(
+            std::fs::canonicalize(&settings.uploads_dir)
+                .unwrap_or_else(|_| settings.uploads_dir.clone()),
+        );
+        Self {
+            full: full || settings.api_key.is_none(),
+            roots,
+        }
+    }
+
+    fn root_of(&self, path: &Path) -> Option<&PathBuf> {
+        self.roots.iter().find(|r| path.starts_with(r))
+    }
+
+    /// `path` as this caller sees it.
+    pub fn show(&self, path: &str) -> String {
+        if self.full {
+            return path.to_string();
+        }
+        let p = Path::new(path);
+        match self.root_of(p) {
+            Some(root) => {
+                let name = root
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                match p.strip_prefix(root) {
+                    Ok(rest) if !rest.as_os_str().is_empty() => {
+                        Path::new(name.as_ref()).join(rest).display().to_string()
+                    }
+                    _ => name.into_owned(),
+                }
+            }
+            None => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// A folder as a caller wrote it (whole, or from a root's name as [`Self::show`] writes
+    /// it) as the collection stores it.
+    pub fn resolve(&self, shown: &str) -> String {
+        let p = Path::new(shown);
+        if p.is_absolute() {
+            return shown.to_string();
+        }
+        let mut parts = p.components();
+        let first = parts.next().map(|c| c.as_os_str().to_owned());
+        match first.and_then(|f| self.roots.iter().find(|r| r.file_name() == Some(&f))) {
+            Some(root) => root.join(parts.as_path()).display().to_string(),
+            None => shown.to_string(),
+        }
+    }
+}
+
+impl FromRequest for PathView {
+    type Error = actix_web::Error;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let full = req.extensions().get::<KeyPresented>().is_some_and(|k| k.0);
+        std::future::ready(match req.app_data::<web::Data<AppState>>() {
+            Some(state) => Ok(Self::new(&state.settings, full)),
+            None => Err(ApiError::internal("the app state is missing").into()),
+        })
+    }
+}
+
+impl ImageOut {
+    /// `r` as the caller of `view` sees it.
+    pub fn new(r: ImageRecord, view: &PathView) -> Self {
+        let path = view.show(&r.path);
+        let (file_name, folder) = split_path(&path);
         let id = r.id.0;
         Self {
             id,
-            path: r.path,
+            path,
             file_name,
             folder,
             width: r.width,
@@ -103,6 +298,40 @@ pub struct Upload {
     pub texts: Vec<String>,
 }
 
+/// The time left to read a request body, whole: a stalled or trickling body is answered 408
+/// and its connection closed.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    at: Instant,
+    limit: Duration,
+}
+
+impl BodyDeadline {
+    /// From now, `settings.body_timeout`.
+    pub fn new(settings: &ApiSettings) -> Self {
+        Self {
+            at: Instant::now() + settings.body_timeout,
+            limit: settings.body_timeout,
+        }
+    }
+
+    /// Awaits `next` (a part of the body) until the deadline; past it, 408.
+    pub async fn within<T>(self, next: impl std::future::Future<Output = T>) -> ApiResult<T> {
+        actix_web::rt::time::timeout(self.at.saturating_duration_since(Instant::now()), next)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {:.0} s",
+                        self.limit.as_secs_f64()
+                    ),
+                )
+            })
+    }
+}
+
 /// Longest `text` field, in characters (what the OpenAPI document's `maxLength` counts).
 const MAX_TEXT_CHARS: usize = 4096;
 /// Most bytes read of a `text` field: enough for [`MAX_TEXT_CHARS`] of any UTF-8.
@@ -124,22 +353,25 @@ pub fn content_type(req: &HttpRequest) -> String {
         .to_ascii_lowercase()
 }
 
-/// Reads a multipart upload: one `image` file (at most `max_bytes`) and optional `text` fields
-/// (400 for any other field, a text over [`MAX_TEXT_CHARS`] or more than [`MAX_TEXTS`] texts).
+/// Reads a multipart upload: one `image` file (at most `settings.max_upload_bytes`) and
+/// optional `text` fields, within `settings.body_timeout`; 400 for any other field, a text over
+/// [`MAX_TEXT_CHARS`] or more than [`MAX_TEXTS`] texts.
 pub async fn read_upload(
     req: &HttpRequest,
     payload: web::Payload,
-    max_bytes: usize,
+    settings: &ApiSettings,
 ) -> ApiResult<Upload> {
+    let max_bytes = settings.max_upload_bytes;
     if !is_multipart(req) {
         return Err(ApiError::unsupported_media(
             "send multipart/form-data with an `image` file field",
         ));
     }
+    let deadline = BodyDeadline::new(settings);
     let mut form = Multipart::new(req.headers(), payload);
     let mut out = Upload::default();
     let mut texts = 0;
-    while let Some(field) = form.next().await {
+    while let Some(field) = deadline.within(form.next()).await? {
         let mut field =
             field.map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or("").to_string();
@@ -160,7 +392,7 @@ pub async fn read_upload(
             MAX_TEXT_BYTES
         };
         let mut buf = Vec::new();
-        while let Some(chunk) = field.next().await {
+        while let Some(chunk) = deadline.within(field.next()).await? {
             let chunk = chunk
                 .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
             if buf.len() + chunk.len() > limit {
@@ -208,12 +440,11 @@ pub async fn read_upload(
     Ok(out)
 }
 
-/// Checks and decodes uploaded image bytes: 415 for what is not an image format we read, 413
-/// over the pixel limit (before decoding), 422 for a file that does not decode.
-pub fn decode_upload(
-    bytes: &[u8],
-    limits: DecodeLimits,
-) -> ApiResult<(DynamicImage, &'static str)> {
+/// Checks uploaded image bytes from their header alone, before anything is decoded: 415 for
+/// what is not an image format we read, 413 over the pixel limit or for an image that needs
+/// more memory to decode than the whole decode budget (counting `copies` of it kept), 422 for
+/// a header that does not parse. Returns the format's file extension.
+pub fn check_upload(bytes: &[u8], settings: &ApiSettings, copies: u64) -> ApiResult<&'static str> {
     if bytes.is_empty() {
         return Err(ApiError::unprocessable(
             "invalid_image",
@@ -226,24 +457,31 @@ pub fn decode_upload(
         )
     })?;
     let ext = format.extensions_str().first().copied().unwrap_or("img");
-    let dims = image::ImageReader::with_format(Cursor::new(bytes), format).into_dimensions();
-    if let Ok((w, h)) = dims {
-        let pixels = u64::from(w) * u64::from(h);
-        if pixels > limits.max_pixels {
-            return Err(ApiError::too_large(format!(
-                "{w}x{h} is {:.1} megapixels, over the limit of {:.1}",
-                pixels as f64 / 1e6,
-                limits.max_pixels as f64 / 1e6
-            )));
-        }
+    let cost = decode_cost(bytes, Path::new("<upload>"), settings.limits, copies)
+        .map_err(|e| ApiError::from(EngineError::Model(e)))?;
+    if cost > settings.budget.capacity() {
+        return Err(ApiError::too_large(format!(
+            "decoding this image needs {} MiB, over the server's decode memory budget of {} MiB",
+            cost.div_ceil(1 << 20),
+            settings.budget.capacity() >> 20
+        )));
     }
-    let image = decode_image(bytes, Path::new("<upload>"), limits).map_err(|e| match e {
-        crate::model::ModelError::Image { reason, .. } => {
-            ApiError::unprocessable("invalid_image", format!("cannot use the image: {reason}"))
-        }
-        other => ApiError::internal(other),
-    })?;
-    Ok((image, ext))
+    Ok(ext)
+}
+
+/// [`check_upload`], then decodes under the decode budget (429 when it stays taken for
+/// `decode_wait`). The image holds its share of the budget for as long as it lives.
+pub fn decode_upload(bytes: &[u8], settings: &ApiSettings, copies: u64) -> ApiResult<Admitted> {
+    check_upload(bytes, settings, copies)?;
+    decode_admitted(
+        bytes,
+        Path::new("<upload>"),
+        settings.limits,
+        &settings.budget,
+        Some(settings.decode_wait),
+        copies,
+    )
+    .map_err(|e| EngineError::Model(e).into())
 }
 
 /// Parses a path id.

@@ -5,7 +5,10 @@ use std::time::Instant;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::{content_type, decode_upload, is_multipart, read_upload, split_path};
+use super::{
+    content_type, decode_upload, is_multipart, read_upload, split_path, BodyDeadline, Endpoint,
+    PathView,
+};
 use crate::engine::search::{
     Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher, MAX_K, MAX_RERANK_K,
 };
@@ -15,8 +18,10 @@ use crate::server::state::AppState;
 
 /// Registers the search routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/search", web::get().to(search_text))
-        .route("/api/search/image", web::post().to(search_image));
+    Endpoint::new("/api/search").get(search_text).register(cfg);
+    Endpoint::new("/api/search/image")
+        .post(search_image)
+        .register(cfg);
 }
 
 /// Largest `offset`: past every candidate list a search can make (two retrievers of at most
@@ -60,7 +65,7 @@ fn check_range(
 }
 
 impl SearchQuery {
-    fn params(&self) -> ApiResult<SearchParams> {
+    fn params(&self, view: &PathView) -> ApiResult<SearchParams> {
         let d = SearchParams::default();
         let mode = match &self.mode {
             None => SearchMode::Hybrid,
@@ -86,7 +91,7 @@ impl SearchQuery {
             offset: self.offset.unwrap_or(0),
             min_itm_prob: self.min_itm_prob.map(|p| p as f32),
             filters: Filters {
-                path_prefix: blank(&self.folder),
+                path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
                 date_from: self.date_from.clone(),
                 date_to: self.date_to.clone(),
                 ..Default::default()
@@ -156,6 +161,7 @@ fn matched_caption(query: Option<&str>, captions: &[Caption]) -> Option<String> 
 
 fn render<S: Store>(
     store: &S,
+    view: &PathView,
     query: Option<&str>,
     source_id: Option<u64>,
     r: SearchResults,
@@ -179,6 +185,7 @@ fn render<S: Store>(
         let (width, height) = store
             .get(ImageId(id))?
             .map_or((0, 0), |rec| (rec.width, rec.height));
+        let path = view.show(&path);
         let (file_name, folder) = split_path(&path);
         hits.push(HitOut {
             id,
@@ -215,6 +222,7 @@ fn render<S: Store>(
 async fn search_text(
     state: web::Data<AppState>,
     query: web::Query<SearchQuery>,
+    view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
     let q = query
@@ -223,14 +231,11 @@ async fn search_text(
         .map(|q| q.trim().to_string())
         .filter(|q| !q.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
-    if q.len() > 2000 {
-        return Err(ApiError::bad_request("the query is over 2000 bytes"));
-    }
-    let params = query.params()?;
+    let params = query.params(&view)?;
     let out = web::block(move || -> ApiResult<SearchOut> {
         let c = state.read()?;
         let r = Searcher::new(&*c, &state.client).search_text(&q, &params)?;
-        render(&*c, Some(&q), None, r, started)
+        render(&*c, &view, Some(&q), None, r, started)
     })
     .await??;
     Ok(HttpResponse::Ok().json(out))
@@ -247,29 +252,30 @@ async fn search_image(
     req: HttpRequest,
     query: web::Query<SearchQuery>,
     payload: web::Payload,
+    view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
-    let mut params = query.params()?;
+    let mut params = query.params(&view)?;
     params.mode = SearchMode::Vector;
     params.rerank_k = 0;
     if is_multipart(&req) {
-        let upload = read_upload(&req, payload, state.settings.max_upload_bytes).await?;
+        let upload = read_upload(&req, payload, &state.settings).await?;
         let bytes = upload
             .image
             .ok_or_else(|| ApiError::bad_request("missing the `image` file field"))?;
-        let limits = state.settings.limits;
         let out = web::block(move || -> ApiResult<SearchOut> {
-            let (image, _) = decode_upload(&bytes, limits)?;
+            // The search sends a copy of the image to the models.
+            let admitted = decode_upload(&bytes, &state.settings, 2)?;
             let c = state.read()?;
-            let r = Searcher::new(&*c, &state.client).search_image(&image, &params)?;
-            render(&*c, None, None, r, started)
+            let r = Searcher::new(&*c, &state.client).search_image(&admitted.image, &params)?;
+            render(&*c, &view, None, None, r, started)
         })
         .await??;
         Ok(HttpResponse::Ok().json(out))
     } else if content_type(&req).starts_with("application/json") {
-        let body = payload
-            .to_bytes_limited(64 * 1024)
-            .await
+        let body = BodyDeadline::new(&state.settings)
+            .within(payload.to_bytes_limited(64 * 1024))
+            .await?
             .map_err(|_| ApiError::too_large("the JSON body is over 64 KiB"))?
             .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
         let ById { id } = serde_json::from_slice(&body)
@@ -280,7 +286,7 @@ async fn search_image(
                 return Err(ApiError::not_found(format!("no image with id {id}")));
             }
             let r = Searcher::new(&*c, &state.client).search_similar(ImageId(id), &params)?;
-            render(&*c, None, Some(id), r, started)
+            render(&*c, &view, None, Some(id), r, started)
         })
         .await??;
         Ok(HttpResponse::Ok().json(out))

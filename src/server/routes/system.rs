@@ -6,6 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::{Endpoint, PathView};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -14,14 +15,16 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Registers the system routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/status", web::get().to(status))
-        .route("/api/openapi.json", web::get().to(openapi))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+    Endpoint::new("/api/status").get(status).register(cfg);
+    Endpoint::new("/api/openapi.json")
+        .get(openapi)
+        .register(cfg);
+    Endpoint::new("/healthz").get(healthz).register(cfg);
+    Endpoint::new("/readyz").get(readyz).register(cfg);
+    Endpoint::new("/metrics").get(metrics).register(cfg);
 }
 
-async fn status(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+async fn status(state: web::Data<AppState>, view: PathView) -> ApiResult<HttpResponse> {
     let s = state.clone();
     let images = web::block(move || -> ApiResult<u64> { Ok(s.read()?.len()?) }).await??;
     let ing = &state.ingest;
@@ -30,16 +33,21 @@ async fn status(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     Ok(HttpResponse::Ok().json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "images": images,
-        "folders": st.folders.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "folders": st.folders.iter().map(|f| view.show(&f.display().to_string())).collect::<Vec<_>>(),
         "ingest": {
             "state": ing.state.lock().map(|g| *g).ok(),
             "done": p.done.load(Ordering::SeqCst),
             "total": p.total.load(Ordering::SeqCst),
             "failed": p.failed.load(Ordering::SeqCst),
-            "current": p.current.lock().ok().and_then(|g| g.clone()),
+            "current": p.current.lock().ok().and_then(|g| g.as_deref().map(|c| view.show(c))),
             "last_error": ing.last_error.lock().ok().and_then(|g| g.clone()),
             "last_run_unix": ing.last_run_unix.lock().ok().and_then(|g| *g),
-            "last_summary": ing.last_summary.lock().ok().and_then(|g| g.clone()),
+            "last_summary": ing.last_summary.lock().ok().and_then(|g| g.clone()).map(|mut s| {
+                for f in &mut s.failed {
+                    f.path = view.show(&f.path);
+                }
+                s
+            }),
         },
         "models": { "retrieval": st.retrieval_model, "caption": st.caption_model },
         "device": st.device,

@@ -2,6 +2,7 @@
 
 use actix_web::{web, HttpResponse};
 
+use super::Endpoint;
 use crate::server::error::{ApiError, ApiResult};
 
 /// (name, content type, bytes) of every UI file.
@@ -35,8 +36,8 @@ const CSP: &str = "default-src 'self'; img-src 'self' blob: data:; \
 
 /// Registers `/` and `/assets/{file}`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(index))
-        .route("/assets/{file}", web::get().to(asset));
+    Endpoint::new("/").get(index).register(cfg);
+    Endpoint::new("/assets/{file}").get(asset).register(cfg);
 }
 
 fn serve(name: &str) -> ApiResult<HttpResponse> {

@@ -1,0 +1,287 @@
+//! Images uploaded into a collection (rather than found in a folder): kept as files in one
+//! directory, named by content and by the name the client gave, and indexed at once.
+//!
+//! Concurrency rules: uploads of the same bytes are serialised (the second answers the first's
+//! id), every file is created with `create_new`, and an upload only ever deletes the file it
+//! created itself; so no request can remove a file that an indexed image (or another request)
+//! owns. Files that no record points to (left by a crash between writing and indexing) are
+//! removed by [`Uploads::remove_orphans`] at start.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, RwLock};
+
+use super::error::{EngineError, Result};
+use super::ingest::{IngestOptions, Ingestor};
+use super::models::Encoders;
+use crate::index::{content_hash, Collection, ImageId};
+
+/// The upload directory of a collection and the hashes being uploaded now.
+#[derive(Debug)]
+pub struct Uploads {
+    dir: PathBuf,
+    in_flight: Mutex<HashSet<String>>,
+    finished: Condvar,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uploaded {
+    /// The image's id.
+    pub id: ImageId,
+    /// Whether the same bytes were already indexed (nothing was added).
+    pub duplicate: bool,
+}
+
+/// One uploaded image as the client sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUpload<'a> {
+    /// The file's bytes, already checked to be an image of type `ext`.
+    pub bytes: &'a [u8],
+    /// A safe stem of the client's file name, when it gave one.
+    pub stem: Option<&'a str>,
+    /// The file extension of its format.
+    pub ext: &'a str,
+}
+
+/// A claim on one content hash; released (and waiters woken) when dropped.
+struct Claim<'a> {
+    uploads: &'a Uploads,
+    hash: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.uploads.in_flight.lock() {
+            set.remove(&self.hash);
+        }
+        self.uploads.finished.notify_all();
+    }
+}
+
+/// A file this upload created; deleted when dropped unless kept.
+struct Created {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = %self.path.display(), %e, "cannot remove a failed upload");
+            }
+        }
+    }
+}
+
+/// Most files tried for one name before giving up (`name.ext`, `name-2.ext`, ...).
+const MAX_NAME_TRIES: usize = 100;
+
+impl Uploads {
+    /// The uploads kept in `dir` (created when the first upload arrives).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            in_flight: Mutex::new(HashSet::new()),
+            finished: Condvar::new(),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether `path` (canonical) is an uploaded file, which the collection may delete.
+    pub fn owns(&self, path: &Path) -> bool {
+        std::fs::canonicalize(&self.dir).is_ok_and(|dir| path.starts_with(dir))
+    }
+
+    fn claim(&self, hash: &str) -> Result<Claim<'_>> {
+        let poisoned = || EngineError::Internal("the upload lock is poisoned".into());
+        let mut set = self.in_flight.lock().map_err(|_| poisoned())?;
+        while set.contains(hash) {
+            set = self.finished.wait(set).map_err(|_| poisoned())?;
+        }
+        set.insert(hash.to_string());
+        Ok(Claim {
+            uploads: self,
+            hash: hash.to_string(),
+        })
+    }
+
+    /// Creates a new file for the upload: `<hash12>-<stem>.<ext>` (or `<hash32>.<ext>` without
+    /// a stem), with `-2`, `-3`, ... before the extension when the name is taken.
+    fn create(&self, hash: &str, stem: Option<&str>, ext: &str, bytes: &[u8]) -> Result<Created> {
+        let io = |path: &Path, source: std::io::Error| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
+        let base = match stem {
+            Some(stem) => format!("{}-{stem}", &hash[..12]),
+            None => hash[..32].to_string(),
+        };
+        for n in 1..=MAX_NAME_TRIES {
+            let name = if n == 1 {
+                format!("{base}.{ext}")
+            } else {
+                format!("{base}-{n}.{ext}")
+            };
+            let path = self.dir.join(name);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    // From here the file is ours: a failure below removes it.
+                    let created = Created { path, keep: false };
+                    f.write_all(bytes)
+                        .and_then(|()| f.sync_all())
+                        .map_err(|e| io(&created.path, e))?;
+                    return Ok(created);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&path, e)),
+            }
+        }
+        Err(EngineError::Internal(format!(
+            "no free file name for {base}.{ext} in {}",
+            self.dir.display()
+        )))
+    }
+
+    /// Stores and indexes an upload with its given `texts`. The same bytes already in the
+    /// collection (or being uploaded by another request) answer that image's id as a
+    /// duplicate. A file that fails to index is removed; the error says why.
+    pub fn add<M: Encoders + ?Sized>(
+        &self,
+        collection: &RwLock<Collection>,
+        models: &M,
+        options: IngestOptions,
+        upload: NewUpload<'_>,
+        texts: Vec<String>,
+    ) -> Result<Uploaded> {
+        let NewUpload { bytes, stem, ext } = upload;
+        let hash = content_hash(bytes);
+        let _claim = self.claim(&hash)?;
+        let read = || {
+            collection
+                .read()
+                .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+        };
+        if let Some(id) = read()?.by_hash(&hash)? {
+            return Ok(Uploaded {
+                id,
+                duplicate: true,
+            });
+        }
+        let mut file = self.create(&hash, stem, ext, bytes)?;
+        let canonical = std::fs::canonicalize(&file.path).map_err(|e| EngineError::Io {
+            path: file.path.clone(),
+            source: e,
+        })?;
+        let key = canonical.display().to_string();
+        let given = HashMap::from([(key.clone(), texts)]);
+        let summary = Ingestor::new(collection, models, options)?
+            .with_given_texts(given)
+            .add(std::slice::from_ref(&canonical))?;
+        if let Some(f) = summary.failed.first() {
+            return Err(EngineError::Model(crate::model::ModelError::Image {
+                path: PathBuf::from(stem.unwrap_or("the upload")),
+                reason: f.reason.clone(),
+            }));
+        }
+        let c = read()?;
+        if let Some(id) = c.by_path(&key)? {
+            file.keep = true;
+            return Ok(Uploaded {
+                id,
+                duplicate: false,
+            });
+        }
+        // Indexed meanwhile under another path (a watched folder): that image is the answer,
+        // and our copy goes.
+        match c.by_hash(&hash)? {
+            Some(id) => Ok(Uploaded {
+                id,
+                duplicate: true,
+            }),
+            None => Err(EngineError::Internal(
+                "the uploaded image was not indexed".into(),
+            )),
+        }
+    }
+
+    /// Removes image `id`; its file too when it is an upload (files in the user's folders are
+    /// never deleted). Serialised with uploads of the same bytes. `false`: no such image.
+    pub fn remove_image(&self, collection: &RwLock<Collection>, id: ImageId) -> Result<bool> {
+        let lock = || {
+            collection
+                .write()
+                .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+        };
+        let Some(rec) = lock()?.get(id)? else {
+            return Ok(false);
+        };
+        let _claim = self.claim(&rec.content_hash)?;
+        {
+            let mut c = lock()?;
+            if !c.remove(id)? {
+                return Ok(false);
+            }
+            c.commit()?;
+        }
+        let path = Path::new(&rec.path);
+        if self.owns(path) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), %e, "cannot remove an uploaded file");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes the files in the upload directory that no image points to (left by a crash
+    /// between writing a file and indexing it); returns how many. Run it while no upload is
+    /// in flight (at start).
+    pub fn remove_orphans(&self, collection: &Collection) -> Result<usize> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(EngineError::Io {
+                    path: self.dir.clone(),
+                    source: e,
+                })
+            }
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let path = entry
+                .map_err(|e| EngineError::Io {
+                    path: self.dir.clone(),
+                    source: e,
+                })?
+                .path();
+            if !path.is_file() {
+                continue;
+            }
+            let Ok(canonical) = std::fs::canonicalize(&path) else {
+                continue;
+            };
+            if collection
+                .by_path(&canonical.display().to_string())?
+                .is_none()
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(path = %path.display(), %e, "cannot remove"),
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
