@@ -815,7 +815,7 @@ async fn upload_limits_in_bytes_and_pixels() {
     assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     let blanks: Vec<(&str, Option<&str>, &[u8])> =
         std::iter::once(("image", Some("s.png"), &small[..]))
-            .chain(std::iter::repeat(("text", None, &b" "[..])).take(17))
+            .chain(std::iter::repeat_n(("text", None, &b" "[..]), 17))
             .collect();
     for parts in [
         vec![
