@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 ARTIFACT_DIR=${ARTIFACT_DIR:-$ROOT/target/schemathesis}
 VENV=${SCHEMATHESIS_VENV:-$ROOT/target/schemathesis-venv}
-MAX_EXAMPLES=${MAX_EXAMPLES:-100}
+MAX_EXAMPLES=${MAX_EXAMPLES:-60}
 SEED=${SEED:-20240601}
 mkdir -p "$ARTIFACT_DIR"
 START=$(date +%s)
@@ -106,7 +106,7 @@ run_schemathesis() {
     --max-examples "$MAX_EXAMPLES" \
     --seed "$SEED" \
     --generation-database none \
-    --workers 2 \
+    --workers 1 \
     --request-timeout 60 \
     --no-color \
     --report junit,pytest \
