@@ -460,6 +460,13 @@ async fn every_endpoint_and_its_errors() {
             "bad_request",
         ),
         (
+            TestRequest::post()
+                .uri("/api/search/image?q=cat")
+                .set_json(serde_json::json!({ "id": 0 })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
             post_multipart(
                 "/api/search/image",
                 &[("image", Some("x.png"), b"not an image")],

@@ -255,6 +255,11 @@ async fn search_image(
     view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
+    if query.q.is_some() || query.mode.is_some() {
+        return Err(ApiError::bad_request(
+            "a search by image takes no q or mode (it compares image vectors)",
+        ));
+    }
     let mut params = query.params(&view)?;
     params.mode = SearchMode::Vector;
     params.rerank_k = 0;
