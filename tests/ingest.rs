@@ -338,3 +338,92 @@ fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
     assert_eq!(s["total"].as_u64().unwrap(), n as u64, "{s}");
     assert_eq!(assert_consistent(&index), n as u64);
 }
+
+/// Every image's id, by file name.
+fn ids_by_name(index: &Path) -> std::collections::BTreeMap<String, u64> {
+    let c = blipsearch::index::Collection::open_existing(
+        index,
+        blipsearch::index::HnswParams::default(),
+    )
+    .unwrap();
+    c.iter()
+        .map(|r| {
+            let r = r.unwrap();
+            let name = Path::new(&r.path)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (name, r.id.0)
+        })
+        .collect()
+}
+
+/// Ids are consecutive across processes (each `add` used to jump the counter by a million),
+/// `reindex` keeps every image's id and never hands out an old one again, and files uploaded
+/// into the collection (`<index>/uploads/`) survive it.
+#[test]
+fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    for (i, folder) in ["a", "b", "c"].iter().enumerate() {
+        let dir = tmp.path().join(folder);
+        make_images(&dir, 1, 20 + i as u32);
+        add(&index, &["--no-captions"], &[&dir]);
+    }
+    // An upload as the server stores it: a file in <index>/uploads, indexed from there.
+    let uploads = index.join("uploads");
+    let up = make_images(&uploads, 1, 30).remove(0);
+    add(&index, &["--no-captions"], &[&up]);
+    let before = ids_by_name(&index);
+    assert_eq!(
+        before.values().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "{before:?}"
+    );
+    // A removed image's id is not given again.
+    let gone = tmp.path().join("c").join("img_22_000.png");
+    let out = bin()
+        .args([
+            "remove",
+            "--index",
+            index.to_str().unwrap(),
+            gone.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tiny_b = fixtures().join("tiny-b/retrieval").display().to_string();
+    let s = run_json(&[
+        "reindex".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+        "--no-captions".into(),
+        "--model-dir".into(),
+        tiny_b.clone(),
+    ]);
+    assert_eq!(s["added"], 3, "{s}");
+    assert!(up.exists(), "the uploaded file survives reindex");
+    let mut expected = before.clone();
+    expected.remove("img_22_000.png");
+    assert_eq!(ids_by_name(&index), expected);
+    let dir = tmp.path().join("d");
+    make_images(&dir, 1, 40);
+    let mut args: Vec<String> = vec![
+        "add".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+        "--no-captions".into(),
+        "--model-dir".into(),
+        tiny_b,
+        dir.display().to_string(),
+    ];
+    run_json(&args);
+    assert_eq!(ids_by_name(&index)["img_40_000.png"], 4);
+}

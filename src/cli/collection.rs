@@ -15,6 +15,7 @@ use crate::model::preprocess::DecodeBudget;
 use crate::model::{select_device, Retriever};
 
 use super::{CaptionCheckpointArgs, RetrievalModelArgs};
+use crate::engine::uploads::uploads_dir;
 
 /// Where the collection lives.
 #[derive(Debug, Args)]
@@ -181,16 +182,18 @@ pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
 pub fn reindex(a: ReindexArgs) -> Result<()> {
     let c = &a.common;
     let dir = &c.index.index;
-    let (paths, given) = {
+    let (paths, given, ids, next_id) = {
         let old = Collection::open_existing(dir, HnswParams::default())?;
         let mut paths = Vec::new();
         let mut given = HashMap::new();
+        let mut ids = HashMap::new();
         for r in old.iter() {
             let r = r?;
             paths.push(PathBuf::from(&r.path));
             given.insert(r.path.clone(), r.given_texts.clone());
+            ids.insert(r.path.clone(), r.id);
         }
-        (paths, given)
+        (paths, given, ids, old.next_id()?)
     };
     let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
         paths.into_iter().partition(|p| p.exists());
@@ -208,16 +211,33 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
             .with_context(|| format!("removing {}", staging.display()))?;
     }
     let summary = {
-        let fresh = RwLock::new(Collection::open(&staging, &info, HnswParams::default())?);
+        let mut fresh = Collection::open(&staging, &info, HnswParams::default())?;
+        // Every image keeps its id, and ids never given are never given later either.
+        fresh.reserve_ids(next_id)?;
+        let fresh = RwLock::new(fresh);
         let options = ingest_options(c)?;
         let ingestor = Ingestor::new(&fresh, &models, options)?;
-        ingestor.with_given_texts(given).add(&present)?
+        ingestor
+            .with_given_texts(given)
+            .with_ids(ids)
+            .add(&present)?
     };
+    // Uploaded files live inside the collection: they move with it (the records point to
+    // `<index>/uploads/...`, which is where they are again after the swap).
+    let uploads = uploads_dir(dir);
+    if uploads.exists() {
+        std::fs::rename(&uploads, uploads_dir(&staging))
+            .with_context(|| format!("moving {} into the new collection", uploads.display()))?;
+    }
     let old = sibling(dir, "old");
     if old.exists() {
         std::fs::remove_dir_all(&old)?;
     }
-    std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
+    if let Err(e) = std::fs::rename(dir, &old) {
+        // Put the uploads back: the old collection stays as it was.
+        let _ = std::fs::rename(uploads_dir(&staging), &uploads);
+        return Err(e).with_context(|| format!("moving {} aside", dir.display()));
+    }
     std::fs::rename(&staging, dir)
         .with_context(|| format!("moving {} into place", staging.display()))?;
     std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;

@@ -176,6 +176,7 @@ pub struct Ingestor<'a, M: Encoders + ?Sized> {
     models: &'a M,
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
+    keep_ids: HashMap<String, ImageId>,
 }
 
 impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
@@ -200,6 +201,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             models,
             options,
             extra_given: HashMap::new(),
+            keep_ids: HashMap::new(),
         })
     }
 
@@ -207,6 +209,14 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     /// (used by `reindex` to carry texts that were uploaded with the images).
     pub fn with_given_texts(mut self, texts: HashMap<String, Vec<String>>) -> Self {
         self.extra_given = texts;
+        self
+    }
+
+    /// Ids to give images by canonical path (used by `reindex`, so that a rebuilt collection
+    /// keeps every id); the collection must have them reserved
+    /// ([`Collection::reserve_ids`]).
+    pub fn with_ids(mut self, ids: HashMap<String, ImageId>) -> Self {
+        self.keep_ids = ids;
         self
     }
 
@@ -492,8 +502,9 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 cols: d,
                 data: tokens,
             };
+            let keep = self.keep_ids.get(&p.path).copied();
             let record = ImageRecord {
-                id: ImageId(0),
+                id: keep.unwrap_or(ImageId(0)),
                 path: p.path,
                 content_hash: p.hash,
                 size_bytes: p.size,
@@ -513,7 +524,10 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             } else {
                 summary.added += 1;
             }
-            c.add(record, Some(&features), Some(&p.thumb))?;
+            match keep {
+                Some(_) => c.add_keeping_id(record, Some(&features), Some(&p.thumb))?,
+                None => c.add(record, Some(&features), Some(&p.thumb))?,
+            };
         }
         Ok(n)
     }

@@ -1,6 +1,6 @@
 //! The engine: what blipsearch does with models and a collection. Ingestion (walk, dedupe,
-//! decode, batch, CapFilt, commit) lives in [`ingest`], retrieval (ANN + BM25, fusion, ITM
-//! rerank) in [`search`]. Both reach BLIP through the [`models::Encoders`] trait, which the CLI
+//! decode, batch, CapFilt, commit) lives in [`ingest`], images uploaded into the collection in
+//! [`uploads`], retrieval (ANN + BM25, fusion, ITM rerank) in [`search`]. Both reach BLIP through the [`models::Encoders`] trait, which the CLI
 //! implements in-process and the server with its inference queue. The CLI and the server both
 //! call into here; the engine depends on `model` and `index`, never the other way round.
 

@@ -34,6 +34,11 @@ pub struct Uploaded {
     pub duplicate: bool,
 }
 
+/// Where uploads go inside a collection directory.
+pub fn uploads_dir(index: &Path) -> PathBuf {
+    index.join("uploads")
+}
+
 /// One uploaded image as the client sent it.
 #[derive(Debug, Clone, Copy)]
 pub struct NewUpload<'a> {
@@ -80,23 +85,29 @@ impl Drop for Created {
 const MAX_NAME_TRIES: usize = 100;
 
 impl Uploads {
-    /// The uploads kept in `dir` (created when the first upload arrives).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
+    /// The uploads kept in `dir`, created if needed.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let io = |source| EngineError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        Ok(Self {
+            // Canonical, as the collection's paths are.
+            dir: std::fs::canonicalize(dir).map_err(io)?,
             in_flight: Mutex::new(HashSet::new()),
             finished: Condvar::new(),
-        }
+        })
     }
 
-    /// The directory.
+    /// The directory (canonical).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Whether `path` (canonical) is an uploaded file, which the collection may delete.
     pub fn owns(&self, path: &Path) -> bool {
-        std::fs::canonicalize(&self.dir).is_ok_and(|dir| path.starts_with(dir))
+        path.starts_with(&self.dir)
     }
 
     fn claim(&self, hash: &str) -> Result<Claim<'_>> {
@@ -119,7 +130,6 @@ impl Uploads {
             path: path.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
         let base = match stem {
             Some(stem) => format!("{}-{stem}", &hash[..12]),
             None => hash[..32].to_string(),
@@ -219,17 +229,13 @@ impl Uploads {
     /// Removes image `id`; its file too when it is an upload (files in the user's folders are
     /// never deleted). Serialised with uploads of the same bytes. `false`: no such image.
     pub fn remove_image(&self, collection: &RwLock<Collection>, id: ImageId) -> Result<bool> {
-        let lock = || {
-            collection
-                .write()
-                .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
-        };
-        let Some(rec) = lock()?.get(id)? else {
+        let poisoned = || EngineError::Internal("the collection lock is poisoned".into());
+        let Some(rec) = collection.read().map_err(|_| poisoned())?.get(id)? else {
             return Ok(false);
         };
         let _claim = self.claim(&rec.content_hash)?;
         {
-            let mut c = lock()?;
+            let mut c = collection.write().map_err(|_| poisoned())?;
             if !c.remove(id)? {
                 return Ok(false);
             }

@@ -248,6 +248,7 @@ pub fn now_unix() -> i64 {
 const KEY_INFO: &[u8] = b"collection";
 const KEY_COUNT: &[u8] = b"count";
 const KEY_STATE: &[u8] = b"state";
+const KEY_NEXT_ID: &[u8] = b"next_id";
 
 /// The sled database of a collection (directory `meta/`).
 pub struct MetaStore {
@@ -322,7 +323,7 @@ impl MetaStore {
         fs_err::create_dir_all(dir)?;
         let config = sled::Config::new().path(dir);
         let db = open_waiting_for_lock(|| config.open(), SLED_LOCK_WAIT)?;
-        Ok(MetaStore {
+        let store = MetaStore {
             dir: dir.to_path_buf(),
             images: db.open_tree("images")?,
             by_path: db.open_tree("by_path")?,
@@ -331,7 +332,37 @@ impl MetaStore {
             commits: db.open_tree("commits")?,
             pending: db.open_tree("pending")?,
             db,
-        })
+        };
+        if store.meta.get(KEY_NEXT_ID)?.is_none() {
+            // A new collection starts at 0. One whose ids came from sled's own counter (which
+            // persists a block of a million ahead, so each process jumped by up to that) goes
+            // on from that counter's next value: above every id it ever gave, once more.
+            let floor = store.db.generate_id()?;
+            store.reserve_ids(ImageId(floor))?;
+            store.db.flush()?;
+        }
+        Ok(store)
+    }
+
+    /// The id the next [`MetaStore::allocate_id`] returns.
+    pub fn next_id(&self) -> Result<ImageId> {
+        Ok(ImageId(
+            self.meta
+                .get(KEY_NEXT_ID)?
+                .map_or(Ok(0), |v| ImageId::from_key(&v).map(|i| i.0))?,
+        ))
+    }
+
+    /// Makes every id below `floor` unavailable to [`MetaStore::allocate_id`] (for records
+    /// added with their own ids, as `reindex` keeps them).
+    pub fn reserve_ids(&self, floor: ImageId) -> Result<()> {
+        self.meta.fetch_and_update(KEY_NEXT_ID, |old| {
+            let cur = old
+                .and_then(|v| ImageId::from_key(v).ok())
+                .map_or(0, |i| i.0);
+            Some(ImageId(cur.max(floor.0)).to_key().to_vec())
+        })?;
+        Ok(())
     }
 
     /// The stored collection info, if the collection has been initialised.
@@ -374,10 +405,20 @@ impl MetaStore {
         }
     }
 
-    /// Allocates a fresh id. Ids are monotonic and never reused, even after a crash (sled
-    /// persists the counter ahead of use, so a crash can skip ids but not repeat them).
+    /// Allocates a fresh id: the next of a counter kept in the `meta` tree, so ids are
+    /// consecutive across processes and never reused. The counter's step is written before the
+    /// record that uses it, and sled recovers a prefix of its writes, so a record that survives
+    /// a crash has an id below the recovered counter.
     pub fn allocate_id(&self) -> Result<ImageId> {
-        Ok(ImageId(self.db.generate_id()?))
+        let old = self.meta.fetch_and_update(KEY_NEXT_ID, |old| {
+            let cur = old
+                .and_then(|v| ImageId::from_key(v).ok())
+                .map_or(0, |i| i.0);
+            Some(ImageId(cur + 1).to_key().to_vec())
+        })?;
+        Ok(old
+            .and_then(|v| ImageId::from_key(&v).ok())
+            .unwrap_or(ImageId(0)))
     }
 
     /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
@@ -842,7 +883,12 @@ mod tests {
         };
         let store = MetaStore::open(dir.path()).unwrap();
         assert_eq!(store.get(first).unwrap(), Some(r));
-        assert!(store.allocate_id().unwrap() > first);
+        assert_eq!(first, ImageId(0), "a new collection starts at 0");
+        assert_eq!(
+            store.allocate_id().unwrap(),
+            ImageId(1),
+            "ids are consecutive across processes"
+        );
         assert_eq!(store.commit_state().unwrap().generation, 1);
         assert_eq!(store.commit_state().unwrap().images, 1);
         assert!(store.pending().unwrap().is_empty());

@@ -422,6 +422,45 @@ impl Collection {
     /// hash, before writing anything.
     pub fn add(
         &mut self,
+        record: ImageRecord,
+        features: Option<&FeatureMatrix>,
+        thumbnail: Option<&DynamicImage>,
+    ) -> Result<ImageId> {
+        self.add_as(None, record, features, thumbnail)
+    }
+
+    /// [`Collection::add`] under the id `record.id`, which must be free and below
+    /// [`Collection::next_id`] (reserve it first with [`Collection::reserve_ids`]): how an
+    /// image keeps its id when a collection is rebuilt.
+    pub fn add_keeping_id(
+        &mut self,
+        record: ImageRecord,
+        features: Option<&FeatureMatrix>,
+        thumbnail: Option<&DynamicImage>,
+    ) -> Result<ImageId> {
+        if record.id >= self.meta.next_id()? {
+            return Err(IndexError::InvalidParams(format!(
+                "id {} is not reserved (next id {})",
+                record.id,
+                self.meta.next_id()?
+            )));
+        }
+        self.add_as(Some(record.id), record, features, thumbnail)
+    }
+
+    /// The id the next added image gets.
+    pub fn next_id(&self) -> Result<ImageId> {
+        self.meta.next_id()
+    }
+
+    /// Keeps every id below `floor` from being allocated (see [`Collection::add_keeping_id`]).
+    pub fn reserve_ids(&mut self, floor: ImageId) -> Result<()> {
+        self.meta.reserve_ids(floor)
+    }
+
+    fn add_as(
+        &mut self,
+        id: Option<ImageId>,
         mut record: ImageRecord,
         features: Option<&FeatureMatrix>,
         thumbnail: Option<&DynamicImage>,
@@ -449,7 +488,10 @@ impl Collection {
                 existing,
             });
         }
-        let id = self.meta.allocate_id()?;
+        let id = match id {
+            Some(id) => id,
+            None => self.meta.allocate_id()?,
+        };
         record.id = id;
         // Durable intent first: a crash after the side files but before the record leaves a
         // journal entry without a record, and recovery deletes the files.

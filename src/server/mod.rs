@@ -18,7 +18,6 @@ pub mod routes;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -73,7 +72,7 @@ impl Running {
         collection: Collection,
     ) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let uploads = Uploads::new(&config.api.uploads_dir);
+        let uploads = Uploads::open(&config.api.uploads_dir).map_err(std::io::Error::other)?;
         match uploads.remove_orphans(&collection) {
             Ok(0) => {}
             Ok(n) => tracing::info!(n, "removed uploaded files that no image points to"),
@@ -221,7 +220,4 @@ pub fn serve(
     result
 }
 
-/// Where uploads go inside a collection directory.
-pub fn uploads_dir(index: &std::path::Path) -> PathBuf {
-    index.join("uploads")
-}
+pub use crate::engine::uploads::uploads_dir;

@@ -21,8 +21,7 @@ use serde::Serialize;
 
 use super::auth::{self, Access, KeyPresented};
 use super::error::{ApiError, ApiResult};
-use super::state::ApiSettings;
-use super::state::AppState;
+use super::state::{ApiSettings, AppState};
 use crate::engine::EngineError;
 use crate::index::{Caption, ImageRecord};
 use crate::model::preprocess::{decode_admitted, decode_cost, Admitted};
@@ -190,14 +189,11 @@ pub struct PathView {
 
 impl PathView {
     /// The view for a caller who presented the key (`full`) or not.
-    pub fn new(settings: &ApiSettings, full: bool) -> Self {
-        let mut roots = settings.folders.clone();
-        roots.push(
-            std::fs::canonicalize(&settings.uploads_dir)
-                .unwrap_or_else(|_| settings.uploads_dir.clone()),
-        );
+    pub fn new(state: &AppState, full: bool) -> Self {
+        let mut roots = state.settings.folders.clone();
+        roots.push(state.uploads.dir().to_path_buf());
         Self {
-            full: full || settings.api_key.is_none(),
+            full: full || state.settings.api_key.is_none(),
             roots,
         }
     }
@@ -255,7 +251,7 @@ impl FromRequest for PathView {
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let full = req.extensions().get::<KeyPresented>().is_some_and(|k| k.0);
         std::future::ready(match req.app_data::<web::Data<AppState>>() {
-            Some(state) => Ok(Self::new(&state.settings, full)),
+            Some(state) => Ok(Self::new(state, full)),
             None => Err(ApiError::internal("the app state is missing").into()),
         })
     }
