@@ -7,7 +7,8 @@
 # fails the script. Reports (JUnit, and a pytest file reproducing failures) and the server log
 # land in target/schemathesis/.
 #
-# Needs: cargo, curl and python3 (3.10 or newer, with venv). Environment overrides:
+# Needs: cargo, python3 >= 3.11 with venv (python3-venv is installed with apt-get when
+# missing and running as root, as in CI), PyPI on the first run. Environment overrides:
 # BLIPSEARCH_BIN (skip the cargo build), SCHEMATHESIS_VENV (where the virtual environment lives),
 # ARTIFACT_DIR, MAX_EXAMPLES (test cases per operation and phase), SEED.
 set -euo pipefail
@@ -23,8 +24,21 @@ START=$(date +%s)
 # The virtual environment is reused while it was made from the same requirements.
 REQUIREMENTS=tests/schemathesis/requirements.txt
 if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
+  echo "installing $REQUIREMENTS into $VENV"
   rm -rf "$VENV"
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    # Debian ships venv apart from python3.
+    if [ "$(id -u)" = 0 ]; then
+      echo "installing python3-venv (apt-get)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      rm -rf "$VENV"
+      python3 -m venv "$VENV"
+    else
+      echo "python3 -m venv failed: apt-get install -y python3-venv (as root)" >&2
+      exit 1
+    fi
+  fi
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
   cp "$REQUIREMENTS" "$VENV/requirements.txt"
 fi
@@ -74,9 +88,14 @@ start_server() {
       tail -n 40 "$ARTIFACT_DIR/server.log" >&2
       exit 1
     fi
-    state=$(curl -fsS -H "Authorization: Bearer $API_KEY" "http://127.0.0.1:$PORT/api/status" 2>/dev/null \
-      | python3 -c 'import json,sys; i=json.load(sys.stdin)["ingest"]; print(i["state"] if i["last_run_unix"] else "starting")' \
-      2>/dev/null || true)
+    state=$(python3 - "$PORT" "$API_KEY" <<'PY' 2>/dev/null || true
+import json, sys, urllib.request
+port, key = sys.argv[1:]
+req = urllib.request.Request(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"Bearer {key}"})
+ingest = json.load(urllib.request.urlopen(req, timeout=5))["ingest"]
+print(ingest["state"] if ingest["last_run_unix"] else "starting")
+PY
+)
     if [ "$state" = idle ]; then
       return 0
     fi
