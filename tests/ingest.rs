@@ -414,7 +414,7 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
     assert_eq!(ids_by_name(&index), expected);
     let dir = tmp.path().join("d");
     make_images(&dir, 1, 40);
-    let mut args: Vec<String> = vec![
+    let args: Vec<String> = vec![
         "add".into(),
         "--index".into(),
         index.display().to_string(),

@@ -136,18 +136,12 @@ impl DecodePermit {
     }
 }
 
-/// Releases of at least this many bytes give the freed heap pages back to the kernel.
-const TRIM_AT: u64 = 32 << 20;
-
 impl DecodeBudget {
     fn release(&self, bytes: u64) {
         if let Ok(mut used) = self.used.lock() {
             *used = used.saturating_sub(bytes);
         }
         self.freed.notify_all();
-        if bytes >= TRIM_AT {
-            super::device::release_free_memory();
-        }
     }
 }
 

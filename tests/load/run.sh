@@ -23,8 +23,8 @@
 # the 16 and 49 megapixel images), LOAD_RSS_LIMIT_MB (see below), LOAD_VENV (target/load-venv),
 # ARTIFACT_DIR (target/load: server.log, locust.log and the raw records).
 #
-# RSS bound (LOAD_RSS_LIMIT_MB, default 2048): about twice the server's highest measured VmHWM
-# with this workload (debug build, 2 CPU cores, 60 s, 32 users, --decode-memory-mb 256). The
+# RSS bound (LOAD_RSS_LIMIT_MB, default 1024): over twice the server's measured VmHWM with this
+# workload (421 MiB; debug build, 2 CPU cores, 60 s, 32 users, --decode-memory-mb 256). The
 # decode budget bounds the decoded pixels alive at once; the rest of the figure is the models,
 # the collection's writers and the allocator's working memory. A server without the budget
 # takes the eight 49 MP searches alone past 2.4 GiB.
@@ -35,7 +35,7 @@ LOAD_SECONDS=${LOAD_SECONDS:-60}
 LOAD_USERS=${LOAD_USERS:-32}
 LOAD_QUEUE=${LOAD_QUEUE:-8}
 LOAD_RESCAN_SECONDS=${LOAD_RESCAN_SECONDS:-10}
-LOAD_RSS_LIMIT_MB=${LOAD_RSS_LIMIT_MB:-2048}
+LOAD_RSS_LIMIT_MB=${LOAD_RSS_LIMIT_MB:-1024}
 LOAD_DECODE_MB=${LOAD_DECODE_MB:-256}
 LOAD_VENV=${LOAD_VENV:-$ROOT/target/load-venv}
 ARTIFACT_DIR=${ARTIFACT_DIR:-$ROOT/target/load}
