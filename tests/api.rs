@@ -325,11 +325,28 @@ async fn every_endpoint_and_its_errors() {
             "/api/search?q=x&date_from=yesterday",
             StatusCode::BAD_REQUEST,
         ),
+        // What the OpenAPI document rules out is refused, not clamped or ignored.
+        ("/api/search?q=x&k=1001", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&rerank_k=257", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&limit=1001", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&offset=10001", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&date_from=", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&colour=red", StatusCode::BAD_REQUEST),
+        (
+            "/api/search?q=x&min_itm_prob=1.0000000000000002",
+            StatusCode::BAD_REQUEST,
+        ),
     ] {
         let (st, b) = send!(svc, TestRequest::get().uri(uri));
         assert_eq!(st, code, "{uri}: {}", String::from_utf8_lossy(&b));
         assert_eq!(error_code(&b), "bad_request");
     }
+    // The key of a GET may come in the query, the one parameter beyond the documented ones.
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=x&rerank_k=0&api_key=k")
+    );
+    assert_eq!(st, StatusCode::OK);
 
     // Image metadata, thumbnail and file.
     let (st, b) = send!(
@@ -434,6 +451,18 @@ async fn every_endpoint_and_its_errors() {
         ),
         (
             post_multipart("/api/search/image", &[("text", None, b"no image")]),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            post_multipart("/api/search/image", &[("colour", None, b"")]),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/search/image?q=cat")
+                .set_json(serde_json::json!({ "id": 0 })),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
@@ -771,6 +800,41 @@ async fn upload_limits_in_bytes_and_pixels() {
         assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
         assert!(
             String::from_utf8_lossy(&b).contains("megapixels"),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+    // Texts are limited in characters (what the document's maxLength counts) and in number,
+    // blank ones included.
+    let small = png(20, 20, [0, 200, 0]);
+    let wide_text = "é".repeat(4096);
+    let long_text = "a".repeat(4097);
+    let (st, b) = send!(
+        svc,
+        post_multipart(
+            "/api/caption",
+            &[
+                ("image", Some("s.png"), &small),
+                ("text", None, wide_text.as_bytes())
+            ]
+        )
+    );
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let blanks: Vec<(&str, Option<&str>, &[u8])> =
+        std::iter::once(("image", Some("s.png"), &small[..]))
+            .chain(std::iter::repeat_n(("text", None, &b" "[..]), 17))
+            .collect();
+    for parts in [
+        vec![
+            ("image", Some("s.png"), &small[..]),
+            ("text", None, long_text.as_bytes()),
+        ],
+        blanks,
+    ] {
+        let (st, b) = send!(svc, post_multipart("/api/caption", &parts));
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
             "{}",
             String::from_utf8_lossy(&b)
         );

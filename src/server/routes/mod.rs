@@ -328,9 +328,11 @@ impl BodyDeadline {
     }
 }
 
-/// Largest `text` field, in bytes.
-const MAX_TEXT_BYTES: usize = 4096;
-/// Most `text` fields.
+/// Longest `text` field, in characters (what the OpenAPI document's `maxLength` counts).
+const MAX_TEXT_CHARS: usize = 4096;
+/// Most bytes read of a `text` field: enough for [`MAX_TEXT_CHARS`] of any UTF-8.
+const MAX_TEXT_BYTES: usize = 4 * MAX_TEXT_CHARS;
+/// Most `text` fields, empty ones included.
 const MAX_TEXTS: usize = 16;
 
 /// Whether the request body is `multipart/form-data`.
@@ -348,7 +350,8 @@ pub fn content_type(req: &HttpRequest) -> String {
 }
 
 /// Reads a multipart upload: one `image` file (at most `settings.max_upload_bytes`) and
-/// optional `text` fields, within `settings.body_timeout`.
+/// optional `text` fields, within `settings.body_timeout`; 400 for any other field, a text over
+/// [`MAX_TEXT_CHARS`] or more than [`MAX_TEXTS`] texts.
 pub async fn read_upload(
     req: &HttpRequest,
     payload: web::Payload,
@@ -363,36 +366,40 @@ pub async fn read_upload(
     let deadline = BodyDeadline::new(settings);
     let mut form = Multipart::new(req.headers(), payload);
     let mut out = Upload::default();
+    let mut texts = 0;
     while let Some(field) = deadline.within(form.next()).await? {
         let mut field =
             field.map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or("").to_string();
+        if name != "image" && name != "text" {
+            return Err(ApiError::bad_request(format!(
+                "unexpected form field {name:?}: send `image` and optional `text`"
+            )));
+        }
         if name == "image" {
             out.file_name = field
                 .content_disposition()
                 .and_then(|cd| cd.get_filename())
                 .map(str::to_string);
         }
-        let limit = match name.as_str() {
-            "image" => max_bytes,
-            "text" => MAX_TEXT_BYTES,
-            _ => 0, // unknown fields are read and dropped, up to nothing
+        let limit = if name == "image" {
+            max_bytes
+        } else {
+            MAX_TEXT_BYTES
         };
         let mut buf = Vec::new();
         while let Some(chunk) = deadline.within(field.next()).await? {
             let chunk = chunk
                 .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
             if buf.len() + chunk.len() > limit {
-                return Err(match name.as_str() {
-                    "image" => ApiError::too_large(format!(
+                return Err(if name == "image" {
+                    ApiError::too_large(format!(
                         "the image is over the upload limit of {max_bytes} bytes"
-                    )),
-                    "text" => {
-                        ApiError::too_large(format!("a text field is over {MAX_TEXT_BYTES} bytes"))
-                    }
-                    other => ApiError::bad_request(format!(
-                        "unexpected form field {other:?}: send `image` and optional `text`"
-                    )),
+                    ))
+                } else {
+                    ApiError::bad_request(format!(
+                        "a text field is over {MAX_TEXT_CHARS} characters"
+                    ))
                 });
             }
             buf.extend_from_slice(&chunk);
@@ -407,13 +414,19 @@ pub async fn read_upload(
             "text" => {
                 let t = String::from_utf8(buf)
                     .map_err(|_| ApiError::bad_request("a text field is not UTF-8"))?;
+                if t.chars().count() > MAX_TEXT_CHARS {
+                    return Err(ApiError::bad_request(format!(
+                        "a text field is over {MAX_TEXT_CHARS} characters"
+                    )));
+                }
+                texts += 1;
+                if texts > MAX_TEXTS {
+                    return Err(ApiError::bad_request(format!(
+                        "at most {MAX_TEXTS} text fields"
+                    )));
+                }
                 let t = t.trim().to_string();
                 if !t.is_empty() {
-                    if out.texts.len() == MAX_TEXTS {
-                        return Err(ApiError::bad_request(format!(
-                            "at most {MAX_TEXTS} text fields"
-                        )));
-                    }
                     out.texts.push(t);
                 }
             }

@@ -10,7 +10,7 @@ use super::{
     PathView,
 };
 use crate::engine::search::{
-    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher,
+    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher, MAX_K, MAX_RERANK_K,
 };
 use crate::index::{Caption, ImageId, Store};
 use crate::server::error::{ApiError, ApiResult};
@@ -24,8 +24,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .register(cfg);
 }
 
-/// Query parameters of both searches.
+/// Largest `offset`: past every candidate list a search can make (two retrievers of at most
+/// `MAX_K` each), so nothing is lost by the bound.
+const MAX_OFFSET: usize = 10_000;
+
+/// Query parameters of both searches. Unknown parameters are refused (400), so that a
+/// misspelt filter is not silently ignored.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SearchQuery {
     q: Option<String>,
     k: Option<usize>,
@@ -36,7 +42,26 @@ pub struct SearchQuery {
     folder: Option<String>,
     date_from: Option<String>,
     date_to: Option<String>,
-    min_itm_prob: Option<f32>,
+    min_itm_prob: Option<f64>,
+    /// The API key of a GET request (`auth` reads it); accepted here, never used.
+    #[serde(rename = "api_key")]
+    _api_key: Option<serde::de::IgnoredAny>,
+}
+
+/// Refuses `value` of parameter `name` outside `range`, which the OpenAPI document states.
+fn check_range(
+    name: &str,
+    value: Option<usize>,
+    range: std::ops::RangeInclusive<usize>,
+) -> ApiResult<()> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(ApiError::bad_request(format!(
+            "{name} must be between {} and {}",
+            range.start(),
+            range.end()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl SearchQuery {
@@ -46,6 +71,10 @@ impl SearchQuery {
             None => SearchMode::Hybrid,
             Some(m) => m.parse::<SearchMode>()?,
         };
+        check_range("k", self.k, 1..=MAX_K)?;
+        check_range("rerank_k", self.rerank_k, 0..=MAX_RERANK_K)?;
+        check_range("limit", self.limit, 1..=MAX_K)?;
+        check_range("offset", self.offset, 0..=MAX_OFFSET)?;
         if let Some(p) = self.min_itm_prob {
             if !(0.0..=1.0).contains(&p) {
                 return Err(ApiError::bad_request(
@@ -60,11 +89,11 @@ impl SearchQuery {
             mode,
             limit: self.limit.unwrap_or(d.limit),
             offset: self.offset.unwrap_or(0),
-            min_itm_prob: self.min_itm_prob,
+            min_itm_prob: self.min_itm_prob.map(|p| p as f32),
             filters: Filters {
                 path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
-                date_from: blank(&self.date_from),
-                date_to: blank(&self.date_to),
+                date_from: self.date_from.clone(),
+                date_to: self.date_to.clone(),
                 ..Default::default()
             },
             ..d
@@ -226,6 +255,11 @@ async fn search_image(
     view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
+    if query.q.is_some() || query.mode.is_some() {
+        return Err(ApiError::bad_request(
+            "a search by image takes no q or mode (it compares image vectors)",
+        ));
+    }
     let mut params = query.params(&view)?;
     params.mode = SearchMode::Vector;
     params.rerank_k = 0;
