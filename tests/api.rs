@@ -1233,6 +1233,20 @@ async fn methods_ranges_labels_dates_and_stalled_bodies() {
         "nosniff"
     );
     assert_eq!(test::read_body(res).await, whole.slice(0..10));
+    let res = test::call_service(
+        &svc,
+        TestRequest::get()
+            .uri("/api/images/1/file")
+            .insert_header(("range", "bytes=999999999-"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(res.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert!(res.headers().contains_key("content-range"));
+    assert_eq!(
+        error_code(&test::read_body(res).await),
+        "range_not_satisfiable"
+    );
     // Dates that are not in the calendar are 400.
     for d in ["2024-02-31", "2023-02-29", "2024-13-01"] {
         let (st, b) = send!(

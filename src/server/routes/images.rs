@@ -3,7 +3,7 @@
 
 use actix_files::NamedFile;
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Serialize;
 
 use super::{
@@ -87,6 +87,27 @@ async fn file(
         .set_content_type(mime)
         .disable_content_disposition()
         .into_response(&req);
+    // actix-files answers a bad or unsatisfiable range and a failed precondition with an empty
+    // body: make them JSON errors like every other (416 keeps its Content-Range).
+    let refusal = match res.status() {
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            Some(("range_not_satisfiable", "the range is outside the file"))
+        }
+        StatusCode::PRECONDITION_FAILED => Some((
+            "precondition_failed",
+            "the If-Match or If-Unmodified-Since given does not hold",
+        )),
+        StatusCode::BAD_REQUEST => Some(("bad_request", "the Range header does not parse")),
+        _ => None,
+    };
+    if let Some((code, message)) = refusal {
+        let mut err = ApiError::new(res.status(), code, message).error_response();
+        if let Some(range) = res.headers().get(header::CONTENT_RANGE) {
+            err.headers_mut()
+                .insert(header::CONTENT_RANGE, range.clone());
+        }
+        return Ok(err);
+    }
     res.headers_mut().insert(
         header::X_CONTENT_TYPE_OPTIONS,
         header::HeaderValue::from_static("nosniff"),
