@@ -201,16 +201,25 @@ fn incremental_add_sync_remove_and_bad_files() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(assert_consistent(&index), 4);
+    // One unknown target among known ones removes nothing.
     let out = bin()
         .args([
             "remove",
             "--index",
             index.to_str().unwrap(),
+            imgs[4].to_str().unwrap(),
             "/no/such/file.png",
+            "999999",
         ])
         .output()
         .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    assert!(
+        err.contains("/no/such/file.png, 999999") && err.contains("nothing was removed"),
+        "{err}"
+    );
+    assert_eq!(assert_consistent(&index), 4);
 
     // Another model on the same index is refused with a hint.
     let mut args: Vec<String> = vec![

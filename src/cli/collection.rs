@@ -270,24 +270,37 @@ fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
 }
 
 /// `remove`.
+/// `remove`: every target is checked first; one unknown target removes nothing.
 pub fn remove(a: RemoveArgs) -> Result<()> {
     let mut c = Collection::open_existing(&a.index.index, HnswParams::default())?;
-    let mut removed = 0;
+    let mut ids = Vec::new();
+    let mut unknown = Vec::new();
     for t in &a.targets {
         let id = match t.parse::<u64>() {
-            Ok(n) => Some(ImageId(n)),
+            Ok(n) => Some(ImageId(n)).filter(|id| c.get(*id).is_ok_and(|r| r.is_some())),
             Err(_) => {
                 let p = std::fs::canonicalize(t).unwrap_or_else(|_| PathBuf::from(t));
                 c.by_path(&p.display().to_string())?
             }
         };
         match id {
-            Some(id) if c.remove(id)? => removed += 1,
-            _ => bail!("{t}: no such image in {}", a.index.index.display()),
+            Some(id) if !ids.contains(&id) => ids.push(id),
+            Some(_) => {}
+            None => unknown.push(t.as_str()),
         }
     }
+    if !unknown.is_empty() {
+        bail!(
+            "no such image in {}: {}; nothing was removed",
+            a.index.index.display(),
+            unknown.join(", ")
+        );
+    }
+    for id in &ids {
+        c.remove(*id)?;
+    }
     c.commit()?;
-    println!("removed {removed}");
+    println!("removed {}", ids.len());
     Ok(())
 }
 
