@@ -436,3 +436,54 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
     run_json(&args);
     assert_eq!(ids_by_name(&index)["img_40_000.png"], 4);
 }
+
+/// The live progress counts every file it found as done by the end of a run, whether it was
+/// embedded, skipped (unchanged or a duplicate) or failed, whatever the batch size.
+#[test]
+fn progress_reads_done_equals_total_with_skipped_files() {
+    use blipsearch::engine::{IngestOptions, IngestProgress, Ingestor};
+    use blipsearch::index::{Collection, CollectionInfo, HnswParams};
+    use blipsearch::model::{ModelSource, Retriever};
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    let imgs = make_images(&photos, 5, 3);
+    std::fs::copy(&imgs[0], photos.join("zz_copy.png")).unwrap(); // a duplicate
+    std::fs::write(photos.join("zz_broken.png"), b"not a png").unwrap(); // a failure
+    let r = Retriever::load(
+        &ModelSource::Dir(fixtures().join("tiny-a/retrieval")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let cfg = r.config();
+    let info = CollectionInfo::new(
+        r.name(),
+        None,
+        r.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    );
+    let c = std::sync::RwLock::new(
+        Collection::open(&tmp.path().join("index"), &info, HnswParams::default()).unwrap(),
+    );
+    for run in 0..2 {
+        let progress = std::sync::Arc::new(IngestProgress::default());
+        let opts = IngestOptions {
+            capfilt: None,
+            progress: false,
+            batch_size: 2,
+            observer: Some(progress.clone()),
+            ..Default::default()
+        };
+        let s = Ingestor::new(&c, &r, opts)
+            .unwrap()
+            .add(&[photos.clone()])
+            .unwrap();
+        let (done, total) = (
+            progress.done.load(Ordering::SeqCst),
+            progress.total.load(Ordering::SeqCst),
+        );
+        assert_eq!(total, 7, "run {run}: {s:?}");
+        assert_eq!(done, total, "run {run}: {s:?}");
+    }
+}

@@ -259,12 +259,13 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 advance(&bar, n);
                 prepared = self.prepare(&file, &mut summary, &batch_hashes, false);
             }
+            // A file counts as done when it is skipped or failed, or when its batch is written.
             match prepared {
                 Ok(Some(p)) => {
                     batch_hashes.insert(p.hash.clone());
                     batch.push(p);
                 }
-                Ok(None) => {}
+                Ok(None) => advance(&bar, 1),
                 Err(NotPrepared::Busy(reason)) => {
                     self.flush(&mut batch, &mut summary)?;
                     self.commit(&bar)?;
@@ -278,19 +279,19 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     summary.failed.push(Failure {
                         path: file.display().to_string(),
                         reason,
-                    })
+                    });
+                    advance(&bar, 1);
                 }
             }
             if batch.len() >= self.options.batch_size {
+                let n = batch.len() as u64;
                 since_commit += self.flush(&mut batch, &mut summary)?;
                 batch_hashes.clear();
-                advance(&bar, self.options.batch_size as u64);
+                advance(&bar, n);
                 if since_commit >= self.options.commit_every {
                     self.commit(&bar)?;
                     since_commit = 0;
                 }
-            } else if batch.is_empty() {
-                advance(&bar, 1);
             }
         }
         let pending = batch.len() as u64;
