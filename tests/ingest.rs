@@ -477,7 +477,7 @@ fn progress_reads_done_equals_total_with_skipped_files() {
         };
         let s = Ingestor::new(&c, &r, opts)
             .unwrap()
-            .add(&[photos.clone()])
+            .add(std::slice::from_ref(&photos))
             .unwrap();
         let (done, total) = (
             progress.done.load(Ordering::SeqCst),
