@@ -37,27 +37,10 @@ if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
-if [ -z "${BLIPSEARCH_BIN:-}" ]; then
-  cargo build --bin blipsearch
-  TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
-    | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).target_directory))')
-  BLIPSEARCH_BIN=$TARGET_DIR/debug/blipsearch
-fi
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/blipsearch-browser.XXXXXX")
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
+. tests/serve-lib.sh
+blipsearch_bin
 # The collection: every fixture image but one; that one is uploaded through the UI.
-mkdir -p "$TMP/images"
-cp tests/fixtures/images/* "$TMP/images/"
+scratch_collection browser
 UPLOAD_IMAGE=$TMP/upload/rocket.jpg
 mkdir -p "$TMP/upload"
 mv "$TMP/images/rocket.jpg" "$UPLOAD_IMAGE"

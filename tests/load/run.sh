@@ -42,50 +42,12 @@ ARTIFACT_DIR=${ARTIFACT_DIR:-$ROOT/target/load}
 mkdir -p "$ARTIFACT_DIR"
 rm -f "$ARTIFACT_DIR"/*.jsonl "$ARTIFACT_DIR"/*.log
 
-# The venv, reinstalled when requirements.txt changes.
-REQS=tests/load/requirements.txt
-STAMP=$LOAD_VENV/.requirements.sha256
-if [ ! -x "$LOAD_VENV/bin/locust" ] || ! sha256sum --status -c "$STAMP" 2>/dev/null; then
-  echo "installing $REQS into $LOAD_VENV"
-  rm -rf "$LOAD_VENV"
-  if ! python3 -m venv "$LOAD_VENV" >/dev/null 2>&1; then
-    # Debian ships venv apart from python3.
-    if [ "$(id -u)" = 0 ]; then
-      echo "installing python3-venv (apt-get)"
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-      rm -rf "$LOAD_VENV"
-      python3 -m venv "$LOAD_VENV"
-    else
-      echo "python3 -m venv failed: apt-get install -y python3-venv (as root)" >&2
-      exit 1
-    fi
-  fi
-  "$LOAD_VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
-  sha256sum "$REQS" >"$STAMP"
-fi
+. tests/serve-lib.sh
+python_venv "$LOAD_VENV" tests/load/requirements.txt
 PY=$LOAD_VENV/bin/python
 
-if [ -z "${BLIPSEARCH_BIN:-}" ]; then
-  cargo build --bin blipsearch
-  TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
-    | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  BLIPSEARCH_BIN=$TARGET_DIR/debug/blipsearch
-fi
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/blipsearch-load.XXXXXX")
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-mkdir -p "$TMP/images"
-cp tests/fixtures/images/* "$TMP/images/"
+blipsearch_bin
+scratch_collection load
 FOLDER_IMAGES=$(find "$TMP/images" -type f | wc -l)
 API_KEY=load-test-key-0123456789
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

@@ -21,49 +21,12 @@ SEED=${SEED:-20240601}
 mkdir -p "$ARTIFACT_DIR"
 START=$(date +%s)
 
-# The virtual environment is reused while it was made from the same requirements.
-REQUIREMENTS=tests/schemathesis/requirements.txt
-if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
-  echo "installing $REQUIREMENTS into $VENV"
-  rm -rf "$VENV"
-  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-    # Debian ships venv apart from python3.
-    if [ "$(id -u)" = 0 ]; then
-      echo "installing python3-venv (apt-get)"
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-      rm -rf "$VENV"
-      python3 -m venv "$VENV"
-    else
-      echo "python3 -m venv failed: apt-get install -y python3-venv (as root)" >&2
-      exit 1
-    fi
-  fi
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
-  cp "$REQUIREMENTS" "$VENV/requirements.txt"
-fi
+. tests/serve-lib.sh
+python_venv "$VENV" tests/schemathesis/requirements.txt
 "$VENV/bin/schemathesis" --version
 
-if [ -z "${BLIPSEARCH_BIN:-}" ]; then
-  cargo build --bin blipsearch
-  TARGET_DIR=$(cargo metadata --format-version 1 --no-deps \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-  BLIPSEARCH_BIN=$TARGET_DIR/debug/blipsearch
-fi
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/blipsearch-schemathesis.XXXXXX")
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-mkdir -p "$TMP/images"
-cp tests/fixtures/images/* "$TMP/images/"
+blipsearch_bin
+scratch_collection schemathesis
 API_KEY=schemathesis-test-key
 
 # start_server EXTRA_ARGS...: a server on a free loopback port over the temporary collection,
