@@ -57,3 +57,21 @@ python_venv() {
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$reqs"
   cp "$reqs" "$venv/requirements.txt"
 }
+
+# serve_fixtures LOG ARGS...: starts `blipsearch serve` in the background (SERVER_PID) over
+# $TMP/images (collection in $TMP/index) with the tiny fixture models and the key $API_KEY, on
+# 127.0.0.1:$PORT, with ARGS added and its output appended to LOG.
+serve_fixtures() {
+  local log=$1
+  shift
+  "$BLIPSEARCH_BIN" serve \
+    --images "$TMP/images" \
+    --index "$TMP/index" \
+    --bind "127.0.0.1:$PORT" \
+    --model-dir tests/fixtures/tiny-a/retrieval \
+    --caption-model-dir tests/fixtures/tiny-a/caption \
+    --api-key "$API_KEY" \
+    "$@" \
+    >>"$log" 2>&1 &
+  SERVER_PID=$!
+}

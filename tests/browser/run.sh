@@ -51,16 +51,7 @@ API_KEY=browser-test-key
 # start_server EXTRA_ARGS...: a server on a free loopback port over the temporary index.
 start_server() {
   PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
-  "$BLIPSEARCH_BIN" serve \
-    --images "$TMP/images" \
-    --index "$TMP/index" \
-    --bind "127.0.0.1:$PORT" \
-    --model-dir tests/fixtures/tiny-a/retrieval \
-    --caption-model-dir tests/fixtures/tiny-a/caption \
-    --api-key "$API_KEY" \
-    "$@" \
-    >>"$ARTIFACT_DIR/server.log" 2>&1 &
-  SERVER_PID=$!
+  serve_fixtures "$ARTIFACT_DIR/server.log" "$@"
   echo "blipsearch serve $* on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
 }
 

@@ -59,18 +59,10 @@ if "$BLIPSEARCH_BIN" serve --help | grep -q -- --decode-memory-mb; then
   DECODE_ARGS=(--decode-memory-mb "$LOAD_DECODE_MB")
 fi
 
-"$BLIPSEARCH_BIN" serve \
-  --images "$TMP/images" \
-  --index "$TMP/index" \
-  --bind "127.0.0.1:$PORT" \
-  --model-dir tests/fixtures/tiny-a/retrieval \
-  --caption-model-dir tests/fixtures/tiny-a/caption \
-  --api-key "$API_KEY" \
+serve_fixtures "$ARTIFACT_DIR/server.log" \
   --queue-capacity "$LOAD_QUEUE" \
   --rescan-interval "$LOAD_RESCAN_SECONDS" \
-  "${DECODE_ARGS[@]}" \
-  >"$ARTIFACT_DIR/server.log" 2>&1 &
-SERVER_PID=$!
+  "${DECODE_ARGS[@]}"
 echo "blipsearch serve on $BASE_URL (pid $SERVER_PID, queue $LOAD_QUEUE, ${DECODE_ARGS[*]:-no decode budget}, log $ARTIFACT_DIR/server.log)"
 
 fail() {

@@ -33,16 +33,7 @@ API_KEY=schemathesis-test-key
 # returning once its folder ingest is idle.
 start_server() {
   PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  "$BLIPSEARCH_BIN" serve \
-    --images "$TMP/images" \
-    --index "$TMP/index" \
-    --bind "127.0.0.1:$PORT" \
-    --model-dir tests/fixtures/tiny-a/retrieval \
-    --caption-model-dir tests/fixtures/tiny-a/caption \
-    --api-key "$API_KEY" \
-    "$@" \
-    >>"$ARTIFACT_DIR/server.log" 2>&1 &
-  SERVER_PID=$!
+  serve_fixtures "$ARTIFACT_DIR/server.log" "$@"
   echo "blipsearch serve $* on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
   local state=
   for _ in $(seq 1 300); do
