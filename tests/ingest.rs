@@ -69,6 +69,24 @@ fn add(index: &Path, extra: &[&str], paths: &[&Path]) -> serde_json::Value {
     run_json(&args)
 }
 
+/// The tiny-b retrieval checkpoint (another model than `model_args`'), as an argument.
+fn tiny_b() -> String {
+    fixtures().join("tiny-b/retrieval").display().to_string()
+}
+
+/// `reindex` of `index` onto the tiny-b model, without captions; its JSON summary.
+fn reindex_to_tiny_b(index: &Path) -> serde_json::Value {
+    run_json(&[
+        "reindex".into(),
+        "--index".into(),
+        index.display().to_string(),
+        "--json".into(),
+        "--no-captions".into(),
+        "--model-dir".into(),
+        tiny_b(),
+    ])
+}
+
 fn stats(index: &Path) -> serde_json::Value {
     run_json(&[
         "stats".into(),
@@ -237,16 +255,7 @@ fn incremental_add_sync_remove_and_bad_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("reindex"), "{err}");
     // reindex moves the collection to the other model, keeping its images.
-    let tiny_b = fixtures().join("tiny-b/retrieval").display().to_string();
-    let s = run_json(&[
-        "reindex".into(),
-        "--index".into(),
-        index.display().to_string(),
-        "--json".into(),
-        "--no-captions".into(),
-        "--model-dir".into(),
-        tiny_b.clone(),
-    ]);
+    let s = reindex_to_tiny_b(&index);
     assert_eq!(s["added"], 4, "{s}");
     assert_eq!(assert_consistent(&index), 4);
     let info = run_json(&[
@@ -406,16 +415,7 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tiny_b = fixtures().join("tiny-b/retrieval").display().to_string();
-    let s = run_json(&[
-        "reindex".into(),
-        "--index".into(),
-        index.display().to_string(),
-        "--json".into(),
-        "--no-captions".into(),
-        "--model-dir".into(),
-        tiny_b.clone(),
-    ]);
+    let s = reindex_to_tiny_b(&index);
     assert_eq!(s["added"], 3, "{s}");
     assert!(up.exists(), "the uploaded file survives reindex");
     let mut expected = before.clone();
@@ -430,7 +430,7 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
         "--json".into(),
         "--no-captions".into(),
         "--model-dir".into(),
-        tiny_b,
+        tiny_b(),
         dir.display().to_string(),
     ];
     run_json(&args);
@@ -442,7 +442,7 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
 #[test]
 fn progress_reads_done_equals_total_with_skipped_files() {
     use blipsearch::engine::{IngestOptions, IngestProgress, Ingestor};
-    use blipsearch::index::{Collection, CollectionInfo, HnswParams};
+    use blipsearch::index::{Collection, HnswParams};
     use blipsearch::model::{ModelSource, Retriever};
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
@@ -455,14 +455,7 @@ fn progress_reads_done_equals_total_with_skipped_files() {
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let cfg = r.config();
-    let info = CollectionInfo::new(
-        r.name(),
-        None,
-        r.embedding_dim(),
-        cfg.vision.num_tokens(),
-        cfg.vision.hidden_size,
-    );
+    let info = collection_info(&r);
     let c = std::sync::RwLock::new(
         Collection::open(&tmp.path().join("index"), &info, HnswParams::default()).unwrap(),
     );

@@ -10,7 +10,7 @@ use common::*;
 
 use blipsearch::engine::search::{Filters, SearchMode, SearchParams, Searcher};
 use blipsearch::engine::{IngestOptions, Ingestor};
-use blipsearch::index::{Collection, CollectionInfo, HnswParams, ImageId};
+use blipsearch::index::{Collection, HnswParams, ImageId};
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
 
@@ -45,14 +45,7 @@ fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
         img.save(photos.join("noise").join(format!("noise_{i}.png")))
             .unwrap();
     }
-    let cfg = r.config();
-    let info = CollectionInfo::new(
-        r.name(),
-        None,
-        r.embedding_dim(),
-        cfg.vision.num_tokens(),
-        cfg.vision.hidden_size,
-    );
+    let info = collection_info(r);
     let c = std::sync::RwLock::new(Collection::open(dir, &info, HnswParams::default()).unwrap());
     let opts = IngestOptions {
         capfilt: None,

@@ -443,14 +443,20 @@ mod tests {
         assert_eq!(index.search("cat", 0).unwrap(), vec![]);
     }
 
-    #[test]
-    fn no_user_input_is_an_error() {
+    /// An index holding one image captioned "a red car" (id 1), and its directory.
+    fn one_red_car() -> (tempfile::TempDir, TextIndex) {
         let dir = tempfile::tempdir().unwrap();
         let mut index = TextIndex::open(dir.path()).unwrap();
         index
             .upsert(&record(1, "/p/a.jpg", &[("a red car", true)], &[]))
             .unwrap();
         index.commit(1).unwrap();
+        (dir, index)
+    }
+
+    #[test]
+    fn no_user_input_is_an_error() {
+        let (_dir, index) = one_red_car();
         for q in [
             "",
             "   ",
@@ -528,12 +534,7 @@ mod tests {
     fn any_query_searches_or_is_refused() {
         use proptest::prelude::*;
         use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-        let dir = tempfile::tempdir().unwrap();
-        let mut index = TextIndex::open(dir.path()).unwrap();
-        index
-            .upsert(&record(1, "/p/a.jpg", &[("a red car", true)], &[]))
-            .unwrap();
-        index.commit(1).unwrap();
+        let (_dir, index) = one_red_car();
         let piece = prop_oneof![
             Just("(".to_string()),
             Just(")".to_string()),

@@ -24,6 +24,18 @@ pub fn blipsearch(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// What a collection of retrieval model `r` (without captions) records about its models.
+pub fn collection_info(r: &blipsearch::model::Retriever) -> blipsearch::index::CollectionInfo {
+    let cfg = r.config();
+    blipsearch::index::CollectionInfo::new(
+        r.name(),
+        None,
+        r.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    )
+}
+
 /// `tests/fixtures`.
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
