@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use blipsearch::engine::search::{SearchMode, SearchParams, Searcher};
-use blipsearch::index::{Collection, HnswParams};
-use blipsearch::model::{ModelSource, Retriever};
+use blipsearch::engine::models::{ModelSource, Retriever};
+use blipsearch::engine::search::{SearchMode, SearchParams};
+use blipsearch::engine::Engine;
 
 const QUERIES: [&str; 10] = [
     "a cat lying on a rug",
@@ -44,10 +44,9 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(50);
-    let c = Collection::open_existing(&dir, HnswParams::default())?;
-    let name = c.info().retrieval_model.clone();
+    let c = Engine::open_existing(&dir)?;
+    let name = c.info()?.retrieval_model;
     let r = Retriever::load(&ModelSource::Dir(name.into()), &candle_core::Device::Cpu)?;
-    let s = Searcher::new(&c, &r);
     let modes = [
         (
             "vector only",
@@ -74,13 +73,13 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     for (_, p) in &modes {
-        s.search_text(QUERIES[0], p)?; // warm-up
+        c.search_text(&r, QUERIES[0], p)?; // warm-up
     }
     for i in 0..runs {
         let q = QUERIES[i % QUERIES.len()];
         for (m, (_, p)) in modes.iter().enumerate() {
             let t = Instant::now();
-            s.search_text(q, p)?;
+            c.search_text(&r, q, p)?;
             times[m].push(t.elapsed().as_secs_f64() * 1e3);
         }
     }

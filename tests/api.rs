@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 use actix_web::http::StatusCode;
 use actix_web::test::{self, TestRequest};
 use actix_web::web::Bytes;
+use blipsearch::engine::uploads::uploads_dir;
+use blipsearch::engine::{CollectionInfo, Engine};
 use blipsearch::engine::{IngestOptions, LocalModels};
-use blipsearch::index::{Collection, CollectionInfo, HnswParams};
 use blipsearch::model::capfilt::CapFiltParams;
 use blipsearch::model::caption::Captioner;
 use blipsearch::model::preprocess::{DecodeBudget, DecodeLimits};
 use blipsearch::model::{ModelSource, Retriever};
 use blipsearch::server::routes::ROUTES;
 use blipsearch::server::state::ApiSettings;
-use blipsearch::server::{app, uploads_dir, Running, ServerConfig};
+use blipsearch::server::{app, Running, ServerConfig};
 use candle_core::Device;
 use serde_json::Value;
 
@@ -93,7 +94,7 @@ fn start(o: Options) -> Setup {
         cfg.vision.hidden_size,
     );
     let index = o.index.unwrap_or_else(|| tmp.path().join("index"));
-    let collection = Collection::open(&index, &info, HnswParams::default()).unwrap();
+    let engine = Engine::open(&index, &info).unwrap();
     let mut capfilt = CapFiltParams::default();
     capfilt.sampling.num_samples = 1;
     capfilt.max_length = 8;
@@ -113,7 +114,6 @@ fn start(o: Options) -> Setup {
             decode_wait: o.decode_wait,
             body_timeout: o.body_timeout,
             capfilt: Some(capfilt.clone()),
-            uploads_dir: uploads_dir(&index),
             folders: vec![std::fs::canonicalize(&photos).unwrap()],
             retrieval_model: retriever.name().to_string(),
             caption_model: Some(captioner.name().to_string()),
@@ -125,7 +125,6 @@ fn start(o: Options) -> Setup {
         ingest: IngestOptions {
             capfilt: Some(capfilt),
             limits,
-            progress: false,
             ..Default::default()
         },
         cors_origins: Vec::new(),
@@ -135,7 +134,7 @@ fn start(o: Options) -> Setup {
         retriever,
         captioner: Some(captioner),
     };
-    let running = Running::start(&config, models, collection).unwrap();
+    let running = Running::start(&config, models, engine).unwrap();
     Setup {
         running,
         _tmp: tmp,

@@ -100,11 +100,19 @@ fn stats(index: &Path) -> serde_json::Value {
 /// Every record is findable by its own vector and its file name, and has its rerank features and
 /// thumbnail: nothing half-written is visible.
 fn assert_searchable(index: &Path) {
-    use blipsearch::index::{Collection, HnswParams};
+    use blipsearch::index::{BlobStore, Collection, Filter, HnswParams, Store};
     let c = Collection::open_existing(index, HnswParams::default()).unwrap();
-    for r in c.iter() {
-        let r = r.unwrap();
-        let hits = c.search_vectors(&r.itc, 1, None, None).unwrap();
+    let blobs = BlobStore::open(index).unwrap();
+    let mut records = Vec::new();
+    c.for_each(&mut |r| {
+        records.push(r);
+        Ok(())
+    })
+    .unwrap();
+    for r in records {
+        let hits = c
+            .vector_search(&r.itc, 1, None, &Filter::default())
+            .unwrap();
         assert_eq!(
             hits.first().map(|h| h.0),
             Some(r.id),
@@ -117,14 +125,14 @@ fn assert_searchable(index: &Path) {
             .to_string_lossy()
             .replace('_', " ");
         let words = stem.split(' ').next_back().unwrap().to_string();
-        let text = c.search_text(&words, 5).unwrap();
+        let text = c.text_search(&words, 5, &Filter::default()).unwrap();
         assert!(
             text.iter().any(|h| h.0 == r.id),
             "{} not found by file name {words}",
             r.path
         );
-        c.features(r.id).unwrap();
-        assert!(!c.thumbnail(r.id).unwrap().is_empty());
+        blobs.features(r.id).unwrap();
+        assert!(!blobs.thumbnail(r.id).unwrap().is_empty());
     }
 }
 
@@ -359,14 +367,16 @@ fn kill_minus_nine_mid_ingest_leaves_a_consistent_index() {
 
 /// Every image's id, by file name.
 fn ids_by_name(index: &Path) -> std::collections::BTreeMap<String, u64> {
-    let c = blipsearch::index::Collection::open_existing(
-        index,
-        blipsearch::index::HnswParams::default(),
-    )
+    let c = blipsearch::engine::Engine::open_existing(index).unwrap();
+    let mut records = Vec::new();
+    c.for_each(&mut |r| {
+        records.push(r);
+        Ok(())
+    })
     .unwrap();
-    c.iter()
+    records
+        .into_iter()
         .map(|r| {
-            let r = r.unwrap();
             let name = Path::new(&r.path)
                 .file_name()
                 .unwrap()
@@ -441,9 +451,8 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
 /// embedded, skipped (unchanged or a duplicate) or failed, whatever the batch size.
 #[test]
 fn progress_reads_done_equals_total_with_skipped_files() {
-    use blipsearch::engine::{IngestOptions, IngestProgress, Ingestor};
-    use blipsearch::index::{Collection, HnswParams};
-    use blipsearch::model::{ModelSource, Retriever};
+    use blipsearch::engine::models::{ModelSource, Retriever};
+    use blipsearch::engine::{Engine, IngestOptions, IngestProgress};
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
     let photos = tmp.path().join("photos");
@@ -456,21 +465,16 @@ fn progress_reads_done_equals_total_with_skipped_files() {
     )
     .unwrap();
     let info = collection_info(&r);
-    let c = std::sync::RwLock::new(
-        Collection::open(&tmp.path().join("index"), &info, HnswParams::default()).unwrap(),
-    );
+    let c = Engine::open(&tmp.path().join("index"), &info).unwrap();
     for run in 0..2 {
-        let progress = std::sync::Arc::new(IngestProgress::default());
+        let progress = IngestProgress::default();
         let opts = IngestOptions {
             capfilt: None,
-            progress: false,
             batch_size: 2,
-            observer: Some(progress.clone()),
             ..Default::default()
         };
-        let s = Ingestor::new(&c, &r, opts)
-            .unwrap()
-            .add(std::slice::from_ref(&photos))
+        let s = c
+            .ingest(&r, opts, std::slice::from_ref(&photos), false, &progress)
             .unwrap();
         let (done, total) = (
             progress.done.load(Ordering::SeqCst),

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use common::*;
 
-use blipsearch::engine::search::{Filters, SearchMode, SearchParams, Searcher};
-use blipsearch::engine::{IngestOptions, Ingestor};
-use blipsearch::index::{Collection, HnswParams, ImageId};
+use blipsearch::engine::search::{SearchMode, SearchParams};
+use blipsearch::engine::{Engine, Filter, ImageId, IngestOptions, Silent};
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
 
@@ -23,7 +22,7 @@ fn retriever() -> Retriever {
 }
 
 /// A collection of the fixture photos plus `n` noise images named `noise_<i>.png`.
-fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
+fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Engine {
     std::fs::create_dir_all(photos.join("noise")).unwrap();
     for f in [
         "chelsea.png",
@@ -46,23 +45,21 @@ fn build(dir: &Path, photos: &Path, r: &Retriever, n: usize) -> Collection {
             .unwrap();
     }
     let info = collection_info(r);
-    let c = std::sync::RwLock::new(Collection::open(dir, &info, HnswParams::default()).unwrap());
+    let c = Engine::open(dir, &info).unwrap();
     let opts = IngestOptions {
         capfilt: None,
-        progress: false,
         ..Default::default()
     };
     // Image files beside `noise/`, which is itself one entry.
     let files = std::fs::read_dir(photos).unwrap().count() - 1;
-    let s = Ingestor::new(&c, r, opts)
-        .unwrap()
-        .add(&[photos.to_path_buf()])
+    let s = c
+        .ingest(r, opts, &[photos.to_path_buf()], false, &Silent)
         .unwrap();
     assert_eq!(s.added, files + n, "{s:?}");
-    c.into_inner().unwrap()
+    c
 }
 
-fn path_of(c: &Collection, id: u64) -> String {
+fn path_of(c: &Engine, id: u64) -> String {
     c.get(ImageId(id)).unwrap().unwrap().path
 }
 
@@ -71,18 +68,17 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     let tmp = tempfile::tempdir().unwrap();
     let r = retriever();
     let photos = tmp.path().join("photos");
-    let mut c = build(&tmp.path().join("index"), &photos, &r, 30);
+    let c = build(&tmp.path().join("index"), &photos, &r, 30);
     let query = "a cat lying on a sofa";
 
     // Vector only, no rerank: ordered by ITC cosine, which equals the dot product of embeddings.
-    let s = Searcher::new(&c, &r);
     let p = SearchParams {
         mode: SearchMode::Vector,
         rerank_k: 0,
         limit: 35,
         ..Default::default()
     };
-    let res = s.search_text(query, &p).unwrap();
+    let res = c.search_text(&r, query, &p).unwrap();
     assert_eq!(res.hits.len(), 35);
     let q: Vec<f32> = r
         .embed_texts(&[query])
@@ -106,7 +102,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         limit: 8,
         ..Default::default()
     };
-    let res = s.search_text(query, &p).unwrap();
+    let res = c.search_text(&r, query, &p).unwrap();
     let ids: Vec<u64> = res.hits.iter().map(|h| h.id).collect();
     let mut feats = Vec::new();
     for id in &ids {
@@ -146,7 +142,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         rerank_k: 0,
         ..Default::default()
     };
-    let res = s.search_text("rocket", &p).unwrap();
+    let res = c.search_text(&r, "rocket", &p).unwrap();
     assert!(path_of(&c, res.hits[0].id).ends_with("rocket.jpg"));
     let p = SearchParams {
         rerank_k: 0,
@@ -154,7 +150,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         limit: 50,
         ..Default::default()
     };
-    let res = s.search_text("rocket", &p).unwrap();
+    let res = c.search_text(&r, "rocket", &p).unwrap();
     let rocket = res
         .hits
         .iter()
@@ -170,25 +166,25 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     let p = SearchParams {
         rerank_k: 0,
         limit: 100,
-        filters: Filters {
+        filter: Filter {
             path_prefix: Some(prefix.clone()),
             ..Default::default()
         },
         ..Default::default()
     };
-    let res = s.search_text(query, &p).unwrap();
+    let res = c.search_text(&r, query, &p).unwrap();
     assert_eq!(res.hits.len(), 30);
     assert!(res.hits.iter().all(|h| h.path.starts_with(&prefix)));
     let p = SearchParams {
         rerank_k: 0,
         limit: 100,
-        filters: Filters {
+        filter: Filter {
             min_width: Some(200),
             ..Default::default()
         },
         ..Default::default()
     };
-    let res = s.search_text(query, &p).unwrap();
+    let res = c.search_text(&r, query, &p).unwrap();
     assert!(
         !res.hits.is_empty()
             && res
@@ -198,8 +194,9 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     );
 
     // Paging is a window of the same order.
-    let all = s
+    let all = c
         .search_text(
+            &r,
             query,
             &SearchParams {
                 limit: 20,
@@ -207,8 +204,9 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             },
         )
         .unwrap();
-    let page = s
+    let page = c
         .search_text(
+            &r,
             query,
             &SearchParams {
                 limit: 5,
@@ -228,7 +226,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             min_itm_prob: Some(min),
             ..Default::default()
         };
-        let res = s.search_text(query, &p).unwrap();
+        let res = c.search_text(&r, query, &p).unwrap();
         assert!(res.hits.len() <= 6);
         assert!(res.hits.iter().all(|h| h.itm_prob.unwrap() >= min));
         if min == 0.0 {
@@ -237,9 +235,10 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     }
 
     // Bad input.
-    assert!(s.search_text("   ", &SearchParams::default()).is_err());
-    assert!(s
+    assert!(c.search_text(&r, "   ", &SearchParams::default()).is_err());
+    assert!(c
         .search_text(
+            &r,
             query,
             &SearchParams {
                 k: 0,
@@ -247,8 +246,9 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             }
         )
         .is_err());
-    let big = s
+    let big = c
         .search_text(
+            &r,
             query,
             &SearchParams {
                 k: 1_000_000,
@@ -260,7 +260,8 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     assert!(big.notices.iter().any(|n| n.contains("clamped")));
     let long = "word ".repeat(80);
     assert!(
-        s.search_text(
+        c.search_text(
+            &r,
             &long,
             &SearchParams {
                 rerank_k: 0,
@@ -270,15 +271,16 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         .unwrap()
         .truncated
     );
-    let bad_date = Filters {
+    let bad_date = Filter {
         date_from: Some("yesterday".into()),
         ..Default::default()
     };
-    assert!(s
+    assert!(c
         .search_text(
+            &r,
             query,
             &SearchParams {
-                filters: bad_date,
+                filter: bad_date,
                 ..Default::default()
             }
         )
@@ -290,10 +292,10 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         assert!(c.remove(ImageId(*id)).unwrap());
     }
     c.commit().unwrap();
-    let s = Searcher::new(&c, &r);
     for mode in [SearchMode::Hybrid, SearchMode::Vector, SearchMode::Text] {
-        let res = s
+        let res = c
             .search_text(
+                &r,
                 query,
                 &SearchParams {
                     mode,
@@ -312,18 +314,17 @@ fn image_search_finds_the_image_itself() {
     let r = retriever();
     let photos = tmp.path().join("photos");
     let c = build(&tmp.path().join("index"), &photos, &r, 10);
-    let s = Searcher::new(&c, &r);
     let img = load_image(&photos.join("coffee.png"), DecodeLimits::default()).unwrap();
-    let res = s.search_image(&img, &SearchParams::default()).unwrap();
+    let res = c.search_image(&r, &img, &SearchParams::default()).unwrap();
     assert!(path_of(&c, res.hits[0].id).ends_with("coffee.png"));
     assert!((res.hits[0].itc.unwrap() - 1.0).abs() < 1e-4);
     let first = res.hits[0].id;
-    let res = s
-        .search_similar(ImageId(first), &SearchParams::default())
+    let res = c
+        .search_similar(&r, ImageId(first), &SearchParams::default())
         .unwrap();
     assert_eq!(res.hits[0].id, first);
-    assert!(s
-        .search_similar(ImageId(999_999), &SearchParams::default())
+    assert!(c
+        .search_similar(&r, ImageId(999_999), &SearchParams::default())
         .is_err());
 }
 
@@ -402,7 +403,7 @@ fn near_duplicates_group_a_recompressed_copy() {
         .unwrap();
     std::fs::write(photos.join("chelsea_copy.jpg"), buf.into_inner()).unwrap();
     let c = build(&tmp.path().join("index"), &photos, &r, 3);
-    let groups = blipsearch::engine::duplicates::near_duplicates(&c, 0.999).unwrap();
+    let groups = c.duplicates(0.999).unwrap();
     let g = groups
         .iter()
         .find(|g| {
@@ -416,5 +417,5 @@ fn near_duplicates_group_a_recompressed_copy() {
         "{groups:?}"
     );
     assert!(g.max_cosine >= 0.999);
-    assert!(blipsearch::engine::duplicates::near_duplicates(&c, 2.0).is_err());
+    assert!(c.duplicates(2.0).is_err());
 }

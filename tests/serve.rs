@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blipsearch::index::{Collection, HnswParams};
+use blipsearch::index::{Collection, Filter, HnswParams, ImageId, Store};
 
 /// A plain HTTP/1.1 GET on loopback; returns (status, body).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -102,8 +102,9 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
     assert!(err.contains("stopped"), "{err}");
     let c = Collection::open_existing(&index, HnswParams::default()).unwrap();
     assert_eq!(c.len().unwrap(), 3);
+    let first = c.get(ImageId(0)).unwrap().unwrap();
     assert_eq!(
-        c.search_vectors(&c.iter().next().unwrap().unwrap().itc, 3, None, None)
+        c.vector_search(&first.itc, 3, None, &Filter::default())
             .unwrap()
             .len(),
         3

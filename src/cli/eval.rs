@@ -7,16 +7,16 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{CaptionCheckpointArgs, FilterArgs, RetrievalModelArgs};
+use crate::engine::models::{
+    select_device, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
+    ModelSource, SampleParams, DEFAULT_PROMPT,
+};
 use crate::eval::bootstrap::{capfilt_dataset as capfilt_dataset_run, BootstrapOptions};
 use crate::eval::dataset::{Dataset, DatasetFormat};
 use crate::eval::evaluate::{
     evaluate_captions, evaluate_retrieval, EvalOptions, RetrievalReport, RetrievalScores,
 };
 use crate::eval::synth::{generate, SynthParams};
-use crate::model::{
-    select_device, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
-    ModelSource, SampleParams, DEFAULT_PROMPT,
-};
 
 /// `blipsearch synth-world`.
 #[derive(Debug, Args)]

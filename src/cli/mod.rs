@@ -3,6 +3,7 @@
 
 mod collection;
 mod eval;
+mod progress;
 mod search;
 mod serve;
 mod train;
@@ -14,17 +15,11 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::model::preprocess::{load_image, DecodeLimits};
-use crate::model::retrieval::rows;
-use crate::model::weights::DEFAULT_RETRIEVAL_MODEL;
-use crate::model::{select_device, ItmFirstToken, ModelSource, Retriever};
-// --- caption / capfilt (issue 3) ---
-use crate::model::weights::DEFAULT_CAPTION_MODEL;
-use crate::model::{
-    capfilt_images, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
-    SampleParams, DEFAULT_PROMPT,
+use crate::engine::models::{
+    capfilt_images, load_image, rows, select_device, BeamParams, CapFiltParams, CaptionParams,
+    Captioner, DecodeLimits, GenerationMode, ItmFirstToken, ModelSource, Retriever, SampleParams,
+    DEFAULT_CAPTION_MODEL, DEFAULT_PROMPT, DEFAULT_RETRIEVAL_MODEL,
 };
-// --- end caption / capfilt ---
 
 /// Search your photos by describing them, with BLIP.
 #[derive(Debug, Parser)]
@@ -612,7 +607,7 @@ fn caption(a: CaptionArgs) -> Result<()> {
 
 #[derive(Serialize)]
 struct CapfiltEntry {
-    source: crate::model::CandidateSource,
+    source: crate::engine::models::CandidateSource,
     text: String,
     p_match: f32,
     kept: bool,

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::engine::search::{Filters, Fusion, SearchMode, SearchParams, SearchResults, Searcher};
-use crate::index::{Collection, HnswParams, ImageId};
-use crate::model::preprocess::load_image;
-use crate::model::{select_device, ModelSource, Retriever};
+use crate::engine::models::{load_image, select_device, ModelSource, Retriever};
+use crate::engine::search::{Fusion, SearchMode, SearchParams, SearchResults};
+use crate::engine::{Engine, Filter, ImageId};
 
 use super::collection::IndexArgs;
 
@@ -75,8 +74,8 @@ pub struct SearchArgs {
 
 /// Runs `search`.
 pub fn search(a: SearchArgs) -> Result<()> {
-    let collection = Collection::open_existing(&a.index.index, HnswParams::default())?;
-    let name = collection.info().retrieval_model.clone();
+    let engine = Engine::open_existing(&a.index.index)?;
+    let name = engine.info()?.retrieval_model;
     let source = if std::path::Path::new(&name).is_dir() {
         ModelSource::Dir(PathBuf::from(&name))
     } else {
@@ -111,7 +110,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
         limit: a.limit,
         offset: a.offset,
         min_itm_prob: a.min_itm_prob,
-        filters: Filters {
+        filter: Filter {
             path_prefix: a.path_prefix.clone(),
             date_from: a.date_from.clone(),
             date_to: a.date_to.clone(),
@@ -119,14 +118,13 @@ pub fn search(a: SearchArgs) -> Result<()> {
             min_height: a.min_height,
         },
     };
-    let searcher = Searcher::new(&collection, &retriever);
     let results = if let Some(p) = &a.image {
         let img = load_image(p, Default::default())?;
-        searcher.search_image(&img, &params)?
+        engine.search_image(&retriever, &img, &params)?
     } else if let Some(id) = a.similar_to {
-        searcher.search_similar(ImageId(id), &params)?
+        engine.search_similar(&retriever, ImageId(id), &params)?
     } else {
-        searcher.search_text(a.query.as_deref().unwrap_or_default(), &params)?
+        engine.search_text(&retriever, a.query.as_deref().unwrap_or_default(), &params)?
     };
     print(&results, a.json)
 }
@@ -180,8 +178,7 @@ pub struct DuplicatesArgs {
 
 /// Runs `duplicates`.
 pub fn duplicates(a: DuplicatesArgs) -> Result<()> {
-    let collection = Collection::open_existing(&a.index.index, HnswParams::default())?;
-    let groups = crate::engine::duplicates::near_duplicates(&collection, a.threshold)?;
+    let groups = Engine::open_existing(&a.index.index)?.duplicates(a.threshold)?;
     if a.json {
         println!(
             "{}",

@@ -7,11 +7,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::collection::{collection_info, ingest_options, load_models, IngestCommon};
-use crate::engine::Encoders;
-use crate::index::{Collection, HnswParams};
+use super::collection::{ingest_options, load_models, IngestCommon};
+use crate::engine::{Encoders, Engine};
 use crate::server::state::ApiSettings;
-use crate::server::{serve as run_server, uploads_dir, ServerConfig};
+use crate::server::{serve as run_server, ServerConfig};
 
 /// How long a request waits for room in the decode budget before it is refused with 429.
 const DECODE_WAIT: Duration = Duration::from_secs(5);
@@ -95,9 +94,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     eprintln!("loading models...");
     let models = load_models(c)?;
-    let info = collection_info(&models.retriever, models.captioner.as_ref());
     let index = &c.index.index;
-    let collection = Collection::open(index, &info, HnswParams::default())
+    let engine = Engine::open(index, &models.collection_info())
         .with_context(|| format!("opening the collection in {}", index.display()))?;
     let limits = c.model.limits()?;
     let options = ingest_options(c)?;
@@ -105,11 +103,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     models
         .encode_texts(vec!["warm up".into()])
         .context("warming up the retrieval model")?;
-    let device = match models.retriever.device().location() {
-        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-    };
+    let device = models.device_name();
     let config = ServerConfig {
         bind: a.bind,
         api: ApiSettings {
@@ -121,7 +115,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             budget: options.budget.clone(),
             decode_wait: DECODE_WAIT,
             capfilt: options.capfilt.clone(),
-            uploads_dir: uploads_dir(index),
             folders,
             retrieval_model: models.retriever.name().to_string(),
             caption_model: models.captioner.as_ref().map(|m| m.name().to_string()),
@@ -134,7 +127,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         cors_origins: a.cors_origins.clone(),
         http_workers: a.http_workers,
     };
-    run_server(config, models, collection).context("running the server")?;
+    run_server(config, models, engine).context("running the server")?;
     eprintln!("stopped");
     Ok(())
 }

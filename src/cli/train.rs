@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-use crate::model::config::BlipArchitecture;
-use crate::model::select_device;
+use crate::engine::models::{select_device, BlipArchitecture};
 use crate::train::data::Dataset;
 use crate::train::trainer::can_resume;
 use crate::train::{Objective, ParamStore, TrainConfig, Trainer};
@@ -80,7 +79,7 @@ pub struct TrainArgs {
     #[arg(long)]
     diagonal_itc_targets: bool,
     /// Caption prompt (excluded from the LM loss).
-    #[arg(long, default_value = crate::model::DEFAULT_PROMPT)]
+    #[arg(long, default_value = crate::engine::models::DEFAULT_PROMPT)]
     prompt: String,
     /// Also checkpoint every N steps (0: after each epoch only).
     #[arg(long, default_value_t = 0)]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
-use crate::index::{Collection, ImageId};
+use crate::index::{Filter, ImageId, Store};
 
 /// Neighbours examined per image.
 const NEIGHBOURS: usize = 16;
@@ -31,7 +31,7 @@ fn find(parent: &mut HashMap<u64, u64>, x: u64) -> u64 {
 }
 
 /// Groups images linked by a cosine of at least `threshold` (transitively), largest groups first.
-pub fn near_duplicates(collection: &Collection, threshold: f32) -> Result<Vec<DuplicateGroup>> {
+pub fn near_duplicates(store: &dyn Store, threshold: f32) -> Result<Vec<DuplicateGroup>> {
     if !(-1.0..=1.0).contains(&threshold) {
         return Err(EngineError::InvalidInput(format!(
             "threshold {threshold} is not a cosine in [-1, 1]"
@@ -40,9 +40,9 @@ pub fn near_duplicates(collection: &Collection, threshold: f32) -> Result<Vec<Du
     let mut parent: HashMap<u64, u64> = HashMap::new();
     let mut best: HashMap<u64, f32> = HashMap::new();
     let mut paths: HashMap<u64, String> = HashMap::new();
-    for record in collection.iter() {
-        let r = record?;
-        for (other, cos) in collection.search_vectors(&r.itc, NEIGHBOURS, None, None)? {
+    let everything = Filter::default();
+    store.for_each(&mut |r| {
+        for (other, cos) in store.vector_search(&r.itc, NEIGHBOURS, None, &everything)? {
             if other == r.id || cos < threshold {
                 continue;
             }
@@ -56,7 +56,8 @@ pub fn near_duplicates(collection: &Collection, threshold: f32) -> Result<Vec<Du
             }
         }
         paths.insert(r.id.0, r.path);
-    }
+        Ok(())
+    })?;
     let mut groups: HashMap<u64, Vec<u64>> = HashMap::new();
     for &id in best.keys() {
         let root = find(&mut parent, id);
@@ -84,7 +85,7 @@ pub fn near_duplicates(collection: &Collection, threshold: f32) -> Result<Vec<Du
     // Confirm the collection still has what we report (ids removed mid-scan are dropped).
     for g in &mut out {
         g.images
-            .retain(|(id, _)| collection.get(ImageId(*id)).ok().flatten().is_some());
+            .retain(|(id, _)| store.contains(ImageId(*id)).unwrap_or(false));
     }
     out.retain(|g| g.images.len() > 1);
     Ok(out)

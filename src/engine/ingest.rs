@@ -5,21 +5,20 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use candle_core::IndexOp;
 use image::DynamicImage;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::models::Encoders;
-use crate::index::meta::now_unix;
-use crate::index::thumbs::THUMB_MAX_SIDE;
+use super::progress::{IngestEvent, IngestObserver};
 use crate::index::{
-    content_hash, Caption, CaptionSource, Collection, FeatureMatrix, ImageId, ImageRecord,
+    content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord,
+    THUMB_MAX_SIDE,
 };
 use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
 use crate::model::preprocess::{decode_admitted, DecodeBudget, DecodeLimits, DecodePermit};
@@ -42,10 +41,6 @@ pub struct IngestOptions {
     pub limits: DecodeLimits,
     /// CapFilt settings; `None` skips captions (vector-only ingest).
     pub capfilt: Option<CapFiltParams>,
-    /// Draw a progress bar on a terminal.
-    pub progress: bool,
-    /// Progress shared with other threads (the server's status), and the way to stop early.
-    pub observer: Option<Arc<IngestProgress>>,
     /// Memory for decoded images, shared with whatever else decodes in the process.
     pub budget: Arc<DecodeBudget>,
     /// How long a file may wait for its share of `budget` (`None`: as long as it takes);
@@ -57,39 +52,6 @@ pub struct IngestOptions {
 /// with its conversions, or dozens of camera photos.
 pub const DEFAULT_DECODE_BUDGET: u64 = 2 << 30;
 
-/// Live progress of an ingest run, readable from other threads; also carries the request to
-/// stop (the run commits what it has and returns).
-#[derive(Debug, Default)]
-pub struct IngestProgress {
-    /// Files found by the walk.
-    pub total: AtomicU64,
-    /// Files dealt with (indexed, skipped or failed).
-    pub done: AtomicU64,
-    /// Files that failed.
-    pub failed: AtomicU64,
-    /// The file being read.
-    pub current: Mutex<Option<String>>,
-    cancel: AtomicBool,
-}
-
-impl IngestProgress {
-    /// Asks the run to stop after the batch in flight.
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether a stop was asked for.
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
-    }
-
-    fn set_current(&self, path: Option<String>) {
-        if let Ok(mut c) = self.current.lock() {
-            *c = path;
-        }
-    }
-}
-
 impl Default for IngestOptions {
     fn default() -> Self {
         Self {
@@ -97,8 +59,6 @@ impl Default for IngestOptions {
             commit_every: 64,
             limits: DecodeLimits::default(),
             capfilt: Some(CapFiltParams::default()),
-            progress: true,
-            observer: None,
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
             budget_wait: None,
         }
@@ -169,11 +129,12 @@ impl From<String> for NotPrepared {
     }
 }
 
-/// Runs ingestion against one collection with loaded models. The collection is locked only
-/// for each read or write, never across a forward pass, so searches run during ingestion.
-pub struct Ingestor<'a, M: Encoders + ?Sized> {
-    collection: &'a RwLock<Collection>,
+/// Runs ingestion into one collection with loaded models. The store is locked only for each
+/// read or write, never across a forward pass, so searches run during ingestion.
+pub(crate) struct Ingestor<'a, M: Encoders + ?Sized> {
+    engine: &'a Engine,
     models: &'a M,
+    observer: &'a dyn IngestObserver,
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
     keep_ids: HashMap<String, ImageId>,
@@ -182,9 +143,10 @@ pub struct Ingestor<'a, M: Encoders + ?Sized> {
 impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     /// An ingestor; `models` must be able to caption when `options.capfilt` is set.
     pub fn new(
-        collection: &'a RwLock<Collection>,
+        engine: &'a Engine,
         models: &'a M,
         options: IngestOptions,
+        observer: &'a dyn IngestObserver,
     ) -> Result<Self> {
         if options.batch_size == 0 || options.commit_every == 0 {
             return Err(EngineError::InvalidInput(
@@ -197,8 +159,9 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             ));
         }
         Ok(Self {
-            collection,
+            engine,
             models,
+            observer,
             options,
             extra_given: HashMap::new(),
             keep_ids: HashMap::new(),
@@ -213,8 +176,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     }
 
     /// Ids to give images by canonical path (used by `reindex`, so that a rebuilt collection
-    /// keeps every id); the collection must have them reserved
-    /// ([`Collection::reserve_ids`]).
+    /// keeps every id); the store must have them reserved.
     pub fn with_ids(mut self, ids: HashMap<String, ImageId>) -> Self {
         self.keep_ids = ids;
         self
@@ -225,38 +187,36 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     pub fn add(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
         let mut summary = IngestSummary::default();
         let files = walk(paths, &mut summary)?;
-        let observer = self.options.observer.clone();
-        if let Some(o) = &observer {
-            o.total.store(files.len() as u64, Ordering::SeqCst);
-            o.done.store(0, Ordering::SeqCst);
-            o.failed
-                .store(summary.failed.len() as u64, Ordering::SeqCst);
+        let observer = self.observer;
+        observer.event(IngestEvent::Started {
+            total: files.len() as u64,
+        });
+        for f in &summary.failed {
+            observer.event(IngestEvent::Failed {
+                path: &f.path,
+                reason: &f.reason,
+            });
         }
-        let advance = |bar: &ProgressBar, n: u64| {
-            bar.inc(n);
-            if let Some(o) = &observer {
-                o.done.fetch_add(n, Ordering::SeqCst);
+        let done = |files: u64| {
+            if files > 0 {
+                observer.event(IngestEvent::Done { files });
             }
         };
-        let bar = progress_bar(files.len() as u64, self.options.progress);
         let mut batch: Vec<Prepared> = Vec::with_capacity(self.options.batch_size);
         let mut batch_hashes = HashSet::new();
         let mut since_commit = 0usize;
         for file in files {
-            if observer.as_ref().is_some_and(|o| o.is_cancelled()) {
+            if observer.stop_requested() {
                 break;
             }
-            bar.set_message(short_name(&file));
-            if let Some(o) = &observer {
-                o.set_current(Some(file.display().to_string()));
-            }
+            observer.event(IngestEvent::Reading { path: &file });
             let mut prepared = self.prepare(&file, &mut summary, &batch_hashes, !batch.is_empty());
             if matches!(prepared, Err(NotPrepared::Busy(_))) && !batch.is_empty() {
                 // The budget is held by this batch (among others): embed it, then wait.
                 let n = batch.len() as u64;
                 since_commit += self.flush(&mut batch, &mut summary)?;
                 batch_hashes.clear();
-                advance(&bar, n);
+                done(n);
                 prepared = self.prepare(&file, &mut summary, &batch_hashes, false);
             }
             // A file counts as done when it is skipped or failed, or when its batch is written.
@@ -265,57 +225,41 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     batch_hashes.insert(p.hash.clone());
                     batch.push(p);
                 }
-                Ok(None) => advance(&bar, 1),
+                Ok(None) => done(1),
                 Err(NotPrepared::Busy(reason)) => {
                     self.flush(&mut batch, &mut summary)?;
-                    self.commit(&bar)?;
-                    bar.finish_and_clear();
+                    self.commit()?;
+                    observer.event(IngestEvent::Finished);
                     return Err(EngineError::Busy(reason));
                 }
                 Err(NotPrepared::Failed(reason)) => {
-                    if let Some(o) = &observer {
-                        o.failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                    summary.failed.push(Failure {
-                        path: file.display().to_string(),
-                        reason,
+                    let path = file.display().to_string();
+                    observer.event(IngestEvent::Failed {
+                        path: &path,
+                        reason: &reason,
                     });
-                    advance(&bar, 1);
+                    summary.failed.push(Failure { path, reason });
+                    done(1);
                 }
             }
             if batch.len() >= self.options.batch_size {
                 let n = batch.len() as u64;
                 since_commit += self.flush(&mut batch, &mut summary)?;
                 batch_hashes.clear();
-                advance(&bar, n);
+                done(n);
                 if since_commit >= self.options.commit_every {
-                    self.commit(&bar)?;
+                    self.commit()?;
                     since_commit = 0;
                 }
             }
         }
         let pending = batch.len() as u64;
         self.flush(&mut batch, &mut summary)?;
-        advance(&bar, pending);
-        self.commit(&bar)?;
-        bar.finish_and_clear();
-        if let Some(o) = &observer {
-            o.set_current(None);
-        }
-        summary.total = self.read()?.len()?;
+        done(pending);
+        self.commit()?;
+        observer.event(IngestEvent::Finished);
+        summary.total = self.engine.len()?;
         Ok(summary)
-    }
-
-    fn read(&self) -> Result<RwLockReadGuard<'a, Collection>> {
-        self.collection
-            .read()
-            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
-    }
-
-    fn write(&self) -> Result<RwLockWriteGuard<'a, Collection>> {
-        self.collection
-            .write()
-            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
     }
 
     /// [`Self::add`], then removes indexed images under `paths` whose files are gone.
@@ -325,30 +269,30 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             .map(|p| canonical(p).map(|c| c.display().to_string()))
             .collect::<Result<_>>()?;
         let mut gone = Vec::new();
-        for record in self.read()?.iter() {
-            let record = record?;
-            let under = roots.iter().any(|r| Path::new(&record.path).starts_with(r));
-            if under && !Path::new(&record.path).exists() {
-                gone.push(record.id);
+        {
+            let store = self.engine.read()?;
+            for root in &roots {
+                for (id, path) in store.under(root)? {
+                    // A string prefix: keep only paths inside the root folder.
+                    if Path::new(&path).starts_with(root) && !Path::new(&path).exists() {
+                        gone.push(id);
+                    }
+                }
             }
         }
-        for id in &gone {
-            self.write()?.remove(*id)?;
-        }
+        gone.sort_unstable();
+        gone.dedup();
+        self.engine.delete_records(&gone)?;
         let mut summary = self.add(paths)?;
         summary.removed = gone.len();
         Ok(summary)
     }
 
-    fn commit(&mut self, bar: &ProgressBar) -> Result<()> {
-        let total = {
-            let mut c = self.write()?;
-            c.commit()?;
-            c.len()?
-        };
-        // A stable line on stderr: what it reports is durable and searchable.
-        bar.suspend(|| eprintln!("committed: {total} images in the collection"));
-        tracing::debug!(total, "committed");
+    fn commit(&mut self) -> Result<()> {
+        self.engine.commit()?;
+        let images = self.engine.len()?;
+        self.observer.event(IngestEvent::Committed { images });
+        tracing::debug!(images, "committed");
         Ok(())
     }
 
@@ -370,13 +314,14 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs() as i64);
-        let existing = {
-            let c = self.read().map_err(|e| e.to_string())?;
-            match c.by_path(&path_str).map_err(|e| e.to_string())? {
-                Some(id) => c.get(id).map_err(|e| e.to_string())?,
+        let existing = (|| {
+            let store = self.engine.read()?;
+            Ok::<_, EngineError>(match store.by_path(&path_str)? {
+                Some(id) => store.get(id)?,
                 None => None,
-            }
-        };
+            })
+        })()
+        .map_err(|e| e.to_string())?;
         if let Some(r) = &existing {
             // mtimes have one-second resolution here: a file written in the second it was
             // indexed (or later) may have changed without its size or mtime showing it, so
@@ -393,16 +338,15 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 // Touched but not changed: remember the new mtime so the next run is fast.
                 let mut r = r.clone();
                 r.mtime_unix = mtime;
-                self.write()
-                    .and_then(|mut c| Ok(c.update(&r)?))
-                    .map_err(|e| e.to_string())?;
+                self.engine.update(&r).map_err(|e| e.to_string())?;
                 summary.unchanged += 1;
                 return Ok(None);
             }
         }
         let same_content = self
+            .engine
             .read()
-            .and_then(|c| Ok(c.by_hash(&hash)?))
+            .and_then(|store| Ok(store.by_hash(&hash)?))
             .map_err(|e| e.to_string())?;
         if same_content.is_some_and(|id| Some(id) != existing.as_ref().map(|r| r.id))
             || batch_hashes.contains(&hash)
@@ -517,17 +461,13 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 given_texts: p.given,
                 added_unix: now_unix(),
             };
-            let mut c = self.write()?;
-            if let Some(old) = p.replaces {
-                c.remove(old)?;
+            self.engine
+                .put_image(record, keep, p.replaces, Some(&features), Some(&p.thumb))?;
+            if p.replaces.is_some() {
                 summary.updated += 1;
             } else {
                 summary.added += 1;
             }
-            match keep {
-                Some(_) => c.add_keeping_id(record, Some(&features), Some(&p.thumb))?,
-                None => c.add(record, Some(&features), Some(&p.thumb))?,
-            };
         }
         Ok(n)
     }
@@ -663,26 +603,6 @@ fn exif_fields(bytes: &[u8]) -> (Option<String>, Option<String>) {
     (date, description)
 }
 
-fn short_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn progress_bar(len: u64, enabled: bool) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    if !enabled {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images ({per_sec}, ETA {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,7 +622,10 @@ mod tests {
         std::os::unix::fs::symlink(d.join("a"), d.join("a/loop")).unwrap();
         let mut s = IngestSummary::default();
         let files = walk(&[d.to_path_buf()], &mut s).unwrap();
-        let names: Vec<String> = files.iter().map(|p| short_name(p)).collect();
+        let names: Vec<String> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, vec!["x.JPG", "y.png"]);
         assert_eq!(s.unsupported, 1);
         assert_eq!(s.hidden, 2);

@@ -3,14 +3,28 @@
 //! inference queue, so search and ingestion code is the same in both, and only the thread that
 //! owns the models ever runs a forward pass.
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use image::DynamicImage;
 
 use super::error::{EngineError, Result};
-use crate::model::capfilt::{capfilt_images_with_tokens, CapFiltCandidate, CapFiltParams};
-use crate::model::caption::Captioner;
-use crate::model::retrieval::rows;
-use crate::model::{ItmFirstToken, ItmScore, Retriever};
+use crate::index::CollectionInfo;
+use crate::model::capfilt::capfilt_images_with_tokens;
+use crate::model::ModelError;
+
+// The model vocabulary the edges use (the CLI's model commands, the server's decode checks):
+// they reach the model layer through the engine only.
+pub use crate::model::capfilt::{capfilt_images, CandidateSource, CapFiltCandidate, CapFiltParams};
+pub use crate::model::caption::Captioner;
+pub use crate::model::config::BlipArchitecture;
+pub use crate::model::preprocess::{
+    decode_admitted, decode_cost, load_image, Admitted, DecodeBudget, DecodeLimits,
+};
+pub use crate::model::retrieval::rows;
+pub use crate::model::weights::{DEFAULT_CAPTION_MODEL, DEFAULT_RETRIEVAL_MODEL};
+pub use crate::model::{
+    select_device, BeamParams, CaptionParams, GenerationMode, ItmFirstToken, ItmScore, ModelSource,
+    Retriever, SampleParams, DEFAULT_PROMPT,
+};
 
 /// ITC vectors and ViT features of a batch of images.
 pub struct EncodedImages {
@@ -146,5 +160,71 @@ impl Encoders for LocalModels {
 
     fn can_caption(&self) -> bool {
         self.captioner.is_some()
+    }
+}
+
+impl LocalModels {
+    /// Loads the retrieval model and, when `caption` is given, the caption model, on `device`.
+    pub fn load(
+        retrieval: &ModelSource,
+        caption: Option<&ModelSource>,
+        device: &Device,
+    ) -> Result<Self> {
+        let retriever = Retriever::load(retrieval, device)?;
+        let captioner = caption.map(|c| Captioner::load(c, device)).transpose()?;
+        Ok(Self {
+            retriever,
+            captioner,
+        })
+    }
+
+    /// What a collection built with these models records about them.
+    pub fn collection_info(&self) -> CollectionInfo {
+        let cfg = self.retriever.config();
+        CollectionInfo::new(
+            self.retriever.name(),
+            self.captioner.as_ref().map(|c| c.name().to_string()),
+            self.retriever.embedding_dim(),
+            cfg.vision.num_tokens(),
+            cfg.vision.hidden_size,
+        )
+    }
+
+    /// The device the models run on, as `cpu`, `cuda:N` or `metal:N`.
+    pub fn device_name(&self) -> String {
+        match self.retriever.device().location() {
+            candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    /// ITM for several searches in one forward pass: each job is a query text and the features
+    /// of its candidates `(N, tokens, hidden)`; the answer holds each job's scores, in order.
+    pub fn itm_batch(&self, jobs: Vec<(String, Tensor)>) -> Result<Vec<Vec<ItmScore>>> {
+        let device = self.retriever.device();
+        let mut counts = Vec::with_capacity(jobs.len());
+        let mut parts = Vec::with_capacity(jobs.len());
+        let mut pair_texts: Vec<&str> = Vec::new();
+        for (text, t) in &jobs {
+            let n = t.dim(0).map_err(ModelError::from)?;
+            counts.push(n);
+            parts.push(t.to_device(device).map_err(ModelError::from)?);
+            // Pair p is (text of its search, its own image row).
+            pair_texts.extend(std::iter::repeat_n(text.as_str(), n));
+        }
+        if pair_texts.is_empty() {
+            return Ok(counts.iter().map(|_| Vec::new()).collect());
+        }
+        let all = Tensor::cat(&parts, 0).map_err(ModelError::from)?;
+        let index: Vec<usize> = (0..pair_texts.len()).collect();
+        let scores = self
+            .retriever
+            .itm(&pair_texts, &all, &index, ItmFirstToken::Enc)?;
+        let mut it = scores.into_iter();
+        Ok(counts
+            .iter()
+            .map(|n| it.by_ref().take(*n).collect())
+            .collect())
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::error::{EngineError, Result};
 use super::models::Encoders;
-use crate::index::{Caption, ImageId, ImageRecord, Store};
+use crate::index::{BlobStore, Caption, Filter, ImageId, Store};
 
 /// Largest number of candidates taken from each retriever.
 pub const MAX_K: usize = 1000;
@@ -68,95 +68,6 @@ impl Default for Fusion {
     }
 }
 
-/// Restrictions on which images may be returned.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Filters {
-    /// Only images whose path starts with this.
-    pub path_prefix: Option<String>,
-    /// Only images taken (EXIF) on or after this date, `YYYY-MM-DD`.
-    pub date_from: Option<String>,
-    /// Only images taken (EXIF) on or before this date, `YYYY-MM-DD`.
-    pub date_to: Option<String>,
-    /// Minimum width in pixels.
-    pub min_width: Option<u32>,
-    /// Minimum height in pixels.
-    pub min_height: Option<u32>,
-}
-
-/// Whether `d` is `YYYY-MM-DD` and names a day that exists (no 2023-02-29, no 2024-04-31).
-fn is_calendar_date(d: &str) -> bool {
-    let b = d.as_bytes();
-    let digits = |r: std::ops::Range<usize>| {
-        b[r.clone()]
-            .iter()
-            .all(u8::is_ascii_digit)
-            .then(|| d[r].parse::<u32>().ok())
-            .flatten()
-    };
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return false;
-    }
-    let (Some(y), Some(m), Some(day)) = (digits(0..4), digits(5..7), digits(8..10)) else {
-        return false;
-    };
-    let days = match m {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
-        2 => 28,
-        _ => return false,
-    };
-    (1..=days).contains(&day)
-}
-
-impl Filters {
-    /// Whether nothing is filtered.
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    fn check(&self) -> Result<()> {
-        for d in [&self.date_from, &self.date_to].into_iter().flatten() {
-            if !is_calendar_date(d) {
-                return Err(EngineError::InvalidInput(format!(
-                    "date {d:?} is not a calendar date YYYY-MM-DD"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether `r` passes. An image without an EXIF date fails any date filter.
-    pub fn accepts(&self, r: &ImageRecord) -> bool {
-        if let Some(p) = &self.path_prefix {
-            if !r.path.starts_with(p.as_str()) {
-                return false;
-            }
-        }
-        if self.min_width.is_some_and(|w| r.width < w)
-            || self.min_height.is_some_and(|h| r.height < h)
-        {
-            return false;
-        }
-        if self.date_from.is_some() || self.date_to.is_some() {
-            // EXIF writes "YYYY:MM:DD HH:MM:SS"; compare the date part as YYYY-MM-DD.
-            let Some(date) = r
-                .exif_date
-                .as_deref()
-                .map(|d| d.get(..10).unwrap_or(d).replace(':', "-"))
-            else {
-                return false;
-            };
-            if self.date_from.as_deref().is_some_and(|f| date.as_str() < f)
-                || self.date_to.as_deref().is_some_and(|t| date.as_str() > t)
-            {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// Options of one search.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParams {
@@ -177,8 +88,8 @@ pub struct SearchParams {
     /// Keep only reranked results with ITM p(match) at least this (so that a query about
     /// something absent can return nothing); candidates beyond `rerank_k` are dropped too.
     pub min_itm_prob: Option<f32>,
-    /// Restrictions.
-    pub filters: Filters,
+    /// Which images may be returned.
+    pub filter: Filter,
 }
 
 impl Default for SearchParams {
@@ -192,7 +103,7 @@ impl Default for SearchParams {
             limit: 20,
             offset: 0,
             min_itm_prob: None,
-            filters: Filters::default(),
+            filter: Filter::default(),
         }
     }
 }
@@ -268,20 +179,25 @@ pub fn fuse(vector: &[(u64, f32)], text: &[(u64, f32)], fusion: Fusion) -> Vec<(
     out
 }
 
-/// Runs searches against a store with a retrieval model.
-pub struct Searcher<'a, S: Store, M: Encoders + ?Sized> {
-    store: &'a S,
+/// Runs searches against a store and its blobs with a retrieval model.
+pub(crate) struct Searcher<'a, M: Encoders + ?Sized> {
+    store: &'a dyn Store,
+    blobs: &'a BlobStore,
     models: &'a M,
 }
 
-impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
+impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
     /// A searcher over `store`, whose vectors the retrieval model of `models` made.
-    pub fn new(store: &'a S, models: &'a M) -> Self {
-        Self { store, models }
+    pub fn new(store: &'a dyn Store, blobs: &'a BlobStore, models: &'a M) -> Self {
+        Self {
+            store,
+            blobs,
+            models,
+        }
     }
 
     fn clamp(params: &SearchParams) -> Result<(SearchParams, Vec<String>)> {
-        params.filters.check()?;
+        params.filter.check()?;
         let mut p = params.clone();
         let mut notices = Vec::new();
         if p.k == 0 || p.limit == 0 {
@@ -360,7 +276,7 @@ impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
         let record = self
             .store
             .get(id)?
-            .ok_or_else(|| EngineError::InvalidInput(format!("no image with id {}", id.0)))?;
+            .ok_or_else(|| EngineError::NotFound(format!("no image with id {}", id.0)))?;
         self.search_vector(&record.itc, &p, notices)
     }
 
@@ -377,40 +293,13 @@ impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
     }
 
     fn vector_candidates(&self, q: &[f32], p: &SearchParams) -> Result<Vec<(u64, f32)>> {
-        let hits = if p.filters.is_empty() {
-            self.store.vector_search(q, p.k, p.ef, None)?
-        } else {
-            let filter = |id: ImageId| {
-                self.store
-                    .get(id)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| p.filters.accepts(&r))
-            };
-            self.store.vector_search(q, p.k, p.ef, Some(&filter))?
-        };
+        let hits = self.store.vector_search(q, p.k, p.ef, &p.filter)?;
         Ok(hits.into_iter().map(|(id, s)| (id.0, s)).collect())
     }
 
     fn text_candidates(&self, query: &str, p: &SearchParams) -> Result<Vec<(u64, f32)>> {
-        // Over-fetch when filtering so that k candidates survive it.
-        let fetch = if p.filters.is_empty() {
-            p.k
-        } else {
-            (p.k * 4).min(MAX_K * 4)
-        };
-        let mut out = Vec::new();
-        for (id, s) in self.store.text_search(query, fetch)? {
-            if out.len() == p.k {
-                break;
-            }
-            let keep =
-                p.filters.is_empty() || self.store.get(id)?.is_some_and(|r| p.filters.accepts(&r));
-            if keep {
-                out.push((id.0, s));
-            }
-        }
-        Ok(out)
+        let hits = self.store.text_search(query, p.k, &p.filter)?;
+        Ok(hits.into_iter().map(|(id, s)| (id.0, s)).collect())
     }
 
     fn finish(
@@ -482,7 +371,7 @@ impl<'a, S: Store, M: Encoders + ?Sized> Searcher<'a, S, M> {
         let mut data = Vec::new();
         let mut shape = (0, 0);
         for h in hits.iter() {
-            let f = self.store.features(ImageId(h.id))?;
+            let f = self.blobs.features(ImageId(h.id))?;
             shape = (f.rows, f.cols);
             data.extend(f.data);
         }
@@ -555,58 +444,6 @@ mod tests {
             let mut t2: Vec<(u64, f32)> = t.into_iter().filter(|x| x.0 != top).collect();
             t2.insert(0, (top, 1.0));
             prop_assert_eq!(fuse(&v, &t2, Fusion::Rrf { k: 60.0 })[0].0, top);
-        }
-    }
-
-    #[test]
-    fn date_filters_read_exif_dates() {
-        let f = Filters {
-            date_from: Some("2020-01-01".into()),
-            date_to: Some("2020-12-31".into()),
-            ..Default::default()
-        };
-        f.check().unwrap();
-        let mut r = ImageRecord {
-            id: ImageId(1),
-            path: "/p/a.jpg".into(),
-            content_hash: String::new(),
-            size_bytes: 0,
-            width: 10,
-            height: 10,
-            mtime_unix: 0,
-            exif_date: Some("2020:06:01 10:00:00".into()),
-            itc: vec![],
-            captions: vec![],
-            given_texts: vec![],
-            added_unix: 0,
-        };
-        assert!(f.accepts(&r));
-        r.exif_date = Some("2021:01:01 00:00:00".into());
-        assert!(!f.accepts(&r));
-        r.exif_date = None;
-        assert!(!f.accepts(&r));
-        for bad in [
-            "June",
-            "2024-02-30",
-            "2023-02-29",
-            "2024-04-31",
-            "2024-13-01",
-            "2024-00-10",
-            "2024-1-01",
-            "２０２４-01-01",
-        ] {
-            let f = Filters {
-                date_from: Some(bad.into()),
-                ..Default::default()
-            };
-            assert!(f.check().is_err(), "{bad}");
-        }
-        for good in ["2024-02-29", "2000-02-29", "2023-12-31", "0001-01-01"] {
-            let f = Filters {
-                date_to: Some(good.into()),
-                ..Default::default()
-            };
-            f.check().unwrap();
         }
     }
 }

@@ -10,12 +10,14 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{Condvar, Mutex};
 
+use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::ingest::{IngestOptions, Ingestor};
 use super::models::Encoders;
-use crate::index::{content_hash, Collection, ImageId};
+use super::progress::Silent;
+use crate::index::{content_hash, ImageId};
 
 /// The upload directory of a collection and the hashes being uploaded now.
 #[derive(Debug)]
@@ -167,36 +169,32 @@ impl Uploads {
     /// Stores and indexes an upload with its given `texts`. The same bytes already in the
     /// collection (or being uploaded by another request) answer that image's id as a
     /// duplicate. A file that fails to index is removed; the error says why.
-    pub fn add<M: Encoders + ?Sized>(
-        &self,
-        collection: &RwLock<Collection>,
+    pub(crate) fn add<M: Encoders + ?Sized>(
+        engine: &Engine,
         models: &M,
         options: IngestOptions,
         upload: NewUpload<'_>,
         texts: Vec<String>,
     ) -> Result<Uploaded> {
         let NewUpload { bytes, stem, ext } = upload;
+        let this = engine.uploads();
         let hash = content_hash(bytes);
-        let _claim = self.claim(&hash)?;
-        let read = || {
-            collection
-                .read()
-                .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
-        };
+        let _claim = this.claim(&hash)?;
+        let read = || engine.read();
         if let Some(id) = read()?.by_hash(&hash)? {
             return Ok(Uploaded {
                 id,
                 duplicate: true,
             });
         }
-        let mut file = self.create(&hash, stem, ext, bytes)?;
+        let mut file = this.create(&hash, stem, ext, bytes)?;
         let canonical = std::fs::canonicalize(&file.path).map_err(|e| EngineError::Io {
             path: file.path.clone(),
             source: e,
         })?;
         let key = canonical.display().to_string();
         let given = HashMap::from([(key.clone(), texts)]);
-        let summary = Ingestor::new(collection, models, options)?
+        let summary = Ingestor::new(engine, models, options, &Silent)?
             .with_given_texts(given)
             .add(std::slice::from_ref(&canonical))?;
         if let Some(f) = summary.failed.first() {
@@ -228,21 +226,18 @@ impl Uploads {
 
     /// Removes image `id`; its file too when it is an upload (files in the user's folders are
     /// never deleted). Serialised with uploads of the same bytes. `false`: no such image.
-    pub fn remove_image(&self, collection: &RwLock<Collection>, id: ImageId) -> Result<bool> {
-        let poisoned = || EngineError::Internal("the collection lock is poisoned".into());
-        let Some(rec) = collection.read().map_err(|_| poisoned())?.get(id)? else {
+    pub(crate) fn remove_image(engine: &Engine, id: ImageId) -> Result<bool> {
+        let this = engine.uploads();
+        let Some(rec) = engine.get(id)? else {
             return Ok(false);
         };
-        let _claim = self.claim(&rec.content_hash)?;
-        {
-            let mut c = collection.write().map_err(|_| poisoned())?;
-            if !c.remove(id)? {
-                return Ok(false);
-            }
-            c.commit()?;
+        let _claim = this.claim(&rec.content_hash)?;
+        if engine.delete_records(&[id])?.is_empty() {
+            return Ok(false);
         }
+        engine.commit()?;
         let path = Path::new(&rec.path);
-        if self.owns(path) {
+        if this.owns(path) {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!(path = %path.display(), %e, "cannot remove an uploaded file");
             }
@@ -253,13 +248,14 @@ impl Uploads {
     /// Deletes the files in the upload directory that no image points to (left by a crash
     /// between writing a file and indexing it); returns how many. Run it while no upload is
     /// in flight (at start).
-    pub fn remove_orphans(&self, collection: &Collection) -> Result<usize> {
-        let entries = match std::fs::read_dir(&self.dir) {
+    pub(crate) fn remove_orphans(engine: &Engine) -> Result<usize> {
+        let this = engine.uploads();
+        let entries = match std::fs::read_dir(&this.dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => {
                 return Err(EngineError::Io {
-                    path: self.dir.clone(),
+                    path: this.dir.clone(),
                     source: e,
                 })
             }
@@ -268,7 +264,7 @@ impl Uploads {
         for entry in entries {
             let path = entry
                 .map_err(|e| EngineError::Io {
-                    path: self.dir.clone(),
+                    path: this.dir.clone(),
                     source: e,
                 })?
                 .path();
@@ -278,10 +274,7 @@ impl Uploads {
             let Ok(canonical) = std::fs::canonicalize(&path) else {
                 continue;
             };
-            if collection
-                .by_path(&canonical.display().to_string())?
-                .is_none()
-            {
+            if engine.by_path(&canonical.display().to_string())?.is_none() {
                 match std::fs::remove_file(&path) {
                     Ok(()) => removed += 1,
                     Err(e) => tracing::warn!(path = %path.display(), %e, "cannot remove"),

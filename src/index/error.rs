@@ -66,6 +66,9 @@ pub enum IndexError {
     /// A text query is past the parser's bounds (length, nesting, number of words).
     #[error("invalid query: {0}")]
     InvalidQuery(String),
+    /// A filter that cannot mean anything (a date that is not a calendar day).
+    #[error("invalid filter: {0}")]
+    InvalidFilter(String),
     /// A vector is all zeros or holds NaN or infinity.
     #[error("invalid vector: {0}")]
     InvalidVector(String),

@@ -1,25 +1,31 @@
-//! On-disk collection storage: everything blipsearch keeps about a collection of images, in one
-//! directory (default [`DEFAULT_DIR`], `./index`). This layer takes vectors, texts and ids; it
-//! never runs a model.
+//! Collection storage: everything blipsearch keeps about a collection of images. This layer
+//! takes vectors, texts and ids; it never runs a model.
 //!
-//! | store | module | directory | role |
-//! |---|---|---|---|
-//! | metadata | [`meta`] (sled) | `meta/` | **source of truth**: records, ids, paths, hashes, captions, ITC vectors |
-//! | vectors | [`vectors`] (hnsw_rs) | `vectors/` | ANN over ITC vectors; derived |
-//! | text | [`text`] (tantivy) | `text/` | BM25 over captions, given texts, file names; derived |
-//! | features | [`features`] | `features/` | ViT outputs for ITM reranking |
-//! | thumbnails | [`thumbs`] | `thumbs/` | JPEG previews |
+//! - [`Store`] is what the engine programs against: records with their ITC vector, texts and
+//!   filterable fields, vector and BM25 search with a [`Filter`], lookups, commit. [`Collection`]
+//!   is the embedded implementation, in one directory (default [`DEFAULT_DIR`], `./index`):
 //!
-//! [`Collection`] ties them together behind an exclusive lock file (`LOCK`) and implements the
-//! commit protocol (see [`Collection::commit`]); the [`Store`] trait is what the engine should
-//! program against so that another backend (e.g. Milvus for collections beyond one machine) is
-//! an addition, not a rewrite. `index/README.md` documents the layout and recovery for operators.
+//!   | part | module | directory | role |
+//!   |---|---|---|---|
+//!   | metadata | [`meta`] (sled) | `meta/` | **source of truth**: records, ids, paths, hashes, captions, ITC vectors |
+//!   | vectors | [`vectors`] (hnsw_rs) | `vectors/` | ANN over ITC vectors; derived |
+//!   | text | [`text`] (tantivy) | `text/` | BM25 over captions, given texts, file names; derived |
+//!   | columns | [`filter`] | memory | filterable fields, rebuilt at open; derived |
+//!
+//! - [`BlobStore`] ([`blobs`]) holds what is too big for records, by image id: rerank features
+//!   (`features/`) and thumbnails (`thumbs/`). The engine writes blobs before a record and
+//!   removes them after it.
+//!
+//! `index/README.md` documents the layout and recovery for operators.
 
+pub mod blobs;
 pub mod error;
 pub mod features;
+pub mod filter;
 mod flat;
 mod fsutil;
 pub mod meta;
+pub mod store;
 pub mod text;
 pub mod thumbs;
 pub mod vectors;
@@ -30,20 +36,21 @@ pub(crate) mod testutil;
 use std::fs::TryLockError;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use image::DynamicImage;
-use serde::Serialize;
-
+pub use blobs::BlobStore;
 pub use error::{IndexError, Result};
 pub use features::{FeatureMatrix, FeatureStore};
+pub use filter::{day_number, Columns, Filter, IdSet};
 #[doc(hidden)]
 pub use flat::ExactScan;
 pub use meta::{
-    content_hash, Caption, CaptionSource, CollectionInfo, CommitState, ImageId, ImageRecord,
-    MetaStore,
+    content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageId,
+    ImageRecord, MetaStore,
 };
+pub use store::{Store, StoreStats};
 pub use text::{filename_words, TextBoosts, TextIndex};
-pub use thumbs::ThumbnailStore;
+pub use thumbs::{ThumbnailStore, THUMB_MAX_SIDE};
 pub use vectors::{HnswParams, VectorIndex};
 
 /// The default collection directory, relative to the working directory.
@@ -51,79 +58,6 @@ pub const DEFAULT_DIR: &str = "index";
 
 /// Batch size when rebuilding the vector index from sled.
 const REBUILD_CHUNK: usize = 10_000;
-
-/// What the engine needs from a collection backend: add, delete, commit, vector search with a
-/// filter, text search, get. [`Collection`] is the embedded implementation; a distributed one
-/// (Milvus: vectors + BM25 + filters, sharded and replicated) would implement the same trait.
-pub trait Store {
-    /// Adds an image; its id is allocated by the store (`record.id` is ignored) and returned.
-    fn add(
-        &mut self,
-        record: ImageRecord,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId>;
-    /// Deletes an image; returns whether it existed.
-    fn delete(&mut self, id: ImageId) -> Result<bool>;
-    /// Makes everything added or deleted so far durable and visible to all searches.
-    fn commit(&mut self) -> Result<()>;
-    /// The `k` nearest images to an ITC query vector as `(id, cosine)`, best first, restricted
-    /// to ids passing `filter`. `ef` is a recall/speed hint that backends may ignore.
-    fn vector_search(
-        &self,
-        query: &[f32],
-        k: usize,
-        ef: Option<usize>,
-        filter: Option<&dyn Fn(ImageId) -> bool>,
-    ) -> Result<Vec<(ImageId, f32)>>;
-    /// The `k` best images for a user text query as `(id, BM25 score)`, best first.
-    fn text_search(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>>;
-    /// The record of an image.
-    fn get(&self, id: ImageId) -> Result<Option<ImageRecord>>;
-    /// The stored ViT features of an image, for ITM reranking.
-    fn features(&self, id: ImageId) -> Result<FeatureMatrix>;
-}
-
-/// Counts and disk usage of a collection.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CollectionStats {
-    /// Images in sled (the truth).
-    pub images: u64,
-    /// Live vectors in the HNSW graph.
-    pub vectors: usize,
-    /// Tombstones still in the graph (removed until the next compaction).
-    pub tombstones: usize,
-    /// Committed documents in the text index.
-    pub text_docs: u64,
-    /// Ids changed since the last commit.
-    pub pending: usize,
-    /// Last committed generation.
-    pub generation: u64,
-    /// Bytes on disk per store.
-    pub bytes: StoreBytes,
-}
-
-/// Bytes on disk per store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct StoreBytes {
-    /// sled (`meta/`).
-    pub meta: u64,
-    /// HNSW dump and manifest (`vectors/`).
-    pub vectors: u64,
-    /// tantivy (`text/`).
-    pub text: u64,
-    /// ViT features (`features/`).
-    pub features: u64,
-    /// Thumbnails (`thumbs/`).
-    pub thumbs: u64,
-}
-
-impl StoreBytes {
-    /// Sum over the stores.
-    pub fn total(&self) -> u64 {
-        self.meta + self.vectors + self.text + self.features + self.thumbs
-    }
-}
 
 /// What [`Collection::open`] found and did to bring the derived indexes in step with sled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -134,8 +68,6 @@ pub struct Recovery {
     pub rebuilt_vectors: bool,
     /// The text index was rebuilt from sled.
     pub rebuilt_text: bool,
-    /// Feature or thumbnail files removed because no record owns them.
-    pub orphans_removed: usize,
 }
 
 /// An exclusive lock on a collection directory, held for the life of the [`Collection`].
@@ -194,29 +126,29 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown host".into())
 }
 
-/// A collection: the five stores under one directory, one writer at a time.
+/// The embedded [`Store`]: sled, the HNSW graph, tantivy and in-memory filter columns under one
+/// directory, one writer at a time.
 ///
 /// # Consistency
 /// sled is the source of truth; the HNSW graph and the tantivy index are derived from it and
 /// carry the generation of the commit they reflect. Every mutation is written to sled first (in
 /// one transaction with a journal entry for its id), then applied to the derived indexes in
-/// memory. [`Collection::commit`] makes the derived indexes durable first (tantivy commit, HNSW
+/// memory. [`Store::commit`] makes the derived indexes durable first (tantivy commit, HNSW
 /// dump) tagged with the next generation, and only then records that generation in sled and
 /// clears the journal. On open, each derived index whose generation equals sled's replays the
 /// journal; one that is missing, unreadable or of another generation is rebuilt from sled. So a
 /// crash at any point loses at most uncommitted work that sled never made durable, and never
-/// leaves the indexes disagreeing with sled.
+/// leaves the indexes disagreeing with sled. The filter columns are built from sled at open.
 ///
 /// Visibility: removals are hidden from both searches at once; additions and caption updates
-/// reach vector search at once and text search at the next `commit`.
+/// reach vector search at once and text search at the next commit.
 pub struct Collection {
     dir: PathBuf,
     info: CollectionInfo,
     meta: MetaStore,
     vectors: VectorIndex,
     text: TextIndex,
-    features: FeatureStore,
-    thumbs: ThumbnailStore,
+    columns: Columns,
     recovery: Recovery,
     /// Removed since the last commit: hidden from text search before tantivy sees the delete.
     removed_since_commit: std::collections::HashSet<ImageId>,
@@ -234,12 +166,17 @@ impl Collection {
     }
 
     /// Opens an existing collection with whatever models it was built with (read its
-    /// [`Collection::info`] to load them). [`IndexError::NoCollection`] if `dir` has none.
+    /// [`Store::info`] to load them). [`IndexError::NoCollection`] if `dir` has none.
     pub fn open_existing(dir: &Path, params: HnswParams) -> Result<Self> {
-        if !dir.join("meta").is_dir() {
+        if !Self::exists(dir) {
             return Err(IndexError::NoCollection(dir.to_path_buf()));
         }
         Self::open_inner(dir, None, params)
+    }
+
+    /// Whether `dir` holds a collection.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("meta").is_dir()
     }
 
     fn open_inner(dir: &Path, info: Option<&CollectionInfo>, params: HnswParams) -> Result<Self> {
@@ -262,21 +199,21 @@ impl Collection {
         };
         let vectors = VectorIndex::open(&dir.join("vectors"), info.embedding_dim, params)?;
         let text = TextIndex::open(&dir.join("text"))?;
-        let features = FeatureStore::open(&dir.join("features"))?;
-        let thumbs = ThumbnailStore::open(&dir.join("thumbs"))?;
         let mut collection = Collection {
             dir: dir.to_path_buf(),
             info,
             meta,
             vectors,
             text,
-            features,
-            thumbs,
+            columns: Columns::default(),
             recovery: Recovery::default(),
             removed_since_commit: Default::default(),
             _lock: lock,
         };
         collection.recovery = collection.recover()?;
+        for record in collection.meta.iter() {
+            collection.columns.upsert(&record?);
+        }
         Ok(collection)
     }
 
@@ -323,15 +260,10 @@ impl Collection {
                     if vectors_in_step {
                         self.vectors.remove(id);
                     }
-                    recovery.orphans_removed +=
-                        self.features.remove(id)? as usize + self.thumbs.remove(id)? as usize;
                 }
             }
         }
         recovery.replayed = pending.len();
-        if recovery.rebuilt_text || recovery.rebuilt_vectors {
-            recovery.orphans_removed += self.sweep_orphans()?;
-        }
         if recovery != Recovery::default() {
             tracing::info!(?recovery, "recovered collection");
             self.commit_generation(state.generation + 1, &pending)?;
@@ -385,22 +317,6 @@ impl Collection {
         Ok(())
     }
 
-    /// Removes feature and thumbnail files that no record owns.
-    fn sweep_orphans(&self) -> Result<usize> {
-        let mut removed = 0;
-        for id in self.features.ids()? {
-            if self.meta.get(id)?.is_none() {
-                removed += self.features.remove(id)? as usize;
-            }
-        }
-        for id in self.thumbs.ids()? {
-            if self.meta.get(id)?.is_none() {
-                removed += self.thumbs.remove(id)? as usize;
-            }
-        }
-        Ok(removed)
-    }
-
     /// What opening this collection had to repair.
     pub fn last_recovery(&self) -> Recovery {
         self.recovery
@@ -411,68 +327,54 @@ impl Collection {
         &self.dir
     }
 
-    /// What the collection was built with.
-    pub fn info(&self) -> &CollectionInfo {
+    fn commit_generation(&mut self, generation: u64, journal: &[ImageId]) -> Result<CommitState> {
+        if self.vectors.needs_compaction() {
+            self.vectors.compact()?;
+        }
+        self.text.commit(generation)?;
+        self.removed_since_commit.clear();
+        self.vectors.save(generation)?;
+        self.meta.record_commit(generation, journal)
+    }
+
+    /// The ids passing `filter`, or `None` when it filters nothing.
+    fn selection(&self, filter: &Filter) -> Result<Option<Arc<IdSet>>> {
+        if filter.is_empty() {
+            return Ok(None);
+        }
+        filter.check()?;
+        Ok(Some(Arc::new(self.columns.select(filter))))
+    }
+}
+
+impl Store for Collection {
+    fn info(&self) -> &CollectionInfo {
         &self.info
     }
 
-    /// Adds an image: its record (`record.id` is ignored: a fresh id is allocated and
-    /// returned), optionally its ViT features (`vit_tokens x vit_hidden`) and a thumbnail
-    /// source image. Fails with [`IndexError::AlreadyExists`] for a known path or content
-    /// hash, before writing anything.
-    pub fn add(
-        &mut self,
-        record: ImageRecord,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId> {
-        self.add_as(None, record, features, thumbnail)
+    fn allocate_id(&mut self) -> Result<ImageId> {
+        self.meta.allocate_id()
     }
 
-    /// [`Collection::add`] under the id `record.id`, which must be free and below
-    /// [`Collection::next_id`] (reserve it first with [`Collection::reserve_ids`]): how an
-    /// image keeps its id when a collection is rebuilt.
-    pub fn add_keeping_id(
-        &mut self,
-        record: ImageRecord,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId> {
-        if record.id >= self.meta.next_id()? {
-            return Err(IndexError::InvalidParams(format!(
-                "id {} is not reserved (next id {})",
-                record.id,
-                self.meta.next_id()?
-            )));
-        }
-        self.add_as(Some(record.id), record, features, thumbnail)
-    }
-
-    /// The id the next added image gets.
-    pub fn next_id(&self) -> Result<ImageId> {
+    fn next_id(&self) -> Result<ImageId> {
         self.meta.next_id()
     }
 
-    /// Keeps every id below `floor` from being allocated (see [`Collection::add_keeping_id`]).
-    pub fn reserve_ids(&mut self, floor: ImageId) -> Result<()> {
+    fn reserve_ids(&mut self, floor: ImageId) -> Result<()> {
         self.meta.reserve_ids(floor)
     }
 
-    fn add_as(
-        &mut self,
-        id: Option<ImageId>,
-        mut record: ImageRecord,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId> {
+    fn insert(&mut self, record: ImageRecord) -> Result<()> {
         self.vectors.check(&record.itc)?;
-        if let Some(f) = features {
-            if (f.rows, f.cols) != (self.info.vit_tokens, self.info.vit_hidden) {
-                return Err(IndexError::InvalidParams(format!(
-                    "features are {}x{}, the collection stores {}x{}",
-                    f.rows, f.cols, self.info.vit_tokens, self.info.vit_hidden
-                )));
-            }
+        let next = self.meta.next_id()?;
+        if record.id >= next {
+            return Err(IndexError::InvalidParams(format!(
+                "id {} was never allocated (next id {next})",
+                record.id
+            )));
+        }
+        if self.columns.contains(record.id) {
+            return Err(IndexError::DuplicateId(record.id));
         }
         if let Some(existing) = self.meta.by_path(&record.path)? {
             return Err(IndexError::AlreadyExists {
@@ -488,37 +390,14 @@ impl Collection {
                 existing,
             });
         }
-        let id = match id {
-            Some(id) => id,
-            None => self.meta.allocate_id()?,
-        };
-        record.id = id;
-        // Durable intent first: a crash after the side files but before the record leaves a
-        // journal entry without a record, and recovery deletes the files.
-        self.meta.mark_pending(id)?;
-        self.meta.flush()?;
-        let written = (|| {
-            if let Some(f) = features {
-                self.features.put(id, f.rows, f.cols, &f.data)?;
-            }
-            if let Some(img) = thumbnail {
-                self.thumbs.put(id, img)?;
-            }
-            self.meta.insert(&record)
-        })();
-        if let Err(e) = written {
-            let _ = self.features.remove(id);
-            let _ = self.thumbs.remove(id);
-            return Err(e);
-        }
-        self.vectors.insert(id, &record.itc)?;
+        self.meta.insert(&record)?;
+        self.vectors.insert(record.id, &record.itc)?;
         self.text.upsert(&record)?;
-        Ok(id)
+        self.columns.upsert(&record);
+        Ok(())
     }
 
-    /// Replaces the record of an existing image (captions, given texts, path, dates...). The ITC
-    /// vector cannot change: an image embedded by another model belongs in another collection.
-    pub fn update(&mut self, record: &ImageRecord) -> Result<()> {
+    fn update(&mut self, record: &ImageRecord) -> Result<()> {
         let old = self
             .meta
             .get(record.id)?
@@ -530,152 +409,34 @@ impl Collection {
             )));
         }
         self.meta.update(record)?;
+        self.columns.upsert(record);
         self.text.upsert(record)
     }
 
-    /// Removes an image and its files; returns whether it existed. Its id never comes back.
-    pub fn remove(&mut self, id: ImageId) -> Result<bool> {
-        if self.meta.remove(id)?.is_none() {
-            return Ok(false);
-        }
-        // The removal must be durable before the files go, or a crash could resurrect a record
-        // whose features are gone.
+    fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>> {
+        let Some(record) = self.meta.remove(id)? else {
+            return Ok(None);
+        };
+        // Durable before the caller removes the image's blobs, or a crash could resurrect a
+        // record whose features are gone.
         self.meta.flush()?;
         self.vectors.remove(id);
         self.text.delete(id);
+        self.columns.remove(id);
         self.removed_since_commit.insert(id);
-        self.features.remove(id)?;
-        self.thumbs.remove(id)?;
-        Ok(true)
+        Ok(Some(record))
     }
 
-    /// Commits: derived indexes first (tantivy commit, HNSW dump, both tagged with the next
-    /// generation; the graph is compacted first when tombstones pass
-    /// [`HnswParams::compact_fraction`]), then the generation is recorded in sled and the journal
-    /// cleared. A no-op when nothing changed. Returns the state in force.
-    pub fn commit(&mut self) -> Result<CommitState> {
+    /// Derived indexes first (tantivy commit, HNSW dump, both tagged with the next generation;
+    /// the graph is compacted first when tombstones pass [`HnswParams::compact_fraction`]), then
+    /// the generation is recorded in sled and the journal cleared. A no-op when nothing changed.
+    fn commit(&mut self) -> Result<()> {
         let state = self.meta.commit_state()?;
         let pending = self.meta.pending()?;
-        if pending.is_empty() {
-            return Ok(state);
+        if !pending.is_empty() {
+            self.commit_generation(state.generation + 1, &pending)?;
         }
-        self.commit_generation(state.generation + 1, &pending)
-    }
-
-    fn commit_generation(&mut self, generation: u64, journal: &[ImageId]) -> Result<CommitState> {
-        if self.vectors.needs_compaction() {
-            self.vectors.compact()?;
-        }
-        self.text.commit(generation)?;
-        self.removed_since_commit.clear();
-        self.vectors.save(generation)?;
-        self.meta.record_commit(generation, journal)
-    }
-
-    /// The `k` nearest images to the ITC vector `query` as `(id, cosine)`, best first. `ef`
-    /// overrides [`HnswParams::ef_search`]; `filter` keeps only ids for which it returns true
-    /// (`k` results whenever `k` ids pass it). Removed images never appear.
-    pub fn search_vectors(
-        &self,
-        query: &[f32],
-        k: usize,
-        ef: Option<usize>,
-        filter: Option<&dyn Fn(ImageId) -> bool>,
-    ) -> Result<Vec<(ImageId, f32)>> {
-        self.vectors.search(query, k, ef, filter)
-    }
-
-    /// The `k` best images for the user query `query` (BM25 over kept captions, given texts and
-    /// file names) as `(id, score)`, best first. Any input is accepted.
-    pub fn search_text(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>> {
-        if self.removed_since_commit.is_empty() {
-            return self.text.search(query, k);
-        }
-        let mut hits = self
-            .text
-            .search(query, k + self.removed_since_commit.len())?;
-        hits.retain(|(id, _)| !self.removed_since_commit.contains(id));
-        hits.truncate(k);
-        Ok(hits)
-    }
-
-    /// The record of `id`.
-    pub fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
-        self.meta.get(id)
-    }
-
-    /// The id stored for a canonical path.
-    pub fn by_path(&self, path: &str) -> Result<Option<ImageId>> {
-        self.meta.by_path(path)
-    }
-
-    /// The id stored for a content hash ([`content_hash`]).
-    pub fn by_hash(&self, hash: &str) -> Result<Option<ImageId>> {
-        self.meta.by_hash(hash)
-    }
-
-    /// All records, in id order.
-    pub fn iter(&self) -> impl Iterator<Item = Result<ImageRecord>> + '_ {
-        self.meta.iter()
-    }
-
-    /// Number of images.
-    pub fn len(&self) -> Result<u64> {
-        self.meta.count()
-    }
-
-    /// Whether the collection has no images.
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
-    }
-
-    /// The stored ViT features of `id` ([`IndexError::NotFound`] if none were stored).
-    pub fn features(&self, id: ImageId) -> Result<FeatureMatrix> {
-        self.features.get(id)
-    }
-
-    /// The JPEG thumbnail of `id` ([`IndexError::NotFound`] if none was stored).
-    pub fn thumbnail(&self, id: ImageId) -> Result<Vec<u8>> {
-        self.thumbs.get(id)
-    }
-
-    /// Counts and bytes on disk per store (walks the feature and thumbnail directories).
-    pub fn stats(&self) -> Result<CollectionStats> {
-        let state = self.meta.commit_state()?;
-        Ok(CollectionStats {
-            images: self.meta.count()?,
-            vectors: self.vectors.len(),
-            tombstones: self.vectors.tombstones(),
-            text_docs: self.text.num_docs(),
-            pending: self.meta.pending()?.len(),
-            generation: state.generation,
-            bytes: StoreBytes {
-                meta: self.meta.size_on_disk()?,
-                vectors: self.vectors.bytes_on_disk()?,
-                text: self.text.bytes_on_disk()?,
-                features: self.features.bytes_on_disk()?,
-                thumbs: self.thumbs.bytes_on_disk()?,
-            },
-        })
-    }
-}
-
-impl Store for Collection {
-    fn add(
-        &mut self,
-        record: ImageRecord,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId> {
-        Collection::add(self, record, features, thumbnail)
-    }
-
-    fn delete(&mut self, id: ImageId) -> Result<bool> {
-        self.remove(id)
-    }
-
-    fn commit(&mut self) -> Result<()> {
-        Collection::commit(self).map(|_| ())
+        Ok(())
     }
 
     fn vector_search(
@@ -683,21 +444,77 @@ impl Store for Collection {
         query: &[f32],
         k: usize,
         ef: Option<usize>,
-        filter: Option<&dyn Fn(ImageId) -> bool>,
+        filter: &Filter,
     ) -> Result<Vec<(ImageId, f32)>> {
-        self.search_vectors(query, k, ef, filter)
+        match self.selection(filter)? {
+            None => self.vectors.search(query, k, ef, None),
+            Some(set) => {
+                let allowed = |id: ImageId| set.contains(id.0);
+                self.vectors.search(query, k, ef, Some(&allowed))
+            }
+        }
     }
 
-    fn text_search(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>> {
-        self.search_text(query, k)
+    fn text_search(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<(ImageId, f32)>> {
+        let set = self.selection(filter)?;
+        let removed = &self.removed_since_commit;
+        if set.is_none() && removed.is_empty() {
+            return self.text.search(query, k);
+        }
+        let removed: Arc<std::collections::HashSet<u64>> =
+            Arc::new(removed.iter().map(|id| id.0).collect());
+        let allowed =
+            move |id: u64| !removed.contains(&id) && set.as_ref().is_none_or(|s| s.contains(id));
+        self.text.search_where(query, k, Some(Arc::new(allowed)))
     }
 
     fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
-        Collection::get(self, id)
+        self.meta.get(id)
     }
 
-    fn features(&self, id: ImageId) -> Result<FeatureMatrix> {
-        Collection::features(self, id)
+    fn by_path(&self, path: &str) -> Result<Option<ImageId>> {
+        self.meta.by_path(path)
+    }
+
+    fn by_hash(&self, hash: &str) -> Result<Option<ImageId>> {
+        self.meta.by_hash(hash)
+    }
+
+    fn contains(&self, id: ImageId) -> Result<bool> {
+        Ok(self.columns.contains(id))
+    }
+
+    fn under(&self, prefix: &str) -> Result<Vec<(ImageId, String)>> {
+        Ok(self.columns.under(prefix))
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(ImageRecord) -> Result<()>) -> Result<()> {
+        for record in self.meta.iter() {
+            f(record?)?;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64> {
+        self.meta.count()
+    }
+
+    fn stats(&self) -> Result<StoreStats> {
+        let state = self.meta.commit_state()?;
+        Ok(StoreStats {
+            images: self.meta.count()?,
+            vectors: self.vectors.len(),
+            tombstones: self.vectors.tombstones(),
+            text_docs: self.text.num_docs(),
+            pending: self.meta.pending()?.len(),
+            generation: state.generation,
+            bytes: [
+                ("meta", self.meta.size_on_disk()?),
+                ("vectors", self.vectors.bytes_on_disk()?),
+                ("text", self.text.bytes_on_disk()?),
+            ]
+            .into(),
+        })
     }
 }
 
@@ -740,16 +557,24 @@ mod tests {
         }
     }
 
-    fn features(n: u64) -> FeatureMatrix {
-        FeatureMatrix {
-            rows: 5,
-            cols: 8,
-            data: (0..40).map(|i| (i as f32 + n as f32) * 0.25).collect(),
-        }
-    }
-
     fn open(dir: &Path) -> Collection {
         Collection::open(dir, &info(), HnswParams::default()).unwrap()
+    }
+
+    /// Inserts `record` under a fresh id.
+    fn add(c: &mut Collection, mut record: ImageRecord) -> Result<ImageId> {
+        record.id = c.allocate_id()?;
+        let id = record.id;
+        c.insert(record)?;
+        Ok(id)
+    }
+
+    fn all() -> Filter {
+        Filter::default()
+    }
+
+    fn removed(c: &mut Collection, id: ImageId) -> bool {
+        c.delete(id).unwrap().is_some()
     }
 
     /// sled, HNSW and tantivy agree on the number of images.
@@ -757,7 +582,13 @@ mod tests {
         let s = c.stats().unwrap();
         assert_eq!(s.images as usize, s.vectors, "{s:?}");
         assert_eq!(s.images, s.text_docs, "{s:?}");
-        assert_eq!(s.images as usize, c.iter().count());
+        let mut n = 0;
+        c.for_each(&mut |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.images as usize, n);
     }
 
     type Snapshot = (Vec<Vec<(ImageId, f32)>>, Vec<Vec<(ImageId, f32)>>);
@@ -765,11 +596,11 @@ mod tests {
     fn snapshot(c: &Collection, queries: &[Vec<f32>]) -> Snapshot {
         let vec_hits = queries
             .iter()
-            .map(|q| c.search_vectors(q, 10, None, None).unwrap())
+            .map(|q| c.vector_search(q, 10, None, &all()).unwrap())
             .collect();
         let text_hits = WORDS
             .iter()
-            .map(|w| c.search_text(w, 10).unwrap())
+            .map(|w| c.text_search(w, 10, &all()).unwrap())
             .collect();
         (vec_hits, text_hits)
     }
@@ -794,15 +625,12 @@ mod tests {
             let mut c = open(&dir);
             assert_eq!(c.last_recovery(), Recovery::default());
             for n in 0..200 {
-                let f = (n % 5 == 0).then(|| features(n));
-                let thumb = (n % 25 == 0).then(|| DynamicImage::ImageRgb8(RgbImage::new(600, 300)));
-                ids.push(
-                    c.add(record(n, &mut rng), f.as_ref(), thumb.as_ref())
-                        .unwrap(),
-                );
+                ids.push(add(&mut c, record(n, &mut rng)).unwrap());
             }
-            assert_eq!(c.commit().unwrap().generation, 1);
-            assert_eq!(c.commit().unwrap().generation, 1, "empty commit is a no-op");
+            c.commit().unwrap();
+            assert_eq!(c.stats().unwrap().generation, 1);
+            c.commit().unwrap();
+            assert_eq!(c.stats().unwrap().generation, 1, "empty commit is a no-op");
             assert_consistent(&c);
             let s = snapshot(&c, &queries);
             assert!(s.0.iter().all(|h| h.len() == 10) && s.1.iter().all(|h| h.len() == 10));
@@ -813,32 +641,29 @@ mod tests {
         let mut c = open(&dir);
         assert_eq!(c.last_recovery(), Recovery::default());
         assert_eq!(snapshot(&c, &queries), before);
-        assert_eq!(c.features(ids[10]).unwrap(), features(10));
-        assert!(c.thumbnail(ids[50]).unwrap().starts_with(&[0xFF, 0xD8]));
         let rec = c.get(ids[3]).unwrap().unwrap();
         assert_eq!(rec.id, ids[3]);
         assert_eq!(c.by_path(&rec.path).unwrap(), Some(ids[3]));
         assert_eq!(c.by_hash(&rec.content_hash).unwrap(), Some(ids[3]));
 
-        // Delete 20 (including ones with features and thumbnails): they never come back.
+        // Delete 20: they never come back.
         let deleted: Vec<ImageId> = ids.iter().copied().step_by(10).collect();
         for id in &deleted {
-            assert!(c.remove(*id).unwrap());
-            assert!(!c.remove(*id).unwrap());
+            assert!(removed(&mut c, *id));
+            assert!(!removed(&mut c, *id));
         }
         let gone = |c: &Collection| {
             for id in &deleted {
                 assert!(c.get(*id).unwrap().is_none());
-                assert!(matches!(c.features(*id), Err(IndexError::NotFound(_))));
-                assert!(matches!(c.thumbnail(*id), Err(IndexError::NotFound(_))));
+                assert!(!c.contains(*id).unwrap());
             }
             for q in &queries {
-                let hits = c.search_vectors(q, 200, None, None).unwrap();
+                let hits = c.vector_search(q, 200, None, &all()).unwrap();
                 assert_eq!(hits.len(), 180);
                 assert!(hits.iter().all(|h| !deleted.contains(&h.0)));
             }
             for w in WORDS {
-                let hits = c.search_text(w, 200).unwrap();
+                let hits = c.text_search(w, 200, &all()).unwrap();
                 assert!(hits.iter().all(|h| !deleted.contains(&h.0)), "{w}");
             }
         };
@@ -901,56 +726,34 @@ mod tests {
         // replays them on open.
         let (added, removed) = {
             let mut c = open(&dir);
-            let added = c.add(record(1000, &mut rng), None, None).unwrap();
-            let removed = ids[1];
-            assert!(c.remove(removed).unwrap());
-            (added, removed)
+            let added = add(&mut c, record(1000, &mut rng)).unwrap();
+            let gone = ids[1];
+            assert!(removed(&mut c, gone));
+            (added, gone)
         };
         let c = open(&dir);
         assert_eq!(c.last_recovery().replayed, 2);
         assert_consistent(&c);
-        assert_eq!(c.search_text("number1000", 5).unwrap()[0].0, added);
+        assert_eq!(c.text_search("number1000", 5, &all()).unwrap()[0].0, added);
         let rec = c.get(added).unwrap().unwrap();
         assert_eq!(
-            c.search_vectors(&rec.itc, 1, None, None).unwrap()[0].0,
+            c.vector_search(&rec.itc, 1, None, &all()).unwrap()[0].0,
             added
         );
         assert!(c.get(removed).unwrap().is_none());
         assert!(c
-            .search_vectors(&rec.itc, 300, None, None)
+            .vector_search(&rec.itc, 300, None, &all())
             .unwrap()
             .iter()
             .all(|h| h.0 != removed));
         drop(c);
 
-        // Crash 5: between an image's side files and its record (add's intent was journaled).
-        let orphan = {
-            let meta = MetaStore::open(&dir.join("meta")).unwrap();
-            let id = meta.allocate_id().unwrap();
-            meta.mark_pending(id).unwrap();
-            meta.flush().unwrap();
-            let f = FeatureStore::open(&dir.join("features")).unwrap();
-            f.put(id, 5, 8, &features(0).data).unwrap();
-            id
-        };
         let c = open(&dir);
-        assert_eq!(c.last_recovery().orphans_removed, 1);
-        assert!(!FeatureStore::open(&dir.join("features"))
-            .unwrap()
-            .contains(orphan));
         assert_consistent(&c);
         let s = c.stats().unwrap();
         // ids[1]'s tombstone stays until compaction (20% of the graph).
         assert_eq!((s.images, s.pending, s.tombstones), (180, 0, 1));
-        assert!(s.bytes.meta > 0 && s.bytes.vectors > 0 && s.bytes.text > 0);
-        // Files of deleted images are gone; the survivors' remain (every 5th has features,
-        // every 25th a thumbnail, every 10th was deleted).
-        let on_disk = |sub: &str, ext: &str| features::ids_in(&dir.join(sub), ext).unwrap().len();
-        assert_eq!(
-            (on_disk("features", ".f16"), on_disk("thumbs", ".jpg")),
-            (20, 4)
-        );
-        assert_eq!(s.bytes.features, 20 * FeatureStore::bytes_per_image(5, 8));
+        assert!(s.bytes.iter().all(|(_, b)| *b > 0), "{:?}", s.bytes);
     }
 
     #[test]
@@ -1002,7 +805,7 @@ mod tests {
         let mut c = open(tmp.path());
         let mut rng = Rng::new(5);
         let first = record(1, &mut rng);
-        let id = c.add(first.clone(), Some(&features(1)), None).unwrap();
+        let id = add(&mut c, first.clone()).unwrap();
 
         let mut dup_path = record(2, &mut rng);
         dup_path.path = first.path.clone();
@@ -1012,37 +815,32 @@ mod tests {
         bad_vec.itc = vec![0.0; DIM];
         let mut short_vec = record(5, &mut rng);
         short_vec.itc.pop();
-        let bad_features = FeatureMatrix {
-            rows: 4,
-            cols: 8,
-            data: vec![0.0; 32],
-        };
         assert!(matches!(
-            c.add(dup_path, None, None),
+            add(&mut c, dup_path),
             Err(IndexError::AlreadyExists { existing, .. }) if existing == id
         ));
         assert!(matches!(
-            c.add(dup_hash, None, None),
+            add(&mut c, dup_hash),
             Err(IndexError::AlreadyExists {
                 kind: "content hash",
                 ..
             })
         ));
-        assert!(c.add(bad_vec, None, None).is_err());
-        assert!(c.add(short_vec, None, None).is_err());
-        assert!(c
-            .add(record(6, &mut rng), Some(&bad_features), None)
-            .is_err());
+        assert!(add(&mut c, bad_vec).is_err());
+        assert!(add(&mut c, short_vec).is_err());
+        // An id never allocated, and one taken.
+        let mut unallocated = record(6, &mut rng);
+        unallocated.id = ImageId(1_000_000);
+        assert!(matches!(
+            c.insert(unallocated),
+            Err(IndexError::InvalidParams(_))
+        ));
+        let mut taken = record(7, &mut rng);
+        taken.id = id;
+        assert!(matches!(c.insert(taken), Err(IndexError::DuplicateId(_))));
         c.commit().unwrap();
         assert_eq!(c.len().unwrap(), 1);
         assert_consistent(&c);
-        assert_eq!(
-            FeatureStore::open(&tmp.path().join("features"))
-                .unwrap()
-                .ids()
-                .unwrap(),
-            vec![id]
-        );
     }
 
     #[test]
@@ -1050,40 +848,67 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = open(tmp.path());
         let mut rng = Rng::new(6);
-        let id = c.add(record(1, &mut rng), None, None).unwrap();
+        let id = add(&mut c, record(1, &mut rng)).unwrap();
         c.commit().unwrap();
         let mut rec = c.get(id).unwrap().unwrap();
         rec.given_texts.push("grandma's birthday".into());
         rec.captions[0].kept = false;
         c.update(&rec).unwrap();
         c.commit().unwrap();
-        assert_eq!(c.search_text("birthday", 5).unwrap()[0].0, id);
-        assert!(c.search_text("number1", 5).unwrap().is_empty());
+        assert_eq!(c.text_search("birthday", 5, &all()).unwrap()[0].0, id);
+        assert!(c.text_search("number1", 5, &all()).unwrap().is_empty());
         rec.itc[0] += 0.5;
         assert!(matches!(c.update(&rec), Err(IndexError::InvalidParams(_))));
         assert_consistent(&c);
     }
 
     #[test]
-    fn filtered_vector_search_through_the_store_trait() {
+    fn filters_apply_to_both_searches_through_the_store_trait() {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = open(tmp.path());
         let mut rng = Rng::new(8);
-        let mut ids = Vec::new();
         for n in 0..100 {
-            ids.push(Store::add(&mut c, record(n, &mut rng), None, None).unwrap());
+            add(&mut c, record(n, &mut rng)).unwrap();
         }
-        Store::commit(&mut c).unwrap();
+        c.commit().unwrap();
         let store: &dyn Store = &c;
-        let allowed: Vec<ImageId> = ids.iter().copied().step_by(7).collect();
-        let filter = |id: ImageId| allowed.contains(&id);
+        // Paths are /photos/<word>_<n>.jpg: one word in eight.
+        let filter = Filter {
+            path_prefix: Some("/photos/dog_".into()),
+            ..Default::default()
+        };
         let hits = store
-            .vector_search(&rng.unit_vector(DIM), 5, None, Some(&filter))
+            .vector_search(&rng.unit_vector(DIM), 5, None, &filter)
             .unwrap();
         assert_eq!(hits.len(), 5);
-        assert!(hits.iter().all(|h| allowed.contains(&h.0)));
-        assert_eq!(store.text_search("dog", 3).unwrap().len(), 3);
-        assert!(store.get(ids[0]).unwrap().is_some());
+        let text = store.text_search("near", 50, &filter).unwrap();
+        assert!(!text.is_empty());
+        for (id, _) in hits.iter().chain(&text) {
+            assert!(store
+                .get(*id)
+                .unwrap()
+                .unwrap()
+                .path
+                .starts_with("/photos/dog_"));
+        }
+        let bad = Filter {
+            date_from: Some("2023-02-29".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            store.vector_search(&rng.unit_vector(DIM), 5, None, &bad),
+            Err(IndexError::InvalidFilter(_))
+        ));
+        let mut passing = 0;
+        store
+            .for_each(&mut |r| {
+                passing += filter.accepts(&r) as usize;
+                Ok(())
+            })
+            .unwrap();
+        // n / 8 % 8 == 0 for n in 0..100: 0..8 and 64..72.
+        assert_eq!(passing, 16);
+        assert_eq!(store.under("/photos/dog_").unwrap().len(), passing);
     }
 
     #[test]
@@ -1092,13 +917,14 @@ mod tests {
         send_sync::<Collection>();
     }
 
-    /// Bytes per image of each store for a realistic image (256-d ITC, ViT-B features, a
+    /// Bytes per image of each part for a realistic image (256-d ITC, ViT-B features, a
     /// 1024x768 photo-like thumbnail source, two captions); printed for the README.
     #[test]
     fn bytes_per_image() {
         let tmp = tempfile::tempdir().unwrap();
         let info = CollectionInfo::new("Salesforce/blip-itm-base-coco", None, 256, 577, 768);
         let mut c = Collection::open(tmp.path(), &info, HnswParams::default()).unwrap();
+        let blobs = BlobStore::open(tmp.path()).unwrap();
         let mut rng = Rng::new(2);
         let n = 50u64;
         for i in 0..n {
@@ -1116,25 +942,26 @@ mod tests {
                 data: (0..577 * 768).map(|_| rng.normal() as f32).collect(),
             };
             // Smooth, photo-like content (JPEG size depends on it).
-            let thumb = DynamicImage::ImageRgb8(RgbImage::from_fn(1024, 768, |x, y| {
+            let thumb = image::DynamicImage::ImageRgb8(RgbImage::from_fn(1024, 768, |x, y| {
                 image::Rgb([(x / 4 + i as u32) as u8, (y / 3) as u8, ((x + y) / 8) as u8])
             }));
-            c.add(r, Some(&f), Some(&thumb)).unwrap();
+            let id = add(&mut c, r).unwrap();
+            blobs.put(id, Some(&f), Some(&thumb)).unwrap();
         }
         c.commit().unwrap();
         let b = c.stats().unwrap().bytes;
+        let (features, thumbs) = blobs.bytes_on_disk().unwrap();
         let record_json = serde_json::to_vec(&c.get(ImageId(0)).unwrap().unwrap())
             .unwrap()
             .len();
+        let parts: Vec<String> = b.iter().map(|(k, v)| format!("{k} {}", v / n)).collect();
         eprintln!(
-            "bytes per image over {n}: record JSON {record_json}, sled {} (small-collection \
-             overhead), vectors {}, text {}, features {}, thumbs {}",
-            b.meta / n,
-            b.vectors / n,
-            b.text / n,
-            b.features / n,
-            b.thumbs / n
+            "bytes per image over {n}: record JSON {record_json}, {} (sled: small-collection \
+             overhead), features {}, thumbs {}",
+            parts.join(", "),
+            features / n,
+            thumbs / n
         );
-        assert_eq!(b.features, n * FeatureStore::bytes_per_image(577, 768));
+        assert_eq!(features, n * FeatureStore::bytes_per_image(577, 768));
     }
 }

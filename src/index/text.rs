@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tantivy::collector::TopDocs;
+use tantivy::collector::{FilterCollector, TopDocs};
 use tantivy::query::QueryParser;
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STORED,
@@ -30,6 +30,9 @@ use super::error::{IndexError, Result};
 use super::meta::{ImageId, ImageRecord};
 
 const WRITER_HEAP_BYTES: usize = 64 << 20;
+
+/// Which document ids a search may return (see [`TextIndex::search_where`]).
+pub type IdPredicate = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// Longest query parsed, in bytes.
 pub const MAX_QUERY_BYTES: usize = 2000;
@@ -245,6 +248,17 @@ impl TextIndex {
     /// `caption:dog`); whatever does not parse is searched as plain words. A query past the
     /// bounds of [`check_query`] is an [`IndexError::InvalidQuery`].
     pub fn search(&self, query: &str, k: usize) -> Result<Vec<(ImageId, f32)>> {
+        self.search_where(query, k, None)
+    }
+
+    /// [`TextIndex::search`] among the documents whose id passes `allowed` (applied while
+    /// collecting, so `k` hits come back whenever `k` allowed documents match).
+    pub fn search_where(
+        &self,
+        query: &str,
+        k: usize,
+        allowed: Option<IdPredicate>,
+    ) -> Result<Vec<(ImageId, f32)>> {
         check_query(query)?;
         if k == 0 || query.trim().is_empty() {
             return Ok(Vec::new());
@@ -256,7 +270,14 @@ impl TextIndex {
         parser.set_field_boost(f.filename, self.boosts.filename);
         let (query, _errors) = parser.parse_query_lenient(query);
         let searcher = self.reader.searcher();
-        let top = searcher.search(&query, &TopDocs::with_limit(k).order_by_score())?;
+        let top_docs = TopDocs::with_limit(k).order_by_score();
+        let top = match allowed {
+            None => searcher.search(&query, &top_docs)?,
+            Some(allowed) => searcher.search(
+                &query,
+                &FilterCollector::new("id".to_string(), move |id: u64| allowed(id), top_docs),
+            )?,
+        };
         let mut hits = Vec::with_capacity(top.len());
         for (score, addr) in top {
             let ids = searcher

@@ -5,9 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
-use crate::engine::EngineError;
-use crate::index::IndexError;
-use crate::model::ModelError;
+use crate::engine::{EngineError, ErrorKind};
 
 /// An error answered to an API client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -110,32 +108,16 @@ impl ResponseError for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::InvalidInput(m) => Self::bad_request(m),
-            EngineError::Busy(m) => Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
-            EngineError::TimedOut(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", m),
-            EngineError::Model(ModelError::InvalidInput(m)) => Self::bad_request(m),
-            EngineError::Model(ModelError::Image { reason, .. }) => {
-                Self::unprocessable("invalid_image", reason)
-            }
-            EngineError::Model(
-                e @ (ModelError::TooManyPixels { .. } | ModelError::OverBudget { .. }),
-            ) => Self::too_large(e.image_reason().unwrap_or_default()),
-            EngineError::Model(ModelError::Busy(m)) => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m)
-            }
-            EngineError::Index(IndexError::InvalidQuery(m)) => Self::bad_request(m),
-            EngineError::Index(IndexError::NotFound(id)) => {
-                Self::not_found(format!("no image with id {id}"))
-            }
-            other => Self::internal(other),
+        let m = e.user_message();
+        match e.kind() {
+            ErrorKind::InvalidInput => Self::bad_request(m),
+            ErrorKind::NotFound => Self::not_found(m),
+            ErrorKind::TooLarge => Self::too_large(m),
+            ErrorKind::InvalidImage => Self::unprocessable("invalid_image", m),
+            ErrorKind::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
+            ErrorKind::TimedOut => Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", m),
+            ErrorKind::Internal => Self::internal(e),
         }
-    }
-}
-
-impl From<IndexError> for ApiError {
-    fn from(e: IndexError) -> Self {
-        EngineError::from(e).into()
     }
 }
 
@@ -158,11 +140,7 @@ mod tests {
             (EngineError::InvalidInput("x".into()), 400, "bad_request"),
             (EngineError::Busy("x".into()), 429, "overloaded"),
             (EngineError::TimedOut("x".into()), 503, "timeout"),
-            (
-                EngineError::Index(IndexError::NotFound(crate::index::ImageId(3))),
-                404,
-                "not_found",
-            ),
+            (EngineError::NotFound("no image 3".into()), 404, "not_found"),
             (
                 EngineError::Internal("secret detail".into()),
                 500,

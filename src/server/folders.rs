@@ -3,22 +3,20 @@
 //! sending its forward passes through the inference queue behind interactive requests.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::infer::InferClient;
 use super::state::{IngestState, IngestStatus};
-use crate::engine::{IngestOptions, Ingestor};
-use crate::index::meta::now_unix;
-use crate::index::Collection;
+use crate::engine::{Engine, IngestOptions};
 
 /// Starts the folder sync thread. It stops (committing what it has) when `status.progress` is
 /// cancelled.
 pub fn spawn(
     folders: Vec<PathBuf>,
     interval: Duration,
-    collection: Arc<RwLock<Collection>>,
+    engine: Arc<Engine>,
     models: InferClient,
     options: IngestOptions,
     status: Arc<IngestStatus>,
@@ -27,15 +25,11 @@ pub fn spawn(
         .name("folder-sync".into())
         .spawn(move || {
             let progress = status.progress.clone();
-            let mut options = options;
-            options.observer = Some(progress.clone());
-            options.progress = false;
             while !progress.is_cancelled() {
                 set(&status.state, IngestState::Indexing);
                 let started = Instant::now();
-                let result = Ingestor::new(&collection, &models, options.clone())
-                    .and_then(|mut ing| ing.sync(&folders));
-                set(&status.last_run_unix, Some(now_unix()));
+                let result = engine.ingest(&models, options.clone(), &folders, true, &*progress);
+                set(&status.last_run_unix, Some(unix_now()));
                 match result {
                     Ok(summary) => {
                         if summary.added + summary.updated + summary.removed > 0
@@ -72,6 +66,12 @@ pub fn spawn(
             }
             set(&status.state, IngestState::Idle);
         })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn set<T>(m: &std::sync::Mutex<T>, v: T) {

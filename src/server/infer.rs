@@ -17,9 +17,8 @@ use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError, Sender, Try
 use image::DynamicImage;
 
 use super::metrics::Metrics;
+use crate::engine::models::{CapFiltCandidate, CapFiltParams, ItmScore};
 use crate::engine::{EncodedImages, EncodedText, Encoders, EngineError, LocalModels, Result};
-use crate::model::capfilt::{CapFiltCandidate, CapFiltParams};
-use crate::model::{ItmFirstToken, ItmScore};
 
 /// Most query texts encoded in one forward pass.
 const MAX_TEXT_BATCH: usize = 32;
@@ -440,7 +439,7 @@ impl Worker {
                 let tokens = enc
                     .tokens
                     .narrow(0, start, *len)
-                    .map_err(crate::model::ModelError::from)?;
+                    .map_err(EngineError::from)?;
                 out.push(EncodedImages {
                     itc: enc.itc[start..start + len].to_vec(),
                     tokens,
@@ -461,47 +460,16 @@ impl Worker {
     }
 
     fn run_itm(&self, work: Vec<Work>) -> usize {
-        let mut texts = Vec::new();
-        let mut tokens = Vec::new();
+        let mut jobs = Vec::new();
         let mut replies = Vec::new();
         for w in work {
             if let Work::Itm(text, t, r) = w {
-                texts.push(text);
-                tokens.push(t);
+                jobs.push((text, t));
                 replies.push(r);
             }
         }
-        let mut pairs = 0;
-        let result = guarded(|| {
-            let device = self.models.retriever.device();
-            let mut counts = Vec::with_capacity(tokens.len());
-            let mut parts = Vec::with_capacity(tokens.len());
-            for t in &tokens {
-                counts.push(t.dim(0).map_err(crate::model::ModelError::from)?);
-                parts.push(
-                    t.to_device(device)
-                        .map_err(crate::model::ModelError::from)?,
-                );
-            }
-            let all = Tensor::cat(&parts, 0).map_err(crate::model::ModelError::from)?;
-            // Pair p is (text of its search, its own image row).
-            let mut pair_texts = Vec::new();
-            for (text, n) in texts.iter().zip(&counts) {
-                pair_texts.extend(std::iter::repeat_n(text.as_str(), *n));
-            }
-            pairs = pair_texts.len();
-            let index: Vec<usize> = (0..pairs).collect();
-            let scores =
-                self.models
-                    .retriever
-                    .itm(&pair_texts, &all, &index, ItmFirstToken::Enc)?;
-            let mut it = scores.into_iter();
-            Ok(counts
-                .iter()
-                .map(|n| it.by_ref().take(*n).collect::<Vec<_>>())
-                .collect::<Vec<_>>())
-        });
-        match result {
+        let pairs = jobs.iter().map(|(_, t)| t.dim(0).unwrap_or(0)).sum();
+        match guarded(|| self.models.itm_batch(jobs)) {
             Ok(parts) => {
                 for (r, p) in replies.into_iter().zip(parts) {
                     let _ = r.send(Ok(p));

@@ -18,7 +18,7 @@ pub mod routes;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::body::MessageBody;
@@ -26,8 +26,7 @@ use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Compress, Condition};
 use actix_web::{web, App, HttpRequest, HttpServer};
 
-use crate::engine::{IngestOptions, LocalModels, Uploads};
-use crate::index::Collection;
+use crate::engine::{Engine, IngestOptions, LocalModels};
 use error::ApiError;
 use infer::{InferenceQueue, QueueConfig};
 use metrics::Metrics;
@@ -69,11 +68,10 @@ impl Running {
     pub fn start(
         config: &ServerConfig,
         models: LocalModels,
-        collection: Collection,
+        engine: Engine,
     ) -> std::io::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let uploads = Uploads::open(&config.api.uploads_dir).map_err(std::io::Error::other)?;
-        match uploads.remove_orphans(&collection) {
+        match engine.remove_orphan_uploads() {
             Ok(0) => {}
             Ok(n) => tracing::info!(n, "removed uploaded files that no image points to"),
             Err(e) => tracing::warn!(%e, "cannot clean the upload directory"),
@@ -86,7 +84,7 @@ impl Running {
             },
             metrics.clone(),
         );
-        let collection = Arc::new(RwLock::new(collection));
+        let engine = Arc::new(engine);
         let ingest = Arc::new(IngestStatus::default());
         let folder_sync = if config.api.folders.is_empty() {
             None
@@ -94,7 +92,7 @@ impl Running {
             Some(folders::spawn(
                 config.api.folders.clone(),
                 config.rescan_interval,
-                collection.clone(),
+                engine.clone(),
                 queue.background_client(),
                 IngestOptions {
                     // The folder ingest shares the requests' decode budget, and waits for it.
@@ -106,11 +104,10 @@ impl Running {
             )?)
         };
         let state = AppState {
-            collection,
+            engine,
             client: queue.client(),
             queue,
             ingest,
-            uploads,
             settings: config.api.clone(),
             metrics: metrics.clone(),
         };
@@ -191,12 +188,8 @@ pub fn app(
 
 /// Runs the server until Ctrl-C (or SIGTERM), then stops cleanly: in-flight requests finish,
 /// the folder ingest commits what it has, the worker stops.
-pub fn serve(
-    config: ServerConfig,
-    models: LocalModels,
-    collection: Collection,
-) -> std::io::Result<()> {
-    let running = Running::start(&config, models, collection)?;
+pub fn serve(config: ServerConfig, models: LocalModels, engine: Engine) -> std::io::Result<()> {
+    let running = Running::start(&config, models, engine)?;
     let cors = config.cors_origins.clone();
     let state = running.state.clone();
     let metrics = running.metrics.clone();
@@ -219,5 +212,3 @@ pub fn serve(
     running.stop();
     result
 }
-
-pub use crate::engine::uploads::uploads_dir;

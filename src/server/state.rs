@@ -3,18 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::error::{ApiError, ApiResult};
 use super::infer::{InferClient, InferenceQueue};
 use super::metrics::Metrics;
-use crate::engine::Uploads;
-use crate::engine::{IngestProgress, IngestSummary};
-use crate::index::Collection;
-use crate::model::capfilt::CapFiltParams;
-use crate::model::preprocess::{DecodeBudget, DecodeLimits};
+use crate::engine::models::{CapFiltParams, DecodeBudget, DecodeLimits};
+use crate::engine::{Engine, IngestProgress, IngestSummary};
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -35,8 +31,6 @@ pub struct ApiSettings {
     pub decode_wait: std::time::Duration,
     /// CapFilt settings for uploads (and folder ingestion); `None`: no captions.
     pub capfilt: Option<CapFiltParams>,
-    /// Where uploaded images are stored.
-    pub uploads_dir: PathBuf,
     /// Watched folders.
     pub folders: Vec<PathBuf>,
     /// Model names, for `/api/status`.
@@ -88,16 +82,14 @@ impl Default for IngestStatus {
 
 /// Shared state of the app.
 pub struct AppState {
-    /// The collection; locked per operation, never across a forward pass by writers.
-    pub collection: Arc<RwLock<Collection>>,
+    /// The collection and every operation on it.
+    pub engine: Arc<Engine>,
     /// The inference queue.
     pub queue: InferenceQueue,
     /// Client of the queue for request handlers.
     pub client: InferClient,
     /// Folder ingest status.
     pub ingest: Arc<IngestStatus>,
-    /// Uploaded images and their files.
-    pub uploads: Uploads,
     /// Settings.
     pub settings: ApiSettings,
     /// Metrics.
@@ -105,26 +97,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Read access to the collection.
-    pub fn read(&self) -> ApiResult<RwLockReadGuard<'_, Collection>> {
-        self.collection
-            .read()
-            .map_err(|_| ApiError::internal("collection lock poisoned"))
-    }
-
-    /// Write access to the collection.
-    pub fn write(&self) -> ApiResult<RwLockWriteGuard<'_, Collection>> {
-        self.collection
-            .write()
-            .map_err(|_| ApiError::internal("collection lock poisoned"))
-    }
-
     /// Brings the gauges up to date before `/metrics` is rendered.
     pub fn refresh_gauges(&self) {
-        if let Ok(c) = self.collection.read() {
-            if let Ok(n) = c.len() {
-                self.metrics.images.set(n as i64);
-            }
+        if let Ok(n) = self.engine.len() {
+            self.metrics.images.set(n as i64);
         }
         let p = &self.ingest.progress;
         self.metrics

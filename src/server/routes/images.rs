@@ -10,8 +10,7 @@ use super::{
     check_upload, decode_upload, parse_id, read_upload, safe_stem, Endpoint, ImageOut, PathView,
 };
 use crate::engine::ingest::caption_of;
-use crate::engine::{Encoders, IngestOptions, NewUpload};
-use crate::index::{Caption, ImageId, IndexError};
+use crate::engine::{Caption, Encoders, ImageId, IngestOptions, NewUpload};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -37,7 +36,7 @@ async fn get_image(
     view: PathView,
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
-    let rec = web::block(move || -> ApiResult<_> { Ok(state.read()?.get(ImageId(id))?) })
+    let rec = web::block(move || -> ApiResult<_> { Ok(state.engine.get(ImageId(id))?) })
         .await??
         .ok_or_else(|| ApiError::not_found(format!("no image with id {id}")))?;
     Ok(HttpResponse::Ok().json(ImageOut::new(rec, &view)))
@@ -45,20 +44,9 @@ async fn get_image(
 
 async fn thumbnail(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
-    let bytes = web::block(move || -> ApiResult<Vec<u8>> {
-        let c = state.read()?;
-        if c.get(ImageId(id))?.is_none() {
-            return Err(ApiError::not_found(format!("no image with id {id}")));
-        }
-        match c.thumbnail(ImageId(id)) {
-            Ok(b) => Ok(b),
-            Err(IndexError::NotFound(_)) => {
-                Err(ApiError::not_found(format!("image {id} has no thumbnail")))
-            }
-            Err(e) => Err(e.into()),
-        }
-    })
-    .await??;
+    let bytes =
+        web::block(move || -> ApiResult<Vec<u8>> { Ok(state.engine.thumbnail(ImageId(id))?) })
+            .await??;
     Ok(HttpResponse::Ok()
         .content_type("image/jpeg")
         .insert_header(("Cache-Control", "private, max-age=3600"))
@@ -74,7 +62,7 @@ async fn file(
     let id = parse_id(&id)?;
     let file = web::block(move || -> ApiResult<NamedFile> {
         let rec = state
-            .read()?
+            .engine
             .get(ImageId(id))?
             .ok_or_else(|| ApiError::not_found(format!("no image with id {id}")))?;
         // The path comes from the collection, which only holds what was indexed.
@@ -145,13 +133,10 @@ async fn upload(
             commit_every: 1,
             limits: s.limits,
             capfilt: s.capfilt.clone(),
-            progress: false,
-            observer: None,
             budget: s.budget.clone(),
             budget_wait: Some(s.decode_wait),
         };
-        let done = state.uploads.add(
-            &state.collection,
+        let done = state.engine.upload(
             &state.client,
             options,
             NewUpload {
@@ -161,7 +146,7 @@ async fn upload(
             },
             texts,
         )?;
-        let rec = state.read()?.get(done.id)?.ok_or_else(|| {
+        let rec = state.engine.get(done.id)?.ok_or_else(|| {
             ApiError::not_found(format!("image {} was deleted meanwhile", done.id))
         })?;
         let status = if done.duplicate {
@@ -189,7 +174,7 @@ async fn delete_image(
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
     web::block(move || -> ApiResult<()> {
-        if state.uploads.remove_image(&state.collection, ImageId(id))? {
+        if state.engine.remove(ImageId(id))? {
             Ok(())
         } else {
             Err(ApiError::not_found(format!("no image with id {id}")))

@@ -22,9 +22,8 @@ use serde::Serialize;
 use super::auth::{self, Access, KeyPresented};
 use super::error::{ApiError, ApiResult};
 use super::state::{ApiSettings, AppState};
-use crate::engine::EngineError;
-use crate::index::{Caption, ImageRecord};
-use crate::model::preprocess::{decode_admitted, decode_cost, Admitted};
+use crate::engine::models::{decode_admitted, decode_cost, Admitted};
+use crate::engine::{Caption, EngineError, ImageRecord};
 
 /// Every route as (method, pattern, who may call it): what the server registers (see
 /// [`Endpoint`]) and what the OpenAPI document must describe. `get` routes answer HEAD too.
@@ -191,7 +190,7 @@ impl PathView {
     /// The view for a caller who presented the key (`full`) or not.
     pub fn new(state: &AppState, full: bool) -> Self {
         let mut roots = state.settings.folders.clone();
-        roots.push(state.uploads.dir().to_path_buf());
+        roots.push(state.engine.uploads_dir().to_path_buf());
         Self {
             full: full || state.settings.api_key.is_none(),
             roots,

@@ -10,9 +10,9 @@ use super::{
     PathView,
 };
 use crate::engine::search::{
-    Filters, SearchHit, SearchMode, SearchParams, SearchResults, Searcher, MAX_K, MAX_RERANK_K,
+    SearchHit, SearchMode, SearchParams, SearchResults, MAX_K, MAX_RERANK_K,
 };
-use crate::index::{Caption, ImageId, Store};
+use crate::engine::{Caption, Engine, Filter, ImageId};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -90,7 +90,7 @@ impl SearchQuery {
             limit: self.limit.unwrap_or(d.limit),
             offset: self.offset.unwrap_or(0),
             min_itm_prob: self.min_itm_prob.map(|p| p as f32),
-            filters: Filters {
+            filter: Filter {
                 path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
                 date_from: self.date_from.clone(),
                 date_to: self.date_to.clone(),
@@ -159,8 +159,8 @@ fn matched_caption(query: Option<&str>, captions: &[Caption]) -> Option<String> 
     best.map(|(c, _)| c.text.clone())
 }
 
-fn render<S: Store>(
-    store: &S,
+fn render(
+    engine: &Engine,
     view: &PathView,
     query: Option<&str>,
     source_id: Option<u64>,
@@ -182,7 +182,7 @@ fn render<S: Store>(
             itm_prob,
             captions,
         } = h;
-        let (width, height) = store
+        let (width, height) = engine
             .get(ImageId(id))?
             .map_or((0, 0), |rec| (rec.width, rec.height));
         let path = view.show(&path);
@@ -233,9 +233,8 @@ async fn search_text(
         .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
     let params = query.params(&view)?;
     let out = web::block(move || -> ApiResult<SearchOut> {
-        let c = state.read()?;
-        let r = Searcher::new(&*c, &state.client).search_text(&q, &params)?;
-        render(&*c, &view, Some(&q), None, r, started)
+        let r = state.engine.search_text(&state.client, &q, &params)?;
+        render(&state.engine, &view, Some(&q), None, r, started)
     })
     .await??;
     Ok(HttpResponse::Ok().json(out))
@@ -271,9 +270,10 @@ async fn search_image(
         let out = web::block(move || -> ApiResult<SearchOut> {
             // The search sends a copy of the image to the models.
             let admitted = decode_upload(&bytes, &state.settings, 2)?;
-            let c = state.read()?;
-            let r = Searcher::new(&*c, &state.client).search_image(&admitted.image, &params)?;
-            render(&*c, &view, None, None, r, started)
+            let r = state
+                .engine
+                .search_image(&state.client, &admitted.image, &params)?;
+            render(&state.engine, &view, None, None, r, started)
         })
         .await??;
         Ok(HttpResponse::Ok().json(out))
@@ -286,12 +286,10 @@ async fn search_image(
         let ById { id } = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("expected {{\"id\": <image id>}}: {e}")))?;
         let out = web::block(move || -> ApiResult<SearchOut> {
-            let c = state.read()?;
-            if c.get(ImageId(id))?.is_none() {
-                return Err(ApiError::not_found(format!("no image with id {id}")));
-            }
-            let r = Searcher::new(&*c, &state.client).search_similar(ImageId(id), &params)?;
-            render(&*c, &view, None, Some(id), r, started)
+            let r = state
+                .engine
+                .search_similar(&state.client, ImageId(id), &params)?;
+            render(&state.engine, &view, None, Some(id), r, started)
         })
         .await??;
         Ok(HttpResponse::Ok().json(out))
@@ -305,7 +303,7 @@ async fn search_image(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::CaptionSource;
+    use crate::engine::CaptionSource;
 
     fn cap(text: &str, kept: bool) -> Caption {
         Caption {

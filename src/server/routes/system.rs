@@ -26,7 +26,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 async fn status(state: web::Data<AppState>, view: PathView) -> ApiResult<HttpResponse> {
     let s = state.clone();
-    let images = web::block(move || -> ApiResult<u64> { Ok(s.read()?.len()?) }).await??;
+    let images = web::block(move || -> ApiResult<u64> { Ok(s.engine.len()?) }).await??;
     let ing = &state.ingest;
     let p = &ing.progress;
     let st = &state.settings;
@@ -78,7 +78,7 @@ async fn readyz(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
             "the inference worker is not running",
         ));
     }
-    if state.collection.read().is_err() {
+    if state.engine.len().is_err() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",

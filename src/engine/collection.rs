@@ -1,0 +1,490 @@
+//! [`Engine`]: one open collection and everything blipsearch does with it. It owns the record
+//! store (behind the [`Store`] trait), the blob store and the uploads, and is the only place that
+//! writes to them: ingest, upload, remove, reindex and search are its methods, so the CLI and the
+//! server call the same operations and only parse and render.
+//!
+//! Write order, which makes a crash harmless: an image's blobs are written before its record and
+//! removed after it; blobs that no record owns are swept when the collection is opened.
+
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use image::DynamicImage;
+use serde::Serialize;
+
+use super::error::{EngineError, Result};
+use super::ingest::{IngestOptions, IngestSummary, Ingestor};
+use super::models::Encoders;
+use super::progress::IngestObserver;
+use super::search::{SearchParams, SearchResults, Searcher};
+use super::uploads::{uploads_dir, NewUpload, Uploaded, Uploads};
+use crate::index::{
+    BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId, ImageRecord,
+    IndexError, Store, StoreStats,
+};
+
+/// Counts and disk usage of a collection: its store and its blobs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CollectionStats {
+    /// The record store.
+    #[serde(flatten)]
+    pub store: StoreStats,
+    /// Bytes of rerank features.
+    pub features_bytes: u64,
+    /// Bytes of thumbnails.
+    pub thumbs_bytes: u64,
+}
+
+impl CollectionStats {
+    /// Bytes on disk, all parts together.
+    pub fn total_bytes(&self) -> u64 {
+        self.store.bytes.values().sum::<u64>() + self.features_bytes + self.thumbs_bytes
+    }
+}
+
+/// What a target of [`Engine::remove_all`] names: an id or a file path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An image id.
+    Id(ImageId),
+    /// A file path (canonicalised before lookup).
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Target {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(match s.parse::<u64>() {
+            Ok(n) => Self::Id(ImageId(n)),
+            Err(_) => Self::Path(PathBuf::from(s)),
+        })
+    }
+}
+
+/// An open collection: record store, blob store and uploads, in one directory.
+pub struct Engine {
+    dir: PathBuf,
+    store: RwLock<Box<dyn Store>>,
+    blobs: BlobStore,
+    uploads: Uploads,
+}
+
+impl Engine {
+    /// Opens the collection in `dir`, creating it for the models described by `info`; an
+    /// existing collection must have been built with them (else an error that suggests
+    /// `blipsearch reindex`).
+    pub fn open(dir: &Path, info: &CollectionInfo) -> Result<Self> {
+        let store = Collection::open(dir, info, HnswParams::default())?;
+        Self::over(dir, Box::new(store))
+    }
+
+    /// Opens the existing collection in `dir` with whatever models it was built with
+    /// ([`Engine::info`] says which).
+    pub fn open_existing(dir: &Path) -> Result<Self> {
+        let store = Collection::open_existing(dir, HnswParams::default())?;
+        Self::over(dir, Box::new(store))
+    }
+
+    /// Whether `dir` holds a collection.
+    pub fn exists(dir: &Path) -> bool {
+        Collection::exists(dir)
+    }
+
+    /// The engine over `store`, with blobs and uploads in `dir`.
+    pub fn over(dir: &Path, store: Box<dyn Store>) -> Result<Self> {
+        let blobs = BlobStore::open(dir)?;
+        let swept = blobs.sweep(|id| store.contains(id).unwrap_or(true))?;
+        if swept > 0 {
+            tracing::info!(swept, "removed feature and thumbnail files no image owns");
+        }
+        let uploads = Uploads::open(&uploads_dir(dir))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            store: RwLock::new(store),
+            blobs,
+            uploads,
+        })
+    }
+
+    /// The collection directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the collection was built with.
+    pub fn info(&self) -> Result<CollectionInfo> {
+        Ok(self.read()?.info().clone())
+    }
+
+    pub(crate) fn read(&self) -> Result<RwLockReadGuard<'_, Box<dyn Store>>> {
+        self.store
+            .read()
+            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+    }
+
+    pub(crate) fn write(&self) -> Result<RwLockWriteGuard<'_, Box<dyn Store>>> {
+        self.store
+            .write()
+            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+    }
+
+    pub(crate) fn uploads(&self) -> &Uploads {
+        &self.uploads
+    }
+
+    /// Where uploaded files are kept (canonical).
+    pub fn uploads_dir(&self) -> &Path {
+        self.uploads.dir()
+    }
+
+    /// The record of `id`.
+    pub fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
+        Ok(self.read()?.get(id)?)
+    }
+
+    /// The id stored for a canonical path.
+    pub fn by_path(&self, path: &str) -> Result<Option<ImageId>> {
+        Ok(self.read()?.by_path(path)?)
+    }
+
+    /// Calls `f` with every record, in id order (under a read lock: keep it short).
+    pub fn for_each(&self, f: &mut dyn FnMut(ImageRecord) -> Result<()>) -> Result<()> {
+        // The store's callback speaks its own error type: carry ours past it.
+        let mut failed = None;
+        let scanned = self.read()?.for_each(&mut |r| {
+            f(r).map_err(|e| {
+                failed = Some(e);
+                IndexError::InvalidParams("stopped by the caller".into())
+            })
+        });
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(scanned?),
+        }
+    }
+
+    /// The stored ViT features of `id`, which ITM reranks with.
+    pub fn features(&self, id: ImageId) -> Result<FeatureMatrix> {
+        match self.blobs.features(id) {
+            Err(IndexError::NotFound(_)) => Err(EngineError::NotFound(format!(
+                "image {id} has no stored features"
+            ))),
+            other => Ok(other?),
+        }
+    }
+
+    /// The JPEG thumbnail of `id`: [`EngineError::NotFound`] when there is no such image or it
+    /// has no thumbnail.
+    pub fn thumbnail(&self, id: ImageId) -> Result<Vec<u8>> {
+        if self.get(id)?.is_none() {
+            return Err(EngineError::NotFound(format!("no image with id {id}")));
+        }
+        match self.blobs.thumbnail(id) {
+            Err(IndexError::NotFound(_)) => Err(EngineError::NotFound(format!(
+                "image {id} has no thumbnail"
+            ))),
+            other => Ok(other?),
+        }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self.read()?.len()?)
+    }
+
+    /// Whether the collection has no images.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Counts and bytes on disk (walks the blob directories).
+    pub fn stats(&self) -> Result<CollectionStats> {
+        let store = self.read()?.stats()?;
+        let (features_bytes, thumbs_bytes) = self.blobs.bytes_on_disk()?;
+        Ok(CollectionStats {
+            store,
+            features_bytes,
+            thumbs_bytes,
+        })
+    }
+
+    /// Makes everything written so far durable and searchable.
+    pub fn commit(&self) -> Result<()> {
+        Ok(self.write()?.commit()?)
+    }
+
+    /// Stores a new image: its blobs, then its record (under `keep_id` when given, which must
+    /// be reserved; else a fresh id). When `replaces` is given, that image is removed in the
+    /// same write. Nothing of the new image is left when it fails.
+    pub(crate) fn put_image(
+        &self,
+        mut record: ImageRecord,
+        keep_id: Option<ImageId>,
+        replaces: Option<ImageId>,
+        features: Option<&FeatureMatrix>,
+        thumbnail: Option<&DynamicImage>,
+    ) -> Result<ImageId> {
+        let info = self.info()?;
+        if let Some(f) = features {
+            if (f.rows, f.cols) != (info.vit_tokens, info.vit_hidden) {
+                return Err(EngineError::Internal(format!(
+                    "features are {}x{}, the collection stores {}x{}",
+                    f.rows, f.cols, info.vit_tokens, info.vit_hidden
+                )));
+            }
+        }
+        let id = match keep_id {
+            Some(id) => id,
+            None => self.write()?.allocate_id()?,
+        };
+        record.id = id;
+        self.blobs.put(id, features, thumbnail)?;
+        let stored = (|| {
+            let mut store = self.write()?;
+            if let Some(old) = replaces {
+                store.delete(old)?;
+            }
+            store.insert(record)?;
+            Ok::<_, EngineError>(())
+        })();
+        if let Err(e) = stored {
+            let _ = self.blobs.remove(id);
+            return Err(e);
+        }
+        if let Some(old) = replaces {
+            self.blobs.remove(old)?;
+        }
+        Ok(id)
+    }
+
+    /// Replaces the record of an existing image (texts, mtime); not its vector.
+    pub(crate) fn update(&self, record: &ImageRecord) -> Result<()> {
+        Ok(self.write()?.update(record)?)
+    }
+
+    /// Removes image `id` and its blobs, and its file when it was uploaded (files in the user's
+    /// folders are never deleted); committed on return. Serialised with uploads of the same
+    /// bytes. `false`: no such image.
+    pub fn remove(&self, id: ImageId) -> Result<bool> {
+        Uploads::remove_image(self, id)
+    }
+
+    /// Removes images without touching uploads' serialisation (the caller holds what it
+    /// needs); returns the records removed. Not committed.
+    pub(crate) fn delete_records(&self, ids: &[ImageId]) -> Result<Vec<ImageRecord>> {
+        let mut removed = Vec::with_capacity(ids.len());
+        {
+            let mut store = self.write()?;
+            for &id in ids {
+                if let Some(r) = store.delete(id)? {
+                    removed.push(r);
+                }
+            }
+        }
+        for r in &removed {
+            self.blobs.remove(r.id)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every target (ids or file paths), or none: an unknown target is an
+    /// [`EngineError::NotFound`] naming every unknown one, and nothing is removed. Uploaded files
+    /// of removed images go too. Returns how many were removed.
+    pub fn remove_all(&self, targets: &[Target]) -> Result<usize> {
+        let mut ids = Vec::new();
+        let mut unknown = Vec::new();
+        {
+            let store = self.read()?;
+            for t in targets {
+                let id = match t {
+                    Target::Id(id) => Some(*id).filter(|id| store.contains(*id).unwrap_or(false)),
+                    Target::Path(p) => {
+                        let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                        store.by_path(&p.display().to_string())?
+                    }
+                };
+                match id {
+                    Some(id) if !ids.contains(&id) => ids.push(id),
+                    Some(_) => {}
+                    None => unknown.push(match t {
+                        Target::Id(id) => id.to_string(),
+                        Target::Path(p) => p.display().to_string(),
+                    }),
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            return Err(EngineError::NotFound(format!(
+                "no such image in {}: {}; nothing was removed",
+                self.dir.display(),
+                unknown.join(", ")
+            )));
+        }
+        let mut removed = 0;
+        for id in ids {
+            removed += self.remove(id)? as usize;
+        }
+        Ok(removed)
+    }
+
+    /// Adds files and folders (recursively): new files are embedded, changed ones embedded again,
+    /// unchanged ones skipped, bad ones reported in the summary. With `sync`, images under `paths`
+    /// whose files are gone are removed first.
+    pub fn ingest<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        options: IngestOptions,
+        paths: &[PathBuf],
+        sync: bool,
+        observer: &dyn IngestObserver,
+    ) -> Result<IngestSummary> {
+        let mut ingestor = Ingestor::new(self, models, options, observer)?;
+        if sync {
+            ingestor.sync(paths)
+        } else {
+            ingestor.add(paths)
+        }
+    }
+
+    /// Stores and indexes an uploaded image with its given `texts` (see [`Uploads`]).
+    pub fn upload<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        options: IngestOptions,
+        upload: NewUpload<'_>,
+        texts: Vec<String>,
+    ) -> Result<Uploaded> {
+        Uploads::add(self, models, options, upload, texts)
+    }
+
+    /// Deletes uploaded files no image points to (left by a crash between writing and
+    /// indexing); returns how many. Run it while no upload is in flight (at start).
+    pub fn remove_orphan_uploads(&self) -> Result<usize> {
+        Uploads::remove_orphans(self)
+    }
+
+    /// Searches by a text query.
+    pub fn search_text<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        query: &str,
+        params: &SearchParams,
+    ) -> Result<SearchResults> {
+        let store = self.read()?;
+        Searcher::new(&**store, &self.blobs, models).search_text(query, params)
+    }
+
+    /// Searches by an image (vectors only: ITM needs a text).
+    pub fn search_image<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        image: &DynamicImage,
+        params: &SearchParams,
+    ) -> Result<SearchResults> {
+        let store = self.read()?;
+        Searcher::new(&**store, &self.blobs, models).search_image(image, params)
+    }
+
+    /// Searches by an indexed image ([`EngineError::NotFound`] when there is none).
+    pub fn search_similar<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        id: ImageId,
+        params: &SearchParams,
+    ) -> Result<SearchResults> {
+        let store = self.read()?;
+        Searcher::new(&**store, &self.blobs, models).search_similar(id, params)
+    }
+
+    /// Near-duplicate groups (see [`super::duplicates`]).
+    pub fn duplicates(&self, threshold: f32) -> Result<Vec<super::duplicates::DuplicateGroup>> {
+        super::duplicates::near_duplicates(&**self.read()?, threshold)
+    }
+
+    /// Embeds every image of the collection in `dir` again, from its original file, with
+    /// `models`, into a new collection beside it, which replaces the old one only once complete
+    /// (an interrupted reindex leaves the old collection as it was). Every image keeps its id
+    /// and given texts; uploaded files move into the new collection. Files that are gone are
+    /// left out, with a warning event each.
+    pub fn reindex<M: Encoders + ?Sized>(
+        dir: &Path,
+        models: &M,
+        info: &CollectionInfo,
+        options: IngestOptions,
+        observer: &dyn IngestObserver,
+    ) -> Result<IngestSummary> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EngineError::Io { path, source }
+        };
+        let (mut paths, mut given, mut ids, next_id) = (
+            Vec::new(),
+            std::collections::HashMap::new(),
+            std::collections::HashMap::new(),
+            ImageId(0),
+        );
+        let next_id = {
+            let old = Engine::open_existing(dir)?;
+            old.for_each(&mut |r| {
+                paths.push(PathBuf::from(&r.path));
+                given.insert(r.path.clone(), r.given_texts);
+                ids.insert(r.path, r.id);
+                Ok(())
+            })?;
+            let next = old.read()?.next_id()?;
+            next.max(next_id)
+        };
+        let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
+            paths.into_iter().partition(|p| p.exists());
+        let staging = sibling(dir, "reindex");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        }
+        let mut summary = {
+            let fresh = Engine::open(&staging, info)?;
+            // Every image keeps its id, and ids never given are never given later either.
+            fresh.write()?.reserve_ids(next_id)?;
+            Ingestor::new(&fresh, models, options, observer)?
+                .with_given_texts(given)
+                .with_ids(ids)
+                .add(&present)?
+        };
+        for p in missing {
+            summary.failed.push(super::ingest::Failure {
+                path: p.display().to_string(),
+                reason: "the file is gone; it is not in the new collection".into(),
+            });
+        }
+        // Uploaded files live inside the collection: they move with it (the records point to
+        // `<index>/uploads/...`, which is where they are again after the swap).
+        let uploads = uploads_dir(dir);
+        if uploads.exists() {
+            let target = uploads_dir(&staging);
+            if target.exists() {
+                std::fs::remove_dir_all(&target).map_err(io(&target))?;
+            }
+            std::fs::rename(&uploads, &target).map_err(io(&uploads))?;
+        }
+        let old = sibling(dir, "old");
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        if let Err(e) = std::fs::rename(dir, &old) {
+            // Put the uploads back: the old collection stays as it was.
+            let _ = std::fs::rename(uploads_dir(&staging), &uploads);
+            return Err(io(dir)(e));
+        }
+        std::fs::rename(&staging, dir).map_err(io(&staging))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        Ok(summary)
+    }
+}
+
+/// `index` -> `index.<suffix>` in the same parent folder.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "index".into());
+    dir.with_file_name(format!("{name}.{suffix}"))
+}

@@ -1,0 +1,418 @@
+//! Filters as values: which images a search may return, said once and translated by each store.
+//! The embedded store evaluates a [`Filter`] on its in-memory [`Columns`] into a bit set over ids
+//! before a search starts, so a filtered search touches no record on disk; a remote store turns
+//! the same value into its own query language.
+//!
+//! [`Filter::accepts`] is the reference meaning on a whole record: every store must agree with it
+//! (the store test suite checks that).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{IndexError, Result};
+use super::meta::{ImageId, ImageRecord};
+
+/// Restrictions on which images a search may return; every set field must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Only images whose path starts with this (a string prefix: `/photos/a` also matches
+    /// `/photos/ab/x.jpg`; end it with `/` for one folder).
+    pub path_prefix: Option<String>,
+    /// Only images taken (EXIF date) on or after this day, `YYYY-MM-DD`.
+    pub date_from: Option<String>,
+    /// Only images taken (EXIF date) on or before this day, `YYYY-MM-DD`.
+    pub date_to: Option<String>,
+    /// Minimum width in pixels.
+    pub min_width: Option<u32>,
+    /// Minimum height in pixels.
+    pub min_height: Option<u32>,
+}
+
+impl Filter {
+    /// Whether nothing is filtered.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Refuses a filter that cannot mean anything: dates that are not calendar days.
+    pub fn check(&self) -> Result<()> {
+        for d in [&self.date_from, &self.date_to].into_iter().flatten() {
+            if day_number(d).is_none() {
+                return Err(IndexError::InvalidFilter(format!(
+                    "date {d:?} is not a calendar date YYYY-MM-DD"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `r` passes: the meaning every store implements. An image without an EXIF date
+    /// fails any date filter.
+    pub fn accepts(&self, r: &ImageRecord) -> bool {
+        let row = Row::of(r);
+        self.path_prefix
+            .as_deref()
+            .is_none_or(|p| r.path.starts_with(p))
+            && self.accepts_row(&row, self.day_range())
+    }
+
+    /// `(from, to)` as day numbers (`YYYYMMDD`); an unset end is open.
+    fn day_range(&self) -> (u32, u32) {
+        let from = self.date_from.as_deref().and_then(day_number).unwrap_or(0);
+        let to = self
+            .date_to
+            .as_deref()
+            .and_then(day_number)
+            .unwrap_or(u32::MAX);
+        (from, to)
+    }
+
+    fn accepts_row(&self, row: &Row, (from, to): (u32, u32)) -> bool {
+        if self.min_width.is_some_and(|w| row.width < w)
+            || self.min_height.is_some_and(|h| row.height < h)
+        {
+            return false;
+        }
+        if self.date_from.is_some() || self.date_to.is_some() {
+            return row.day.is_some_and(|d| (from..=to).contains(&d));
+        }
+        true
+    }
+}
+
+/// `YYYY-MM-DD` as the number `YYYYMMDD` when it names a day that exists (no 2023-02-29).
+pub fn day_number(d: &str) -> Option<u32> {
+    let b = d.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let digits = |r: std::ops::Range<usize>| {
+        b[r.clone()]
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d[r].parse::<u32>().ok())
+            .flatten()
+    };
+    let (y, m, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let days = match m {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        _ => return None,
+    };
+    (1..=days)
+        .contains(&day)
+        .then_some(y * 10_000 + m * 100 + day)
+}
+
+/// The day of an EXIF date (`YYYY:MM:DD HH:MM:SS`) as `YYYYMMDD`; `None` when it does not parse.
+fn exif_day(exif: &str) -> Option<u32> {
+    let head = exif.get(..10)?;
+    day_number(&head.replace(':', "-"))
+}
+
+/// The filterable fields of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Row {
+    width: u32,
+    height: u32,
+    day: Option<u32>,
+}
+
+impl Row {
+    fn of(r: &ImageRecord) -> Self {
+        Self {
+            width: r.width,
+            height: r.height,
+            day: r.exif_date.as_deref().and_then(exif_day),
+        }
+    }
+}
+
+/// The filterable fields of every image, in memory, column by column: what the embedded store
+/// evaluates a [`Filter`] on. Paths are also kept sorted, so a path prefix is a range, not a scan.
+#[derive(Debug, Default)]
+pub struct Columns {
+    ids: Vec<u64>,
+    rows: Vec<Row>,
+    row_paths: Vec<Arc<str>>,
+    slot: HashMap<u64, usize>,
+    paths: BTreeMap<Arc<str>, u64>,
+}
+
+impl Columns {
+    /// Adds or replaces the fields of `r`.
+    pub fn upsert(&mut self, r: &ImageRecord) {
+        self.remove(r.id);
+        let path: Arc<str> = Arc::from(r.path.as_str());
+        self.slot.insert(r.id.0, self.ids.len());
+        self.ids.push(r.id.0);
+        self.rows.push(Row::of(r));
+        self.row_paths.push(path.clone());
+        self.paths.insert(path, r.id.0);
+    }
+
+    /// Drops the fields of `id`; returns whether it was there.
+    pub fn remove(&mut self, id: ImageId) -> bool {
+        let Some(i) = self.slot.remove(&id.0) else {
+            return false;
+        };
+        self.ids.swap_remove(i);
+        self.rows.swap_remove(i);
+        let path = self.row_paths.swap_remove(i);
+        if self.paths.get(&path) == Some(&id.0) {
+            self.paths.remove(&path);
+        }
+        if let Some(&moved) = self.ids.get(i) {
+            self.slot.insert(moved, i);
+        }
+        true
+    }
+
+    /// Whether `id` has fields here.
+    pub fn contains(&self, id: ImageId) -> bool {
+        self.slot.contains_key(&id.0)
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The ids and paths of images whose path starts with `prefix`, in path order.
+    pub fn under(&self, prefix: &str) -> Vec<(ImageId, String)> {
+        self.prefixed(prefix)
+            .map(|(p, id)| (ImageId(*id), p.to_string()))
+            .collect()
+    }
+
+    fn prefixed<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a Arc<str>, &'a u64)> {
+        self.paths
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(p, _)| p.starts_with(prefix))
+    }
+
+    /// The ids passing `filter`, as a bit set.
+    pub fn select(&self, filter: &Filter) -> IdSet {
+        let range = filter.day_range();
+        let mut ids = Vec::new();
+        match filter.path_prefix.as_deref() {
+            Some(prefix) => {
+                for (_, &id) in self.prefixed(prefix) {
+                    let row = self.slot.get(&id).map(|&i| &self.rows[i]);
+                    if row.is_some_and(|row| filter.accepts_row(row, range)) {
+                        ids.push(id);
+                    }
+                }
+            }
+            None => {
+                for (id, row) in self.ids.iter().zip(&self.rows) {
+                    if filter.accepts_row(row, range) {
+                        ids.push(*id);
+                    }
+                }
+            }
+        }
+        IdSet::from_ids(&ids)
+    }
+}
+
+/// A set of ids as bits over `[base, base + 64 * words)`: the answer to a filter, tested once
+/// per point a search visits.
+#[derive(Debug, Clone, Default)]
+pub struct IdSet {
+    base: u64,
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl IdSet {
+    fn from_ids(ids: &[u64]) -> Self {
+        let (Some(&min), Some(&max)) = (ids.iter().min(), ids.iter().max()) else {
+            return Self::default();
+        };
+        let base = min & !63;
+        let mut bits = vec![0u64; ((max - base) / 64 + 1) as usize];
+        for &id in ids {
+            let off = id - base;
+            bits[(off / 64) as usize] |= 1 << (off % 64);
+        }
+        Self {
+            base,
+            bits,
+            len: ids.len(),
+        }
+    }
+
+    /// Whether `id` is in the set.
+    #[inline]
+    pub fn contains(&self, id: u64) -> bool {
+        let Some(off) = id.checked_sub(self.base) else {
+            return false;
+        };
+        self.bits
+            .get((off / 64) as usize)
+            .is_some_and(|w| w & (1 << (off % 64)) != 0)
+    }
+
+    /// Number of ids in the set.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(id: u64, path: &str, w: u32, h: u32, exif: Option<&str>) -> ImageRecord {
+        ImageRecord {
+            id: ImageId(id),
+            path: path.into(),
+            content_hash: String::new(),
+            size_bytes: 0,
+            width: w,
+            height: h,
+            mtime_unix: 0,
+            exif_date: exif.map(str::to_string),
+            itc: vec![],
+            captions: vec![],
+            given_texts: vec![],
+            added_unix: 0,
+        }
+    }
+
+    #[test]
+    fn dates_must_exist_and_are_read_from_exif() {
+        let f = Filter {
+            date_from: Some("2020-01-01".into()),
+            date_to: Some("2020-12-31".into()),
+            ..Default::default()
+        };
+        f.check().unwrap();
+        let mut r = record(1, "/p/a.jpg", 10, 10, Some("2020:06:01 10:00:00"));
+        assert!(f.accepts(&r));
+        r.exif_date = Some("2021:01:01 00:00:00".into());
+        assert!(!f.accepts(&r));
+        r.exif_date = None;
+        assert!(!f.accepts(&r));
+        for bad in [
+            "June",
+            "2024-02-30",
+            "2023-02-29",
+            "2024-04-31",
+            "2024-13-01",
+            "2024-00-10",
+            "2024-1-01",
+            "２０２４-01-01",
+        ] {
+            let f = Filter {
+                date_from: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(
+                matches!(f.check(), Err(IndexError::InvalidFilter(_))),
+                "{bad}"
+            );
+        }
+        for good in ["2024-02-29", "2000-02-29", "2023-12-31", "0001-01-01"] {
+            let f = Filter {
+                date_to: Some(good.into()),
+                ..Default::default()
+            };
+            f.check().unwrap();
+        }
+    }
+
+    const FOLDERS: [&str; 4] = ["/a/", "/a/b/", "/ab/", "/c/"];
+
+    fn records() -> impl Strategy<Value = Vec<ImageRecord>> {
+        proptest::collection::vec(
+            (
+                0usize..4,
+                1u32..40,
+                1u32..40,
+                proptest::option::of((2019u32..2022, 1u32..13, 1u32..29)),
+            ),
+            0..60,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (f, w, h, d))| {
+                    let exif = d.map(|(y, m, d)| format!("{y}:{m:02}:{d:02} 12:00:00"));
+                    // Sparse, unordered ids, as after deletes and reindexing.
+                    let id = (i as u64 * 7919) % 1009 + 3;
+                    record(id, &format!("{}{i}.jpg", FOLDERS[f]), w, h, exif.as_deref())
+                })
+                .collect()
+        })
+    }
+
+    fn filters() -> impl Strategy<Value = Filter> {
+        (
+            proptest::option::of(prop_oneof![
+                Just("/a".to_string()),
+                Just("/a/".to_string()),
+                Just("/a/b/".to_string()),
+                Just("/".to_string()),
+                Just("/zz".to_string()),
+            ]),
+            proptest::option::of(Just("2020-01-01".to_string())),
+            proptest::option::of(Just("2020-12-31".to_string())),
+            proptest::option::of(1u32..40),
+            proptest::option::of(1u32..40),
+        )
+            .prop_map(|(p, from, to, w, h)| Filter {
+                path_prefix: p,
+                date_from: from,
+                date_to: to,
+                min_width: w,
+                min_height: h,
+            })
+    }
+
+    proptest! {
+        /// The columns answer exactly what the reference meaning says, after removals too.
+        #[test]
+        fn columns_select_what_accepts_accepts(rs in records(), f in filters(), drop in 0usize..10) {
+            let mut c = Columns::default();
+            for r in &rs {
+                c.upsert(r);
+            }
+            let mut live: Vec<&ImageRecord> = rs.iter().collect();
+            for r in rs.iter().step_by(drop.max(1)).take(drop) {
+                prop_assert!(c.remove(r.id));
+                live.retain(|x| x.id != r.id);
+            }
+            prop_assert_eq!(c.len(), live.len());
+            let set = c.select(&f);
+            let mut want = 0;
+            for r in &live {
+                prop_assert_eq!(set.contains(r.id.0), f.accepts(r), "{:?}", r);
+                want += f.accepts(r) as usize;
+            }
+            prop_assert_eq!(set.len(), want);
+            for r in &rs {
+                if !live.iter().any(|x| x.id == r.id) {
+                    prop_assert!(!set.contains(r.id.0));
+                }
+            }
+        }
+    }
+}

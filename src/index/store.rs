@@ -1,0 +1,95 @@
+//! [`Store`]: what the engine needs from a record store, whatever holds it. The embedded
+//! [`super::Collection`] (sled + hnsw_rs + tantivy in one directory) implements it; a distributed
+//! store implements the same trait. Blobs (rerank features, thumbnails) are not part of it: they
+//! live in a [`super::BlobStore`] beside any store.
+//!
+//! `tests/store.rs` runs one suite against every implementation.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::error::Result;
+use super::filter::Filter;
+use super::meta::{CollectionInfo, ImageId, ImageRecord};
+
+/// Records with their ITC vector, texts and filterable fields; vector and BM25 top-k with a
+/// filter; lookups by id, path and content hash; commit; counts.
+///
+/// Ids are allocated by the store ([`Store::allocate_id`]) and never given twice. Writes are
+/// visible to searches at once (text search: after [`Store::commit`]) and durable after
+/// [`Store::commit`]; [`Store::delete`] is durable on return.
+pub trait Store: Send + Sync {
+    /// What the collection was built with.
+    fn info(&self) -> &CollectionInfo;
+    /// A fresh id, never given before.
+    fn allocate_id(&mut self) -> Result<ImageId>;
+    /// The id the next [`Store::allocate_id`] gives.
+    fn next_id(&self) -> Result<ImageId>;
+    /// Keeps every id below `floor` from being allocated, so that records can be inserted under
+    /// ids they had elsewhere (a rebuilt collection keeps every id).
+    fn reserve_ids(&mut self, floor: ImageId) -> Result<()>;
+    /// Stores a new record under `record.id`, which must be allocated or reserved and free.
+    /// Fails with [`super::IndexError::AlreadyExists`] for a known path or content hash, before
+    /// writing anything.
+    fn insert(&mut self, record: ImageRecord) -> Result<()>;
+    /// Replaces the record of an existing image (texts, path, dates); its ITC vector cannot
+    /// change.
+    fn update(&mut self, record: &ImageRecord) -> Result<()>;
+    /// Removes an image, durably; returns its record if it existed. Its id never comes back.
+    fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>>;
+    /// Makes every write so far durable and visible to every search.
+    fn commit(&mut self) -> Result<()>;
+    /// The `k` nearest images to a unit ITC vector as `(id, cosine)`, best first, among those
+    /// passing `filter` (`k` results whenever `k` pass). `ef` is a recall/speed hint.
+    fn vector_search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: Option<usize>,
+        filter: &Filter,
+    ) -> Result<Vec<(ImageId, f32)>>;
+    /// The `k` best images for a user text query (BM25 over kept captions, given texts and file
+    /// names) as `(id, score)`, best first, among those passing `filter`. A query past the
+    /// parser's bounds is [`super::IndexError::InvalidQuery`].
+    fn text_search(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<(ImageId, f32)>>;
+    /// The record of `id`.
+    fn get(&self, id: ImageId) -> Result<Option<ImageRecord>>;
+    /// The id stored for a canonical path.
+    fn by_path(&self, path: &str) -> Result<Option<ImageId>>;
+    /// The id stored for a content hash.
+    fn by_hash(&self, hash: &str) -> Result<Option<ImageId>>;
+    /// Whether `id` is stored.
+    fn contains(&self, id: ImageId) -> Result<bool>;
+    /// Ids and paths of the images whose path starts with `prefix`, in path order.
+    fn under(&self, prefix: &str) -> Result<Vec<(ImageId, String)>>;
+    /// Calls `f` with every record, in id order.
+    fn for_each(&self, f: &mut dyn FnMut(ImageRecord) -> Result<()>) -> Result<()>;
+    /// Number of images.
+    fn len(&self) -> Result<u64>;
+    /// Whether there are none.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Counts and bytes on disk.
+    fn stats(&self) -> Result<StoreStats>;
+}
+
+/// Counts and disk usage of a store.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoreStats {
+    /// Images (the truth).
+    pub images: u64,
+    /// Live vectors in the vector index.
+    pub vectors: usize,
+    /// Removed vectors still in the graph (until the next compaction).
+    pub tombstones: usize,
+    /// Committed documents in the text index.
+    pub text_docs: u64,
+    /// Ids changed since the last commit.
+    pub pending: usize,
+    /// Last committed generation.
+    pub generation: u64,
+    /// Bytes on disk per part, by name.
+    pub bytes: BTreeMap<&'static str, u64>,
+}

@@ -1,0 +1,306 @@
+//! The contract of the `Store` trait, written once against the trait: every store runs the same
+//! suite (the embedded `Collection` here; another store adds one `#[test]` that calls
+//! [`contract`] with its own opener).
+//!
+//! What it checks: ids are allocated once and never reused; insert refuses a known path, content
+//! hash or id without writing anything; get/by_path/by_hash/under/contains/len agree; update
+//! changes texts and fields but never the vector; delete hides an image from both searches at
+//! once; both searches with a filter return exactly the images `Filter::accepts` accepts (on a
+//! collection small enough that vector search is exact); commit makes everything survive a
+//! reopen.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use blipsearch::index::{
+    content_hash, Caption, CaptionSource, Collection, CollectionInfo, Filter, HnswParams, ImageId,
+    ImageRecord, IndexError, Store,
+};
+
+const DIM: usize = 16;
+const WORDS: [&str; 6] = ["dog", "cat", "beach", "tree", "boat", "city"];
+const FOLDERS: [&str; 4] = ["/lib/a/", "/lib/a/b/", "/lib/ab/", "/lib/c/"];
+
+/// A small deterministic generator (xorshift), so the suite needs no RNG crate.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> Vec<f32> {
+        let v: Vec<f32> = (0..DIM)
+            .map(|_| (self.next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+        v.into_iter().map(|x| x / n).collect()
+    }
+}
+
+fn record(n: u64, g: &mut Gen) -> ImageRecord {
+    let folder = FOLDERS[(n % 4) as usize];
+    let month = 1 + n % 12;
+    ImageRecord {
+        id: ImageId(u64::MAX),
+        path: format!("{folder}img_{n}.jpg"),
+        content_hash: content_hash(&n.to_le_bytes()),
+        size_bytes: 1000 + n,
+        width: 100 + (n % 7) as u32 * 50,
+        height: 80 + (n % 5) as u32 * 40,
+        mtime_unix: 1_700_000_000,
+        exif_date: (!n.is_multiple_of(3))
+            .then(|| format!("20{}:{month:02}:15 10:00:00", 19 + n % 3)),
+        itc: g.unit(),
+        captions: vec![Caption {
+            text: format!(
+                "a {} and a {} everyone",
+                WORDS[(n % 6) as usize],
+                WORDS[(n / 6 % 6) as usize]
+            ),
+            source: CaptionSource::Beam,
+            p_match: Some(0.9),
+            kept: true,
+        }],
+        given_texts: vec![],
+        added_unix: 1_700_000_000,
+    }
+}
+
+fn add(s: &mut dyn Store, mut r: ImageRecord) -> Result<ImageId, IndexError> {
+    r.id = s.allocate_id()?;
+    let id = r.id;
+    s.insert(r)?;
+    Ok(id)
+}
+
+fn filters() -> Vec<Filter> {
+    let f = |path: Option<&str>, from: Option<&str>, to: Option<&str>, w, h| Filter {
+        path_prefix: path.map(str::to_string),
+        date_from: from.map(str::to_string),
+        date_to: to.map(str::to_string),
+        min_width: w,
+        min_height: h,
+    };
+    vec![
+        f(Some("/lib/a/"), None, None, None, None),
+        f(Some("/lib/a"), None, None, None, None),
+        f(Some("/lib/a/b/"), None, None, None, None),
+        f(Some("/nowhere/"), None, None, None, None),
+        f(None, Some("2020-01-01"), Some("2020-12-31"), None, None),
+        f(None, Some("2020-06-01"), None, None, None),
+        f(None, None, Some("2019-03-31"), None, None),
+        f(None, None, None, Some(250), None),
+        f(None, None, None, None, Some(200)),
+        f(
+            Some("/lib/"),
+            Some("2019-01-01"),
+            None,
+            Some(150),
+            Some(120),
+        ),
+    ]
+}
+
+/// Every record in the store.
+fn records(s: &dyn Store) -> Vec<ImageRecord> {
+    let mut out = Vec::new();
+    s.for_each(&mut |r| {
+        out.push(r);
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+fn ids(hits: &[(ImageId, f32)]) -> BTreeSet<u64> {
+    hits.iter().map(|h| h.0 .0).collect()
+}
+
+/// Both searches with each filter return exactly (vector) or only (text) what the reference
+/// meaning accepts.
+fn filters_agree_with_accepts(s: &dyn Store, g: &mut Gen) {
+    let all = records(s);
+    for f in filters() {
+        let want: BTreeSet<u64> = all
+            .iter()
+            .filter(|r| f.accepts(r))
+            .map(|r| r.id.0)
+            .collect();
+        let got = ids(&s.vector_search(&g.unit(), all.len() + 5, None, &f).unwrap());
+        assert_eq!(got, want, "vector search with {f:?}");
+        // Every caption has "everyone": BM25 matches all, so the filter alone decides.
+        let got = ids(&s.text_search("everyone", all.len() + 5, &f).unwrap());
+        assert_eq!(got, want, "text search with {f:?}");
+        if let Some(p) = &f.path_prefix {
+            let under: BTreeSet<u64> = s.under(p).unwrap().iter().map(|x| x.0 .0).collect();
+            let prefixed: BTreeSet<u64> = all
+                .iter()
+                .filter(|r| r.path.starts_with(p.as_str()))
+                .map(|r| r.id.0)
+                .collect();
+            assert_eq!(under, prefixed, "under {p}");
+        }
+    }
+    let bad = Filter {
+        date_to: Some("2021-02-29".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.vector_search(&g.unit(), 3, None, &bad),
+        Err(IndexError::InvalidFilter(_))
+    ));
+    assert!(matches!(
+        s.text_search("dog", 3, &bad),
+        Err(IndexError::InvalidFilter(_))
+    ));
+}
+
+/// The whole contract, against stores made by `open` (called again on the same directory to
+/// reopen; the previous handle is dropped first).
+pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let everything = Filter::default();
+    let mut s = open(dir);
+    assert_eq!(s.len().unwrap(), 0);
+    assert!(s.is_empty().unwrap());
+    assert_eq!(s.info().embedding_dim, DIM);
+
+    // Ids: consecutive allocation, never reused.
+    let mut ids_given = Vec::new();
+    for n in 0..60 {
+        ids_given.push(add(&mut *s, record(n, &mut g)).unwrap());
+    }
+    let distinct: BTreeSet<_> = ids_given.iter().collect();
+    assert_eq!(distinct.len(), 60);
+    assert_eq!(s.len().unwrap(), 60);
+
+    // Insert refuses a known path, hash or id, and an unallocated id, writing nothing.
+    let first = s.get(ids_given[0]).unwrap().unwrap();
+    let mut dup = record(1000, &mut g);
+    dup.path = first.path.clone();
+    assert!(matches!(
+        add(&mut *s, dup),
+        Err(IndexError::AlreadyExists { kind: "path", .. })
+    ));
+    let mut dup = record(1001, &mut g);
+    dup.content_hash = first.content_hash.clone();
+    assert!(matches!(
+        add(&mut *s, dup),
+        Err(IndexError::AlreadyExists {
+            kind: "content hash",
+            ..
+        })
+    ));
+    let mut dup = record(1002, &mut g);
+    dup.id = ids_given[1];
+    assert!(s.insert(dup).is_err());
+    let mut wild = record(1003, &mut g);
+    wild.id = ImageId(s.next_id().unwrap().0 + 1000);
+    assert!(s.insert(wild).is_err());
+    let mut zero = record(1004, &mut g);
+    zero.itc = vec![0.0; DIM];
+    assert!(add(&mut *s, zero).is_err());
+    assert_eq!(s.len().unwrap(), 60);
+
+    // Lookups agree.
+    for &id in &ids_given {
+        let r = s.get(id).unwrap().unwrap();
+        assert_eq!(r.id, id);
+        assert_eq!(s.by_path(&r.path).unwrap(), Some(id));
+        assert_eq!(s.by_hash(&r.content_hash).unwrap(), Some(id));
+        assert!(s.contains(id).unwrap());
+        // Its own vector finds it first.
+        assert_eq!(
+            s.vector_search(&r.itc, 1, None, &everything).unwrap()[0].0,
+            id
+        );
+    }
+    assert!(s.get(ImageId(999_999)).unwrap().is_none());
+    assert!(!s.contains(ImageId(999_999)).unwrap());
+    s.commit().unwrap();
+    filters_agree_with_accepts(&*s, &mut g);
+
+    // Update: texts and fields change, both searches see it; the vector cannot change.
+    let mut r = s.get(ids_given[5]).unwrap().unwrap();
+    r.given_texts.push("grandmother birthday".into());
+    r.width = 4000;
+    s.update(&r).unwrap();
+    s.commit().unwrap();
+    assert_eq!(
+        s.text_search("birthday", 5, &everything).unwrap()[0].0,
+        r.id
+    );
+    let wide = Filter {
+        min_width: Some(4000),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(&s.vector_search(&g.unit(), 5, None, &wide).unwrap()),
+        [r.id.0].into()
+    );
+    r.itc = g.unit();
+    assert!(s.update(&r).is_err());
+    let mut ghost = record(2000, &mut g);
+    ghost.id = ImageId(999_999);
+    assert!(s.update(&ghost).is_err());
+
+    // Delete: gone from both searches at once, before any commit; its id is never given again.
+    let gone = [ids_given[2], ids_given[7], ids_given[11]];
+    for &id in &gone {
+        let r = s.delete(id).unwrap().expect("it existed");
+        assert_eq!(r.id, id);
+        assert!(s.delete(id).unwrap().is_none());
+        assert!(s.get(id).unwrap().is_none());
+        assert!(s.by_path(&r.path).unwrap().is_none());
+    }
+    let check_gone = |s: &dyn Store, g: &mut Gen| {
+        let v = ids(&s
+            .vector_search(&g.unit(), 100, None, &Filter::default())
+            .unwrap());
+        let t = ids(&s.text_search("everyone", 100, &Filter::default()).unwrap());
+        for id in gone {
+            assert!(!v.contains(&id.0) && !t.contains(&id.0), "{id} came back");
+        }
+        let live = s.len().unwrap() as usize;
+        assert_eq!((v.len(), t.len()), (live, live));
+    };
+    check_gone(&*s, &mut g);
+    let fresh = add(&mut *s, record(3000, &mut g)).unwrap();
+    assert!(ids_given.iter().all(|id| *id != fresh));
+    s.delete(fresh).unwrap();
+    filters_agree_with_accepts(&*s, &mut g);
+
+    // Reserved ids: inserting under an old id works once it is reserved.
+    let next = s.next_id().unwrap();
+    s.reserve_ids(ImageId(next.0 + 10)).unwrap();
+    assert!(s.allocate_id().unwrap().0 >= next.0 + 10);
+    let mut kept = record(4000, &mut g);
+    kept.id = ImageId(next.0 + 3);
+    s.insert(kept).unwrap();
+    s.commit().unwrap();
+    let before = (records(&*s), s.stats().unwrap().images);
+    assert_eq!(before.1, 58);
+    drop(s);
+
+    // Reopen: everything committed is there, searches agree.
+    let s = open(dir);
+    assert_eq!(records(&*s), before.0);
+    assert!(s.next_id().unwrap().0 > next.0 + 10);
+    check_gone(&*s, &mut g);
+    filters_agree_with_accepts(&*s, &mut g);
+    let stats = s.stats().unwrap();
+    assert_eq!((stats.images, stats.pending), (58, 0));
+}
+
+#[test]
+fn embedded_collection_keeps_the_store_contract() {
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    contract(&|dir| {
+        Box::new(Collection::open(dir, &info, HnswParams::default()).unwrap()) as Box<dyn Store>
+    });
+}
