@@ -16,5 +16,6 @@ pub mod engine;
 pub mod eval;
 pub mod index;
 pub mod model;
+pub mod progress;
 pub mod server;
 pub mod train;

@@ -452,7 +452,7 @@ fn ids_survive_restarts_and_reindex_and_uploads_survive_reindex() {
 #[test]
 fn progress_reads_done_equals_total_with_skipped_files() {
     use blipsearch::engine::models::{ModelSource, Retriever};
-    use blipsearch::engine::{Engine, IngestOptions, IngestProgress};
+    use blipsearch::engine::{Counters, Engine, IngestOptions};
     use std::sync::atomic::Ordering;
     let tmp = tempfile::tempdir().unwrap();
     let photos = tmp.path().join("photos");
@@ -467,7 +467,7 @@ fn progress_reads_done_equals_total_with_skipped_files() {
     let info = collection_info(&r);
     let c = Engine::open(&tmp.path().join("index"), &info).unwrap();
     for run in 0..2 {
-        let progress = IngestProgress::default();
+        let progress = Counters::default();
         let opts = IngestOptions {
             capfilt: None,
             batch_size: 2,

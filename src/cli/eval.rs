@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
+use super::progress::ProgressRenderer;
 use super::{CaptionCheckpointArgs, FilterArgs, RetrievalModelArgs};
 use crate::engine::models::{
     select_device, BeamParams, CapFiltParams, CaptionParams, Captioner, GenerationMode,
@@ -208,14 +209,24 @@ pub(crate) fn eval(a: EvalArgs) -> Result<()> {
         None
     } else {
         let (model, _) = a.model.load()?;
-        Some(evaluate_retrieval(&model, &data, &opts)?)
+        Some(evaluate_retrieval(
+            &model,
+            &data,
+            &opts,
+            &ProgressRenderer::new(),
+        )?)
     };
     let captions = match &caption_source {
         Some(source) => {
             let device = select_device(&a.model.device)?;
             let model = Captioner::load(source, &device)
                 .with_context(|| format!("loading caption model {}", source.name()))?;
-            Some(evaluate_captions(&model, &data, &opts)?)
+            Some(evaluate_captions(
+                &model,
+                &data,
+                &opts,
+                &ProgressRenderer::new(),
+            )?)
         }
         None => None,
     };
@@ -339,9 +350,15 @@ pub(crate) fn capfilt_dataset(a: CapfiltDatasetArgs) -> Result<()> {
         batch_size: a.batch_size,
         limits,
         params,
-        progress: true,
     };
-    let s = capfilt_dataset_run(&captioner, &filter, &data, &a.output, &opts)?;
+    let s = capfilt_dataset_run(
+        &captioner,
+        &filter,
+        &data,
+        &a.output,
+        &opts,
+        &ProgressRenderer::new(),
+    )?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
         return Ok(());

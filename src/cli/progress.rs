@@ -1,4 +1,4 @@
-//! Renders the engine's ingest events: a progress bar on a terminal; without one (piped, logged,
+//! Renders progress events (of ingest, training, evaluation): a progress bar on a terminal; without one (piped, logged,
 //! under a service manager) a line every few seconds with count, rate and ETA. Commits print a
 //! stable line either way: what they report is durable and searchable.
 
@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::{IngestEvent, IngestObserver};
+use crate::progress::{Event, Progress};
 
 /// Time between progress lines when stderr is not a terminal.
 const LINE_EVERY: Duration = Duration::from_secs(5);
 
-/// Draws ingest progress on stderr.
+/// Draws progress on stderr.
 pub struct ProgressRenderer {
     bar: Option<ProgressBar>,
     lines: Mutex<Lines>,
@@ -21,8 +21,11 @@ pub struct ProgressRenderer {
 
 #[derive(Default)]
 struct Lines {
+    what: String,
     total: u64,
     done: u64,
+    /// Done in this run (the rate's numerator: a resumed run starts part done).
+    run: u64,
     started: Option<Instant>,
     last: Option<Instant>,
 }
@@ -34,7 +37,7 @@ impl ProgressRenderer {
             let bar = ProgressBar::new(0);
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images ({per_sec}, ETA {eta}) {msg}",
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {prefix} ({per_sec}, ETA {eta}) {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
@@ -67,9 +70,10 @@ impl ProgressRenderer {
             String::new()
         };
         eprintln!(
-            "progress: {}/{} files ({rate:.1}/s, {} elapsed{eta})",
+            "progress: {}/{} {} ({rate:.1}/s, {} elapsed{eta})",
             l.done,
             l.total,
+            l.what,
             hms(secs as u64)
         );
     }
@@ -85,52 +89,50 @@ fn hms(s: u64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-impl IngestObserver for ProgressRenderer {
-    fn event(&self, event: IngestEvent<'_>) {
+impl Progress for ProgressRenderer {
+    fn event(&self, event: Event<'_>) {
         match event {
-            IngestEvent::Started { total } => {
+            Event::Started { what, total, done } => {
                 if let Some(bar) = &self.bar {
+                    bar.reset();
+                    bar.set_prefix(what.to_string());
                     bar.set_length(total);
-                    bar.set_position(0);
-                    bar.reset_eta();
+                    bar.set_position(done);
                 }
                 if let Ok(mut l) = self.lines.lock() {
                     *l = Lines {
+                        what: what.to_string(),
                         total,
+                        done,
                         started: Some(Instant::now()),
                         last: Some(Instant::now()),
                         ..Lines::default()
                     };
                 }
             }
-            IngestEvent::Reading { path } => {
+            Event::Working { item } => {
                 if let Some(bar) = &self.bar {
-                    bar.set_message(
-                        path.file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                    );
+                    // A path shows as its file name.
+                    bar.set_message(item.rsplit(['/', '\\']).next().unwrap_or(item).to_string());
                 }
             }
-            IngestEvent::Done { files } => {
+            Event::Done { n } => {
                 if let Some(bar) = &self.bar {
-                    bar.inc(files);
+                    bar.inc(n);
                 } else {
                     if let Ok(mut l) = self.lines.lock() {
-                        l.done += files;
+                        l.done += n;
+                        l.run += n;
                     }
                     self.line(false);
                 }
             }
-            IngestEvent::Failed { .. } => {}
-            IngestEvent::Committed { images } => {
-                let say = || eprintln!("committed: {images} images in the collection");
-                match &self.bar {
-                    Some(bar) => bar.suspend(say),
-                    None => say(),
-                }
-            }
-            IngestEvent::Finished => match &self.bar {
+            Event::Failed { .. } => {}
+            Event::Note { line } => match &self.bar {
+                Some(bar) => bar.suspend(|| eprintln!("{line}")),
+                None => eprintln!("{line}"),
+            },
+            Event::Finished => match &self.bar {
                 Some(bar) => bar.finish_and_clear(),
                 None => self.line(true),
             },

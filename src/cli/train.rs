@@ -160,7 +160,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         seed: a.seed,
     };
     let mut trainer = Trainer::new(store, data, cfg, &a.out, resume)?;
-    let summary = trainer.run_for(a.stop_after)?;
+    let summary = trainer.run_for(a.stop_after, &super::progress::ProgressRenderer::new())?;
     eprintln!(
         "trained {} steps ({} in all) in {:.1} s; last epoch mean loss {:.4}; checkpoint in {}",
         summary.steps,

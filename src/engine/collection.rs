@@ -15,13 +15,13 @@ use serde::Serialize;
 use super::error::{EngineError, Result};
 use super::ingest::{IngestOptions, IngestSummary, Ingestor};
 use super::models::Encoders;
-use super::progress::IngestObserver;
 use super::search::{SearchParams, SearchResults, Searcher};
 use super::uploads::{uploads_dir, NewUpload, Uploaded, Uploads};
 use crate::index::{
     BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId, ImageRecord,
     IndexError, Store, StoreStats,
 };
+use crate::progress::Progress;
 
 /// Counts and disk usage of a collection: its store and its blobs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -336,7 +336,7 @@ impl Engine {
         options: IngestOptions,
         paths: &[PathBuf],
         sync: bool,
-        observer: &dyn IngestObserver,
+        observer: &dyn Progress,
     ) -> Result<IngestSummary> {
         let mut ingestor = Ingestor::new(self, models, options, observer)?;
         if sync {
@@ -411,7 +411,7 @@ impl Engine {
         models: &M,
         info: &CollectionInfo,
         options: IngestOptions,
-        observer: &dyn IngestObserver,
+        observer: &dyn Progress,
     ) -> Result<IngestSummary> {
         let io = |path: &Path| {
             let path = path.to_path_buf();

@@ -15,7 +15,6 @@ use serde::Serialize;
 use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::models::Encoders;
-use super::progress::{IngestEvent, IngestObserver};
 use crate::index::{
     content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord,
     THUMB_MAX_SIDE,
@@ -23,6 +22,7 @@ use crate::index::{
 use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
 use crate::model::preprocess::{decode_admitted, DecodeBudget, DecodeLimits, DecodePermit};
 use crate::model::ModelError;
+use crate::progress::{Event, Progress};
 
 /// File extensions ingested (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
@@ -134,7 +134,7 @@ impl From<String> for NotPrepared {
 pub(crate) struct Ingestor<'a, M: Encoders + ?Sized> {
     engine: &'a Engine,
     models: &'a M,
-    observer: &'a dyn IngestObserver,
+    observer: &'a dyn Progress,
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
     keep_ids: HashMap<String, ImageId>,
@@ -146,7 +146,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         engine: &'a Engine,
         models: &'a M,
         options: IngestOptions,
-        observer: &'a dyn IngestObserver,
+        observer: &'a dyn Progress,
     ) -> Result<Self> {
         if options.batch_size == 0 || options.commit_every == 0 {
             return Err(EngineError::InvalidInput(
@@ -188,18 +188,20 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         let mut summary = IngestSummary::default();
         let files = walk(paths, &mut summary)?;
         let observer = self.observer;
-        observer.event(IngestEvent::Started {
+        observer.event(Event::Started {
+            what: "files",
             total: files.len() as u64,
+            done: 0,
         });
         for f in &summary.failed {
-            observer.event(IngestEvent::Failed {
-                path: &f.path,
+            observer.event(Event::Failed {
+                item: &f.path,
                 reason: &f.reason,
             });
         }
         let done = |files: u64| {
             if files > 0 {
-                observer.event(IngestEvent::Done { files });
+                observer.event(Event::Done { n: files });
             }
         };
         let mut batch: Vec<Prepared> = Vec::with_capacity(self.options.batch_size);
@@ -209,7 +211,9 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             if observer.stop_requested() {
                 break;
             }
-            observer.event(IngestEvent::Reading { path: &file });
+            observer.event(Event::Working {
+                item: &file.display().to_string(),
+            });
             let mut prepared = self.prepare(&file, &mut summary, &batch_hashes, !batch.is_empty());
             if matches!(prepared, Err(NotPrepared::Busy(_))) && !batch.is_empty() {
                 // The budget is held by this batch (among others): embed it, then wait.
@@ -229,13 +233,13 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 Err(NotPrepared::Busy(reason)) => {
                     self.flush(&mut batch, &mut summary)?;
                     self.commit()?;
-                    observer.event(IngestEvent::Finished);
+                    observer.event(Event::Finished);
                     return Err(EngineError::Busy(reason));
                 }
                 Err(NotPrepared::Failed(reason)) => {
                     let path = file.display().to_string();
-                    observer.event(IngestEvent::Failed {
-                        path: &path,
+                    observer.event(Event::Failed {
+                        item: &path,
                         reason: &reason,
                     });
                     summary.failed.push(Failure { path, reason });
@@ -257,7 +261,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         self.flush(&mut batch, &mut summary)?;
         done(pending);
         self.commit()?;
-        observer.event(IngestEvent::Finished);
+        observer.event(Event::Finished);
         summary.total = self.engine.len()?;
         Ok(summary)
     }
@@ -291,7 +295,9 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     fn commit(&mut self) -> Result<()> {
         self.engine.commit()?;
         let images = self.engine.len()?;
-        self.observer.event(IngestEvent::Committed { images });
+        self.observer.event(Event::Note {
+            line: &format!("committed: {images} images in the collection"),
+        });
         tracing::debug!(images, "committed");
         Ok(())
     }

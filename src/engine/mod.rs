@@ -4,7 +4,7 @@
 //! its operations, which the CLI and the server both call. Models are reached through the
 //! [`models::Encoders`] trait (in-process for the CLI, the inference queue in the server); records
 //! through the `index` layer's `Store` trait, blobs through its `BlobStore`. Long work reports
-//! [`progress`] events; callers render them.
+//! progress events (`crate::progress`); callers render them.
 //!
 //! The engine depends on `model` and `index`, never the other way round; the edges (CLI,
 //! server) depend on the engine alone, which re-exports the vocabulary they need.
@@ -14,15 +14,14 @@ pub mod duplicates;
 pub mod error;
 pub mod ingest;
 pub mod models;
-pub mod progress;
 pub mod search;
 pub mod uploads;
 
+pub use crate::progress::{Counters, Event, Progress, Silent};
 pub use collection::{CollectionStats, Engine, Target};
 pub use error::{EngineError, ErrorKind, Result};
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{EncodedImages, EncodedText, Encoders, LocalModels};
-pub use progress::{IngestEvent, IngestObserver, IngestProgress, Silent};
 pub use uploads::{NewUpload, Uploaded};
 
 pub use crate::index::{

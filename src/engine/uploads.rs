@@ -16,8 +16,8 @@ use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::ingest::{IngestOptions, Ingestor};
 use super::models::Encoders;
-use super::progress::Silent;
 use crate::index::{content_hash, ImageId};
+use crate::progress::Silent;
 
 /// The upload directory of a collection and the hashes being uploaded now.
 #[derive(Debug)]

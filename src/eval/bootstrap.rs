@@ -8,13 +8,13 @@
 use std::io::Write;
 use std::path::Path;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::dataset::Dataset;
 use super::error::{EvalError, Result};
 use crate::model::preprocess::{load_image, DecodeLimits};
 use crate::model::{capfilt_images, CandidateSource, CapFiltParams, Captioner, Retriever};
+use crate::progress::{Event, Progress};
 
 /// Options of [`capfilt_dataset`].
 #[derive(Debug, Clone)]
@@ -27,8 +27,6 @@ pub struct BootstrapOptions {
     pub limits: DecodeLimits,
     /// Captioner and filter settings.
     pub params: CapFiltParams,
-    /// Draw a progress bar on stderr (when it is a terminal).
-    pub progress: bool,
 }
 
 /// One line of the bootstrapped dataset.
@@ -127,6 +125,7 @@ pub fn capfilt_dataset(
     data: &Dataset,
     out: &Path,
     opts: &BootstrapOptions,
+    progress: &dyn Progress,
 ) -> Result<BootstrapSummary> {
     if opts.batch_size == 0 {
         return Err(EvalError::InvalidInput(
@@ -146,16 +145,11 @@ pub fn capfilt_dataset(
         quality: None,
     };
     let mut quality = FilterQuality::default();
-    let bar = ProgressBar::new(data.items.len() as u64);
-    if !opts.progress {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images ({per_sec}, ETA {eta})",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    progress.event(Event::Started {
+        what: "images",
+        total: data.items.len() as u64,
+        done: 0,
+    });
     for chunk in data.items.chunks(opts.batch_size) {
         let mut images = Vec::with_capacity(chunk.len());
         let mut items = Vec::with_capacity(chunk.len());
@@ -175,7 +169,9 @@ pub fn capfilt_dataset(
                 }
             }
         }
-        bar.inc(chunk.len() as u64);
+        progress.event(Event::Done {
+            n: chunk.len() as u64,
+        });
         if images.is_empty() {
             continue;
         }
@@ -229,7 +225,7 @@ pub fn capfilt_dataset(
             }
         }
     }
-    bar.finish_and_clear();
+    progress.event(Event::Finished);
     writer.flush()?;
     if quality.wrong + quality.right > 0 {
         let dropped = quality.dropped_wrong + quality.dropped_right;

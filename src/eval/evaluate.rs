@@ -16,7 +16,6 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use image::DynamicImage;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use super::dataset::Dataset;
@@ -27,6 +26,7 @@ use crate::model::retrieval::rows;
 use crate::model::{
     CaptionParams, Captioner, GenerationMode, ItmFirstToken, ModelError, Retriever,
 };
+use crate::progress::{Event, Progress};
 
 /// Options of an evaluation run.
 #[derive(Debug, Clone)]
@@ -45,8 +45,6 @@ pub struct EvalOptions {
     pub itm_first_token: ItmFirstToken,
     /// Caption generation (BLIP: beam 3, max 20, min 5).
     pub caption: CaptionParams,
-    /// Draw progress bars on stderr (when it is a terminal).
-    pub progress: bool,
 }
 
 impl Default for EvalOptions {
@@ -59,7 +57,6 @@ impl Default for EvalOptions {
             limits: DecodeLimits::default(),
             itm_first_token: ItmFirstToken::Enc,
             caption: CaptionParams::default(),
-            progress: true,
         }
     }
 }
@@ -156,18 +153,28 @@ pub struct CaptionReport {
     pub captions: Vec<String>,
 }
 
-fn bar(len: usize, what: &str, enabled: bool) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64);
-    if !enabled {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
+/// One phase of progress: `Started` now, `Finished` when dropped.
+struct Phase<'a>(&'a dyn Progress);
+
+impl<'a> Phase<'a> {
+    fn start(progress: &'a dyn Progress, what: &str, total: usize) -> Self {
+        progress.event(Event::Started {
+            what,
+            total: total as u64,
+            done: 0,
+        });
+        Phase(progress)
     }
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what} ({{per_sec}}, ETA {{eta}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
+
+    fn inc(&self, n: u64) {
+        self.0.event(Event::Done { n });
+    }
+}
+
+impl Drop for Phase<'_> {
+    fn drop(&mut self) {
+        self.0.event(Event::Finished);
+    }
 }
 
 /// Decodes the images of items `range`, naming the file that fails.
@@ -208,6 +215,7 @@ pub fn evaluate_retrieval(
     model: &Retriever,
     data: &Dataset,
     opts: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<RetrievalReport> {
     if opts.batch_size == 0 || opts.text_batch_size == 0 {
         return Err(EvalError::InvalidInput(
@@ -231,14 +239,14 @@ pub fn evaluate_retrieval(
     let n_txt = texts.len();
 
     // Embed texts, then images (keeping each image's ViT tokens for ITM).
-    let pb = bar(n_txt, "texts", opts.progress);
+    let pb = Phase::start(progress, "texts", n_txt);
     let mut txt_itc: Vec<Vec<f32>> = Vec::with_capacity(n_txt);
     for chunk in texts.chunks(opts.text_batch_size) {
         txt_itc.extend(rows(&model.embed_texts(chunk)?.itc)?);
         pb.inc(chunk.len() as u64);
     }
-    pb.finish_and_clear();
-    let pb = bar(n_img, "images", opts.progress);
+    drop(pb);
+    let pb = Phase::start(progress, "images", n_img);
     let mut img_itc: Vec<Vec<f32>> = Vec::with_capacity(n_img);
     let mut img_tokens: Vec<Tensor> = Vec::with_capacity(n_img);
     for start in (0..n_img).step_by(opts.batch_size) {
@@ -251,7 +259,7 @@ pub fn evaluate_retrieval(
         }
         pb.inc((end - start) as u64);
     }
-    pb.finish_and_clear();
+    drop(pb);
 
     // ITC similarity matrix (images x texts).
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
@@ -297,7 +305,7 @@ pub fn evaluate_retrieval(
     // Image -> text: the top k texts of each image against that image.
     let k_txt = opts.k.min(n_txt);
     let k_img = opts.k.min(n_img);
-    let pb = bar(n_img + n_txt, "ITM reranks", opts.progress);
+    let pb = Phase::start(progress, "ITM reranks", n_img + n_txt);
     let mut tr = Vec::with_capacity(n_img);
     for i in 0..n_img {
         let top = &i2t_itc[i][..k_txt];
@@ -328,7 +336,7 @@ pub fn evaluate_retrieval(
         ir.push(ir_rank(t, &reranked(&t2i_itc[t], &score)));
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    drop(pb);
     report.k = opts.k.min(n_txt.max(n_img));
     report.itm_rerank = Some(RetrievalScores::new(&tr, &ir));
     report.text_ranks = tr;
@@ -341,6 +349,7 @@ pub fn evaluate_captions(
     model: &Captioner,
     data: &Dataset,
     opts: &EvalOptions,
+    progress: &dyn Progress,
 ) -> Result<CaptionReport> {
     if opts.batch_size == 0 {
         return Err(EvalError::InvalidInput(
@@ -353,7 +362,7 @@ pub fn evaluate_captions(
         ));
     }
     let n = data.items.len();
-    let pb = bar(n, "captions", opts.progress);
+    let pb = Phase::start(progress, "captions", n);
     let mut captions = Vec::with_capacity(n);
     for start in (0..n).step_by(opts.batch_size) {
         let end = (start + opts.batch_size).min(n);
@@ -363,7 +372,7 @@ pub fn evaluate_captions(
         }
         pb.inc((end - start) as u64);
     }
-    pb.finish_and_clear();
+    drop(pb);
     let hyps: Vec<String> = captions.iter().map(|c| coco_tokenize(c)).collect();
     let refs: Vec<Vec<String>> = data
         .items

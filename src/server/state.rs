@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::infer::{InferClient, InferenceQueue};
 use super::metrics::Metrics;
 use crate::engine::models::{CapFiltParams, DecodeBudget, DecodeLimits};
-use crate::engine::{Engine, IngestProgress, IngestSummary};
+use crate::engine::{Counters, Engine, IngestSummary};
 
 /// Settings the handlers need.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ pub enum IngestState {
 #[derive(Debug)]
 pub struct IngestStatus {
     /// Live counters of the run (also the way to stop it).
-    pub progress: Arc<IngestProgress>,
+    pub progress: Arc<Counters>,
     /// What the thread is doing.
     pub state: Mutex<IngestState>,
     /// The last run's failure, if it failed.
@@ -71,7 +71,7 @@ pub struct IngestStatus {
 impl Default for IngestStatus {
     fn default() -> Self {
         Self {
-            progress: Arc::new(IngestProgress::default()),
+            progress: Arc::new(Counters::default()),
             state: Mutex::new(IngestState::Idle),
             last_error: Mutex::new(None),
             last_run_unix: Mutex::new(None),

@@ -1,4 +1,4 @@
-//! The training loop: shuffled batches, one optimiser step per batch, a progress bar, and
+//! The training loop: shuffled batches, one optimiser step per batch, progress events, and
 //! checkpoints that an interrupted run resumes from.
 //!
 //! The output directory holds the latest model as an HF checkpoint (`config.json`,
@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -28,6 +27,7 @@ use super::params::{ParamStore, TEMP};
 use super::{Result, TrainError};
 use crate::model::tokenizer::BlipTokenizer;
 use crate::model::TrainingMode;
+use crate::progress::{Event, Progress};
 
 /// What to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,24 +281,25 @@ impl Trainer {
     }
 
     /// Runs to the end, checkpointing after every epoch (and every `save_every` steps).
-    pub fn run(&mut self) -> Result<TrainSummary> {
-        self.run_for(None)
+    pub fn run(&mut self, progress: &dyn Progress) -> Result<TrainSummary> {
+        self.run_for(None, progress)
     }
 
     /// Like [`Trainer::run`], but stops (after a checkpoint) once this invocation has taken
     /// `max_steps` steps, as an interrupted run would; `--resume` continues it.
-    pub fn run_for(&mut self, max_steps: Option<u64>) -> Result<TrainSummary> {
+    pub fn run_for(
+        &mut self,
+        max_steps: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<TrainSummary> {
         let _training = TrainingMode::enter();
         let total = self.total_steps();
         let start_step = self.step;
-        let bar = ProgressBar::new(total);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} steps {per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar.set_position(self.step);
+        progress.event(Event::Started {
+            what: "steps",
+            total,
+            done: self.step,
+        });
         let log_path = self.out.join("train_log.jsonl");
         let mut log = fs_err::OpenOptions::new()
             .create(true)
@@ -344,10 +345,10 @@ impl Trainer {
                 count += 1;
                 let secs = t0.elapsed().as_secs_f64();
                 let rate = chosen.len() as f64 / secs.max(1e-9);
-                bar.set_message(format!(
-                    "loss {value:.4}{parts} lr {lr:.2e} {rate:.1} pairs/s"
-                ));
-                bar.inc(1);
+                progress.event(Event::Working {
+                    item: &format!("loss {value:.4}{parts} lr {lr:.2e} {rate:.1} pairs/s"),
+                });
+                progress.event(Event::Done { n: 1 });
                 let line = serde_json::json!({
                     "step": self.step, "epoch": epoch, "loss": value, "lr": lr, "seconds": secs,
                     "parts": parts.trim(),
@@ -361,7 +362,7 @@ impl Trainer {
                 }
                 if max_steps.is_some_and(|m| self.step - start_step >= m) {
                     self.save(epoch)?;
-                    bar.abandon();
+                    progress.event(Event::Finished);
                     return Ok(TrainSummary {
                         steps: self.step - start_step,
                         total_steps: self.step,
@@ -372,12 +373,11 @@ impl Trainer {
             }
             last_epoch_loss = sum / count.max(1) as f64;
             self.save(epoch + 1)?;
-            bar.println(format!(
-                "epoch {} mean loss {last_epoch_loss:.4}",
-                epoch + 1
-            ));
+            progress.event(Event::Note {
+                line: &format!("epoch {} mean loss {last_epoch_loss:.4}", epoch + 1),
+            });
         }
-        bar.finish();
+        progress.event(Event::Finished);
         Ok(TrainSummary {
             steps: self.step - start_step,
             total_steps: self.step,
