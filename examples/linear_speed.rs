@@ -18,9 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blipsearch::model::layers::{
-    set_absorbed_cross_attention, set_fast_kernels, set_large_m_kernel,
-};
+use blipsearch::model::layers::Kernels;
 use blipsearch::model::linear::Linear;
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{CaptionParams, Captioner, ItmFirstToken, ModelSource, Retriever};
@@ -90,7 +88,11 @@ fn shapes(rounds: usize) -> Result<()> {
             let (mut old, mut new) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 for on in [false, true] {
-                    set_fast_kernels(on);
+                    let _kernels = Kernels {
+                        fast: on,
+                        ..Kernels::default()
+                    }
+                    .enter();
                     let s = best(5, || lin.forward(&xs).map(drop).map_err(Into::into))?;
                     if on { &mut new } else { &mut old }.push(s);
                 }
@@ -106,7 +108,6 @@ fn shapes(rounds: usize) -> Result<()> {
             );
         }
     }
-    set_fast_kernels(true);
     Ok(())
 }
 
@@ -133,7 +134,11 @@ fn itm(model: &Retriever, rounds: usize) -> Result<()> {
     let (mut old, mut new) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         for on in [false, true] {
-            set_absorbed_cross_attention(on);
+            let _kernels = Kernels {
+                absorbed_cross_attention: on,
+                ..Kernels::default()
+            }
+            .enter();
             let s = best(2, || {
                 let s = model.itm(&texts, &stored, &pairs, ItmFirstToken::Enc)?;
                 probs.push((on, s.iter().map(|s| s.prob).collect::<Vec<_>>()));
@@ -142,7 +147,6 @@ fn itm(model: &Retriever, rounds: usize) -> Result<()> {
             if on { &mut new } else { &mut old }.push(s);
         }
     }
-    set_absorbed_cross_attention(true);
     let worst = probs
         .iter()
         .flat_map(|(_, p)| p.iter().zip(&probs[0].1).map(|(a, b)| (a - b).abs()))
@@ -172,7 +176,11 @@ fn vit_large_m(model: &Retriever, rounds: usize) -> Result<()> {
     let mut itc = Vec::new();
     for _ in 0..rounds {
         for on in [false, true] {
-            set_large_m_kernel(on);
+            let _kernels = Kernels {
+                large_m: on,
+                ..Kernels::default()
+            }
+            .enter();
             let s = best(2, || {
                 itc.push(
                     model
@@ -186,7 +194,6 @@ fn vit_large_m(model: &Retriever, rounds: usize) -> Result<()> {
             if on { &mut new } else { &mut old }.push(s);
         }
     }
-    set_large_m_kernel(true);
     let worst = itc
         .iter()
         .flat_map(|v| v.iter().zip(&itc[0]).map(|(a, b)| (a - b).abs()))
@@ -216,7 +223,11 @@ fn main() -> Result<()> {
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds {
             for on in [false, true] {
-                set_fast_kernels(on);
+                let _kernels = Kernels {
+                    fast: on,
+                    ..Kernels::default()
+                }
+                .enter();
                 let s = best(5, || {
                     model.embed_texts(&query).map(drop).map_err(Into::into)
                 })?;
@@ -246,7 +257,11 @@ fn main() -> Result<()> {
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds {
             for on in [false, true] {
-                set_fast_kernels(on);
+                let _kernels = Kernels {
+                    fast: on,
+                    ..Kernels::default()
+                }
+                .enter();
                 let s = best(2, || {
                     model.embed_images(&images).map(drop).map_err(Into::into)
                 })?;
@@ -264,7 +279,11 @@ fn main() -> Result<()> {
         let (mut old, mut new) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds {
             for on in [false, true] {
-                set_fast_kernels(on);
+                let _kernels = Kernels {
+                    fast: on,
+                    ..Kernels::default()
+                }
+                .enter();
                 let t = Instant::now();
                 let caps = model.caption_images(&images, &params)?;
                 if on { &mut new } else { &mut old }.push(t.elapsed().as_secs_f64());

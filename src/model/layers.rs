@@ -1,7 +1,6 @@
 //! Small building blocks shared by the vision and text transformers.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
@@ -40,49 +39,70 @@ pub(crate) fn training() -> bool {
     TRAINING.with(Cell::get)
 }
 
-static FAST_KERNELS: AtomicBool = AtomicBool::new(true);
+/// Which of this crate's own kernels the model code uses, against candle's generic ones. All on
+/// by default; the others exist only to measure each kernel against candle's path in one
+/// process (`examples/linear_speed.rs`), and results differ in the last bits only.
+///
+/// The choice is explicit and scoped: [`Kernels::enter`] applies it to the model code on the
+/// calling thread until the guard is dropped (every kernel is picked on the calling thread),
+/// so no other thread, such as a server's inference worker, is affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// The small-M linear kernel ([`super::linear`]), the few-query attention and the fused
+    /// scaled softmax (off: candle's matmul and softmax).
+    pub fast: bool,
+    /// The blocked AVX-512 matmul of `Linear` for inputs of many rows, where the CPU has
+    /// AVX-512 (off: candle's matmul).
+    pub large_m: bool,
+    /// The unprojected cross-attention of ITM (off: every image's keys and values projected).
+    pub absorbed_cross_attention: bool,
+}
 
-/// Turns this module's fast paths on or off for the whole process: the small-M linear kernel
-/// ([`super::linear`]), the few-query attention and the fused scaled softmax of [`attention`]
-/// (on by default; off is candle's matmul and softmax). Only for measuring them against candle's path in one process
-/// (`examples/linear_speed.rs`); results differ in the last bits only.
-#[doc(hidden)]
-pub fn set_fast_kernels(enabled: bool) {
-    FAST_KERNELS.store(enabled, Ordering::Relaxed);
+impl Default for Kernels {
+    fn default() -> Self {
+        Self {
+            fast: true,
+            large_m: true,
+            absorbed_cross_attention: true,
+        }
+    }
+}
+
+thread_local! {
+    static KERNELS: Cell<Kernels> = Cell::new(Kernels::default());
+}
+
+/// Restores the previous [`Kernels`] of its thread when dropped.
+#[must_use = "the kernel choice ends when the guard is dropped"]
+pub struct KernelScope {
+    previous: Kernels,
+}
+
+impl Kernels {
+    /// Uses these kernels on this thread until the guard is dropped.
+    pub fn enter(self) -> KernelScope {
+        KernelScope {
+            previous: KERNELS.with(|k| k.replace(self)),
+        }
+    }
+}
+
+impl Drop for KernelScope {
+    fn drop(&mut self) {
+        KERNELS.with(|k| k.set(self.previous));
+    }
 }
 
 pub(crate) fn fast_kernels() -> bool {
-    FAST_KERNELS.load(Ordering::Relaxed)
-}
-
-static LARGE_M_KERNEL: AtomicBool = AtomicBool::new(true);
-
-/// Turns the blocked AVX-512 matmul of `Linear` for inputs of many rows on or off for the whole
-/// process (on by default where the CPU has AVX-512; off is candle's matmul). Only for measuring
-/// it against candle's in one process (`examples/linear_speed.rs`); results differ in the last
-/// bits only.
-#[doc(hidden)]
-pub fn set_large_m_kernel(enabled: bool) {
-    LARGE_M_KERNEL.store(enabled, Ordering::Relaxed);
+    KERNELS.with(Cell::get).fast
 }
 
 pub(crate) fn large_m_kernel() -> bool {
-    LARGE_M_KERNEL.load(Ordering::Relaxed)
-}
-
-static ABSORBED_CROSS_ATTENTION: AtomicBool = AtomicBool::new(true);
-
-/// Turns the unprojected cross-attention of [`super::text::TextModel::image_context`] (ITM) on
-/// or off for the whole process (on by default; off projects every image's keys and values).
-/// Only for measuring the two in one process (`examples/linear_speed.rs`); results differ in
-/// the last bits only.
-#[doc(hidden)]
-pub fn set_absorbed_cross_attention(enabled: bool) {
-    ABSORBED_CROSS_ATTENTION.store(enabled, Ordering::Relaxed);
+    KERNELS.with(Cell::get).large_m
 }
 
 pub(crate) fn absorbed_cross_attention() -> bool {
-    ABSORBED_CROSS_ATTENTION.load(Ordering::Relaxed)
+    KERNELS.with(Cell::get).absorbed_cross_attention
 }
 
 /// A `nn.LayerNorm`: candle's fused kernel for inference, a differentiable composition of tensor
