@@ -3,9 +3,13 @@
 //!
 //! Layers, each depending only on those above it in this list:
 //! - [`model`]: BLIP itself (preprocessing, tokenizer, ViT, text encoder/decoder, ITC/ITM);
-//! - [`index`]: on-disk collection storage (sled metadata, HNSW vectors, tantivy text, ViT
-//!   features, thumbnails); takes vectors and ids, never a model;
-//! - [`engine`]: ingestion and search over a collection with the models;
+//! - [`progress`]: progress events of long work, rendered by the caller;
+//! - [`index`]: storage behind the `Store` trait (the embedded collection: sled records, HNSW
+//!   vectors, tantivy text, in-memory filter columns) and the blob store (ViT features,
+//!   thumbnails); takes vectors, texts and ids, never a model;
+//! - [`engine`]: the only orchestrator: ingestion, uploads, removal, reindex and search over a
+//!   collection with the models; the CLI and server reach everything below through it;
+//! - [`train`]: fine-tuning the retrieval and caption models;
 //! - [`eval`]: a synthetic captioned world, caption metrics, dataset readers, evaluation;
 //! - [`server`]: the HTTP API, web UI and metrics (`blipsearch serve`);
 //! - `cli`: the command-line front end.

@@ -1,0 +1,348 @@
+//! The engine's operations called directly, as the CLI and the server call them: ingest with
+//! progress events, sync, uploads (dedupe under concurrency, rollback, removal of the file),
+//! all-or-none removal, filtered search, and the sweep of blobs no record owns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::Device;
+use common::*;
+
+use blipsearch::engine::models::{ModelSource, Retriever};
+use blipsearch::engine::search::{SearchMode, SearchParams};
+use blipsearch::engine::{
+    Engine, ErrorKind, Event, Filter, ImageId, IngestOptions, NewUpload, Progress, Silent, Target,
+};
+use blipsearch::index::BlobStore;
+
+fn retriever() -> Retriever {
+    Retriever::load(
+        &ModelSource::Dir(fixtures().join("tiny-a/retrieval")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn options() -> IngestOptions {
+    IngestOptions {
+        capfilt: None,
+        batch_size: 3,
+        commit_every: 4,
+        ..Default::default()
+    }
+}
+
+/// Distinct small PNGs `<stem>_<i>.png` in `dir`.
+fn images(dir: &Path, stem: &str, n: usize, seed: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let mut state = seed
+                .wrapping_mul(2654435761)
+                .wrapping_add(i as u32 * 40503 + 1);
+            let img = image::RgbImage::from_fn(24 + i as u32, 20, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+            });
+            let p = dir.join(format!("{stem}_{i}.png"));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+fn png_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+/// Every event, as text.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Progress for Recorder {
+    fn event(&self, e: Event<'_>) {
+        let line = match e {
+            Event::Started { what, total, done } => format!("started {what} {total} {done}"),
+            Event::Working { .. } => "working".into(),
+            Event::Done { n } => format!("done {n}"),
+            Event::Failed { item, .. } => format!("failed {}", short(item)),
+            Event::Note { line } => format!("note {line}"),
+            Event::Finished => "finished".into(),
+        };
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+fn short(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+#[test]
+fn ingest_reports_events_and_sync_removes_what_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let files = images(&photos, "a", 7, 1);
+    std::fs::write(photos.join("broken.png"), b"not a png").unwrap();
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    let rec = Recorder::default();
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), false, &rec)
+        .unwrap();
+    assert_eq!((s.added, s.failed.len(), s.total), (7, 1, 7), "{s:?}");
+    let events = rec.0.into_inner().unwrap();
+    assert_eq!(events.first().unwrap(), "started files 8 0");
+    assert_eq!(events.last().unwrap(), "finished");
+    let done: u64 = events
+        .iter()
+        .filter_map(|e| e.strip_prefix("done "))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(done, 8, "every file counts once: {events:?}");
+    assert!(events.contains(&"failed broken.png".to_string()));
+    // Commits after 4 and 7 images (batches of 3: at 6, then at the end).
+    let notes: Vec<&String> = events.iter().filter(|e| e.starts_with("note")).collect();
+    assert_eq!(
+        notes.last().unwrap().as_str(),
+        "note committed: 7 images in the collection"
+    );
+
+    // A second run skips everything; sync drops the removed files.
+    std::fs::remove_file(&files[0]).unwrap();
+    std::fs::remove_file(&files[1]).unwrap();
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), true, &Silent)
+        .unwrap();
+    assert_eq!(
+        (s.removed, s.unchanged, s.added, s.total),
+        (2, 5, 0, 5),
+        "{s:?}"
+    );
+    assert!(engine
+        .by_path(
+            &std::fs::canonicalize(&files[2])
+                .unwrap()
+                .display()
+                .to_string()
+        )
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn uploads_dedupe_roll_back_and_leave_with_their_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let src = images(&tmp.path().join("src"), "u", 2, 7);
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    let bytes = png_bytes(&src[0]);
+    let upload = |stem: &'static str| NewUpload {
+        bytes: &bytes,
+        stem: Some(stem),
+        ext: "png",
+    };
+
+    // Eight threads upload the same bytes under one name: one image, one file, one id.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    engine
+                        .upload(&r, options(), upload("same"), vec![])
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let id = results[0].id;
+    assert!(results.iter().all(|u| u.id == id));
+    assert_eq!(results.iter().filter(|u| !u.duplicate).count(), 1);
+    let files = || std::fs::read_dir(engine.uploads_dir()).unwrap().count();
+    assert_eq!(files(), 1);
+    assert_eq!(engine.len().unwrap(), 1);
+    // Given texts are searchable.
+    let other = png_bytes(&src[1]);
+    let second = engine
+        .upload(
+            &r,
+            options(),
+            NewUpload {
+                bytes: &other,
+                stem: None,
+                ext: "png",
+            },
+            vec!["grandmother birthday".into()],
+        )
+        .unwrap();
+    let hits = engine
+        .search_text(
+            &r,
+            "birthday",
+            &SearchParams {
+                mode: SearchMode::Text,
+                rerank_k: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(hits.hits[0].id, second.id.0);
+
+    // Bytes that do not decode: an error of kind InvalidImage, and no file is left.
+    let err = engine
+        .upload(
+            &r,
+            options(),
+            NewUpload {
+                bytes: b"\x89PNG\r\n\x1a\n broken",
+                stem: Some("bad"),
+                ext: "png",
+            },
+            vec![],
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidImage, "{err}");
+    assert_eq!(files(), 2);
+
+    // Removing an uploaded image removes its file; its id is gone for good.
+    assert!(engine.remove(id).unwrap());
+    assert!(!engine.remove(id).unwrap());
+    assert_eq!(files(), 1);
+    assert_eq!(engine.get(id).unwrap(), None);
+    assert_eq!(
+        engine.thumbnail(id).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn remove_all_is_all_or_none_and_leaves_user_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let files = images(&photos, "b", 4, 3);
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), false, &Silent)
+        .unwrap();
+    let id0 = engine
+        .by_path(
+            &std::fs::canonicalize(&files[0])
+                .unwrap()
+                .display()
+                .to_string(),
+        )
+        .unwrap()
+        .unwrap();
+    let err = engine
+        .remove_all(&[
+            Target::Id(id0),
+            Target::Path(files[1].clone()),
+            Target::Id(ImageId(424_242)),
+        ])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("424242"), "{err}");
+    assert_eq!(engine.len().unwrap(), 4, "nothing was removed");
+    let n = engine
+        .remove_all(&[
+            Target::Id(id0),
+            Target::Path(files[1].clone()),
+            Target::Id(id0),
+        ])
+        .unwrap();
+    assert_eq!((n, engine.len().unwrap()), (2, 2));
+    // Files in the user's folders are never deleted.
+    assert!(files.iter().all(|f| f.exists()));
+}
+
+#[test]
+fn filtered_search_returns_only_what_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    images(&photos.join("x"), "x", 6, 11);
+    images(&photos.join("y"), "y", 6, 12);
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), false, &Silent)
+        .unwrap();
+    let x = format!(
+        "{}/",
+        std::fs::canonicalize(photos.join("x")).unwrap().display()
+    );
+    for mode in [SearchMode::Hybrid, SearchMode::Vector, SearchMode::Text] {
+        let res = engine
+            .search_text(
+                &r,
+                "x",
+                &SearchParams {
+                    mode,
+                    rerank_k: 2,
+                    limit: 50,
+                    filter: Filter {
+                        path_prefix: Some(x.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(res.hits.iter().all(|h| h.path.starts_with(&x)), "{mode:?}");
+        if mode != SearchMode::Text {
+            assert_eq!(res.hits.len(), 6, "{mode:?}");
+        }
+    }
+    let err = engine
+        .search_text(
+            &r,
+            "x",
+            &SearchParams {
+                filter: Filter {
+                    date_from: Some("2023-02-30".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let err = engine
+        .search_similar(&r, ImageId(999_999), &SearchParams::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+#[test]
+fn blobs_no_record_owns_are_swept_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    images(&photos, "c", 3, 5);
+    let index = tmp.path().join("index");
+    {
+        let engine = Engine::open(&index, &collection_info(&r)).unwrap();
+        engine
+            .ingest(&r, options(), std::slice::from_ref(&photos), false, &Silent)
+            .unwrap();
+    }
+    // A crash between writing an image's blobs and its record leaves blobs of an id no record
+    // has.
+    let blobs = BlobStore::open(&index).unwrap();
+    let kept = blobs.features(ImageId(0)).unwrap();
+    blobs.put(ImageId(77), Some(&kept), None).unwrap();
+    drop(blobs);
+    let engine = Engine::open_existing(&index).unwrap();
+    assert_eq!(
+        engine.features(ImageId(77)).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(engine.features(ImageId(0)).unwrap(), kept);
+    let s = engine.stats().unwrap();
+    assert_eq!(s.store.images, 3);
+    assert!(s.features_bytes > 0 && s.thumbs_bytes > 0);
+}
