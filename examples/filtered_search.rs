@@ -185,7 +185,9 @@ fn main() -> anyhow::Result<()> {
         &candle_core::Device::Cpu,
     )?;
     build(&dir, n, r.embedding_dim(), r.name())?;
+    let opening = Instant::now();
     let engine = Engine::open_existing(&dir)?;
+    let opened = opening.elapsed().as_secs_f64();
     let prefix = |p: &str| Filter {
         path_prefix: Some(p.into()),
         ..Default::default()
@@ -232,7 +234,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{} images, {runs} queries per row, hybrid k=100 limit=20 rerank 0, model {}",
+        "{} images (opened in {opened:.2} s), {runs} queries per row, hybrid k=100 limit=20 \
+         rerank 0, model {}",
         engine.len()?,
         model_dir.display()
     );

@@ -13,7 +13,7 @@ fn main() -> std::process::ExitCode {
     match blipsearch::cli::run(blipsearch::cli::Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", blipsearch::cli::error_message(&e));
             std::process::ExitCode::FAILURE
         }
     }

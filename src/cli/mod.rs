@@ -196,6 +196,24 @@ struct ScoreOutput {
     results: Vec<ScoreResult>,
 }
 
+/// The message of `e` and of each cause below it, joined by `: `, leaving out a cause whose
+/// text the message already holds (many errors print their cause and also return it as their
+/// source, which would say it twice).
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {

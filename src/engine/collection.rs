@@ -417,12 +417,9 @@ impl Engine {
             let path = path.to_path_buf();
             move |source| EngineError::Io { path, source }
         };
-        let (mut paths, mut given, mut ids, next_id) = (
-            Vec::new(),
-            std::collections::HashMap::new(),
-            std::collections::HashMap::new(),
-            ImageId(0),
-        );
+        let mut paths = Vec::new();
+        let mut given = std::collections::HashMap::new();
+        let mut ids = std::collections::HashMap::new();
         let next_id = {
             let old = Engine::open_existing(dir)?;
             old.for_each(&mut |r| {
@@ -432,7 +429,7 @@ impl Engine {
                 Ok(())
             })?;
             let next = old.read()?.next_id()?;
-            next.max(next_id)
+            next
         };
         let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
             paths.into_iter().partition(|p| p.exists());

@@ -5,7 +5,7 @@
 //! id), every file is created with `create_new`, and an upload only ever deletes the file it
 //! created itself; so no request can remove a file that an indexed image (or another request)
 //! owns. Files that no record points to (left by a crash between writing and indexing) are
-//! removed by [`Uploads::remove_orphans`] at start.
+//! removed by [`super::Engine::remove_orphan_uploads`] at start.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

@@ -140,8 +140,10 @@ pub struct Columns {
     ids: Vec<u64>,
     rows: Vec<Row>,
     row_paths: Vec<Arc<str>>,
+    /// Row of each id.
     slot: HashMap<u64, usize>,
-    paths: BTreeMap<Arc<str>, u64>,
+    /// Row of each path, in path order.
+    paths: BTreeMap<Arc<str>, usize>,
 }
 
 impl Columns {
@@ -149,11 +151,12 @@ impl Columns {
     pub fn upsert(&mut self, r: &ImageRecord) {
         self.remove(r.id);
         let path: Arc<str> = Arc::from(r.path.as_str());
-        self.slot.insert(r.id.0, self.ids.len());
+        let row = self.ids.len();
+        self.slot.insert(r.id.0, row);
         self.ids.push(r.id.0);
         self.rows.push(Row::of(r));
         self.row_paths.push(path.clone());
-        self.paths.insert(path, r.id.0);
+        self.paths.insert(path, row);
     }
 
     /// Drops the fields of `id`; returns whether it was there.
@@ -164,11 +167,15 @@ impl Columns {
         self.ids.swap_remove(i);
         self.rows.swap_remove(i);
         let path = self.row_paths.swap_remove(i);
-        if self.paths.get(&path) == Some(&id.0) {
+        if self.paths.get(&path) == Some(&i) {
             self.paths.remove(&path);
         }
+        // The last row moved into `i`.
         if let Some(&moved) = self.ids.get(i) {
             self.slot.insert(moved, i);
+            if let Some(row) = self.paths.get_mut(&self.row_paths[i]) {
+                *row = i;
+            }
         }
         true
     }
@@ -191,14 +198,19 @@ impl Columns {
     /// The ids and paths of images whose path starts with `prefix`, in path order.
     pub fn under(&self, prefix: &str) -> Vec<(ImageId, String)> {
         self.prefixed(prefix)
-            .map(|(p, id)| (ImageId(*id), p.to_string()))
+            .map(|(p, &row)| (ImageId(self.ids[row]), p.to_string()))
             .collect()
     }
 
-    fn prefixed<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a Arc<str>, &'a u64)> {
-        self.paths
-            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-            .take_while(move |(p, _)| p.starts_with(prefix))
+    /// The paths starting with `prefix`, as one range of the sorted map: from `prefix` to the
+    /// first string past every extension of it, so that no key is read but the bounds.
+    fn prefixed<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a Arc<str>, &'a usize)> {
+        let end = prefix_end(prefix);
+        let upper = match &end {
+            Some(e) => Bound::Excluded(e.as_str()),
+            None => Bound::Unbounded,
+        };
+        self.paths.range::<str, _>((Bound::Included(prefix), upper))
     }
 
     /// The ids passing `filter`, as a bit set.
@@ -207,10 +219,13 @@ impl Columns {
         let mut ids = Vec::new();
         match filter.path_prefix.as_deref() {
             Some(prefix) => {
-                for (_, &id) in self.prefixed(prefix) {
-                    let row = self.slot.get(&id).map(|&i| &self.rows[i]);
-                    if row.is_some_and(|row| filter.accepts_row(row, range)) {
-                        ids.push(id);
+                let path_only = Filter {
+                    path_prefix: filter.path_prefix.clone(),
+                    ..Filter::default()
+                } == *filter;
+                for (_, &row) in self.prefixed(prefix) {
+                    if path_only || filter.accepts_row(&self.rows[row], range) {
+                        ids.push(self.ids[row]);
                     }
                 }
             }
@@ -224,6 +239,21 @@ impl Columns {
         }
         IdSet::from_ids(&ids)
     }
+}
+
+/// The least string greater than every string that starts with `prefix` (strings order by code
+/// point): `prefix` with its last character that has a successor replaced by it and the rest cut;
+/// `None` when there is none (every character is `char::MAX`, or `prefix` is empty).
+fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
 }
 
 /// A set of ids as bits over `[base, base + 64 * words)`: the answer to a filter, tested once
@@ -337,6 +367,21 @@ mod tests {
             };
             f.check().unwrap();
         }
+    }
+
+    #[test]
+    fn prefix_end_bounds_exactly_the_extensions() {
+        assert_eq!(prefix_end("/a/").as_deref(), Some("/a0"));
+        assert_eq!(prefix_end("ab").as_deref(), Some("ac"));
+        assert_eq!(prefix_end("\u{d7ff}").as_deref(), Some("\u{e000}"));
+        assert_eq!(prefix_end("a\u{10ffff}").as_deref(), Some("b"));
+        assert_eq!(prefix_end("\u{10ffff}"), None);
+        assert_eq!(prefix_end(""), None);
+        let end = prefix_end("/photos/é").unwrap();
+        for inside in ["/photos/é", "/photos/éz", "/photos/é\u{10ffff}x"] {
+            assert!(inside < end.as_str(), "{inside}");
+        }
+        assert!("/photos/ê" >= end.as_str());
     }
 
     const FOLDERS: [&str; 4] = ["/a/", "/a/b/", "/ab/", "/c/"];

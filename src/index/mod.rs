@@ -149,6 +149,9 @@ pub struct Collection {
     vectors: VectorIndex,
     text: TextIndex,
     columns: Columns,
+    /// The last filter's ids: the two searches of one query, and the pages of one result list,
+    /// ask for the same filter. Cleared by every write.
+    last_selection: std::sync::Mutex<Option<(Filter, Arc<IdSet>)>>,
     recovery: Recovery,
     /// Removed since the last commit: hidden from text search before tantivy sees the delete.
     removed_since_commit: std::collections::HashSet<ImageId>,
@@ -206,6 +209,7 @@ impl Collection {
             vectors,
             text,
             columns: Columns::default(),
+            last_selection: std::sync::Mutex::new(None),
             recovery: Recovery::default(),
             removed_since_commit: Default::default(),
             _lock: lock,
@@ -343,7 +347,26 @@ impl Collection {
             return Ok(None);
         }
         filter.check()?;
-        Ok(Some(Arc::new(self.columns.select(filter))))
+        let mut last = self
+            .last_selection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((f, set)) = last.as_ref() {
+            if f == filter {
+                return Ok(Some(set.clone()));
+            }
+        }
+        let set = Arc::new(self.columns.select(filter));
+        *last = Some((filter.clone(), set.clone()));
+        Ok(Some(set))
+    }
+
+    /// Forgets the cached selection: the columns changed.
+    fn columns_changed(&mut self) {
+        *self
+            .last_selection
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 
@@ -394,6 +417,7 @@ impl Store for Collection {
         self.vectors.insert(record.id, &record.itc)?;
         self.text.upsert(&record)?;
         self.columns.upsert(&record);
+        self.columns_changed();
         Ok(())
     }
 
@@ -410,6 +434,7 @@ impl Store for Collection {
         }
         self.meta.update(record)?;
         self.columns.upsert(record);
+        self.columns_changed();
         self.text.upsert(record)
     }
 
@@ -423,6 +448,7 @@ impl Store for Collection {
         self.vectors.remove(id);
         self.text.delete(id);
         self.columns.remove(id);
+        self.columns_changed();
         self.removed_since_commit.insert(id);
         Ok(Some(record))
     }
