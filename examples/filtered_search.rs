@@ -214,7 +214,7 @@ fn main() -> anyhow::Result<()> {
     ];
     let params = |f: &Filter| SearchParams {
         mode: SearchMode::Hybrid,
-        rerank_k: 0,
+        rerank_k: Some(0),
         filter: f.clone(),
         ..Default::default()
     };

@@ -52,21 +52,21 @@ fn main() -> anyhow::Result<()> {
             "vector only",
             SearchParams {
                 mode: SearchMode::Vector,
-                rerank_k: 0,
+                rerank_k: Some(0),
                 ..Default::default()
             },
         ),
         (
             "hybrid",
             SearchParams {
-                rerank_k: 0,
+                rerank_k: Some(0),
                 ..Default::default()
             },
         ),
         (
             "hybrid + rerank 16",
             SearchParams {
-                rerank_k: 16,
+                rerank_k: Some(16),
                 ..Default::default()
             },
         ),

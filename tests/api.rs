@@ -320,6 +320,12 @@ async fn every_endpoint_and_its_errors() {
         ("/api/search?q=x&k=lots", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&k=0", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&min_itm_prob=2", StatusCode::BAD_REQUEST),
+        // min_itm_prob keeps what ITM accepted: without rerank it would mean nothing.
+        (
+            "/api/search?q=x&rerank_k=0&min_itm_prob=0.5",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/api/search?q=x&include_self=true", StatusCode::BAD_REQUEST),
         (
             "/api/search?q=x&date_from=yesterday",
             StatusCode::BAD_REQUEST,
@@ -423,8 +429,23 @@ async fn every_endpoint_and_its_errors() {
     assert_eq!(st, StatusCode::OK);
     let v = json(&b);
     assert_eq!(v["source_id"], rocket);
-    assert_eq!(v["hits"][0]["id"], rocket);
     assert_eq!(v["hits"].as_array().unwrap().len(), 2);
+    assert!(
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["id"] != rocket),
+        "{v}"
+    );
+    let (st, b) = send!(
+        svc,
+        TestRequest::post()
+            .uri("/api/search/image?limit=2&include_self=true")
+            .set_json(serde_json::json!({ "id": rocket })),
+    );
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(json(&b)["hits"][0]["id"], rocket);
     for (req, code, what) in [
         (
             TestRequest::post()
@@ -462,6 +483,30 @@ async fn every_endpoint_and_its_errors() {
             TestRequest::post()
                 .uri("/api/search/image?q=cat")
                 .set_json(serde_json::json!({ "id": 0 })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        // ITM needs a text: a search by image refuses to rerank.
+        (
+            TestRequest::post()
+                .uri("/api/search/image?rerank_k=4")
+                .set_json(serde_json::json!({ "id": 0 })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            post_multipart(
+                "/api/search/image?min_itm_prob=0.5",
+                &[("image", Some("q.png"), &coffee)],
+            ),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            post_multipart(
+                "/api/search/image?include_self=true",
+                &[("image", Some("q.png"), &coffee)],
+            ),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),

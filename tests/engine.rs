@@ -185,7 +185,7 @@ fn uploads_dedupe_roll_back_and_leave_with_their_image() {
             "birthday",
             &SearchParams {
                 mode: SearchMode::Text,
-                rerank_k: 0,
+                rerank_k: Some(0),
                 ..Default::default()
             },
         )
@@ -282,7 +282,7 @@ fn filtered_search_returns_only_what_passes() {
                 "x",
                 &SearchParams {
                     mode,
-                    rerank_k: 2,
+                    rerank_k: Some(2),
                     limit: 50,
                     filter: Filter {
                         path_prefix: Some(x.clone()),

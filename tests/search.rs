@@ -74,7 +74,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     // Vector only, no rerank: ordered by ITC cosine, which equals the dot product of embeddings.
     let p = SearchParams {
         mode: SearchMode::Vector,
-        rerank_k: 0,
+        rerank_k: Some(0),
         limit: 35,
         ..Default::default()
     };
@@ -98,7 +98,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     // Rerank: order and scores equal to scoring the same pairs directly with the model.
     let p = SearchParams {
         mode: SearchMode::Vector,
-        rerank_k: 8,
+        rerank_k: Some(8),
         limit: 8,
         ..Default::default()
     };
@@ -139,13 +139,13 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     // Text mode finds a file by a word of its name; hybrid keeps it among the candidates.
     let p = SearchParams {
         mode: SearchMode::Text,
-        rerank_k: 0,
+        rerank_k: Some(0),
         ..Default::default()
     };
     let res = c.search_text(&r, "rocket", &p).unwrap();
     assert!(path_of(&c, res.hits[0].id).ends_with("rocket.jpg"));
     let p = SearchParams {
-        rerank_k: 0,
+        rerank_k: Some(0),
         k: 10,
         limit: 50,
         ..Default::default()
@@ -164,7 +164,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
         .display()
         .to_string();
     let p = SearchParams {
-        rerank_k: 0,
+        rerank_k: Some(0),
         limit: 100,
         filter: Filter {
             path_prefix: Some(prefix.clone()),
@@ -176,7 +176,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     assert_eq!(res.hits.len(), 30);
     assert!(res.hits.iter().all(|h| h.path.starts_with(&prefix)));
     let p = SearchParams {
-        rerank_k: 0,
+        rerank_k: Some(0),
         limit: 100,
         filter: Filter {
             min_width: Some(200),
@@ -222,7 +222,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     // A minimum ITM probability keeps only what ITM has seen and accepted.
     for min in [0.0f32, 0.5, 1.0] {
         let p = SearchParams {
-            rerank_k: 6,
+            rerank_k: Some(6),
             min_itm_prob: Some(min),
             ..Default::default()
         };
@@ -252,7 +252,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             query,
             &SearchParams {
                 k: 1_000_000,
-                rerank_k: 0,
+                rerank_k: Some(0),
                 ..Default::default()
             },
         )
@@ -264,7 +264,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             &r,
             &long,
             &SearchParams {
-                rerank_k: 0,
+                rerank_k: Some(0),
                 ..Default::default()
             }
         )
@@ -319,10 +319,48 @@ fn image_search_finds_the_image_itself() {
     assert!(path_of(&c, res.hits[0].id).ends_with("coffee.png"));
     assert!((res.hits[0].itc.unwrap() - 1.0).abs() < 1e-4);
     let first = res.hits[0].id;
+    // More like this: the image itself only when asked for.
     let res = c
         .search_similar(&r, ImageId(first), &SearchParams::default())
         .unwrap();
+    assert!(res.hits.iter().all(|h| h.id != first));
+    assert_eq!(res.hits.len(), 14, "every other image");
+    let res = c
+        .search_similar(
+            &r,
+            ImageId(first),
+            &SearchParams {
+                include_self: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(res.hits[0].id, first);
+    // A search by image cannot rerank.
+    for p in [
+        SearchParams {
+            rerank_k: Some(4),
+            ..Default::default()
+        },
+        SearchParams {
+            min_itm_prob: Some(0.5),
+            ..Default::default()
+        },
+    ] {
+        let err = c.search_image(&r, &img, &p).unwrap_err();
+        assert!(err.to_string().contains("cannot rerank"), "{err}");
+        assert!(c.search_similar(&r, ImageId(first), &p).is_err());
+    }
+    assert!(c
+        .search_image(
+            &r,
+            &img,
+            &SearchParams {
+                rerank_k: Some(0),
+                ..Default::default()
+            }
+        )
+        .is_ok());
     assert!(c
         .search_similar(&r, ImageId(999_999), &SearchParams::default())
         .is_err());

@@ -25,13 +25,19 @@ pub struct SearchArgs {
     /// Search for images like an indexed one (its id).
     #[arg(long, conflicts_with_all = ["query", "image"])]
     similar_to: Option<u64>,
+    /// With --similar-to: keep that image in the results (left out by default).
+    #[arg(long, requires = "similar_to")]
+    include_self: bool,
     /// Candidates from each retriever.
     #[arg(long, default_value_t = 100)]
     k: usize,
-    /// Candidates reranked with ITM (0: off).
-    #[arg(long, default_value_t = 16)]
-    rerank_k: usize,
-    /// hybrid, vector or text.
+    /// Candidates reranked with ITM (0: off) [default: 16 for a text query; a search by image
+    /// cannot rerank].
+    #[arg(long)]
+    rerank_k: Option<usize>,
+    /// Where candidates come from: hybrid (ITC vectors and BM25, fused), vector (ITC only) or
+    /// text (BM25 over captions, given texts and file names only). In every mode the best
+    /// --rerank-k candidates are then reranked with ITM.
     #[arg(long, default_value = "hybrid")]
     mode: String,
     /// Fuse with weights `VECTOR,TEXT` instead of reciprocal rank fusion.
@@ -110,6 +116,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
         limit: a.limit,
         offset: a.offset,
         min_itm_prob: a.min_itm_prob,
+        include_self: a.include_self,
         filter: Filter {
             path_prefix: a.path_prefix.clone(),
             date_from: a.date_from.clone(),
@@ -142,19 +149,22 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:>4}  {:>8}  {:>8}  {:<40}  caption",
-        "rank", "score", "p(match)", "path"
+        "{:>4}  {:>8}  {:<5}  {:>8}  {:<40}  caption",
+        "rank", "score", "by", "p(match)", "path"
     );
     for (i, h) in r.hits.iter().enumerate() {
         let p = h
             .itm_prob
             .map(|p| format!("{p:.3}"))
             .unwrap_or_else(|| "-".into());
+        // Reranked scores (ITM logit + ITC) and fused scores are on different scales.
+        let by = if h.reranked { "itm" } else { "fused" };
         let cap = h.captions.first().map(|c| c.text.as_str()).unwrap_or("");
         println!(
-            "{:>4}  {:>8.4}  {:>8}  {:<40}  {}",
+            "{:>4}  {:>8.4}  {:<5}  {:>8}  {:<40}  {}",
             i + 1,
             h.score,
+            by,
             p,
             h.path,
             cap

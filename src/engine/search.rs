@@ -17,6 +17,8 @@ use crate::index::{BlobStore, Caption, Filter, ImageId, Store};
 pub const MAX_K: usize = 1000;
 /// Largest number of candidates reranked with ITM.
 pub const MAX_RERANK_K: usize = 256;
+/// Candidates of a text query reranked with ITM when the caller does not say.
+pub const DEFAULT_RERANK_K: usize = 16;
 
 /// Which retrievers produce candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -27,7 +29,7 @@ pub enum SearchMode {
     Hybrid,
     /// ITC vectors only.
     Vector,
-    /// BM25 over captions, given texts and file names only.
+    /// BM25 over captions, given texts and file names only (reranked with ITM like the others).
     Text,
 }
 
@@ -73,8 +75,11 @@ impl Default for Fusion {
 pub struct SearchParams {
     /// Candidates taken from each retriever (clamped to [`MAX_K`]).
     pub k: usize,
-    /// Candidates reranked with ITM (0 = off; clamped to [`MAX_RERANK_K`]).
-    pub rerank_k: usize,
+    /// Candidates reranked with ITM (0: off; clamped to [`MAX_RERANK_K`]). `None`:
+    /// [`DEFAULT_RERANK_K`] for a text query, 0 for a search by image, which refuses any other
+    /// value (ITM scores a text against an image, and it has no text). Reranking applies in
+    /// every mode, text included.
+    pub rerank_k: Option<usize>,
     /// Which retrievers run.
     pub mode: SearchMode,
     /// How their lists are combined.
@@ -87,22 +92,61 @@ pub struct SearchParams {
     pub offset: usize,
     /// Keep only reranked results with ITM p(match) at least this (so that a query about
     /// something absent can return nothing); candidates beyond `rerank_k` are dropped too.
+    /// Needs reranking: refused with `rerank_k` 0 and by a search by image.
     pub min_itm_prob: Option<f32>,
+    /// Search by an indexed image: keep that image in the results (it is left out by default,
+    /// as "more like this" asks for others).
+    pub include_self: bool,
     /// Which images may be returned.
     pub filter: Filter,
+}
+
+impl SearchParams {
+    /// Refuses what cannot mean anything for a query by text (`by_text`) or by image: a bad
+    /// filter, `k` or `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
+    /// `include_self` on a text query.
+    pub fn check(&self, by_text: bool) -> Result<()> {
+        self.filter.check()?;
+        if self.k == 0 || self.limit == 0 {
+            return Err(EngineError::InvalidInput(
+                "k and limit must be at least 1".into(),
+            ));
+        }
+        if by_text {
+            if self.rerank_k == Some(0) && self.min_itm_prob.is_some() {
+                return Err(EngineError::InvalidInput(
+                    "min_itm_prob keeps what ITM accepts, so it needs rerank_k of at least 1"
+                        .into(),
+                ));
+            }
+            if self.include_self {
+                return Err(EngineError::InvalidInput(
+                    "include_self applies to a search by an indexed image".into(),
+                ));
+            }
+        } else if self.rerank_k.is_some_and(|k| k > 0) || self.min_itm_prob.is_some() {
+            return Err(EngineError::InvalidInput(
+                "a search by image cannot rerank (rerank_k, min_itm_prob): ITM scores a text \
+                 against an image, and there is no text"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SearchParams {
     fn default() -> Self {
         Self {
             k: 100,
-            rerank_k: 16,
+            rerank_k: None,
             mode: SearchMode::Hybrid,
             fusion: Fusion::default(),
             ef: None,
             limit: 20,
             offset: 0,
             min_itm_prob: None,
+            include_self: false,
             filter: Filter::default(),
         }
     }
@@ -127,6 +171,9 @@ pub struct SearchHit {
     pub text_rank: Option<usize>,
     /// Fused score.
     pub fused: f32,
+    /// Whether ITM reranked this hit: `score` is then `itm_logit + itc`, else the fused score
+    /// (the two are on different scales).
+    pub reranked: bool,
     /// ITM match logit, when reranked.
     pub itm_logit: Option<f32>,
     /// ITM p(match), when reranked.
@@ -196,22 +243,23 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         }
     }
 
-    fn clamp(params: &SearchParams) -> Result<(SearchParams, Vec<String>)> {
-        params.filter.check()?;
+    /// Checks and bounds `params` for a query by text (`by_text`) or by image; the answer's
+    /// `rerank_k` is always set.
+    fn clamp(params: &SearchParams, by_text: bool) -> Result<(SearchParams, Vec<String>)> {
+        params.check(by_text)?;
         let mut p = params.clone();
+        p.rerank_k = Some(match by_text {
+            true => p.rerank_k.unwrap_or(DEFAULT_RERANK_K),
+            false => 0,
+        });
         let mut notices = Vec::new();
-        if p.k == 0 || p.limit == 0 {
-            return Err(EngineError::InvalidInput(
-                "k and limit must be at least 1".into(),
-            ));
-        }
         if p.k > MAX_K {
             notices.push(format!("k {} clamped to {MAX_K}", p.k));
             p.k = MAX_K;
         }
-        if p.rerank_k > MAX_RERANK_K {
-            notices.push(format!("rerank_k {} clamped to {MAX_RERANK_K}", p.rerank_k));
-            p.rerank_k = MAX_RERANK_K;
+        if let Some(k) = p.rerank_k.filter(|k| *k > MAX_RERANK_K) {
+            notices.push(format!("rerank_k {k} clamped to {MAX_RERANK_K}"));
+            p.rerank_k = Some(MAX_RERANK_K);
         }
         if p.limit > MAX_K {
             notices.push(format!("limit {} clamped to {MAX_K}", p.limit));
@@ -227,7 +275,7 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         }
         // Before any forward pass: a query the text index cannot parse is refused at once.
         crate::index::text::check_query(query)?;
-        let (p, mut notices) = Self::clamp(params)?;
+        let (p, mut notices) = Self::clamp(params, true)?;
         let emb = self
             .models
             .encode_texts(vec![query.to_string()])?
@@ -260,33 +308,49 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         image: &DynamicImage,
         params: &SearchParams,
     ) -> Result<SearchResults> {
-        let (p, notices) = Self::clamp(params)?;
+        let (p, notices) = Self::clamp(params, false)?;
         let emb = self.models.encode_images(vec![image.clone()])?;
         let q = emb
             .itc
             .into_iter()
             .next()
             .ok_or_else(|| EngineError::InvalidInput("image could not be encoded".into()))?;
-        self.search_vector(&q, &p, notices)
+        self.search_vector(&q, &p, None, notices)
     }
 
-    /// Searches by an indexed image.
+    /// Searches by an indexed image; the image itself is left out unless `include_self`.
     pub fn search_similar(&self, id: ImageId, params: &SearchParams) -> Result<SearchResults> {
-        let (p, notices) = Self::clamp(params)?;
+        let (p, notices) = Self::clamp(params, false)?;
         let record = self
             .store
             .get(id)?
             .ok_or_else(|| EngineError::NotFound(format!("no image with id {}", id.0)))?;
-        self.search_vector(&record.itc, &p, notices)
+        let leave_out = (!p.include_self).then_some(id.0);
+        self.search_vector(&record.itc, &p, leave_out, notices)
     }
 
     fn search_vector(
         &self,
         q: &[f32],
         p: &SearchParams,
+        leave_out: Option<u64>,
         notices: Vec<String>,
     ) -> Result<SearchResults> {
-        let vector = self.vector_candidates(q, p)?;
+        let mut vector = match leave_out {
+            // One more candidate, so that `k` remain without it.
+            Some(_) => self.vector_candidates(
+                q,
+                &SearchParams {
+                    k: p.k + 1,
+                    ..p.clone()
+                },
+            )?,
+            None => self.vector_candidates(q, p)?,
+        };
+        if let Some(id) = leave_out {
+            vector.retain(|h| h.0 != id);
+            vector.truncate(p.k);
+        }
         let mut res = self.finish(None, q, vector, Vec::new(), p)?;
         res.notices = notices;
         Ok(res)
@@ -340,13 +404,14 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 vector_rank: vrank.get(&id).map(|x| x.0),
                 text_rank: trank.get(&id).map(|x| x.0),
                 fused: f,
+                reranked: false,
                 itm_logit: None,
                 itm_prob: None,
                 captions: record.captions.into_iter().filter(|c| c.kept).collect(),
             });
         }
         if let Some(query) = query {
-            let n = p.rerank_k.min(hits.len());
+            let n = p.rerank_k.unwrap_or(0).min(hits.len());
             if n > 0 {
                 self.rerank(query, &mut hits[..n])?;
                 hits[..n].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
@@ -384,6 +449,7 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         .map_err(crate::model::ModelError::from)?;
         let scores = self.models.itm(query.to_string(), tokens)?;
         for (h, s) in hits.iter_mut().zip(scores) {
+            h.reranked = true;
             h.itm_logit = Some(s.logits[1]);
             h.itm_prob = Some(s.prob);
             h.score = s.logits[1] + h.itc.unwrap_or(0.0);

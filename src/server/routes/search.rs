@@ -43,6 +43,7 @@ pub struct SearchQuery {
     date_from: Option<String>,
     date_to: Option<String>,
     min_itm_prob: Option<f64>,
+    include_self: Option<bool>,
     /// The API key of a GET request (`auth` reads it); accepted here, never used.
     #[serde(rename = "api_key")]
     _api_key: Option<serde::de::IgnoredAny>,
@@ -85,11 +86,12 @@ impl SearchQuery {
         let blank = |s: &Option<String>| s.clone().filter(|x| !x.trim().is_empty());
         Ok(SearchParams {
             k: self.k.unwrap_or(d.k),
-            rerank_k: self.rerank_k.unwrap_or(d.rerank_k),
+            rerank_k: self.rerank_k,
             mode,
             limit: self.limit.unwrap_or(d.limit),
             offset: self.offset.unwrap_or(0),
             min_itm_prob: self.min_itm_prob.map(|p| p as f32),
+            include_self: self.include_self.unwrap_or(false),
             filter: Filter {
                 path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
                 date_from: self.date_from.clone(),
@@ -116,6 +118,7 @@ struct HitOut {
     vector_rank: Option<usize>,
     text_rank: Option<usize>,
     fused: f32,
+    reranked: bool,
     itm_logit: Option<f32>,
     itm_prob: Option<f32>,
     matched_caption: Option<String>,
@@ -178,6 +181,7 @@ fn render(
             vector_rank,
             text_rank,
             fused,
+            reranked,
             itm_logit,
             itm_prob,
             captions,
@@ -200,6 +204,7 @@ fn render(
             vector_rank,
             text_rank,
             fused,
+            reranked,
             itm_logit,
             itm_prob,
             matched_caption: matched_caption(query, &captions),
@@ -261,8 +266,14 @@ async fn search_image(
     }
     let mut params = query.params(&view)?;
     params.mode = SearchMode::Vector;
-    params.rerank_k = 0;
+    // Before reading a body: refuse what a search by image cannot do.
+    params.check(false)?;
     if is_multipart(&req) {
+        if params.include_self {
+            return Err(ApiError::bad_request(
+                "include_self applies to a search by an indexed image ({\"id\": ...})",
+            ));
+        }
         let upload = read_upload(&req, payload, &state.settings).await?;
         let bytes = upload
             .image
