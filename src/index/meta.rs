@@ -278,9 +278,21 @@ fn tx_err(e: TransactionError<IndexError>) -> IndexError {
 /// How long [`MetaStore::open`] waits for sled's own lock to be released.
 const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Whether `e` is sled failing to take its file lock (`flock` answering `EWOULDBLOCK`).
+/// Whether `e` is sled failing to take its file lock (`flock` answering `EWOULDBLOCK`). sled 0.34
+/// reports it as an `Other` error whose message quotes the lock error ("could not acquire lock
+/// on ...: Os { .. kind: WouldBlock .. }"), not with the `WouldBlock` kind.
 fn is_lock_contention(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
+    let sled::Error::Io(io) = e else {
+        return false;
+    };
+    match io.kind() {
+        std::io::ErrorKind::WouldBlock => true,
+        std::io::ErrorKind::Other => {
+            let m = io.to_string();
+            m.starts_with("could not acquire lock on") && m.contains("WouldBlock")
+        }
+        _ => false,
+    }
 }
 
 /// Calls `open` until it stops failing on sled's file lock or `wait` has passed, sleeping 5 ms,
@@ -812,11 +824,26 @@ mod tests {
         assert_eq!(store.count().unwrap(), 2);
     }
 
+    /// A lock error as sled 0.34 returns it while another handle holds its lock (config.rs).
     fn would_block() -> sled::Error {
-        sled::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::WouldBlock,
-            "could not acquire lock",
-        ))
+        sled::Error::Io(std::io::Error::other(format!(
+            "could not acquire lock on {:?}: {:?}",
+            "/tmp/x/db",
+            std::io::Error::from_raw_os_error(11)
+        )))
+    }
+
+    #[test]
+    fn a_held_sled_lock_is_recognised_as_contention() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = sled::Config::new().path(dir.path()).open().unwrap();
+        let second = sled::Config::new().path(dir.path()).open();
+        let err = second.err().expect("the lock is held");
+        assert!(is_lock_contention(&err), "{err:?}");
+        assert!(is_lock_contention(&would_block()));
+        let other = sled::Error::Io(std::io::Error::other("disk on fire"));
+        assert!(!is_lock_contention(&other));
+        drop(held);
     }
 
     #[test]
