@@ -838,7 +838,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let held = sled::Config::new().path(dir.path()).open().unwrap();
         let second = sled::Config::new().path(dir.path()).open();
-        let err = second.err().expect("the lock is held");
+        let Err(err) = second else {
+            panic!("a second handle opened while the lock is held");
+        };
         assert!(is_lock_contention(&err), "{err:?}");
         assert!(is_lock_contention(&would_block()));
         let other = sled::Error::Io(std::io::Error::other("disk on fire"));
