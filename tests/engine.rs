@@ -346,3 +346,83 @@ fn blobs_no_record_owns_are_swept_at_open() {
     assert_eq!(s.store.images, 3);
     assert!(s.features_bytes > 0 && s.thumbs_bytes > 0);
 }
+
+#[test]
+fn moved_files_keep_their_ids_and_a_vanished_folder_is_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    images(&photos, "m", 4, 21);
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), false, &Silent)
+        .unwrap();
+    let by_name = |engine: &Engine| {
+        let mut out = std::collections::BTreeMap::new();
+        engine
+            .for_each(&mut |rec| {
+                let name = Path::new(&rec.path)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(name, (rec.id, rec.path));
+                Ok(())
+            })
+            .unwrap();
+        out
+    };
+    let before = by_name(&engine);
+
+    // mv photos moved: every image keeps its id and takes its new path.
+    let moved = tmp.path().join("moved");
+    std::fs::rename(&photos, &moved).unwrap();
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&moved), true, &Silent)
+        .unwrap();
+    assert_eq!(
+        (s.moved, s.added, s.duplicates, s.total),
+        (4, 0, 0, 4),
+        "{s:?}"
+    );
+    let after = by_name(&engine);
+    let root = std::fs::canonicalize(&moved).unwrap();
+    for (name, (id, path)) in &after {
+        assert_eq!(before[name].0, *id, "{name} kept its id");
+        assert!(Path::new(path).starts_with(&root), "{path}");
+    }
+    // The old place is gone and nothing is left there: a plain error.
+    let err = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), true, &Silent)
+        .unwrap_err();
+    assert!(
+        !err.to_string().contains("images of the collection"),
+        "{err}"
+    );
+
+    // A folder that vanished with its images: sync says what to do, and drops on request.
+    std::fs::remove_dir_all(&moved).unwrap();
+    let err = engine
+        .ingest(&r, options(), std::slice::from_ref(&moved), true, &Silent)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("is gone") && msg.contains("4 images") && msg.contains("--drop-vanished"),
+        "{msg}"
+    );
+    assert_eq!(engine.len().unwrap(), 4, "nothing dropped unasked");
+    let s = engine
+        .ingest(
+            &r,
+            IngestOptions {
+                drop_vanished: true,
+                ..options()
+            },
+            std::slice::from_ref(&moved),
+            true,
+            &Silent,
+        )
+        .unwrap();
+    assert_eq!((s.removed, s.total), (4, 0), "{s:?}");
+}

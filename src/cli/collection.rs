@@ -26,6 +26,11 @@ pub struct IngestArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// `sync` only: a folder given that no longer exists has its images removed (without it,
+    /// such a folder is an error, as it may have moved: sync its new place instead and its
+    /// images keep their ids).
+    #[arg(long)]
+    drop_vanished: bool,
     /// Files or folders (recursive).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
@@ -120,6 +125,7 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
         batch_size: a.batch_size,
         commit_every: a.commit_every,
         limits: a.model.limits()?,
+        drop_vanished: false,
         capfilt,
         budget: DecodeBudget::new(a.decode_memory_mb << 20),
         budget_wait: None,
@@ -129,11 +135,17 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
 /// `add` and `sync`.
 pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
     let c = &a.common;
+    if a.drop_vanished && !sync {
+        bail!("--drop-vanished applies to sync");
+    }
     let models = load_models(c)?;
     let engine = Engine::open(&c.index.index, &models.collection_info())?;
     let summary = engine.ingest(
         &models,
-        ingest_options(c)?,
+        IngestOptions {
+            drop_vanished: a.drop_vanished,
+            ..ingest_options(c)?
+        },
         &a.paths,
         sync,
         &ProgressRenderer::new(),
@@ -166,8 +178,8 @@ fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "added {}, updated {}, unchanged {}, duplicates {}, removed {}, unsupported {}, hidden {}, failed {}",
-        s.added, s.updated, s.unchanged, s.duplicates, s.removed, s.unsupported, s.hidden, s.failed.len()
+        "added {}, updated {}, unchanged {}, moved {}, duplicates {}, removed {}, unsupported {}, hidden {}, failed {}",
+        s.added, s.updated, s.unchanged, s.moved, s.duplicates, s.removed, s.unsupported, s.hidden, s.failed.len()
     );
     for f in &s.failed {
         println!("  failed: {}: {}", f.path, f.reason);

@@ -39,6 +39,9 @@ pub struct IngestOptions {
     pub commit_every: usize,
     /// Decoding limits (pixel count).
     pub limits: DecodeLimits,
+    /// `sync` of a folder that no longer exists removes its images (else it is an error that
+    /// says how).
+    pub drop_vanished: bool,
     /// CapFilt settings; `None` skips captions (vector-only ingest).
     pub capfilt: Option<CapFiltParams>,
     /// Memory for decoded images, shared with whatever else decodes in the process.
@@ -58,6 +61,7 @@ impl Default for IngestOptions {
             batch_size: 8,
             commit_every: 64,
             limits: DecodeLimits::default(),
+            drop_vanished: false,
             capfilt: Some(CapFiltParams::default()),
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
             budget_wait: None,
@@ -85,6 +89,9 @@ pub struct IngestSummary {
     pub unchanged: usize,
     /// Files whose content is already indexed under another path.
     pub duplicates: usize,
+    /// Indexed images found under a new path (their old file gone): they keep their id, and
+    /// their record takes the new path.
+    pub moved: usize,
     /// Hidden files and folders passed over.
     pub hidden: usize,
     /// Files of types we do not read.
@@ -268,11 +275,19 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
 
     /// [`Self::add`], then removes indexed images under `paths` whose files are gone.
     pub fn sync(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
-        let roots: Vec<String> = paths
-            .iter()
-            .map(|p| canonical(p).map(|c| c.display().to_string()))
-            .collect::<Result<_>>()?;
+        let mut roots = Vec::new();
+        let mut present = Vec::new();
         let mut gone = Vec::new();
+        for p in paths {
+            match canonical(p) {
+                Ok(c) => {
+                    roots.push(c.display().to_string());
+                    present.push(p.clone());
+                }
+                Err(e) if !p.exists() => gone.extend(self.vanished(p, e)?),
+                Err(e) => return Err(e),
+            }
+        }
         {
             let store = self.engine.read()?;
             for root in &roots {
@@ -287,9 +302,38 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         gone.sort_unstable();
         gone.dedup();
         self.engine.delete_records(&gone)?;
-        let mut summary = self.add(paths)?;
+        let mut summary = self.add(&present)?;
         summary.removed = gone.len();
         Ok(summary)
+    }
+
+    /// The images under `root`, a folder given to `sync` that no longer exists: when there are
+    /// some, an error that says what to do, unless the options say to drop them.
+    fn vanished(&self, root: &Path, not_found: EngineError) -> Result<Vec<ImageId>> {
+        let Ok(abs) = std::path::absolute(root) else {
+            return Err(not_found);
+        };
+        let abs = abs.display().to_string();
+        let store = self.engine.read()?;
+        let mut ids: Vec<ImageId> = store
+            .under(&format!("{abs}{}", std::path::MAIN_SEPARATOR))?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        ids.extend(store.by_path(&abs)?);
+        if ids.is_empty() {
+            return Err(not_found);
+        }
+        if !self.options.drop_vanished {
+            return Err(EngineError::NotFound(format!(
+                "{} is gone, and {} images of the collection were in it. If it moved, add or \
+                 sync its new place: files that moved keep their ids. To drop its images, sync \
+                 it again with --drop-vanished.",
+                root.display(),
+                ids.len()
+            )));
+        }
+        Ok(ids)
     }
 
     fn commit(&mut self) -> Result<()> {
@@ -354,9 +398,18 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             .read()
             .and_then(|store| Ok(store.by_hash(&hash)?))
             .map_err(|e| e.to_string())?;
-        if same_content.is_some_and(|id| Some(id) != existing.as_ref().map(|r| r.id))
-            || batch_hashes.contains(&hash)
+        if let Some(other) = same_content.filter(|id| Some(*id) != existing.as_ref().map(|r| r.id))
         {
+            // The same bytes are indexed under another path. When that file is gone and this
+            // path is new, the file moved: the image keeps its id and takes this path.
+            if existing.is_none() && self.moved_here(other, &path_str, size, mtime)? {
+                summary.moved += 1;
+            } else {
+                summary.duplicates += 1;
+            }
+            return Ok(None);
+        }
+        if batch_hashes.contains(&hash) {
             summary.duplicates += 1;
             return Ok(None);
         }
@@ -408,6 +461,28 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             exif_date,
             replaces: existing.map(|r| r.id),
         }))
+    }
+
+    /// Gives image `id` the path `path` when its own file is gone; returns whether it did.
+    fn moved_here(
+        &self,
+        id: ImageId,
+        path: &str,
+        size: u64,
+        mtime: i64,
+    ) -> std::result::Result<bool, NotPrepared> {
+        let Some(mut record) = self.engine.get(id).map_err(|e| e.to_string())? else {
+            return Ok(false);
+        };
+        if Path::new(&record.path).exists() {
+            return Ok(false);
+        }
+        tracing::info!(id = id.0, from = %record.path, to = path, "moved");
+        record.path = path.to_string();
+        record.size_bytes = size;
+        record.mtime_unix = mtime;
+        self.engine.update(&record).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     /// Embeds, captions and adds a batch; returns how many images it wrote.

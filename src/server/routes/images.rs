@@ -132,6 +132,7 @@ async fn upload(
             batch_size: 1,
             commit_every: 1,
             limits: s.limits,
+            drop_vanished: false,
             capfilt: s.capfilt.clone(),
             budget: s.budget.clone(),
             budget_wait: Some(s.decode_wait),
