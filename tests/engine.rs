@@ -426,3 +426,53 @@ fn moved_files_keep_their_ids_and_a_vanished_folder_is_explained() {
         .unwrap();
     assert_eq!((s.removed, s.total), (4, 0), "{s:?}");
 }
+
+#[test]
+fn a_removed_folder_image_stays_out_of_scans_until_added_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let files = images(&photos, "e", 3, 31);
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), false, &Silent)
+        .unwrap();
+    let path = std::fs::canonicalize(&files[1]).unwrap();
+    let id = engine
+        .by_path(&path.display().to_string())
+        .unwrap()
+        .unwrap();
+    assert!(engine.remove(id).unwrap());
+    assert!(files[1].exists(), "the user's file stays");
+    // A rescan of the folder leaves it out...
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), true, &Silent)
+        .unwrap();
+    assert_eq!((s.excluded, s.added, s.total), (1, 0, 2), "{s:?}");
+    // ... and so does a copy of the same bytes elsewhere in it.
+    std::fs::copy(&files[1], photos.join("copy.png")).unwrap();
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), true, &Silent)
+        .unwrap();
+    assert_eq!((s.excluded, s.added), (2, 0), "{s:?}");
+    // Added by name, it is back (under a new id: ids are never given twice).
+    let s = engine
+        .ingest(
+            &r,
+            options(),
+            std::slice::from_ref(&files[1]),
+            false,
+            &Silent,
+        )
+        .unwrap();
+    assert_eq!((s.added, s.total), (1, 3), "{s:?}");
+    let again = engine
+        .by_path(&path.display().to_string())
+        .unwrap()
+        .unwrap();
+    assert_ne!(again, id);
+    let s = engine
+        .ingest(&r, options(), std::slice::from_ref(&photos), true, &Silent)
+        .unwrap();
+    assert_eq!(s.excluded, 0, "{s:?}");
+}

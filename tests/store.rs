@@ -6,8 +6,8 @@
 //! hash or id without writing anything; get/by_path/by_hash/under/contains/len agree; update
 //! changes texts and fields but never the vector; delete hides an image from both searches at
 //! once; both searches with a filter return exactly the images `Filter::accepts` accepts (on a
-//! collection small enough that vector search is exact); commit makes everything survive a
-//! reopen.
+//! collection small enough that vector search is exact); exclusions are remembered durably;
+//! commit makes everything survive a reopen.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -275,6 +275,18 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     s.delete(fresh).unwrap();
     filters_agree_with_accepts(&*s, &mut g);
 
+    // Exclusions: remembered, listed, forgotten.
+    assert!(!s.is_excluded("h1").unwrap());
+    s.exclude("h1", "/lib/a/x.jpg").unwrap();
+    s.exclude("h2", "/lib/a/y.jpg").unwrap();
+    assert!(s.is_excluded("h1").unwrap());
+    assert!(s.include("h2").unwrap());
+    assert!(!s.include("h2").unwrap());
+    assert_eq!(
+        s.exclusions().unwrap(),
+        vec![("h1".to_string(), "/lib/a/x.jpg".to_string())]
+    );
+
     // Reserved ids: inserting under an old id works once it is reserved.
     let next = s.next_id().unwrap();
     s.reserve_ids(ImageId(next.0 + 10)).unwrap();
@@ -295,6 +307,7 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     filters_agree_with_accepts(&*s, &mut g);
     let stats = s.stats().unwrap();
     assert_eq!((stats.images, stats.pending), (58, 0));
+    assert!(s.is_excluded("h1").unwrap() && !s.is_excluded("h2").unwrap());
 }
 
 #[test]

@@ -178,8 +178,8 @@ fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "added {}, updated {}, unchanged {}, moved {}, duplicates {}, removed {}, unsupported {}, hidden {}, failed {}",
-        s.added, s.updated, s.unchanged, s.moved, s.duplicates, s.removed, s.unsupported, s.hidden, s.failed.len()
+        "added {}, updated {}, unchanged {}, moved {}, duplicates {}, excluded {}, removed {}, unsupported {}, hidden {}, failed {}",
+        s.added, s.updated, s.unchanged, s.moved, s.duplicates, s.excluded, s.removed, s.unsupported, s.hidden, s.failed.len()
     );
     for f in &s.failed {
         println!("  failed: {}: {}", f.path, f.reason);

@@ -257,14 +257,21 @@ impl Engine {
         Ok(id)
     }
 
+    /// Leaves content `hash` out of folder scans (see [`Engine::remove`]).
+    pub(crate) fn exclude(&self, hash: &str, path: &str) -> Result<()> {
+        Ok(self.write()?.exclude(hash, path)?)
+    }
+
     /// Replaces the record of an existing image (texts, mtime); not its vector.
     pub(crate) fn update(&self, record: &ImageRecord) -> Result<()> {
         Ok(self.write()?.update(record)?)
     }
 
-    /// Removes image `id` and its blobs, and its file when it was uploaded (files in the user's
-    /// folders are never deleted); committed on return. Serialised with uploads of the same
-    /// bytes. `false`: no such image.
+    /// Removes image `id` and its blobs, and its file when it was uploaded; committed on return.
+    /// Files in the user's folders are never deleted: their content is remembered as removed
+    /// instead, so that scans of the folder (`sync`, a server's watched folders) leave it out
+    /// until the file is added by name. Serialised with uploads of the same bytes. `false`: no
+    /// such image.
     pub fn remove(&self, id: ImageId) -> Result<bool> {
         Uploads::remove_image(self, id)
     }
@@ -420,7 +427,7 @@ impl Engine {
         let mut paths = Vec::new();
         let mut given = std::collections::HashMap::new();
         let mut ids = std::collections::HashMap::new();
-        let next_id = {
+        let (next_id, exclusions) = {
             let old = Engine::open_existing(dir)?;
             old.for_each(&mut |r| {
                 paths.push(PathBuf::from(&r.path));
@@ -428,8 +435,8 @@ impl Engine {
                 ids.insert(r.path, r.id);
                 Ok(())
             })?;
-            let next = old.read()?.next_id()?;
-            next
+            let store = old.read()?;
+            (store.next_id()?, store.exclusions()?)
         };
         let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
             paths.into_iter().partition(|p| p.exists());
@@ -439,8 +446,15 @@ impl Engine {
         }
         let mut summary = {
             let fresh = Engine::open(&staging, info)?;
-            // Every image keeps its id, and ids never given are never given later either.
-            fresh.write()?.reserve_ids(next_id)?;
+            // Every image keeps its id, and ids never given are never given later either;
+            // what was removed on purpose stays out of folder scans.
+            {
+                let mut store = fresh.write()?;
+                store.reserve_ids(next_id)?;
+                for (hash, path) in &exclusions {
+                    store.exclude(hash, path)?;
+                }
+            }
             Ingestor::new(&fresh, models, options, observer)?
                 .with_given_texts(given)
                 .with_ids(ids)

@@ -89,6 +89,8 @@ pub struct IngestSummary {
     pub unchanged: usize,
     /// Files whose content is already indexed under another path.
     pub duplicates: usize,
+    /// Files found in a folder whose content was removed from the collection on purpose.
+    pub excluded: usize,
     /// Indexed images found under a new path (their old file gone): they keep their id, and
     /// their record takes the new path.
     pub moved: usize,
@@ -145,6 +147,8 @@ pub(crate) struct Ingestor<'a, M: Encoders + ?Sized> {
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
     keep_ids: HashMap<String, ImageId>,
+    /// Files given by name (not found in a folder), canonical.
+    named: HashSet<PathBuf>,
 }
 
 impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
@@ -172,6 +176,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             options,
             extra_given: HashMap::new(),
             keep_ids: HashMap::new(),
+            named: HashSet::new(),
         })
     }
 
@@ -194,6 +199,11 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     pub fn add(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
         let mut summary = IngestSummary::default();
         let files = walk(paths, &mut summary)?;
+        self.named = paths
+            .iter()
+            .filter(|p| p.is_file())
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect();
         let observer = self.observer;
         observer.event(Event::Started {
             what: "files",
@@ -392,6 +402,22 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 summary.unchanged += 1;
                 return Ok(None);
             }
+        }
+        let excluded = self
+            .engine
+            .read()
+            .and_then(|store| Ok(store.is_excluded(&hash)?))
+            .map_err(|e| e.to_string())?;
+        if excluded {
+            if !self.named.contains(&path) {
+                summary.excluded += 1;
+                return Ok(None);
+            }
+            // Added by name: the user wants it back.
+            self.engine
+                .write()
+                .and_then(|mut store| Ok(store.include(&hash)?))
+                .map_err(|e| e.to_string())?;
         }
         let same_content = self
             .engine

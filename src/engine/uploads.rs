@@ -232,11 +232,15 @@ impl Uploads {
             return Ok(false);
         };
         let _claim = this.claim(&rec.content_hash)?;
+        let path = Path::new(&rec.path);
+        if !this.owns(path) {
+            // A file in the user's folders stays, so a scan would find it again: remember.
+            engine.exclude(&rec.content_hash, &rec.path)?;
+        }
         if engine.delete_records(&[id])?.is_empty() {
             return Ok(false);
         }
         engine.commit()?;
-        let path = Path::new(&rec.path);
         if this.owns(path) {
             if let Err(e) = std::fs::remove_file(path) {
                 tracing::warn!(path = %path.display(), %e, "cannot remove an uploaded file");

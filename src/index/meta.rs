@@ -260,6 +260,7 @@ pub struct MetaStore {
     meta: sled::Tree,
     commits: sled::Tree,
     pending: sled::Tree,
+    excluded: sled::Tree,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<IndexError>>;
@@ -343,6 +344,7 @@ impl MetaStore {
             meta: db.open_tree("meta")?,
             commits: db.open_tree("commits")?,
             pending: db.open_tree("pending")?,
+            excluded: db.open_tree("excluded")?,
             db,
         };
         if store.meta.get(KEY_NEXT_ID)?.is_none() {
@@ -655,6 +657,43 @@ impl MetaStore {
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Remembers that the image with content `hash` (at `path`) was removed on purpose, so that
+    /// scans of its folder leave it out. Durable on return.
+    pub fn exclude(&self, hash: &str, path: &str) -> Result<()> {
+        let value = serde_json::to_vec(&serde_json::json!({ "path": path, "unix": now_unix() }))?;
+        self.excluded.insert(hash.as_bytes(), value)?;
+        self.excluded.flush()?;
+        Ok(())
+    }
+
+    /// Whether content `hash` was removed on purpose (see [`MetaStore::exclude`]).
+    pub fn is_excluded(&self, hash: &str) -> Result<bool> {
+        Ok(self.excluded.contains_key(hash.as_bytes())?)
+    }
+
+    /// Every exclusion as (content hash, last path).
+    pub fn exclusions(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for kv in self.excluded.iter() {
+            let (k, v) = kv?;
+            let v: serde_json::Value = serde_json::from_slice(&v)?;
+            out.push((
+                String::from_utf8_lossy(&k).into_owned(),
+                v["path"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Forgets the exclusion of content `hash`; returns whether there was one.
+    pub fn include(&self, hash: &str) -> Result<bool> {
+        let was = self.excluded.remove(hash.as_bytes())?.is_some();
+        if was {
+            self.excluded.flush()?;
+        }
+        Ok(was)
     }
 
     /// Bytes sled uses on disk.

@@ -514,6 +514,22 @@ impl Store for Collection {
         Ok(self.columns.under(prefix))
     }
 
+    fn exclude(&mut self, hash: &str, path: &str) -> Result<()> {
+        self.meta.exclude(hash, path)
+    }
+
+    fn is_excluded(&self, hash: &str) -> Result<bool> {
+        self.meta.is_excluded(hash)
+    }
+
+    fn include(&mut self, hash: &str) -> Result<bool> {
+        self.meta.include(hash)
+    }
+
+    fn exclusions(&self) -> Result<Vec<(String, String)>> {
+        self.meta.exclusions()
+    }
+
     fn for_each(&self, f: &mut dyn FnMut(ImageRecord) -> Result<()>) -> Result<()> {
         for record in self.meta.iter() {
             f(record?)?;

@@ -63,6 +63,15 @@ pub trait Store: Send + Sync {
     fn contains(&self, id: ImageId) -> Result<bool>;
     /// Ids and paths of the images whose path starts with `prefix`, in path order.
     fn under(&self, prefix: &str) -> Result<Vec<(ImageId, String)>>;
+    /// Remembers that the content `hash` (last at `path`) was removed on purpose, so that folder
+    /// scans leave it out. Durable on return.
+    fn exclude(&mut self, hash: &str, path: &str) -> Result<()>;
+    /// Whether content `hash` was removed on purpose.
+    fn is_excluded(&self, hash: &str) -> Result<bool>;
+    /// Forgets the exclusion of content `hash`; returns whether there was one.
+    fn include(&mut self, hash: &str) -> Result<bool>;
+    /// Every exclusion as (content hash, last path).
+    fn exclusions(&self) -> Result<Vec<(String, String)>>;
     /// Calls `f` with every record, in id order.
     fn for_each(&self, f: &mut dyn FnMut(ImageRecord) -> Result<()>) -> Result<()>;
     /// Number of images.
