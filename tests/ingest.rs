@@ -484,3 +484,60 @@ fn progress_reads_done_equals_total_with_skipped_files() {
         assert_eq!(done, total, "run {run}: {s:?}");
     }
 }
+
+/// Once a collection exists, every command uses the models it was built with: `add`, `sync`,
+/// `reindex` and `search` need no model flags, and another retrieval model is refused.
+#[test]
+fn commands_use_the_collections_models_unless_told_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let photos = tmp.path().join("photos");
+    make_images(&photos, 3, 9);
+    let s = add(&index, &[], &[&photos]);
+    assert_eq!(s["added"], 3, "{s}");
+    make_images(&photos, 5, 9);
+    let idx = index.display().to_string();
+    let ph = photos.display().to_string();
+    for cmd in ["add", "sync"] {
+        let s = run_json(&[
+            cmd.into(),
+            "--index".into(),
+            idx.clone(),
+            "--json".into(),
+            ph.clone(),
+        ]);
+        assert_eq!(s["total"], 5, "{cmd}: {s}");
+    }
+    let s = run_json(&[
+        "reindex".into(),
+        "--index".into(),
+        idx.clone(),
+        "--json".into(),
+    ]);
+    assert_eq!(s["total"], 5, "{s}");
+    let out = bin()
+        .args(["search", "--index", &idx, "a photo", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another retrieval model than the collection's is refused, naming reindex.
+    let other = fixtures().join("tiny-b/retrieval").display().to_string();
+    let out = bin()
+        .args([
+            "add",
+            "--index",
+            &idx,
+            "--no-captions",
+            "--model-dir",
+            &other,
+            &ph,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reindex"), "{err}");
+}

@@ -8,7 +8,7 @@ use clap::Args;
 use super::progress::ProgressRenderer;
 use super::{CaptionCheckpointArgs, RetrievalModelArgs};
 use crate::engine::models::{select_device, CapFiltParams, DecodeBudget};
-use crate::engine::{Engine, IngestOptions, IngestSummary, LocalModels, Target};
+use crate::engine::{CollectionInfo, Engine, IngestOptions, IngestSummary, LocalModels, Target};
 
 /// Where the collection lives.
 #[derive(Debug, Args)]
@@ -97,10 +97,21 @@ pub struct StatsArgs {
     json: bool,
 }
 
-pub(super) fn load_models(a: &IngestCommon) -> Result<LocalModels> {
+/// Loads the models `a` asks for; a model not asked for is the one `recorded` (an existing
+/// collection's) was built with, else the default.
+pub(super) fn load_models(
+    a: &IngestCommon,
+    recorded: Option<&CollectionInfo>,
+) -> Result<LocalModels> {
     let device = select_device(&a.model.device)?;
-    let caption = (!a.no_captions).then(|| a.caption.source());
-    LocalModels::load(&a.model.source(), caption.as_ref(), &device).with_context(|| {
+    let retrieval = a
+        .model
+        .source_or(recorded.map(|i| i.retrieval_model.as_str()));
+    let caption = (!a.no_captions).then(|| {
+        a.caption
+            .source_or(recorded.and_then(|i| i.caption_model.as_deref()))
+    });
+    LocalModels::load(&retrieval, caption.as_ref(), &device).with_context(|| {
         if a.no_captions {
             "loading the retrieval model".to_string()
         } else {
@@ -132,14 +143,30 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
     })
 }
 
+/// Opens the collection of `c` (created when new) with its models: the ones it was built with
+/// unless `c` names others, which must then be compatible with it.
+pub(super) fn open_with_models(c: &IngestCommon) -> Result<(Engine, LocalModels)> {
+    let dir = &c.index.index;
+    if Engine::exists(dir) {
+        let engine = Engine::open_existing(dir)?;
+        let info = engine.info()?;
+        let models = load_models(c, Some(&info))?;
+        info.check_compatible(&models.collection_info(), dir)?;
+        Ok((engine, models))
+    } else {
+        let models = load_models(c, None)?;
+        let engine = Engine::open(dir, &models.collection_info())?;
+        Ok((engine, models))
+    }
+}
+
 /// `add` and `sync`.
 pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
     let c = &a.common;
     if a.drop_vanished && !sync {
         bail!("--drop-vanished applies to sync");
     }
-    let models = load_models(c)?;
-    let engine = Engine::open(&c.index.index, &models.collection_info())?;
+    let (engine, models) = open_with_models(c)?;
     let summary = engine.ingest(
         &models,
         IngestOptions {
@@ -161,7 +188,9 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
     if !Engine::exists(dir) {
         bail!("no collection in {}", dir.display());
     }
-    let models = load_models(c)?;
+    // The models asked for, else the ones it was built with (re-embedding with the same).
+    let recorded = Engine::open_existing(dir)?.info()?;
+    let models = load_models(c, Some(&recorded))?;
     let summary = Engine::reindex(
         dir,
         &models,

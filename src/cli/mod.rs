@@ -81,9 +81,10 @@ pub struct RetrievalModelArgs {
     /// tokenizer.json or vocab.txt).
     #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "model")]
     pub model_dir: Option<PathBuf>,
-    /// Hugging Face model id, downloaded into the HF cache on first use.
-    #[arg(long, env = "BLIPSEARCH_MODEL", default_value = DEFAULT_RETRIEVAL_MODEL)]
-    pub model: String,
+    /// Hugging Face model id, downloaded into the HF cache on first use [default: the model an
+    /// existing collection was built with, else Salesforce/blip-itm-base-coco].
+    #[arg(long, env = "BLIPSEARCH_MODEL")]
+    pub model: Option<String>,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
     pub device: String,
@@ -92,11 +93,27 @@ pub struct RetrievalModelArgs {
     pub max_megapixels: f64,
 }
 
+/// A model as a collection records it: a local directory when one is there, else a hub id.
+fn recorded_source(name: &str) -> ModelSource {
+    if std::path::Path::new(name).is_dir() {
+        ModelSource::Dir(PathBuf::from(name))
+    } else {
+        ModelSource::Hub(name.to_string())
+    }
+}
+
 impl RetrievalModelArgs {
     fn source(&self) -> ModelSource {
-        match &self.model_dir {
-            Some(dir) => ModelSource::Dir(dir.clone()),
-            None => ModelSource::Hub(self.model.clone()),
+        self.source_or(None)
+    }
+
+    /// The model asked for, else `recorded` (an existing collection's), else the default.
+    fn source_or(&self, recorded: Option<&str>) -> ModelSource {
+        match (&self.model_dir, &self.model, recorded) {
+            (Some(dir), _, _) => ModelSource::Dir(dir.clone()),
+            (None, Some(id), _) => ModelSource::Hub(id.clone()),
+            (None, None, Some(name)) => recorded_source(name),
+            (None, None, None) => ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()),
         }
     }
 
@@ -427,16 +444,24 @@ pub struct CaptionCheckpointArgs {
         conflicts_with = "caption_model"
     )]
     caption_model_dir: Option<PathBuf>,
-    /// Hugging Face id of the captioning checkpoint.
-    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
-    caption_model: String,
+    /// Hugging Face id of the captioning checkpoint [default: the one an existing collection
+    /// was built with, else Salesforce/blip-image-captioning-base].
+    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL")]
+    caption_model: Option<String>,
 }
 
 impl CaptionCheckpointArgs {
     fn source(&self) -> ModelSource {
-        match &self.caption_model_dir {
-            Some(dir) => ModelSource::Dir(dir.clone()),
-            None => ModelSource::Hub(self.caption_model.clone()),
+        self.source_or(None)
+    }
+
+    /// The model asked for, else `recorded` (an existing collection's), else the default.
+    fn source_or(&self, recorded: Option<&str>) -> ModelSource {
+        match (&self.caption_model_dir, &self.caption_model, recorded) {
+            (Some(dir), _, _) => ModelSource::Dir(dir.clone()),
+            (None, Some(id), _) => ModelSource::Hub(id.clone()),
+            (None, None, Some(name)) => recorded_source(name),
+            (None, None, None) => ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()),
         }
     }
 }

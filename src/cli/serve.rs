@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::collection::{ingest_options, load_models, IngestCommon};
-use crate::engine::{Encoders, Engine};
+use super::collection::{ingest_options, open_with_models, IngestCommon};
+use crate::engine::Encoders;
 use crate::server::state::ApiSettings;
 use crate::server::{serve as run_server, ServerConfig};
 
@@ -93,9 +93,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     eprintln!("loading models...");
-    let models = load_models(c)?;
     let index = &c.index.index;
-    let engine = Engine::open(index, &models.collection_info())
+    let (engine, models) = open_with_models(c)
         .with_context(|| format!("opening the collection in {}", index.display()))?;
     let limits = c.model.limits()?;
     let options = ingest_options(c)?;
