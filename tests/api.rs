@@ -352,6 +352,26 @@ async fn every_endpoint_and_its_errors() {
         TestRequest::get().uri("/api/search?q=x&rerank_k=0&api_key=k")
     );
     assert_eq!(st, StatusCode::OK);
+    // Every other API route takes no query parameter but the key: a misspelt option is refused,
+    // as an unknown JSON field is. The UI's own links (`/?q=...`) are not the API's.
+    for uri in [
+        "/api/status?verbose=1".to_string(),
+        format!("/api/images/{rocket}?size=big"),
+        format!("/api/images/{rocket}/thumbnail?w=64"),
+    ] {
+        let (st, b) = send!(svc, TestRequest::get().uri(&uri));
+        assert_eq!(
+            st,
+            StatusCode::BAD_REQUEST,
+            "{uri}: {}",
+            String::from_utf8_lossy(&b)
+        );
+        assert!(String::from_utf8_lossy(&b).contains("unknown query parameter"));
+    }
+    for uri in ["/api/status?api_key=k", "/?q=cat&like=3"] {
+        let (st, _) = send!(svc, TestRequest::get().uri(uri));
+        assert_eq!(st, StatusCode::OK, "{uri}");
+    }
 
     // Image metadata, thumbnail and file.
     let (st, b) = send!(

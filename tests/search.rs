@@ -426,6 +426,50 @@ fn cli_search_json_and_table() {
     );
     let (ok, _, err) = run(&["search", "--index", idx, "   "]);
     assert!(!ok && err.contains("empty"), "{err}");
+
+    // --folder takes a relative folder (its images only) and keeps --path-prefix as an alias.
+    let noise = std::fs::canonicalize(photos.join("noise")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .current_dir(tmp.path())
+        .args([
+            "search",
+            "--index",
+            idx,
+            "a rocket",
+            "--json",
+            "--rerank-k",
+            "0",
+        ])
+        .args(["--folder", "photos/noise"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hits = v["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 5, "{v}");
+    for h in hits {
+        assert!(
+            Path::new(h["path"].as_str().unwrap()).starts_with(&noise),
+            "{h}"
+        );
+    }
+    let (ok, out, err) = run(&[
+        "search",
+        "--index",
+        idx,
+        "a rocket",
+        "--json",
+        "--path-prefix",
+        noise.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["hits"].as_array().unwrap().len(), 5, "{v}");
 }
 
 #[test]

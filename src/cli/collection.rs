@@ -58,8 +58,9 @@ pub struct IngestCommon {
     /// Skip captions: vectors only (much faster).
     #[arg(long)]
     pub(super) no_captions: bool,
-    /// Nucleus-sampled captions per image (CapFilt), besides the beam caption.
-    #[arg(long, default_value_t = 3)]
+    /// Nucleus-sampled captions per image besides the beam caption (CapFilt; 0: beam caption
+    /// only).
+    #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Keep a caption when ITM p(match) is at least this.
     #[arg(long, default_value_t = 0.5)]

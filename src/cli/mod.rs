@@ -363,12 +363,22 @@ fn score(a: ScoreArgs) -> Result<()> {
 #[derive(Debug, Args)]
 pub struct CaptionModelArgs {
     /// Local captioning checkpoint directory (config.json, model.safetensors or
-    /// pytorch_model.bin, tokenizer.json or vocab.txt).
-    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL_DIR", conflicts_with = "model")]
+    /// pytorch_model.bin, tokenizer.json or vocab.txt). Also accepted as --model-dir.
+    #[arg(
+        long = "caption-model-dir",
+        alias = "model-dir",
+        env = "BLIPSEARCH_CAPTION_MODEL_DIR",
+        conflicts_with = "model"
+    )]
     pub model_dir: Option<PathBuf>,
     /// Hugging Face model id of a BlipForConditionalGeneration checkpoint, downloaded into the HF
-    /// cache on first use.
-    #[arg(long, env = "BLIPSEARCH_CAPTION_MODEL", default_value = DEFAULT_CAPTION_MODEL)]
+    /// cache on first use. Also accepted as --model.
+    #[arg(
+        long = "caption-model",
+        alias = "model",
+        env = "BLIPSEARCH_CAPTION_MODEL",
+        default_value = DEFAULT_CAPTION_MODEL
+    )]
     pub model: String,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
@@ -471,10 +481,21 @@ impl CaptionCheckpointArgs {
 #[derive(Debug, Args)]
 pub struct FilterArgs {
     /// Local retrieval checkpoint directory (BlipForImageTextRetrieval), whose ITM head filters.
-    #[arg(long, env = "BLIPSEARCH_MODEL_DIR", conflicts_with = "itm_model")]
+    /// Also accepted as --itm-model-dir.
+    #[arg(
+        long = "model-dir",
+        alias = "itm-model-dir",
+        env = "BLIPSEARCH_MODEL_DIR",
+        conflicts_with = "itm_model"
+    )]
     itm_model_dir: Option<PathBuf>,
-    /// Hugging Face id of the retrieval checkpoint.
-    #[arg(long, env = "BLIPSEARCH_MODEL", default_value = DEFAULT_RETRIEVAL_MODEL)]
+    /// Hugging Face id of the retrieval checkpoint. Also accepted as --itm-model.
+    #[arg(
+        long = "model",
+        alias = "itm-model",
+        env = "BLIPSEARCH_MODEL",
+        default_value = DEFAULT_RETRIEVAL_MODEL
+    )]
     itm_model: String,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]

@@ -55,8 +55,9 @@ pub struct SearchArgs {
     /// Return only reranked results with ITM p(match) at least this (absent things: no results).
     #[arg(long)]
     min_itm_prob: Option<f32>,
-    /// Only images under this path.
-    #[arg(long)]
+    /// Only images in this folder (an existing folder, relative or not, means the images inside
+    /// it; anything else is a prefix of the absolute path). Also accepted as --path-prefix.
+    #[arg(long = "folder", alias = "path-prefix", value_name = "PATH")]
     path_prefix: Option<String>,
     /// Only images taken (EXIF) on or after YYYY-MM-DD.
     #[arg(long)]
@@ -118,7 +119,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
         min_itm_prob: a.min_itm_prob,
         include_self: a.include_self,
         filter: Filter {
-            path_prefix: a.path_prefix.clone(),
+            path_prefix: a.path_prefix.as_deref().map(folder_prefix),
             date_from: a.date_from.clone(),
             date_to: a.date_to.clone(),
             min_width: a.min_width,
@@ -134,6 +135,25 @@ pub fn search(a: SearchArgs) -> Result<()> {
         engine.search_text(&retriever, a.query.as_deref().unwrap_or_default(), &params)?
     };
     print(&results, a.json)
+}
+
+/// The path prefix `--folder` means: an existing folder's canonical path with a separator (its
+/// images, not those of a sibling whose name starts the same), else the absolute form of what
+/// was given, as every stored path is absolute and canonical.
+fn folder_prefix(given: &str) -> String {
+    let p = std::path::Path::new(given);
+    if p.is_dir() {
+        if let Ok(c) = std::fs::canonicalize(p) {
+            let mut s = c.display().to_string();
+            if !s.ends_with(std::path::MAIN_SEPARATOR) {
+                s.push(std::path::MAIN_SEPARATOR);
+            }
+            return s;
+        }
+    }
+    std::path::absolute(p)
+        .map(|a| a.display().to_string())
+        .unwrap_or_else(|_| given.to_string())
 }
 
 fn print(r: &SearchResults, json: bool) -> Result<()> {

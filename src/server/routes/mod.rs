@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use actix_multipart::Multipart;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, Condition};
 use actix_web::{
     guard, web, FromRequest, Handler, HttpMessage, HttpRequest, Resource, Responder, ResponseError,
     Route,
@@ -47,6 +48,37 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("get", "/assets/{file}", Access::Open),
 ];
 
+/// API routes whose handlers read and check their own query parameters (refusing unknown ones);
+/// every other API route takes none but `api_key`.
+const OWN_QUERY: &[&str] = &["/api/search", "/api/search/image"];
+
+/// Refuses query parameters on a route that takes none (`api_key` aside, which `auth` reads), as
+/// unknown JSON fields are refused: a misspelt option is never silently ignored.
+async fn no_query(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .unwrap_or_else(|_| vec![(req.query_string().to_string(), String::new())]);
+    let unknown: Vec<String> = pairs
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "api_key")
+        .collect();
+    if !unknown.is_empty() {
+        let err = ApiError::bad_request(format!(
+            "unknown query parameter {}: this endpoint takes none",
+            unknown.join(", ")
+        ));
+        return Ok(req.error_response(err).map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}
+
 /// Who may call `method pattern`, from [`ROUTES`]; a route missing there needs the key.
 fn access_of(method: &str, pattern: &str) -> Access {
     ROUTES
@@ -81,9 +113,13 @@ impl Endpoint {
     {
         let access = access_of(&method.to_ascii_lowercase(), self.pattern);
         self.allow.push(method);
-        self.resource = self
-            .resource
-            .route(route.to(handler).wrap(auth::guard(access)));
+        let checks_query = self.pattern.starts_with("/api/") && !OWN_QUERY.contains(&self.pattern);
+        self.resource = self.resource.route(
+            route
+                .to(handler)
+                .wrap(Condition::new(checks_query, from_fn(no_query)))
+                .wrap(auth::guard(access)),
+        );
         self
     }
 
