@@ -87,6 +87,34 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
     let (code, _) = get(port, "/api/search?q=a%20cat&rerank_k=2").unwrap();
     assert_eq!(code, 200);
 
+    // A command refused by the server's lock says how to do the same through the server.
+    let url = format!("http://127.0.0.1:{port}");
+    for (args, how) in [
+        (vec!["search", "a cat"], format!("{url}/api/search?q=")),
+        (vec!["stats"], format!("curl {url}/api/status")),
+        (
+            vec!["remove", "0"],
+            format!("curl -X DELETE {url}/api/images/ID"),
+        ),
+        (
+            vec!["add", "--no-captions", photos.to_str().unwrap()],
+            format!("image=@photo.jpg {url}/api/images"),
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+            .args(&args)
+            .arg("--index")
+            .arg(&index)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("locked by pid") && err.contains(&how),
+            "{args:?}: {err}"
+        );
+    }
+
     // Ctrl-C: exit status 0, and the collection reopens with everything in it.
     // SAFETY: plain kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
@@ -100,6 +128,10 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert!(exit.success(), "{exit}: {err}");
     assert!(err.contains("stopped"), "{err}");
+    assert!(
+        !index.join("SERVING").exists(),
+        "the address is taken back at stop"
+    );
     let c = Collection::open_existing(&index, HnswParams::default()).unwrap();
     assert_eq!(c.len().unwrap(), 3);
     let first = c.get(ImageId(0)).unwrap().unwrap();

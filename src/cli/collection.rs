@@ -8,7 +8,10 @@ use clap::Args;
 use super::progress::ProgressRenderer;
 use super::{CaptionCheckpointArgs, RetrievalModelArgs};
 use crate::engine::models::{select_device, CapFiltParams, DecodeBudget};
-use crate::engine::{CollectionInfo, Engine, IngestOptions, IngestSummary, LocalModels, Target};
+use crate::engine::{
+    CollectionInfo, Engine, EngineError, ErrorKind, IngestOptions, IngestSummary, LocalModels,
+    Target,
+};
 
 /// Where the collection lives.
 #[derive(Debug, Args)]
@@ -98,6 +101,46 @@ pub struct StatsArgs {
     json: bool,
 }
 
+/// What a command refused by the lock of a collection that a server has open can do instead.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Instead {
+    Search,
+    Add,
+    Remove,
+    Stats,
+    StopFirst,
+}
+
+/// Opens the existing collection in `dir`; when a running server has it open, the error says
+/// how to do the same through that server.
+pub(super) fn open_existing(dir: &Path, instead: Instead) -> Result<Engine> {
+    Engine::open_existing(dir).map_err(|e| explain_lock(e, dir, instead))
+}
+
+/// `e`, or when it is the lock of a collection a server announced, how to go through the server.
+pub(super) fn explain_lock(e: EngineError, dir: &Path, instead: Instead) -> anyhow::Error {
+    let url = match (e.kind(), Engine::serving_url(dir)) {
+        (ErrorKind::Locked, Some(url)) => url,
+        _ => return e.into(),
+    };
+    let how = match instead {
+        Instead::Search => format!(
+            "search through it: open {url}/ in a browser, or curl '{url}/api/search?q=a+red+bicycle'"
+        ),
+        Instead::Add => format!(
+            "add through it: curl -F image=@photo.jpg {url}/api/images for a file, or give the \
+             folder to the server (serve --images FOLDER) to keep it in sync"
+        ),
+        Instead::Remove => format!("remove through it: curl -X DELETE {url}/api/images/ID"),
+        Instead::Stats => format!("ask it: curl {url}/api/status"),
+        Instead::StopFirst => "stop the server first".to_string(),
+    };
+    anyhow::anyhow!(
+        "{e}. The server at {url} has this collection open; {how} (with -H 'Authorization: \
+         Bearer KEY' when it runs with --api-key)"
+    )
+}
+
 /// Loads the models `a` asks for; a model not asked for is the one `recorded` (an existing
 /// collection's) was built with, else the default.
 pub(super) fn load_models(
@@ -146,10 +189,13 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
 
 /// Opens the collection of `c` (created when new) with its models: the ones it was built with
 /// unless `c` names others, which must then be compatible with it.
-pub(super) fn open_with_models(c: &IngestCommon) -> Result<(Engine, LocalModels)> {
+pub(super) fn open_with_models(
+    c: &IngestCommon,
+    instead: Instead,
+) -> Result<(Engine, LocalModels)> {
     let dir = &c.index.index;
     if Engine::exists(dir) {
-        let engine = Engine::open_existing(dir)?;
+        let engine = open_existing(dir, instead)?;
         let info = engine.info()?;
         let models = load_models(c, Some(&info))?;
         info.check_compatible(&models.collection_info(), dir)?;
@@ -167,7 +213,7 @@ pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
     if a.drop_vanished && !sync {
         bail!("--drop-vanished applies to sync");
     }
-    let (engine, models) = open_with_models(c)?;
+    let (engine, models) = open_with_models(c, Instead::Add)?;
     let summary = engine.ingest(
         &models,
         IngestOptions {
@@ -190,7 +236,7 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
         bail!("no collection in {}", dir.display());
     }
     // The models asked for, else the ones it was built with (re-embedding with the same).
-    let recorded = Engine::open_existing(dir)?.info()?;
+    let recorded = open_existing(dir, Instead::StopFirst)?.info()?;
     let models = load_models(c, Some(&recorded))?;
     let summary = Engine::reindex(
         dir,
@@ -220,7 +266,7 @@ fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
 
 /// `remove`: every target is checked first; one unknown target removes nothing.
 pub fn remove(a: RemoveArgs) -> Result<()> {
-    let engine = Engine::open_existing(&a.index.index)?;
+    let engine = open_existing(&a.index.index, Instead::Remove)?;
     let targets: Vec<Target> = a
         .targets
         .iter()
@@ -233,7 +279,7 @@ pub fn remove(a: RemoveArgs) -> Result<()> {
 
 /// `stats`.
 pub fn stats(a: StatsArgs) -> Result<()> {
-    let engine = Engine::open_existing(&a.index.index)?;
+    let engine = open_existing(&a.index.index, Instead::Stats)?;
     let s = engine.stats()?;
     let info = engine.info()?;
     if a.json {

@@ -7,9 +7,9 @@ use clap::Args;
 
 use crate::engine::models::{load_image, select_device, ModelSource, Retriever};
 use crate::engine::search::{Fusion, SearchMode, SearchParams, SearchResults};
-use crate::engine::{Engine, Filter, ImageId};
+use crate::engine::{Filter, ImageId};
 
-use super::collection::IndexArgs;
+use super::collection::{open_existing, IndexArgs, Instead};
 
 /// `search`.
 #[derive(Debug, Args)]
@@ -81,7 +81,7 @@ pub struct SearchArgs {
 
 /// Runs `search`.
 pub fn search(a: SearchArgs) -> Result<()> {
-    let engine = Engine::open_existing(&a.index.index)?;
+    let engine = open_existing(&a.index.index, Instead::Search)?;
     let name = engine.info()?.retrieval_model;
     let source = if std::path::Path::new(&name).is_dir() {
         ModelSource::Dir(PathBuf::from(&name))
@@ -208,7 +208,7 @@ pub struct DuplicatesArgs {
 
 /// Runs `duplicates`.
 pub fn duplicates(a: DuplicatesArgs) -> Result<()> {
-    let groups = Engine::open_existing(&a.index.index)?.duplicates(a.threshold)?;
+    let groups = open_existing(&a.index.index, Instead::StopFirst)?.duplicates(a.threshold)?;
     if a.json {
         println!(
             "{}",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::collection::{ingest_options, open_with_models, IngestCommon};
+use super::collection::{ingest_options, open_with_models, IngestCommon, Instead};
 use crate::engine::Encoders;
 use crate::server::state::ApiSettings;
 use crate::server::{serve as run_server, ServerConfig};
@@ -94,7 +94,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     eprintln!("loading models...");
     let index = &c.index.index;
-    let (engine, models) = open_with_models(c)
+    let (engine, models) = open_with_models(c, Instead::StopFirst)
         .with_context(|| format!("opening the collection in {}", index.display()))?;
     let limits = c.model.limits()?;
     let options = ingest_options(c)?;

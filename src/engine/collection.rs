@@ -61,6 +61,10 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// The file in a collection directory naming the server that has it open (its URL, then its
+/// pid), so that a command refused by the lock can say where to go instead.
+const SERVING: &str = "SERVING";
+
 /// An open collection: record store, blob store and uploads, in one directory.
 pub struct Engine {
     dir: PathBuf,
@@ -88,6 +92,29 @@ impl Engine {
     /// Whether `dir` holds a collection.
     pub fn exists(dir: &Path) -> bool {
         Collection::exists(dir)
+    }
+
+    /// Records that this process serves the collection at `url` (see [`Engine::serving_url`]).
+    pub fn announce_serving(&self, url: &str) -> Result<()> {
+        let path = self.dir.join(SERVING);
+        std::fs::write(&path, format!("{url}\n{}\n", std::process::id()))
+            .map_err(|source| EngineError::Io { path, source })
+    }
+
+    /// Takes back [`Engine::announce_serving`].
+    pub fn withdraw_serving(&self) {
+        let _ = std::fs::remove_file(self.dir.join(SERVING));
+    }
+
+    /// The URL of the server that announced it serves the collection in `dir`, if one did. Only
+    /// meaningful while the collection is locked ([`super::ErrorKind::Locked`]): a server that died
+    /// leaves the file, but not the lock.
+    pub fn serving_url(dir: &Path) -> Option<String> {
+        let text = std::fs::read_to_string(dir.join(SERVING)).ok()?;
+        text.lines()
+            .next()
+            .map(str::to_string)
+            .filter(|u| !u.is_empty())
     }
 
     /// The engine over `store`, with blobs and uploads in `dir`.

@@ -55,6 +55,8 @@ pub enum ErrorKind {
     Busy,
     /// The models did not answer in time.
     TimedOut,
+    /// Another process has the collection open.
+    Locked,
     /// Anything else: a fault of ours or of the machine.
     Internal,
 }
@@ -75,6 +77,7 @@ impl EngineError {
             Self::Model(ModelError::Image { .. }) => ErrorKind::InvalidImage,
             Self::Busy(_) | Self::Model(ModelError::Busy(_)) => ErrorKind::Busy,
             Self::TimedOut(_) => ErrorKind::TimedOut,
+            Self::Index(IndexError::Locked { .. }) => ErrorKind::Locked,
             _ => ErrorKind::Internal,
         }
     }

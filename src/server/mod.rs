@@ -192,6 +192,7 @@ pub fn serve(config: ServerConfig, models: LocalModels, engine: Engine) -> std::
     let running = Running::start(&config, models, engine)?;
     let cors = config.cors_origins.clone();
     let state = running.state.clone();
+    let engine = running.state.engine.clone();
     let metrics = running.metrics.clone();
     let result = actix_web::rt::System::new().block_on(async move {
         let mut server = HttpServer::new(move || app(state.clone(), metrics.clone(), &cors))
@@ -206,7 +207,15 @@ pub fn serve(config: ServerConfig, models: LocalModels, engine: Engine) -> std::
         for a in server.addrs() {
             eprintln!("blipsearch is serving on http://{a}/ (Ctrl-C to stop)");
         }
-        server.run().await
+        if let Some(a) = server.addrs().first() {
+            // So that a command refused by the collection's lock can say where to go.
+            if let Err(e) = engine.announce_serving(&format!("http://{a}")) {
+                tracing::warn!(%e, "cannot record the serving address");
+            }
+        }
+        let result = server.run().await;
+        engine.withdraw_serving();
+        result
     });
     eprintln!("stopping: committing the folder ingest and stopping the models...");
     running.stop();
