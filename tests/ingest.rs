@@ -541,3 +541,103 @@ fn commands_use_the_collections_models_unless_told_otherwise() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("reindex"), "{err}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Models are matched by content: a copy of the weights elsewhere is the same model, a moved
+/// model folder is found again with --model-dir (and remembered), and a text-only search needs
+/// no model at all.
+#[test]
+fn models_are_matched_by_content_and_text_search_needs_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let idx = index.display().to_string();
+    let photos = tmp.path().join("photos");
+    make_images(&photos, 3, 12);
+    let first = tmp.path().join("models/a");
+    copy_dir(&fixtures().join("tiny-a/retrieval"), &first);
+    let add_with = |dir: &Path| {
+        bin()
+            .args([
+                "add",
+                "--index",
+                &idx,
+                "--no-captions",
+                "--json",
+                "--model-dir",
+            ])
+            .arg(dir)
+            .arg(&photos)
+            .output()
+            .unwrap()
+    };
+    let out = add_with(&first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A copy of the same weights elsewhere is accepted.
+    let copy = tmp.path().join("models/copy");
+    copy_dir(&first, &copy);
+    let out = add_with(&copy);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The model folder goes away.
+    std::fs::remove_dir_all(tmp.path().join("models")).unwrap();
+    let search = |extra: &[&str]| {
+        bin()
+            .args(["search", "--index", &idx, "img", "--json"])
+            .args(extra)
+            .env_remove("BLIPSEARCH_MODEL_DIR")
+            .output()
+            .unwrap()
+    };
+    // BM25 alone needs no model.
+    let out = search(&["--mode", "text", "--rerank-k", "0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["hits"].as_array().unwrap().len(), 3, "{v}");
+    assert!(v["hits"][0]["itc"].is_null());
+    // Anything else says where the model was and how to point to it.
+    let out = search(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is gone") && err.contains("--model-dir"),
+        "{err}"
+    );
+    // Found again elsewhere by content, and remembered.
+    let moved = tmp.path().join("elsewhere/model");
+    copy_dir(&fixtures().join("tiny-a/retrieval"), &moved);
+    let out = search(&["--model-dir", moved.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = search(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Other weights are refused even under a familiar place.
+    let other = tmp.path().join("elsewhere/other");
+    copy_dir(&fixtures().join("tiny-b/retrieval"), &other);
+    let out = search(&["--model-dir", other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reindex"), "{err}");
+}

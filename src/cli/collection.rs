@@ -150,11 +150,14 @@ pub(super) fn load_models(
     let device = select_device(&a.model.device)?;
     let retrieval = a
         .model
-        .source_or(recorded.map(|i| i.retrieval_model.as_str()));
-    let caption = (!a.no_captions).then(|| {
-        a.caption
-            .source_or(recorded.and_then(|i| i.caption_model.as_deref()))
-    });
+        .source_or(recorded.map(|i| i.retrieval_model.as_str()))?;
+    let caption = match a.no_captions {
+        true => None,
+        false => Some(
+            a.caption
+                .source_or(recorded.and_then(|i| i.caption_model.as_deref()))?,
+        ),
+    };
     LocalModels::load(&retrieval, caption.as_ref(), &device).with_context(|| {
         if a.no_captions {
             "loading the retrieval model".to_string()
@@ -198,7 +201,7 @@ pub(super) fn open_with_models(
         let engine = open_existing(dir, instead)?;
         let info = engine.info()?;
         let models = load_models(c, Some(&info))?;
-        info.check_compatible(&models.collection_info(), dir)?;
+        engine.adopt_models(&models.collection_info())?;
         Ok((engine, models))
     } else {
         let models = load_models(c, None)?;

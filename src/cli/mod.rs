@@ -93,27 +93,36 @@ pub struct RetrievalModelArgs {
     pub max_megapixels: f64,
 }
 
-/// A model as a collection records it: a local directory when one is there, else a hub id.
-fn recorded_source(name: &str) -> ModelSource {
-    if std::path::Path::new(name).is_dir() {
-        ModelSource::Dir(PathBuf::from(name))
+/// A model as a collection records it: a directory (recorded canonical, so absolute) or a hub
+/// id. A recorded directory that is gone is an error saying how to point to where it is now.
+fn recorded_source(name: &str) -> Result<ModelSource> {
+    let path = std::path::Path::new(name);
+    if path.is_dir() {
+        Ok(ModelSource::Dir(path.to_path_buf()))
+    } else if path.is_absolute() {
+        bail!(
+            "this collection's model was loaded from {name}, which is gone: pass --model-dir (or \
+             --caption-model-dir) with where it is now; the same weights anywhere are accepted"
+        )
     } else {
-        ModelSource::Hub(name.to_string())
+        Ok(ModelSource::Hub(name.to_string()))
     }
 }
 
 impl RetrievalModelArgs {
     fn source(&self) -> ModelSource {
-        self.source_or(None)
+        match (&self.model_dir, &self.model) {
+            (Some(dir), _) => ModelSource::Dir(dir.clone()),
+            (None, Some(id)) => ModelSource::Hub(id.clone()),
+            (None, None) => ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()),
+        }
     }
 
     /// The model asked for, else `recorded` (an existing collection's), else the default.
-    fn source_or(&self, recorded: Option<&str>) -> ModelSource {
+    fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
         match (&self.model_dir, &self.model, recorded) {
-            (Some(dir), _, _) => ModelSource::Dir(dir.clone()),
-            (None, Some(id), _) => ModelSource::Hub(id.clone()),
             (None, None, Some(name)) => recorded_source(name),
-            (None, None, None) => ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()),
+            _ => Ok(self.source()),
         }
     }
 
@@ -462,16 +471,18 @@ pub struct CaptionCheckpointArgs {
 
 impl CaptionCheckpointArgs {
     fn source(&self) -> ModelSource {
-        self.source_or(None)
+        match (&self.caption_model_dir, &self.caption_model) {
+            (Some(dir), _) => ModelSource::Dir(dir.clone()),
+            (None, Some(id)) => ModelSource::Hub(id.clone()),
+            (None, None) => ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()),
+        }
     }
 
     /// The model asked for, else `recorded` (an existing collection's), else the default.
-    fn source_or(&self, recorded: Option<&str>) -> ModelSource {
+    fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
         match (&self.caption_model_dir, &self.caption_model, recorded) {
-            (Some(dir), _, _) => ModelSource::Dir(dir.clone()),
-            (None, Some(id), _) => ModelSource::Hub(id.clone()),
             (None, None, Some(name)) => recorded_source(name),
-            (None, None, None) => ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()),
+            _ => Ok(self.source()),
         }
     }
 }

@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::engine::models::{load_image, select_device, ModelSource, Retriever};
+use crate::engine::models::{
+    load_image, retriever_info, select_device, ModelSource, NoModels, Retriever,
+};
 use crate::engine::search::{Fusion, SearchMode, SearchParams, SearchResults};
 use crate::engine::{Filter, ImageId};
 
 use super::collection::{open_existing, IndexArgs, Instead};
+use super::recorded_source;
 
 /// `search`.
 #[derive(Debug, Args)]
@@ -74,6 +77,10 @@ pub struct SearchArgs {
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
     device: String,
+    /// The retrieval model's directory, when it is no longer where the collection recorded it
+    /// (the same weights anywhere are accepted, and remembered) [default: the collection's].
+    #[arg(long, env = "BLIPSEARCH_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -82,15 +89,6 @@ pub struct SearchArgs {
 /// Runs `search`.
 pub fn search(a: SearchArgs) -> Result<()> {
     let engine = open_existing(&a.index.index, Instead::Search)?;
-    let name = engine.info()?.retrieval_model;
-    let source = if std::path::Path::new(&name).is_dir() {
-        ModelSource::Dir(PathBuf::from(&name))
-    } else {
-        ModelSource::Hub(name.clone())
-    };
-    let device = select_device(&a.device)?;
-    let retriever = Retriever::load(&source, &device)
-        .with_context(|| format!("loading {name}, the model this collection was built with"))?;
     let fusion = match &a.weighted {
         None => Fusion::default(),
         Some(w) => {
@@ -126,13 +124,32 @@ pub fn search(a: SearchArgs) -> Result<()> {
             min_height: a.min_height,
         },
     };
-    let results = if let Some(p) = &a.image {
-        let img = load_image(p, Default::default())?;
-        engine.search_image(&retriever, &img, &params)?
-    } else if let Some(id) = a.similar_to {
-        engine.search_similar(&retriever, ImageId(id), &params)?
-    } else {
-        engine.search_text(&retriever, a.query.as_deref().unwrap_or_default(), &params)?
+    // More like this compares stored vectors, and BM25 without rerank reads no model.
+    let text_only = params.mode == SearchMode::Text && params.rerank_k == Some(0);
+    if a.similar_to.is_some() || (a.image.is_none() && text_only) {
+        let results = match a.similar_to {
+            Some(id) => engine.search_similar(&NoModels, ImageId(id), &params)?,
+            None => {
+                engine.search_text(&NoModels, a.query.as_deref().unwrap_or_default(), &params)?
+            }
+        };
+        return print(&results, a.json);
+    }
+    let name = engine.info()?.retrieval_model;
+    let source = match &a.model_dir {
+        Some(dir) => ModelSource::Dir(dir.clone()),
+        None => recorded_source(&name)?,
+    };
+    let device = select_device(&a.device)?;
+    let retriever = Retriever::load(&source, &device)
+        .with_context(|| format!("loading {name}, the model this collection was built with"))?;
+    engine.adopt_models(&retriever_info(&retriever))?;
+    let results = match &a.image {
+        Some(p) => {
+            let img = load_image(p, Default::default())?;
+            engine.search_image(&retriever, &img, &params)?
+        }
+        None => engine.search_text(&retriever, a.query.as_deref().unwrap_or_default(), &params)?,
     };
     print(&results, a.json)
 }

@@ -164,6 +164,12 @@ impl Engine {
         self.uploads.dir()
     }
 
+    /// Checks that models described by `requested` fit the collection (the same retrieval
+    /// weights, by content when both sides know it) and records where they are now.
+    pub fn adopt_models(&self, requested: &CollectionInfo) -> Result<()> {
+        Ok(self.write()?.adopt_models(requested)?)
+    }
+
     /// The record of `id`.
     pub fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
         Ok(self.read()?.get(id)?)

@@ -163,6 +163,57 @@ impl Encoders for LocalModels {
     }
 }
 
+/// What a collection built with `retriever` records about it (no caption model).
+pub fn retriever_info(retriever: &Retriever) -> CollectionInfo {
+    let cfg = retriever.config();
+    let mut info = CollectionInfo::new(
+        retriever.name(),
+        None,
+        retriever.embedding_dim(),
+        cfg.vision.num_tokens(),
+        cfg.vision.hidden_size,
+    );
+    info.retrieval_fingerprint = Some(retriever.fingerprint().to_string());
+    info
+}
+
+/// Models for searches that need none (text-only without rerank, more like this): any call is an
+/// error, which says the search needed a model after all.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoModels;
+
+impl NoModels {
+    fn refuse<T>() -> Result<T> {
+        Err(EngineError::Internal(
+            "this search needs the retrieval model, and none was loaded".into(),
+        ))
+    }
+}
+
+impl Encoders for NoModels {
+    fn encode_images(&self, _: Vec<DynamicImage>) -> Result<EncodedImages> {
+        Self::refuse()
+    }
+    fn encode_texts(&self, _: Vec<String>) -> Result<Vec<EncodedText>> {
+        Self::refuse()
+    }
+    fn itm(&self, _: String, _: Tensor) -> Result<Vec<ItmScore>> {
+        Self::refuse()
+    }
+    fn capfilt(
+        &self,
+        _: Vec<DynamicImage>,
+        _: Option<Tensor>,
+        _: Vec<Vec<String>>,
+        _: CapFiltParams,
+    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+        Self::refuse()
+    }
+    fn can_caption(&self) -> bool {
+        false
+    }
+}
+
 impl LocalModels {
     /// Loads the retrieval model and, when `caption` is given, the caption model, on `device`.
     pub fn load(
@@ -180,14 +231,9 @@ impl LocalModels {
 
     /// What a collection built with these models records about them.
     pub fn collection_info(&self) -> CollectionInfo {
-        let cfg = self.retriever.config();
-        CollectionInfo::new(
-            self.retriever.name(),
-            self.captioner.as_ref().map(|c| c.name().to_string()),
-            self.retriever.embedding_dim(),
-            cfg.vision.num_tokens(),
-            cfg.vision.hidden_size,
-        )
+        let mut info = retriever_info(&self.retriever);
+        info.caption_model = self.captioner.as_ref().map(|c| c.name().to_string());
+        info
     }
 
     /// The device the models run on, as `cpu`, `cuda:N` or `metal:N`.

@@ -276,16 +276,20 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         // Before any forward pass: a query the text index cannot parse is refused at once.
         crate::index::text::check_query(query)?;
         let (p, mut notices) = Self::clamp(params, true)?;
-        let emb = self
-            .models
-            .encode_texts(vec![query.to_string()])?
-            .pop()
-            .ok_or_else(|| EngineError::InvalidInput("query could not be encoded".into()))?;
-        let truncated = emb.truncated;
+        // BM25 alone, not reranked: the query needs no encoding (and the caller no model).
+        let (q, truncated) = if p.mode == SearchMode::Text && p.rerank_k == Some(0) {
+            (Vec::new(), false)
+        } else {
+            let emb = self
+                .models
+                .encode_texts(vec![query.to_string()])?
+                .pop()
+                .ok_or_else(|| EngineError::InvalidInput("query could not be encoded".into()))?;
+            (emb.itc, emb.truncated)
+        };
         if truncated {
             notices.push("query cut to BLIP's 35-token limit".into());
         }
-        let q = emb.itc;
         let vector = if p.mode != SearchMode::Text {
             self.vector_candidates(&q, &p)?
         } else {
@@ -392,14 +396,15 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 continue; // removed since the candidate lists were made
             };
             let itc = match vrank.get(&id) {
-                Some((_, s)) => *s,
-                None => dot(q, &record.itc),
+                Some((_, s)) => Some(*s),
+                None if q.is_empty() => None,
+                None => Some(dot(q, &record.itc)),
             };
             hits.push(SearchHit {
                 id,
                 path: record.path.clone(),
                 score: f,
-                itc: Some(itc),
+                itc,
                 bm25: trank.get(&id).map(|x| x.1),
                 vector_rank: vrank.get(&id).map(|x| x.0),
                 text_rank: trank.get(&id).map(|x| x.0),

@@ -133,8 +133,14 @@ impl ImageRecord {
 /// What a collection was built with. Stored once, at creation; every later open must match.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CollectionInfo {
-    /// Retrieval checkpoint (model id or directory) that made the ITC vectors and ViT features.
+    /// Retrieval checkpoint (model id or canonical directory) that made the ITC vectors and ViT
+    /// features: where to find it.
     pub retrieval_model: String,
+    /// The retrieval checkpoint's identity by content (`sha256:...` of its config and weights),
+    /// when known: what the models of a later command are matched by. Collections made before
+    /// it was recorded match by `retrieval_model` and record it at their next open with models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieval_fingerprint: Option<String>,
     /// Captioning checkpoint, if captions were generated.
     #[serde(default)]
     pub caption_model: Option<String>,
@@ -164,6 +170,7 @@ impl CollectionInfo {
     ) -> Self {
         CollectionInfo {
             retrieval_model: retrieval_model.into(),
+            retrieval_fingerprint: None,
             caption_model,
             embedding_dim,
             vit_tokens,
@@ -192,12 +199,21 @@ impl CollectionInfo {
                 requested.format_version.to_string(),
             ));
         }
-        if self.retrieval_model != requested.retrieval_model {
-            return Err(err(
-                "retrieval_model",
-                self.retrieval_model.clone(),
-                requested.retrieval_model.clone(),
-            ));
+        let same_model = match (
+            &self.retrieval_fingerprint,
+            &requested.retrieval_fingerprint,
+        ) {
+            // By content: a copy elsewhere is the same model, other weights under an old name
+            // are not.
+            (Some(stored), Some(asked)) => stored == asked,
+            _ => self.retrieval_model == requested.retrieval_model,
+        };
+        if !same_model {
+            let show = |i: &CollectionInfo| match &i.retrieval_fingerprint {
+                Some(f) => format!("{} ({f})", i.retrieval_model),
+                None => i.retrieval_model.clone(),
+            };
+            return Err(err("retrieval_model", show(self), show(requested)));
         }
         for (field, a, b) in [
             ("embedding_dim", self.embedding_dim, requested.embedding_dim),
@@ -408,6 +424,14 @@ impl MetaStore {
                 Ok(stored)
             }
         }
+    }
+
+    /// Replaces the stored info (after [`CollectionInfo::check_compatible`]: where the models
+    /// are now, their fingerprint).
+    pub fn set_info(&self, info: &CollectionInfo) -> Result<()> {
+        self.meta.insert(KEY_INFO, serde_json::to_vec(info)?)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Checks `requested` against the stored info; a collection without info is compatible with

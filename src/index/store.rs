@@ -22,6 +22,10 @@ use super::meta::{CollectionInfo, ImageId, ImageRecord};
 pub trait Store: Send + Sync {
     /// What the collection was built with.
     fn info(&self) -> &CollectionInfo;
+    /// Checks that models described by `requested` can serve this collection
+    /// ([`super::IndexError::Incompatible`] otherwise), then records where they are and their
+    /// fingerprint, so that a copy of the same weights elsewhere is found next time.
+    fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()>;
     /// A fresh id, never given before.
     fn allocate_id(&mut self) -> Result<ImageId>;
     /// The id the next [`Store::allocate_id`] gives.

@@ -95,6 +95,7 @@ pub struct Retriever {
     config: BlipConfig,
     device: Device,
     name: String,
+    fingerprint: String,
 }
 
 impl Retriever {
@@ -107,6 +108,7 @@ impl Retriever {
     /// Loads from resolved files; `name` is kept for reporting.
     pub fn from_files(files: &ModelFiles, name: &str, device: &Device) -> Result<Self> {
         let (config, tokenizer, vb) = files.open(BlipArchitecture::Retrieval, device)?;
+        let fingerprint = files.fingerprint()?;
         let build = || -> candle_core::Result<_> {
             let vision = VisionModel::new(&config.vision, vb.pp("vision_model"))?;
             let text = TextModel::new(&config.text, true, vb.pp("text_encoder"))?;
@@ -128,7 +130,13 @@ impl Retriever {
             config,
             device: device.clone(),
             name: name.to_string(),
+            fingerprint,
         })
+    }
+
+    /// The checkpoint's identity by content (see [`ModelFiles::fingerprint`]).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The checkpoint's config.

@@ -82,6 +82,35 @@ const NO_HUB_HINT: &str =
 directory with --model-dir (or --caption-model-dir), or set HF_HOME to a cache that holds it";
 
 impl ModelFiles {
+    /// The checkpoint's identity by content: SHA-256 of `config.json` and of the weights file,
+    /// as `sha256:<hex>`. The same weights anywhere (another folder, the hub cache) give the
+    /// same fingerprint; other weights under the same name do not.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let mut hasher = Sha256::new();
+        for path in [self.config.as_path(), self.weights.path()] {
+            let io = |source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            };
+            let mut file = std::fs::File::open(path).map_err(io)?;
+            let mut part = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                part.update(&buf[..n]);
+            }
+            hasher.update(part.finalize());
+        }
+        let digest = hasher.finalize();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("sha256:{hex}"))
+    }
+
     /// Reads a local snapshot directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
