@@ -257,3 +257,186 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
         "peak RSS {peak} MiB over {before} + 2 x {BUDGET_MIB} + 256 MiB"
     );
 }
+
+/// A multipart POST of one image file on loopback; returns (status, body).
+fn upload_image(port: u16, path: &str, name: &str, bytes: &[u8]) -> Option<(u16, String)> {
+    let boundary = "blipsearchlifecycle";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
+    s.write_all(&body).ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
+fn cli(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {err}");
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// Every image's id and path, by file name.
+fn ids_by_name(index: &std::path::Path) -> std::collections::BTreeMap<String, (u64, String)> {
+    let c = Collection::open_existing(index, HnswParams::default()).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    c.for_each(&mut |r| {
+        let name = std::path::Path::new(&r.path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        out.insert(name, (r.id.0, r.path));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+/// Days of normal use, process after process: add, serve + upload, restart, reindex, move the
+/// folder, sync, remove, rescan. Ids, files and search results are checked at each step.
+#[cfg(unix)]
+#[test]
+fn a_collection_keeps_its_promises_across_processes() {
+    let fx = common::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["astronaut.png", "chelsea.png", "coffee.png"] {
+        std::fs::copy(fx.join("images").join(f), photos.join(f)).unwrap();
+    }
+    let index = tmp.path().join("index");
+    let idx = index.to_str().unwrap();
+    let model = fx.join("tiny-a/retrieval");
+    let s = cli(&[
+        "add",
+        "--index",
+        idx,
+        "--no-captions",
+        "--json",
+        "--model-dir",
+        model.to_str().unwrap(),
+        photos.to_str().unwrap(),
+    ]);
+    assert_eq!(s["added"], 3);
+    let day1 = ids_by_name(&index);
+
+    // Serve (the collection's models, no flags), upload, stop.
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .args(["serve", "--no-captions", "--index", idx])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while get(port, "/readyz").is_none_or(|r| r.0 != 200) {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
+        assert!(started.elapsed() < Duration::from_secs(120), "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rocket = std::fs::read(fx.join("images/rocket.jpg")).unwrap();
+    let (code, body) = upload_image(port, "/api/images", "rocket.jpg", &rocket).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let uploaded: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let up_id = uploaded["id"].as_u64().unwrap();
+    let (code, body) = get(port, "/api/search?q=rocket&mode=text&rerank_k=0").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains(&format!("\"id\":{up_id}")), "{body}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert!(child.wait().unwrap().success());
+
+    // Restart: everything is there with the same ids; the upload's file is kept.
+    let day2 = ids_by_name(&index);
+    for (name, id) in &day1 {
+        assert_eq!(day2[name].0, id.0, "{name}");
+    }
+    let upload = day2.values().find(|v| v.0 == up_id).unwrap().1.clone();
+    assert!(std::path::Path::new(&upload).exists());
+
+    // Reindex (the collection's models again): ids, and the uploaded file, survive.
+    let s = cli(&["reindex", "--index", idx, "--no-captions", "--json"]);
+    assert_eq!(s["total"], 4, "{s}");
+    let day3 = ids_by_name(&index);
+    assert_eq!(day3, day2);
+    assert!(std::path::Path::new(&upload).exists());
+
+    // The folder moves: sync of the new place keeps every id.
+    let moved = tmp.path().join("photos2");
+    std::fs::rename(&photos, &moved).unwrap();
+    let s = cli(&[
+        "sync",
+        "--index",
+        idx,
+        "--no-captions",
+        "--json",
+        moved.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (s["moved"].as_u64(), s["added"].as_u64()),
+        (Some(3), Some(0)),
+        "{s}"
+    );
+    let day4 = ids_by_name(&index);
+    for (name, id) in &day1 {
+        assert_eq!(day4[name].0, id.0, "{name}");
+        assert!(
+            std::path::Path::new(&day4[name].1).starts_with(std::fs::canonicalize(&moved).unwrap())
+        );
+    }
+
+    // Remove one: it stays removed through a rescan, and its file stays on disk.
+    let cat = day4["chelsea.png"].0.to_string();
+    cli(&["remove", "--index", idx, &cat]);
+    let s = cli(&[
+        "sync",
+        "--index",
+        idx,
+        "--no-captions",
+        "--json",
+        moved.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (s["excluded"].as_u64(), s["total"].as_u64()),
+        (Some(1), Some(3)),
+        "{s}"
+    );
+    assert!(moved.join("chelsea.png").exists());
+    let v = cli(&[
+        "search",
+        "--index",
+        idx,
+        "cat",
+        "--mode",
+        "text",
+        "--rerank-k",
+        "0",
+        "--json",
+    ]);
+    let hits = v["hits"].as_array().unwrap();
+    assert!(hits.iter().all(|h| h["id"].to_string() != cat), "{v}");
+}
