@@ -410,7 +410,8 @@ fn a_collection_keeps_its_promises_across_processes() {
     }
 
     // Remove one: it stays removed through a rescan, and its file stays on disk.
-    let cat = day4["chelsea.png"].0.to_string();
+    let cat_id = day4["chelsea.png"].0;
+    let cat = cat_id.to_string();
     cli(&["remove", "--index", idx, &cat]);
     let s = cli(&[
         "sync",
@@ -438,5 +439,5 @@ fn a_collection_keeps_its_promises_across_processes() {
         "--json",
     ]);
     let hits = v["hits"].as_array().unwrap();
-    assert!(hits.iter().all(|h| h["id"].to_string() != cat), "{v}");
+    assert!(hits.iter().all(|h| h["id"] != cat_id), "{v}");
 }
