@@ -10,6 +10,10 @@ says in words, so that a "valid" case is one the document calls valid:
   and varied, so that positive tests exercise decoding, embedding and captioning.
 - Text search: `q` must leave the text model something to read (see the operation's
   description); positive cases whose `q` might not are dropped.
+- Parameters that depend on each other, which the parameters' descriptions state and JSON
+  Schema cannot: `min_itm_prob` needs reranking (refused with `rerank_k=0`), and `include_self`
+  applies to a search by an indexed image (refused with an uploaded one). Positive cases that
+  combine them are dropped; the server's 400 for them is tested in tests/api.rs.
 - Multipart `text` fields: a part is text on the wire, so a negative case that turns a text
   into an object or a number sends text again, which the server rightly accepts; such cases
   are dropped.
@@ -126,8 +130,19 @@ def _query_within_bounds(q):
 def filter_case(ctx, case):
     meta = case.meta
     positive = meta is not None and meta.generation.mode.is_positive
-    if positive and case.operation.path == "/api/search" and isinstance(case.query, dict) and "q" in case.query:
-        return _query_within_bounds(case.query["q"])
+    query = case.query if isinstance(case.query, dict) else {}
+    if positive and case.operation.path == "/api/search":
+        if "min_itm_prob" in query and str(query.get("rerank_k")) == "0":
+            return False
+        if "q" in query:
+            return _query_within_bounds(query["q"])
+    if (
+        positive
+        and case.operation.path == "/api/search/image"
+        and case.media_type == "multipart/form-data"
+        and str(query.get("include_self")).lower() == "true"
+    ):
+        return False
     body = case.body
     if case.media_type == "multipart/form-data" and isinstance(body, dict) and "text" in body:
         texts = body["text"]
