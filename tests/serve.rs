@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 
 use blipsearch::index::{Collection, Filter, HnswParams, ImageId, Store};
 
+/// The status and body of the response on `s`.
+fn response(s: &mut TcpStream) -> Option<(u16, String)> {
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split(' ').nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
 /// A plain HTTP/1.1 GET on loopback; returns (status, body).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -19,11 +28,7 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
-    Some((status, body))
+    response(&mut s)
 }
 
 fn free_port() -> u16 {
@@ -143,12 +148,13 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
     );
 }
 
-/// A plain HTTP/1.1 multipart POST of one `image` field on loopback; returns the status.
-fn post_image(port: u16, path: &str, image: &[u8]) -> Option<u16> {
-    let boundary = "----blipsearchrssprobe";
+/// A plain HTTP/1.1 multipart POST of one `image` field, a file named `name`, on loopback;
+/// returns (status, body).
+fn post_image(port: u16, path: &str, name: &str, image: &[u8]) -> Option<(u16, String)> {
+    let boundary = "----blipsearchtest";
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; \
-         filename=\"huge.png\"\r\nContent-Type: image/png\r\n\r\n"
+         filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
     )
     .into_bytes();
     body.extend_from_slice(image);
@@ -163,9 +169,7 @@ fn post_image(port: u16, path: &str, image: &[u8]) -> Option<u16> {
     )
     .ok()?;
     s.write_all(&body).ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    raw.split(' ').nth(1)?.parse().ok()
+    response(&mut s)
 }
 
 /// `VmRSS` and `VmHWM` (peak) of a process, in MiB.
@@ -239,7 +243,9 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
     let threads: Vec<_> = (0..8)
         .map(|_| {
             let b = png_bytes.clone();
-            std::thread::spawn(move || post_image(port, "/api/search/image", &b))
+            std::thread::spawn(move || {
+                post_image(port, "/api/search/image", "huge.png", &b).map(|r| r.0)
+            })
         })
         .collect();
     let codes: Vec<Option<u16>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -256,33 +262,6 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
         peak <= before + 2 * BUDGET_MIB + 256,
         "peak RSS {peak} MiB over {before} + 2 x {BUDGET_MIB} + 256 MiB"
     );
-}
-
-/// A multipart POST of one image file on loopback; returns (status, body).
-fn upload_image(port: u16, path: &str, name: &str, bytes: &[u8]) -> Option<(u16, String)> {
-    let boundary = "blipsearchlifecycle";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
-         Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .ok()?;
-    s.write_all(&body).ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let status = raw.split(' ').nth(1)?.parse().ok()?;
-    let body = raw.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
-    Some((status, body))
 }
 
 fn cli(args: &[&str]) -> serde_json::Value {
@@ -359,7 +338,7 @@ fn a_collection_keeps_its_promises_across_processes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rocket = std::fs::read(fx.join("images/rocket.jpg")).unwrap();
-    let (code, body) = upload_image(port, "/api/images", "rocket.jpg", &rocket).unwrap();
+    let (code, body) = post_image(port, "/api/images", "rocket.jpg", &rocket).unwrap();
     assert_eq!(code, 201, "{body}");
     let uploaded: serde_json::Value = serde_json::from_str(&body).unwrap();
     let up_id = uploaded["id"].as_u64().unwrap();
