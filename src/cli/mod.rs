@@ -109,21 +109,42 @@ fn recorded_source(name: &str) -> Result<ModelSource> {
     }
 }
 
+/// The model a directory or a hub id names, if either is given.
+fn asked_source(dir: &Option<PathBuf>, id: &Option<String>) -> Option<ModelSource> {
+    match (dir, id) {
+        (Some(dir), _) => Some(ModelSource::Dir(dir.clone())),
+        (None, Some(id)) => Some(ModelSource::Hub(id.clone())),
+        (None, None) => None,
+    }
+}
+
+/// The model asked for, else `recorded` (an existing collection's, when given), else the hub's
+/// `default`.
+fn chosen_source(
+    asked: Option<ModelSource>,
+    recorded: Option<&str>,
+    default: &str,
+) -> Result<ModelSource> {
+    match (asked, recorded) {
+        (Some(source), _) => Ok(source),
+        (None, Some(name)) => recorded_source(name),
+        (None, None) => Ok(ModelSource::Hub(default.to_string())),
+    }
+}
+
 impl RetrievalModelArgs {
     fn source(&self) -> ModelSource {
-        match (&self.model_dir, &self.model) {
-            (Some(dir), _) => ModelSource::Dir(dir.clone()),
-            (None, Some(id)) => ModelSource::Hub(id.clone()),
-            (None, None) => ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()),
-        }
+        asked_source(&self.model_dir, &self.model)
+            .unwrap_or_else(|| ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()))
     }
 
     /// The model asked for, else `recorded` (an existing collection's), else the default.
     fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
-        match (&self.model_dir, &self.model, recorded) {
-            (None, None, Some(name)) => recorded_source(name),
-            _ => Ok(self.source()),
-        }
+        chosen_source(
+            asked_source(&self.model_dir, &self.model),
+            recorded,
+            DEFAULT_RETRIEVAL_MODEL,
+        )
     }
 
     pub(crate) fn limits(&self) -> Result<DecodeLimits> {
@@ -471,19 +492,17 @@ pub struct CaptionCheckpointArgs {
 
 impl CaptionCheckpointArgs {
     fn source(&self) -> ModelSource {
-        match (&self.caption_model_dir, &self.caption_model) {
-            (Some(dir), _) => ModelSource::Dir(dir.clone()),
-            (None, Some(id)) => ModelSource::Hub(id.clone()),
-            (None, None) => ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()),
-        }
+        asked_source(&self.caption_model_dir, &self.caption_model)
+            .unwrap_or_else(|| ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()))
     }
 
     /// The model asked for, else `recorded` (an existing collection's), else the default.
     fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
-        match (&self.caption_model_dir, &self.caption_model, recorded) {
-            (None, None, Some(name)) => recorded_source(name),
-            _ => Ok(self.source()),
-        }
+        chosen_source(
+            asked_source(&self.caption_model_dir, &self.caption_model),
+            recorded,
+            DEFAULT_CAPTION_MODEL,
+        )
     }
 }
 

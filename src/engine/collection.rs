@@ -209,7 +209,7 @@ impl Engine {
     /// The JPEG thumbnail of `id`: [`EngineError::NotFound`] when there is no such image or it
     /// has no thumbnail.
     pub fn thumbnail(&self, id: ImageId) -> Result<Vec<u8>> {
-        if self.get(id)?.is_none() {
+        if !self.read()?.contains(id)? {
             return Err(EngineError::NotFound(format!("no image with id {id}")));
         }
         match self.blobs.thumbnail(id) {
