@@ -444,11 +444,11 @@ async fn every_endpoint_and_its_errors() {
         svc,
         TestRequest::post()
             .uri("/api/search/image?limit=2")
-            .set_json(serde_json::json!({ "id": rocket })),
+            .set_json(serde_json::json!({ "similar_to": rocket })),
     );
     assert_eq!(st, StatusCode::OK);
     let v = json(&b);
-    assert_eq!(v["source_id"], rocket);
+    assert_eq!(v["similar_to"], rocket);
     assert_eq!(v["hits"].as_array().unwrap().len(), 2);
     assert!(
         v["hits"]
@@ -458,6 +458,7 @@ async fn every_endpoint_and_its_errors() {
             .all(|h| h["id"] != rocket),
         "{v}"
     );
+    // `id`, the field's older name, still works.
     let (st, b) = send!(
         svc,
         TestRequest::post()
@@ -470,9 +471,16 @@ async fn every_endpoint_and_its_errors() {
         (
             TestRequest::post()
                 .uri("/api/search/image")
-                .set_json(serde_json::json!({ "id": 424242 })),
+                .set_json(serde_json::json!({ "similar_to": 424242 })),
             StatusCode::NOT_FOUND,
             "not_found",
+        ),
+        (
+            TestRequest::post()
+                .uri("/api/search/image")
+                .set_json(serde_json::json!({ "similar_to": rocket, "id": rocket })),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
         ),
         (
             TestRequest::post()
@@ -502,7 +510,7 @@ async fn every_endpoint_and_its_errors() {
         (
             TestRequest::post()
                 .uri("/api/search/image?q=cat")
-                .set_json(serde_json::json!({ "id": 0 })),
+                .set_json(serde_json::json!({ "similar_to": 0 })),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
@@ -510,7 +518,7 @@ async fn every_endpoint_and_its_errors() {
         (
             TestRequest::post()
                 .uri("/api/search/image?rerank_k=4")
-                .set_json(serde_json::json!({ "id": 0 })),
+                .set_json(serde_json::json!({ "similar_to": 0 })),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),

@@ -302,7 +302,7 @@
       params.set('rerank_k', String(ui.rerank.checked ? DEFAULT_RERANK_K : 0));
       req = api(`/api/search?${params}`);
     } else if (query.kind === 'like') {
-      req = api(`/api/search/image?${params}`, { method: 'POST', json: { id: query.id } });
+      req = api(`/api/search/image?${params}`, { method: 'POST', json: { similar_to: query.id } });
     } else {
       const body = new FormData();
       body.append('image', query.file, query.file.name || 'image');

@@ -236,7 +236,7 @@ class Visitor(HttpUser):
     @task(8)
     def search_by_id(self):
         with self.client.post("/api/search/image?limit=5", name="/api/search/image (json id)",
-                              json={"id": random.choice(readable)}, catch_response=True) as r:
+                              json={"similar_to": random.choice(readable)}, catch_response=True) as r:
             r.success()
 
     @task(12)

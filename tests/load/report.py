@@ -140,7 +140,7 @@ for i, shas in sorted(live.items()):
         lost.append(f"id {i}: GET /api/images/{i}/file -> {s} {body[:160]!r}")
     elif hashlib.sha256(body).hexdigest() != sha:
         lost.append(f"id {i}: /file serves other bytes than were uploaded")
-    s, body = call("POST", "/api/search/image?limit=1", json.dumps({"id": i}).encode(),
+    s, body = call("POST", "/api/search/image?limit=1", json.dumps({"similar_to": i}).encode(),
                    {"Content-Type": "application/json"})
     if s != 200:
         lost.append(f"id {i}: search by id -> {s} {body[:160]!r}")

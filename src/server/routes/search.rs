@@ -131,7 +131,7 @@ struct HitOut {
 struct SearchOut {
     query: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    source_id: Option<u64>,
+    similar_to: Option<u64>,
     hits: Vec<HitOut>,
     candidates: usize,
     truncated: bool,
@@ -166,7 +166,7 @@ fn render(
     engine: &Engine,
     view: &PathView,
     query: Option<&str>,
-    source_id: Option<u64>,
+    similar_to: Option<u64>,
     r: SearchResults,
     started: Instant,
 ) -> ApiResult<SearchOut> {
@@ -215,7 +215,7 @@ fn render(
     }
     Ok(SearchOut {
         query: query.map(str::to_string),
-        source_id,
+        similar_to,
         hits,
         candidates: r.candidates,
         truncated: r.truncated,
@@ -248,7 +248,9 @@ async fn search_text(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ById {
-    id: u64,
+    /// The indexed image to search from; `id` is its older name.
+    #[serde(alias = "id")]
+    similar_to: u64,
 }
 
 async fn search_image(
@@ -271,7 +273,7 @@ async fn search_image(
     if is_multipart(&req) {
         if params.include_self {
             return Err(ApiError::bad_request(
-                "include_self applies to a search by an indexed image ({\"id\": ...})",
+                "include_self applies to a search by an indexed image ({\"similar_to\": ...})",
             ));
         }
         let upload = read_upload(&req, payload, &state.settings).await?;
@@ -294,8 +296,9 @@ async fn search_image(
             .await?
             .map_err(|_| ApiError::too_large("the JSON body is over 64 KiB"))?
             .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}")))?;
-        let ById { id } = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("expected {{\"id\": <image id>}}: {e}")))?;
+        let ById { similar_to: id } = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!("expected {{\"similar_to\": <image id>}}: {e}"))
+        })?;
         let out = web::block(move || -> ApiResult<SearchOut> {
             let r = state
                 .engine
@@ -306,7 +309,7 @@ async fn search_image(
         Ok(HttpResponse::Ok().json(out))
     } else {
         Err(ApiError::unsupported_media(
-            "send multipart/form-data with an `image` file, or JSON {\"id\": ...}",
+            "send multipart/form-data with an `image` file, or JSON {\"similar_to\": ...}",
         ))
     }
 }
