@@ -115,11 +115,12 @@ fn build(dir: &Path, n: u64, dim: usize, model: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     for i in 0..n {
         let words: Vec<&str> = (0..6).map(|_| VOCAB[(g.next() % 24) as usize]).collect();
-        let id = c.allocate_id()?;
+        let hash = content_hash(&i.to_le_bytes());
+        let id = c.allocate_id(&hash)?;
         c.insert(ImageRecord {
             id,
             path: format!("{}img_{i:07}.jpg", folder(i)),
-            content_hash: content_hash(&i.to_le_bytes()),
+            content_hash: hash,
             size_bytes: 200_000,
             width: if i % 10 == 3 { 4000 } else { 1024 },
             height: 768,

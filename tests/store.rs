@@ -1,21 +1,26 @@
 //! The contract of the `Store` trait, written once against the trait: every store runs the same
-//! suite (the embedded `Collection` here; another store adds one `#[test]` that calls
-//! [`contract`] with its own opener).
+//! suite (the embedded `Collection`, and `MilvusStore` on a Milvus Lite server; a store adds one
+//! `#[test]` that calls [`contract`] with its own opener).
 //!
-//! What it checks: ids are allocated once and never reused; insert refuses a known path, content
+//! What it checks: an id names one content (a counting store never gives one twice; a store with
+//! ids from content gives the same content its id back); insert refuses a known path, content
 //! hash or id without writing anything; get/by_path/by_hash/under/contains/len agree; update
 //! changes texts and fields but never the vector; delete hides an image from both searches at
 //! once; both searches with a filter return exactly the images `Filter::accepts` accepts (on a
 //! collection small enough that vector search is exact); exclusions are remembered durably;
 //! commit makes everything survive a reopen.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use blipsearch::index::{
     content_hash, Caption, CaptionSource, Collection, CollectionInfo, Filter, HnswParams, ImageId,
-    ImageRecord, IndexError, Store,
+    ImageRecord, IndexError, MilvusStore, Store,
 };
+use common::milvus::MilvusLite;
 
 const DIM: usize = 16;
 const WORDS: [&str; 6] = ["dog", "cat", "beach", "tree", "boat", "city"];
@@ -70,7 +75,7 @@ fn record(n: u64, g: &mut Gen) -> ImageRecord {
 }
 
 fn add(s: &mut dyn Store, mut r: ImageRecord) -> Result<ImageId, IndexError> {
-    r.id = s.allocate_id()?;
+    r.id = s.allocate_id(&r.content_hash)?;
     let id = r.id;
     s.insert(r)?;
     Ok(id)
@@ -170,7 +175,7 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     assert!(s.is_empty().unwrap());
     assert_eq!(s.info().embedding_dim, DIM);
 
-    // Ids: consecutive allocation, never reused.
+    // Ids: one per content.
     let mut ids_given = Vec::new();
     for n in 0..60 {
         ids_given.push(add(&mut *s, record(n, &mut g)).unwrap());
@@ -200,7 +205,7 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     dup.id = ids_given[1];
     assert!(s.insert(dup).is_err());
     let mut wild = record(1003, &mut g);
-    wild.id = ImageId(s.next_id().unwrap().0 + 1000);
+    wild.id = ImageId(s.next_id().unwrap().map_or(12_345, |n| n.0 + 1000));
     assert!(s.insert(wild).is_err());
     let mut zero = record(1004, &mut g);
     zero.itc = vec![0.0; DIM];
@@ -287,13 +292,24 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
         vec![("h1".to_string(), "/lib/a/x.jpg".to_string())]
     );
 
-    // Reserved ids: inserting under an old id works once it is reserved.
     let next = s.next_id().unwrap();
-    s.reserve_ids(ImageId(next.0 + 10)).unwrap();
-    assert!(s.allocate_id().unwrap().0 >= next.0 + 10);
-    let mut kept = record(4000, &mut g);
-    kept.id = ImageId(next.0 + 3);
-    s.insert(kept).unwrap();
+    match next {
+        // Reserved ids: inserting under an old id works once it is reserved.
+        Some(next) => {
+            s.reserve_ids(ImageId(next.0 + 10)).unwrap();
+            let kept = record(4000, &mut g);
+            assert!(s.allocate_id(&kept.content_hash).unwrap().0 >= next.0 + 10);
+            let mut kept = kept;
+            kept.id = ImageId(next.0 + 3);
+            s.insert(kept).unwrap();
+        }
+        // Ids from content: removed content gets its id back, and nothing else gets it.
+        None => {
+            let again = record(2, &mut g);
+            assert_eq!(s.allocate_id(&again.content_hash).unwrap(), gone[0]);
+            add(&mut *s, record(4000, &mut g)).unwrap();
+        }
+    }
     s.commit().unwrap();
     let before = (records(&*s), s.stats().unwrap().images);
     assert_eq!(before.1, 58);
@@ -302,7 +318,9 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     // Reopen: everything committed is there, searches agree.
     let s = open(dir);
     assert_eq!(records(&*s), before.0);
-    assert!(s.next_id().unwrap().0 > next.0 + 10);
+    if let Some(next) = next {
+        assert!(s.next_id().unwrap().unwrap().0 > next.0 + 10);
+    }
     check_gone(&*s, &mut g);
     filters_agree_with_accepts(&*s, &mut g);
     let stats = s.stats().unwrap();
@@ -316,4 +334,78 @@ fn embedded_collection_keeps_the_store_contract() {
     contract(&|dir| {
         Box::new(Collection::open(dir, &info, HnswParams::default()).unwrap()) as Box<dyn Store>
     });
+}
+
+#[test]
+fn milvus_store_keeps_the_store_contract() {
+    let milvus = MilvusLite::start();
+    let address = milvus.address("contract").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    contract(&|_dir| Box::new(MilvusStore::open(&address, &info).unwrap()) as Box<dyn Store>);
+}
+
+/// What `s` holds: every record, in id order.
+fn snapshot(s: &dyn Store) -> Vec<ImageRecord> {
+    records(s)
+}
+
+#[test]
+fn milvus_killed_and_restarted_loses_nothing_and_the_store_recovers() {
+    let mut milvus = MilvusLite::start();
+    let address = milvus.address("crash").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    let mut s = MilvusStore::open(&address, &info).unwrap();
+    let mut g = Gen(7);
+    let mut ids = Vec::new();
+    for n in 0..40 {
+        ids.push(add(&mut s, record(n, &mut g)).unwrap());
+    }
+    s.delete(ids[3]).unwrap();
+    s.exclude("h1", "/lib/a/x.jpg").unwrap();
+    s.commit().unwrap();
+    let before = snapshot(&s);
+    assert_eq!(before.len(), 39);
+
+    milvus.kill();
+    // While Milvus is down, every call says so, as `Unavailable` (an HTTP 503 upstream).
+    match s.len() {
+        Err(IndexError::Unavailable(m)) => assert!(m.contains("does not answer"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(matches!(
+        s.vector_search(&g.unit(), 3, None, &Filter::default()),
+        Err(IndexError::Unavailable(_))
+    ));
+
+    milvus.restart();
+    // The same handle recovers once Milvus is back (reconnecting, loading the collection).
+    let start = Instant::now();
+    loop {
+        match s.len() {
+            Ok(n) => {
+                assert_eq!(n, 39);
+                break;
+            }
+            Err(IndexError::Unavailable(_)) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+    assert_eq!(snapshot(&s), before);
+    assert!(s.is_excluded("h1").unwrap());
+    let hits = s
+        .vector_search(&before[0].itc, 1, None, &Filter::default())
+        .unwrap();
+    assert_eq!(hits[0].0, before[0].id);
+    assert_eq!(
+        s.text_search("everyone", 100, &Filter::default())
+            .unwrap()
+            .len(),
+        39
+    );
+    // A new handle sees the same.
+    drop(s);
+    let s = MilvusStore::open_existing(&address).unwrap();
+    assert_eq!(snapshot(&s), before);
 }

@@ -10,7 +10,7 @@ use super::{CaptionCheckpointArgs, RetrievalModelArgs};
 use crate::engine::models::{select_device, CapFiltParams, DecodeBudget};
 use crate::engine::{
     CollectionInfo, Engine, EngineError, ErrorKind, IngestOptions, IngestSummary, LocalModels,
-    Target,
+    Location, StoreLocation, Target,
 };
 
 /// Where the collection lives.
@@ -19,6 +19,29 @@ pub struct IndexArgs {
     /// The collection directory.
     #[arg(long, env = "BLIPSEARCH_INDEX", default_value = crate::engine::DEFAULT_DIR)]
     pub index: PathBuf,
+    /// Where the records live: `embedded` (in --index, one process at a time) or
+    /// milvus://HOST:PORT/COLLECTION (shared by any number of processes; --index then holds
+    /// only thumbnails, rerank features and uploads, and must be the same folder for all).
+    #[arg(long, env = "BLIPSEARCH_STORE", default_value = "embedded")]
+    pub store: StoreLocation,
+}
+
+impl IndexArgs {
+    /// The collection's directory and store.
+    pub fn location(&self) -> Location {
+        Location {
+            dir: self.index.clone(),
+            store: self.store.clone(),
+        }
+    }
+
+    /// How the collection is named in messages.
+    pub fn describe(&self) -> String {
+        match &self.store {
+            StoreLocation::Embedded => self.index.display().to_string(),
+            milvus => format!("{milvus} (blobs in {})", self.index.display()),
+        }
+    }
 }
 
 /// Options of `add` and `sync`.
@@ -111,10 +134,10 @@ pub(super) enum Instead {
     StopFirst,
 }
 
-/// Opens the existing collection in `dir`; when a running server has it open, the error says
+/// Opens the existing collection of `at`; when a running server has it open, the error says
 /// how to do the same through that server.
-pub(super) fn open_existing(dir: &Path, instead: Instead) -> Result<Engine> {
-    Engine::open_existing(dir).map_err(|e| explain_lock(e, dir, instead))
+pub(super) fn open_existing(at: &IndexArgs, instead: Instead) -> Result<Engine> {
+    Engine::open_existing(at.location()).map_err(|e| explain_lock(e, &at.index, instead))
 }
 
 /// `e`, or when it is the lock of a collection a server announced, how to go through the server.
@@ -196,16 +219,15 @@ pub(super) fn open_with_models(
     c: &IngestCommon,
     instead: Instead,
 ) -> Result<(Engine, LocalModels)> {
-    let dir = &c.index.index;
-    if Engine::exists(dir) {
-        let engine = open_existing(dir, instead)?;
+    if Engine::exists(c.index.location())? {
+        let engine = open_existing(&c.index, instead)?;
         let info = engine.info()?;
         let models = load_models(c, Some(&info))?;
         engine.adopt_models(&models.collection_info())?;
         Ok((engine, models))
     } else {
         let models = load_models(c, None)?;
-        let engine = Engine::open(dir, &models.collection_info())?;
+        let engine = Engine::open(c.index.location(), &models.collection_info())?;
         Ok((engine, models))
     }
 }
@@ -234,15 +256,14 @@ pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
 /// models given now (see [`Engine::reindex`]).
 pub fn reindex(a: ReindexArgs) -> Result<()> {
     let c = &a.common;
-    let dir = &c.index.index;
-    if !Engine::exists(dir) {
-        bail!("no collection in {}", dir.display());
+    if !Engine::exists(c.index.location())? {
+        bail!("no collection in {}", c.index.describe());
     }
     // The models asked for, else the ones it was built with (re-embedding with the same).
-    let recorded = open_existing(dir, Instead::StopFirst)?.info()?;
+    let recorded = open_existing(&c.index, Instead::StopFirst)?.info()?;
     let models = load_models(c, Some(&recorded))?;
     let summary = Engine::reindex(
-        dir,
+        c.index.location(),
         &models,
         &models.collection_info(),
         ingest_options(c)?,
@@ -269,7 +290,7 @@ fn print_summary(s: &IngestSummary, json: bool) -> Result<()> {
 
 /// `remove`: every target is checked first; one unknown target removes nothing.
 pub fn remove(a: RemoveArgs) -> Result<()> {
-    let engine = open_existing(&a.index.index, Instead::Remove)?;
+    let engine = open_existing(&a.index, Instead::Remove)?;
     let targets: Vec<Target> = a
         .targets
         .iter()
@@ -282,7 +303,7 @@ pub fn remove(a: RemoveArgs) -> Result<()> {
 
 /// `stats`.
 pub fn stats(a: StatsArgs) -> Result<()> {
-    let engine = open_existing(&a.index.index, Instead::Stats)?;
+    let engine = open_existing(&a.index, Instead::Stats)?;
     let s = engine.stats()?;
     let info = engine.info()?;
     if a.json {
@@ -291,7 +312,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         return Ok(());
     }
     let st = &s.store;
-    println!("collection {}", path_str(&a.index.index));
+    println!("collection {}", a.index.describe());
     println!("  images        {}", st.images);
     println!(
         "  vectors       {} (+{} tombstones)",
@@ -325,8 +346,4 @@ pub fn stats(a: StatsArgs) -> Result<()> {
 
 fn mb(b: u64) -> String {
     format!("{:.1} MB", b as f64 / 1e6)
-}
-
-fn path_str(p: &Path) -> String {
-    p.display().to_string()
 }

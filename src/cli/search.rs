@@ -88,7 +88,7 @@ pub struct SearchArgs {
 
 /// Runs `search`.
 pub fn search(a: SearchArgs) -> Result<()> {
-    let engine = open_existing(&a.index.index, Instead::Search)?;
+    let engine = open_existing(&a.index, Instead::Search)?;
     let fusion = match &a.weighted {
         None => Fusion::default(),
         Some(w) => {
@@ -225,7 +225,7 @@ pub struct DuplicatesArgs {
 
 /// Runs `duplicates`.
 pub fn duplicates(a: DuplicatesArgs) -> Result<()> {
-    let groups = open_existing(&a.index.index, Instead::StopFirst)?.duplicates(a.threshold)?;
+    let groups = open_existing(&a.index, Instead::StopFirst)?.duplicates(a.threshold)?;
     if a.json {
         println!(
             "{}",

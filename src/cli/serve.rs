@@ -93,9 +93,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     eprintln!("loading models...");
-    let index = &c.index.index;
     let (engine, models) = open_with_models(c, Instead::StopFirst)
-        .with_context(|| format!("opening the collection in {}", index.display()))?;
+        .with_context(|| format!("opening the collection in {}", c.index.describe()))?;
     let limits = c.model.limits()?;
     let options = ingest_options(c)?;
     // One forward pass before serving, so that the first user does not pay for warm-up.

@@ -4,7 +4,13 @@
 //! server call the same operations and only parse and render.
 //!
 //! Write order, which makes a crash harmless: an image's blobs are written before its record and
-//! removed after it; blobs that no record owns are swept when the collection is opened.
+//! removed after it; blobs that no record owns are swept when the collection is opened (embedded
+//! store only: with a shared store another process may be about to own them).
+//!
+//! Where records live is a [`Location`]: the embedded store in the collection directory, or a
+//! Milvus collection that any number of processes share ([`StoreLocation::Milvus`]); the
+//! directory then holds only blobs and uploads, which every process sharing the collection must
+//! see (a shared file system), and takes no lock.
 
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -19,7 +25,7 @@ use super::search::{SearchParams, SearchResults, Searcher};
 use super::uploads::{uploads_dir, NewUpload, Uploaded, Uploads};
 use crate::index::{
     BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId, ImageRecord,
-    IndexError, Store, StoreStats,
+    IndexError, MilvusAddress, MilvusStore, Store, StoreStats,
 };
 use crate::progress::Progress;
 
@@ -61,6 +67,71 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// Which store holds a collection's records.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreLocation {
+    /// The embedded store (sled, hnsw_rs, tantivy) in the collection directory, locked by one
+    /// process at a time.
+    #[default]
+    Embedded,
+    /// A Milvus collection, shared by any number of processes.
+    Milvus(MilvusAddress),
+}
+
+impl std::str::FromStr for StoreLocation {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "" | "embedded" => Ok(Self::Embedded),
+            s if s.starts_with("milvus://") => Ok(Self::Milvus(s.parse()?)),
+            s => Err(EngineError::InvalidInput(format!(
+                "unknown store {s:?}: use `embedded` or milvus://HOST:PORT/COLLECTION"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Embedded => f.write_str("embedded"),
+            Self::Milvus(a) => a.fmt(f),
+        }
+    }
+}
+
+/// Where a collection is: its directory (blobs, uploads, and the embedded store's files) and
+/// the store that holds its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The collection directory.
+    pub dir: PathBuf,
+    /// The record store.
+    pub store: StoreLocation,
+}
+
+impl Location {
+    /// The embedded store in `dir`.
+    pub fn embedded(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            store: StoreLocation::Embedded,
+        }
+    }
+}
+
+impl From<&Path> for Location {
+    fn from(dir: &Path) -> Self {
+        Self::embedded(dir)
+    }
+}
+
+impl From<&PathBuf> for Location {
+    fn from(dir: &PathBuf) -> Self {
+        Self::embedded(dir)
+    }
+}
+
 /// The file in a collection directory naming the server that has it open (its URL, then its
 /// pid), so that a command refused by the lock can say where to go instead.
 const SERVING: &str = "SERVING";
@@ -74,24 +145,40 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the collection in `dir`, creating it for the models described by `info`; an
-    /// existing collection must have been built with them (else an error that suggests
-    /// `blipsearch reindex`).
-    pub fn open(dir: &Path, info: &CollectionInfo) -> Result<Self> {
-        let store = Collection::open(dir, info, HnswParams::default())?;
-        Self::over(dir, Box::new(store))
+    /// Opens the collection at `at` (a directory, or a [`Location`]), creating it for the
+    /// models described by `info`; an existing collection must have been built with them (else
+    /// an error that suggests `blipsearch reindex`).
+    pub fn open(at: impl Into<Location>, info: &CollectionInfo) -> Result<Self> {
+        let at = at.into();
+        let store: Box<dyn Store> = match &at.store {
+            StoreLocation::Embedded => {
+                Box::new(Collection::open(&at.dir, info, HnswParams::default())?)
+            }
+            StoreLocation::Milvus(a) => Box::new(MilvusStore::open(a, info)?),
+        };
+        Self::over(&at.dir, store)
     }
 
-    /// Opens the existing collection in `dir` with whatever models it was built with
+    /// Opens the existing collection at `at` with whatever models it was built with
     /// ([`Engine::info`] says which).
-    pub fn open_existing(dir: &Path) -> Result<Self> {
-        let store = Collection::open_existing(dir, HnswParams::default())?;
-        Self::over(dir, Box::new(store))
+    pub fn open_existing(at: impl Into<Location>) -> Result<Self> {
+        let at = at.into();
+        let store: Box<dyn Store> = match &at.store {
+            StoreLocation::Embedded => {
+                Box::new(Collection::open_existing(&at.dir, HnswParams::default())?)
+            }
+            StoreLocation::Milvus(a) => Box::new(MilvusStore::open_existing(a)?),
+        };
+        Self::over(&at.dir, store)
     }
 
-    /// Whether `dir` holds a collection.
-    pub fn exists(dir: &Path) -> bool {
-        Collection::exists(dir)
+    /// Whether there is a collection at `at`.
+    pub fn exists(at: impl Into<Location>) -> Result<bool> {
+        let at = at.into();
+        match &at.store {
+            StoreLocation::Embedded => Ok(Collection::exists(&at.dir)),
+            StoreLocation::Milvus(a) => Ok(MilvusStore::exists(a)?),
+        }
     }
 
     /// Records that this process serves the collection at `url` (see [`Engine::serving_url`]).
@@ -120,9 +207,11 @@ impl Engine {
     /// The engine over `store`, with blobs and uploads in `dir`.
     pub fn over(dir: &Path, store: Box<dyn Store>) -> Result<Self> {
         let blobs = BlobStore::open(dir)?;
-        let swept = blobs.sweep(|id| store.contains(id).unwrap_or(true))?;
-        if swept > 0 {
-            tracing::info!(swept, "removed feature and thumbnail files no image owns");
+        if !store.shared() {
+            let swept = blobs.sweep(|id| store.contains(id).unwrap_or(true))?;
+            if swept > 0 {
+                tracing::info!(swept, "removed feature and thumbnail files no image owns");
+            }
         }
         let uploads = Uploads::open(&uploads_dir(dir))?;
         Ok(Self {
@@ -268,7 +357,7 @@ impl Engine {
         }
         let id = match keep_id {
             Some(id) => id,
-            None => self.write()?.allocate_id()?,
+            None => self.write()?.allocate_id(&record.content_hash)?,
         };
         record.id = id;
         self.blobs.put(id, features, thumbnail)?;
@@ -398,9 +487,20 @@ impl Engine {
     }
 
     /// Deletes uploaded files no image points to (left by a crash between writing and
-    /// indexing); returns how many. Run it while no upload is in flight (at start).
+    /// indexing); returns how many. Run it while no upload is in flight (at start). With a
+    /// shared store, other processes may be uploading now: only files older than
+    /// [`super::uploads::ORPHAN_AGE`] go.
     pub fn remove_orphan_uploads(&self) -> Result<usize> {
-        Uploads::remove_orphans(self)
+        let min_age = match self.read()?.shared() {
+            true => super::uploads::ORPHAN_AGE,
+            false => std::time::Duration::ZERO,
+        };
+        Uploads::remove_orphans(self, min_age)
+    }
+
+    /// Whether other processes may write the collection at the same time (a shared store).
+    pub fn shared(&self) -> Result<bool> {
+        Ok(self.read()?.shared())
     }
 
     /// Searches by a text query.
@@ -441,18 +541,21 @@ impl Engine {
         super::duplicates::near_duplicates(&**self.read()?, threshold)
     }
 
-    /// Embeds every image of the collection in `dir` again, from its original file, with
+    /// Embeds every image of the collection at `at` again, from its original file, with
     /// `models`, into a new collection beside it, which replaces the old one only once complete
     /// (an interrupted reindex leaves the old collection as it was). Every image keeps its id
-    /// and given texts; uploaded files move into the new collection. Files that are gone are
-    /// left out, with a warning event each.
+    /// and given texts; uploaded files stay with the collection. Files that are gone are left
+    /// out, with a warning event each. With Milvus, the new collection is `<name>_reindex`
+    /// until it replaces the old one (other processes serving it see the new one from then).
     pub fn reindex<M: Encoders + ?Sized>(
-        dir: &Path,
+        at: impl Into<Location>,
         models: &M,
         info: &CollectionInfo,
         options: IngestOptions,
         observer: &dyn Progress,
     ) -> Result<IngestSummary> {
+        let at = at.into();
+        let dir = at.dir.as_path();
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| EngineError::Io { path, source }
@@ -461,7 +564,7 @@ impl Engine {
         let mut given = std::collections::HashMap::new();
         let mut ids = std::collections::HashMap::new();
         let (next_id, exclusions) = {
-            let old = Engine::open_existing(dir)?;
+            let old = Engine::open_existing(at.clone())?;
             old.for_each(&mut |r| {
                 paths.push(PathBuf::from(&r.path));
                 given.insert(r.path.clone(), r.given_texts);
@@ -473,17 +576,31 @@ impl Engine {
         };
         let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
             paths.into_iter().partition(|p| p.exists());
-        let staging = sibling(dir, "reindex");
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+        let staging = Location {
+            dir: sibling(dir, "reindex"),
+            store: match &at.store {
+                StoreLocation::Embedded => StoreLocation::Embedded,
+                StoreLocation::Milvus(a) => StoreLocation::Milvus(MilvusAddress {
+                    collection: format!("{}_reindex", a.collection),
+                    ..a.clone()
+                }),
+            },
+        };
+        if staging.dir.exists() {
+            std::fs::remove_dir_all(&staging.dir).map_err(io(&staging.dir))?;
+        }
+        if let StoreLocation::Milvus(a) = &staging.store {
+            MilvusStore::drop_collection(a)?;
         }
         let mut summary = {
-            let fresh = Engine::open(&staging, info)?;
+            let fresh = Engine::open(staging.clone(), info)?;
             // Every image keeps its id, and ids never given are never given later either;
             // what was removed on purpose stays out of folder scans.
             {
                 let mut store = fresh.write()?;
-                store.reserve_ids(next_id)?;
+                if let Some(next_id) = next_id {
+                    store.reserve_ids(next_id)?;
+                }
                 for (hash, path) in &exclusions {
                     store.exclude(hash, path)?;
                 }
@@ -499,29 +616,58 @@ impl Engine {
                 reason: "the file is gone; it is not in the new collection".into(),
             });
         }
-        // Uploaded files live inside the collection: they move with it (the records point to
-        // `<index>/uploads/...`, which is where they are again after the swap).
-        let uploads = uploads_dir(dir);
-        if uploads.exists() {
-            let target = uploads_dir(&staging);
-            if target.exists() {
-                std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        match (&at.store, &staging.store) {
+            (StoreLocation::Milvus(target), StoreLocation::Milvus(new)) => {
+                // The records move by renaming in Milvus; the blobs by renaming their folders
+                // (uploads stay where the records point).
+                MilvusStore::replace(target, new)?;
+                let old = sibling(dir, "old");
+                std::fs::create_dir_all(&old).map_err(io(&old))?;
+                for part in BlobStore::PARTS {
+                    let (live, fresh, gone) =
+                        (dir.join(part), staging.dir.join(part), old.join(part));
+                    if live.exists() {
+                        std::fs::rename(&live, &gone).map_err(io(&live))?;
+                    }
+                    std::fs::rename(&fresh, &live).map_err(io(&fresh))?;
+                }
+                std::fs::remove_dir_all(&old).map_err(io(&old))?;
+                std::fs::remove_dir_all(&staging.dir).map_err(io(&staging.dir))?;
             }
-            std::fs::rename(&uploads, &target).map_err(io(&uploads))?;
+            _ => swap_directories(dir, &staging.dir)?,
         }
-        let old = sibling(dir, "old");
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
-        }
-        if let Err(e) = std::fs::rename(dir, &old) {
-            // Put the uploads back: the old collection stays as it was.
-            let _ = std::fs::rename(uploads_dir(&staging), &uploads);
-            return Err(io(dir)(e));
-        }
-        std::fs::rename(&staging, dir).map_err(io(&staging))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
         Ok(summary)
     }
+}
+
+/// Replaces the embedded collection in `dir` by the one in `staging`. Uploaded files live inside
+/// the collection: they move with it (the records point to `<index>/uploads/...`, which is where
+/// they are again after the swap).
+fn swap_directories(dir: &Path, staging: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    let uploads = uploads_dir(dir);
+    if uploads.exists() {
+        let target = uploads_dir(staging);
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        }
+        std::fs::rename(&uploads, &target).map_err(io(&uploads))?;
+    }
+    let old = sibling(dir, "old");
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    if let Err(e) = std::fs::rename(dir, &old) {
+        // Put the uploads back: the old collection stays as it was.
+        let _ = std::fs::rename(uploads_dir(staging), &uploads);
+        return Err(io(dir)(e));
+    }
+    std::fs::rename(staging, dir).map_err(io(staging))?;
+    std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    Ok(())
 }
 
 /// `index` -> `index.<suffix>` in the same parent folder.

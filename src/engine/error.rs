@@ -57,6 +57,8 @@ pub enum ErrorKind {
     TimedOut,
     /// Another process has the collection open.
     Locked,
+    /// The store cannot be reached now (a shared store's server is down): try again later.
+    Unavailable,
     /// Anything else: a fault of ours or of the machine.
     Internal,
 }
@@ -78,6 +80,7 @@ impl EngineError {
             Self::Busy(_) | Self::Model(ModelError::Busy(_)) => ErrorKind::Busy,
             Self::TimedOut(_) => ErrorKind::TimedOut,
             Self::Index(IndexError::Locked { .. }) => ErrorKind::Locked,
+            Self::Index(IndexError::Unavailable(_)) => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

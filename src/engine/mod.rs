@@ -18,7 +18,7 @@ pub mod search;
 pub mod uploads;
 
 pub use crate::progress::{Counters, Event, Progress, Silent};
-pub use collection::{CollectionStats, Engine, Target};
+pub use collection::{CollectionStats, Engine, Location, StoreLocation, Target};
 pub use error::{EngineError, ErrorKind, Result};
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{EncodedImages, EncodedText, Encoders, LocalModels};

@@ -36,6 +36,10 @@ pub struct Uploaded {
     pub duplicate: bool,
 }
 
+/// How old an unowned upload must be before [`super::Engine::remove_orphan_uploads`] removes it
+/// when the store is shared (another process may be indexing a younger one right now).
+pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Where uploads go inside a collection directory.
 pub fn uploads_dir(index: &Path) -> PathBuf {
     index.join("uploads")
@@ -249,10 +253,10 @@ impl Uploads {
         Ok(true)
     }
 
-    /// Deletes the files in the upload directory that no image points to (left by a crash
-    /// between writing a file and indexing it); returns how many. Run it while no upload is
-    /// in flight (at start).
-    pub(crate) fn remove_orphans(engine: &Engine) -> Result<usize> {
+    /// Deletes the files in the upload directory, last modified at least `min_age` ago, that no
+    /// image points to (left by a crash between writing a file and indexing it); returns how
+    /// many. Run it while no upload of this process is in flight (at start).
+    pub(crate) fn remove_orphans(engine: &Engine, min_age: std::time::Duration) -> Result<usize> {
         let this = engine.uploads();
         let entries = match std::fs::read_dir(&this.dir) {
             Ok(e) => e,
@@ -273,6 +277,13 @@ impl Uploads {
                 })?
                 .path();
             if !path.is_file() {
+                continue;
+            }
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok());
+            if !min_age.is_zero() && age.is_none_or(|a| a < min_age) {
                 continue;
             }
             let Ok(canonical) = std::fs::canonicalize(&path) else {

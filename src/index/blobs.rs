@@ -24,12 +24,15 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
+    /// The subdirectories of the blob store, which are all of it.
+    pub const PARTS: [&'static str; 2] = ["features", "thumbs"];
+
     /// Opens (creating if needed) the blob store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         Ok(Self {
             dir: dir.to_path_buf(),
-            features: FeatureStore::open(&dir.join("features"))?,
-            thumbs: ThumbnailStore::open(&dir.join("thumbs"))?,
+            features: FeatureStore::open(&dir.join(Self::PARTS[0]))?,
+            thumbs: ThumbnailStore::open(&dir.join(Self::PARTS[1]))?,
         })
     }
 

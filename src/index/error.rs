@@ -88,6 +88,13 @@ pub enum IndexError {
     /// An id is already present in the vector index (ids are never reused).
     #[error("id {0} is already in the vector index")]
     DuplicateId(ImageId),
+    /// The store cannot be reached (a shared store's server is down or does not answer); the
+    /// same request may succeed later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A shared store's server refused a request.
+    #[error("Milvus: {0}")]
+    Milvus(String),
     /// The directory holds no collection (nothing was ever added there).
     #[error("no collection in {0}; create one by adding images")]
     NoCollection(PathBuf),

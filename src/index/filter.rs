@@ -110,7 +110,7 @@ pub fn day_number(d: &str) -> Option<u32> {
 }
 
 /// The day of an EXIF date (`YYYY:MM:DD HH:MM:SS`) as `YYYYMMDD`; `None` when it does not parse.
-fn exif_day(exif: &str) -> Option<u32> {
+pub(crate) fn exif_day(exif: &str) -> Option<u32> {
     let head = exif.get(..10)?;
     day_number(&head.replace(':', "-"))
 }
@@ -244,7 +244,7 @@ impl Columns {
 /// The least string greater than every string that starts with `prefix` (strings order by code
 /// point): `prefix` with its last character that has a successor replaced by it and the rest cut;
 /// `None` when there is none (every character is `char::MAX`, or `prefix` is empty).
-fn prefix_end(prefix: &str) -> Option<String> {
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         let next = (last as u32 + 1..=char::MAX as u32).find_map(char::from_u32);

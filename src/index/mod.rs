@@ -25,6 +25,7 @@ pub mod filter;
 mod flat;
 mod fsutil;
 pub mod meta;
+pub mod milvus;
 pub mod store;
 pub mod text;
 pub mod thumbs;
@@ -48,6 +49,7 @@ pub use meta::{
     content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageId,
     ImageRecord, MetaStore,
 };
+pub use milvus::{MilvusAddress, MilvusStore};
 pub use store::{Store, StoreStats};
 pub use text::{filename_words, TextBoosts, TextIndex};
 pub use thumbs::{ThumbnailStore, THUMB_MAX_SIDE};
@@ -392,12 +394,12 @@ impl Store for Collection {
         Ok(())
     }
 
-    fn allocate_id(&mut self) -> Result<ImageId> {
+    fn allocate_id(&mut self, _content_hash: &str) -> Result<ImageId> {
         self.meta.allocate_id()
     }
 
-    fn next_id(&self) -> Result<ImageId> {
-        self.meta.next_id()
+    fn next_id(&self) -> Result<Option<ImageId>> {
+        self.meta.next_id().map(Some)
     }
 
     fn reserve_ids(&mut self, floor: ImageId) -> Result<()> {
@@ -622,7 +624,7 @@ mod tests {
 
     /// Inserts `record` under a fresh id.
     fn add(c: &mut Collection, mut record: ImageRecord) -> Result<ImageId> {
-        record.id = c.allocate_id()?;
+        record.id = c.allocate_id(&record.content_hash)?;
         let id = record.id;
         c.insert(record)?;
         Ok(id)

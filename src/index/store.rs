@@ -1,6 +1,6 @@
 //! [`Store`]: what the engine needs from a record store, whatever holds it. The embedded
-//! [`super::Collection`] (sled + hnsw_rs + tantivy in one directory) implements it; a distributed
-//! store implements the same trait. Blobs (rerank features, thumbnails) are not part of it: they
+//! [`super::Collection`] (sled + hnsw_rs + tantivy in one directory) implements it, and so does
+//! [`super::MilvusStore`] (a Milvus collection that many processes share). Blobs (rerank features, thumbnails) are not part of it: they
 //! live in a [`super::BlobStore`] beside any store.
 //!
 //! `tests/store.rs` runs one suite against every implementation.
@@ -16,9 +16,11 @@ use super::meta::{CollectionInfo, ImageId, ImageRecord};
 /// Records with their ITC vector, texts and filterable fields; vector and BM25 top-k with a
 /// filter; lookups by id, path and content hash; commit; counts.
 ///
-/// Ids are allocated by the store ([`Store::allocate_id`]) and never given twice. Writes are
-/// visible to searches at once (text search: after [`Store::commit`]) and durable after
-/// [`Store::commit`]; [`Store::delete`] is durable on return.
+/// Ids are allocated by the store ([`Store::allocate_id`]) and an id never names two contents.
+/// The embedded store counts, and never gives an id twice; a shared store derives the id from
+/// the content hash, so that processes agree without a coordinator (the same content gets the
+/// same id). Writes are visible to searches at once (text search: after [`Store::commit`]) and
+/// durable after [`Store::commit`]; [`Store::delete`] is durable on return.
 pub trait Store: Send + Sync {
     /// What the collection was built with.
     fn info(&self) -> &CollectionInfo;
@@ -26,12 +28,14 @@ pub trait Store: Send + Sync {
     /// ([`super::IndexError::Incompatible`] otherwise), then records where they are and their
     /// fingerprint, so that a copy of the same weights elsewhere is found next time.
     fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()>;
-    /// A fresh id, never given before.
-    fn allocate_id(&mut self) -> Result<ImageId>;
-    /// The id the next [`Store::allocate_id`] gives.
-    fn next_id(&self) -> Result<ImageId>;
+    /// An id for new content `content_hash`, never given to other content.
+    fn allocate_id(&mut self, content_hash: &str) -> Result<ImageId>;
+    /// The id the next [`Store::allocate_id`] gives, for a store that counts; `None` for a store
+    /// whose ids derive from content.
+    fn next_id(&self) -> Result<Option<ImageId>>;
     /// Keeps every id below `floor` from being allocated, so that records can be inserted under
-    /// ids they had elsewhere (a rebuilt collection keeps every id).
+    /// ids they had elsewhere (a rebuilt collection keeps every id). Nothing to do for a store
+    /// whose ids derive from content.
     fn reserve_ids(&mut self, floor: ImageId) -> Result<()>;
     /// Stores a new record under `record.id`, which must be allocated or reserved and free.
     /// Fails with [`super::IndexError::AlreadyExists`] for a known path or content hash, before
@@ -86,6 +90,11 @@ pub trait Store: Send + Sync {
     }
     /// Counts and bytes on disk.
     fn stats(&self) -> Result<StoreStats>;
+    /// Whether other processes may write this store at the same time: then nothing local (blob
+    /// files, uploads) may be swept as unowned, since another process may be about to own it.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// Counts and disk usage of a store.

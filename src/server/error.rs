@@ -116,7 +116,9 @@ impl From<EngineError> for ApiError {
             ErrorKind::InvalidImage => Self::unprocessable("invalid_image", m),
             ErrorKind::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),
             ErrorKind::TimedOut => Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", m),
-            ErrorKind::Locked => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            ErrorKind::Locked | ErrorKind::Unavailable => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
             ErrorKind::Internal => Self::internal(e),
         }
     }

@@ -207,8 +207,10 @@ pub fn serve(config: ServerConfig, models: LocalModels, engine: Engine) -> std::
         for a in server.addrs() {
             eprintln!("blipsearch is serving on http://{a}/ (Ctrl-C to stop)");
         }
-        if let Some(a) = server.addrs().first() {
-            // So that a command refused by the collection's lock can say where to go.
+        // So that a command refused by the collection's lock can say where to go (a shared
+        // store takes no lock).
+        let locked = !engine.shared().unwrap_or(true);
+        if let Some(a) = server.addrs().first().filter(|_| locked) {
             if let Err(e) = engine.announce_serving(&format!("http://{a}")) {
                 tracing::warn!(%e, "cannot record the serving address");
             }

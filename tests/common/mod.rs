@@ -1,5 +1,8 @@
-//! Shared helpers for the integration tests: fixture paths and tensor comparisons.
+//! Shared helpers for the integration tests: fixture paths and tensor comparisons, and a Milvus
+//! Lite server ([`milvus`]).
 #![allow(dead_code)]
+
+pub mod milvus;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ pub fn blipsearch(args: &[&str]) -> (bool, String, String) {
         .env_remove("BLIPSEARCH_MODEL_DIR")
         .env_remove("BLIPSEARCH_CAPTION_MODEL_DIR")
         .env_remove("BLIPSEARCH_INDEX")
+        .env_remove("BLIPSEARCH_STORE")
         .output()
         .expect("run blipsearch");
     (
