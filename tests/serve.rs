@@ -420,3 +420,191 @@ fn a_collection_keeps_its_promises_across_processes() {
     let hits = v["hits"].as_array().unwrap();
     assert!(hits.iter().all(|h| h["id"] != cat_id), "{v}");
 }
+
+/// A `serve` process on the collection at `store` (blobs and uploads in `index`), with the
+/// collection's models; returns once it is ready.
+fn serve_node(index: &str, store: &str, port: u16) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        .args(["serve", "--no-captions", "--index", index, "--store", store])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while get(port, "/readyz").is_none_or(|r| r.0 != 200) {
+        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
+        assert!(started.elapsed() < Duration::from_secs(120), "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child
+}
+
+/// The status of a plain GET on loopback whose body may be binary.
+fn status_of(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let head = String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
+    head.split(' ').nth(1)?.parse().ok()
+}
+
+/// Waits (up to `limit`) until `GET path` on `port` answers 200; returns the body.
+fn until_ok(port: u16, path: &str, limit: Duration) -> String {
+    let started = Instant::now();
+    loop {
+        match get(port, path) {
+            Some((200, body)) => return body,
+            other => assert!(
+                started.elapsed() < limit,
+                "GET {path} on {port}: still {other:?} after {limit:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stateless serve nodes: two `serve` processes on one Milvus collection and one blob folder.
+/// An upload through one is found through the other within two seconds; the same bytes
+/// uploaded through both are one image; the CLI works on the collection while both serve; when
+/// Milvus goes down, requests answer 503 (and /readyz too) and work again once it is back; a
+/// reindex keeps every id.
+#[cfg(unix)]
+#[test]
+fn serve_nodes_share_one_milvus_collection() {
+    let mut milvus = common::milvus::MilvusLite::start();
+    let store = milvus.address("shared");
+    let fx = common::fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["astronaut.png", "coffee.png"] {
+        std::fs::copy(fx.join("images").join(f), photos.join(f)).unwrap();
+    }
+    let index = tmp.path().join("shared-blobs");
+    let idx = index.to_str().unwrap();
+    let model = fx.join("tiny-a/retrieval");
+    let s = cli(&[
+        "add",
+        "--store",
+        &store,
+        "--index",
+        idx,
+        "--no-captions",
+        "--json",
+        "--model-dir",
+        model.to_str().unwrap(),
+        photos.to_str().unwrap(),
+    ]);
+    assert_eq!(s["added"], 2, "{s}");
+
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = serve_node(idx, &store, pa);
+    let mut b = serve_node(idx, &store, pb);
+
+    let rocket = std::fs::read(fx.join("images/rocket.jpg")).unwrap();
+    let (code, body) = post_image(pa, "/api/images", "rocket.jpg", &rocket).unwrap();
+    assert_eq!(code, 201, "{body}");
+    let up: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = up["id"].as_u64().unwrap();
+    let found = until_ok(
+        pb,
+        "/api/search?q=rocket&mode=text&rerank_k=0",
+        Duration::from_secs(2),
+    );
+    assert!(found.contains(&format!("\"id\":{id}")), "{found}");
+    // Its thumbnail, written by the other node, is in the shared blob folder.
+    assert_eq!(
+        status_of(pb, &format!("/api/images/{id}/thumbnail")),
+        Some(200)
+    );
+    // The same bytes through the other node: the same image.
+    let (code, body) = post_image(pb, "/api/images", "again.jpg", &rocket).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let again: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (again["id"].as_u64(), again["duplicate"].as_bool()),
+        (Some(id), Some(true))
+    );
+    // The CLI needs no lock while both serve.
+    let st = cli(&["stats", "--store", &store, "--index", idx, "--json"]);
+    assert_eq!(st["stats"]["images"], 3, "{st}");
+
+    // Milvus goes down: 503 with a message, not a crash; back up: answers again.
+    milvus.kill();
+    let (code, body) = get(pa, "/api/search?q=rocket&mode=text&rerank_k=0").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("unavailable") && body.contains("Milvus"),
+        "{body}"
+    );
+    assert_eq!(get(pb, "/readyz").unwrap().0, 503);
+    milvus.restart();
+    for port in [pa, pb] {
+        let back = until_ok(
+            port,
+            "/api/search?q=rocket&mode=text&rerank_k=0",
+            Duration::from_secs(30),
+        );
+        assert!(back.contains(&format!("\"id\":{id}")), "{back}");
+    }
+    for child in [&mut a, &mut b] {
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        assert!(child.wait().unwrap().success());
+    }
+
+    // Reindex into a new Milvus collection that replaces the old: every id stays.
+    let ids = |v: &serde_json::Value| -> std::collections::BTreeSet<u64> {
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_u64().unwrap())
+            .collect()
+    };
+    let search = || {
+        cli(&[
+            "search",
+            "--store",
+            &store,
+            "--index",
+            idx,
+            "a",
+            "--mode",
+            "vector",
+            "--rerank-k",
+            "0",
+            "--json",
+        ])
+    };
+    let before = ids(&search());
+    assert_eq!(before.len(), 3);
+    let s = cli(&[
+        "reindex",
+        "--store",
+        &store,
+        "--index",
+        idx,
+        "--no-captions",
+        "--json",
+    ]);
+    assert_eq!(s["total"], 3, "{s}");
+    assert_eq!(ids(&search()), before);
+    let p = free_port();
+    let mut c = serve_node(idx, &store, p);
+    assert_eq!(
+        status_of(p, &format!("/api/images/{id}/thumbnail")),
+        Some(200)
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(c.id() as i32, libc::SIGINT) }, 0);
+    assert!(c.wait().unwrap().success());
+}
