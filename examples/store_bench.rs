@@ -1,0 +1,211 @@
+//! The record stores alone, side by side in one run: the embedded store and Milvus (when
+//! `--milvus` names one), each filled with the same `--n` synthetic images (random unit 256-d
+//! ITC vectors, six-word captions) through the `Store` trait as the engine does (allocate an id,
+//! insert, commit every 64), then queried: vector top-100, BM25 top-100, and vector top-100
+//! with a path filter that passes 10%. Queries interleave across the stores so that both see the
+//! same machine conditions. Prints one table: ingest rate (overall, and over the last tenth, at
+//! the collection's full size) and the p50/p99 of each query.
+//!
+//! ```sh
+//! target/milvus-venv/bin/milvus-lite server --data-dir /tmp/mv --host 127.0.0.1 --port 19530 &
+//! cargo run --release --example store_bench -- --n 10000 --queries 300 \
+//!     --milvus milvus://127.0.0.1:19530/bench_10k
+//! ```
+//!
+//! Each run starts from empty stores (`--index` is removed first, the Milvus collection
+//! dropped).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use blipsearch::index::{
+    content_hash, Caption, CaptionSource, Collection, CollectionInfo, Filter, HnswParams,
+    ImageRecord, MilvusAddress, MilvusStore, Store,
+};
+
+const DIM: usize = 256;
+const VOCAB: [&str; 16] = [
+    "cat", "dog", "rug", "sofa", "coffee", "cup", "table", "rocket", "sky", "horse", "moon",
+    "wall", "beach", "tree", "boat", "city",
+];
+const QUERIES: [&str; 6] = [
+    "a cat on a rug",
+    "coffee cup on a table",
+    "rocket in the sky",
+    "a horse near a tree",
+    "boat at the beach",
+    "the moon over the city",
+];
+
+/// xorshift64*: deterministic data without an RNG dependency.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn unit(&mut self) -> Vec<f32> {
+        let v: Vec<f32> = (0..DIM)
+            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+}
+
+fn record(i: u64, g: &mut Gen) -> ImageRecord {
+    let w: Vec<&str> = (0..6).map(|_| VOCAB[(g.next() % 16) as usize]).collect();
+    ImageRecord {
+        id: blipsearch::index::ImageId(u64::MAX),
+        // One image in ten is under /lib/ten/: the filtered query's 10%.
+        path: format!(
+            "/lib/{}/img_{i:07}.jpg",
+            if i % 10 == 0 { "ten" } else { "rest" }
+        ),
+        content_hash: content_hash(&i.to_le_bytes()),
+        size_bytes: 200_000,
+        width: 1024,
+        height: 768,
+        mtime_unix: 1_700_000_000,
+        exif_date: Some("2020:05:10 12:00:00".into()),
+        itc: g.unit(),
+        captions: vec![Caption {
+            text: format!(
+                "a {} and a {} by the {} {} {} {}",
+                w[0], w[1], w[2], w[3], w[4], w[5]
+            ),
+            source: CaptionSource::Beam,
+            p_match: Some(0.8),
+            kept: true,
+        }],
+        given_texts: vec![],
+        added_unix: 1_700_000_000,
+    }
+}
+
+/// Fills `s` with `n` images as the engine does; returns (images/s overall, images/s over the
+/// last tenth).
+fn fill(name: &str, s: &mut dyn Store, n: u64) -> anyhow::Result<(f64, f64)> {
+    let mut g = Gen(0x9E37_79B9_7F4A_7C15);
+    let started = Instant::now();
+    let tail_from = n - n / 10;
+    let mut tail_start = started;
+    for i in 0..n {
+        if i == tail_from {
+            tail_start = Instant::now();
+        }
+        let mut r = record(i, &mut g);
+        r.id = s.allocate_id(&r.content_hash)?;
+        s.insert(r)?;
+        if (i + 1) % 64 == 0 {
+            s.commit()?;
+        }
+        if (i + 1) % 10_000 == 0 {
+            eprintln!(
+                "{name}: {}/{n} in {:.0} s",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    s.commit()?;
+    let all = n as f64 / started.elapsed().as_secs_f64();
+    let tail = (n - tail_from) as f64 / tail_start.elapsed().as_secs_f64();
+    Ok((all, tail))
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn arg<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        None => Ok(None),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .with_context(|| format!("{name} takes a value")),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let n: u64 = arg("--n")?.unwrap_or(10_000);
+    let runs: usize = arg("--queries")?.unwrap_or(300);
+    let dir: PathBuf =
+        arg("--index")?.unwrap_or_else(|| PathBuf::from(format!("target/bench-store-{n}")));
+    let milvus: Option<String> = arg("--milvus")?;
+    let info = CollectionInfo::new("bench/synthetic", None, DIM, 577, 768);
+
+    let mut stores: Vec<(&str, Box<dyn Store>)> = Vec::new();
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    stores.push((
+        "embedded",
+        Box::new(Collection::open(&dir, &info, HnswParams::default())?),
+    ));
+    if let Some(a) = &milvus {
+        let address: MilvusAddress = a.parse()?;
+        MilvusStore::drop_collection(&address)?;
+        stores.push(("milvus", Box::new(MilvusStore::open(&address, &info)?)));
+    }
+    let mut ingest = Vec::new();
+    for (name, s) in stores.iter_mut() {
+        ingest.push(fill(name, &mut **s, n)?);
+    }
+
+    let ten = Filter {
+        path_prefix: Some("/lib/ten/".into()),
+        ..Default::default()
+    };
+    let kinds = ["vector", "bm25", "vector 10%"];
+    let mut g = Gen(42);
+    let mut times = vec![vec![Vec::new(); kinds.len()]; stores.len()];
+    for i in 0..runs + 5 {
+        let v = g.unit();
+        let q = QUERIES[i % QUERIES.len()];
+        for (si, (_, s)) in stores.iter().enumerate() {
+            for (ki, kind) in kinds.iter().enumerate() {
+                let t = Instant::now();
+                let hits = match *kind {
+                    "vector" => s.vector_search(&v, 100, None, &Filter::default())?,
+                    "bm25" => s.text_search(q, 100, &Filter::default())?,
+                    _ => s.vector_search(&v, 100, None, &ten)?,
+                };
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                assert_eq!(hits.len(), 100, "{kind}");
+                // The first few are warm-up.
+                if i >= 5 {
+                    times[si][ki].push(ms);
+                }
+            }
+        }
+    }
+    println!("{n} images of {DIM}-d, {runs} queries each (top 100), interleaved");
+    println!(
+        "{:<9} {:>12} {:>12} {:>17} {:>17} {:>17}",
+        "store", "ingest /s", "at size /s", "vector p50/p99", "bm25 p50/p99", "vector 10% p50/p99"
+    );
+    for (si, (name, _)) in stores.iter().enumerate() {
+        let cell = |ki: usize| {
+            let t = &mut times[si][ki].clone();
+            format!("{:.2} / {:.2} ms", pct(t, 0.5), pct(t, 0.99))
+        };
+        println!(
+            "{name:<9} {:>12.0} {:>12.0} {:>17} {:>17} {:>17}",
+            ingest[si].0,
+            ingest[si].1,
+            cell(0),
+            cell(1),
+            cell(2)
+        );
+    }
+    Ok(())
+}
