@@ -1,7 +1,8 @@
 //! The record stores alone, side by side in one run: the embedded store and Milvus (when
 //! `--milvus` names one), each filled with the same `--n` synthetic images (random unit 256-d
-//! ITC vectors, six-word captions) through the `Store` trait as the engine does (allocate an id,
-//! insert, commit every 64), then queried: vector top-100, BM25 top-100, and vector top-100
+//! ITC vectors, six-word captions) through the `Store` trait as the engine does (batches of 8,
+//! `add`'s default: allocate their ids, insert them, commit every `--commit-every` images, 64 by
+//! default as in `add`), then queried: vector top-100, BM25 top-100, and vector top-100
 //! with a path filter that passes 10%. Queries interleave across the stores so that both see the
 //! same machine conditions. Prints one table: ingest rate (overall, and over the last tenth, at
 //! the collection's full size) and the p50/p99 of each query.
@@ -87,27 +88,39 @@ fn record(i: u64, g: &mut Gen) -> ImageRecord {
     }
 }
 
-/// Fills `s` with `n` images as the engine does; returns (images/s overall, images/s over the
-/// last tenth).
-fn fill(name: &str, s: &mut dyn Store, n: u64) -> anyhow::Result<(f64, f64)> {
+/// Images per write, as `add` batches them by default.
+const BATCH: u64 = 8;
+
+/// Fills `s` with `n` images as the engine does, committing every `every`; returns (images/s
+/// overall, images/s over the last tenth).
+fn fill(name: &str, s: &mut dyn Store, n: u64, every: u64) -> anyhow::Result<(f64, f64)> {
     let mut g = Gen(0x9E37_79B9_7F4A_7C15);
     let started = Instant::now();
-    let tail_from = n - n / 10;
+    let tail_from = (n - n / 10) / BATCH * BATCH;
     let mut tail_start = started;
-    for i in 0..n {
-        if i == tail_from {
+    let mut since_commit = 0;
+    for first in (0..n).step_by(BATCH as usize) {
+        if first == tail_from {
             tail_start = Instant::now();
         }
-        let mut r = record(i, &mut g);
-        r.id = s.allocate_id(&r.content_hash)?;
-        s.insert(r)?;
-        if (i + 1) % 64 == 0 {
-            s.commit()?;
+        let mut batch: Vec<ImageRecord> = (first..(first + BATCH).min(n))
+            .map(|i| record(i, &mut g))
+            .collect();
+        let hashes: Vec<&str> = batch.iter().map(|r| r.content_hash.as_str()).collect();
+        let ids = s.allocate_ids(&hashes)?;
+        for (r, id) in batch.iter_mut().zip(ids) {
+            r.id = id;
         }
-        if (i + 1) % 10_000 == 0 {
+        since_commit += batch.len() as u64;
+        s.insert_all(batch)?;
+        if since_commit >= every {
+            s.commit()?;
+            since_commit = 0;
+        }
+        let done = (first + BATCH).min(n);
+        if done % 10_000 == 0 {
             eprintln!(
-                "{name}: {}/{n} in {:.0} s",
-                i + 1,
+                "{name}: {done}/{n} in {:.0} s",
                 started.elapsed().as_secs_f64()
             );
         }
@@ -138,6 +151,7 @@ fn arg<T: std::str::FromStr>(name: &str) -> anyhow::Result<Option<T>> {
 fn main() -> anyhow::Result<()> {
     let n: u64 = arg("--n")?.unwrap_or(10_000);
     let runs: usize = arg("--queries")?.unwrap_or(300);
+    let every: u64 = arg("--commit-every")?.unwrap_or(64).max(1);
     let dir: PathBuf =
         arg("--index")?.unwrap_or_else(|| PathBuf::from(format!("target/bench-store-{n}")));
     let milvus: Option<String> = arg("--milvus")?;
@@ -158,7 +172,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut ingest = Vec::new();
     for (name, s) in stores.iter_mut() {
-        ingest.push(fill(name, &mut **s, n)?);
+        ingest.push(fill(name, &mut **s, n, every)?);
     }
 
     let ten = Filter {
@@ -188,7 +202,9 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    println!("{n} images of {DIM}-d, {runs} queries each (top 100), interleaved");
+    println!(
+        "{n} images of {DIM}-d, commit every {every}, {runs} queries each (top 100), interleaved"
+    );
     println!(
         "{:<9} {:>12} {:>12} {:>17} {:>17} {:>17}",
         "store", "ingest /s", "at size /s", "vector p50/p99", "bm25 p50/p99", "vector 10% p50/p99"

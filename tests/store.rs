@@ -225,6 +225,33 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
             id
         );
     }
+    // Batches: ids for several contents at once, several records at once; a batch with a
+    // known path is refused.
+    let batch: Vec<ImageRecord> = (5000..5003).map(|n| record(n, &mut g)).collect();
+    let hashes: Vec<&str> = batch.iter().map(|r| r.content_hash.as_str()).collect();
+    let batch_ids = s.allocate_ids(&hashes).unwrap();
+    assert_eq!(batch_ids.iter().collect::<BTreeSet<_>>().len(), 3);
+    assert!(batch_ids.iter().all(|id| !ids_given.contains(id)));
+    let batch: Vec<ImageRecord> = batch
+        .into_iter()
+        .zip(&batch_ids)
+        .map(|(mut r, id)| {
+            r.id = *id;
+            r
+        })
+        .collect();
+    let mut clash = batch[2].clone();
+    clash.path = first.path.clone();
+    assert!(matches!(
+        s.insert_all(vec![clash]),
+        Err(IndexError::AlreadyExists { kind: "path", .. })
+    ));
+    s.insert_all(batch.clone()).unwrap();
+    for r in &batch {
+        assert_eq!(s.get(r.id).unwrap().as_ref(), Some(r));
+        assert_eq!(s.delete(r.id).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(s.len().unwrap(), 60);
     assert!(s.get(ImageId(999_999)).unwrap().is_none());
     assert!(!s.contains(ImageId(999_999)).unwrap());
     s.commit().unwrap();

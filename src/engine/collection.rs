@@ -48,6 +48,16 @@ impl CollectionStats {
     }
 }
 
+/// An image for [`Engine::put_images`]: its record (the id is set there), the id it keeps (a
+/// reindex) and the image it replaces (a changed file), and its blobs.
+pub(crate) struct NewImage<'a> {
+    pub record: ImageRecord,
+    pub keep_id: Option<ImageId>,
+    pub replaces: Option<ImageId>,
+    pub features: Option<&'a FeatureMatrix>,
+    pub thumbnail: Option<&'a DynamicImage>,
+}
+
 /// What a target of [`Engine::remove_all`] names: an id or a file path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -335,19 +345,13 @@ impl Engine {
         Ok(self.write()?.commit()?)
     }
 
-    /// Stores a new image: its blobs, then its record (under `keep_id` when given, which must
-    /// be reserved; else a fresh id). When `replaces` is given, that image is removed in the
-    /// same write. Nothing of the new image is left when it fails.
-    pub(crate) fn put_image(
-        &self,
-        mut record: ImageRecord,
-        keep_id: Option<ImageId>,
-        replaces: Option<ImageId>,
-        features: Option<&FeatureMatrix>,
-        thumbnail: Option<&DynamicImage>,
-    ) -> Result<ImageId> {
+    /// Stores new images: their blobs, then their records in one write (each under its
+    /// `keep_id` when given, which must be reserved; else a fresh id), removing the images they
+    /// replace. Returns their ids. When the write fails, no record of the batch is left without
+    /// its blobs, and blobs of records not written go.
+    pub(crate) fn put_images(&self, images: Vec<NewImage<'_>>) -> Result<Vec<ImageId>> {
         let info = self.info()?;
-        if let Some(f) = features {
+        for f in images.iter().filter_map(|i| i.features) {
             if (f.rows, f.cols) != (info.vit_tokens, info.vit_hidden) {
                 return Err(EngineError::Internal(format!(
                     "features are {}x{}, the collection stores {}x{}",
@@ -355,28 +359,51 @@ impl Engine {
                 )));
             }
         }
-        let id = match keep_id {
-            Some(id) => id,
-            None => self.write()?.allocate_id(&record.content_hash)?,
-        };
-        record.id = id;
-        self.blobs.put(id, features, thumbnail)?;
-        let stored = (|| {
+        let fresh: Vec<&str> = images
+            .iter()
+            .filter(|i| i.keep_id.is_none())
+            .map(|i| i.record.content_hash.as_str())
+            .collect();
+        let mut allocated = self.write()?.allocate_ids(&fresh)?.into_iter();
+        let mut records = Vec::with_capacity(images.len());
+        let mut replaced = Vec::new();
+        for image in &images {
+            let mut record = image.record.clone();
+            record.id = match image.keep_id {
+                Some(id) => id,
+                None => allocated.next().ok_or_else(|| {
+                    EngineError::Internal("the store allocated too few ids".into())
+                })?,
+            };
+            records.push(record);
+            replaced.extend(image.replaces);
+        }
+        let ids: Vec<ImageId> = records.iter().map(|r| r.id).collect();
+        let written = images
+            .iter()
+            .zip(&ids)
+            .try_for_each(|(image, &id)| self.blobs.put(id, image.features, image.thumbnail));
+        let stored = written.map_err(EngineError::from).and_then(|()| {
             let mut store = self.write()?;
-            if let Some(old) = replaces {
+            for &old in &replaced {
                 store.delete(old)?;
             }
-            store.insert(record)?;
+            store.insert_all(records)?;
             Ok::<_, EngineError>(())
-        })();
+        });
         if let Err(e) = stored {
-            let _ = self.blobs.remove(id);
+            let store = self.read()?;
+            for &id in &ids {
+                if !store.contains(id).unwrap_or(true) {
+                    let _ = self.blobs.remove(id);
+                }
+            }
             return Err(e);
         }
-        if let Some(old) = replaces {
+        for old in replaced {
             self.blobs.remove(old)?;
         }
-        Ok(id)
+        Ok(ids)
     }
 
     /// Leaves content `hash` out of folder scans (see [`Engine::remove`]).

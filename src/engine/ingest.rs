@@ -12,7 +12,7 @@ use candle_core::IndexOp;
 use image::DynamicImage;
 use serde::Serialize;
 
-use super::collection::Engine;
+use super::collection::{Engine, NewImage};
 use super::error::{EngineError, Result};
 use super::models::Encoders;
 use crate::index::{
@@ -541,35 +541,48 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         let itc = emb.itc;
         let (_, t, d) = emb.tokens.dims3().map_err(crate::model::ModelError::from)?;
         let n = batch.len();
-        for (i, (p, caps)) in batch.drain(..).zip(captions).enumerate() {
+        let mut features = Vec::with_capacity(n);
+        for i in 0..n {
             let tokens: Vec<f32> = emb
                 .tokens
                 .i(i)
                 .and_then(|x| x.flatten_all())
                 .and_then(|x| x.to_vec1())
                 .map_err(crate::model::ModelError::from)?;
-            let features = FeatureMatrix {
+            features.push(FeatureMatrix {
                 rows: t,
                 cols: d,
                 data: tokens,
-            };
+            });
+        }
+        let prepared: Vec<Prepared> = batch.drain(..).collect();
+        let mut images = Vec::with_capacity(n);
+        for (i, ((p, caps), f)) in prepared.iter().zip(captions).zip(&features).enumerate() {
             let keep = self.keep_ids.get(&p.path).copied();
-            let record = ImageRecord {
-                id: keep.unwrap_or(ImageId(0)),
-                path: p.path,
-                content_hash: p.hash,
-                size_bytes: p.size,
-                width: p.width,
-                height: p.height,
-                mtime_unix: p.mtime,
-                exif_date: p.exif_date,
-                itc: itc[i].clone(),
-                captions: caps,
-                given_texts: p.given,
-                added_unix: now_unix(),
-            };
-            self.engine
-                .put_image(record, keep, p.replaces, Some(&features), Some(&p.thumb))?;
+            images.push(NewImage {
+                record: ImageRecord {
+                    id: keep.unwrap_or(ImageId(0)),
+                    path: p.path.clone(),
+                    content_hash: p.hash.clone(),
+                    size_bytes: p.size,
+                    width: p.width,
+                    height: p.height,
+                    mtime_unix: p.mtime,
+                    exif_date: p.exif_date.clone(),
+                    itc: itc[i].clone(),
+                    captions: caps,
+                    given_texts: p.given.clone(),
+                    added_unix: now_unix(),
+                },
+                keep_id: keep,
+                replaces: p.replaces,
+                features: Some(f),
+                thumbnail: Some(&p.thumb),
+            });
+        }
+        // One write for the batch: a remote store makes one round trip, not one per image.
+        self.engine.put_images(images)?;
+        for p in &prepared {
             if p.replaces.is_some() {
                 summary.updated += 1;
             } else {

@@ -14,8 +14,9 @@
 //! | `sparse` | SPARSE_FLOAT_VECTOR | BM25 of `text`, computed by Milvus (a BM25 function) |
 //! | `vector` | FLOAT_VECTOR, HNSW, COSINE | the ITC embedding |
 //!
-//! The [`CollectionInfo`] lives in the collection's property `blipsearch.collection`; removed
-//! content hashes live in a second collection, `<name>__excluded`.
+//! The collection has dynamic fields enabled, so that attributes can join rows without a new
+//! schema. The [`CollectionInfo`] lives in the collection's property `blipsearch.collection`;
+//! removed content hashes live in a second collection, `<name>__excluded`.
 //!
 //! **Ids** derive from the content hash (53 bits of it, so that JavaScript clients read them
 //! exactly): every process computes the same id for the same bytes, with no coordinator, and the
@@ -24,8 +25,9 @@
 //! the collection; unlike the embedded store, content removed and added again gets its old id back.
 //!
 //! **Consistency and durability**: reads are `Strong`, so a write through one process is seen by
-//! the next read through any other; Milvus makes a write durable before it answers, so
-//! [`Store::commit`] has nothing left to do.
+//! the next read through any other; Milvus makes a write durable before it answers.
+//! [`Store::commit`] asks Milvus to seal new rows (flush) at most every ten seconds, so that its
+//! indexes cover them rather than a scan.
 //!
 //! **Text search differs from the embedded store's** in what Milvus offers: one BM25 field (no
 //! per-field boosts), the `standard` analyser (no stemming: "dogs" does not match "dog"), and no
@@ -63,6 +65,8 @@ pub const MAX_TOP_K: usize = 16_384;
 const PAGE: usize = 1000;
 /// `ef` when the caller gives none.
 const DEFAULT_EF: usize = 64;
+/// Least time between two flushes that [`Store::commit`] asks for.
+const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// How many windows of the content hash are tried as an id.
 const ID_ATTEMPTS: usize = 4;
 
@@ -136,6 +140,8 @@ impl fmt::Display for MilvusAddress {
 pub struct MilvusStore {
     remote: Remote,
     info: CollectionInfo,
+    /// When this handle last asked Milvus to seal its rows.
+    flushed: Option<std::time::Instant>,
 }
 
 impl MilvusStore {
@@ -158,6 +164,7 @@ impl MilvusStore {
         Ok(Self {
             remote,
             info: stored,
+            flushed: None,
         })
     }
 
@@ -169,7 +176,11 @@ impl MilvusStore {
             .read_info()?
             .ok_or_else(|| IndexError::NoCollection(address.as_path()))?;
         remote.load()?;
-        Ok(Self { remote, info })
+        Ok(Self {
+            remote,
+            info,
+            flushed: None,
+        })
     }
 
     /// Whether a collection exists at `address`.
@@ -330,19 +341,17 @@ impl MilvusStore {
         Ok(())
     }
 
-    /// Who holds `path`, `hash` or `id` now, as `(id, path, hash)` rows.
-    fn holders(
-        &self,
-        id: ImageId,
-        path: &str,
-        hash: &str,
-    ) -> Result<Vec<(ImageId, String, String)>> {
+    /// Who holds any of `records`' ids, paths or hashes now, as `(id, path, hash)` rows.
+    fn holders(&self, records: &[ImageRecord]) -> Result<Vec<(ImageId, String, String)>> {
+        let list = |f: &dyn Fn(&ImageRecord) -> String| {
+            records.iter().map(f).collect::<Vec<_>>().join(",")
+        };
         let rows = self.query_rows(
             format!(
-                "id == {} or path == {} or hash == {}",
-                id.0,
-                literal(path),
-                literal(hash)
+                "id in [{}] or path in [{}] or hash in [{}]",
+                list(&|r| r.id.0.to_string()),
+                list(&|r| literal(&r.path)),
+                list(&|r| literal(&r.content_hash)),
             ),
             &["id", "path", "hash"],
             None,
@@ -352,17 +361,17 @@ impl MilvusStore {
             .collect()
     }
 
-    fn upsert(&self, row: Value) -> Result<()> {
+    fn upsert_rows(&self, rows: Vec<Value>) -> Result<()> {
         let name = self.remote.images.clone();
-        self.remote.call("write an image", move |c| {
-            let (name, row) = (name.clone(), row.clone());
+        self.remote.call("write images", move |c| {
+            let (name, rows) = (name.clone(), rows.clone());
             async move {
                 c.upsert(
                     UpsertRequest::builder()
                         .insert(
                             InsertRequest::builder()
                                 .collection_name(name)
-                                .rows([row])
+                                .rows(rows)
                                 .build()?,
                         )
                         .build()?,
@@ -443,18 +452,42 @@ impl Store for MilvusStore {
     }
 
     fn allocate_id(&mut self, content_hash: &str) -> Result<ImageId> {
-        for attempt in 0..ID_ATTEMPTS {
-            let id = content_id(content_hash, attempt)?;
-            let rows = self.query_rows(format!("id == {}", id.0), &["hash"], None)?;
-            match rows.first() {
-                None => return Ok(id),
-                Some(r) if row_str(r, "hash")? == content_hash => return Ok(id),
-                Some(_) => continue,
+        Ok(self.allocate_ids(&[content_hash])?[0])
+    }
+
+    fn allocate_ids(&mut self, content_hashes: &[&str]) -> Result<Vec<ImageId>> {
+        // Every candidate id of every hash, and who holds them now, in one query.
+        let mut candidates = Vec::with_capacity(content_hashes.len() * ID_ATTEMPTS);
+        for h in content_hashes {
+            for attempt in 0..ID_ATTEMPTS {
+                candidates.push(content_id(h, attempt)?.0.to_string());
             }
         }
-        Err(IndexError::Milvus(format!(
-            "content {content_hash} collides with other content on every id it may have"
-        )))
+        let held: HashMap<u64, String> = self
+            .query_rows(
+                format!("id in [{}]", candidates.join(",")),
+                &["id", "hash"],
+                None,
+            )?
+            .iter()
+            .map(|r| Ok((row_id(r)?.0, row_str(r, "hash")?)))
+            .collect::<Result<_>>()?;
+        content_hashes
+            .iter()
+            .map(|h| {
+                (0..ID_ATTEMPTS)
+                    .map(|a| content_id(h, a))
+                    .find(|id| {
+                        id.as_ref()
+                            .is_ok_and(|id| held.get(&id.0).is_none_or(|owner| owner == h))
+                    })
+                    .unwrap_or_else(|| {
+                        Err(IndexError::Milvus(format!(
+                            "content {h} collides with other content on every id it may have"
+                        )))
+                    })
+            })
+            .collect()
     }
 
     fn next_id(&self) -> Result<Option<ImageId>> {
@@ -466,35 +499,64 @@ impl Store for MilvusStore {
     }
 
     fn insert(&mut self, record: ImageRecord) -> Result<()> {
-        self.check_vector(&record.itc)?;
-        let allocated = (0..ID_ATTEMPTS)
-            .any(|a| content_id(&record.content_hash, a).is_ok_and(|id| id == record.id));
-        if !allocated {
-            return Err(IndexError::InvalidParams(format!(
-                "id {} was not allocated for content {}",
-                record.id, record.content_hash
-            )));
+        self.insert_all(vec![record])
+    }
+
+    fn insert_all(&mut self, records: Vec<ImageRecord>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
         }
-        let holders = self.holders(record.id, &record.path, &record.content_hash)?;
-        if let Some((id, path, _)) = holders.iter().find(|h| h.1 == record.path) {
-            return Err(IndexError::AlreadyExists {
-                kind: "path",
-                key: path.clone(),
-                existing: *id,
-            });
+        // Everything is checked, against the store and within the batch, before anything is
+        // written.
+        for (i, record) in records.iter().enumerate() {
+            self.check_vector(&record.itc)?;
+            let allocated = (0..ID_ATTEMPTS)
+                .any(|a| content_id(&record.content_hash, a).is_ok_and(|id| id == record.id));
+            if !allocated {
+                return Err(IndexError::InvalidParams(format!(
+                    "id {} was not allocated for content {}",
+                    record.id, record.content_hash
+                )));
+            }
+            if let Some(earlier) = records[..i].iter().find(|r| {
+                r.id == record.id || r.path == record.path || r.content_hash == record.content_hash
+            }) {
+                let (kind, key) = match earlier.path == record.path {
+                    true => ("path", record.path.clone()),
+                    false => ("content hash", record.content_hash.clone()),
+                };
+                return Err(IndexError::AlreadyExists {
+                    kind,
+                    key,
+                    existing: earlier.id,
+                });
+            }
         }
-        if let Some((id, _, hash)) = holders.iter().find(|h| h.2 == record.content_hash) {
-            return Err(IndexError::AlreadyExists {
-                kind: "content hash",
-                key: hash.clone(),
-                existing: *id,
-            });
+        let holders = self.holders(&records)?;
+        for record in &records {
+            if let Some((id, path, _)) = holders.iter().find(|h| h.1 == record.path) {
+                return Err(IndexError::AlreadyExists {
+                    kind: "path",
+                    key: path.clone(),
+                    existing: *id,
+                });
+            }
+            if let Some((id, _, hash)) = holders.iter().find(|h| h.2 == record.content_hash) {
+                return Err(IndexError::AlreadyExists {
+                    kind: "content hash",
+                    key: hash.clone(),
+                    existing: *id,
+                });
+            }
+            if let Some((id, _, _)) = holders.iter().find(|h| h.0 == record.id) {
+                return Err(IndexError::DuplicateId(*id));
+            }
         }
-        if let Some((id, _, _)) = holders.first() {
-            return Err(IndexError::DuplicateId(*id));
-        }
-        let row = self.row_of(&record)?;
-        self.upsert(row)
+        let rows = records
+            .iter()
+            .map(|r| self.row_of(r))
+            .collect::<Result<Vec<_>>>()?;
+        self.upsert_rows(rows)
     }
 
     fn update(&mut self, record: &ImageRecord) -> Result<()> {
@@ -523,7 +585,7 @@ impl Store for MilvusStore {
             }
         }
         let row = self.row_of(record)?;
-        self.upsert(row)
+        self.upsert_rows(vec![row])
     }
 
     fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>> {
@@ -549,6 +611,21 @@ impl Store for MilvusStore {
 
     fn commit(&mut self) -> Result<()> {
         // Milvus made every write durable and visible (to `Strong` reads) when it answered.
+        // Sealing (flush) is what lets Milvus index new rows rather than scan them, and it is
+        // rate-limited by Milvus: ask for it at most every FLUSH_EVERY.
+        if self.flushed.is_some_and(|t| t.elapsed() < FLUSH_EVERY) {
+            return Ok(());
+        }
+        let name = self.remote.images.clone();
+        self.remote.call("seal new rows", move |c| {
+            let name = name.clone();
+            async move {
+                c.flush(FlushRequest::builder().collection_names([name]).build()?)
+                    .await
+                    .map(|_| ())
+            }
+        })?;
+        self.flushed = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -590,7 +667,7 @@ impl Store for MilvusStore {
     }
 
     fn get(&self, id: ImageId) -> Result<Option<ImageRecord>> {
-        let rows = self.query_rows(format!("id == {}", id.0), &["record", "vector"], None)?;
+        let rows = self.query_rows(format!("id in [{}]", id.0), &["record", "vector"], None)?;
         rows.first().map(|r| self.record_of(r)).transpose()
     }
 
@@ -606,7 +683,7 @@ impl Store for MilvusStore {
 
     fn contains(&self, id: ImageId) -> Result<bool> {
         Ok(!self
-            .query_rows(format!("id == {}", id.0), &["id"], None)?
+            .query_rows(format!("id in [{}]", id.0), &["id"], None)?
             .is_empty())
     }
 
@@ -980,7 +1057,9 @@ impl Remote {
     /// Creates the two collections and their indexes, then records `info`.
     fn create(&self, info: &CollectionInfo) -> Result<()> {
         let dim = info.embedding_dim as u32;
+        // Dynamic fields: attributes that later versions add to rows need no new schema.
         let images = CollectionSchema::new()
+            .enable_dynamic_field(true)
             .add_field(int64("id").primary_key(true).auto_id(false))
             .add_field(varchar("path", MAX_PATH))
             .add_field(varchar("hash", 64))

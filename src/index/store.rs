@@ -30,6 +30,11 @@ pub trait Store: Send + Sync {
     fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()>;
     /// An id for new content `content_hash`, never given to other content.
     fn allocate_id(&mut self, content_hash: &str) -> Result<ImageId>;
+    /// [`Store::allocate_id`] for each of `content_hashes`, in order (one round trip where the
+    /// store is remote).
+    fn allocate_ids(&mut self, content_hashes: &[&str]) -> Result<Vec<ImageId>> {
+        content_hashes.iter().map(|h| self.allocate_id(h)).collect()
+    }
     /// The id the next [`Store::allocate_id`] gives, for a store that counts; `None` for a store
     /// whose ids derive from content.
     fn next_id(&self) -> Result<Option<ImageId>>;
@@ -41,6 +46,11 @@ pub trait Store: Send + Sync {
     /// Fails with [`super::IndexError::AlreadyExists`] for a known path or content hash, before
     /// writing anything.
     fn insert(&mut self, record: ImageRecord) -> Result<()>;
+    /// [`Store::insert`] for each of `records`, in order (one round trip where the store is
+    /// remote). On an error, the records before the failing one may be stored.
+    fn insert_all(&mut self, records: Vec<ImageRecord>) -> Result<()> {
+        records.into_iter().try_for_each(|r| self.insert(r))
+    }
     /// Replaces the record of an existing image (texts, path, dates); its ITC vector cannot
     /// change.
     fn update(&mut self, record: &ImageRecord) -> Result<()>;
