@@ -65,7 +65,7 @@ fn record(i: u64, g: &mut Gen) -> ImageRecord {
         // One image in ten is under /lib/ten/: the filtered query's 10%.
         path: format!(
             "/lib/{}/img_{i:07}.jpg",
-            if i % 10 == 0 { "ten" } else { "rest" }
+            if i.is_multiple_of(10) { "ten" } else { "rest" }
         ),
         content_hash: content_hash(&i.to_le_bytes()),
         size_bytes: 200_000,
@@ -118,7 +118,7 @@ fn fill(name: &str, s: &mut dyn Store, n: u64, every: u64) -> anyhow::Result<(f6
             since_commit = 0;
         }
         let done = (first + BATCH).min(n);
-        if done % 10_000 == 0 {
+        if done.is_multiple_of(10_000) {
             eprintln!(
                 "{name}: {done}/{n} in {:.0} s",
                 started.elapsed().as_secs_f64()

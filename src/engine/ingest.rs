@@ -555,7 +555,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 data: tokens,
             });
         }
-        let prepared: Vec<Prepared> = batch.drain(..).collect();
+        let prepared: Vec<Prepared> = std::mem::take(batch);
         let mut images = Vec::with_capacity(n);
         for (i, ((p, caps), f)) in prepared.iter().zip(captions).zip(&features).enumerate() {
             let keep = self.keep_ids.get(&p.path).copied();
