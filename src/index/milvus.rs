@@ -941,10 +941,13 @@ impl Remote {
             .uri(format!("http://{}:{}", address.host, address.port))
             .connect_timeout(Duration::from_secs(5))
             .rpc_timeout(Duration::from_secs(60))
+            // A few quick retries for a Milvus that refuses connections (it is down: answer
+            // that at once), and no cut below the RPC timeout for one that is slow to answer
+            // (a big query or a flush under load is not an outage).
             .retry(
                 RetryConfig::new()
                     .max_attempts(4)
-                    .max_retry_timeout(Duration::from_secs(3)),
+                    .max_retry_timeout(Duration::from_secs(60)),
             );
         let client = wait(&runtime, async move { ClientV2::new(&config).await })?
             .map_err(|e| unavailable(address, "connect", &e))?;
