@@ -323,20 +323,7 @@ fn a_collection_keeps_its_promises_across_processes() {
 
     // Serve (the collection's models, no flags), upload, stop.
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-        .args(["serve", "--no-captions", "--index", idx])
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while get(port, "/readyz").is_none_or(|r| r.0 != 200) {
-        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
-        assert!(started.elapsed() < Duration::from_secs(120), "not ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut child = serve_node(&["--index", idx], port);
     let rocket = std::fs::read(fx.join("images/rocket.jpg")).unwrap();
     let (code, body) = post_image(port, "/api/images", "rocket.jpg", &rocket).unwrap();
     assert_eq!(code, 201, "{body}");
@@ -421,11 +408,12 @@ fn a_collection_keeps_its_promises_across_processes() {
     assert!(hits.iter().all(|h| h["id"] != cat_id), "{v}");
 }
 
-/// A `serve` process on the collection at `store` (blobs and uploads in `index`), with the
-/// collection's models; returns once it is ready.
-fn serve_node(index: &str, store: &str, port: u16) -> std::process::Child {
+/// A `serve --no-captions` process with the collection's models and `args` (where the
+/// collection is) on `port`; returns once it is ready.
+fn serve_node(args: &[&str], port: u16) -> std::process::Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
-        .args(["serve", "--no-captions", "--index", index, "--store", store])
+        .args(["serve", "--no-captions"])
+        .args(args)
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .env("HF_HUB_OFFLINE", "1")
         .stdout(Stdio::null())
@@ -506,8 +494,8 @@ fn serve_nodes_share_one_milvus_collection() {
     assert_eq!(s["added"], 2, "{s}");
 
     let (pa, pb) = (free_port(), free_port());
-    let mut a = serve_node(idx, &store, pa);
-    let mut b = serve_node(idx, &store, pb);
+    let mut a = serve_node(&["--index", idx, "--store", &store], pa);
+    let mut b = serve_node(&["--index", idx, "--store", &store], pb);
 
     let rocket = std::fs::read(fx.join("images/rocket.jpg")).unwrap();
     let (code, body) = post_image(pa, "/api/images", "rocket.jpg", &rocket).unwrap();
@@ -599,7 +587,7 @@ fn serve_nodes_share_one_milvus_collection() {
     assert_eq!(s["total"], 3, "{s}");
     assert_eq!(ids(&search()), before);
     let p = free_port();
-    let mut c = serve_node(idx, &store, p);
+    let mut c = serve_node(&["--index", idx, "--store", &store], p);
     assert_eq!(
         status_of(p, &format!("/api/images/{id}/thumbnail")),
         Some(200)

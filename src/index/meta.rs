@@ -180,6 +180,22 @@ impl CollectionInfo {
         }
     }
 
+    /// This info once models described by `requested` are adopted: checked with
+    /// [`CollectionInfo::check_compatible`], then the retrieval model's place and fingerprint
+    /// (and a caption model, if none was recorded) taken from `requested`.
+    pub fn adopting(&self, requested: &CollectionInfo, dir: &Path) -> Result<CollectionInfo> {
+        self.check_compatible(requested, dir)?;
+        let mut info = self.clone();
+        info.retrieval_model = requested.retrieval_model.clone();
+        if requested.retrieval_fingerprint.is_some() {
+            info.retrieval_fingerprint = requested.retrieval_fingerprint.clone();
+        }
+        if requested.caption_model.is_some() && info.caption_model.is_none() {
+            info.caption_model = requested.caption_model.clone();
+        }
+        Ok(info)
+    }
+
     /// Checks that a collection built with `self` can be used with `requested`.
     ///
     /// Retrieval model, dimensions and format must match: ITC vectors and ViT features of

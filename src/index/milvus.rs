@@ -52,6 +52,7 @@ use super::filter::{day_number, exif_day, prefix_end, Filter};
 use super::meta::{CollectionInfo, ImageId, ImageRecord};
 use super::store::{Store, StoreStats};
 use super::text::{check_query, filename_words};
+use super::vectors::check_vector;
 
 /// The collection property holding the [`CollectionInfo`] as JSON.
 const INFO_PROPERTY: &str = "blipsearch.collection";
@@ -324,21 +325,7 @@ impl MilvusStore {
     }
 
     fn check_vector(&self, v: &[f32]) -> Result<()> {
-        if v.len() != self.info.embedding_dim {
-            return Err(IndexError::DimensionMismatch {
-                expected: self.info.embedding_dim,
-                got: v.len(),
-            });
-        }
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(IndexError::InvalidVector(
-                "NaN or infinite component".into(),
-            ));
-        }
-        if v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() < 1e-24 {
-            return Err(IndexError::InvalidVector("zero vector".into()));
-        }
-        Ok(())
+        check_vector(v, self.info.embedding_dim).map(|_| ())
     }
 
     /// Who holds any of `records`' ids, paths or hashes now, as `(id, path, hash)` rows.
@@ -359,27 +346,6 @@ impl MilvusStore {
         rows.iter()
             .map(|r| Ok((row_id(r)?, row_str(r, "path")?, row_str(r, "hash")?)))
             .collect()
-    }
-
-    fn upsert_rows(&self, rows: Vec<Value>) -> Result<()> {
-        let name = self.remote.images.clone();
-        self.remote.call("write images", move |c| {
-            let (name, rows) = (name.clone(), rows.clone());
-            async move {
-                c.upsert(
-                    UpsertRequest::builder()
-                        .insert(
-                            InsertRequest::builder()
-                                .collection_name(name)
-                                .rows(rows)
-                                .build()?,
-                        )
-                        .build()?,
-                )
-                .await
-                .map(|_| ())
-            }
-        })
     }
 
     fn search(
@@ -434,16 +400,9 @@ impl Store for MilvusStore {
     }
 
     fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()> {
-        self.info
-            .check_compatible(requested, &self.remote.address.as_path())?;
-        let mut info = self.info.clone();
-        info.retrieval_model = requested.retrieval_model.clone();
-        if requested.retrieval_fingerprint.is_some() {
-            info.retrieval_fingerprint = requested.retrieval_fingerprint.clone();
-        }
-        if requested.caption_model.is_some() && info.caption_model.is_none() {
-            info.caption_model = requested.caption_model.clone();
-        }
+        let info = self
+            .info
+            .adopting(requested, &self.remote.address.as_path())?;
         if info != self.info {
             self.remote.write_info(&info)?;
             self.info = info;
@@ -556,7 +515,7 @@ impl Store for MilvusStore {
             .iter()
             .map(|r| self.row_of(r))
             .collect::<Result<Vec<_>>>()?;
-        self.upsert_rows(rows)
+        self.remote.upsert(&self.remote.images, rows)
     }
 
     fn update(&mut self, record: &ImageRecord) -> Result<()> {
@@ -585,27 +544,15 @@ impl Store for MilvusStore {
             }
         }
         let row = self.row_of(record)?;
-        self.upsert_rows(vec![row])
+        self.remote.upsert(&self.remote.images, vec![row])
     }
 
     fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>> {
         let Some(record) = self.get(id)? else {
             return Ok(None);
         };
-        let name = self.remote.images.clone();
-        self.remote.call("remove an image", move |c| {
-            let name = name.clone();
-            async move {
-                c.delete(
-                    DeleteRequest::builder()
-                        .collection_name(name)
-                        .filter(format!("id in [{}]", id.0))
-                        .build()?,
-                )
-                .await
-                .map(|_| ())
-            }
-        })?;
+        self.remote
+            .delete(&self.remote.images, format!("id in [{}]", id.0))?;
         Ok(Some(record))
     }
 
@@ -705,25 +652,8 @@ impl Store for MilvusStore {
     }
 
     fn exclude(&mut self, hash: &str, path: &str) -> Result<()> {
-        let name = self.remote.excluded.clone();
         let row = json!({"hash": hash, "path": path, "v": [0.0f32, 0.0]});
-        self.remote.call("remember a removal", move |c| {
-            let (name, row) = (name.clone(), row.clone());
-            async move {
-                c.upsert(
-                    UpsertRequest::builder()
-                        .insert(
-                            InsertRequest::builder()
-                                .collection_name(name)
-                                .rows([row])
-                                .build()?,
-                        )
-                        .build()?,
-                )
-                .await
-                .map(|_| ())
-            }
-        })
+        self.remote.upsert(&self.remote.excluded, vec![row])
     }
 
     fn is_excluded(&self, hash: &str) -> Result<bool> {
@@ -740,21 +670,10 @@ impl Store for MilvusStore {
         if !self.is_excluded(hash)? {
             return Ok(false);
         }
-        let name = self.remote.excluded.clone();
-        let expr = format!("hash in [{}]", literal(hash));
-        self.remote.call("forget a removal", move |c| {
-            let (name, expr) = (name.clone(), expr.clone());
-            async move {
-                c.delete(
-                    DeleteRequest::builder()
-                        .collection_name(name)
-                        .filter(expr)
-                        .build()?,
-                )
-                .await
-                .map(|_| ())
-            }
-        })?;
+        self.remote.delete(
+            &self.remote.excluded,
+            format!("hash in [{}]", literal(hash)),
+        )?;
         Ok(true)
     }
 
@@ -1162,6 +1081,41 @@ impl Remote {
             })?;
         }
         self.write_info(info)
+    }
+
+    /// Writes `rows` into `collection`, replacing rows with the same primary key.
+    fn upsert(&self, collection: &str, rows: Vec<Value>) -> Result<()> {
+        let name = collection.to_string();
+        self.call("write", move |c| {
+            let (name, rows) = (name.clone(), rows.clone());
+            async move {
+                let insert = InsertRequest::builder()
+                    .collection_name(name)
+                    .rows(rows)
+                    .build()?;
+                c.upsert(UpsertRequest::builder().insert(insert).build()?)
+                    .await
+                    .map(|_| ())
+            }
+        })
+    }
+
+    /// Deletes the rows of `collection` that `filter` selects.
+    fn delete(&self, collection: &str, filter: String) -> Result<()> {
+        let name = collection.to_string();
+        self.call("remove", move |c| {
+            let (name, filter) = (name.clone(), filter.clone());
+            async move {
+                c.delete(
+                    DeleteRequest::builder()
+                        .collection_name(name)
+                        .filter(filter)
+                        .build()?,
+                )
+                .await
+                .map(|_| ())
+            }
+        })
     }
 
     fn query(

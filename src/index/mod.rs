@@ -378,15 +378,7 @@ impl Store for Collection {
     }
 
     fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()> {
-        self.info.check_compatible(requested, &self.dir)?;
-        let mut info = self.info.clone();
-        info.retrieval_model = requested.retrieval_model.clone();
-        if requested.retrieval_fingerprint.is_some() {
-            info.retrieval_fingerprint = requested.retrieval_fingerprint.clone();
-        }
-        if requested.caption_model.is_some() && info.caption_model.is_none() {
-            info.caption_model = requested.caption_model.clone();
-        }
+        let info = self.info.adopting(requested, &self.dir)?;
         if info != self.info {
             self.meta.set_info(&info)?;
             self.info = info;

@@ -549,25 +549,7 @@ impl VectorIndex {
 
     /// Checks length and values and returns the unit vector.
     fn normalized(&self, v: &[f32]) -> Result<Vec<f32>> {
-        if v.len() != self.dim {
-            return Err(IndexError::DimensionMismatch {
-                expected: self.dim,
-                got: v.len(),
-            });
-        }
-        if v.iter().any(|x| !x.is_finite()) {
-            return Err(IndexError::InvalidVector(
-                "NaN or infinite component".into(),
-            ));
-        }
-        let norm = v
-            .iter()
-            .map(|x| f64::from(*x) * f64::from(*x))
-            .sum::<f64>()
-            .sqrt();
-        if norm < 1e-12 {
-            return Err(IndexError::InvalidVector("zero vector".into()));
-        }
+        let norm = check_vector(v, self.dim)?;
         Ok(v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
     }
 
@@ -1036,6 +1018,31 @@ fn graph_ids(hnsw: &Hnsw<'static, f32, Dist>) -> Vec<u64> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// Checks that `v` can be stored in a collection of `dim`-dimensional vectors (its length,
+/// finite components, not zero) and returns its norm.
+pub(crate) fn check_vector(v: &[f32], dim: usize) -> Result<f64> {
+    if v.len() != dim {
+        return Err(IndexError::DimensionMismatch {
+            expected: dim,
+            got: v.len(),
+        });
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(IndexError::InvalidVector(
+            "NaN or infinite component".into(),
+        ));
+    }
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt();
+    if norm < 1e-12 {
+        return Err(IndexError::InvalidVector("zero vector".into()));
+    }
+    Ok(norm)
 }
 
 #[cfg(test)]
