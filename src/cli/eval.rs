@@ -341,7 +341,7 @@ pub(crate) fn capfilt_dataset(a: CapfiltDatasetArgs) -> Result<()> {
         ..CapFiltParams::default()
     };
     let device = select_device(&f.device)?;
-    let cap_source = a.caption.source();
+    let cap_source = a.caption.source_or(None)?;
     let captioner = Captioner::load(&cap_source, &device)
         .with_context(|| format!("loading caption model {}", cap_source.name()))?;
     let filter = f.load_filter(&device)?;

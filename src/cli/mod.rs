@@ -133,18 +133,10 @@ fn chosen_source(
 }
 
 impl RetrievalModelArgs {
-    fn source(&self) -> ModelSource {
-        asked_source(&self.model_dir, &self.model)
-            .unwrap_or_else(|| ModelSource::Hub(DEFAULT_RETRIEVAL_MODEL.to_string()))
-    }
-
     /// The model asked for, else `recorded` (an existing collection's), else the default.
     fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
-        chosen_source(
-            asked_source(&self.model_dir, &self.model),
-            recorded,
-            DEFAULT_RETRIEVAL_MODEL,
-        )
+        let asked = asked_source(&self.model_dir, &self.model);
+        chosen_source(asked, recorded, DEFAULT_RETRIEVAL_MODEL)
     }
 
     pub(crate) fn limits(&self) -> Result<DecodeLimits> {
@@ -158,7 +150,7 @@ impl RetrievalModelArgs {
 
     fn load(&self) -> Result<(Retriever, Device)> {
         let device = select_device(&self.device)?;
-        let source = self.source();
+        let source = self.source_or(None)?;
         let model = Retriever::load(&source, &device)
             .with_context(|| format!("loading retrieval model {}", source.name()))?;
         Ok((model, device))
@@ -491,18 +483,10 @@ pub struct CaptionCheckpointArgs {
 }
 
 impl CaptionCheckpointArgs {
-    fn source(&self) -> ModelSource {
-        asked_source(&self.caption_model_dir, &self.caption_model)
-            .unwrap_or_else(|| ModelSource::Hub(DEFAULT_CAPTION_MODEL.to_string()))
-    }
-
     /// The model asked for, else `recorded` (an existing collection's), else the default.
     fn source_or(&self, recorded: Option<&str>) -> Result<ModelSource> {
-        chosen_source(
-            asked_source(&self.caption_model_dir, &self.caption_model),
-            recorded,
-            DEFAULT_CAPTION_MODEL,
-        )
+        let asked = asked_source(&self.caption_model_dir, &self.caption_model);
+        chosen_source(asked, recorded, DEFAULT_CAPTION_MODEL)
     }
 }
 
@@ -736,7 +720,7 @@ fn capfilt(a: CapfiltArgs) -> Result<()> {
     };
     let image = load_image(&a.image, limits)?;
     let device = select_device(&f.device)?;
-    let captioner = load_captioner(&a.caption.source(), &device)?;
+    let captioner = load_captioner(&a.caption.source_or(None)?, &device)?;
     let filter = f.load_filter(&device)?;
     let candidates = capfilt_images(
         &captioner,

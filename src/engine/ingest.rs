@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::collection::{Engine, NewImage};
 use super::error::{EngineError, Result};
-use super::models::Encoders;
+use super::models::{CapFiltJob, Encoders};
 use crate::index::{
     content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord,
     THUMB_MAX_SIDE,
@@ -527,7 +527,12 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
                 let captions = self
                     .models
-                    .capfilt(images, Some(emb.tokens.clone()), given, params.clone())?
+                    .capfilt(CapFiltJob {
+                        images,
+                        tokens: Some(emb.tokens.clone()),
+                        given,
+                        params: params.clone(),
+                    })?
                     .into_iter()
                     .map(|cands| cands.into_iter().map(caption_of).collect())
                     .collect();

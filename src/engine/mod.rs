@@ -21,7 +21,7 @@ pub use crate::progress::{Counters, Event, Progress, Silent};
 pub use collection::{CollectionStats, Engine, Location, StoreLocation, Target};
 pub use error::{EngineError, ErrorKind, Result};
 pub use ingest::{IngestOptions, IngestSummary};
-pub use models::{EncodedImages, EncodedText, Encoders, LocalModels};
+pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
 pub use uploads::{NewUpload, Uploaded};
 
 pub use crate::index::{

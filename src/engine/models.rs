@@ -42,6 +42,20 @@ pub struct EncodedText {
     pub truncated: bool,
 }
 
+/// Images to caption and filter with CapFilt.
+pub struct CapFiltJob {
+    /// The decoded images.
+    pub images: Vec<DynamicImage>,
+    /// The retrieval ViT features of `images` `(N, tokens, hidden)`, when the caller has them
+    /// (else they are computed).
+    pub tokens: Option<Tensor>,
+    /// The texts that came with each image (file names, sidecar captions), judged with the
+    /// generated ones.
+    pub given: Vec<Vec<String>>,
+    /// Caption modes and the ITM threshold.
+    pub params: CapFiltParams,
+}
+
 /// The model operations search and ingestion need.
 pub trait Encoders {
     /// ITC vectors and ViT features of images.
@@ -51,15 +65,8 @@ pub trait Encoders {
     /// ITM of one text against each image of `tokens` `(N, tokens, hidden)`, with [ENC] first
     /// as BLIP was trained.
     fn itm(&self, text: String, tokens: Tensor) -> Result<Vec<ItmScore>>;
-    /// CapFilt candidates (given texts, beam caption, samples) per image; `tokens` are the
-    /// retrieval ViT features of `images` when the caller has them.
-    fn capfilt(
-        &self,
-        images: Vec<DynamicImage>,
-        tokens: Option<Tensor>,
-        given: Vec<Vec<String>>,
-        params: CapFiltParams,
-    ) -> Result<Vec<Vec<CapFiltCandidate>>>;
+    /// CapFilt candidates (given texts, beam caption, samples) per image of `job`.
+    fn capfilt(&self, job: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>>;
     /// Whether a caption model is loaded (else [`Encoders::capfilt`] fails).
     fn can_caption(&self) -> bool;
 }
@@ -100,13 +107,7 @@ impl Encoders for Retriever {
         )?)
     }
 
-    fn capfilt(
-        &self,
-        _images: Vec<DynamicImage>,
-        _tokens: Option<Tensor>,
-        _given: Vec<Vec<String>>,
-        _params: CapFiltParams,
-    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+    fn capfilt(&self, _: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>> {
         Err(EngineError::InvalidInput("no caption model loaded".into()))
     }
 
@@ -137,13 +138,7 @@ impl Encoders for LocalModels {
         Encoders::itm(&self.retriever, text, tokens)
     }
 
-    fn capfilt(
-        &self,
-        images: Vec<DynamicImage>,
-        tokens: Option<Tensor>,
-        given: Vec<Vec<String>>,
-        params: CapFiltParams,
-    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+    fn capfilt(&self, job: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>> {
         let captioner = self
             .captioner
             .as_ref()
@@ -151,10 +146,10 @@ impl Encoders for LocalModels {
         Ok(capfilt_images_with_tokens(
             captioner,
             &self.retriever,
-            &images,
-            tokens.as_ref(),
-            &given,
-            &params,
+            &job.images,
+            job.tokens.as_ref(),
+            &job.given,
+            &job.params,
         )?)
     }
 
@@ -200,13 +195,7 @@ impl Encoders for NoModels {
     fn itm(&self, _: String, _: Tensor) -> Result<Vec<ItmScore>> {
         Self::refuse()
     }
-    fn capfilt(
-        &self,
-        _: Vec<DynamicImage>,
-        _: Option<Tensor>,
-        _: Vec<Vec<String>>,
-        _: CapFiltParams,
-    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
+    fn capfilt(&self, _: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>> {
         Self::refuse()
     }
     fn can_caption(&self) -> bool {

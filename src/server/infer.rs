@@ -17,7 +17,7 @@ use crossbeam_channel::{bounded, select, Receiver, RecvTimeoutError, Sender, Try
 use image::DynamicImage;
 
 use super::metrics::Metrics;
-use crate::engine::models::{CapFiltCandidate, CapFiltParams, ItmScore};
+use crate::engine::models::{CapFiltCandidate, CapFiltJob, ItmScore};
 use crate::engine::{EncodedImages, EncodedText, Encoders, EngineError, LocalModels, Result};
 
 /// Most query texts encoded in one forward pass.
@@ -33,13 +33,7 @@ enum Work {
     Texts(Vec<String>, Reply<Vec<EncodedText>>),
     Images(Vec<DynamicImage>, Reply<EncodedImages>),
     Itm(String, Tensor, Reply<Vec<ItmScore>>),
-    CapFilt {
-        images: Vec<DynamicImage>,
-        tokens: Option<Tensor>,
-        given: Vec<Vec<String>>,
-        params: CapFiltParams,
-        reply: Reply<Vec<Vec<CapFiltCandidate>>>,
-    },
+    CapFilt(CapFiltJob, Reply<Vec<Vec<CapFiltCandidate>>>),
 }
 
 impl Work {
@@ -48,7 +42,7 @@ impl Work {
             Self::Texts(..) => "text",
             Self::Images(..) => "image",
             Self::Itm(..) => "itm",
-            Self::CapFilt { .. } => "capfilt",
+            Self::CapFilt(..) => "capfilt",
         }
     }
 }
@@ -229,20 +223,8 @@ impl Encoders for InferClient {
         self.call(|r| Work::Itm(text, tokens, r))
     }
 
-    fn capfilt(
-        &self,
-        images: Vec<DynamicImage>,
-        tokens: Option<Tensor>,
-        given: Vec<Vec<String>>,
-        params: CapFiltParams,
-    ) -> Result<Vec<Vec<CapFiltCandidate>>> {
-        self.call(|reply| Work::CapFilt {
-            images,
-            tokens,
-            given,
-            params,
-            reply,
-        })
+    fn capfilt(&self, job: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>> {
+        self.call(|reply| Work::CapFilt(job, reply))
     }
 
     fn can_caption(&self) -> bool {
@@ -365,7 +347,7 @@ impl Worker {
                 },
                 MAX_IMAGE_BATCH,
             ),
-            Work::CapFilt { .. } => vec![first],
+            Work::CapFilt(..) => vec![first],
         };
         let now = Instant::now();
         let mut live = Vec::with_capacity(jobs.len());
@@ -400,14 +382,10 @@ impl Worker {
     }
 
     fn run_texts(&self, work: Vec<Work>) -> usize {
-        let mut texts = Vec::new();
-        let mut replies = Vec::new();
-        for w in work {
-            if let Work::Texts(t, r) = w {
-                replies.push((t.len(), r));
-                texts.extend(t);
-            }
-        }
+        let (texts, replies) = concat(work, |w| match w {
+            Work::Texts(t, r) => Some((t, r)),
+            _ => None,
+        });
         let n = texts.len();
         match guarded(|| self.models.encode_texts(texts)) {
             Ok(all) => {
@@ -422,14 +400,10 @@ impl Worker {
     }
 
     fn run_images(&self, work: Vec<Work>) -> usize {
-        let mut images = Vec::new();
-        let mut replies = Vec::new();
-        for w in work {
-            if let Work::Images(i, r) = w {
-                replies.push((i.len(), r));
-                images.extend(i);
-            }
-        }
+        let (images, replies) = concat(work, |w| match w {
+            Work::Images(i, r) => Some((i, r)),
+            _ => None,
+        });
         let n = images.len();
         let result = guarded(|| {
             let enc = self.models.encode_images(images)?;
@@ -483,21 +457,29 @@ impl Worker {
     fn run_capfilt(&self, work: Vec<Work>) -> usize {
         let mut n = 0;
         for w in work {
-            if let Work::CapFilt {
-                images,
-                tokens,
-                given,
-                params,
-                reply,
-            } = w
-            {
-                n += images.len();
-                let r = guarded(|| self.models.capfilt(images, tokens, given, params));
+            if let Work::CapFilt(job, reply) = w {
+                n += job.images.len();
+                let r = guarded(|| self.models.capfilt(job));
                 let _ = reply.send(r);
             }
         }
         n
     }
+}
+
+/// The items of the jobs that `take` accepts, concatenated into one batch, with each job's item
+/// count and reply (to hand each its share of the batch's answer).
+fn concat<T, R>(
+    work: Vec<Work>,
+    take: impl Fn(Work) -> Option<(Vec<T>, Reply<R>)>,
+) -> (Vec<T>, Vec<(usize, Reply<R>)>) {
+    let mut items = Vec::new();
+    let mut replies = Vec::new();
+    for (part, reply) in work.into_iter().filter_map(take) {
+        replies.push((part.len(), reply));
+        items.extend(part);
+    }
+    (items, replies)
 }
 
 #[cfg(test)]

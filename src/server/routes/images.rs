@@ -10,7 +10,7 @@ use super::{
     check_upload, decode_upload, parse_id, read_upload, safe_stem, Endpoint, ImageOut, PathView,
 };
 use crate::engine::ingest::caption_of;
-use crate::engine::{Caption, Encoders, ImageId, IngestOptions, NewUpload};
+use crate::engine::{CapFiltJob, Caption, Encoders, ImageId, IngestOptions, NewUpload};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -211,7 +211,12 @@ async fn caption(
         let admitted = decode_upload(&bytes, &state.settings, 1)?;
         let cands = state
             .client
-            .capfilt(vec![admitted.image], None, vec![texts], params)?
+            .capfilt(CapFiltJob {
+                images: vec![admitted.image],
+                tokens: None,
+                given: vec![texts],
+                params,
+            })?
             .pop()
             .unwrap_or_default();
         Ok(CaptionOut {

@@ -185,10 +185,8 @@ impl Endpoint {
 pub struct ImageOut {
     id: u64,
     path: String,
-    file_name: String,
-    folder: String,
-    width: u32,
-    height: u32,
+    #[serde(flatten)]
+    file: FileOut,
     size_bytes: u64,
     mtime_unix: i64,
     exif_date: Option<String>,
@@ -196,20 +194,39 @@ pub struct ImageOut {
     content_hash: String,
     captions: Vec<Caption>,
     given_texts: Vec<String>,
+}
+
+/// What every answer about an image shows beside its id and path: where the file lies, its size
+/// in pixels, and the URLs of its thumbnail and file.
+#[derive(Debug, Serialize)]
+pub struct FileOut {
+    file_name: String,
+    folder: String,
+    width: u32,
+    height: u32,
     thumbnail_url: String,
     file_url: String,
 }
 
-fn split_path(path: &str) -> (String, String) {
-    let p = Path::new(path);
-    (
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        p.parent()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default(),
-    )
+impl FileOut {
+    /// The file of image `id`, whose path the caller sees as `shown_path`.
+    pub fn new(id: u64, shown_path: &str, width: u32, height: u32) -> Self {
+        let p = Path::new(shown_path);
+        Self {
+            file_name: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            folder: p
+                .parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            width,
+            height,
+            thumbnail_url: format!("/api/images/{id}/thumbnail"),
+            file_url: format!("/api/images/{id}/file"),
+        }
+    }
 }
 
 /// How paths appear to a caller: whole to whoever presented the key (and to everyone when the
@@ -296,15 +313,11 @@ impl ImageOut {
     /// `r` as the caller of `view` sees it.
     pub fn new(r: ImageRecord, view: &PathView) -> Self {
         let path = view.show(&r.path);
-        let (file_name, folder) = split_path(&path);
         let id = r.id.0;
         Self {
+            file: FileOut::new(id, &path, r.width, r.height),
             id,
             path,
-            file_name,
-            folder,
-            width: r.width,
-            height: r.height,
             size_bytes: r.size_bytes,
             mtime_unix: r.mtime_unix,
             exif_date: r.exif_date,
@@ -312,8 +325,6 @@ impl ImageOut {
             content_hash: r.content_hash,
             captions: r.captions,
             given_texts: r.given_texts,
-            thumbnail_url: format!("/api/images/{id}/thumbnail"),
-            file_url: format!("/api/images/{id}/file"),
         }
     }
 }

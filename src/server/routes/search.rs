@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    content_type, decode_upload, is_multipart, read_upload, split_path, BodyDeadline, Endpoint,
+    content_type, decode_upload, is_multipart, read_upload, BodyDeadline, Endpoint, FileOut,
     PathView,
 };
 use crate::engine::search::{
@@ -103,28 +103,15 @@ impl SearchQuery {
     }
 }
 
-/// One result as the API shows it.
+/// One result as the API shows it: the engine's hit (its path as the caller may see it), the
+/// file, and the caption that best explains a text match.
 #[derive(Debug, Serialize)]
 struct HitOut {
-    id: u64,
-    path: String,
-    file_name: String,
-    folder: String,
-    width: u32,
-    height: u32,
-    score: f32,
-    itc: Option<f32>,
-    bm25: Option<f32>,
-    vector_rank: Option<usize>,
-    text_rank: Option<usize>,
-    fused: f32,
-    reranked: bool,
-    itm_logit: Option<f32>,
-    itm_prob: Option<f32>,
+    #[serde(flatten)]
+    hit: SearchHit,
+    #[serde(flatten)]
+    file: FileOut,
     matched_caption: Option<String>,
-    captions: Vec<Caption>,
-    thumbnail_url: String,
-    file_url: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -171,46 +158,15 @@ fn render(
     started: Instant,
 ) -> ApiResult<SearchOut> {
     let mut hits = Vec::with_capacity(r.hits.len());
-    for h in r.hits {
-        let SearchHit {
-            id,
-            path,
-            score,
-            itc,
-            bm25,
-            vector_rank,
-            text_rank,
-            fused,
-            reranked,
-            itm_logit,
-            itm_prob,
-            captions,
-        } = h;
+    for mut hit in r.hits {
         let (width, height) = engine
-            .get(ImageId(id))?
+            .get(ImageId(hit.id))?
             .map_or((0, 0), |rec| (rec.width, rec.height));
-        let path = view.show(&path);
-        let (file_name, folder) = split_path(&path);
+        hit.path = view.show(&hit.path);
         hits.push(HitOut {
-            id,
-            path,
-            file_name,
-            folder,
-            width,
-            height,
-            score,
-            itc,
-            bm25,
-            vector_rank,
-            text_rank,
-            fused,
-            reranked,
-            itm_logit,
-            itm_prob,
-            matched_caption: matched_caption(query, &captions),
-            captions,
-            thumbnail_url: format!("/api/images/{id}/thumbnail"),
-            file_url: format!("/api/images/{id}/file"),
+            file: FileOut::new(hit.id, &hit.path, width, height),
+            matched_caption: matched_caption(query, &hit.captions),
+            hit,
         });
     }
     Ok(SearchOut {
