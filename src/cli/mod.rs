@@ -54,15 +54,14 @@ pub enum Command {
     Duplicates(search::DuplicatesArgs),
     /// Embed every image again from its file with the models given now (after a model change).
     Reindex(collection::ReindexArgs),
-    // --- caption / capfilt (issue 3) ---
+    // Model commands on images, without a collection.
     /// Write captions for images with a BLIP captioning checkpoint.
     Caption(CaptionArgs),
     /// CapFilt: caption an image, then keep the texts (given and generated) that ITM matches to it.
     Capfilt(CapfiltArgs),
-    // --- end caption / capfilt ---
     /// Train a retrieval (ITC + ITM) or caption (LM) model on image-caption pairs.
     Train(train::TrainArgs),
-    // --- eval (issue 8) ---
+    // Datasets and evaluation.
     /// Write a seeded synthetic world of captioned shape scenes (train/test splits, wrong captions).
     SynthWorld(eval::SynthWorldArgs),
     /// Measure retrieval (recall@1/5/10, ITC and ITC + ITM rerank) and captions (BLEU-4, CIDEr) on
@@ -71,7 +70,6 @@ pub enum Command {
     /// Bootstrap a captioned dataset with CapFilt: caption every image, keep the texts ITM
     /// matches, and count kept and dropped texts by source.
     CapfiltDataset(eval::CapfiltDatasetArgs),
-    // --- end eval ---
 }
 
 /// Which retrieval checkpoint to run, and where.
@@ -195,6 +193,8 @@ pub struct ScoreArgs {
 }
 
 /// `--itm-first-token` values.
+// The doc comments of clap items are `--help` text, written for a terminal: `[ENC]` is a token.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FirstToken {
     /// [ENC] (30523).
@@ -379,7 +379,7 @@ fn score(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-// --- caption / capfilt (issue 3) ---
+// `caption` and `capfilt`.
 
 /// Which captioning checkpoint to run, and where.
 #[derive(Debug, Args)]
@@ -411,6 +411,8 @@ pub struct CaptionModelArgs {
 }
 
 /// Prompt and lengths shared by `caption` and `capfilt`.
+// The doc comments of clap items are `--help` text, written for a terminal: `[DEC]` is a token.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Args)]
 pub struct GenerationArgs {
     /// Text the captions continue (stripped from the output); may be empty.
@@ -762,4 +764,3 @@ fn capfilt(a: CapfiltArgs) -> Result<()> {
     }
     Ok(())
 }
-// --- end caption / capfilt ---

@@ -58,7 +58,15 @@ pub(crate) struct NewImage<'a> {
     pub thumbnail: Option<&'a DynamicImage>,
 }
 
-/// What a target of [`Engine::remove_all`] names: an id or a file path.
+/// What a target of [`Engine::remove_all`] names: an id or a file path. Parsed as the command
+/// line gives it: a number is an id, anything else a path.
+///
+/// ```
+/// use blipsearch::engine::{ImageId, Target};
+///
+/// assert_eq!("42".parse::<Target>(), Ok(Target::Id(ImageId(42))));
+/// assert_eq!("42.jpg".parse::<Target>(), Ok(Target::Path("42.jpg".into())));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// An image id.
@@ -77,7 +85,16 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// Which store holds a collection's records.
+/// Which store holds a collection's records, as `--store` and `BLIPSEARCH_STORE` give it.
+///
+/// ```
+/// use blipsearch::engine::StoreLocation;
+///
+/// assert_eq!("embedded".parse::<StoreLocation>().unwrap(), StoreLocation::Embedded);
+/// let milvus: StoreLocation = "milvus://milvus-host:19530/photos".parse().unwrap();
+/// assert!(matches!(milvus, StoreLocation::Milvus(_)));
+/// assert!("sqlite://x".parse::<StoreLocation>().is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum StoreLocation {
     /// The embedded store (sled, hnsw_rs, tantivy) in the collection directory, locked by one
@@ -147,6 +164,11 @@ impl From<&PathBuf> for Location {
 const SERVING: &str = "SERVING";
 
 /// An open collection: record store, blob store and uploads, in one directory.
+///
+/// Share it between threads in an `Arc`: its methods take `&self`, searches run side by side,
+/// and a write holds the store's lock only for the write itself, never across a forward pass
+/// (so a search is answered while an ingest embeds). See the [module docs](super) for an
+/// example.
 pub struct Engine {
     dir: PathBuf,
     store: RwLock<Box<dyn Store>>,

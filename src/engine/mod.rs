@@ -8,6 +8,49 @@
 //!
 //! The engine depends on `model` and `index`, never the other way round; the edges (CLI,
 //! server) depend on the engine alone, which re-exports the vocabulary they need.
+//!
+//! # Example
+//!
+//! Index a folder with models run in-process, as `blipsearch add` does, then search it:
+//!
+//! ```no_run
+//! use std::path::PathBuf;
+//!
+//! use blipsearch::engine::models::{select_device, ModelSource};
+//! use blipsearch::engine::search::SearchParams;
+//! use blipsearch::engine::{Engine, Filter, IngestOptions, LocalModels, Silent};
+//!
+//! # fn main() -> blipsearch::engine::Result<()> {
+//! let device = select_device("auto")?;
+//! let models = LocalModels::load(
+//!     &ModelSource::Hub("Salesforce/blip-itm-base-coco".into()),
+//!     Some(&ModelSource::Hub("Salesforce/blip-image-captioning-base".into())),
+//!     &device,
+//! )?;
+//! // Creates the collection for these models, or opens the one built with them.
+//! let engine = Engine::open(std::path::Path::new("index"), &models.collection_info())?;
+//! let summary = engine.ingest(
+//!     &models,
+//!     IngestOptions::default(),
+//!     &[PathBuf::from("photos")],
+//!     false, // `add`; `true` is `sync`, which also drops images whose files are gone
+//!     &Silent,
+//! )?;
+//! println!("{} added, {} in the collection", summary.added, summary.total);
+//!
+//! let params = SearchParams {
+//!     filter: Filter {
+//!         date_from: Some("2023-06-01".into()),
+//!         ..Filter::default()
+//!     },
+//!     ..SearchParams::default()
+//! };
+//! for hit in engine.search_text(&models, "a dog on the beach", &params)?.hits {
+//!     println!("{:.3} {} (reranked: {})", hit.score, hit.path, hit.reranked);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod collection;
 pub mod duplicates;

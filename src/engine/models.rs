@@ -62,7 +62,7 @@ pub trait Encoders {
     fn encode_images(&self, images: Vec<DynamicImage>) -> Result<EncodedImages>;
     /// ITC vectors of texts.
     fn encode_texts(&self, texts: Vec<String>) -> Result<Vec<EncodedText>>;
-    /// ITM of one text against each image of `tokens` `(N, tokens, hidden)`, with [ENC] first
+    /// ITM of one text against each image of `tokens` `(N, tokens, hidden)`, with `[ENC]` first
     /// as BLIP was trained.
     fn itm(&self, text: String, tokens: Tensor) -> Result<Vec<ItmScore>>;
     /// CapFilt candidates (given texts, beam caption, samples) per image of `job`.

@@ -70,7 +70,27 @@ impl Default for Fusion {
     }
 }
 
-/// Options of one search.
+/// Options of one search. Start from the default (hybrid, `k` 100, 16 reranked for a text
+/// query, 20 results) and set what differs:
+///
+/// ```
+/// use blipsearch::engine::search::{SearchMode, SearchParams};
+/// use blipsearch::engine::Filter;
+///
+/// let params = SearchParams {
+///     mode: SearchMode::Vector,
+///     rerank_k: Some(32),
+///     min_itm_prob: Some(0.5), // drop what ITM says does not match
+///     filter: Filter {
+///         path_prefix: Some("/home/me/Pictures/2023/".into()),
+///         min_width: Some(800),
+///         ..Filter::default()
+///     },
+///     ..SearchParams::default()
+/// };
+/// assert!(params.check(true).is_ok()); // valid for a query by text...
+/// assert!(params.check(false).is_err()); // ...not by image: ITM needs a text
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParams {
     /// Candidates taken from each retriever (clamped to [`MAX_K`]).
@@ -197,6 +217,18 @@ pub struct SearchResults {
 
 /// Fuses ranked lists of `(id, score)` (best first) into one list, best first.
 /// Ties are broken by id so that the order is deterministic.
+///
+/// ```
+/// use blipsearch::engine::search::{fuse, Fusion};
+///
+/// let vector = [(7, 0.41), (3, 0.38)]; // (id, cosine)
+/// let text = [(3, 12.5), (9, 4.0)]; // (id, BM25)
+/// let fused = fuse(&vector, &text, Fusion::Rrf { k: 60.0 });
+/// // Image 3 is in both lists, so it comes first; then 7 (first in one list) before 9
+/// // (second in one list).
+/// let ids: Vec<u64> = fused.iter().map(|(id, _)| *id).collect();
+/// assert_eq!(ids, [3, 7, 9]);
+/// ```
 pub fn fuse(vector: &[(u64, f32)], text: &[(u64, f32)], fusion: Fusion) -> Vec<(u64, f32)> {
     let mut acc: HashMap<u64, f32> = HashMap::new();
     match fusion {

@@ -397,7 +397,7 @@ pub fn content_type(req: &HttpRequest) -> String {
 
 /// Reads a multipart upload: one `image` file (at most `settings.max_upload_bytes`) and
 /// optional `text` fields, within `settings.body_timeout`; 400 for any other field, a text over
-/// [`MAX_TEXT_CHARS`] or more than [`MAX_TEXTS`] texts.
+/// `MAX_TEXT_CHARS` (4096) characters or more than `MAX_TEXTS` (16) texts.
 pub async fn read_upload(
     req: &HttpRequest,
     payload: web::Payload,
