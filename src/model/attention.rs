@@ -229,6 +229,7 @@ fn weighted_sum_generic(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::randn;
 
     /// The parallel-heads form against candle's, on a ViT-like shape and odd ones.
     #[test]
@@ -263,11 +264,10 @@ mod tests {
         attention: impl Fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Option<Tensor>>,
         shapes: &[(usize, usize, usize, usize, usize)],
     ) -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         for &(b, h, lq, t, dh) in shapes {
-            let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let q = randn(1, 0.0, 1.0, (b, h, lq, dh));
+            let k = randn(2, 0.0, 1.0, (b, h, t, dh));
+            let v = randn(3, 0.0, 1.0, (b, h, t, dh));
             let scale = 1.0 / (dh as f64).sqrt();
             let got = attention(&q, &k, &v, scale)?.expect("applies");
             let scores = (q.matmul(&k.t()?)? * scale)?;

@@ -532,6 +532,7 @@ pub fn l2_normalize(xs: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::randn;
 
     #[test]
     fn erf_is_within_5e7_of_libm() {
@@ -574,7 +575,6 @@ mod tests {
 
     #[test]
     fn scaled_softmax_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         // Rows of 1, 15, 16 and 577 values (remainders and the ViT's row length); the last is
         // large enough to run on threads.
         let cases: [(&[usize], f64); 4] = [
@@ -584,7 +584,7 @@ mod tests {
             (&[600, 577], 0.125),
         ];
         for (shape, scale) in cases {
-            let xs = Tensor::randn(0f32, 20.0, shape, &dev)?;
+            let xs = randn(shape.iter().product::<usize>() as u64, 0.0, 20.0, shape);
             let got = softmax_scaled(xs.copy()?, scale)?;
             let want = candle_nn::ops::softmax_last_dim(&(xs * scale)?)?;
             let diff = (got - want)?
@@ -599,14 +599,13 @@ mod tests {
 
     #[test]
     fn fused_bias_gelu_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         // 15 rows take the small-M kernel, 90 the large-M kernel (candle's matmul and the fused
         // bias+GELU op without AVX-512). Outputs reach ~10 and the paths sum in different
-        // orders, so the bound is 1e-5 (2e-6 failed now and then on random inputs).
+        // orders, so the bound is 1e-5.
         for rows in [5, 30] {
-            let xs = Tensor::randn(0f32, 2.0, (3, rows, 16), &dev)?;
-            let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+            let xs = randn(rows as u64, 0.0, 2.0, (3, rows, 16));
+            let w = randn(1, 0.0, 0.5, (24, 16));
+            let b = randn(2, 0.0, 1.0, 24);
             let lin = Linear::new(w.clone(), Some(b.clone()));
             let fused = linear_act(&lin, &xs, Activation::Gelu)?;
             let plain = candle_nn::Linear::new(w, Some(b)).forward(&xs)?;

@@ -500,16 +500,9 @@ mod x86 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A seeded uniform draw in [-1, 1) (test data for the kernels here and in `sgemm`).
-    pub(crate) fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::model::testing::{lcg, randn};
 
     fn reference(
         x: &[f32],
@@ -603,10 +596,9 @@ pub(crate) mod tests {
     /// bias, and training mode takes candle's path.
     #[test]
     fn forward_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let xs = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev)?;
-        let w = Tensor::randn(0f32, 0.3, (29, 37), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, 29, &dev)?;
+        let xs = randn(1, 0.0, 1.0, (3, 5, 37));
+        let w = randn(2, 0.0, 0.3, (29, 37));
+        let b = randn(3, 0.0, 1.0, 29);
         for bias in [None, Some(b)] {
             let lin = Linear::new(w.clone(), bias.clone());
             let fast = lin

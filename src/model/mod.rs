@@ -17,6 +17,8 @@ pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
 pub(crate) mod sgemm;
+#[cfg(test)]
+mod testing;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;

@@ -598,7 +598,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::linear::tests::lcg;
+    use crate::model::testing::lcg;
 
     /// Against an f64 reference on shapes that leave every remainder: rows not a multiple of the
     /// tile, columns not a multiple of a panel or block, the shared dimension over several
