@@ -2,10 +2,11 @@
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::cpu_op::{widest_simd, F32Cpu, F32Input, F32Op};
 pub(crate) use super::linear::linear;
 use super::linear::{Epilogue, Linear};
 
@@ -200,43 +201,23 @@ pub(crate) fn linear_act(
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
     out_dims[last] = y.dim(1)?;
-    y.apply_op2_no_bwd(bias, &BiasGelu)?.reshape(out_dims)
-}
-
-/// The values of a contiguous f32 tensor in a custom op's storage; `op` names the op in errors.
-pub(crate) fn contiguous_f32<'a>(
-    op: &str,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: f32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous inputs only");
-    };
-    Ok(&v[a..b])
+    y.apply_op2_no_bwd(bias, &F32Cpu(BiasGelu))?
+        .reshape(out_dims)
 }
 
 /// `gelu_erf(y + bias)` over the rows of a contiguous `(rows, n)` f32 matrix, in parallel.
 struct BiasGelu;
 
-impl CustomOp2 for BiasGelu {
+impl F32Op for BiasGelu {
     fn name(&self) -> &'static str {
         "bias-gelu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, b) = (
-            contiguous_f32("bias-gelu", s1, l1)?,
-            contiguous_f32("bias-gelu", s2, l2)?,
-        );
+    fn forward(&self, inputs: &[F32Input<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [y, b] = inputs else {
+            candle_core::bail!("bias-gelu: two inputs");
+        };
+        let (y, b, shape) = (y.values, b.values, y.shape);
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
             candle_core::bail!("bias-gelu: {} values for a bias of {n}", y.len());
@@ -261,25 +242,14 @@ impl CustomOp2 for BiasGelu {
                 }
             });
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, shape.clone()))
     }
 }
 
-/// `dst = gelu_erf(src + bias)` row by row (`bias.len()` columns), with the widest SIMD the CPU
-/// has: the loop is branch-free so that it vectorises.
-fn bias_gelu_rows(src: &[f32], dst: &mut [f32], bias: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { bias_gelu_rows_avx512(src, dst, bias) };
-    }
-    bias_gelu_rows_generic(src, dst, bias)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bias_gelu_rows_avx512(src: &[f32], dst: &mut [f32], bias: &[f32]) {
-    bias_gelu_rows_generic(src, dst, bias)
+widest_simd! {
+    /// `dst = gelu_erf(src + bias)` row by row (`bias.len()` columns), with the widest SIMD the CPU
+    /// has: the loop is branch-free so that it vectorises.
+    fn bias_gelu_rows(src: &[f32], dst: &mut [f32], bias: &[f32]) => bias_gelu_rows_generic
 }
 
 #[inline(always)]
@@ -435,20 +405,9 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
     }
 }
 
-/// `x = softmax(scale * x)` for each row of `n` values, with the widest SIMD the CPU has.
-pub(crate) fn softmax_rows_inplace(x: &mut [f32], n: usize, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { softmax_rows_avx512(x, n, scale) };
-    }
-    softmax_rows_generic(x, n, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(x: &mut [f32], n: usize, scale: f32) {
-    softmax_rows_generic(x, n, scale)
+widest_simd! {
+    /// `x = softmax(scale * x)` for each row of `n` values, with the widest SIMD the CPU has.
+    pub(crate) fn softmax_rows_inplace(x: &mut [f32], n: usize, scale: f32) => softmax_rows_generic
 }
 
 #[inline(always)]

@@ -9,6 +9,7 @@ mod attention;
 pub mod capfilt;
 pub mod caption;
 pub mod config;
+mod cpu_op;
 pub mod device;
 pub mod error;
 pub mod layers;
