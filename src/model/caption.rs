@@ -24,13 +24,12 @@ use image::DynamicImage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::config::{BlipArchitecture, BlipConfig};
+use super::base::BlipBase;
+use super::config::BlipArchitecture;
 use super::error::{ModelError, Result};
-use super::preprocess::pixel_values;
 use super::text::{ImageKv, KvCache, TextDecoder};
-use super::tokenizer::{BlipTokenizer, DEC, PAD, SEP};
-use super::vision::VisionModel;
-use super::weights::{explain_load_error, ModelFiles, ModelSource};
+use super::tokenizer::{DEC, PAD, SEP};
+use super::weights::{ModelFiles, ModelSource};
 
 /// BLIP's caption prompt. The model continues it; it is stripped from the returned text.
 pub const DEFAULT_PROMPT: &str = "a picture of ";
@@ -203,12 +202,17 @@ impl Caption {
 
 /// BLIP's captioner: a ViT and the image-grounded text decoder.
 pub struct Captioner {
-    vision: VisionModel,
+    base: BlipBase,
     decoder: TextDecoder,
-    tokenizer: BlipTokenizer,
-    config: BlipConfig,
-    device: Device,
-    name: String,
+}
+
+/// The config, tokenizer, device, name and ViT.
+impl std::ops::Deref for Captioner {
+    type Target = BlipBase;
+
+    fn deref(&self) -> &BlipBase {
+        &self.base
+    }
 }
 
 impl Captioner {
@@ -220,41 +224,14 @@ impl Captioner {
 
     /// Loads from resolved files; `name` is kept for reporting.
     pub fn from_files(files: &ModelFiles, name: &str, device: &Device) -> Result<Self> {
-        let (config, tokenizer, vb) = files.open(BlipArchitecture::Captioning, device)?;
-        let build = || -> candle_core::Result<_> {
-            let vision = VisionModel::new(&config.vision, vb.pp("vision_model"))?;
-            let decoder = TextDecoder::new(&config.text, vb.pp("text_decoder"))?;
-            Ok((vision, decoder))
-        };
-        let (vision, decoder) = build().map_err(|e| explain_load_error(files.weights.path(), e))?;
-        Ok(Self {
-            vision,
-            decoder,
-            tokenizer,
-            config,
-            device: device.clone(),
-            name: name.to_string(),
-        })
-    }
-
-    /// The checkpoint's config.
-    pub fn config(&self) -> &BlipConfig {
-        &self.config
-    }
-
-    /// Where the model was loaded from.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The device tensors live on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &BlipTokenizer {
-        &self.tokenizer
+        let (base, decoder) = BlipBase::load(
+            files,
+            BlipArchitecture::Captioning,
+            name,
+            device,
+            |config, vb| TextDecoder::new(&config.text, vb.pp("text_decoder")),
+        )?;
+        Ok(Self { base, decoder })
     }
 
     /// The text decoder (for tests and custom decoding loops).
@@ -266,28 +243,18 @@ impl Captioner {
     /// as `BlipForConditionalGeneration.generate` builds it.
     pub fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = vec![DEC];
-        ids.extend(self.tokenizer.pieces(prompt)?);
+        ids.extend(self.tokenizer().pieces(prompt)?);
         Ok(ids)
     }
 
     /// Preprocesses and encodes images with the captioner's ViT: `(N, tokens, hidden)`.
     pub fn embed_images(&self, images: &[DynamicImage]) -> Result<Tensor> {
-        let pixels = pixel_values(images, self.config.vision.image_size, &self.device)?;
-        self.embed_pixels(&pixels)
+        self.embed_pixels(&self.pixel_values(images)?)
     }
 
     /// Encodes preprocessed pixels `(N, 3, S, S)` with the captioner's ViT.
     pub fn embed_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
-        let s = self.config.vision.image_size;
-        match pixels.dims() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            d => {
-                return Err(ModelError::InvalidInput(format!(
-                    "pixel values of shape {d:?}, expected (N, 3, {s}, {s})"
-                )))
-            }
-        }
-        Ok(self.vision.forward(pixels)?)
+        self.image_tokens(pixels)
     }
 
     /// Teacher-forced decoder logits `(N, L, vocab)` for token ids `(N, L)` (u32, starting with
@@ -328,8 +295,8 @@ impl Captioner {
             decoder: &self.decoder,
             images: kv,
             rows_per_image: 1,
-            cache: KvCache::new(self.config.text.num_hidden_layers),
-            device: self.device.clone(),
+            cache: KvCache::new(self.config().text.num_hidden_layers),
+            device: self.device().clone(),
         };
         let plan = Plan {
             prompt,
@@ -351,7 +318,7 @@ impl Captioner {
                     .into_iter()
                     .map(|g| {
                         Ok(Caption {
-                            text: self.tokenizer.decode(&g.ids[p..])?.trim().to_string(),
+                            text: self.tokenizer().decode(&g.ids[p..])?.trim().to_string(),
                             token_ids: g.ids,
                             score: g.score,
                         })
@@ -363,7 +330,7 @@ impl Captioner {
 
     /// Validates `params` and returns the prompt's decoder ids.
     fn check_params(&self, params: &CaptionParams) -> Result<Vec<u32>> {
-        params.validate(self.config.text.max_position_embeddings)?;
+        params.validate(self.config().text.max_position_embeddings)?;
         let prompt = self.prompt_ids(&params.prompt)?;
         if prompt.len() >= params.max_length {
             return Err(ModelError::InvalidInput(format!(
@@ -377,7 +344,7 @@ impl Captioner {
     }
 
     fn check_image_tokens(&self, image_tokens: &Tensor) -> Result<()> {
-        let want = self.config.text.encoder_hidden_size;
+        let want = self.config().text.encoder_hidden_size;
         match image_tokens.dims() {
             [_, _, w] if *w == want => Ok(()),
             d => Err(ModelError::InvalidInput(format!(

@@ -6,6 +6,7 @@
 //! checkpoint) and [`capfilt_images`] (BLIP's caption-and-filter, using both).
 
 mod attention;
+pub mod base;
 pub mod capfilt;
 pub mod caption;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
+pub use base::BlipBase;
 pub use capfilt::{
     capfilt_image, capfilt_images, capfilt_images_with_tokens, CandidateSource, CapFiltCandidate,
     CapFiltParams,
