@@ -1,5 +1,5 @@
 //! `nn.Linear` with our own kernels on the CPU: one for inputs of a few rows (below), and for
-//! inputs of many rows the blocked AVX-512 matmul of [`super::sgemm`].
+//! inputs of many rows the blocked AVX-512 matmul of `sgemm`.
 //!
 //! candle sends every `Linear` through `Tensor::matmul` and the `gemm` crate, which packs the
 //! weight matrix on every call. For the inputs that dominate query time (a text query of ~10
@@ -7,7 +7,7 @@
 //! reading the weights from memory, and that packing costs more than the multiply itself. Below
 //! [`SMALL_M_MAX_ROWS`] input rows we read each weight row once, straight from the checkpoint
 //! layout, and dot it with every input row at once. Larger inputs (the ViT, ITM batches) go to
-//! [`super::sgemm`] where the CPU has AVX-512, to candle otherwise; training keeps candle's path.
+//! `sgemm` where the CPU has AVX-512, to candle otherwise; training keeps candle's path.
 
 use candle_core::{DType, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -21,7 +21,7 @@ use super::sgemm::Rhs;
 /// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`, BLIP-base's four linear
 /// shapes): the kernel is 1.1-8x gemm up to 35 rows, even at 48, and 0.84-1.3x at 64. A text
 /// query (~10 rows) and a decoding step (3 rows per image) are well inside; the ViT (577 rows
-/// per image) and ITM (35 rows per candidate) take [`super::sgemm`] (or candle's gemm).
+/// per image) and ITM (35 rows per candidate) take `sgemm` (or candle's gemm).
 pub const SMALL_M_MAX_ROWS: usize = 48;
 
 /// Below this many multiply-adds per call the kernel runs on the calling thread: waking the

@@ -53,7 +53,7 @@ pub enum CrossAttention {
 pub struct ItmScore {
     /// `[no match, match]` logits of `itm_head`.
     pub logits: [f32; 2],
-    /// p(match) = softmax(logits)[1].
+    /// `p(match) = softmax(logits)[1]`.
     pub prob: f32,
 }
 

@@ -12,7 +12,7 @@ pub struct BeamParams {
     /// Beams per image (BLIP: 3).
     pub num_beams: usize,
     /// A finished beam scores `sum of log-probabilities / generated_len ^ length_penalty`, where
-    /// `generated_len` counts the tokens after the prompt, [SEP] included (HF's rule; 1.0).
+    /// `generated_len` counts the tokens after the prompt, `[SEP]` included (HF's rule; 1.0).
     pub length_penalty: f32,
 }
 
@@ -33,7 +33,7 @@ pub struct SampleParams {
     /// Keep only the `top_k` most likely tokens before top-p (ties kept); 0 disables. 50 is HF's
     /// default, so BLIP's CapFilt, which does not set it, sampled with top-k 50 as well.
     pub top_k: usize,
-    /// Every token already in the sequence (prompt and [DEC] included) has its logit divided by
+    /// Every token already in the sequence (prompt and `[DEC]` included) has its logit divided by
     /// this when positive and multiplied when negative (HF's `RepetitionPenaltyLogitsProcessor`).
     pub repetition_penalty: f32,
     /// Captions drawn per image.
@@ -73,14 +73,15 @@ impl Default for GenerationMode {
 }
 
 /// Caption generation options. The default is BLIP's: prompt `"a picture of "`, 3 beams,
-/// max 20 / min 5 tokens counting [DEC] and the prompt.
+/// max 20 / min 5 tokens counting `[DEC]` and the prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionParams {
     /// Text the caption continues (may be empty); stripped from the output.
     pub prompt: String,
-    /// Longest decoder sequence, [DEC] and prompt included.
+    /// Longest decoder sequence, `[DEC]` and prompt included.
     pub max_length: usize,
-    /// [SEP] is not allowed while the sequence is shorter than this ([DEC] and prompt included).
+    /// `[SEP]` is not allowed while the sequence is shorter than this (`[DEC]` and prompt
+    /// included).
     pub min_length: usize,
     /// Greedy, beam search or sampling.
     pub mode: GenerationMode,
