@@ -91,7 +91,10 @@ fn contiguous_f32<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::R
 /// function) compiled for AVX-512F where the CPU has it and as it is elsewhere: one loop, written
 /// to vectorise, gets 16 lanes where there are 16.
 macro_rules! widest_simd {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident) => {
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $generic:ident
+    ) => {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]

@@ -318,7 +318,13 @@ mod x86 {
         ($(#[$doc:meta])* $name:ident, $feature:tt, $block:ident) => {
             $(#[$doc])*
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name(x: *const f32, w: &[f32], m: usize, k: usize, out: &mut [f32]) {
+            pub(super) unsafe fn $name(
+                x: *const f32,
+                w: &[f32],
+                m: usize,
+                k: usize,
+                out: &mut [f32],
+            ) {
                 for_each_block(x, w, m, k, out, |nr, mr, xp, wp, acc| {
                     // SAFETY: as for the kernel; the block sizes are within NR x MR.
                     unsafe {
@@ -327,10 +333,18 @@ mod x86 {
                             (NR, 3) => $block::<NR, 3>(xp, wp, k, acc),
                             (NR, 2) => $block::<NR, 2>(xp, wp, k, acc),
                             (NR, 1) => $block::<NR, 1>(xp, wp, k, acc),
-                            (_, 4) => (0..nr).for_each(|r| $block::<1, 4>(xp, wp.add(r * k), k, &mut acc[r..])),
-                            (_, 3) => (0..nr).for_each(|r| $block::<1, 3>(xp, wp.add(r * k), k, &mut acc[r..])),
-                            (_, 2) => (0..nr).for_each(|r| $block::<1, 2>(xp, wp.add(r * k), k, &mut acc[r..])),
-                            _ => (0..nr).for_each(|r| $block::<1, 1>(xp, wp.add(r * k), k, &mut acc[r..])),
+                            (_, 4) => (0..nr).for_each(|r| {
+                                $block::<1, 4>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            (_, 3) => (0..nr).for_each(|r| {
+                                $block::<1, 3>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            (_, 2) => (0..nr).for_each(|r| {
+                                $block::<1, 2>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            _ => (0..nr).for_each(|r| {
+                                $block::<1, 1>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
                         }
                     }
                 });
