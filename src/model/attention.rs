@@ -6,11 +6,13 @@
 //! in place: the scores by the small-M dot kernel of [`super::linear`], the softmax in one pass,
 //! the weighted sum of values row by row.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_op::{widest_simd, F32Cpu, F32Input, F32Op};
 use super::layers::softmax_rows_inplace;
-use super::linear::{pick_kernel, KernelFn};
+use super::linear::{pick_kernel, Epilogue, KernelFn};
+use super::sgemm::{matmul, Rhs};
 
 /// At most this many query rows per head take this path.
 pub(crate) const FEW_QUERIES_MAX: usize = 8;
@@ -40,52 +42,11 @@ pub(crate) fn few_query_attention(
     if !applies {
         return Ok(None);
     }
-    let op = FewQueries {
+    let op = Attention {
         scale: scale as f32,
+        form: Form::FewQueries,
     };
-    q.apply_op3_no_bwd(k, v, &op).map(Some)
-}
-
-struct FewQueries {
-    scale: f32,
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    super::layers::contiguous_f32("few-query attention", s, l)
-}
-
-impl CustomOp3 for FewQueries {
-    fn name(&self) -> &'static str {
-        "few-query-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let (b, h, lq, dh) = l1.shape().dims4()?;
-        let t = l2.shape().dims4()?.2;
-        let mut out = vec![0f32; b * h * lq * dh];
-        let kernel = pick_kernel();
-        let head = |(i, out): (usize, &mut [f32])| {
-            let q = &q[i * lq * dh..][..lq * dh];
-            let k = &k[i * t * dh..][..t * dh];
-            let v = &v[i * t * dh..][..t * dh];
-            one_head(kernel, q, k, v, lq, t, dh, self.scale, out);
-        };
-        if b * h * lq * t * dh < PARALLEL_MIN_MACS {
-            out.chunks_mut(lq * dh).enumerate().for_each(head);
-        } else {
-            out.par_chunks_mut(lq * dh).enumerate().for_each(head);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
+    q.apply_op3_no_bwd(k, v, &F32Cpu(op)).map(Some)
 }
 
 /// `softmax(scale q kᵀ) v` for `q` `(B, H, Lq, Dh)`, `k` and `v` `(B, H, T, Dh)`, without a mask,
@@ -116,48 +77,65 @@ pub(crate) fn parallel_heads_attention(
     if !applies {
         return Ok(None);
     }
-    let op = ParallelHeads {
+    let op = Attention {
         scale: scale as f32,
+        form: Form::ParallelHeads,
     };
-    q.apply_op3_no_bwd(k, v, &op).map(Some)
+    q.apply_op3_no_bwd(k, v, &F32Cpu(op)).map(Some)
 }
 
-struct ParallelHeads {
+/// `softmax(scale q kᵀ) v`, head by head, in one of the two forms above.
+struct Attention {
     scale: f32,
+    form: Form,
 }
 
-impl CustomOp3 for ParallelHeads {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// [`few_query_attention`]: the small-M dot kernel, heads on threads above
+    /// [`PARALLEL_MIN_MACS`].
+    FewQueries,
+    /// [`parallel_heads_attention`]: two single-threaded [`super::sgemm`] matmuls per head, heads
+    /// always on threads.
+    ParallelHeads,
+}
+
+impl F32Op for Attention {
     fn name(&self) -> &'static str {
-        "parallel-heads-attention"
+        match self.form {
+            Form::FewQueries => "few-query-attention",
+            Form::ParallelHeads => "parallel-heads-attention",
+        }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::linear::Epilogue;
-        use super::sgemm::{matmul, Rhs};
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let (b, h, lq, dh) = l1.shape().dims4()?;
-        let t = l2.shape().dims4()?.2;
+    fn forward(&self, inputs: &[F32Input<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [q, k, v] = inputs else {
+            candle_core::bail!("{}: three inputs", self.name());
+        };
+        let (b, h, lq, dh) = q.shape.dims4()?;
+        let t = k.shape.dims4()?.2;
         let mut out = vec![0f32; b * h * lq * dh];
-        out.par_chunks_mut(lq * dh)
-            .enumerate()
-            .for_each(|(i, out)| {
-                let q = &q[i * lq * dh..][..lq * dh];
-                let k = &k[i * t * dh..][..t * dh];
-                let v = &v[i * t * dh..][..t * dh];
-                let mut scores = matmul(q, k, Rhs::OutIn, None, lq, t, dh, Epilogue::None, 1);
-                softmax_rows_inplace(&mut scores, t, self.scale);
-                let o = matmul(&scores, v, Rhs::InOut, None, lq, dh, t, Epilogue::None, 1);
-                out.copy_from_slice(&o);
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let kernel = pick_kernel();
+        let head = |(i, out): (usize, &mut [f32])| {
+            let q = &q.values[i * lq * dh..][..lq * dh];
+            let k = &k.values[i * t * dh..][..t * dh];
+            let v = &v.values[i * t * dh..][..t * dh];
+            match self.form {
+                Form::FewQueries => one_head(kernel, q, k, v, lq, t, dh, self.scale, out),
+                Form::ParallelHeads => {
+                    let mut scores = matmul(q, k, Rhs::OutIn, None, lq, t, dh, Epilogue::None, 1);
+                    softmax_rows_inplace(&mut scores, t, self.scale);
+                    let o = matmul(&scores, v, Rhs::InOut, None, lq, dh, t, Epilogue::None, 1);
+                    out.copy_from_slice(&o);
+                }
+            }
+        };
+        if self.form == Form::FewQueries && b * h * lq * t * dh < PARALLEL_MIN_MACS {
+            out.chunks_mut(lq * dh).enumerate().for_each(head);
+        } else {
+            out.par_chunks_mut(lq * dh).enumerate().for_each(head);
+        }
+        Ok((out, q.shape.clone()))
     }
 }
 
@@ -188,27 +166,10 @@ fn one_head(
     weighted_sum(&scores, v, lq, t, dh, out);
 }
 
-/// `out[i] = sum_j p[i][j] v[j]` for `lq` rows of `p` (`t` each) and `v` `(t, dh)`.
-fn weighted_sum(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { weighted_sum_avx512(p, v, lq, t, dh, out) };
-    }
-    weighted_sum_generic(p, v, lq, t, dh, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_avx512(
-    p: &[f32],
-    v: &[f32],
-    lq: usize,
-    t: usize,
-    dh: usize,
-    out: &mut [f32],
-) {
-    weighted_sum_generic(p, v, lq, t, dh, out)
+widest_simd! {
+    /// `out[i] = sum_j p[i][j] v[j]` for `lq` rows of `p` (`t` each) and `v` `(t, dh)`.
+    fn weighted_sum(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, out: &mut [f32])
+        => weighted_sum_generic
 }
 
 /// Row by row of `v`, so that each value row is read once for every query (the inner loop over
@@ -229,6 +190,7 @@ fn weighted_sum_generic(p: &[f32], v: &[f32], lq: usize, t: usize, dh: usize, ou
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::randn;
 
     /// The parallel-heads form against candle's, on a ViT-like shape and odd ones.
     #[test]
@@ -263,11 +225,10 @@ mod tests {
         attention: impl Fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Option<Tensor>>,
         shapes: &[(usize, usize, usize, usize, usize)],
     ) -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         for &(b, h, lq, t, dh) in shapes {
-            let q = Tensor::randn(0f32, 1.0, (b, h, lq, dh), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, h, t, dh), &dev)?;
+            let q = randn(1, 0.0, 1.0, (b, h, lq, dh));
+            let k = randn(2, 0.0, 1.0, (b, h, t, dh));
+            let v = randn(3, 0.0, 1.0, (b, h, t, dh));
             let scale = 1.0 / (dh as f64).sqrt();
             let got = attention(&q, &k, &v, scale)?.expect("applies");
             let scores = (q.matmul(&k.t()?)? * scale)?;

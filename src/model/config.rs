@@ -149,7 +149,7 @@ pub struct BlipVisionConfig {
 }
 
 impl BlipVisionConfig {
-    /// Patches plus the [CLS] token.
+    /// Patches plus the `[CLS]` token.
     pub fn num_tokens(&self) -> usize {
         let side = self.image_size / self.patch_size;
         side * side + 1
@@ -159,7 +159,7 @@ impl BlipVisionConfig {
 /// The BERT text model's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlipTextConfig {
-    /// Vocabulary size (30524 for BLIP: BERT's plus [DEC] and [ENC]).
+    /// Vocabulary size (30524 for BLIP: BERT's plus `[DEC]` and `[ENC]`).
     pub vocab_size: usize,
     /// Width of every token.
     pub hidden_size: usize,
@@ -177,11 +177,11 @@ pub struct BlipTextConfig {
     pub hidden_act: Activation,
     /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
-    /// Decoder start token, [DEC].
+    /// Decoder start token, `[DEC]`.
     pub bos_token_id: u32,
     /// Padding token.
     pub pad_token_id: u32,
-    /// [SEP]: where captions end.
+    /// `[SEP]`: where captions end.
     pub sep_token_id: u32,
 }
 

@@ -2,10 +2,11 @@
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Shape, Tensor, D};
+use candle_core::{CpuStorage, Layout, Module, Shape, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::cpu_op::{widest_simd, F32Cpu, F32Input, F32Op};
 pub(crate) use super::linear::linear;
 use super::linear::{Epilogue, Linear};
 
@@ -200,43 +201,23 @@ pub(crate) fn linear_act(
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
     out_dims[last] = y.dim(1)?;
-    y.apply_op2_no_bwd(bias, &BiasGelu)?.reshape(out_dims)
-}
-
-/// The values of a contiguous f32 tensor in a custom op's storage; `op` names the op in errors.
-pub(crate) fn contiguous_f32<'a>(
-    op: &str,
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{op}: f32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: contiguous inputs only");
-    };
-    Ok(&v[a..b])
+    y.apply_op2_no_bwd(bias, &F32Cpu(BiasGelu))?
+        .reshape(out_dims)
 }
 
 /// `gelu_erf(y + bias)` over the rows of a contiguous `(rows, n)` f32 matrix, in parallel.
 struct BiasGelu;
 
-impl CustomOp2 for BiasGelu {
+impl F32Op for BiasGelu {
     fn name(&self) -> &'static str {
         "bias-gelu"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, b) = (
-            contiguous_f32("bias-gelu", s1, l1)?,
-            contiguous_f32("bias-gelu", s2, l2)?,
-        );
+    fn forward(&self, inputs: &[F32Input<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [y, b] = inputs else {
+            candle_core::bail!("bias-gelu: two inputs");
+        };
+        let (y, b, shape) = (y.values, b.values, y.shape);
         let n = b.len();
         if n == 0 || y.len() % n != 0 {
             candle_core::bail!("bias-gelu: {} values for a bias of {n}", y.len());
@@ -261,25 +242,14 @@ impl CustomOp2 for BiasGelu {
                 }
             });
         }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, shape.clone()))
     }
 }
 
-/// `dst = gelu_erf(src + bias)` row by row (`bias.len()` columns), with the widest SIMD the CPU
-/// has: the loop is branch-free so that it vectorises.
-fn bias_gelu_rows(src: &[f32], dst: &mut [f32], bias: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { bias_gelu_rows_avx512(src, dst, bias) };
-    }
-    bias_gelu_rows_generic(src, dst, bias)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bias_gelu_rows_avx512(src: &[f32], dst: &mut [f32], bias: &[f32]) {
-    bias_gelu_rows_generic(src, dst, bias)
+widest_simd! {
+    /// `dst = gelu_erf(src + bias)` row by row (`bias.len()` columns), with the widest SIMD the CPU
+    /// has: the loop is branch-free so that it vectorises.
+    fn bias_gelu_rows(src: &[f32], dst: &mut [f32], bias: &[f32]) => bias_gelu_rows_generic
 }
 
 #[inline(always)]
@@ -435,20 +405,9 @@ impl candle_core::InplaceOp1 for ScaledSoftmax {
     }
 }
 
-/// `x = softmax(scale * x)` for each row of `n` values, with the widest SIMD the CPU has.
-pub(crate) fn softmax_rows_inplace(x: &mut [f32], n: usize, scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { softmax_rows_avx512(x, n, scale) };
-    }
-    softmax_rows_generic(x, n, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(x: &mut [f32], n: usize, scale: f32) {
-    softmax_rows_generic(x, n, scale)
+widest_simd! {
+    /// `x = softmax(scale * x)` for each row of `n` values, with the widest SIMD the CPU has.
+    pub(crate) fn softmax_rows_inplace(x: &mut [f32], n: usize, scale: f32) => softmax_rows_generic
 }
 
 #[inline(always)]
@@ -532,6 +491,7 @@ pub fn l2_normalize(xs: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::randn;
 
     #[test]
     fn erf_is_within_5e7_of_libm() {
@@ -574,7 +534,6 @@ mod tests {
 
     #[test]
     fn scaled_softmax_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         // Rows of 1, 15, 16 and 577 values (remainders and the ViT's row length); the last is
         // large enough to run on threads.
         let cases: [(&[usize], f64); 4] = [
@@ -584,7 +543,7 @@ mod tests {
             (&[600, 577], 0.125),
         ];
         for (shape, scale) in cases {
-            let xs = Tensor::randn(0f32, 20.0, shape, &dev)?;
+            let xs = randn(shape.iter().product::<usize>() as u64, 0.0, 20.0, shape);
             let got = softmax_scaled(xs.copy()?, scale)?;
             let want = candle_nn::ops::softmax_last_dim(&(xs * scale)?)?;
             let diff = (got - want)?
@@ -599,14 +558,13 @@ mod tests {
 
     #[test]
     fn fused_bias_gelu_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
         // 15 rows take the small-M kernel, 90 the large-M kernel (candle's matmul and the fused
         // bias+GELU op without AVX-512). Outputs reach ~10 and the paths sum in different
-        // orders, so the bound is 1e-5 (2e-6 failed now and then on random inputs).
+        // orders, so the bound is 1e-5.
         for rows in [5, 30] {
-            let xs = Tensor::randn(0f32, 2.0, (3, rows, 16), &dev)?;
-            let w = Tensor::randn(0f32, 0.5, (24, 16), &dev)?;
-            let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+            let xs = randn(rows as u64, 0.0, 2.0, (3, rows, 16));
+            let w = randn(1, 0.0, 0.5, (24, 16));
+            let b = randn(2, 0.0, 1.0, 24);
             let lin = Linear::new(w.clone(), Some(b.clone()));
             let fused = linear_act(&lin, &xs, Activation::Gelu)?;
             let plain = candle_nn::Linear::new(w, Some(b)).forward(&xs)?;

@@ -1,5 +1,5 @@
 //! `nn.Linear` with our own kernels on the CPU: one for inputs of a few rows (below), and for
-//! inputs of many rows the blocked AVX-512 matmul of [`super::sgemm`].
+//! inputs of many rows the blocked AVX-512 matmul of `sgemm`.
 //!
 //! candle sends every `Linear` through `Tensor::matmul` and the `gemm` crate, which packs the
 //! weight matrix on every call. For the inputs that dominate query time (a text query of ~10
@@ -7,19 +7,21 @@
 //! reading the weights from memory, and that packing costs more than the multiply itself. Below
 //! [`SMALL_M_MAX_ROWS`] input rows we read each weight row once, straight from the checkpoint
 //! layout, and dot it with every input row at once. Larger inputs (the ViT, ITM batches) go to
-//! [`super::sgemm`] where the CPU has AVX-512, to candle otherwise; training keeps candle's path.
+//! `sgemm` where the CPU has AVX-512, to candle otherwise; training keeps candle's path.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor};
+use candle_core::{DType, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::cpu_op::{F32Cpu, F32Input, F32Op};
 use super::layers::{fast_kernels, gelu_erf, large_m_kernel, training};
+use super::sgemm::Rhs;
 
 /// Inputs of at most this many rows (all leading dimensions together) take the small-M kernel.
 /// Measured on a 2-core AVX-512 Xeon (`examples/linear_speed.rs`, BLIP-base's four linear
 /// shapes): the kernel is 1.1-8x gemm up to 35 rows, even at 48, and 0.84-1.3x at 64. A text
 /// query (~10 rows) and a decoding step (3 rows per image) are well inside; the ViT (577 rows
-/// per image) and ITM (35 rows per candidate) take [`super::sgemm`] (or candle's gemm).
+/// per image) and ITM (35 rows per candidate) take `sgemm` (or candle's gemm).
 pub const SMALL_M_MAX_ROWS: usize = 48;
 
 /// Below this many multiply-adds per call the kernel runs on the calling thread: waking the
@@ -93,7 +95,7 @@ impl Linear {
         if !applies {
             return Ok(None);
         }
-        let op = SmallM { epilogue };
+        let op = F32Cpu(SmallM { epilogue });
         let y = match self.bias() {
             Some(b) => xs.apply_op3_no_bwd(w, b, &op)?,
             None => xs.apply_op2_no_bwd(w, &op)?,
@@ -123,22 +125,24 @@ struct SmallM {
     epilogue: Epilogue,
 }
 
-impl SmallM {
-    fn run(
-        &self,
-        (xs, xl): (&CpuStorage, &Layout),
-        (ws, wl): (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl)?;
-        let w = f32_slice(ws, wl)?;
-        let b = bias.map(|(s, l)| f32_slice(s, l)).transpose()?;
-        let (n, k) = wl.shape().dims2()?;
+impl F32Op for SmallM {
+    fn name(&self) -> &'static str {
+        "small-m-linear"
+    }
+
+    fn forward(&self, inputs: &[F32Input<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (xi, wi, b) = match inputs {
+            [x, w] => (x, w, None),
+            [x, w, b] => (x, w, Some(b.values)),
+            _ => candle_core::bail!("small-m linear: two or three inputs"),
+        };
+        let (x, w) = (xi.values, wi.values);
+        let (n, k) = wi.shape.dims2()?;
         if k == 0 || x.len() % k != 0 || b.is_some_and(|b| b.len() != n) {
             candle_core::bail!(
                 "small-m linear: input {:?}, weight {:?}",
-                xl.shape(),
-                wl.shape()
+                xi.shape,
+                wi.shape
             );
         }
         let m = x.len() / k;
@@ -150,51 +154,13 @@ impl SmallM {
             } else {
                 candle_core::utils::get_num_threads()
             };
-            super::sgemm::linear(x, w, b, m, n, k, self.epilogue, threads)
+            super::sgemm::matmul(x, w, Rhs::OutIn, b, m, n, k, self.epilogue, threads)
         };
-        let mut dims = xl.shape().dims().to_vec();
+        let mut dims = xi.shape.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    super::layers::contiguous_f32("small-m linear", s, l)
-}
-
-impl CustomOp2 for SmallM {
-    fn name(&self) -> &'static str {
-        "small-m-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), None)
-    }
-}
-
-impl CustomOp3 for SmallM {
-    fn name(&self) -> &'static str {
-        "small-m-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+        Ok((y, Shape::from(dims)))
     }
 }
 
@@ -345,40 +311,54 @@ mod x86 {
 
     use super::{for_each_block, MR, NR};
 
-    /// # Safety
-    /// As [`super::KernelFn`], on a CPU with AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel_avx512(
-        x: *const f32,
-        w: &[f32],
-        m: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        for_each_block(x, w, m, k, out, |nr, mr, xp, wp, acc| {
-            // SAFETY: as for the kernel; the block sizes are within NR x MR.
-            unsafe {
-                match (nr, mr) {
-                    (NR, 4) => block512::<NR, 4>(xp, wp, k, acc),
-                    (NR, 3) => block512::<NR, 3>(xp, wp, k, acc),
-                    (NR, 2) => block512::<NR, 2>(xp, wp, k, acc),
-                    (NR, 1) => block512::<NR, 1>(xp, wp, k, acc),
-                    (_, 4) => {
-                        (0..nr).for_each(|r| block512::<1, 4>(xp, wp.add(r * k), k, &mut acc[r..]))
+    /// `pub(super) unsafe fn $name`, a [`super::KernelFn`] compiled with `$feature` that walks the
+    /// blocks ([`for_each_block`]) and calls `$block::<R, M>` on each: whole blocks of [`NR`]
+    /// weight rows at once, a partial one row by row; the number of input rows as a constant.
+    macro_rules! kernel {
+        ($(#[$doc:meta])* $name:ident, $feature:tt, $block:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name(
+                x: *const f32,
+                w: &[f32],
+                m: usize,
+                k: usize,
+                out: &mut [f32],
+            ) {
+                for_each_block(x, w, m, k, out, |nr, mr, xp, wp, acc| {
+                    // SAFETY: as for the kernel; the block sizes are within NR x MR.
+                    unsafe {
+                        match (nr, mr) {
+                            (NR, 4) => $block::<NR, 4>(xp, wp, k, acc),
+                            (NR, 3) => $block::<NR, 3>(xp, wp, k, acc),
+                            (NR, 2) => $block::<NR, 2>(xp, wp, k, acc),
+                            (NR, 1) => $block::<NR, 1>(xp, wp, k, acc),
+                            (_, 4) => (0..nr).for_each(|r| {
+                                $block::<1, 4>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            (_, 3) => (0..nr).for_each(|r| {
+                                $block::<1, 3>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            (_, 2) => (0..nr).for_each(|r| {
+                                $block::<1, 2>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                            _ => (0..nr).for_each(|r| {
+                                $block::<1, 1>(xp, wp.add(r * k), k, &mut acc[r..])
+                            }),
+                        }
                     }
-                    (_, 3) => {
-                        (0..nr).for_each(|r| block512::<1, 3>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                    (_, 2) => {
-                        (0..nr).for_each(|r| block512::<1, 2>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                    _ => {
-                        (0..nr).for_each(|r| block512::<1, 1>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                }
+                });
             }
-        });
+        };
     }
+
+    kernel!(
+        /// # Safety
+        /// As [`super::KernelFn`], on a CPU with AVX-512F.
+        kernel_avx512,
+        "avx512f",
+        block512
+    );
 
     /// `acc[r][i] = dot(w row r, x row i)` for `r < R`, `i < M`, 16 lanes at a time; the last
     /// `k % 16` columns through masked loads.
@@ -424,40 +404,13 @@ mod x86 {
         }
     }
 
-    /// # Safety
-    /// As [`super::KernelFn`], on a CPU with AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel_avx2(
-        x: *const f32,
-        w: &[f32],
-        m: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        for_each_block(x, w, m, k, out, |nr, mr, xp, wp, acc| {
-            // SAFETY: as for the kernel; the block sizes are within NR x MR.
-            unsafe {
-                match (nr, mr) {
-                    (NR, 4) => block256::<NR, 4>(xp, wp, k, acc),
-                    (NR, 3) => block256::<NR, 3>(xp, wp, k, acc),
-                    (NR, 2) => block256::<NR, 2>(xp, wp, k, acc),
-                    (NR, 1) => block256::<NR, 1>(xp, wp, k, acc),
-                    (_, 4) => {
-                        (0..nr).for_each(|r| block256::<1, 4>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                    (_, 3) => {
-                        (0..nr).for_each(|r| block256::<1, 3>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                    (_, 2) => {
-                        (0..nr).for_each(|r| block256::<1, 2>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                    _ => {
-                        (0..nr).for_each(|r| block256::<1, 1>(xp, wp.add(r * k), k, &mut acc[r..]))
-                    }
-                }
-            }
-        });
-    }
+    kernel!(
+        /// # Safety
+        /// As [`super::KernelFn`], on a CPU with AVX2 and FMA.
+        kernel_avx2,
+        "avx2,fma",
+        block256
+    );
 
     /// As [`block512`] with 8 lanes; the last `k % 8` columns in scalar code.
     #[inline]
@@ -500,16 +453,9 @@ mod x86 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A seeded uniform draw in [-1, 1) (test data for the kernels here and in `sgemm`).
-    pub(crate) fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    use crate::model::testing::{lcg, randn};
 
     fn reference(
         x: &[f32],
@@ -603,10 +549,9 @@ pub(crate) mod tests {
     /// bias, and training mode takes candle's path.
     #[test]
     fn forward_matches_candle() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let xs = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev)?;
-        let w = Tensor::randn(0f32, 0.3, (29, 37), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, 29, &dev)?;
+        let xs = randn(1, 0.0, 1.0, (3, 5, 37));
+        let w = randn(2, 0.0, 0.3, (29, 37));
+        let b = randn(3, 0.0, 1.0, 29);
         for bias in [None, Some(b)] {
             let lin = Linear::new(w.clone(), bias.clone());
             let fast = lin

@@ -6,9 +6,11 @@
 //! checkpoint) and [`capfilt_images`] (BLIP's caption-and-filter, using both).
 
 mod attention;
+pub mod base;
 pub mod capfilt;
 pub mod caption;
 pub mod config;
+mod cpu_op;
 pub mod device;
 pub mod error;
 pub mod layers;
@@ -17,11 +19,14 @@ pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
 pub(crate) mod sgemm;
+#[cfg(test)]
+mod testing;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
+pub use base::BlipBase;
 pub use capfilt::{
     capfilt_image, capfilt_images, capfilt_images_with_tokens, CandidateSource, CapFiltCandidate,
     CapFiltParams,

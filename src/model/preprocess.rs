@@ -437,12 +437,27 @@ mod tests {
         DynamicImage::ImageRgb8(img)
             .write_to(&mut Cursor::new(&mut buf), image::ImageFormat::Png)
             .unwrap();
-        // IHDR width/height live at bytes 16..24; the CRC will be wrong, which decoders check
-        // only when reading the chunk fully, after our size check.
+        // The IHDR chunk: length at 8..12, type at 12..16, width and height at 16..24, the rest
+        // of its 13 bytes of data up to 29, then the CRC of type and data at 29..33.
+        assert_eq!(&buf[12..16], b"IHDR");
         buf[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         buf[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&buf[12..29]);
+        buf[29..33].copy_from_slice(&crc.to_be_bytes());
         let e = decode_image(&buf, Path::new("bomb.png"), DecodeLimits::default()).unwrap_err();
         assert!(e.to_string().contains("bomb.png"), "{e}");
+        assert!(
+            matches!(
+                e,
+                ModelError::TooManyPixels {
+                    width: 100_000,
+                    height: 100_000,
+                    max_pixels: 100_000_000,
+                    ..
+                }
+            ),
+            "refused by the decoder rather than the pixel limit: {e}"
+        );
     }
 
     #[test]

@@ -4,17 +4,17 @@
 //! Model card: <https://huggingface.co/Salesforce/blip-itm-base-coco>.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::VarBuilder;
 use image::DynamicImage;
 
+use super::base::BlipBase;
 use super::config::{BlipArchitecture, BlipConfig};
 use super::error::{ModelError, Result};
 use super::layers::{l2_normalize, linear};
 use super::linear::Linear;
-use super::preprocess::pixel_values;
 use super::text::{ImageKv, TextModel};
-use super::tokenizer::{BlipTokenizer, TextBatch, CLS, ENC, MAX_TEXT_TOKENS};
-use super::vision::VisionModel;
-use super::weights::{explain_load_error, ModelFiles, ModelSource};
+use super::tokenizer::{TextBatch, CLS, ENC, MAX_TEXT_TOKENS};
+use super::weights::{ModelFiles, ModelSource};
 
 /// The first token of the ITM text input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,7 +53,7 @@ pub enum CrossAttention {
 pub struct ItmScore {
     /// `[no match, match]` logits of `itm_head`.
     pub logits: [f32; 2],
-    /// p(match) = softmax(logits)[1].
+    /// `p(match) = softmax(logits)[1]`.
     pub prob: f32,
 }
 
@@ -86,16 +86,21 @@ pub struct TextEmbeddings {
 
 /// BLIP's retrieval model: ITC for candidate search, ITM for reranking.
 pub struct Retriever {
-    vision: VisionModel,
+    base: BlipBase,
     text: TextModel,
     vision_proj: Linear,
     text_proj: Linear,
     itm_head: Linear,
-    tokenizer: BlipTokenizer,
-    config: BlipConfig,
-    device: Device,
-    name: String,
     fingerprint: String,
+}
+
+/// The config, tokenizer, device, name and ViT.
+impl std::ops::Deref for Retriever {
+    type Target = BlipBase;
+
+    fn deref(&self) -> &BlipBase {
+        &self.base
+    }
 }
 
 impl Retriever {
@@ -107,30 +112,23 @@ impl Retriever {
 
     /// Loads from resolved files; `name` is kept for reporting.
     pub fn from_files(files: &ModelFiles, name: &str, device: &Device) -> Result<Self> {
-        let (config, tokenizer, vb) = files.open(BlipArchitecture::Retrieval, device)?;
-        let fingerprint = files.fingerprint()?;
-        let build = || -> candle_core::Result<_> {
-            let vision = VisionModel::new(&config.vision, vb.pp("vision_model"))?;
+        let heads = |config: &BlipConfig, vb: &VarBuilder| -> candle_core::Result<_> {
             let text = TextModel::new(&config.text, true, vb.pp("text_encoder"))?;
             let e = config.image_text_hidden_size;
             let vision_proj = linear(config.vision.hidden_size, e, vb.pp("vision_proj"))?;
             let text_proj = linear(config.text.hidden_size, e, vb.pp("text_proj"))?;
             let itm_head = linear(config.text.hidden_size, 2, vb.pp("itm_head"))?;
-            Ok((vision, text, vision_proj, text_proj, itm_head))
+            Ok((text, vision_proj, text_proj, itm_head))
         };
-        let (vision, text, vision_proj, text_proj, itm_head) =
-            build().map_err(|e| explain_load_error(files.weights.path(), e))?;
+        let (base, (text, vision_proj, text_proj, itm_head)) =
+            BlipBase::load(files, BlipArchitecture::Retrieval, name, device, heads)?;
         Ok(Self {
-            vision,
+            base,
             text,
             vision_proj,
             text_proj,
             itm_head,
-            tokenizer,
-            config,
-            device: device.clone(),
-            name: name.to_string(),
-            fingerprint,
+            fingerprint: files.fingerprint()?,
         })
     }
 
@@ -139,49 +137,19 @@ impl Retriever {
         &self.fingerprint
     }
 
-    /// The checkpoint's config.
-    pub fn config(&self) -> &BlipConfig {
-        &self.config
-    }
-
-    /// Where the model was loaded from.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The device tensors live on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &BlipTokenizer {
-        &self.tokenizer
-    }
-
     /// Width of the ITC vectors (256 for every released checkpoint).
     pub fn embedding_dim(&self) -> usize {
-        self.config.image_text_hidden_size
+        self.config().image_text_hidden_size
     }
 
     /// Preprocesses and encodes images (one forward pass for the batch).
     pub fn embed_images(&self, images: &[DynamicImage]) -> Result<ImageEmbeddings> {
-        let pixels = pixel_values(images, self.config.vision.image_size, &self.device)?;
-        self.embed_pixels(&pixels)
+        self.embed_pixels(&self.pixel_values(images)?)
     }
 
     /// Encodes preprocessed pixels `(N, 3, S, S)`.
     pub fn embed_pixels(&self, pixels: &Tensor) -> Result<ImageEmbeddings> {
-        let s = self.config.vision.image_size;
-        match pixels.dims() {
-            [_, 3, h, w] if *h == s && *w == s => {}
-            d => {
-                return Err(ModelError::InvalidInput(format!(
-                    "pixel values of shape {d:?}, expected (N, 3, {s}, {s})"
-                )))
-            }
-        }
-        let tokens = self.vision.forward(pixels)?;
+        let tokens = self.image_tokens(pixels)?;
         let cls = tokens.i((.., 0))?;
         let itc = l2_normalize(&self.vision_proj.forward(&cls)?)?;
         Ok(ImageEmbeddings { itc, tokens })
@@ -190,7 +158,7 @@ impl Retriever {
     /// Cleans, tokenises and encodes texts for ITC (one forward pass for the batch).
     pub fn embed_texts(&self, texts: &[&str]) -> Result<TextEmbeddings> {
         let batch = self.encode(texts)?;
-        let (ids, mask) = batch.tensors(None, &self.device)?;
+        let (ids, mask) = batch.tensors(None, self.device())?;
         let hidden = self.text_hidden(&ids, &mask)?;
         let itc = l2_normalize(&self.text_proj.forward(&hidden.i((.., 0))?)?)?;
         Ok(TextEmbeddings {
@@ -204,7 +172,7 @@ impl Retriever {
         if texts.is_empty() {
             return Err(ModelError::InvalidInput("no texts given".into()));
         }
-        self.tokenizer.encode_batch(texts, MAX_TEXT_TOKENS)
+        self.tokenizer().encode_batch(texts, MAX_TEXT_TOKENS)
     }
 
     /// The unimodal text encoder's last hidden state for token ids `(N, L)`.
@@ -229,7 +197,7 @@ impl Retriever {
         first: ItmFirstToken,
     ) -> Result<Vec<ItmScore>> {
         let batch = self.encode(texts)?;
-        let (ids, mask) = batch.tensors(Some(first.id()), &self.device)?;
+        let (ids, mask) = batch.tensors(Some(first.id()), self.device())?;
         let logits = self.itm_logits(&ids, &mask, image_tokens, image_of_text)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
         Ok(rows
@@ -262,10 +230,10 @@ impl Retriever {
     ) -> Result<Tensor> {
         let (p, _) = ids.dims2()?;
         let (n, _, width) = image_tokens.dims3()?;
-        if width != self.config.vision.hidden_size {
+        if width != self.config().vision.hidden_size {
             return Err(ModelError::InvalidInput(format!(
                 "image tokens of width {width}, this model's ViT gives {}",
-                self.config.vision.hidden_size
+                self.config().vision.hidden_size
             )));
         }
         if image_of_text.len() != p || image_of_text.iter().any(|&i| i >= n) {
@@ -299,7 +267,7 @@ impl Retriever {
             }
         } else {
             let index: Vec<u32> = image_of_text.iter().map(|&i| i as u32).collect();
-            kv.select(&Tensor::new(index.as_slice(), &self.device)?)?
+            kv.select(&Tensor::new(index.as_slice(), self.device())?)?
         };
         let hidden = self.text.forward(ids, Some(mask), Some(&kv), false, None)?;
         Ok(self.itm_head.forward(&hidden.i((.., 0))?)?)

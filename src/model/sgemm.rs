@@ -18,10 +18,11 @@
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::layers::{contiguous_f32, fast_kernels, gelu_erf, large_m_kernel, training};
+use super::cpu_op::{F32Cpu, F32Input, F32Op};
+use super::layers::{fast_kernels, gelu_erf, large_m_kernel, training};
 use super::linear::Epilogue;
 
 /// Input rows per tile.
@@ -65,7 +66,7 @@ fn with_scratch<R>(
     })
 }
 
-/// Whether [`linear`] runs on this CPU (AVX-512F).
+/// Whether [`matmul`] runs on this CPU (AVX-512F).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -86,26 +87,12 @@ pub(crate) enum Rhs {
     InOut,
 }
 
-/// `y[i][j] = epilogue(sum_t x[i][t] w[j][t] + b[j])` for `x` `(m, k)` and `w` `(n, k)` row-major;
-/// returns `y` `(m, n)` row-major. Output columns are split over `threads` threads (rayon's pool).
+/// `y[i][j] = epilogue(sum_t x[i][t] w[j][t] + b[j])` for `x` `(m, k)` and `w` `(n, k)` row-major
+/// ([`Rhs::OutIn`]; [`Rhs::InOut`]: `w[t][j]` for `w` `(k, n)`); returns `y` `(m, n)` row-major.
+/// Output columns are split over `threads` threads (rayon's pool).
 ///
 /// # Panics
 /// If [`available`] is false, or the slices do not hold `m x k`, `n x k` and `n` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn linear(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    m: usize,
-    n: usize,
-    k: usize,
-    epilogue: Epilogue,
-    threads: usize,
-) -> Vec<f32> {
-    matmul(x, w, Rhs::OutIn, b, m, n, k, epilogue, threads)
-}
-
-/// [`linear`] with the right-hand matrix `w` laid out as `rhs` says.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     x: &[f32],
@@ -144,7 +131,16 @@ pub(crate) fn matmul(
         } else {
             apack.chunks_mut(block).enumerate().for_each(pack);
         }
-        multiply(apack, w, rhs, b, m, n, k, epilogue, threads, &mut y);
+        let product = Product {
+            w,
+            rhs,
+            bias: b,
+            m,
+            n,
+            k,
+            epilogue,
+        };
+        multiply(apack, &product, threads, &mut y);
     });
     // SAFETY: every one of the `m * n` values was written by `multiply` (each of its tasks covers
     // all rows of its columns, the columns of all tasks cover `0..n`).
@@ -152,21 +148,23 @@ pub(crate) fn matmul(
     y
 }
 
-/// The tiles of [`matmul`] over the packed input `apack`, written into `y`'s spare capacity
-/// (`m * n` values).
-#[allow(clippy::too_many_arguments)]
-fn multiply(
-    apack: &[f32],
-    w: &[f32],
+/// What [`matmul`] computes besides its input `x`: `y = epilogue(x w + bias)`, `(m, k)` by
+/// `w` (`(n, k)` or `(k, n)` as `rhs` says) into `(m, n)`.
+#[derive(Clone, Copy)]
+struct Product<'a> {
+    w: &'a [f32],
     rhs: Rhs,
-    b: Option<&[f32]>,
+    bias: Option<&'a [f32]>,
     m: usize,
     n: usize,
     k: usize,
     epilogue: Epilogue,
-    threads: usize,
-    y: &mut Vec<f32>,
-) {
+}
+
+/// The tiles of `product` over the packed input `apack`, written into `y`'s spare capacity
+/// (`m * n` values).
+fn multiply(apack: &[f32], product: &Product, threads: usize, y: &mut Vec<f32>) {
+    let (m, n) = (product.m, product.n);
     assert!(y.capacity() >= m * n);
     // Column ranges of whole panels, two per thread so that a thread slowed by other load on the
     // machine leaves work for the other.
@@ -180,10 +178,10 @@ fn multiply(
         // AVX-512F (asserted in `matmul`, the only caller).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::columns(apack, w, rhs, b, m, n, k, c0, c1, epilogue, out)
+            x86::columns(apack, product, c0, c1, out)
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (c1, &out, apack, rhs);
+        let _ = (c1, &out, apack, product);
     };
     if threads <= 1 || chunks == 1 {
         (0..n).step_by(per).for_each(task);
@@ -199,7 +197,7 @@ fn multiply(
 /// `dst[g][t][ii] = x[g MR + ii][pc + t]` (0 past row `m`): groups of `kc x MR`.
 fn pack_input(x: &[f32], m: usize, k: usize, pc: usize, kc: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `linear` runs only where AVX-512F is available (asserted there).
+    // SAFETY: `matmul` runs only where AVX-512F is available (asserted there).
     unsafe {
         x86::pack_input(x, m, k, pc, kc, dst)
     }
@@ -233,38 +231,43 @@ pub(crate) fn matmul_2d(
     let op = Matmul2d {
         rhs: if b_transposed { Rhs::OutIn } else { Rhs::InOut },
     };
-    a.apply_op2_no_bwd(b, &op).map(Some)
+    a.apply_op2_no_bwd(b, &F32Cpu(op)).map(Some)
 }
 
 struct Matmul2d {
     rhs: Rhs,
 }
 
-impl CustomOp2 for Matmul2d {
+impl F32Op for Matmul2d {
     fn name(&self) -> &'static str {
         "sgemm-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let a = contiguous_f32("sgemm matmul", s1, l1)?;
-        let b = contiguous_f32("sgemm matmul", s2, l2)?;
-        let (m, k) = l1.shape().dims2()?;
-        let n = match self.rhs {
-            Rhs::OutIn => l2.shape().dims2()?.0,
-            Rhs::InOut => l2.shape().dims2()?.1,
+    fn forward(&self, inputs: &[F32Input<'_>]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let [a, b] = inputs else {
+            candle_core::bail!("sgemm matmul: two inputs");
         };
-        if b.len() != n * k {
-            candle_core::bail!("sgemm matmul: {:?} by {:?}", l1.shape(), l2.shape());
+        let (m, k) = a.shape.dims2()?;
+        let n = match self.rhs {
+            Rhs::OutIn => b.shape.dims2()?.0,
+            Rhs::InOut => b.shape.dims2()?.1,
+        };
+        if b.values.len() != n * k {
+            candle_core::bail!("sgemm matmul: {:?} by {:?}", a.shape, b.shape);
         }
         let threads = candle_core::utils::get_num_threads();
-        let y = matmul(a, b, self.rhs, None, m, n, k, Epilogue::None, threads);
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        let y = matmul(
+            a.values,
+            b.values,
+            self.rhs,
+            None,
+            m,
+            n,
+            k,
+            Epilogue::None,
+            threads,
+        );
+        Ok((y, Shape::from((m, n))))
     }
 }
 
@@ -293,31 +296,26 @@ fn finish(row: &mut [f32], bias: Option<&[f32]>, e: Epilogue) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{finish, with_scratch, Epilogue, Rhs, SendPtr, KC, MR, NC, NR, WEIGHT_PACK};
+    use super::{
+        finish, with_scratch, Epilogue, Product, Rhs, SendPtr, KC, MR, NC, NR, WEIGHT_PACK,
+    };
 
-    /// Output columns `c0..c1` of every row of `y` (through `out`, `m x n`) from the packed
-    /// input `apack` (see [`super::linear`]).
+    /// Output columns `c0..c1` of every row of `y` (through `out`, `m x n`) of `product`, from
+    /// the packed input `apack` (see [`super::matmul`]).
     ///
     /// # Safety
     /// The CPU has AVX-512F; no other thread writes columns `c0..c1` of `out` meanwhile.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn columns(
         apack: &[f32],
-        w: &[f32],
-        rhs: Rhs,
-        bias: Option<&[f32]>,
-        m: usize,
-        n: usize,
-        k: usize,
+        product: &Product,
         c0: usize,
         c1: usize,
-        epilogue: Epilogue,
         out: SendPtr,
     ) {
-        with_scratch(&WEIGHT_PACK, NC * KC.min(k), |bpack| {
+        with_scratch(&WEIGHT_PACK, NC * KC.min(product.k), |bpack| {
             // SAFETY: the caller's guarantees, passed on.
-            unsafe { columns_with(apack, w, rhs, bias, m, n, k, c0, c1, epilogue, out, bpack) }
+            unsafe { columns_with(apack, product, c0, c1, out, bpack) }
         })
     }
 
@@ -325,22 +323,24 @@ mod x86 {
     ///
     /// # Safety
     /// As [`columns`].
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn columns_with(
         apack: &[f32],
-        w: &[f32],
-        rhs: Rhs,
-        bias: Option<&[f32]>,
-        m: usize,
-        n: usize,
-        k: usize,
+        product: &Product,
         c0: usize,
         c1: usize,
-        epilogue: Epilogue,
         out: SendPtr,
         bpack: &mut [f32],
     ) {
+        let Product {
+            w,
+            rhs,
+            bias,
+            m,
+            n,
+            k,
+            epilogue,
+        } = *product;
         let groups = m.div_ceil(MR);
         for jc in (c0..c1).step_by(NC) {
             let jc1 = (jc + NC).min(c1);
@@ -348,9 +348,15 @@ mod x86 {
             let mut pc = 0;
             while pc < k {
                 let kc = KC.min(k - pc);
+                let block = WeightBlock {
+                    c0: jc,
+                    c1: jc1,
+                    pc,
+                    kc,
+                };
                 match rhs {
-                    Rhs::OutIn => pack_weight(w, k, jc, jc1, pc, kc, bpack),
-                    Rhs::InOut => pack_plain(w, n, jc, jc1, pc, kc, bpack),
+                    Rhs::OutIn => pack_weight(w, k, block, bpack),
+                    Rhs::InOut => pack_plain(w, n, block, bpack),
                 }
                 let ablock = &apack[(pc / KC) * groups * MR * KC.min(k)..];
                 let last = pc + kc == k;
@@ -390,6 +396,16 @@ mod x86 {
                 pc += kc;
             }
         }
+    }
+
+    /// The part of the weight one packing copies: output columns `c0..c1`, steps `pc..pc + kc` of
+    /// the shared dimension.
+    #[derive(Clone, Copy)]
+    struct WeightBlock {
+        c0: usize,
+        c1: usize,
+        pc: usize,
+        kc: usize,
     }
 
     /// Offsets of 16 consecutive rows of `k` values, for gathers.
@@ -468,15 +484,8 @@ mod x86 {
     /// step two gathers down the panel's weight rows.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn pack_weight(
-        w: &[f32],
-        k: usize,
-        c0: usize,
-        c1: usize,
-        pc: usize,
-        kc: usize,
-        bpack: &mut [f32],
-    ) {
+    fn pack_weight(w: &[f32], k: usize, block: WeightBlock, bpack: &mut [f32]) {
+        let WeightBlock { c0, c1, pc, kc } = block;
         assert!(
             pc + kc <= k && w.len() >= c1 * k && bpack.len() >= (c1 - c0).div_ceil(NR) * kc * NR
         );
@@ -508,15 +517,8 @@ mod x86 {
     /// `kc x NR`, each step two (masked) loads along a row of `w`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn pack_plain(
-        w: &[f32],
-        n: usize,
-        c0: usize,
-        c1: usize,
-        pc: usize,
-        kc: usize,
-        bpack: &mut [f32],
-    ) {
+    fn pack_plain(w: &[f32], n: usize, block: WeightBlock, bpack: &mut [f32]) {
+        let WeightBlock { c0, c1, pc, kc } = block;
         assert!(
             c1 <= n && w.len() >= (pc + kc) * n && bpack.len() >= (c1 - c0).div_ceil(NR) * kc * NR
         );
@@ -598,7 +600,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::linear::tests::lcg;
+    use crate::model::testing::lcg;
 
     /// Against an f64 reference on shapes that leave every remainder: rows not a multiple of the
     /// tile, columns not a multiple of a panel or block, the shared dimension over several
@@ -627,7 +629,7 @@ mod tests {
                 for epilogue in [Epilogue::None, Epilogue::GeluErf] {
                     for (threads, rhs) in [(1, Rhs::OutIn), (2, Rhs::OutIn), (2, Rhs::InOut)] {
                         let got = match rhs {
-                            Rhs::OutIn => linear(&x, &w, bias, m, n, k, epilogue, threads),
+                            Rhs::OutIn => matmul(&x, &w, rhs, bias, m, n, k, epilogue, threads),
                             Rhs::InOut => {
                                 let wt: Vec<f32> =
                                     (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();

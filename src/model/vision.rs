@@ -1,4 +1,4 @@
-//! The BLIP image encoder: a pre-norm ViT with 16x16 (config: `patch_size`) patches and a [CLS]
+//! The BLIP image encoder: a pre-norm ViT with 16x16 (config: `patch_size`) patches and a `[CLS]`
 //! token, as in HF transformers' `BlipVisionModel` (`vision_model.*` tensors).
 //!
 //! Paper: <https://arxiv.org/abs/2201.12086>; model card:
@@ -156,7 +156,7 @@ impl VisionModel {
         &self.cfg
     }
 
-    /// The last hidden state after `post_layernorm` (`vision_model(...)[0]`); token 0 is [CLS].
+    /// The last hidden state after `post_layernorm` (`vision_model(...)[0]`); token 0 is `[CLS]`.
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let mut xs = self.embeddings.forward(pixels)?;
         for layer in &self.layers {

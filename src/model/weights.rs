@@ -140,18 +140,25 @@ impl ModelFiles {
     /// Fetches the checkpoint's files from the Hub, or takes them from the local cache.
     /// With `HF_HUB_OFFLINE=1` only the cache is consulted.
     pub fn from_hub(id: &str) -> Result<Self> {
-        let cache = hf_hub::Cache::from_env();
-        let cached = cache.model(id.to_string());
         let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true");
-        let api = if offline {
-            None
-        } else {
-            hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(true)
+        let api = (!offline).then(hf_hub::api::sync::ApiBuilder::from_env);
+        Self::from_hub_cache(id, &hf_hub::Cache::from_env(), api)
+    }
+
+    /// As [`Self::from_hub`], with the cache and the download client (`None`: offline) given
+    /// rather than read from the environment.
+    fn from_hub_cache(
+        id: &str,
+        cache: &hf_hub::Cache,
+        api: Option<hf_hub::api::sync::ApiBuilder>,
+    ) -> Result<Self> {
+        let cached = cache.model(id.to_string());
+        let api = api.and_then(|api| {
+            api.with_progress(true)
                 .build()
                 .ok()
                 .map(|api| api.model(id.to_string()))
-        };
+        });
         let mut errors = Vec::new();
         let mut fetch = |name: &str| -> Option<PathBuf> {
             if let Some(p) = cached.get(name) {
@@ -357,11 +364,9 @@ mod tests {
     #[test]
     fn offline_hub_miss_says_how_to_use_model_dir() {
         // A cache dir that holds nothing, and no network calls.
-        let tmp = std::env::temp_dir().join("blipsearch-empty-hf-home");
-        std::fs::create_dir_all(&tmp).unwrap();
-        std::env::set_var("HF_HOME", &tmp);
-        std::env::set_var("HF_HUB_OFFLINE", "1");
-        let e = ModelFiles::from_hub("Salesforce/blip-itm-base-coco")
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = hf_hub::Cache::new(tmp.path().join("hub"));
+        let e = ModelFiles::from_hub_cache("Salesforce/blip-itm-base-coco", &cache, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("config.json"), "{e}");
