@@ -38,23 +38,13 @@ fn options() -> IngestOptions {
 
 /// Distinct small PNGs `<stem>_<i>.png` in `dir`.
 fn images(dir: &Path, stem: &str, n: usize, seed: u32) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    (0..n)
-        .map(|i| {
-            let mut state = seed
-                .wrapping_mul(2654435761)
-                .wrapping_add(i as u32 * 40503 + 1);
-            let img = image::RgbImage::from_fn(24 + i as u32, 20, |_, _| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-            });
-            let p = dir.join(format!("{stem}_{i}.png"));
-            img.save(&p).unwrap();
-            p
-        })
-        .collect()
+    common::noise_pngs(
+        dir,
+        n,
+        seed,
+        |i| (24 + i as u32, 20),
+        |i| format!("{stem}_{i}.png"),
+    )
 }
 
 fn png_bytes(path: &Path) -> Vec<u8> {

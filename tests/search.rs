@@ -429,7 +429,7 @@ fn cli_search_json_and_table() {
 
     // --folder takes a relative folder (its images only) and keeps --path-prefix as an alias.
     let noise = std::fs::canonicalize(photos.join("noise")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let out = command()
         .current_dir(tmp.path())
         .args([
             "search",
