@@ -253,7 +253,6 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
 fn cli(args: &[&str]) -> serde_json::Value {
     let out = common::command()
         .args(args)
-        .env("HF_HUB_OFFLINE", "1")
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -401,7 +400,6 @@ fn serve_node(args: &[&str], port: u16) -> std::process::Child {
         .args(["serve", "--no-captions"])
         .args(args)
         .args(["--bind", &format!("127.0.0.1:{port}")])
-        .env("HF_HUB_OFFLINE", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
