@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blipsearch::model::caption::Captioner;
 use blipsearch::model::tokenizer::{BlipTokenizer, MAX_TEXT_TOKENS};
@@ -63,26 +63,27 @@ fn assert_same(what: &str, json: &BlipTokenizer, vocab: &BlipTokenizer) {
     assert_eq!(cut.iter().filter(|&&c| c).count(), 1, "{cut:?}");
 }
 
+/// Copies of `tiny-a/<name>` in `tmp`: (only tokenizer.json, only vocab.txt).
+fn both_folders(tmp: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let from = fixtures().join("tiny-a").join(name);
+    let (json_only, vocab_only) = (tmp.join("json"), tmp.join("vocab"));
+    copy_without(&from, &json_only, "vocab.txt");
+    copy_without(&from, &vocab_only, "tokenizer.json");
+    (json_only, vocab_only)
+}
+
 #[test]
 fn a_retrieval_checkpoint_with_only_vocab_txt_tokenises_as_with_tokenizer_json() {
     let tmp = tempfile::tempdir().unwrap();
-    let from = fixtures().join("tiny-a/retrieval");
-    let (vocab_only, json_only) = (tmp.path().join("vocab"), tmp.path().join("json"));
-    copy_without(&from, &vocab_only, "tokenizer.json");
-    copy_without(&from, &json_only, "vocab.txt");
-    let load = |dir: &Path| Retriever::load(&ModelSource::Dir(dir.into()), &Device::Cpu).unwrap();
-    let (json, vocab) = (load(&json_only), load(&vocab_only));
-    assert_same("retrieval", json.tokenizer(), vocab.tokenizer());
+    let load = |dir: PathBuf| Retriever::load(&ModelSource::Dir(dir), &Device::Cpu).unwrap();
+    let (json, vocab) = both_folders(tmp.path(), "retrieval");
+    assert_same("retrieval", load(json).tokenizer(), load(vocab).tokenizer());
 }
 
 #[test]
 fn a_caption_checkpoint_with_only_vocab_txt_tokenises_as_with_tokenizer_json() {
     let tmp = tempfile::tempdir().unwrap();
-    let from = fixtures().join("tiny-a/caption");
-    let (vocab_only, json_only) = (tmp.path().join("vocab"), tmp.path().join("json"));
-    copy_without(&from, &vocab_only, "tokenizer.json");
-    copy_without(&from, &json_only, "vocab.txt");
-    let load = |dir: &Path| Captioner::load(&ModelSource::Dir(dir.into()), &Device::Cpu).unwrap();
-    let (json, vocab) = (load(&json_only), load(&vocab_only));
-    assert_same("caption", json.tokenizer(), vocab.tokenizer());
+    let load = |dir: PathBuf| Captioner::load(&ModelSource::Dir(dir), &Device::Cpu).unwrap();
+    let (json, vocab) = both_folders(tmp.path(), "caption");
+    assert_same("caption", load(json).tokenizer(), load(vocab).tokenizer());
 }
