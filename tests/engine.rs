@@ -97,10 +97,18 @@ fn ingest_reports_events_and_sync_removes_what_is_gone() {
     assert_eq!(done, 8, "every file counts once: {events:?}");
     assert!(events.contains(&"failed broken.png".to_string()));
     // Commits after 4 and 7 images (batches of 3: at 6, then at the end).
-    let notes: Vec<&String> = events.iter().filter(|e| e.starts_with("note")).collect();
+    let notes: Vec<&str> = events
+        .iter()
+        .filter(|e| e.starts_with("note committed"))
+        .map(String::as_str)
+        .collect();
     assert_eq!(
-        notes.last().unwrap().as_str(),
-        "note committed: 7 images in the collection"
+        notes,
+        [
+            "note committed: 6 images in the collection",
+            "note committed: 7 images in the collection"
+        ],
+        "{events:?}"
     );
 
     // A second run skips everything; sync drops the removed files.
