@@ -22,9 +22,13 @@ use blipsearch::server::{app, Running, ServerConfig};
 use candle_core::Device;
 use serde_json::Value;
 
+/// A running app's parts, and the temporary folder that holds its collection and photos.
 struct Setup {
     running: Running,
     _tmp: tempfile::TempDir,
+    /// The collection directory.
+    index: PathBuf,
+    /// The watched folder.
     photos: PathBuf,
 }
 
@@ -138,6 +142,7 @@ fn start(o: Options) -> Setup {
     Setup {
         running,
         _tmp: tmp,
+        index,
         photos,
     }
 }
@@ -245,12 +250,46 @@ macro_rules! wait_for_ingest {
     }};
 }
 
+/// The app on the default options with the fixture folder ingested: `(setup, service)`.
+macro_rules! ingested {
+    () => {
+        ingested!(Options::default())
+    };
+    ($o:expr) => {{
+        let s = start($o);
+        let svc = service!(s);
+        wait_for_ingest!(svc, "");
+        (s, svc)
+    }};
+}
+
+/// The id of rocket.jpg, found by the words of its sidecar text.
+macro_rules! rocket_id {
+    ($svc:expr) => {{
+        let (_, b) = send!(
+            $svc,
+            TestRequest::get().uri("/api/search?q=launch%20dusk&mode=text&rerank_k=0"),
+        );
+        let v = json(&b);
+        assert_eq!(v["hits"][0]["file_name"], "rocket.jpg", "{v}");
+        v["hits"][0]["id"].as_u64().unwrap()
+    }};
+}
+
+/// The number of images the status reports.
+macro_rules! image_count {
+    ($svc:expr) => {{
+        let (_, b) = send!($svc, TestRequest::get().uri("/api/status"));
+        json(&b)["images"].as_u64().unwrap()
+    }};
+}
+
 fn file_bytes(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap()
 }
 
 #[actix_web::test]
-async fn every_endpoint_and_its_errors() {
+async fn health_readiness_and_the_status_of_the_first_ingest() {
     let s = start(Options::default());
     let svc = service!(s);
 
@@ -267,6 +306,12 @@ async fn every_endpoint_and_its_errors() {
     assert_eq!(status["ingest"]["failed"], 0, "{status}");
     assert_eq!(status["device"], "cpu");
     assert!(status["models"]["caption"].is_string());
+    s.running.stop();
+}
+
+#[actix_web::test]
+async fn text_search_reranks_pages_filters_and_refuses_bad_parameters() {
+    let (s, svc) = ingested!();
 
     // Text search, reranked: every hit has ITM scores within the rerank depth, and carries
     // what the UI shows.
@@ -300,7 +345,6 @@ async fn every_endpoint_and_its_errors() {
     assert_eq!(v["hits"][0]["file_name"], "rocket.jpg", "{v}");
     assert!(v["hits"][0]["bm25"].as_f64().unwrap() > 0.0);
     assert!(v["hits"][0]["itm_prob"].is_null());
-    let rocket = v["hits"][0]["id"].as_u64().unwrap();
     // Paging and folder filter.
     let (_, b) = send!(
         svc,
@@ -346,6 +390,13 @@ async fn every_endpoint_and_its_errors() {
         assert_eq!(st, code, "{uri}: {}", String::from_utf8_lossy(&b));
         assert_eq!(error_code(&b), "bad_request");
     }
+    s.running.stop();
+}
+
+#[actix_web::test]
+async fn query_parameters_beyond_the_documented_ones_are_refused_but_the_key() {
+    let (s, svc) = ingested!();
+    let rocket = rocket_id!(svc);
     // The key of a GET may come in the query, the one parameter beyond the documented ones.
     let (st, _) = send!(
         svc,
@@ -372,8 +423,13 @@ async fn every_endpoint_and_its_errors() {
         let (st, _) = send!(svc, TestRequest::get().uri(uri));
         assert_eq!(st, StatusCode::OK, "{uri}");
     }
+    s.running.stop();
+}
 
-    // Image metadata, thumbnail and file.
+#[actix_web::test]
+async fn image_metadata_thumbnail_and_file() {
+    let (s, svc) = ingested!();
+    let rocket = rocket_id!(svc);
     let (st, b) = send!(
         svc,
         TestRequest::get().uri(&format!("/api/images/{rocket}"))
@@ -428,7 +484,13 @@ async fn every_endpoint_and_its_errors() {
         assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}");
         assert_eq!(error_code(&b), "bad_request");
     }
+    s.running.stop();
+}
 
+#[actix_web::test]
+async fn search_by_uploaded_or_indexed_image_and_its_errors() {
+    let (s, svc) = ingested!();
+    let rocket = rocket_id!(svc);
     // Search by an uploaded image: the same picture comes first, with cosine 1.
     let coffee = file_bytes(&s.photos.join("coffee.png"));
     let (st, b) = send!(
@@ -551,21 +613,33 @@ async fn every_endpoint_and_its_errors() {
         assert_eq!(st, code, "{}", String::from_utf8_lossy(&b));
         assert_eq!(error_code(&b), what);
     }
+    s.running.stop();
+}
 
+/// Posts `red` with a text to /api/images; returns the answer's status and JSON.
+macro_rules! upload_red {
+    ($svc:expr, $red:expr) => {{
+        let (st, b) = send!(
+            $svc,
+            post_multipart(
+                "/api/images",
+                &[
+                    ("image", Some("red.png"), $red),
+                    ("text", None, b"a crimson square tile")
+                ],
+            ),
+        );
+        (st, json(&b))
+    }};
+}
+
+#[actix_web::test]
+async fn uploads_are_captioned_indexed_and_deduplicated_and_bad_ones_add_nothing() {
+    let (s, svc) = ingested!();
     // Upload with a text: CapFilt captions, indexed at once, findable by its text.
     let red = png(40, 30, [220, 20, 20]);
-    let (st, b) = send!(
-        svc,
-        post_multipart(
-            "/api/images",
-            &[
-                ("image", Some("red.png"), &red),
-                ("text", None, b"a crimson square tile")
-            ],
-        ),
-    );
-    assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
-    let up = json(&b);
+    let (st, up) = upload_red!(svc, &red);
+    assert_eq!(st, StatusCode::CREATED, "{up}");
     let new_id = up["id"].as_u64().unwrap();
     assert_eq!(up["duplicate"], false);
     let stored = up["image"]["file_name"].as_str().unwrap();
@@ -578,8 +652,12 @@ async fn every_endpoint_and_its_errors() {
     assert_eq!(caps[0]["text"], "a crimson square tile");
     assert!(caps.iter().any(|c| c["source"] == "beam"));
     assert!(caps.iter().all(|c| c["p_match"].is_f64()));
-    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
-    assert_eq!(json(&b)["images"], 5);
+    assert_eq!(image_count!(svc), 5);
+    let (_, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=crimson%20square&mode=text&rerank_k=0")
+    );
+    assert_eq!(json(&b)["hits"][0]["id"], new_id, "findable by its text");
     // The same bytes again: the existing image.
     let (st, b) = send!(
         svc,
@@ -632,14 +710,16 @@ async fn every_endpoint_and_its_errors() {
         assert_eq!(st, code, "{}", String::from_utf8_lossy(&b));
         assert_eq!(error_code(&b), what);
     }
-    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
-    assert_eq!(json(&b)["images"], 5);
-    let uploads: Vec<_> = std::fs::read_dir(uploads_dir(&s._tmp.path().join("index")))
-        .unwrap()
-        .collect();
+    assert_eq!(image_count!(svc), 5);
+    let uploads: Vec<_> = std::fs::read_dir(uploads_dir(&s.index)).unwrap().collect();
     assert_eq!(uploads.len(), 1, "failed uploads must not leave files");
+    s.running.stop();
+}
 
-    // Caption without indexing.
+#[actix_web::test]
+async fn caption_answers_without_indexing() {
+    let (s, svc) = ingested!();
+    let coffee = file_bytes(&s.photos.join("coffee.png"));
     let (st, b) = send!(
         svc,
         post_multipart("/api/caption", &[("image", Some("c.png"), &coffee)])
@@ -647,9 +727,17 @@ async fn every_endpoint_and_its_errors() {
     assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
     let v = json(&b);
     assert_eq!(v["captions"][0]["source"], "beam", "{v}");
-    let (_, b) = send!(svc, TestRequest::get().uri("/api/status"));
-    assert_eq!(json(&b)["images"], 5);
+    assert_eq!(image_count!(svc), 4);
+    s.running.stop();
+}
 
+#[actix_web::test]
+async fn delete_removes_an_upload_with_its_file_but_never_a_watched_file() {
+    let (s, svc) = ingested!();
+    let rocket = rocket_id!(svc);
+    let (st, up) = upload_red!(svc, &png(40, 30, [220, 20, 20]));
+    assert_eq!(st, StatusCode::CREATED, "{up}");
+    let new_id = up["id"].as_u64().unwrap();
     // Delete: gone from metadata and search; the uploaded file is removed with it.
     let (st, b) = send!(
         svc,
@@ -676,12 +764,7 @@ async fn every_endpoint_and_its_errors() {
         .unwrap()
         .iter()
         .all(|h| h["id"] != new_id));
-    assert_eq!(
-        std::fs::read_dir(uploads_dir(&s._tmp.path().join("index")))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(uploads_dir(&s.index)).unwrap().count(), 0);
     // A file in a watched folder is never deleted by the API.
     let (st, _) = send!(
         svc,
@@ -689,8 +772,12 @@ async fn every_endpoint_and_its_errors() {
     );
     assert_eq!(st, StatusCode::OK);
     assert!(s.photos.join("rocket.jpg").exists());
+    s.running.stop();
+}
 
-    // Unknown routes and methods.
+#[actix_web::test]
+async fn unknown_routes_are_404_and_the_ui_is_served_with_its_assets() {
+    let (s, svc) = ingested!();
     let (st, b) = send!(svc, TestRequest::get().uri("/api/nothing"));
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&b), "not_found");
@@ -714,24 +801,49 @@ async fn every_endpoint_and_its_errors() {
     }
     let (st, _) = send!(svc, TestRequest::get().uri("/assets/..%2FCargo.toml"));
     assert_eq!(st, StatusCode::NOT_FOUND);
+    s.running.stop();
+}
 
-    // Metrics: per-route counters and durations, queue and index figures.
+/// Per-route counters and durations, queue and index figures, after a reranked search, an
+/// upload and a delete.
+#[actix_web::test]
+async fn metrics_count_routes_inference_and_images() {
+    let (s, svc) = ingested!();
+    let (st, _) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=a%20rocket&rerank_k=4")
+    );
+    assert_eq!(st, StatusCode::OK);
+    let (st, up) = upload_red!(svc, &png(40, 30, [220, 20, 20]));
+    assert_eq!(st, StatusCode::CREATED, "{up}");
+    let rocket = rocket_id!(svc);
+    let (st, _) = send!(
+        svc,
+        TestRequest::delete().uri(&format!("/api/images/{rocket}"))
+    );
+    assert_eq!(st, StatusCode::OK);
     let (st, b) = send!(svc, TestRequest::get().uri("/metrics"));
     assert_eq!(st, StatusCode::OK);
     let m = String::from_utf8(b.to_vec()).unwrap();
     for needle in [
         "blipsearch_http_requests_total{method=\"GET\",route=\"/api/search\",status=\"200\"}",
         "blipsearch_http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/images\"",
+        "blipsearch_http_requests_total{method=\"DELETE\",route=\"/api/images/{id}\",status=\"200\"}",
         "blipsearch_inference_seconds_count{kind=\"itm\"}",
         "blipsearch_inference_batch_size_bucket{kind=\"text\"",
         "blipsearch_inference_queue_seconds_count{kind=\"capfilt\"}",
-        "blipsearch_index_images 3",
+        "blipsearch_index_images 4",
         "blipsearch_inference_rejected_total 0",
     ] {
         assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
     }
+    s.running.stop();
+}
 
-    // The OpenAPI document describes every route, and only those.
+#[actix_web::test]
+async fn the_openapi_document_describes_every_route_and_only_those() {
+    let s = start(Options::default());
+    let svc = service!(s);
     let (st, b) = send!(svc, TestRequest::get().uri("/api/openapi.json"));
     assert_eq!(st, StatusCode::OK);
     let doc = json(&b);
@@ -758,12 +870,10 @@ async fn every_endpoint_and_its_errors() {
 async fn api_key_guards_writes_and_optionally_reads() {
     let key = "correct-horse-battery";
     // Writes need the key; reads do not.
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         api_key: Some(key),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     let red = png(20, 20, [200, 0, 0]);
     let (st, b) = send!(
         svc,
@@ -942,20 +1052,7 @@ async fn described_synthetic_scenes_rank_first(rerank: u32) {
         },
     )
     .unwrap();
-    let scenes: std::collections::HashMap<String, Value> =
-        std::fs::read_to_string(world.path().join("test.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let r: Value = serde_json::from_str(l).unwrap();
-                let name = Path::new(r["image"].as_str().unwrap())
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                (name, r["scene"].clone())
-            })
-            .collect();
+    let scenes = common::synth_scenes(world.path());
     let s = start(Options {
         models: Some((fx.join("synth/retrieval"), fx.join("synth/caption"))),
         photos: Some(world.path().join("images/test")),
@@ -993,27 +1090,6 @@ async fn described_synthetic_scenes_rank_first(rerank: u32) {
     }
     assert!(checked >= 4, "the world has too few of the queried scenes");
     s.running.stop();
-}
-
-/// A PNG whose header claims `w` x `h` 16-bit RGBA pixels (every row filtered "none", all
-/// zeros, so it compresses to almost nothing): small on the wire, huge once decoded.
-fn huge_png(w: u32, h: u32) -> Vec<u8> {
-    use std::io::Write;
-    let mut out = Vec::new();
-    {
-        let mut e = png::Encoder::new(&mut out, w, h);
-        e.set_color(png::ColorType::Rgba);
-        e.set_depth(png::BitDepth::Sixteen);
-        e.set_compression(png::Compression::Fast);
-        let mut writer = e.write_header().unwrap();
-        let mut enc = writer.stream_writer().unwrap();
-        let row = vec![0u8; w as usize * 8];
-        for _ in 0..h {
-            enc.write_all(&row).unwrap();
-        }
-        enc.finish().unwrap();
-    }
-    out
 }
 
 /// Protection is decided on the route that runs: no spelling of a protected path reaches its
@@ -1114,9 +1190,7 @@ async fn the_key_is_checked_on_the_route_that_runs() {
 /// open parentheses used to overflow the stack and abort the process); the server goes on.
 #[actix_web::test]
 async fn queries_past_the_parser_bounds_are_400_and_the_server_lives() {
-    let s = start(Options::default());
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
+    let (s, svc) = ingested!();
     let enc = |q: &str| q.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
     for q in [
         "(".repeat(800),
@@ -1159,15 +1233,13 @@ async fn queries_past_the_parser_bounds_are_400_and_the_server_lives() {
 /// while the budget is taken requests get 429 with Retry-After, then succeed once it is free.
 #[actix_web::test]
 async fn decodes_are_admitted_under_the_memory_budget() {
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         decode_memory_bytes: 64 << 20,
         decode_wait: Duration::from_millis(300),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     // 3000 x 3000 16-bit RGBA: 72 MB decoded, well under 1 MB on the wire.
-    let huge = huge_png(3000, 3000);
+    let huge = common::huge_png(3000, 3000, png::Compression::Fast);
     assert!(huge.len() < 1 << 20, "{}", huge.len());
     for uri in ["/api/images", "/api/search/image", "/api/caption"] {
         let (st, b) = send!(svc, post_multipart(uri, &[("image", Some("h.png"), &huge)]));
@@ -1208,9 +1280,7 @@ async fn decodes_are_admitted_under_the_memory_budget() {
 /// identical ones answer one id, and every answered image keeps its file.
 #[actix_web::test]
 async fn concurrent_uploads_with_one_name_never_lose_a_file() {
-    let s = start(Options::default());
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
+    let (s, svc) = ingested!();
     let same = png(24, 24, [1, 2, 3]);
     let mut bodies: Vec<Vec<u8>> = (0..6).map(|_| same.clone()).collect();
     bodies.extend((0..6u8).map(|i| png(24, 24, [100, i, 200])));
@@ -1250,12 +1320,10 @@ async fn concurrent_uploads_with_one_name_never_lose_a_file() {
 /// bounded metric labels, calendar dates, a stalled body answered 408.
 #[actix_web::test]
 async fn methods_ranges_labels_dates_and_stalled_bodies() {
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         body_timeout: Duration::from_millis(500),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     let res = test::call_service(&svc, TestRequest::put().uri("/api/search").to_request()).await;
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(res.headers().get("allow").unwrap(), "GET, HEAD");
@@ -1369,12 +1437,10 @@ async fn methods_ranges_labels_dates_and_stalled_bodies() {
 #[actix_web::test]
 async fn paths_are_relative_to_their_root_without_the_key() {
     let key = "correct-horse-battery";
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         api_key: Some(key),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     let (_, b) = send!(svc, TestRequest::get().uri("/api/images/1"));
     let shown = json(&b)["path"].as_str().unwrap().to_string();
     assert!(shown.starts_with("photos/"), "{shown}");
@@ -1418,12 +1484,10 @@ async fn paths_are_relative_to_their_root_without_the_key() {
 async fn orphan_uploads_are_removed_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("index");
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         index: Some(index.clone()),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     let (st, b) = send!(
         svc,
         post_multipart(
@@ -1460,13 +1524,11 @@ async fn orphan_uploads_are_removed_at_start() {
 #[actix_web::test]
 async fn mutated_and_huge_header_images_never_get_a_5xx() {
     use rand::{Rng, SeedableRng};
-    let s = start(Options {
+    let (s, svc) = ingested!(Options {
         decode_memory_bytes: 256 << 20,
         decode_wait: Duration::from_millis(200),
         ..Default::default()
     });
-    let svc = service!(s);
-    wait_for_ingest!(svc, "");
     let fx = common::fixtures().join("images");
     let base = image::open(fx.join("chelsea.png"))
         .unwrap()
@@ -1484,7 +1546,7 @@ async fn mutated_and_huge_header_images_never_get_a_5xx() {
         base.to_rgb8().write_to(&mut out, format).unwrap();
         seeds.push(out.into_inner());
     }
-    seeds.push(huge_png(60_000, 60_000 / 8));
+    seeds.push(common::huge_png(60_000, 60_000 / 8, png::Compression::Fast));
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
     let mut statuses = std::collections::BTreeMap::new();
     for case in 0..160 {

@@ -147,23 +147,31 @@ fn capfilt_json_contract() {
         path(&fixtures().join("tiny-a").join("retrieval")),
     );
     let a = image("rocket.jpg");
-    let (ok, out, err) = blipsearch(&[
-        "capfilt",
-        "--caption-model-dir",
-        &cap,
-        "--itm-model-dir",
-        &itm,
-        &a,
+    // `capfilt` on the rocket with both models, `--json` and `extra`.
+    let capfilt = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "capfilt",
+            "--caption-model-dir",
+            &cap,
+            "--itm-model-dir",
+            &itm,
+            &a,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = blipsearch(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let texts_and_samples = [
         "--text",
         "a rocket launching",
         "--text",
         "a cup of coffee",
         "--samples",
         "2",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    ];
+    let v = capfilt(&texts_and_samples);
     assert_eq!(v["image"], a.as_str());
     assert_eq!(v["threshold"].as_f64().unwrap(), 0.5);
     let c = v["candidates"].as_array().unwrap();
@@ -196,25 +204,31 @@ fn capfilt_json_contract() {
     assert!(ok, "{err}");
     let cv: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(c[2]["text"], cv["captions"][0]["text"]);
-    // Threshold 0 keeps everything that was scored; 1 keeps (almost surely) nothing.
-    let (ok, out, err) = blipsearch(&[
-        "capfilt",
-        "--caption-model-dir",
-        &cap,
-        "--itm-model-dir",
-        &itm,
-        &a,
-        "--samples",
-        "0",
-        "--threshold",
-        "0",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let c = v["candidates"].as_array().unwrap();
-    assert_eq!(c.len(), 1);
-    assert_eq!(c[0]["source"], "beam");
+    // Threshold 0 keeps everything that was scored; 1 keeps only a p(match) of exactly 1 (the
+    // filter keeps `p_match >= threshold`), with and without given texts and samples.
+    for threshold in ["0", "1"] {
+        for extra in [&["--samples", "0"][..], &texts_and_samples[..]] {
+            let v = capfilt(&[&["--threshold", threshold][..], extra].concat());
+            let t: f64 = threshold.parse().unwrap();
+            assert_eq!(v["threshold"].as_f64().unwrap(), t);
+            let c = v["candidates"].as_array().unwrap();
+            let sources: Vec<&str> = c.iter().map(|x| x["source"].as_str().unwrap()).collect();
+            if extra.len() == 2 {
+                assert_eq!(sources, ["beam"]);
+            } else {
+                assert_eq!(sources, ["given", "given", "beam", "sample", "sample"]);
+            }
+            for x in c {
+                let p = x["p_match"].as_f64().unwrap();
+                let kept = x["kept"].as_bool().unwrap();
+                if t == 0.0 {
+                    assert!(kept, "threshold 0 keeps {x}");
+                } else {
+                    assert_eq!(kept, p == 1.0, "threshold 1: {x}");
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 fn norm(v: &serde_json::Value) -> f64 {
@@ -39,6 +37,7 @@ fn embed_json_contract() {
     let images = v["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     assert_eq!(images[0]["path"], img.to_str().unwrap());
+    assert_eq!(images[1]["path"], img2.to_str().unwrap());
     for i in images {
         assert_eq!(i["embedding"].as_array().unwrap().len(), 256);
         assert!((norm(&i["embedding"]) - 1.0).abs() < 1e-4);
@@ -46,6 +45,11 @@ fn embed_json_contract() {
     let texts = v["texts"].as_array().unwrap();
     assert_eq!(texts.len(), 2);
     assert_eq!(texts[0]["text"], "a photo of a cat");
+    assert_eq!(texts[1]["text"], "dog");
+    for t in texts {
+        assert_eq!(t["embedding"].as_array().unwrap().len(), 256);
+        assert!((norm(&t["embedding"]) - 1.0).abs() < 1e-4);
+    }
     // Text embeddings are fully determined by the checkpoint: compare with transformers.
     let meta = load_json(&fixtures().join("tiny-a").join("expected.json"));
     let expected = load_tensors(&fixtures().join("tiny-a").join("expected.safetensors"));
@@ -137,7 +141,7 @@ fn bad_inputs_fail_cleanly() {
 #[test]
 fn offline_hub_id_explains_model_dir() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let out = command()
         .args([
             "embed",
             "--model",
@@ -145,7 +149,7 @@ fn offline_hub_id_explains_model_dir() {
             "--text",
             "a cat",
         ])
-        .env("HF_HUB_OFFLINE", "1")
+        // An empty cache.
         .env("HF_HOME", tmp.path())
         .output()
         .unwrap();

@@ -38,23 +38,13 @@ fn options() -> IngestOptions {
 
 /// Distinct small PNGs `<stem>_<i>.png` in `dir`.
 fn images(dir: &Path, stem: &str, n: usize, seed: u32) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    (0..n)
-        .map(|i| {
-            let mut state = seed
-                .wrapping_mul(2654435761)
-                .wrapping_add(i as u32 * 40503 + 1);
-            let img = image::RgbImage::from_fn(24 + i as u32, 20, |_, _| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-            });
-            let p = dir.join(format!("{stem}_{i}.png"));
-            img.save(&p).unwrap();
-            p
-        })
-        .collect()
+    common::noise_pngs(
+        dir,
+        n,
+        seed,
+        |i| (24 + i as u32, 20),
+        |i| format!("{stem}_{i}.png"),
+    )
 }
 
 fn png_bytes(path: &Path) -> Vec<u8> {
@@ -107,10 +97,18 @@ fn ingest_reports_events_and_sync_removes_what_is_gone() {
     assert_eq!(done, 8, "every file counts once: {events:?}");
     assert!(events.contains(&"failed broken.png".to_string()));
     // Commits after 4 and 7 images (batches of 3: at 6, then at the end).
-    let notes: Vec<&String> = events.iter().filter(|e| e.starts_with("note")).collect();
+    let notes: Vec<&str> = events
+        .iter()
+        .filter(|e| e.starts_with("note committed"))
+        .map(String::as_str)
+        .collect();
     assert_eq!(
-        notes.last().unwrap().as_str(),
-        "note committed: 7 images in the collection"
+        notes,
+        [
+            "note committed: 6 images in the collection",
+            "note committed: 7 images in the collection"
+        ],
+        "{events:?}"
     );
 
     // A second run skips everything; sync drops the removed files.

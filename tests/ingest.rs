@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_blipsearch"));
-    c.env("HF_HUB_OFFLINE", "1").env("RUST_LOG", "warn");
+    let mut c = command();
+    c.env("RUST_LOG", "warn");
     c
 }
 
@@ -28,23 +28,13 @@ fn model_args() -> Vec<String> {
 
 /// `n` distinct small PNGs (different noise) in `dir`.
 fn make_images(dir: &Path, n: usize, seed: u32) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    (0..n)
-        .map(|i| {
-            let mut state = seed
-                .wrapping_mul(2654435761)
-                .wrapping_add(i as u32 * 40503 + 1);
-            let img = image::RgbImage::from_fn(40, 30, |_, _| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-            });
-            let p = dir.join(format!("img_{seed}_{i:03}.png"));
-            img.save(&p).unwrap();
-            p
-        })
-        .collect()
+    common::noise_pngs(
+        dir,
+        n,
+        seed,
+        |_| (40, 30),
+        |i| format!("img_{seed}_{i:03}.png"),
+    )
 }
 
 fn run_json(args: &[String]) -> serde_json::Value {
@@ -542,14 +532,6 @@ fn commands_use_the_collections_models_unless_told_otherwise() {
     assert!(!out.status.success() && err.contains("reindex"), "{err}");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// Models are matched by content: a copy of the weights elsewhere is the same model, a moved
 /// model folder is found again with --model-dir (and remembered), and a text-only search needs
 /// no model at all.
@@ -598,7 +580,6 @@ fn models_are_matched_by_content_and_text_search_needs_none() {
         bin()
             .args(["search", "--index", &idx, "img", "--json"])
             .args(extra)
-            .env_remove("BLIPSEARCH_MODEL_DIR")
             .output()
             .unwrap()
     };

@@ -11,12 +11,7 @@ use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{ModelError, ModelSource, Retriever};
 
 fn copy_checkpoint(to: &Path) {
-    let from = fixtures().join("tiny-a").join("retrieval");
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(&from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-    }
+    copy_dir(&fixtures().join("tiny-a").join("retrieval"), to);
 }
 
 fn load(dir: &Path) -> Result<Retriever, ModelError> {
@@ -85,16 +80,42 @@ fn caption_checkpoint_is_not_a_retrieval_model() {
     assert!(err.contains("BlipForConditionalGeneration"), "{err}");
 }
 
+/// The error names exactly the files that are missing (the hint after it names every file a
+/// checkpoint needs, so the list itself is what is checked).
 #[test]
 fn missing_files_say_what_and_how() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_checkpoint(tmp.path());
-    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
-    let err = load(tmp.path()).err().expect("must fail").to_string();
-    assert!(
-        err.contains("model.safetensors") && err.contains("--model-dir"),
-        "{err}"
-    );
+    for (remove, missing) in [
+        (
+            &["model.safetensors"][..],
+            "model.safetensors (or pytorch_model.bin)",
+        ),
+        (&["config.json"][..], "config.json"),
+        (&["tokenizer.json"][..], ""),
+        (&["vocab.txt"][..], ""),
+        (
+            &["tokenizer.json", "vocab.txt"][..],
+            "tokenizer.json (or vocab.txt)",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_checkpoint(tmp.path());
+        for f in remove {
+            std::fs::remove_file(tmp.path().join(f)).unwrap();
+        }
+        let loaded = load(tmp.path());
+        if missing.is_empty() {
+            assert!(loaded.is_ok(), "without {remove:?}: {:?}", loaded.err());
+            continue;
+        }
+        let err = loaded.err().expect("must fail").to_string();
+        let head = format!("model files missing for {}: ", tmp.path().display());
+        let listed = err
+            .strip_prefix(&head)
+            .and_then(|rest| rest.split_once(". "))
+            .map(|(list, _)| list);
+        assert_eq!(listed, Some(missing), "without {remove:?}: {err}");
+        assert!(err.contains("--model-dir"), "{err}");
+    }
 }
 
 #[test]

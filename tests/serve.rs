@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use blipsearch::index::{Collection, Filter, HnswParams, ImageId, Store};
@@ -51,7 +51,7 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
     }
     let index = tmp.path().join("index");
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let mut child = common::command()
         .args(["serve", "--images"])
         .arg(&photos)
         .arg("--index")
@@ -106,7 +106,7 @@ fn serves_ingests_in_background_and_stops_cleanly_on_ctrl_c() {
             format!("image=@photo.jpg {url}/api/images"),
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+        let out = common::command()
             .args(&args)
             .arg("--index")
             .arg(&index)
@@ -197,12 +197,11 @@ fn rss_mib(pid: u32) -> (u64, u64) {
 #[cfg(target_os = "linux")]
 #[test]
 fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
-    use std::io::Write as _;
     const BUDGET_MIB: u64 = 1600;
     let fx = common::fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let mut child = common::command()
         .arg("serve")
         .arg("--index")
         .arg(tmp.path().join("index"))
@@ -223,20 +222,7 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
     }
     // 9950 x 9950 = 99.0 MP, rows of zeros: deflate squeezes 792 MB to a few hundred KB.
     let (w, h) = (9950u32, 9950u32);
-    let mut png_bytes = Vec::new();
-    {
-        let mut e = png::Encoder::new(&mut png_bytes, w, h);
-        e.set_color(png::ColorType::Rgba);
-        e.set_depth(png::BitDepth::Sixteen);
-        e.set_compression(png::Compression::High);
-        let mut writer = e.write_header().unwrap();
-        let mut stream = writer.stream_writer().unwrap();
-        let row = vec![0u8; w as usize * 8];
-        for _ in 0..h {
-            stream.write_all(&row).unwrap();
-        }
-        stream.finish().unwrap();
-    }
+    let png_bytes = common::huge_png(w, h, png::Compression::High);
     assert!(png_bytes.len() < 1 << 20, "{}", png_bytes.len());
     let (before, _) = rss_mib(child.id());
     let png_bytes = std::sync::Arc::new(png_bytes);
@@ -265,9 +251,8 @@ fn peak_memory_stays_within_the_decode_budget_under_concurrent_huge_images() {
 }
 
 fn cli(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let out = common::command()
         .args(args)
-        .env("HF_HUB_OFFLINE", "1")
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -411,11 +396,10 @@ fn a_collection_keeps_its_promises_across_processes() {
 /// A `serve --no-captions` process with the collection's models and `args` (where the
 /// collection is) on `port`; returns once it is ready.
 fn serve_node(args: &[&str], port: u16) -> std::process::Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_blipsearch"))
+    let mut child = common::command()
         .args(["serve", "--no-captions"])
         .args(args)
         .args(["--bind", &format!("127.0.0.1:{port}")])
-        .env("HF_HUB_OFFLINE", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
