@@ -44,17 +44,21 @@ fn assert_same(what: &str, json: &BlipTokenizer, vocab: &BlipTokenizer) {
         assert_eq!(a.truncated, b.truncated, "{what}: {text:?}");
         let pieces = json.pieces(text).unwrap();
         assert_eq!(pieces, vocab.pieces(text).unwrap(), "{what}: {text:?}");
-        // Decoding is compared on word pieces only: the vocab.txt pipeline does not mark BERT's
-        // own special tokens ([PAD] [UNK] [CLS] [SEP] [MASK]) as special, so it spells them out.
-        if pieces.contains(&UNK) {
-            continue;
-        }
         assert_eq!(
             json.decode(&pieces).unwrap(),
             vocab.decode(&pieces).unwrap(),
             "{what}: {text:?}"
         );
+        assert_eq!(
+            json.decode(&a.ids[0]).unwrap(),
+            vocab.decode(&b.ids[0]).unwrap(),
+            "{what}: {text:?}"
+        );
     }
+    // BERT's own special tokens ([PAD] [UNK] [CLS] [SEP] [MASK]) decode to nothing in both.
+    let specials = [0, UNK, 101, 102, 103];
+    assert_eq!(json.decode(&specials).unwrap(), "", "{what}");
+    assert_eq!(vocab.decode(&specials).unwrap(), "", "{what}");
     // The long text is cut, the others are not: the comparison covered both paths.
     let cut = json
         .encode_batch(&TEXTS, MAX_TEXT_TOKENS)

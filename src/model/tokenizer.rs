@@ -118,6 +118,11 @@ impl BlipTokenizer {
                 t.with_normalizer(Some(BertNormalizer::new(true, true, None, true)));
                 t.with_pre_tokenizer(Some(BertPreTokenizer));
                 t.with_decoder(Some(WordPieceDecoder::default()));
+                // As bert-base-uncased's tokenizer.json has them: special, so never decoded.
+                t.add_special_tokens(
+                    &["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                        .map(|name| AddedToken::from(name, true)),
+                );
                 t
             }
             (None, None) => {
