@@ -38,7 +38,7 @@ fn images(meta: &serde_json::Value) -> Vec<image::DynamicImage> {
         .collect()
 }
 
-/// The bound is max 0.02 / mean 1e-3 (about one 8-bit level); decoding (libjpeg-turbo) and
+/// The bound is max 0.02 / mean 1e-3 (about one 8-bit level); decoding (libjpeg-turbo) and
 /// resizing (Pillow's arithmetic) are reproduced exactly, so only float rounding remains.
 fn check_pixels(what: &str, ours: &Tensor, theirs: &Tensor) {
     let (max, mean) = diff(ours, theirs);
