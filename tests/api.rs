@@ -1041,8 +1041,8 @@ async fn described_synthetic_scenes_rank_first(rerank: u32) {
     use blipsearch::eval::synth::{generate, SynthParams};
     let fx = common::fixtures();
     let world = tempfile::tempdir().unwrap();
-    // A fresh world from the same generator (another seed): new renderings (positions, sizes,
-    // noise) of scenes the models trained on, never these images.
+    // A fresh world from the same generator (another seed): new renderings (placement,
+    // background) of scenes the models trained on, never these images.
     generate(
         world.path(),
         &SynthParams {
