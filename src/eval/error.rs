@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use crate::engine::EngineError;
 use crate::model::ModelError;
 
 /// What can go wrong while generating, reading or evaluating a dataset.
@@ -11,9 +10,6 @@ pub enum EvalError {
     /// A model failed to load or run.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The engine failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
     /// A file or folder could not be read or written (fs-err: the message names the path).
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -4,14 +4,16 @@
 //!
 //! - [`params`]: the trainable parameters (a candle `VarMap` under HF tensor names), loaded from a
 //!   checkpoint or initialised from a config, and written back as an HF checkpoint;
-//! - [`objectives`]: the networks built over those parameters and the three losses, with the
-//!   momentum encoders and feature queues of ITC;
+//! - [`nets`]: the networks (retrieval, its momentum encoders, captioner) over a `VarBuilder`;
+//! - [`objectives`]: the three losses over the parameters, with the momentum encoders and
+//!   feature queues of ITC;
 //! - [`optim`]: AdamW (decoupled weight decay, as `torch.optim.AdamW`) and the warm-up + cosine
 //!   learning-rate schedule;
 //! - [`data`]: JSON-lines and COCO Karpathy-style caption datasets;
 //! - [`trainer`]: the loop (batches, progress, checkpoints, resume).
 
 pub mod data;
+pub mod nets;
 pub mod objectives;
 pub mod optim;
 pub mod params;

@@ -25,14 +25,12 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::nets::{has_momentum_copy, MomentumNet};
+pub use super::nets::{CaptionNet, RetrievalNet};
 use super::params::{ParamStore, TEMP};
 use super::{Result, TrainError};
-use crate::model::config::BlipConfig;
-use crate::model::layers::{l2_normalize, linear, log_softmax_diff, softmax_diff};
-use crate::model::linear::Linear;
-use crate::model::text::{TextDecoder, TextModel};
+use crate::model::layers::{l2_normalize, log_softmax_diff, softmax_diff};
 use crate::model::tokenizer::{BlipTokenizer, DEC, ENC, MAX_TEXT_TOKENS};
-use crate::model::vision::VisionModel;
 
 /// BLIP's momentum coefficient.
 pub const MOMENTUM: f64 = 0.995;
@@ -44,85 +42,6 @@ pub const LABEL_SMOOTHING: f64 = 0.1;
 pub const MAX_CAPTION_TOKENS: usize = 40;
 /// The label of a position left out of the LM loss.
 pub const IGNORE: i64 = -100;
-
-/// `BlipForImageTextRetrieval` as a trainable network.
-pub struct RetrievalNet {
-    /// The ViT.
-    pub vision: VisionModel,
-    /// The text encoder (with cross-attention for ITM).
-    pub text: TextModel,
-    /// Image features to the ITC space.
-    pub vision_proj: Linear,
-    /// Text features to the ITC space.
-    pub text_proj: Linear,
-    /// ITM classifier (index 1 = match).
-    pub itm_head: Linear,
-}
-
-impl RetrievalNet {
-    /// Builds the network over `vb` (HF names).
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let e = cfg.image_text_hidden_size;
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, true, vb.pp("text_encoder"))?,
-            vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
-            itm_head: linear(cfg.text.hidden_size, 2, vb.pp("itm_head"))?,
-        })
-    }
-}
-
-/// The momentum encoders: the unimodal parts of [`RetrievalNet`] (no cross-attention, no ITM).
-struct MomentumNet {
-    vision: VisionModel,
-    text: TextModel,
-    vision_proj: Linear,
-    text_proj: Linear,
-}
-
-impl MomentumNet {
-    fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let e = cfg.image_text_hidden_size;
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, false, vb.pp("text_encoder"))?,
-            vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
-        })
-    }
-}
-
-/// Whether a parameter has a momentum copy.
-fn has_momentum_copy(name: &str) -> bool {
-    [
-        "vision_model.",
-        "vision_proj.",
-        "text_proj.",
-        "text_encoder.",
-    ]
-    .iter()
-    .any(|p| name.starts_with(p))
-        && !name.contains(".crossattention.")
-}
-
-/// `BlipForConditionalGeneration` as a trainable network.
-pub struct CaptionNet {
-    /// The ViT.
-    pub vision: VisionModel,
-    /// The image-grounded decoder.
-    pub decoder: TextDecoder,
-}
-
-impl CaptionNet {
-    /// Builds the network over `vb` (HF names).
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            decoder: TextDecoder::new(&cfg.text, vb.pp("text_decoder"))?,
-        })
-    }
-}
 
 /// One retrieval batch.
 pub struct RetrievalBatch {
