@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::model::ModelError;
+use crate::train::dataset_file::DatasetFileError;
 
 /// What can go wrong while generating, reading or evaluating a dataset.
 #[derive(Debug, thiserror::Error)]
@@ -22,15 +23,8 @@ pub enum EvalError {
         source: image::ImageError,
     },
     /// A dataset file is malformed.
-    #[error("{path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
-    Dataset {
-        /// The dataset file.
-        path: PathBuf,
-        /// The 1-based line, for JSON lines files.
-        line: Option<usize>,
-        /// What is wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    Dataset(#[from] DatasetFileError),
     /// Bad options or arguments.
     #[error("invalid input: {0}")]
     InvalidInput(String),

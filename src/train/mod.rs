@@ -9,10 +9,13 @@
 //!   feature queues of ITC;
 //! - [`optim`]: AdamW (decoupled weight decay, as `torch.optim.AdamW`) and the warm-up + cosine
 //!   learning-rate schedule;
-//! - [`data`]: JSON-lines and COCO Karpathy-style caption datasets;
+//! - [`dataset_file`]: the reader of caption dataset files (JSON lines, BLIP annotations,
+//!   Karpathy split files), shared with evaluation;
+//! - [`data`]: training pairs with their images preprocessed;
 //! - [`trainer`]: the loop (batches, progress, checkpoints, resume).
 
 pub mod data;
+pub mod dataset_file;
 pub mod nets;
 pub mod objectives;
 pub mod optim;
@@ -61,6 +64,16 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<dataset_file::DatasetFileError> for TrainError {
+    fn from(e: dataset_file::DatasetFileError) -> Self {
+        TrainError::Data {
+            path: e.path,
+            line: e.line.unwrap_or(0),
+            reason: e.message,
+        }
+    }
 }
 
 /// Result alias of the training layer.
