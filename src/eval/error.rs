@@ -32,3 +32,13 @@ pub enum EvalError {
 
 /// Result alias of the evaluation layer.
 pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// Refuses a batch size of zero.
+pub(crate) fn check_batch_size(batch_size: usize) -> Result<()> {
+    if batch_size == 0 {
+        return Err(EvalError::InvalidInput(
+            "batch size must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}

@@ -27,31 +27,41 @@ pub struct RetrievalNet {
 impl RetrievalNet {
     /// Builds the network over `vb` (HF names).
     pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let e = cfg.image_text_hidden_size;
+        let Encoders {
+            vision,
+            text,
+            vision_proj,
+            text_proj,
+        } = Encoders::new(cfg, vb.clone(), true)?;
         Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, true, vb.pp("text_encoder"))?,
-            vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
+            vision,
+            text,
+            vision_proj,
+            text_proj,
             itm_head: linear(cfg.text.hidden_size, 2, vb.pp("itm_head"))?,
         })
     }
 }
 
-/// The momentum encoders: the unimodal parts of [`RetrievalNet`] (no cross-attention, no ITM).
-pub(super) struct MomentumNet {
+/// The image and text encoders of [`RetrievalNet`] with their ITC projections; without
+/// cross-attention they are the momentum encoders.
+pub(super) struct Encoders {
     pub(super) vision: VisionModel,
     pub(super) text: TextModel,
     pub(super) vision_proj: Linear,
     pub(super) text_proj: Linear,
 }
 
-impl MomentumNet {
-    pub(super) fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+impl Encoders {
+    pub(super) fn new(
+        cfg: &BlipConfig,
+        vb: VarBuilder,
+        cross_attention: bool,
+    ) -> candle_core::Result<Self> {
         let e = cfg.image_text_hidden_size;
         Ok(Self {
             vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, false, vb.pp("text_encoder"))?,
+            text: TextModel::new(&cfg.text, cross_attention, vb.pp("text_encoder"))?,
             vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
             text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
         })

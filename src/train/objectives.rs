@@ -25,7 +25,7 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::nets::{has_momentum_copy, MomentumNet};
+use super::nets::{has_momentum_copy, Encoders};
 pub use super::nets::{CaptionNet, RetrievalNet};
 use super::params::{ParamStore, TEMP};
 use super::{Result, TrainError};
@@ -329,7 +329,7 @@ impl RetrievalState {
         self.image_queue = get("queue.image")?;
         self.text_queue = get("queue.text")?;
         self.idx_queue = get("queue.idx")?.to_vec1::<i64>()?;
-        // States written before also-match lists existed have none.
+        // A state file may lack the also-match lists (`queue.also`): then the queue has none.
         self.also_queue = match t.get("queue.also") {
             Some(a) => a
                 .to_vec2::<i64>()?
@@ -463,7 +463,7 @@ pub fn retrieval_losses(
     // Momentum features (no gradient).
     state.momentum_update(store)?;
     let mvb = VarBuilder::from_tensors(state.momentum.clone(), DType::F32, dev);
-    let mnet = MomentumNet::new(cfg, mvb)?;
+    let mnet = Encoders::new(cfg, mvb, false)?;
     let image_embeds_m = mnet.vision.forward(&batch.pixels)?;
     let image_feat_m =
         l2_normalize(&mnet.vision_proj.forward(&image_embeds_m.i((.., 0))?)?)?.detach();
