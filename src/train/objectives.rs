@@ -47,7 +47,7 @@ pub const IGNORE: i64 = -100;
 pub struct RetrievalBatch {
     /// Preprocessed images `(B, 3, S, S)`.
     pub pixels: Tensor,
-    /// `[CLS] caption [SEP]` token ids `(B, L)` u32, padded with [PAD].
+    /// `[CLS] caption [SEP]` token ids `(B, L)` u32, padded with `[PAD]`.
     pub ids: Tensor,
     /// 1 for tokens, 0 for padding, `(B, L)` u32.
     pub mask: Tensor,
@@ -100,7 +100,7 @@ impl RetrievalBatch {
 pub struct CaptionBatch {
     /// Preprocessed images `(B, 3, S, S)`.
     pub pixels: Tensor,
-    /// `[DEC] prompt caption [SEP]` token ids `(B, L)` u32, padded with [PAD].
+    /// `[DEC] prompt caption [SEP]` token ids `(B, L)` u32, padded with `[PAD]`.
     pub ids: Tensor,
     /// 1 for tokens, 0 for padding.
     pub mask: Tensor,
