@@ -1,7 +1,7 @@
 //! Semantic checks on the tiny models trained on the synthetic world (`tests/fixtures/synth/`,
 //! trained with `blipsearch train` on `blipsearch synth-world` output; the world is regenerated
 //! here from the parameters in `world.json`, byte-identical to the one trained on). The test
-//! split was never trained on.
+//! images were never trained on; their scenes were, in other renderings (see `eval::synth`).
 
 mod common;
 

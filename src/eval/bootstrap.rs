@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::dataset::Dataset;
-use super::error::{EvalError, Result};
+use super::error::{check_batch_size, EvalError, Result};
 use crate::model::preprocess::{load_image, DecodeLimits};
 use crate::model::{capfilt_images, CandidateSource, CapFiltParams, Captioner, Retriever};
 use crate::progress::{Event, Progress};
@@ -127,11 +127,7 @@ pub fn capfilt_dataset(
     opts: &BootstrapOptions,
     progress: &dyn Progress,
 ) -> Result<BootstrapSummary> {
-    if opts.batch_size == 0 {
-        return Err(EvalError::InvalidInput(
-            "batch size must be at least 1".into(),
-        ));
-    }
+    check_batch_size(opts.batch_size)?;
     let file = fs_err::File::create(out)?;
     let mut writer = std::io::BufWriter::new(file);
     let mut summary = BootstrapSummary {

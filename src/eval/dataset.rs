@@ -1,24 +1,21 @@
-//! Captioned image datasets, in the three formats BLIP's evaluation and fine-tuning meet:
+//! Captioned image datasets for evaluation, read by [`crate::train::dataset_file`] in the three
+//! formats BLIP's evaluation and fine-tuning meet (JSON lines, BLIP annotation arrays, Karpathy
+//! split files), as images with their texts:
 //!
-//! - JSON lines, one `{"image": path, "caption": text}` per line (`caption` may also be a list);
-//!   lines naming the same image are merged, in first-appearance order. Optional `"wrong": bool`
-//!   marks a text known to be wrong (the synthetic world's noise), for CapFilt precision/recall.
-//! - BLIP annotation files (`coco_karpathy_test.json`, `flickr30k_test.json`, ...): a JSON array
-//!   of `{"image": "val2014/x.jpg", "caption": [..] | "..."}`, other fields ignored; entries
-//!   naming the same image are merged.
-//! - Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: `{"images": [{"filepath",
-//!   "filename", "split", "sentences": [{"raw"}]}]}` (`filepath` is absent in the Flickr file);
-//!   only the images of the chosen split are read (`restval` is a split of its own).
+//! - entries naming the same image are merged, in first-appearance order;
+//! - `"wrong": bool` marks a text known to be wrong (the synthetic world's noise), for CapFilt
+//!   precision/recall;
+//! - of a Karpathy file only the images of the chosen split are read (`restval` is a split of
+//!   its own); the other formats have no splits.
 //!
 //! Image paths are kept as written and resolved against an images root ([`Dataset::resolve`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde_json::Value;
-
-use super::error::{EvalError, Result};
+use super::error::Result;
+use crate::train::dataset_file::DatasetFile;
+pub use crate::train::dataset_file::DatasetFormat;
 
 /// One text of a dataset item.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,18 +37,6 @@ pub struct DatasetItem {
     pub origin: usize,
 }
 
-/// The file layouts [`Dataset::load`] understands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetFormat {
-    /// One JSON object per line.
-    JsonLines,
-    /// A JSON array of `{"image", "caption"}` (BLIP annotations).
-    Annotations,
-    /// Karpathy's `{"images": [...]}` split file.
-    Karpathy,
-}
-
 /// A captioned image dataset.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -61,49 +46,6 @@ pub struct Dataset {
     pub format: DatasetFormat,
     /// The images with their captions, in file order.
     pub items: Vec<DatasetItem>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Captions {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Captions {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Captions::One(s) => vec![s],
-            Captions::Many(v) => v,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    image: String,
-    caption: Captions,
-    #[serde(default)]
-    wrong: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct KarpathySentence {
-    raw: String,
-}
-
-#[derive(Deserialize)]
-struct KarpathyImage {
-    #[serde(default)]
-    filepath: Option<String>,
-    filename: String,
-    split: String,
-    sentences: Vec<KarpathySentence>,
-}
-
-#[derive(Deserialize)]
-struct KarpathyFile {
-    images: Vec<KarpathyImage>,
 }
 
 /// Items keyed by image, kept in first-appearance order.
@@ -141,91 +83,57 @@ impl Dataset {
 
     /// [`Dataset::load`] on text already read; `path` names it in errors.
     pub fn parse(text: &str, path: &Path, split: Option<&str>) -> Result<Dataset> {
-        let err = |line: Option<usize>, message: String| EvalError::Dataset {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        let trimmed = text.trim_start();
-        let (format, items) = if trimmed.starts_with('[') {
-            let entries: Vec<Value> = serde_json::from_str(text)
-                .map_err(|e| err(None, format!("not a JSON array of annotations: {e}")))?;
-            let mut b = Builder::default();
-            for (i, v) in entries.into_iter().enumerate() {
-                let e: Entry = serde_json::from_value(v).map_err(|e| {
-                    err(
-                        None,
-                        format!("entry {i}: {e} (want {{\"image\": path, \"caption\": text or [texts]}})"),
-                    )
-                })?;
-                b.push(e.image, e.caption.into_vec(), e.wrong, i);
-            }
-            (DatasetFormat::Annotations, b.items)
-        } else if let Some(Ok(Value::Object(map))) = trimmed
-            .starts_with('{')
-            .then(|| serde_json::from_str::<Value>(text))
-            .filter(|v| matches!(v, Ok(Value::Object(m)) if m.contains_key("images")))
-        {
-            let file: KarpathyFile = serde_json::from_value(Value::Object(map))
-                .map_err(|e| err(None, format!("not a Karpathy split file: {e}")))?;
+        let file = DatasetFile::parse(text, path)?;
+        let format = file.format;
+        let mut b = Builder::default();
+        if format == DatasetFormat::Karpathy {
             let split = split.ok_or_else(|| {
-                err(
+                file.error(
                     None,
                     "a Karpathy split file: choose the images with --split (test, val, train, restval)"
                         .into(),
                 )
             })?;
-            let mut b = Builder::default();
-            for (i, img) in file.images.into_iter().enumerate() {
-                if img.split != split {
-                    continue;
-                }
-                let image = match img.filepath.filter(|p| !p.is_empty()) {
-                    Some(dir) => format!("{dir}/{}", img.filename),
-                    None => img.filename,
-                };
-                let texts = img.sentences.into_iter().map(|s| s.raw).collect();
-                b.push(image, texts, None, i);
+            for e in file
+                .entries
+                .iter()
+                .filter(|e| e.split.as_deref() == Some(split))
+            {
+                b.push(e.image.clone(), e.captions.clone(), None, e.origin);
             }
             if b.items.is_empty() {
-                return Err(err(None, format!("no images in split {split:?}")));
+                return Err(file
+                    .error(None, format!("no images in split {split:?}"))
+                    .into());
             }
-            (DatasetFormat::Karpathy, b.items)
         } else {
-            let mut b = Builder::default();
-            for (i, line) in text.lines().enumerate() {
-                let n = i + 1;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let e: Entry = serde_json::from_str(line).map_err(|e| {
-                    err(
-                        Some(n),
-                        format!("{e} (want {{\"image\": path, \"caption\": text}})"),
-                    )
-                })?;
-                b.push(e.image, e.caption.into_vec(), e.wrong, n);
-            }
-            (DatasetFormat::JsonLines, b.items)
-        };
-        if format != DatasetFormat::Karpathy {
             if let Some(s) = split {
-                return Err(err(
-                    None,
-                    format!("--split {s:?} given, but only Karpathy split files have splits"),
-                ));
+                return Err(file
+                    .error(
+                        None,
+                        format!("--split {s:?} given, but only Karpathy split files have splits"),
+                    )
+                    .into());
+            }
+            for e in &file.entries {
+                b.push(e.image.clone(), e.captions.clone(), e.wrong, e.origin);
             }
         }
+        let items = b.items;
         if items.is_empty() {
-            return Err(err(None, "no images in the dataset".into()));
+            return Err(file.error(None, "no images in the dataset".into()).into());
         }
         for item in &items {
-            let line = (format == DatasetFormat::JsonLines).then_some(item.origin);
+            let line = Some(item.origin);
             if item.image.trim().is_empty() {
-                return Err(err(line, "an entry has an empty image path".into()));
+                return Err(file
+                    .error(line, "an entry has an empty image path".into())
+                    .into());
             }
             if item.texts.is_empty() {
-                return Err(err(line, format!("image {} has no captions", item.image)));
+                return Err(file
+                    .error(line, format!("image {} has no captions", item.image))
+                    .into());
             }
         }
         Ok(Dataset {

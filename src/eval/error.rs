@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::engine::EngineError;
 use crate::model::ModelError;
+use crate::train::dataset_file::DatasetFileError;
 
 /// What can go wrong while generating, reading or evaluating a dataset.
 #[derive(Debug, thiserror::Error)]
@@ -11,9 +11,6 @@ pub enum EvalError {
     /// A model failed to load or run.
     #[error(transparent)]
     Model(#[from] ModelError),
-    /// The engine failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
     /// A file or folder could not be read or written (fs-err: the message names the path).
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -26,15 +23,8 @@ pub enum EvalError {
         source: image::ImageError,
     },
     /// A dataset file is malformed.
-    #[error("{path}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
-    Dataset {
-        /// The dataset file.
-        path: PathBuf,
-        /// The 1-based line, for JSON lines files.
-        line: Option<usize>,
-        /// What is wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    Dataset(#[from] DatasetFileError),
     /// Bad options or arguments.
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -42,3 +32,13 @@ pub enum EvalError {
 
 /// Result alias of the evaluation layer.
 pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// Refuses a batch size of zero.
+pub(crate) fn check_batch_size(batch_size: usize) -> Result<()> {
+    if batch_size == 0 {
+        return Err(EvalError::InvalidInput(
+            "batch size must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}

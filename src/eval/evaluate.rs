@@ -19,12 +19,12 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::dataset::Dataset;
-use super::error::{EvalError, Result};
+use super::error::{check_batch_size, EvalError, Result};
 use super::metrics::{cider_d, coco_tokenize, corpus_bleu};
 use crate::model::preprocess::{load_image, DecodeLimits};
 use crate::model::retrieval::rows;
 use crate::model::{
-    CaptionParams, Captioner, GenerationMode, ItmFirstToken, ModelError, Retriever,
+    CaptionParams, Captioner, GenerationMode, ItmFirstToken, ItmScore, ModelError, Retriever,
 };
 use crate::progress::{Event, Progress};
 
@@ -210,6 +210,21 @@ fn reranked(itc_order: &[usize], rerank: &[f32]) -> Vec<usize> {
     out
 }
 
+/// [`reranked`] by ITM: the first `itm.len()` candidates of `itc_order` scored by their ITM match
+/// logit plus their ITC similarity (`sim` of the candidate).
+fn reranked_by_itm(
+    itc_order: &[usize],
+    itm: &[ItmScore],
+    sim: impl Fn(usize) -> f32,
+) -> Vec<usize> {
+    let score: Vec<f32> = itc_order
+        .iter()
+        .zip(itm)
+        .map(|(&c, s)| s.logits[1] + sim(c))
+        .collect();
+    reranked(itc_order, &score)
+}
+
 /// Evaluates image<->text retrieval over every image and caption of `data`.
 pub fn evaluate_retrieval(
     model: &Retriever,
@@ -311,12 +326,10 @@ pub fn evaluate_retrieval(
         let top = &i2t_itc[i][..k_txt];
         let cand: Vec<&str> = top.iter().map(|&t| texts[t]).collect();
         let itm = model.itm(&cand, &img_tokens[i], &vec![0; k_txt], opts.itm_first_token)?;
-        let score: Vec<f32> = top
-            .iter()
-            .zip(&itm)
-            .map(|(&t, s)| s.logits[1] + sims[i][t])
-            .collect();
-        tr.push(tr_rank(i, &reranked(&i2t_itc[i], &score)));
+        tr.push(tr_rank(
+            i,
+            &reranked_by_itm(&i2t_itc[i], &itm, |t| sims[i][t]),
+        ));
         pb.inc(1);
     }
     // Text -> image: each text against its top k images.
@@ -328,12 +341,10 @@ pub fn evaluate_retrieval(
         let cand = vec![texts[t]; k_img];
         let index: Vec<usize> = (0..k_img).collect();
         let itm = model.itm(&cand, &tokens, &index, opts.itm_first_token)?;
-        let score: Vec<f32> = top
-            .iter()
-            .zip(&itm)
-            .map(|(&i, s)| s.logits[1] + sims[i][t])
-            .collect();
-        ir.push(ir_rank(t, &reranked(&t2i_itc[t], &score)));
+        ir.push(ir_rank(
+            t,
+            &reranked_by_itm(&t2i_itc[t], &itm, |i| sims[i][t]),
+        ));
         pb.inc(1);
     }
     drop(pb);
@@ -351,11 +362,7 @@ pub fn evaluate_captions(
     opts: &EvalOptions,
     progress: &dyn Progress,
 ) -> Result<CaptionReport> {
-    if opts.batch_size == 0 {
-        return Err(EvalError::InvalidInput(
-            "batch size must be at least 1".into(),
-        ));
-    }
+    check_batch_size(opts.batch_size)?;
     if matches!(opts.caption.mode, GenerationMode::Sample(_)) {
         return Err(EvalError::InvalidInput(
             "caption evaluation needs one deterministic caption per image (beam or greedy)".into(),

@@ -1,8 +1,6 @@
-//! Caption datasets: JSON lines `{"image": path, "caption": text}`, or one JSON document in the
-//! COCO Karpathy style (BLIP's `coco_karpathy_train.json`: a list of `{"image", "caption"}` with
-//! one caption or a list; or Karpathy's `dataset_coco.json`: `{"images": [{"filepath",
-//! "filename", "sentences": [{"raw"}], "split"}]}`, of which the `train` and `restval` splits are
-//! used).
+//! Caption datasets for training, read by [`super::dataset_file`]: JSON lines `{"image": path,
+//! "caption": text}`, BLIP's annotation arrays (`coco_karpathy_train.json`) or Karpathy's
+//! `dataset_coco.json`, of which the `train` and `restval` splits are used.
 //!
 //! A record may carry an `"image_id"` (string or number), as BLIP's own annotation files do: pairs
 //! that share one are the same picture for training (BLIP's `idx`), so they are one another's ITC
@@ -19,12 +17,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use serde::Deserialize;
-use serde_json::Value;
-
+use super::dataset_file::{DatasetFile, DatasetFormat};
 use super::{Result, TrainError};
 use crate::model::preprocess::{load_image, pixel_values, DecodeLimits};
+use candle_core::{Device, Tensor};
 
 /// One (image, caption) pair.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,16 +48,6 @@ pub struct Dataset {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
-#[derive(Deserialize)]
-struct Line {
-    image: String,
-    caption: String,
-    #[serde(default)]
-    image_id: Option<Value>,
-    #[serde(default)]
-    also_matches: Option<Value>,
-}
-
 /// One record of a dataset file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
@@ -76,15 +62,6 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(image: &str, caption: &str, image_id: Option<&Value>) -> Self {
-        Self {
-            image: image.to_string(),
-            caption: caption.to_string(),
-            image_id: image_id.and_then(id_text),
-            also_matches: Vec::new(),
-        }
-    }
-
     /// The key pairs are grouped by: the `image_id` when given, else the image path (the flag
     /// keeps an id from ever equalling a path).
     pub fn group_key(&self) -> (bool, &str) {
@@ -95,139 +72,44 @@ impl Record {
     }
 }
 
-fn id_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-/// Reads the records of a dataset file, in file order.
+/// Reads the records of a dataset file, in file order: one per caption, of the `train` and
+/// `restval` images of a Karpathy split file (images without a split count as `train`).
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     let text = fs_err::read_to_string(path).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let is_jsonl = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
-    if !is_jsonl {
-        if let Ok(doc) = serde_json::from_str::<Value>(&text) {
-            if doc.is_array() || doc.get("images").is_some() {
-                return karpathy(path, &doc);
-            }
-        }
-    }
+    let file = DatasetFile::parse(&text, path)?;
+    let karpathy = file.format == DatasetFormat::Karpathy;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for entry in file.entries {
+        if karpathy
+            && !matches!(
+                entry.split.as_deref().unwrap_or("train"),
+                "train" | "restval"
+            )
+        {
             continue;
         }
-        let rec: Line = serde_json::from_str(line).map_err(|e| TrainError::Data {
-            path: path.to_path_buf(),
-            line: i + 1,
-            reason: format!("expected {{\"image\": path, \"caption\": text}}: {e}"),
-        })?;
-        if rec.image_id.as_ref().is_some_and(|v| id_text(v).is_none()) {
-            return Err(TrainError::Data {
-                path: path.to_path_buf(),
-                line: i + 1,
-                reason: "\"image_id\" must be a string or a number".into(),
+        for caption in entry.captions {
+            out.push(Record {
+                image: entry.image.clone(),
+                caption,
+                image_id: entry.image_id.clone(),
+                also_matches: entry.also_matches.clone(),
             });
         }
-        let also_matches = match &rec.also_matches {
-            None => Vec::new(),
-            Some(Value::Array(ids)) => ids
-                .iter()
-                .map(id_text)
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| TrainError::Data {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    reason: "\"also_matches\" must list strings or numbers".into(),
-                })?,
-            Some(_) => {
-                return Err(TrainError::Data {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    reason: "\"also_matches\" must be a list of image ids".into(),
-                })
-            }
+    }
+    if out.is_empty() {
+        let reason = if karpathy {
+            "no (image, caption) pairs (in the train/restval splits)"
+        } else {
+            "no (image, caption) pairs"
         };
-        let mut record = Record::new(&rec.image, &rec.caption, rec.image_id.as_ref());
-        record.also_matches = also_matches;
-        out.push(record);
-    }
-    if out.is_empty() {
         return Err(TrainError::Data {
             path: path.to_path_buf(),
             line: 0,
-            reason: "no (image, caption) pairs".into(),
-        });
-    }
-    Ok(out)
-}
-
-fn karpathy(path: &Path, doc: &Value) -> Result<Vec<Record>> {
-    let bad = |i: usize, what: &str| TrainError::Data {
-        path: path.to_path_buf(),
-        line: 0,
-        reason: format!("entry {i}: {what}"),
-    };
-    let mut out = Vec::new();
-    if let Some(list) = doc.as_array() {
-        for (i, e) in list.iter().enumerate() {
-            let image = e
-                .get("image")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(i, "no \"image\" string"))?;
-            let id = e.get("image_id");
-            match e.get("caption") {
-                Some(Value::String(c)) => out.push(Record::new(image, c, id)),
-                Some(Value::Array(cs)) => {
-                    for c in cs {
-                        let c = c
-                            .as_str()
-                            .ok_or_else(|| bad(i, "a caption is not a string"))?;
-                        out.push(Record::new(image, c, id));
-                    }
-                }
-                _ => return Err(bad(i, "no \"caption\" string or list")),
-            }
-        }
-    } else if let Some(list) = doc.get("images").and_then(Value::as_array) {
-        for (i, e) in list.iter().enumerate() {
-            let split = e.get("split").and_then(Value::as_str).unwrap_or("train");
-            if split != "train" && split != "restval" {
-                continue;
-            }
-            let file = e
-                .get("filename")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(i, "no \"filename\""))?;
-            let image = match e.get("filepath").and_then(Value::as_str) {
-                Some(dir) => format!("{dir}/{file}"),
-                None => file.to_string(),
-            };
-            let sentences = e
-                .get("sentences")
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad(i, "no \"sentences\" list"))?;
-            for s in sentences {
-                let raw = s
-                    .get("raw")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| bad(i, "a sentence has no \"raw\" text"))?;
-                out.push(Record::new(&image, raw, None));
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err(TrainError::Data {
-            path: path.to_path_buf(),
-            line: 0,
-            reason: "no (image, caption) pairs (in the train/restval splits)".into(),
+            reason: reason.into(),
         });
     }
     Ok(out)

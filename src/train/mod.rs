@@ -4,14 +4,19 @@
 //!
 //! - [`params`]: the trainable parameters (a candle `VarMap` under HF tensor names), loaded from a
 //!   checkpoint or initialised from a config, and written back as an HF checkpoint;
-//! - [`objectives`]: the networks built over those parameters and the three losses, with the
-//!   momentum encoders and feature queues of ITC;
+//! - [`nets`]: the networks (retrieval, its momentum encoders, captioner) over a `VarBuilder`;
+//! - [`objectives`]: the three losses over the parameters, with the momentum encoders and
+//!   feature queues of ITC;
 //! - [`optim`]: AdamW (decoupled weight decay, as `torch.optim.AdamW`) and the warm-up + cosine
 //!   learning-rate schedule;
-//! - [`data`]: JSON-lines and COCO Karpathy-style caption datasets;
+//! - [`dataset_file`]: the reader of caption dataset files (JSON lines, BLIP annotations,
+//!   Karpathy split files), shared with evaluation;
+//! - [`data`]: training pairs with their images preprocessed;
 //! - [`trainer`]: the loop (batches, progress, checkpoints, resume).
 
 pub mod data;
+pub mod dataset_file;
+pub mod nets;
 pub mod objectives;
 pub mod optim;
 pub mod params;
@@ -59,6 +64,16 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<dataset_file::DatasetFileError> for TrainError {
+    fn from(e: dataset_file::DatasetFileError) -> Self {
+        TrainError::Data {
+            path: e.path,
+            line: e.line.unwrap_or(0),
+            reason: e.message,
+        }
+    }
 }
 
 /// Result alias of the training layer.

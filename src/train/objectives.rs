@@ -25,14 +25,12 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::nets::{has_momentum_copy, Encoders};
+pub use super::nets::{CaptionNet, RetrievalNet};
 use super::params::{ParamStore, TEMP};
 use super::{Result, TrainError};
-use crate::model::config::BlipConfig;
-use crate::model::layers::{l2_normalize, linear, log_softmax_diff, softmax_diff};
-use crate::model::linear::Linear;
-use crate::model::text::{TextDecoder, TextModel};
+use crate::model::layers::{l2_normalize, log_softmax_diff, softmax_diff};
 use crate::model::tokenizer::{BlipTokenizer, DEC, ENC, MAX_TEXT_TOKENS};
-use crate::model::vision::VisionModel;
 
 /// BLIP's momentum coefficient.
 pub const MOMENTUM: f64 = 0.995;
@@ -45,90 +43,11 @@ pub const MAX_CAPTION_TOKENS: usize = 40;
 /// The label of a position left out of the LM loss.
 pub const IGNORE: i64 = -100;
 
-/// `BlipForImageTextRetrieval` as a trainable network.
-pub struct RetrievalNet {
-    /// The ViT.
-    pub vision: VisionModel,
-    /// The text encoder (with cross-attention for ITM).
-    pub text: TextModel,
-    /// Image features to the ITC space.
-    pub vision_proj: Linear,
-    /// Text features to the ITC space.
-    pub text_proj: Linear,
-    /// ITM classifier (index 1 = match).
-    pub itm_head: Linear,
-}
-
-impl RetrievalNet {
-    /// Builds the network over `vb` (HF names).
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let e = cfg.image_text_hidden_size;
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, true, vb.pp("text_encoder"))?,
-            vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
-            itm_head: linear(cfg.text.hidden_size, 2, vb.pp("itm_head"))?,
-        })
-    }
-}
-
-/// The momentum encoders: the unimodal parts of [`RetrievalNet`] (no cross-attention, no ITM).
-struct MomentumNet {
-    vision: VisionModel,
-    text: TextModel,
-    vision_proj: Linear,
-    text_proj: Linear,
-}
-
-impl MomentumNet {
-    fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let e = cfg.image_text_hidden_size;
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            text: TextModel::new(&cfg.text, false, vb.pp("text_encoder"))?,
-            vision_proj: linear(cfg.vision.hidden_size, e, vb.pp("vision_proj"))?,
-            text_proj: linear(cfg.text.hidden_size, e, vb.pp("text_proj"))?,
-        })
-    }
-}
-
-/// Whether a parameter has a momentum copy.
-fn has_momentum_copy(name: &str) -> bool {
-    [
-        "vision_model.",
-        "vision_proj.",
-        "text_proj.",
-        "text_encoder.",
-    ]
-    .iter()
-    .any(|p| name.starts_with(p))
-        && !name.contains(".crossattention.")
-}
-
-/// `BlipForConditionalGeneration` as a trainable network.
-pub struct CaptionNet {
-    /// The ViT.
-    pub vision: VisionModel,
-    /// The image-grounded decoder.
-    pub decoder: TextDecoder,
-}
-
-impl CaptionNet {
-    /// Builds the network over `vb` (HF names).
-    pub fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self {
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision_model"))?,
-            decoder: TextDecoder::new(&cfg.text, vb.pp("text_decoder"))?,
-        })
-    }
-}
-
 /// One retrieval batch.
 pub struct RetrievalBatch {
     /// Preprocessed images `(B, 3, S, S)`.
     pub pixels: Tensor,
-    /// `[CLS] caption [SEP]` token ids `(B, L)` u32, padded with [PAD].
+    /// `[CLS] caption [SEP]` token ids `(B, L)` u32, padded with `[PAD]`.
     pub ids: Tensor,
     /// 1 for tokens, 0 for padding, `(B, L)` u32.
     pub mask: Tensor,
@@ -181,7 +100,7 @@ impl RetrievalBatch {
 pub struct CaptionBatch {
     /// Preprocessed images `(B, 3, S, S)`.
     pub pixels: Tensor,
-    /// `[DEC] prompt caption [SEP]` token ids `(B, L)` u32, padded with [PAD].
+    /// `[DEC] prompt caption [SEP]` token ids `(B, L)` u32, padded with `[PAD]`.
     pub ids: Tensor,
     /// 1 for tokens, 0 for padding.
     pub mask: Tensor,
@@ -410,7 +329,7 @@ impl RetrievalState {
         self.image_queue = get("queue.image")?;
         self.text_queue = get("queue.text")?;
         self.idx_queue = get("queue.idx")?.to_vec1::<i64>()?;
-        // States written before also-match lists existed have none.
+        // A state file may lack the also-match lists (`queue.also`): then the queue has none.
         self.also_queue = match t.get("queue.also") {
             Some(a) => a
                 .to_vec2::<i64>()?
@@ -544,7 +463,7 @@ pub fn retrieval_losses(
     // Momentum features (no gradient).
     state.momentum_update(store)?;
     let mvb = VarBuilder::from_tensors(state.momentum.clone(), DType::F32, dev);
-    let mnet = MomentumNet::new(cfg, mvb)?;
+    let mnet = Encoders::new(cfg, mvb, false)?;
     let image_embeds_m = mnet.vision.forward(&batch.pixels)?;
     let image_feat_m =
         l2_normalize(&mnet.vision_proj.forward(&image_embeds_m.i((.., 0))?)?)?.detach();

@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::objectives::{CaptionNet, RetrievalNet};
+use super::nets;
 use super::{Result, TrainError};
 use crate::model::config::{BlipArchitecture, BlipConfig};
 use crate::model::weights::{ModelFiles, WeightsFile};
@@ -147,12 +147,7 @@ impl ParamStore {
     }
 
     fn check_builds(&self, arch: BlipArchitecture) -> Result<()> {
-        let vb = self.var_builder();
-        match arch {
-            BlipArchitecture::Retrieval => RetrievalNet::new(&self.config, vb).map(|_| ())?,
-            BlipArchitecture::Captioning => CaptionNet::new(&self.config, vb).map(|_| ())?,
-        }
-        Ok(())
+        Ok(nets::declare(arch, &self.config, self.var_builder())?)
     }
 
     /// A builder over the variables (for building the networks each step: they then see the
