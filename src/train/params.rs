@@ -232,7 +232,11 @@ impl ParamStore {
             let src = self.side_files_dir.join(name);
             let dst = dir.join(name);
             if src.is_file() && src != dst {
-                fs_err::copy(&src, &dst).map_err(io_err(&src))?;
+                // Through a temporary file: a `dst` that is a link (to `src` itself, say) is
+                // replaced, never written through.
+                let tmp = dir.join(format!("{name}.tmp"));
+                fs_err::copy(&src, &tmp).map_err(io_err(&src))?;
+                fs_err::rename(&tmp, &dst).map_err(io_err(&dst))?;
             }
         }
         Ok(())
@@ -314,5 +318,33 @@ mod tests {
             init_rule("vision_model.embeddings.class_embedding"),
             Init::Normal(_)
         ));
+    }
+
+    /// Saving into a folder whose tokenizer files link to the checkpoint's own (as the test
+    /// fixtures' do) replaces the links and leaves the linked files whole.
+    #[cfg(unix)]
+    #[test]
+    fn saving_over_linked_side_files_keeps_their_targets() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-a/caption");
+        let tmp = tempfile::tempdir().unwrap();
+        let (from, out) = (tmp.path().join("from"), tmp.path().join("out"));
+        fs_err::create_dir_all(&from).unwrap();
+        fs_err::create_dir_all(&out).unwrap();
+        for entry in fs_err::read_dir(&fixture).unwrap() {
+            let path = entry.unwrap().path();
+            fs_err::copy(&path, from.join(path.file_name().unwrap())).unwrap();
+        }
+        let vocab = fs_err::read(from.join("vocab.txt")).unwrap();
+        for name in SIDE_FILES {
+            if from.join(name).is_file() {
+                std::os::unix::fs::symlink(from.join(name), out.join(name)).unwrap();
+            }
+        }
+        let store =
+            ParamStore::from_checkpoint(&from, BlipArchitecture::Captioning, &Device::Cpu).unwrap();
+        store.save_hf(&out).unwrap();
+        assert_eq!(fs_err::read(from.join("vocab.txt")).unwrap(), vocab);
+        assert_eq!(fs_err::read(out.join("vocab.txt")).unwrap(), vocab);
+        assert!(!out.join("vocab.txt").is_symlink());
     }
 }
