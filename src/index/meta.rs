@@ -17,7 +17,6 @@
 //!
 //! Every mutation updates all affected trees, the count and the journal in one sled transaction.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,35 +28,7 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::error::{IndexError, Result};
-
-/// Identifier of an image in a collection: allocated from a monotonic sled counter, never reused.
-///
-/// The same number is the HNSW data id and the tantivy `id` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ImageId(pub u64);
-
-impl ImageId {
-    /// The sled key: big-endian so that key order is id order.
-    pub fn to_key(self) -> [u8; 8] {
-        self.0.to_be_bytes()
-    }
-
-    /// Parses a sled key written by [`ImageId::to_key`].
-    pub fn from_key(key: &[u8]) -> Result<Self> {
-        let bytes: [u8; 8] = key.try_into().map_err(|_| IndexError::Corrupt {
-            path: PathBuf::from("<sled>"),
-            reason: format!("id key of {} bytes", key.len()),
-        })?;
-        Ok(ImageId(u64::from_be_bytes(bytes)))
-    }
-}
-
-impl fmt::Display for ImageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+use super::id::ImageId;
 
 /// Where a caption came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -614,6 +585,7 @@ impl MetaStore {
             .get(path.as_bytes())?
             .map(|v| ImageId::from_key(&v))
             .transpose()
+            .map_err(IndexError::from)
     }
 
     /// The id stored for a content hash.
@@ -622,6 +594,7 @@ impl MetaStore {
             .get(hash.as_bytes())?
             .map(|v| ImageId::from_key(&v))
             .transpose()
+            .map_err(IndexError::from)
     }
 
     /// All records in id order.
@@ -634,7 +607,10 @@ impl MetaStore {
 
     /// All ids in id order.
     pub fn ids(&self) -> impl Iterator<Item = Result<ImageId>> + '_ {
-        self.images.iter().keys().map(|k| ImageId::from_key(&k?))
+        self.images
+            .iter()
+            .keys()
+            .map(|k| Ok(ImageId::from_key(&k?)?))
     }
 
     /// Number of stored images (kept in the `meta` tree, O(1)).
@@ -659,7 +635,7 @@ impl MetaStore {
         self.pending
             .iter()
             .keys()
-            .map(|k| ImageId::from_key(&k?))
+            .map(|k| Ok(ImageId::from_key(&k?)?))
             .collect()
     }
 
@@ -743,7 +719,7 @@ impl MetaStore {
 }
 
 fn id_or_abort(v: &[u8]) -> TxResult<ImageId> {
-    ImageId::from_key(v).map_err(ConflictableTransactionError::Abort)
+    ImageId::from_key(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
 /// Serde for `Vec<f32>` as base64 of little-endian bytes: 1368 characters for 256 dimensions

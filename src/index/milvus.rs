@@ -49,7 +49,8 @@ use serde_json::{json, Value};
 
 use super::error::{IndexError, Result};
 use super::filter::{day_number, exif_day, prefix_end, Filter};
-use super::meta::{CollectionInfo, ImageId, ImageRecord};
+use super::id::ImageId;
+use super::meta::{CollectionInfo, ImageRecord};
 use super::store::{Store, StoreStats};
 use super::text::{check_query, filename_words};
 use super::vectors::check_vector;

@@ -24,6 +24,7 @@ pub mod features;
 pub mod filter;
 mod flat;
 mod fsutil;
+pub mod id;
 pub mod meta;
 pub mod milvus;
 pub mod store;
@@ -43,11 +44,12 @@ pub use blobs::BlobStore;
 pub use error::{IndexError, Result};
 pub use features::{FeatureMatrix, FeatureStore};
 pub use filter::{day_number, Columns, Filter, IdSet};
+pub use id::{BadIdKey, ImageId};
 #[doc(hidden)]
 pub use flat::ExactScan;
 pub use meta::{
-    content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageId,
-    ImageRecord, MetaStore,
+    content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageRecord,
+    MetaStore,
 };
 pub use milvus::{MilvusAddress, MilvusStore};
 pub use store::{Store, StoreStats};

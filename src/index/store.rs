@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use super::error::Result;
 use super::filter::Filter;
-use super::meta::{CollectionInfo, ImageId, ImageRecord};
+use super::id::ImageId;
+use super::meta::{CollectionInfo, ImageRecord};
 
 /// Records with their ITC vector, texts and filterable fields; vector and BM25 top-k with a
 /// filter; lookups by id, path and content hash; commit; counts.

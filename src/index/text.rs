@@ -27,7 +27,8 @@ use tantivy::schema::{
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use super::error::{IndexError, Result};
-use super::meta::{ImageId, ImageRecord};
+use super::id::ImageId;
+use super::meta::ImageRecord;
 
 const WRITER_HEAP_BYTES: usize = 64 << 20;
 

@@ -101,7 +101,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{IndexError, Result};
 use super::flat::{FlatGraph, Rows, TopK};
 use super::fsutil;
-use super::meta::ImageId;
+use super::id::ImageId;
 
 /// The graph's distance (see the module docs).
 type Dist = DistL2;
