@@ -27,9 +27,11 @@ mod fsutil;
 pub mod id;
 pub mod meta;
 pub mod milvus;
+mod simd;
 pub mod store;
 pub mod text;
 pub mod thumbs;
+mod topk;
 pub mod vectors;
 
 #[cfg(test)]
@@ -52,6 +54,7 @@ pub use meta::{
     MetaStore,
 };
 pub use milvus::{MilvusAddress, MilvusStore};
+pub use simd::dot;
 pub use store::{Store, StoreStats};
 pub use text::{filename_words, TextBoosts, TextIndex};
 pub use thumbs::{ThumbnailStore, THUMB_MAX_SIDE};

@@ -84,8 +84,7 @@
 //! corrupt, other dimension) opens an empty index with no generation, and the collection rebuilds
 //! it from sled.
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
 use std::io::Read;
 use std::mem::ManuallyDrop;
 use std::panic::{self, AssertUnwindSafe};
@@ -99,9 +98,10 @@ use hnsw_rs::prelude::{DistL2, Distance};
 use serde::{Deserialize, Serialize};
 
 use super::error::{IndexError, Result};
-use super::flat::{FlatGraph, Rows, TopK};
+use super::flat::{FlatGraph, Rows};
 use super::fsutil;
 use super::id::ImageId;
+use super::topk::TopK;
 
 /// The graph's distance (see the module docs).
 type Dist = DistL2;
@@ -331,21 +331,6 @@ const POST_FILTER_MAX_EF: usize = 4;
 /// fast and never misses (break-even measured near `n / 130` at 1M points and `n / 80` at 100k:
 /// benches/README.md, "1M vectors in one run").
 const SCAN_ROWS_PER_EF: usize = 128;
-
-/// A hit of an exact scan, ordered by distance (max-heap keeps the worst on top).
-#[derive(PartialEq)]
-struct Hit(f32, u64);
-impl Eq for Hit {}
-impl PartialOrd for Hit {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Hit {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
-    }
-}
 
 /// The HNSW index of a collection's ITC vectors (directory `vectors/`).
 pub struct VectorIndex {
@@ -913,22 +898,15 @@ impl VectorIndex {
     /// Exact top-`k` over the allowed points of the graph, by brute force.
     fn exact(&self, q: &[f32], k: usize, allowed: &dyn Fn(u64) -> bool) -> Vec<(ImageId, f32)> {
         let dist = Dist::default();
-        let mut heap = BinaryHeap::with_capacity(k + 1);
+        let mut top = TopK::new(k);
         self.for_each_point(|id, v| {
-            if !allowed(id) {
-                return;
-            }
-            let d = dist.eval(q, v);
-            if heap.len() < k {
-                heap.push(Hit(d, id));
-            } else if heap.peek().is_some_and(|worst: &Hit| d < worst.0) {
-                heap.pop();
-                heap.push(Hit(d, id));
+            if allowed(id) {
+                top.offer(cosine_from_l2(dist.eval(q, v)), id);
             }
         });
-        heap.into_sorted_vec()
+        top.into_sorted()
             .into_iter()
-            .map(|Hit(d, id)| (ImageId(id), cosine_from_l2(d)))
+            .map(|(id, s)| (ImageId(id), s))
             .collect()
     }
 
