@@ -540,7 +540,10 @@ mod tests {
             assert_eq!(ra.row(0), &a[..]);
             let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let got = ra.dot_with(&rb, 0);
-            assert!((got as f64 - want).abs() < 1e-5, "dim {dim}: {got} vs {want}");
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "dim {dim}: {got} vs {want}"
+            );
         }
     }
 

@@ -169,7 +169,10 @@ mod tests {
                 );
             }
             let got = dot(&a, &b);
-            assert!((got as f64 - want).abs() < 1e-5, "dot dim {dim}: {got} vs {want}");
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "dot dim {dim}: {got} vs {want}"
+            );
         }
     }
 
