@@ -468,20 +468,8 @@ impl MetaStore {
                         existing: record.id,
                     });
                 }
-                if let Some(existing) = by_path.get(record.path.as_bytes())? {
-                    return abort(IndexError::AlreadyExists {
-                        kind: "path",
-                        key: record.path.clone(),
-                        existing: id_or_abort(&existing)?,
-                    });
-                }
-                if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
-                    return abort(IndexError::AlreadyExists {
-                        kind: "content hash",
-                        key: record.content_hash.clone(),
-                        existing: id_or_abort(&existing)?,
-                    });
-                }
+                ensure_free(by_path, "path", &record.path)?;
+                ensure_free(by_hash, "content hash", &record.content_hash)?;
                 images.insert(&key, value.as_slice())?;
                 by_path.insert(record.path.as_bytes(), &key)?;
                 by_hash.insert(record.content_hash.as_bytes(), &key)?;
@@ -510,24 +498,12 @@ impl MetaStore {
                     None => return abort(IndexError::NotFound(record.id)),
                 };
                 if old.path != record.path {
-                    if let Some(existing) = by_path.get(record.path.as_bytes())? {
-                        return abort(IndexError::AlreadyExists {
-                            kind: "path",
-                            key: record.path.clone(),
-                            existing: id_or_abort(&existing)?,
-                        });
-                    }
+                    ensure_free(by_path, "path", &record.path)?;
                     by_path.remove(old.path.as_bytes())?;
                     by_path.insert(record.path.as_bytes(), &key)?;
                 }
                 if old.content_hash != record.content_hash {
-                    if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
-                        return abort(IndexError::AlreadyExists {
-                            kind: "content hash",
-                            key: record.content_hash.clone(),
-                            existing: id_or_abort(&existing)?,
-                        });
-                    }
+                    ensure_free(by_hash, "content hash", &record.content_hash)?;
                     by_hash.remove(old.content_hash.as_bytes())?;
                     by_hash.insert(record.content_hash.as_bytes(), &key)?;
                 }
@@ -715,6 +691,19 @@ impl MetaStore {
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Aborts with [`IndexError::AlreadyExists`] when `tree` (`by_path` or `by_hash`, named by
+/// `kind`) already maps `key` to an image.
+fn ensure_free(tree: &TransactionalTree, kind: &'static str, key: &str) -> TxResult<()> {
+    match tree.get(key.as_bytes())? {
+        Some(existing) => abort(IndexError::AlreadyExists {
+            kind,
+            key: key.to_string(),
+            existing: id_or_abort(&existing)?,
+        }),
+        None => Ok(()),
     }
 }
 

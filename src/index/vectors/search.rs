@@ -41,6 +41,13 @@ const POST_FILTER_MAX_EF: usize = 4;
 /// benches/README.md, "1M vectors in one run").
 const SCAN_ROWS_PER_EF: usize = 128;
 
+/// Candidates a post-filtered search fetches when a share `share` of the points passes: enough
+/// that about `k * POST_FILTER_SLACK` of them pass, within `ef..=POST_FILTER_MAX_EF * ef`.
+fn post_filter_fetch(k: usize, ef: usize, share: f64) -> usize {
+    ((k as f64 * POST_FILTER_SLACK / share.max(1e-9)).ceil() as usize)
+        .clamp(ef, POST_FILTER_MAX_EF * ef)
+}
+
 impl VectorIndex {
     /// The `k` nearest live vectors to `query` by cosine similarity, best first, as
     /// `(id, cosine)`.
@@ -118,9 +125,7 @@ impl VectorIndex {
             Strategy::Exact => return Ok(self.exact(&q, k, &allowed)),
             Strategy::Plain | Strategy::Auto => self.graph.hnsw.search(&q, k, ef),
             Strategy::PostFilter(share) => {
-                // Over-fetch so that about `k * slack` of the candidates pass.
-                let want = ((k as f64 * POST_FILTER_SLACK / share.max(1e-9)).ceil() as usize)
-                    .clamp(ef, POST_FILTER_MAX_EF * ef);
+                let want = post_filter_fetch(k, ef, share);
                 self.graph.hnsw.search(&q, want, want)
             }
             Strategy::GraphFilter => {
@@ -192,9 +197,7 @@ impl VectorIndex {
             Strategy::Exact => return self.exact_flat(&q, k, filter, allowed),
             Strategy::Plain | Strategy::Auto => flat.search(&q, ef, None),
             Strategy::PostFilter(share) => {
-                // Over-fetch so that about `k * slack` of the candidates pass.
-                let want = ((k as f64 * POST_FILTER_SLACK / share.max(1e-9)).ceil() as usize)
-                    .clamp(ef, POST_FILTER_MAX_EF * ef);
+                let want = post_filter_fetch(k, ef, share);
                 flat.search(&q, want, None)
             }
             Strategy::GraphFilter => {
