@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{IndexError, Result};
 use super::id::ImageId;
-use super::meta::ImageRecord;
+use super::record::ImageRecord;
 
 /// Restrictions on which images a search may return; every set field must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,7 +50,7 @@ use serde_json::{json, Value};
 use super::error::{IndexError, Result};
 use super::filter::{day_number, exif_day, prefix_end, Filter};
 use super::id::ImageId;
-use super::meta::{CollectionInfo, ImageRecord};
+use super::record::{CollectionInfo, ImageRecord};
 use super::store::{Store, StoreStats};
 use super::text::{check_query, filename_words};
 use super::vectors::check_vector;
@@ -1283,7 +1283,7 @@ mod tests {
 
     #[test]
     fn ids_come_from_the_hash_and_stay_below_2_pow_53() {
-        let h = super::super::meta::content_hash(b"bytes");
+        let h = super::super::record::content_hash(b"bytes");
         let ids: Vec<u64> = (0..ID_ATTEMPTS)
             .map(|a| content_id(&h, a).unwrap().0)
             .collect();

@@ -8,7 +8,7 @@
 //!
 //!   | part | module | directory | role |
 //!   |---|---|---|---|
-//!   | metadata | [`meta`] (sled) | `meta/` | **source of truth**: records, ids, paths, hashes, captions, ITC vectors |
+//!   | metadata | [`meta`] (sled) | `meta/` | **source of truth**: [`record`]s, ids, paths, hashes, captions, ITC vectors |
 //!   | vectors | [`vectors`] (hnsw_rs) | `vectors/` | ANN over ITC vectors; derived |
 //!   | text | [`text`] (tantivy) | `text/` | BM25 over captions, given texts, file names; derived |
 //!   | columns | [`filter`] | memory | filterable fields, rebuilt at open; derived |
@@ -30,6 +30,7 @@ pub mod id;
 mod lock;
 pub mod meta;
 pub mod milvus;
+pub mod record;
 mod simd;
 pub mod store;
 pub mod text;
@@ -48,11 +49,11 @@ pub use filter::{day_number, Columns, Filter, IdSet};
 #[doc(hidden)]
 pub use flat::ExactScan;
 pub use id::{BadIdKey, ImageId};
-pub use meta::{
-    content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageRecord,
-    MetaStore,
-};
+pub use meta::MetaStore;
 pub use milvus::{MilvusAddress, MilvusStore};
+pub use record::{
+    content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageRecord,
+};
 pub use simd::dot;
 pub use store::{Store, StoreStats};
 pub use text::{filename_words, TextBoosts, TextIndex};
