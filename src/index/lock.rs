@@ -7,7 +7,7 @@ use std::path::Path;
 use super::error::{IndexError, Result};
 use super::fsutil;
 
-/// An exclusive lock on a collection directory, held for the life of the [`Collection`].
+/// An exclusive lock on a collection directory, held for the life of the [`super::Collection`].
 ///
 /// An OS advisory lock (`flock` on Unix, `LockFileEx` on Windows) on `LOCK`; it disappears
 /// with the process, so a crash never leaves a stale lock. The file names the holder.

@@ -227,13 +227,17 @@ impl MetaStore {
             .unwrap_or(ImageId(0)))
     }
 
-    /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
-    ///
-    /// Fails with [`IndexError::AlreadyExists`] when the id, the path or the content hash is
-    /// already stored. Records the id in the recovery journal.
-    pub fn insert(&self, record: &ImageRecord) -> Result<()> {
-        let value = serde_json::to_vec(record)?;
-        let key = record.id.to_key();
+    /// The trees that adding or removing an image changes, for one transaction: the record,
+    /// its path and hash entries, the count and the journal.
+    fn record_trees(
+        &self,
+    ) -> (
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+    ) {
         (
             &self.images,
             &self.by_path,
@@ -241,6 +245,16 @@ impl MetaStore {
             &self.meta,
             &self.pending,
         )
+    }
+
+    /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
+    ///
+    /// Fails with [`IndexError::AlreadyExists`] when the id, the path or the content hash is
+    /// already stored. Records the id in the recovery journal.
+    pub fn insert(&self, record: &ImageRecord) -> Result<()> {
+        let value = serde_json::to_vec(record)?;
+        let key = record.id.to_key();
+        self.record_trees()
             .transaction(|(images, by_path, by_hash, meta, pending)| {
                 if images.get(key)?.is_some() {
                     return abort(IndexError::AlreadyExists {
@@ -271,11 +285,8 @@ impl MetaStore {
         let key = record.id.to_key();
         (&self.images, &self.by_path, &self.by_hash, &self.pending)
             .transaction(|(images, by_path, by_hash, pending)| {
-                let old: ImageRecord = match images.get(key)? {
-                    Some(v) => match serde_json::from_slice(&v) {
-                        Ok(r) => r,
-                        Err(e) => return abort(e.into()),
-                    },
+                let old = match images.get(key)? {
+                    Some(v) => record_or_abort(&v)?,
                     None => return abort(IndexError::NotFound(record.id)),
                 };
                 if old.path != record.path {
@@ -299,21 +310,12 @@ impl MetaStore {
     /// unknown. Records the id in the recovery journal.
     pub fn remove(&self, id: ImageId) -> Result<Option<ImageRecord>> {
         let key = id.to_key();
-        (
-            &self.images,
-            &self.by_path,
-            &self.by_hash,
-            &self.meta,
-            &self.pending,
-        )
+        self.record_trees()
             .transaction(|(images, by_path, by_hash, meta, pending)| {
                 let Some(v) = images.remove(&key)? else {
                     return Ok(None);
                 };
-                let old: ImageRecord = match serde_json::from_slice(&v) {
-                    Ok(r) => r,
-                    Err(e) => return abort(e.into()),
-                };
+                let old = record_or_abort(&v)?;
                 if by_path.get(old.path.as_bytes())?.as_deref() == Some(&key[..]) {
                     by_path.remove(old.path.as_bytes())?;
                 }
@@ -486,6 +488,11 @@ fn ensure_free(tree: &TransactionalTree, kind: &'static str, key: &str) -> TxRes
         }),
         None => Ok(()),
     }
+}
+
+/// A stored record, or the transaction aborted with the JSON error.
+fn record_or_abort(v: &[u8]) -> TxResult<ImageRecord> {
+    serde_json::from_slice(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
 fn id_or_abort(v: &[u8]) -> TxResult<ImageId> {
