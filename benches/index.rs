@@ -4,7 +4,8 @@
 //!
 //! Groups say what answers a search, since `VectorIndex` picks between graph and scan itself:
 //! `hnsw` builds the graph or walks it (`ef` and filter chosen so that it does), `exact_scan`
-//! scores every candidate, `tantivy` is BM25. The 1M-vector comparison with hnswlib is `benches/compare.sh --vectors`.
+//! scores every candidate, `tantivy` is BM25. The 1M-vector comparison with hnswlib is
+//! `benches/compare.sh --vectors`.
 //!
 //! ```sh
 //! cargo bench --bench index

@@ -9,8 +9,8 @@
 //! - one CSR neighbour table per layer (`u32` internal ids);
 //!
 //! and searches it with a reusable visited array stamped with a search epoch (no hashing, no
-//! clearing), prefetches of the next vectors, and the SIMD dot product of [`super::simd`]. The score is the dot product of unit vectors, i.e. the
-//! cosine.
+//! clearing), prefetches of the next vectors, and the SIMD dot product of [`super::simd`]. The
+//! score is the dot product of unit vectors, i.e. the cosine.
 //!
 //! Arrays of 4 MiB and more (the vectors and layer-0 links from a few thousand points; the
 //! visited marks, 2 bytes a point, from 2M) are advised for transparent huge pages: a search

@@ -1,8 +1,9 @@
 //! The metadata store (sled): the collection's source of truth.
 //!
 //! Everything needed to rebuild the derived indexes lives here: ids, paths, content hashes,
-//! captions, given texts and the ITC vectors (the types are in [`super::record`]). The HNSW graph and the tantivy index are caches of
-//! it (see [`super::Collection`] for the commit protocol).
+//! captions, given texts and the ITC vectors (the types are in [`super::record`]). The HNSW
+//! graph and the tantivy index are caches of it (see [`super::Collection`] for the commit
+//! protocol).
 //!
 //! Trees (keys are big-endian `u64` ids so iteration follows id order):
 //!

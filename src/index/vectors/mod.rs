@@ -4,7 +4,7 @@
 //!
 //! # Who does what
 //! `hnsw_rs` builds the graph and saves and loads it. Searches do not use its search: they walk
-//! a compact copy of the graph ([`super::flat`]: one contiguous arena of vectors, CSR neighbour
+//! a compact copy of the graph (`index/flat.rs`: one contiguous arena of vectors, CSR neighbour
 //! lists, an epoch-stamped visited array, a SIMD dot product), about 5x faster per query on the
 //! same graph at 100k random vectors (benches/README.md). The copy is a snapshot, kept current
 //! like this:
