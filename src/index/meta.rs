@@ -114,7 +114,7 @@ impl MetaStore {
     /// sled locks its files: a second open of the same directory fails until the first handle is
     /// dropped. sled 0.34 releases that lock from its flusher thread, which it does not join when
     /// the last handle drops, so a reopen right after a drop can see the lock still held by a
-    /// handle that is already gone (spacejam/sled#1289). [`open_waiting_for_lock`] bridges that
+    /// handle that is already gone (spacejam/sled#1289). `open_waiting_for_lock` bridges that
     /// gap; a collection held by another live process is refused earlier, by the collection's own
     /// lock file ([`IndexError::Locked`]).
     pub fn open(dir: &Path) -> Result<Self> {

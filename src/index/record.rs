@@ -203,7 +203,7 @@ impl CollectionInfo {
     }
 }
 
-/// The last commit recorded in sled (see [`super::Collection::commit`]).
+/// The last commit recorded in sled (see [`super::Store::commit`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitState {
     /// Sequence number of the last committed batch; derived indexes carry the same number when

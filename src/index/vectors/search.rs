@@ -55,6 +55,8 @@ impl VectorIndex {
     /// `ef` overrides [`HnswParams::ef_search`] (at least `k` is used). `filter` restricts the
     /// results to ids for which it returns true; whenever at least `k` live ids pass it, `k`
     /// results come back (see the module docs).
+    ///
+    /// [`HnswParams::ef_search`]: super::HnswParams::ef_search
     pub fn search(
         &self,
         query: &[f32],
@@ -81,6 +83,9 @@ impl VectorIndex {
     /// [`HnswParams::ef_search`]) is answered by an exact scan rather than a graph walk: when the
     /// live points number at most [`HnswParams::exact_threshold`] or `128 · ef` (past that
     /// `ef`, walking the graph costs more than scanning every point).
+    ///
+    /// [`HnswParams::ef_search`]: super::HnswParams::ef_search
+    /// [`HnswParams::exact_threshold`]: super::HnswParams::exact_threshold
     pub fn scans_exactly(&self, k: usize, ef: Option<usize>) -> bool {
         let ef = ef.unwrap_or(self.params.ef_search).max(k);
         self.len() <= self.exact_limit(ef)
