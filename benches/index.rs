@@ -1,7 +1,11 @@
-//! The derived indexes on seeded synthetic data: HNSW insert and search (`VectorIndex`, 256-d
-//! random unit vectors, the hardest case for a graph) and BM25 search (`TextIndex` over
-//! generated captions). Sizes are in the bench names; they are kept small enough to run on a
-//! laptop in a minute. The 1M-vector comparison with hnswlib is `benches/compare.sh --vectors`.
+//! The derived indexes on seeded synthetic data: `VectorIndex` over 256-d random unit vectors
+//! (the hardest case for a graph) and BM25 search (`TextIndex` over generated captions). Sizes
+//! are in the bench names; they are kept small enough to run on a laptop in a minute.
+//!
+//! Groups say what answers a search, since `VectorIndex` picks between graph and scan itself:
+//! `hnsw` builds the graph or walks it (`ef` and filter chosen so that it does), `exact_scan`
+//! scores every candidate, `tantivy` is BM25. The 1M-vector comparison with hnswlib is
+//! `benches/compare.sh --vectors`.
 //!
 //! ```sh
 //! cargo bench --bench index
@@ -15,10 +19,16 @@ use blipsearch::index::{
 
 const DIM: usize = 256;
 
-/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs each bench once without it,
-/// and then the data sets shrink tenfold so that CI stays quick.
+/// Whether this is a measuring run: `cargo bench` passes `--bench`; `cargo test --all-targets`
+/// runs each bench once without it.
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// `n` when measuring; a tenth of it in a test run, so that CI stays quick (at that size every
+/// search is an exact scan, whatever the bench's name: a test run measures nothing).
 fn scale(n: usize) -> usize {
-    if std::env::args().any(|a| a == "--bench") {
+    if measuring() {
         n
     } else {
         n / 10
@@ -73,7 +83,13 @@ fn vectors(c: &mut Criterion) {
     let mut index = VectorIndex::open(dir.path(), DIM, params).expect("open");
     index.insert_batch(&items).expect("insert");
     g.throughput(Throughput::Elements(queries.len() as u64));
-    for ef in [64usize, 256] {
+    // Graph walks: at 20k points `VectorIndex` walks the graph up to `ef` 156 and scans exactly
+    // from there on (it scans when the points number at most 128 per unit of `ef`).
+    for ef in [64usize, 128] {
+        assert!(
+            !measuring() || !index.scans_exactly(10, Some(ef)),
+            "ef {ef} at n {n} is answered by an exact scan, not the graph"
+        );
         g.bench_with_input(
             BenchmarkId::new(format!("search_k10_n{n}"), format!("ef{ef}")),
             &ef,
@@ -86,6 +102,33 @@ fn vectors(c: &mut Criterion) {
             },
         );
     }
+    // Two thirds of the ids pass (13k, above the exact threshold): an unfiltered walk for
+    // `4k / share` candidates, filtered afterwards.
+    g.bench_function(
+        BenchmarkId::new(format!("search_k10_n{n}"), "filter_67pct_ef64"),
+        |b| {
+            let keep = |id: ImageId| !id.0.is_multiple_of(3);
+            b.iter(|| {
+                for q in &queries {
+                    index.search(q, 10, Some(64), Some(&keep)).expect("search");
+                }
+            })
+        },
+    );
+    g.finish();
+
+    // Exact scans: every live point, and a 5% filter (1k candidates, below the exact threshold,
+    // so `VectorIndex::search` itself scans them).
+    let mut g = c.benchmark_group("exact_scan");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(queries.len() as u64));
+    g.bench_function(BenchmarkId::new(format!("search_k10_n{n}"), "all"), |b| {
+        b.iter(|| {
+            for q in &queries {
+                index.search_exact(q, 10, None).expect("search");
+            }
+        })
+    });
     g.bench_function(
         BenchmarkId::new(format!("search_k10_n{n}"), "filter_5pct"),
         |b| {

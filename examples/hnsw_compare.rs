@@ -32,7 +32,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use blipsearch::index::{ExactScan, HnswParams, ImageId, VectorIndex};
+use blipsearch::index::{dot, ExactScan, HnswParams, ImageId, VectorIndex};
 
 const DIM: usize = 256;
 const K: usize = 10;
@@ -93,7 +93,7 @@ fn exact_top(data: &[f32], queries: &[f32]) -> Vec<Vec<u32>> {
                     let mut scores: Vec<(f32, u32)> = data
                         .chunks_exact(DIM)
                         .enumerate()
-                        .map(|(i, v)| (v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i as u32))
+                        .map(|(i, v)| (dot(v, q), i as u32))
                         .collect();
                     scores.select_nth_unstable_by(K, |a, b| b.0.total_cmp(&a.0));
                     scores.truncate(K);

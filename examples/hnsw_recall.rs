@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use blipsearch::index::{HnswParams, ImageId, VectorIndex};
+use blipsearch::index::{dot, HnswParams, ImageId, VectorIndex};
 
 fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args()
@@ -47,10 +47,7 @@ fn main() -> anyhow::Result<()> {
     let truth: Vec<Vec<u64>> = qs
         .iter()
         .map(|q| {
-            let mut s: Vec<(f32, u64)> = data
-                .iter()
-                .map(|(id, v)| (v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), id.0))
-                .collect();
+            let mut s: Vec<(f32, u64)> = data.iter().map(|(id, v)| (dot(v, q), id.0)).collect();
             s.select_nth_unstable_by(10, |a, b| b.0.total_cmp(&a.0));
             s.truncate(10);
             s.into_iter().map(|x| x.1).collect()

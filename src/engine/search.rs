@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::error::{EngineError, Result};
 use super::models::Encoders;
-use crate::index::{BlobStore, Caption, Filter, ImageId, Store};
+use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Store};
 
 /// Largest number of candidates taken from each retriever.
 pub const MAX_K: usize = 1000;
@@ -493,10 +493,6 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         }
         Ok(())
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use image::DynamicImage;
 
 use super::error::Result;
 use super::features::{FeatureMatrix, FeatureStore};
-use super::meta::ImageId;
+use super::id::ImageId;
 use super::thumbs::ThumbnailStore;
 
 /// Features and thumbnails of a collection, by image id.

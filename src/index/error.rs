@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::meta::ImageId;
+use super::id::{BadIdKey, ImageId};
 
 /// Everything that can go wrong while storing or querying a collection.
 ///
@@ -106,6 +106,15 @@ pub enum IndexError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl From<BadIdKey> for IndexError {
+    fn from(e: BadIdKey) -> Self {
+        IndexError::Corrupt {
+            path: PathBuf::from("<sled>"),
+            reason: e.to_string(),
+        }
+    }
 }
 
 /// Result of the index layer.

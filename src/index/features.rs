@@ -29,7 +29,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use super::error::{IndexError, Result};
 use super::fsutil;
-use super::meta::ImageId;
+use super::id::ImageId;
 
 const MAGIC: [u8; 4] = *b"BSVF";
 const VERSION: u16 = 1;

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::error::{IndexError, Result};
-use super::meta::{ImageId, ImageRecord};
+use super::id::ImageId;
+use super::record::ImageRecord;
 
 /// Restrictions on which images a search may return; every set field must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,9 +9,8 @@
 //! - one CSR neighbour table per layer (`u32` internal ids);
 //!
 //! and searches it with a reusable visited array stamped with a search epoch (no hashing, no
-//! clearing), prefetches of the next vectors, and a dot product chosen once for the CPU
-//! (AVX-512F, AVX2+FMA, or portable code). The score is the dot product of unit vectors, i.e. the
-//! cosine.
+//! clearing), prefetches of the next vectors, and the SIMD dot product of [`super::simd`]. The
+//! score is the dot product of unit vectors, i.e. the cosine.
 //!
 //! Arrays of 4 MiB and more (the vectors and layer-0 links from a few thousand points; the
 //! visited marks, 2 bytes a point, from 2M) are advised for transparent huge pages: a search
@@ -24,117 +23,19 @@
 //! The copy is a snapshot: [`super::VectorIndex`] rebuilds it after bulk changes and keeps the
 //! points inserted since in a small exactly-scanned side list (see its module docs).
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Mutex;
 
 use hnsw_rs::hnsw::{Hnsw, IterPoint};
 use hnsw_rs::prelude::Distance;
 
-/// Floats per block: one AVX-512 register, one 64-byte cache line.
-const LANES: usize = 16;
+use super::simd::{self, DotFn, LANES};
+use super::topk::{Scored, TopK};
 
 #[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
 struct Block([f32; LANES]);
-
-/// A dot product over `n` floats (`n` a multiple of [`LANES`]) at two pointers.
-type DotFn = unsafe fn(*const f32, *const f32, usize) -> f32;
-
-/// Picks the fastest dot product this CPU runs.
-fn pick_dot() -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return dot_avx512;
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return dot_avx2;
-        }
-    }
-    dot_portable
-}
-
-/// # Safety
-/// `a` and `b` must be valid for `n` reads; `n` is a multiple of 16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: *const f32, b: *const f32, n: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY (all loads): `i + 16 <= n` for every load, and the caller guarantees `n` reads.
-    unsafe {
-        while i + 4 * LANES <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let o = i + j * LANES;
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(o)), _mm512_loadu_ps(b.add(o)), *acc);
-            }
-            i += 4 * LANES;
-        }
-        while i < n {
-            acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(a.add(i)), _mm512_loadu_ps(b.add(i)), acc[0]);
-            i += LANES;
-        }
-    }
-    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    _mm512_reduce_add_ps(s)
-}
-
-/// # Safety
-/// As [`dot_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: *const f32, b: *const f32, n: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY (all loads): `i + 8 <= n` for every load, and the caller guarantees `n` reads.
-    unsafe {
-        while i + 32 <= n {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let o = i + j * 8;
-                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(o)), _mm256_loadu_ps(b.add(o)), *acc);
-            }
-            i += 32;
-        }
-        while i < n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.add(i + 8)),
-                _mm256_loadu_ps(b.add(i + 8)),
-                acc[1],
-            );
-            i += LANES;
-        }
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-/// Portable dot product, in 16 independent lanes so that the compiler vectorises it.
-///
-/// # Safety
-/// As [`dot_avx512`].
-unsafe fn dot_portable(a: *const f32, b: *const f32, n: usize) -> f32 {
-    // SAFETY: the caller guarantees `n` reads at both pointers.
-    let (a, b) = unsafe {
-        (
-            std::slice::from_raw_parts(a, n),
-            std::slice::from_raw_parts(b, n),
-        )
-    };
-    let mut acc = [0f32; LANES];
-    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for ((acc, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *acc += x * y;
-        }
-    }
-    acc.iter().sum()
-}
 
 /// Hints the CPU to fetch `lines` cache lines from `p`.
 #[inline(always)]
@@ -206,7 +107,7 @@ impl Rows {
             dim,
             per_row: dim.div_ceil(LANES),
             blocks: Vec::new(),
-            dot: pick_dot(),
+            dot: simd::kernel(),
         }
     }
 
@@ -251,7 +152,7 @@ impl Rows {
     #[inline(always)]
     fn dot_with(&self, q: &Rows, i: usize) -> f32 {
         debug_assert_eq!(q.per_row, self.per_row);
-        // SAFETY: both rows hold `per_row * 16` floats; the kernel suits this CPU (`pick_dot`).
+        // SAFETY: both rows hold `per_row * 16` floats; the kernel suits this CPU (`simd::kernel`).
         unsafe { (self.dot)(q.ptr(0), self.ptr(i), self.per_row * LANES) }
     }
 
@@ -303,77 +204,6 @@ impl ExactScan {
     }
 }
 
-/// A scored internal id; ordered by score, then by id (for determinism).
-#[derive(Clone, Copy, PartialEq, Debug)]
-struct Scored {
-    score: f32,
-    id: u32,
-}
-impl Eq for Scored {}
-impl PartialOrd for Scored {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scored {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then(other.id.cmp(&self.id))
-    }
-}
-
-/// The best `k` of a stream of `(score, id)`; ties go to the smaller id.
-pub(super) struct TopK {
-    k: usize,
-    heap: BinaryHeap<Reverse<(OrdScore, Reverse<u64>)>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Debug)]
-struct OrdScore(f32);
-impl Eq for OrdScore {}
-impl PartialOrd for OrdScore {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for OrdScore {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.total_cmp(&other.0)
-    }
-}
-
-impl TopK {
-    pub(super) fn new(k: usize) -> Self {
-        TopK {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
-    }
-
-    pub(super) fn offer(&mut self, score: f32, id: u64) {
-        if self.k == 0 {
-            return;
-        }
-        let item = Reverse((OrdScore(score), Reverse(id)));
-        if self.heap.len() < self.k {
-            self.heap.push(item);
-        } else if self.heap.peek().is_some_and(|worst| item < *worst) {
-            self.heap.pop();
-            self.heap.push(item);
-        }
-    }
-
-    /// Best first.
-    pub(super) fn into_sorted(self) -> Vec<(u64, f32)> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|Reverse((OrdScore(s), Reverse(id)))| (id, s))
-            .collect()
-    }
-}
-
 /// One layer's neighbour lists, for the internal ids `first..`.
 struct Layer {
     first: u32,
@@ -394,8 +224,8 @@ struct Scratch {
     /// `visited[d] == epoch` iff `d` was seen in the current search.
     visited: Vec<u16>,
     epoch: u16,
-    candidates: BinaryHeap<Scored>,
-    results: BinaryHeap<Reverse<Scored>>,
+    candidates: BinaryHeap<Scored<u32>>,
+    results: BinaryHeap<Reverse<Scored<u32>>>,
     fresh: Vec<u32>,
 }
 
@@ -700,34 +530,20 @@ mod tests {
     use crate::index::testutil::Rng;
 
     #[test]
-    fn every_dot_kernel_agrees_with_f64() {
+    fn rows_keep_vectors_of_any_dimension_and_score_them_by_dot() {
         let mut rng = Rng::new(5);
         for dim in [1, 7, 16, 17, 64, 100, 256, 768] {
             let (a, b) = (rng.unit_vector(dim), rng.unit_vector(dim));
-            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             let (mut ra, mut rb) = (Rows::new(dim), Rows::new(dim));
             ra.push(&a);
             rb.push(&b);
             assert_eq!(ra.row(0), &a[..]);
-            let n = ra.per_row * LANES;
-            let mut kernels: Vec<(&str, DotFn)> = vec![("portable", dot_portable)];
-            #[cfg(target_arch = "x86_64")]
-            {
-                if is_x86_feature_detected!("avx512f") {
-                    kernels.push(("avx512", dot_avx512));
-                }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    kernels.push(("avx2", dot_avx2));
-                }
-            }
-            for (name, k) in kernels {
-                // SAFETY: both rows hold `n` floats; the kernel was checked against the CPU.
-                let got = unsafe { k(ra.ptr(0), rb.ptr(0), n) };
-                assert!(
-                    (got as f64 - want).abs() < 1e-5,
-                    "{name} dim {dim}: {got} vs {want}"
-                );
-            }
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let got = ra.dot_with(&rb, 0);
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "dim {dim}: {got} vs {want}"
+            );
         }
     }
 
@@ -747,17 +563,5 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, v)| rows.row(i) == &v[..]));
-    }
-
-    #[test]
-    fn top_k_keeps_the_best_and_breaks_ties_by_id() {
-        let mut top = TopK::new(3);
-        for (id, s) in [(5, 0.1), (4, 0.9), (3, 0.5), (2, 0.5), (1, 0.2), (0, 0.5)] {
-            top.offer(s, id);
-        }
-        assert_eq!(top.into_sorted(), vec![(4, 0.9), (0, 0.5), (2, 0.5)]);
-        let mut none = TopK::new(0);
-        none.offer(1.0, 1);
-        assert!(none.into_sorted().is_empty());
     }
 }

@@ -1,8 +1,9 @@
 //! The metadata store (sled): the collection's source of truth.
 //!
 //! Everything needed to rebuild the derived indexes lives here: ids, paths, content hashes,
-//! captions, given texts and the ITC vectors. The HNSW graph and the tantivy index are caches of
-//! it (see [`super::Collection`] for the commit protocol).
+//! captions, given texts and the ITC vectors (the types are in [`super::record`]). The HNSW
+//! graph and the tantivy index are caches of it (see [`super::Collection`] for the commit
+//! protocol).
 //!
 //! Trees (keys are big-endian `u64` ids so iteration follows id order):
 //!
@@ -17,265 +18,17 @@
 //!
 //! Every mutation updates all affected trees, the count and the journal in one sled transaction.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 use sled::Transactional;
 
 use super::error::{IndexError, Result};
-
-/// Identifier of an image in a collection: allocated from a monotonic sled counter, never reused.
-///
-/// The same number is the HNSW data id and the tantivy `id` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ImageId(pub u64);
-
-impl ImageId {
-    /// The sled key: big-endian so that key order is id order.
-    pub fn to_key(self) -> [u8; 8] {
-        self.0.to_be_bytes()
-    }
-
-    /// Parses a sled key written by [`ImageId::to_key`].
-    pub fn from_key(key: &[u8]) -> Result<Self> {
-        let bytes: [u8; 8] = key.try_into().map_err(|_| IndexError::Corrupt {
-            path: PathBuf::from("<sled>"),
-            reason: format!("id key of {} bytes", key.len()),
-        })?;
-        Ok(ImageId(u64::from_be_bytes(bytes)))
-    }
-}
-
-impl fmt::Display for ImageId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// Where a caption came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CaptionSource {
-    /// Supplied by the user (sidecar file, API).
-    Given,
-    /// BLIP captioner, beam search.
-    Beam,
-    /// BLIP captioner, nucleus sampling (CapFilt).
-    Sample,
-    /// Derived from the file name.
-    FileName,
-}
-
-/// A caption of an image and the CapFilt verdict on it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Caption {
-    /// The caption text.
-    pub text: String,
-    /// Where it came from.
-    pub source: CaptionSource,
-    /// ITM p(match) of the caption against its image, when computed.
-    #[serde(default)]
-    pub p_match: Option<f32>,
-    /// Whether the filter kept it; only kept captions are indexed for text search.
-    pub kept: bool,
-}
-
-/// Everything stored about one image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    /// The image's id.
-    pub id: ImageId,
-    /// Absolute, canonical path of the image file.
-    pub path: String,
-    /// Hex SHA-256 of the file's bytes (see [`content_hash`]).
-    pub content_hash: String,
-    /// File size.
-    pub size_bytes: u64,
-    /// Width in pixels (after EXIF orientation).
-    pub width: u32,
-    /// Height in pixels (after EXIF orientation).
-    pub height: u32,
-    /// File modification time, seconds since the Unix epoch.
-    pub mtime_unix: i64,
-    /// EXIF `DateTimeOriginal`, as written in the file.
-    #[serde(default)]
-    pub exif_date: Option<String>,
-    /// The normalised ITC image embedding (stored as base64 of little-endian `f32`).
-    #[serde(with = "f32_base64")]
-    pub itc: Vec<f32>,
-    /// Captions, kept or not.
-    #[serde(default)]
-    pub captions: Vec<Caption>,
-    /// Texts supplied with the image (sidecar, API), indexed as the `given` field.
-    #[serde(default)]
-    pub given_texts: Vec<String>,
-    /// When the image was added, seconds since the Unix epoch.
-    pub added_unix: i64,
-}
-
-impl ImageRecord {
-    /// The captions that passed the filter, i.e. those indexed for text search.
-    pub fn kept_captions(&self) -> impl Iterator<Item = &str> {
-        self.captions
-            .iter()
-            .filter(|c| c.kept)
-            .map(|c| c.text.as_str())
-    }
-}
-
-/// What a collection was built with. Stored once, at creation; every later open must match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CollectionInfo {
-    /// Retrieval checkpoint (model id or canonical directory) that made the ITC vectors and ViT
-    /// features: where to find it.
-    pub retrieval_model: String,
-    /// The retrieval checkpoint's identity by content (`sha256:...` of its config and weights),
-    /// when known: what the models of a later command are matched by. Collections made before
-    /// it was recorded match by `retrieval_model` and record it at their next open with models.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retrieval_fingerprint: Option<String>,
-    /// Captioning checkpoint, if captions were generated.
-    #[serde(default)]
-    pub caption_model: Option<String>,
-    /// ITC embedding dimension (256 for BLIP).
-    pub embedding_dim: usize,
-    /// ViT output tokens stored per image (577 for ViT-B/16 at 384).
-    pub vit_tokens: usize,
-    /// ViT hidden size (768 base, 1024 large).
-    pub vit_hidden: usize,
-    /// On-disk format version ([`CollectionInfo::FORMAT_VERSION`] when created).
-    pub format_version: u32,
-    /// Creation time, seconds since the Unix epoch.
-    pub created_unix: i64,
-}
-
-impl CollectionInfo {
-    /// The on-disk format this code writes.
-    pub const FORMAT_VERSION: u32 = 1;
-
-    /// Info for a new collection, with the current format version and time.
-    pub fn new(
-        retrieval_model: impl Into<String>,
-        caption_model: Option<String>,
-        embedding_dim: usize,
-        vit_tokens: usize,
-        vit_hidden: usize,
-    ) -> Self {
-        CollectionInfo {
-            retrieval_model: retrieval_model.into(),
-            retrieval_fingerprint: None,
-            caption_model,
-            embedding_dim,
-            vit_tokens,
-            vit_hidden,
-            format_version: Self::FORMAT_VERSION,
-            created_unix: now_unix(),
-        }
-    }
-
-    /// This info once models described by `requested` are adopted: checked with
-    /// [`CollectionInfo::check_compatible`], then the retrieval model's place and fingerprint
-    /// (and a caption model, if none was recorded) taken from `requested`.
-    pub fn adopting(&self, requested: &CollectionInfo, dir: &Path) -> Result<CollectionInfo> {
-        self.check_compatible(requested, dir)?;
-        let mut info = self.clone();
-        info.retrieval_model = requested.retrieval_model.clone();
-        if requested.retrieval_fingerprint.is_some() {
-            info.retrieval_fingerprint = requested.retrieval_fingerprint.clone();
-        }
-        if requested.caption_model.is_some() && info.caption_model.is_none() {
-            info.caption_model = requested.caption_model.clone();
-        }
-        Ok(info)
-    }
-
-    /// Checks that a collection built with `self` can be used with `requested`.
-    ///
-    /// Retrieval model, dimensions and format must match: ITC vectors and ViT features of
-    /// different models live in different spaces. A different caption model is allowed (captions
-    /// are plain text) and only logged.
-    pub fn check_compatible(&self, requested: &CollectionInfo, dir: &Path) -> Result<()> {
-        let err = |field, stored: String, requested: String| IndexError::Incompatible {
-            path: dir.to_path_buf(),
-            field,
-            stored,
-            requested,
-        };
-        if self.format_version != requested.format_version {
-            return Err(err(
-                "format_version",
-                self.format_version.to_string(),
-                requested.format_version.to_string(),
-            ));
-        }
-        let same_model = match (
-            &self.retrieval_fingerprint,
-            &requested.retrieval_fingerprint,
-        ) {
-            // By content: a copy elsewhere is the same model, other weights under an old name
-            // are not.
-            (Some(stored), Some(asked)) => stored == asked,
-            _ => self.retrieval_model == requested.retrieval_model,
-        };
-        if !same_model {
-            let show = |i: &CollectionInfo| match &i.retrieval_fingerprint {
-                Some(f) => format!("{} ({f})", i.retrieval_model),
-                None => i.retrieval_model.clone(),
-            };
-            return Err(err("retrieval_model", show(self), show(requested)));
-        }
-        for (field, a, b) in [
-            ("embedding_dim", self.embedding_dim, requested.embedding_dim),
-            ("vit_tokens", self.vit_tokens, requested.vit_tokens),
-            ("vit_hidden", self.vit_hidden, requested.vit_hidden),
-        ] {
-            if a != b {
-                return Err(err(field, a.to_string(), b.to_string()));
-            }
-        }
-        if requested.caption_model.is_some() && self.caption_model != requested.caption_model {
-            tracing::warn!(
-                stored = ?self.caption_model,
-                requested = ?requested.caption_model,
-                "caption model differs from the one the collection was built with; \
-                 old and new captions will be mixed"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// The last commit recorded in sled (see [`super::Collection::commit`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommitState {
-    /// Sequence number of the last committed batch; derived indexes carry the same number when
-    /// they are in step with sled. 0 before the first commit.
-    pub generation: u64,
-    /// Number of images at that commit.
-    pub images: u64,
-    /// When it was committed, seconds since the Unix epoch.
-    pub committed_unix: i64,
-}
-
-/// Hex SHA-256 of a file's bytes: the [`ImageRecord::content_hash`] used for de-duplication.
-pub fn content_hash(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use super::id::ImageId;
+use super::record::{now_unix, CollectionInfo, CommitState, ImageRecord};
 
 const KEY_INFO: &[u8] = b"collection";
 const KEY_COUNT: &[u8] = b"count";
@@ -361,7 +114,7 @@ impl MetaStore {
     /// sled locks its files: a second open of the same directory fails until the first handle is
     /// dropped. sled 0.34 releases that lock from its flusher thread, which it does not join when
     /// the last handle drops, so a reopen right after a drop can see the lock still held by a
-    /// handle that is already gone (spacejam/sled#1289). [`open_waiting_for_lock`] bridges that
+    /// handle that is already gone (spacejam/sled#1289). `open_waiting_for_lock` bridges that
     /// gap; a collection held by another live process is refused earlier, by the collection's own
     /// lock file ([`IndexError::Locked`]).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -475,13 +228,17 @@ impl MetaStore {
             .unwrap_or(ImageId(0)))
     }
 
-    /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
-    ///
-    /// Fails with [`IndexError::AlreadyExists`] when the id, the path or the content hash is
-    /// already stored. Records the id in the recovery journal.
-    pub fn insert(&self, record: &ImageRecord) -> Result<()> {
-        let value = serde_json::to_vec(record)?;
-        let key = record.id.to_key();
+    /// The trees that adding or removing an image changes, for one transaction: the record,
+    /// its path and hash entries, the count and the journal.
+    fn record_trees(
+        &self,
+    ) -> (
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+    ) {
         (
             &self.images,
             &self.by_path,
@@ -489,6 +246,16 @@ impl MetaStore {
             &self.meta,
             &self.pending,
         )
+    }
+
+    /// Inserts a new record (its id from [`MetaStore::allocate_id`]).
+    ///
+    /// Fails with [`IndexError::AlreadyExists`] when the id, the path or the content hash is
+    /// already stored. Records the id in the recovery journal.
+    pub fn insert(&self, record: &ImageRecord) -> Result<()> {
+        let value = serde_json::to_vec(record)?;
+        let key = record.id.to_key();
+        self.record_trees()
             .transaction(|(images, by_path, by_hash, meta, pending)| {
                 if images.get(key)?.is_some() {
                     return abort(IndexError::AlreadyExists {
@@ -497,20 +264,8 @@ impl MetaStore {
                         existing: record.id,
                     });
                 }
-                if let Some(existing) = by_path.get(record.path.as_bytes())? {
-                    return abort(IndexError::AlreadyExists {
-                        kind: "path",
-                        key: record.path.clone(),
-                        existing: id_or_abort(&existing)?,
-                    });
-                }
-                if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
-                    return abort(IndexError::AlreadyExists {
-                        kind: "content hash",
-                        key: record.content_hash.clone(),
-                        existing: id_or_abort(&existing)?,
-                    });
-                }
+                ensure_free(by_path, "path", &record.path)?;
+                ensure_free(by_hash, "content hash", &record.content_hash)?;
                 images.insert(&key, value.as_slice())?;
                 by_path.insert(record.path.as_bytes(), &key)?;
                 by_hash.insert(record.content_hash.as_bytes(), &key)?;
@@ -531,32 +286,17 @@ impl MetaStore {
         let key = record.id.to_key();
         (&self.images, &self.by_path, &self.by_hash, &self.pending)
             .transaction(|(images, by_path, by_hash, pending)| {
-                let old: ImageRecord = match images.get(key)? {
-                    Some(v) => match serde_json::from_slice(&v) {
-                        Ok(r) => r,
-                        Err(e) => return abort(e.into()),
-                    },
+                let old = match images.get(key)? {
+                    Some(v) => record_or_abort(&v)?,
                     None => return abort(IndexError::NotFound(record.id)),
                 };
                 if old.path != record.path {
-                    if let Some(existing) = by_path.get(record.path.as_bytes())? {
-                        return abort(IndexError::AlreadyExists {
-                            kind: "path",
-                            key: record.path.clone(),
-                            existing: id_or_abort(&existing)?,
-                        });
-                    }
+                    ensure_free(by_path, "path", &record.path)?;
                     by_path.remove(old.path.as_bytes())?;
                     by_path.insert(record.path.as_bytes(), &key)?;
                 }
                 if old.content_hash != record.content_hash {
-                    if let Some(existing) = by_hash.get(record.content_hash.as_bytes())? {
-                        return abort(IndexError::AlreadyExists {
-                            kind: "content hash",
-                            key: record.content_hash.clone(),
-                            existing: id_or_abort(&existing)?,
-                        });
-                    }
+                    ensure_free(by_hash, "content hash", &record.content_hash)?;
                     by_hash.remove(old.content_hash.as_bytes())?;
                     by_hash.insert(record.content_hash.as_bytes(), &key)?;
                 }
@@ -571,21 +311,12 @@ impl MetaStore {
     /// unknown. Records the id in the recovery journal.
     pub fn remove(&self, id: ImageId) -> Result<Option<ImageRecord>> {
         let key = id.to_key();
-        (
-            &self.images,
-            &self.by_path,
-            &self.by_hash,
-            &self.meta,
-            &self.pending,
-        )
+        self.record_trees()
             .transaction(|(images, by_path, by_hash, meta, pending)| {
                 let Some(v) = images.remove(&key)? else {
                     return Ok(None);
                 };
-                let old: ImageRecord = match serde_json::from_slice(&v) {
-                    Ok(r) => r,
-                    Err(e) => return abort(e.into()),
-                };
+                let old = record_or_abort(&v)?;
                 if by_path.get(old.path.as_bytes())?.as_deref() == Some(&key[..]) {
                     by_path.remove(old.path.as_bytes())?;
                 }
@@ -614,6 +345,7 @@ impl MetaStore {
             .get(path.as_bytes())?
             .map(|v| ImageId::from_key(&v))
             .transpose()
+            .map_err(IndexError::from)
     }
 
     /// The id stored for a content hash.
@@ -622,6 +354,7 @@ impl MetaStore {
             .get(hash.as_bytes())?
             .map(|v| ImageId::from_key(&v))
             .transpose()
+            .map_err(IndexError::from)
     }
 
     /// All records in id order.
@@ -634,7 +367,10 @@ impl MetaStore {
 
     /// All ids in id order.
     pub fn ids(&self) -> impl Iterator<Item = Result<ImageId>> + '_ {
-        self.images.iter().keys().map(|k| ImageId::from_key(&k?))
+        self.images
+            .iter()
+            .keys()
+            .map(|k| Ok(ImageId::from_key(&k?)?))
     }
 
     /// Number of stored images (kept in the `meta` tree, O(1)).
@@ -659,7 +395,7 @@ impl MetaStore {
         self.pending
             .iter()
             .keys()
-            .map(|k| ImageId::from_key(&k?))
+            .map(|k| Ok(ImageId::from_key(&k?)?))
             .collect()
     }
 
@@ -742,45 +478,32 @@ impl MetaStore {
     }
 }
 
-fn id_or_abort(v: &[u8]) -> TxResult<ImageId> {
-    ImageId::from_key(v).map_err(ConflictableTransactionError::Abort)
+/// Aborts with [`IndexError::AlreadyExists`] when `tree` (`by_path` or `by_hash`, named by
+/// `kind`) already maps `key` to an image.
+fn ensure_free(tree: &TransactionalTree, kind: &'static str, key: &str) -> TxResult<()> {
+    match tree.get(key.as_bytes())? {
+        Some(existing) => abort(IndexError::AlreadyExists {
+            kind,
+            key: key.to_string(),
+            existing: id_or_abort(&existing)?,
+        }),
+        None => Ok(()),
+    }
 }
 
-/// Serde for `Vec<f32>` as base64 of little-endian bytes: 1368 characters for 256 dimensions
-/// instead of about 2600 as a JSON array, and exact.
-mod f32_base64 {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
-    use serde::de::Error;
-    use serde::{Deserialize, Deserializer, Serializer};
+/// A stored record, or the transaction aborted with the JSON error.
+fn record_or_abort(v: &[u8]) -> TxResult<ImageRecord> {
+    serde_json::from_slice(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
+}
 
-    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
-        let mut bytes = Vec::with_capacity(v.len() * 4);
-        for x in v {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        let bytes = STANDARD.decode(s.as_bytes()).map_err(D::Error::custom)?;
-        if bytes.len() % 4 != 0 {
-            return Err(D::Error::custom(format!(
-                "f32 vector of {} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
+fn id_or_abort(v: &[u8]) -> TxResult<ImageId> {
+    ImageId::from_key(v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::record::{content_hash, Caption, CaptionSource};
 
     pub(crate) fn record(id: ImageId, n: u64) -> ImageRecord {
         ImageRecord {

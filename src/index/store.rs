@@ -1,7 +1,8 @@
 //! [`Store`]: what the engine needs from a record store, whatever holds it. The embedded
 //! [`super::Collection`] (sled + hnsw_rs + tantivy in one directory) implements it, and so does
-//! [`super::MilvusStore`] (a Milvus collection that many processes share). Blobs (rerank features, thumbnails) are not part of it: they
-//! live in a [`super::BlobStore`] beside any store.
+//! [`super::MilvusStore`] (a Milvus collection that many processes share). Blobs (rerank
+//! features, thumbnails) are not part of it: they live in a [`super::BlobStore`] beside any
+//! store.
 //!
 //! `tests/store.rs` runs one suite against every implementation.
 
@@ -11,7 +12,8 @@ use serde::Serialize;
 
 use super::error::Result;
 use super::filter::Filter;
-use super::meta::{CollectionInfo, ImageId, ImageRecord};
+use super::id::ImageId;
+use super::record::{CollectionInfo, ImageRecord};
 
 /// Records with their ITC vector, texts and filterable fields; vector and BM25 top-k with a
 /// filter; lookups by id, path and content hash; commit; counts.
@@ -21,6 +23,56 @@ use super::meta::{CollectionInfo, ImageId, ImageRecord};
 /// the content hash, so that processes agree without a coordinator (the same content gets the
 /// same id). Writes are visible to searches at once (text search: after [`Store::commit`]) and
 /// durable after [`Store::commit`]; [`Store::delete`] is durable on return.
+///
+/// # Example
+/// One image written and found again through the trait alone, here in the embedded
+/// [`super::Collection`] (4-dimensional vectors to keep it short; BLIP's are 256):
+///
+/// ```
+/// use blipsearch::index::{
+///     content_hash, Caption, CaptionSource, Collection, CollectionInfo, Filter, HnswParams,
+///     ImageRecord, Store,
+/// };
+///
+/// # fn main() -> blipsearch::index::Result<()> {
+/// let dir = tempfile::tempdir()?;
+/// let info = CollectionInfo::new("Salesforce/blip-itm-base-coco", None, 4, 1, 1);
+/// let collection = Collection::open(dir.path(), &info, HnswParams::default())?;
+/// let mut store: Box<dyn Store> = Box::new(collection);
+///
+/// let bytes = b"the image file's bytes";
+/// let hash = content_hash(bytes);
+/// let id = store.allocate_id(&hash)?;
+/// store.insert(ImageRecord {
+///     id,
+///     path: "/photos/red-car.jpg".into(),
+///     content_hash: hash,
+///     size_bytes: bytes.len() as u64,
+///     width: 640,
+///     height: 480,
+///     mtime_unix: 0,
+///     exif_date: None,
+///     itc: vec![0.0, 1.0, 0.0, 0.0],
+///     captions: vec![Caption {
+///         text: "a red car parked on a street".into(),
+///         source: CaptionSource::Given,
+///         p_match: None,
+///         kept: true,
+///     }],
+///     given_texts: Vec::new(),
+///     added_unix: 0,
+/// })?;
+/// store.commit()?;
+///
+/// let everything = Filter::default();
+/// let by_vector = store.vector_search(&[0.0, 1.0, 0.0, 0.0], 5, None, &everything)?;
+/// assert_eq!(by_vector[0].0, id);
+/// assert!((by_vector[0].1 - 1.0).abs() < 1e-6, "cosine of a vector with itself");
+/// assert_eq!(store.text_search("red car", 5, &everything)?[0].0, id);
+/// assert_eq!(store.by_path("/photos/red-car.jpg")?, Some(id));
+/// # Ok(())
+/// # }
+/// ```
 pub trait Store: Send + Sync {
     /// What the collection was built with.
     fn info(&self) -> &CollectionInfo;

@@ -27,7 +27,8 @@ use tantivy::schema::{
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 use super::error::{IndexError, Result};
-use super::meta::{ImageId, ImageRecord};
+use super::id::ImageId;
+use super::record::ImageRecord;
 
 const WRITER_HEAP_BYTES: usize = 64 << 20;
 
@@ -350,7 +351,7 @@ pub fn filename_words(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::meta::{Caption, CaptionSource};
+    use crate::index::record::{Caption, CaptionSource};
 
     fn record(id: u64, path: &str, captions: &[(&str, bool)], given: &[&str]) -> ImageRecord {
         ImageRecord {

@@ -13,7 +13,7 @@ use image::DynamicImage;
 
 use super::error::{IndexError, Result};
 use super::fsutil;
-use super::meta::ImageId;
+use super::id::ImageId;
 
 /// Longest side of a thumbnail, in pixels. Smaller images are not enlarged.
 pub const THUMB_MAX_SIDE: u32 = 256;

@@ -36,106 +36,39 @@
 //! The store is synchronous like the trait; each call runs on a small Tokio runtime of its own,
 //! so it may be called from any thread, inside another runtime or not. A Milvus that cannot be
 //! reached is [`IndexError::Unavailable`]; the next call tries again.
+//!
+//! `address` parses [`MilvusAddress`]; `expr` builds expressions; `remote` holds the connection,
+//! the schemas and the requests; this file maps the [`Store`] trait onto them.
+
+mod address;
+mod expr;
+mod remote;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::future::Future;
-use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use milvus::v2::prelude::*;
 use serde_json::{json, Value};
 
 use super::error::{IndexError, Result};
-use super::filter::{day_number, exif_day, prefix_end, Filter};
-use super::meta::{CollectionInfo, ImageId, ImageRecord};
+use super::filter::{exif_day, Filter};
+use super::id::ImageId;
+use super::record::{CollectionInfo, ImageRecord};
 use super::store::{Store, StoreStats};
 use super::text::{check_query, filename_words};
 use super::vectors::check_vector;
+pub use address::MilvusAddress;
+use expr::{filter_expr, literal};
+use remote::{Remote, Row, MAX_PATH, MAX_VARCHAR, PAGE};
 
-/// The collection property holding the [`CollectionInfo`] as JSON.
-const INFO_PROPERTY: &str = "blipsearch.collection";
-/// Longest path stored.
-const MAX_PATH: u32 = 4096;
-/// Longest `record` and `text`, in bytes (Milvus' VARCHAR limit).
-const MAX_VARCHAR: u32 = 65_535;
 /// Most results one search returns (Milvus' top-k limit).
 pub const MAX_TOP_K: usize = 16_384;
-/// Rows fetched per query when reading many.
-const PAGE: usize = 1000;
 /// `ef` when the caller gives none.
 const DEFAULT_EF: usize = 64;
 /// Least time between two flushes that [`Store::commit`] asks for.
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// How many windows of the content hash are tried as an id.
 const ID_ATTEMPTS: usize = 4;
-
-/// Where a Milvus collection is: `milvus://HOST:PORT/COLLECTION`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MilvusAddress {
-    /// Host name or address of Milvus' gRPC endpoint.
-    pub host: String,
-    /// Its port (Milvus' default is 19530).
-    pub port: u16,
-    /// The collection name: letters, digits and `_`, not starting with a digit.
-    pub collection: String,
-}
-
-impl FromStr for MilvusAddress {
-    type Err = IndexError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| {
-            IndexError::InvalidParams(format!(
-                "{s:?} is not a Milvus store address ({why}); write milvus://HOST:PORT/COLLECTION"
-            ))
-        };
-        let rest = s
-            .strip_prefix("milvus://")
-            .ok_or_else(|| bad("it must start with milvus://"))?;
-        let (authority, collection) = rest
-            .split_once('/')
-            .ok_or_else(|| bad("no collection name"))?;
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| bad("the port is not a number"))?,
-            ),
-            None => (authority, 19530),
-        };
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let valid = !collection.is_empty()
-            && collection.len() <= 200
-            && collection
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !collection.starts_with(|c: char| c.is_ascii_digit());
-        if !valid {
-            return Err(bad(
-                "a collection name is letters, digits and _, not starting with a digit",
-            ));
-        }
-        Ok(Self {
-            host: host.to_string(),
-            port,
-            collection: collection.to_string(),
-        })
-    }
-}
-
-impl fmt::Display for MilvusAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "milvus://{}:{}/{}",
-            self.host, self.port, self.collection
-        )
-    }
-}
 
 /// A Milvus collection as a [`Store`] (see the module documentation).
 pub struct MilvusStore {
@@ -742,9 +675,6 @@ impl Store for MilvusStore {
     }
 }
 
-/// One row of a query, as JSON.
-type Row = serde_json::Map<String, Value>;
-
 fn row_id(r: &Row) -> Result<ImageId> {
     r.get("id")
         .and_then(Value::as_i64)
@@ -771,57 +701,6 @@ fn content_id(hash: &str, attempt: usize) -> Result<ImageId> {
     Ok(ImageId(window >> 3))
 }
 
-/// `s` as a Milvus expression string literal (which knows the escapes `\" \' \\ \n \r \t`).
-fn literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// The Milvus boolean expression meaning `filter` (see [`Filter::accepts`]); `None` when it
-/// accepts everything. A path prefix is a range of strings (`>=` the prefix, `<` its
-/// [`prefix_end`]), which needs no LIKE escaping and matches exactly.
-fn filter_expr(filter: &Filter) -> Option<String> {
-    let mut parts = Vec::new();
-    if let Some(p) = &filter.path_prefix {
-        parts.push(format!("path >= {}", literal(p)));
-        if let Some(end) = prefix_end(p) {
-            parts.push(format!("path < {}", literal(&end)));
-        }
-    }
-    if filter.date_from.is_some() || filter.date_to.is_some() {
-        let from = filter
-            .date_from
-            .as_deref()
-            .and_then(day_number)
-            .unwrap_or(0);
-        let to = filter
-            .date_to
-            .as_deref()
-            .and_then(day_number)
-            .unwrap_or(99_999_999);
-        parts.push(format!("day >= {from} and day <= {to}"));
-    }
-    if let Some(w) = filter.min_width {
-        parts.push(format!("width >= {w}"));
-    }
-    if let Some(h) = filter.min_height {
-        parts.push(format!("height >= {h}"));
-    }
-    (!parts.is_empty()).then(|| parts.join(" and "))
-}
-
 /// `s` cut to at most `max` bytes at a character boundary.
 fn truncate_at_char(s: &mut String, max: usize) {
     if s.len() > max {
@@ -833,456 +712,13 @@ fn truncate_at_char(s: &mut String, max: usize) {
     }
 }
 
-impl MilvusAddress {
-    /// The address as a path, for errors that name where a collection is.
-    fn as_path(&self) -> std::path::PathBuf {
-        Path::new(&self.to_string()).to_path_buf()
-    }
-}
-
-/// The connection: a client and the runtime its calls run on.
-struct Remote {
-    runtime: tokio::runtime::Runtime,
-    client: ClientV2,
-    address: MilvusAddress,
-    images: String,
-    excluded: String,
-}
-
-impl Remote {
-    fn connect(address: &MilvusAddress) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("milvus")
-            .enable_all()
-            .build()?;
-        let config = ConnectConfig::new()
-            .uri(format!("http://{}:{}", address.host, address.port))
-            .connect_timeout(Duration::from_secs(5))
-            .rpc_timeout(Duration::from_secs(60))
-            // A few quick retries for a Milvus that refuses connections (it is down: answer
-            // that at once), and no cut below the RPC timeout for one that is slow to answer
-            // (a big query or a flush under load is not an outage).
-            .retry(
-                RetryConfig::new()
-                    .max_attempts(4)
-                    .max_retry_timeout(Duration::from_secs(60)),
-            );
-        let client = wait(&runtime, async move { ClientV2::new(&config).await })?
-            .map_err(|e| unavailable(address, "connect", &e))?;
-        Ok(Self {
-            runtime,
-            client,
-            address: address.clone(),
-            images: address.collection.clone(),
-            excluded: format!("{}__excluded", address.collection),
-        })
-    }
-
-    /// Runs the request `f` makes; a collection that is not loaded (after a Milvus restart) is
-    /// loaded and the request tried once more.
-    fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: Fn(ClientV2) -> Fut,
-        Fut: Future<Output = milvus::v2::error::Result<T>> + Send + 'static,
-    {
-        let mut loaded = false;
-        loop {
-            match wait(&self.runtime, f(self.client.clone()))? {
-                Ok(v) => return Ok(v),
-                Err(e) if !loaded && not_loaded(&e) => {
-                    loaded = true;
-                    self.load()?;
-                }
-                Err(e) => return Err(classify(&self.address, what, e)),
-            }
-        }
-    }
-
-    fn load(&self) -> Result<()> {
-        for name in [self.images.clone(), self.excluded.clone()] {
-            let run = wait(&self.runtime, {
-                let c = self.client.clone();
-                async move {
-                    c.load_collection(
-                        LoadCollectionRequest::builder()
-                            .collection_name(name)
-                            .build()?,
-                    )
-                    .await
-                }
-            })?;
-            run.map_err(|e| classify(&self.address, "load the collection", e))?;
-        }
-        Ok(())
-    }
-
-    fn read_info(&self) -> Result<Option<CollectionInfo>> {
-        let name = self.images.clone();
-        let exists = self.call("look for the collection", move |c| {
-            let name = name.clone();
-            async move {
-                c.has_collection(
-                    HasCollectionRequest::builder()
-                        .collection_name(name)
-                        .build()?,
-                )
-                .await
-                .map(|r| r.exists())
-            }
-        })?;
-        if !exists {
-            return Ok(None);
-        }
-        let name = self.images.clone();
-        let properties = self.call("describe the collection", move |c| {
-            let name = name.clone();
-            async move {
-                let d = c
-                    .describe_collection(
-                        DescribeCollectionRequest::builder()
-                            .collection_name(name)
-                            .build()?,
-                    )
-                    .await?;
-                Ok(d.description().get_properties().clone())
-            }
-        })?;
-        let json = properties.get(INFO_PROPERTY).ok_or_else(|| {
-            IndexError::InvalidParams(format!(
-                "the Milvus collection {} exists but was not made by blipsearch (it has no \
-                 {INFO_PROPERTY} property); name another collection",
-                self.address
-            ))
-        })?;
-        Ok(Some(serde_json::from_str(json)?))
-    }
-
-    fn write_info(&self, info: &CollectionInfo) -> Result<()> {
-        let name = self.images.clone();
-        let json = serde_json::to_string(info)?;
-        self.call("record the models", move |c| {
-            let (name, json) = (name.clone(), json.clone());
-            async move {
-                c.alter_collection_properties(
-                    AlterCollectionPropertiesRequest::builder()
-                        .collection_name(name)
-                        .properties(HashMap::from([(INFO_PROPERTY.to_string(), json)]))
-                        .build()?,
-                )
-                .await
-            }
-        })
-    }
-
-    /// Creates the two collections and their indexes, then records `info`.
-    fn create(&self, info: &CollectionInfo) -> Result<()> {
-        let dim = info.embedding_dim as u32;
-        // Dynamic fields: attributes that later versions add to rows need no new schema.
-        let images = CollectionSchema::new()
-            .enable_dynamic_field(true)
-            .add_field(int64("id").primary_key(true).auto_id(false))
-            .add_field(varchar("path", MAX_PATH))
-            .add_field(varchar("hash", 64))
-            .add_field(int64("width"))
-            .add_field(int64("height"))
-            .add_field(int64("day").nullable(true))
-            .add_field(varchar("record", MAX_VARCHAR))
-            .add_field(
-                varchar("text", MAX_VARCHAR)
-                    .enable_analyzer(true)
-                    .analyzer_params(json!({"type": "standard"})),
-            )
-            .add_field(
-                FieldSchema::new()
-                    .name("sparse")
-                    .data_type(DataType::SparseFloatVector),
-            )
-            .add_field(
-                FieldSchema::new()
-                    .name("vector")
-                    .data_type(DataType::FloatVector)
-                    .dimension(dim),
-            )
-            .add_function(
-                Function::new()
-                    .name("text_bm25")
-                    .function_type(FunctionType::Bm25)
-                    .input_fields(["text"])
-                    .output_fields(["sparse"]),
-            );
-        let indexes = vec![
-            IndexParam::new()
-                .field_name("vector")
-                .index_type(IndexType::Hnsw)
-                .metric_type(MetricType::Cosine)
-                .extra_params(HashMap::from([
-                    ("M".to_string(), "16".to_string()),
-                    ("efConstruction".to_string(), "200".to_string()),
-                ])),
-            IndexParam::new()
-                .field_name("sparse")
-                .index_type(IndexType::SparseInvertedIndex)
-                .metric_type(MetricType::Bm25),
-        ];
-        let excluded = CollectionSchema::new()
-            .add_field(varchar("hash", 64).primary_key(true).auto_id(false))
-            .add_field(varchar("path", MAX_PATH))
-            // Milvus wants a vector in every collection.
-            .add_field(
-                FieldSchema::new()
-                    .name("v")
-                    .data_type(DataType::FloatVector)
-                    .dimension(2),
-            );
-        let excluded_index = vec![IndexParam::new()
-            .field_name("v")
-            .index_type(IndexType::Flat)
-            .metric_type(MetricType::L2)];
-        // The excluded collection first: the images collection's property marks a complete
-        // collection.
-        for (name, schema, index) in [
-            (self.excluded.clone(), excluded, excluded_index),
-            (self.images.clone(), images, indexes),
-        ] {
-            self.call("create the collection", move |c| {
-                let (name, schema, index) = (name.clone(), schema.clone(), index.clone());
-                async move {
-                    let exists = c
-                        .has_collection(
-                            HasCollectionRequest::builder()
-                                .collection_name(name.clone())
-                                .build()?,
-                        )
-                        .await?
-                        .exists();
-                    if exists {
-                        return Ok(());
-                    }
-                    c.create_collection(
-                        CreateCollectionRequest::builder()
-                            .collection_name(name.clone())
-                            .schema(schema)
-                            .build()?,
-                    )
-                    .await?;
-                    // Not waiting for the build (the wait needs an RPC Milvus Lite lacks):
-                    // loading the collection waits for its indexes.
-                    c.create_index(
-                        CreateIndexRequest::builder()
-                            .collection_name(name)
-                            .index_params(index)
-                            .sync(false)
-                            .build()?,
-                    )
-                    .await
-                }
-            })?;
-        }
-        self.write_info(info)
-    }
-
-    /// Writes `rows` into `collection`, replacing rows with the same primary key.
-    fn upsert(&self, collection: &str, rows: Vec<Value>) -> Result<()> {
-        let name = collection.to_string();
-        self.call("write", move |c| {
-            let (name, rows) = (name.clone(), rows.clone());
-            async move {
-                let insert = InsertRequest::builder()
-                    .collection_name(name)
-                    .rows(rows)
-                    .build()?;
-                c.upsert(UpsertRequest::builder().insert(insert).build()?)
-                    .await
-                    .map(|_| ())
-            }
-        })
-    }
-
-    /// Deletes the rows of `collection` that `filter` selects.
-    fn delete(&self, collection: &str, filter: String) -> Result<()> {
-        let name = collection.to_string();
-        self.call("remove", move |c| {
-            let (name, filter) = (name.clone(), filter.clone());
-            async move {
-                c.delete(
-                    DeleteRequest::builder()
-                        .collection_name(name)
-                        .filter(filter)
-                        .build()?,
-                )
-                .await
-                .map(|_| ())
-            }
-        })
-    }
-
-    fn query(
-        &self,
-        collection: &str,
-        filter: String,
-        fields: &[&str],
-        limit: Option<usize>,
-    ) -> Result<Vec<Row>> {
-        let name = collection.to_string();
-        let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
-        self.call("read", move |c| {
-            let mut b = QueryRequest::builder()
-                .collection_name(name.clone())
-                .filter(filter.clone())
-                .output_fields(fields.clone())
-                .consistency_level(ConsistencyLevel::Strong);
-            if let Some(l) = limit {
-                b = b.limit(l as i64);
-            }
-            async move { c.query(b.build()?).await?.results().get_output_rows() }
-        })
-    }
-
-    /// Every row passing `filter`, page by page of ids (Milvus caps one query's rows).
-    fn query_all(&self, collection: &str, filter: String, fields: &[&str]) -> Result<Vec<Row>> {
-        let key = if collection == self.images {
-            "id"
-        } else {
-            "hash"
-        };
-        let mut fields: Vec<&str> = fields.to_vec();
-        if !fields.contains(&key) {
-            fields.push(key);
-        }
-        let mut out: Vec<Row> = Vec::new();
-        let mut after: Option<Value> = None;
-        loop {
-            let page_filter = match (&after, key) {
-                (None, _) => filter.clone(),
-                (Some(v), "id") => format!("({filter}) and id > {v}"),
-                (Some(v), _) => format!(
-                    "({filter}) and hash > {}",
-                    literal(v.as_str().unwrap_or_default())
-                ),
-            };
-            // Rows come in key order only by chance: sort the page, and ask for the rest by key.
-            let mut page = self.query(collection, page_filter, &fields, Some(PAGE))?;
-            let n = page.len();
-            page.sort_by(|a, b| compare_key(a, b, key));
-            after = page.last().and_then(|r| r.get(key)).cloned();
-            out.extend(page);
-            if n < PAGE {
-                return Ok(out);
-            }
-        }
-    }
-}
-
-fn compare_key(a: &Row, b: &Row, key: &str) -> std::cmp::Ordering {
-    match (a.get(key), b.get(key)) {
-        (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_i64().cmp(&y.as_i64()),
-        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
-        _ => std::cmp::Ordering::Equal,
-    }
-}
-
-fn int64(name: &str) -> FieldSchema {
-    FieldSchema::new().name(name).data_type(DataType::Int64)
-}
-
-fn varchar(name: &str, max: u32) -> FieldSchema {
-    FieldSchema::new()
-        .name(name)
-        .data_type(DataType::VarChar)
-        .max_length(max)
-}
-
-/// Runs `fut` on `runtime` and waits for it from this thread, whatever runtime this thread is
-/// in.
-fn wait<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
-    fut: impl Future<Output = T> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    runtime.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv()
-        .map_err(|_| IndexError::Milvus("the Milvus client stopped".into()))
-}
-
-/// Whether `e` says the collection must be loaded first (as after a Milvus restart).
-fn not_loaded(e: &milvus::v2::error::Error) -> bool {
-    let text = e.to_string();
-    text.contains("call load()") || text.contains("not loaded") || text.contains("released")
-}
-
-/// The store error for a failed request: [`IndexError::Unavailable`] when Milvus could not be
-/// reached or did not answer, [`IndexError::Milvus`] when it refused.
-fn classify(address: &MilvusAddress, what: &str, e: milvus::v2::error::Error) -> IndexError {
-    use milvus::v2::error::Error as E;
-    match &e {
-        E::RetryExhausted { source, .. } if is_transport(source) => unavailable(address, what, &e),
-        e if is_transport(e) => unavailable(address, what, e),
-        _ => IndexError::Milvus(format!("{address}: cannot {what}: {e}")),
-    }
-}
-
-fn is_transport(e: &milvus::v2::error::Error) -> bool {
-    use milvus::v2::error::Error as E;
-    match e {
-        E::Grpc(status) => matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-                | tonic::Code::Aborted
-        ),
-        E::Timeout(_) | E::Cancelled(_) => true,
-        E::RetryExhausted { source, .. } => is_transport(source),
-        E::Unexpected(m) => m.contains("connect"),
-        _ => false,
-    }
-}
-
-fn unavailable(address: &MilvusAddress, what: &str, e: &dyn fmt::Display) -> IndexError {
-    IndexError::Unavailable(format!(
-        "cannot {what}: Milvus at {address} does not answer ({e})"
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn addresses_parse_and_print() {
-        let a: MilvusAddress = "milvus://127.0.0.1:19531/photos_2".parse().unwrap();
-        assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 19531));
-        assert_eq!(a.collection, "photos_2");
-        assert_eq!(a.to_string(), "milvus://127.0.0.1:19531/photos_2");
-        let d: MilvusAddress = "milvus://db/photos".parse().unwrap();
-        assert_eq!(d.port, 19530);
-        for bad in [
-            "http://h:1/c",
-            "milvus://h:1",
-            "milvus://h:x/c",
-            "milvus://:1/c",
-            "milvus://h:1/2c",
-            "milvus://h:1/a-b",
-            "milvus://h:1/",
-        ] {
-            assert!(bad.parse::<MilvusAddress>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn literals_escape_what_the_parser_knows() {
-        assert_eq!(literal("a\"b\\c\nd\te"), "\"a\\\"b\\\\c\\nd\\te\"");
-        assert_eq!(literal("/photos/été 50%_x"), "\"/photos/été 50%_x\"");
-    }
-
-    #[test]
     fn ids_come_from_the_hash_and_stay_below_2_pow_53() {
-        let h = super::super::meta::content_hash(b"bytes");
+        let h = super::super::record::content_hash(b"bytes");
         let ids: Vec<u64> = (0..ID_ATTEMPTS)
             .map(|a| content_id(&h, a).unwrap().0)
             .collect();
@@ -1290,22 +726,5 @@ mod tests {
         assert_eq!(ids[0], u64::from_str_radix(&h[..14], 16).unwrap() >> 3);
         assert_ne!(ids[0], ids[1]);
         assert!(content_id("not hex", 0).is_err());
-    }
-
-    #[test]
-    fn filters_become_expressions() {
-        assert_eq!(filter_expr(&Filter::default()), None);
-        let f = Filter {
-            path_prefix: Some("/a/\"b".into()),
-            date_from: Some("2020-01-01".into()),
-            date_to: None,
-            min_width: Some(10),
-            min_height: None,
-        };
-        assert_eq!(
-            filter_expr(&f).unwrap(),
-            "path >= \"/a/\\\"b\" and path < \"/a/\\\"c\" and day >= 20200101 and day <= 99999999 \
-             and width >= 10"
-        );
     }
 }
