@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use blipsearch::model::layers::Kernels;
+use blipsearch::model::kernels::Kernels;
 use blipsearch::model::linear::Linear;
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{CaptionParams, Captioner, ItmFirstToken, ModelSource, Retriever};

@@ -21,6 +21,7 @@ use serde::Serialize;
 use super::dataset::Dataset;
 use super::error::{check_batch_size, EvalError, Result};
 use super::metrics::{cider_d, coco_tokenize, corpus_bleu};
+use crate::index::dot;
 use crate::model::preprocess::{load_image, DecodeLimits};
 use crate::model::retrieval::rows;
 use crate::model::{
@@ -277,7 +278,6 @@ pub fn evaluate_retrieval(
     drop(pb);
 
     // ITC similarity matrix (images x texts).
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let sims: Vec<Vec<f32>> = img_itc
         .iter()
         .map(|v| txt_itc.iter().map(|t| dot(v, t)).collect())

@@ -10,8 +10,8 @@ use candle_core::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_op::{widest_simd, F32Cpu, F32Input, F32Op};
-use super::layers::softmax_rows_inplace;
-use super::linear::{pick_kernel, Epilogue, KernelFn};
+use super::kernels::{large_m_kernel, softmax_rows_inplace, Epilogue};
+use super::linear::{pick_kernel, KernelFn};
 use super::sgemm::{matmul, Rhs};
 
 /// At most this many query rows per head take this path.
@@ -62,7 +62,7 @@ pub(crate) fn parallel_heads_attention(
     scale: f64,
 ) -> candle_core::Result<Option<Tensor>> {
     let applies = super::sgemm::available()
-        && super::layers::large_m_kernel()
+        && large_m_kernel()
         && q.device().is_cpu()
         && [q, k, v]
             .iter()

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::cpu_op::{F32Cpu, F32Input, F32Op};
-use super::layers::{fast_kernels, gelu_erf, large_m_kernel, training};
+use super::kernels::{fast_kernels, gelu_erf, large_m_kernel, training, Epilogue};
 use super::sgemm::Rhs;
 
 /// Inputs of at most this many rows (all leading dimensions together) take the small-M kernel.
@@ -33,15 +33,6 @@ const PARALLEL_MIN_MACS: usize = 1 << 20;
 const NR: usize = 4;
 /// Input rows computed together.
 const MR: usize = 4;
-
-/// The activation fused into [`Linear::forward_act`]'s fast path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Epilogue {
-    /// `x W^T + b`.
-    None,
-    /// `gelu_erf(x W^T + b)`.
-    GeluErf,
-}
 
 /// A `nn.Linear` (`y = x W^T + b`, `W` stored `(out, in)` as in PyTorch checkpoints).
 #[derive(Clone, Debug)]
@@ -565,7 +556,7 @@ mod tests {
                 .max(0)?
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5, "max |fast - candle| = {diff}");
-            let _training = super::super::layers::TrainingMode::enter();
+            let _training = super::super::kernels::TrainingMode::enter();
             assert!(lin.forward_fast(&xs, Epilogue::None)?.is_none());
         }
         Ok(())

@@ -13,6 +13,7 @@ pub mod config;
 mod cpu_op;
 pub mod device;
 pub mod error;
+pub mod kernels;
 pub mod layers;
 pub mod linear;
 pub mod preprocess;
@@ -37,6 +38,6 @@ pub use caption::{
 pub use config::{BlipConfig, BlipTextConfig, BlipVisionConfig};
 pub use device::select_device;
 pub use error::{ModelError, Result};
-pub use layers::TrainingMode;
+pub use kernels::TrainingMode;
 pub use retrieval::{CrossAttention, ItmFirstToken, ItmScore, Retriever};
 pub use weights::ModelSource;

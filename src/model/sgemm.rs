@@ -22,8 +22,7 @@ use candle_core::{DType, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_op::{F32Cpu, F32Input, F32Op};
-use super::layers::{fast_kernels, gelu_erf, large_m_kernel, training};
-use super::linear::Epilogue;
+use super::kernels::{fast_kernels, gelu_erf, large_m_kernel, training, Epilogue};
 
 /// Input rows per tile.
 const MR: usize = 14;

@@ -9,9 +9,10 @@ use candle_nn::{Embedding, VarBuilder};
 use rayon::prelude::*;
 
 use super::config::BlipTextConfig;
+use super::kernels::{absorbed_cross_attention, training};
 use super::layers::{
-    absorbed_cross_attention, activate, attention, layer_norm, linear, linear_act, merge_heads,
-    softmax_diff, softmax_scaled, split_heads, training, LayerNorm,
+    activate, attention, layer_norm, linear, linear_act, merge_heads, softmax_diff, softmax_scaled,
+    split_heads, LayerNorm,
 };
 use super::linear::Linear;
 use super::sgemm::matmul_2d;

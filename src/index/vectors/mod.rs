@@ -6,7 +6,8 @@
 //! `hnsw_rs` builds the graph and saves and loads it. Searches do not use its search: they walk
 //! a compact copy of the graph (`index/flat.rs`: one contiguous arena of vectors, CSR neighbour
 //! lists, an epoch-stamped visited array, a SIMD dot product), about 5x faster per query on the
-//! same graph at 100k random vectors (benches/README.md). The copy is a snapshot, kept current
+//! same graph (1M random vectors, ef 64: benches/README.md, "The vector index against
+//! hnswlib"). The copy is a snapshot, kept current
 //! like this:
 //! - load, [`VectorIndex::rebuild`] and [`VectorIndex::compact`] make a new copy;
 //! - [`VectorIndex::remove`] marks the tombstone in the copy too;

@@ -37,8 +37,8 @@ const POST_FILTER_MAX_EF: usize = 4;
 /// An unfiltered search at `ef` scans exactly when the live points number at most
 /// `SCAN_ROWS_PER_EF * ef`: a graph walk scores some tens of points per unit of `ef`, each a
 /// cache miss, while the scan streams the rows in order; past this ratio the scan is about as
-/// fast and never misses (break-even measured near `n / 130` at 1M points and `n / 80` at 100k:
-/// benches/README.md, "1M vectors in one run").
+/// fast and never misses (break-even measured near `n / 130` at 1M points and `n / 80` at 100k
+/// with `examples/hnsw_compare.rs`).
 const SCAN_ROWS_PER_EF: usize = 128;
 
 /// Candidates a post-filtered search fetches when a share `share` of the points passes: enough
