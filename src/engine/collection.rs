@@ -19,15 +19,13 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
-use super::ingest::{IngestOptions, IngestSummary, Ingestor};
 use super::models::Encoders;
 use super::search::{SearchParams, SearchResults, Searcher};
-use super::uploads::{uploads_dir, NewUpload, Uploaded, Uploads};
+use super::upload_folder::{uploads_dir, UploadFolder};
 use crate::index::{
     BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId, ImageRecord,
     IndexError, MilvusAddress, MilvusStore, Store, StoreStats,
 };
-use crate::progress::Progress;
 
 /// Counts and disk usage of a collection: its store and its blobs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -173,7 +171,7 @@ pub struct Engine {
     dir: PathBuf,
     store: RwLock<Box<dyn Store>>,
     blobs: BlobStore,
-    uploads: Uploads,
+    uploads: UploadFolder,
 }
 
 impl Engine {
@@ -245,7 +243,7 @@ impl Engine {
                 tracing::info!(swept, "removed feature and thumbnail files no image owns");
             }
         }
-        let uploads = Uploads::open(&uploads_dir(dir))?;
+        let uploads = UploadFolder::open(&uploads_dir(dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             store: RwLock::new(store),
@@ -276,7 +274,7 @@ impl Engine {
             .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
     }
 
-    pub(crate) fn uploads(&self) -> &Uploads {
+    pub(crate) fn uploads(&self) -> &UploadFolder {
         &self.uploads
     }
 
@@ -438,15 +436,6 @@ impl Engine {
         Ok(self.write()?.update(record)?)
     }
 
-    /// Removes image `id` and its blobs, and its file when it was uploaded; committed on return.
-    /// Files in the user's folders are never deleted: their content is remembered as removed
-    /// instead, so that scans of the folder (`sync`, a server's watched folders) leave it out
-    /// until the file is added by name. Serialised with uploads of the same bytes. `false`: no
-    /// such image.
-    pub fn remove(&self, id: ImageId) -> Result<bool> {
-        Uploads::remove_image(self, id)
-    }
-
     /// Removes images without touching uploads' serialisation (the caller holds what it
     /// needs); returns the records removed. Not committed.
     pub(crate) fn delete_records(&self, ids: &[ImageId]) -> Result<Vec<ImageRecord>> {
@@ -505,48 +494,6 @@ impl Engine {
         Ok(removed)
     }
 
-    /// Adds files and folders (recursively): new files are embedded, changed ones embedded again,
-    /// unchanged ones skipped, bad ones reported in the summary. With `sync`, images under `paths`
-    /// whose files are gone are removed first.
-    pub fn ingest<M: Encoders + ?Sized>(
-        &self,
-        models: &M,
-        options: IngestOptions,
-        paths: &[PathBuf],
-        sync: bool,
-        observer: &dyn Progress,
-    ) -> Result<IngestSummary> {
-        let mut ingestor = Ingestor::new(self, models, options, observer)?;
-        if sync {
-            ingestor.sync(paths)
-        } else {
-            ingestor.add(paths)
-        }
-    }
-
-    /// Stores and indexes an uploaded image with its given `texts` (see [`Uploads`]).
-    pub fn upload<M: Encoders + ?Sized>(
-        &self,
-        models: &M,
-        options: IngestOptions,
-        upload: NewUpload<'_>,
-        texts: Vec<String>,
-    ) -> Result<Uploaded> {
-        Uploads::add(self, models, options, upload, texts)
-    }
-
-    /// Deletes uploaded files no image points to (left by a crash between writing and
-    /// indexing); returns how many. Run it while no upload is in flight (at start). With a
-    /// shared store, other processes may be uploading now: only files older than
-    /// [`super::uploads::ORPHAN_AGE`] go.
-    pub fn remove_orphan_uploads(&self) -> Result<usize> {
-        let min_age = match self.read()?.shared() {
-            true => super::uploads::ORPHAN_AGE,
-            false => std::time::Duration::ZERO,
-        };
-        Uploads::remove_orphans(self, min_age)
-    }
-
     /// Whether other processes may write the collection at the same time (a shared store).
     pub fn shared(&self) -> Result<bool> {
         Ok(self.read()?.shared())
@@ -589,138 +536,10 @@ impl Engine {
     pub fn duplicates(&self, threshold: f32) -> Result<Vec<super::duplicates::DuplicateGroup>> {
         super::duplicates::near_duplicates(&**self.read()?, threshold)
     }
-
-    /// Embeds every image of the collection at `at` again, from its original file, with
-    /// `models`, into a new collection beside it, which replaces the old one only once complete
-    /// (an interrupted reindex leaves the old collection as it was). Every image keeps its id
-    /// and given texts; uploaded files stay with the collection. Files that are gone are left
-    /// out, with a warning event each. With Milvus, the new collection is `<name>_reindex`
-    /// until it replaces the old one (other processes serving it see the new one from then).
-    pub fn reindex<M: Encoders + ?Sized>(
-        at: impl Into<Location>,
-        models: &M,
-        info: &CollectionInfo,
-        options: IngestOptions,
-        observer: &dyn Progress,
-    ) -> Result<IngestSummary> {
-        let at = at.into();
-        let dir = at.dir.as_path();
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EngineError::Io { path, source }
-        };
-        let mut paths = Vec::new();
-        let mut given = std::collections::HashMap::new();
-        let mut ids = std::collections::HashMap::new();
-        let (next_id, exclusions) = {
-            let old = Engine::open_existing(at.clone())?;
-            old.for_each(&mut |r| {
-                paths.push(PathBuf::from(&r.path));
-                given.insert(r.path.clone(), r.given_texts);
-                ids.insert(r.path, r.id);
-                Ok(())
-            })?;
-            let store = old.read()?;
-            (store.next_id()?, store.exclusions()?)
-        };
-        let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
-            paths.into_iter().partition(|p| p.exists());
-        let staging = Location {
-            dir: sibling(dir, "reindex"),
-            store: match &at.store {
-                StoreLocation::Embedded => StoreLocation::Embedded,
-                StoreLocation::Milvus(a) => StoreLocation::Milvus(MilvusAddress {
-                    collection: format!("{}_reindex", a.collection),
-                    ..a.clone()
-                }),
-            },
-        };
-        if staging.dir.exists() {
-            std::fs::remove_dir_all(&staging.dir).map_err(io(&staging.dir))?;
-        }
-        if let StoreLocation::Milvus(a) = &staging.store {
-            MilvusStore::drop_collection(a)?;
-        }
-        let mut summary = {
-            let fresh = Engine::open(staging.clone(), info)?;
-            // Every image keeps its id, and ids never given are never given later either;
-            // what was removed on purpose stays out of folder scans.
-            {
-                let mut store = fresh.write()?;
-                if let Some(next_id) = next_id {
-                    store.reserve_ids(next_id)?;
-                }
-                for (hash, path) in &exclusions {
-                    store.exclude(hash, path)?;
-                }
-            }
-            Ingestor::new(&fresh, models, options, observer)?
-                .with_given_texts(given)
-                .with_ids(ids)
-                .add(&present)?
-        };
-        for p in missing {
-            summary.failed.push(super::ingest::Failure {
-                path: p.display().to_string(),
-                reason: "the file is gone; it is not in the new collection".into(),
-            });
-        }
-        match (&at.store, &staging.store) {
-            (StoreLocation::Milvus(target), StoreLocation::Milvus(new)) => {
-                // The records move by renaming in Milvus; the blobs by renaming their folders
-                // (uploads stay where the records point).
-                MilvusStore::replace(target, new)?;
-                let old = sibling(dir, "old");
-                std::fs::create_dir_all(&old).map_err(io(&old))?;
-                for part in BlobStore::PARTS {
-                    let (live, fresh, gone) =
-                        (dir.join(part), staging.dir.join(part), old.join(part));
-                    if live.exists() {
-                        std::fs::rename(&live, &gone).map_err(io(&live))?;
-                    }
-                    std::fs::rename(&fresh, &live).map_err(io(&fresh))?;
-                }
-                std::fs::remove_dir_all(&old).map_err(io(&old))?;
-                std::fs::remove_dir_all(&staging.dir).map_err(io(&staging.dir))?;
-            }
-            _ => swap_directories(dir, &staging.dir)?,
-        }
-        Ok(summary)
-    }
-}
-
-/// Replaces the embedded collection in `dir` by the one in `staging`. Uploaded files live inside
-/// the collection: they move with it (the records point to `<index>/uploads/...`, which is where
-/// they are again after the swap).
-fn swap_directories(dir: &Path, staging: &Path) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| EngineError::Io { path, source }
-    };
-    let uploads = uploads_dir(dir);
-    if uploads.exists() {
-        let target = uploads_dir(staging);
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(io(&target))?;
-        }
-        std::fs::rename(&uploads, &target).map_err(io(&uploads))?;
-    }
-    let old = sibling(dir, "old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    }
-    if let Err(e) = std::fs::rename(dir, &old) {
-        // Put the uploads back: the old collection stays as it was.
-        let _ = std::fs::rename(uploads_dir(staging), &uploads);
-        return Err(io(dir)(e));
-    }
-    std::fs::rename(staging, dir).map_err(io(staging))?;
-    std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    Ok(())
 }
 
 /// `index` -> `index.<suffix>` in the same parent folder.
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+pub(super) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -728,6 +728,27 @@ fn exif_fields(bytes: &[u8]) -> (Option<String>, Option<String>) {
     (date, description)
 }
 
+impl Engine {
+    /// Adds files and folders (recursively): new files are embedded, changed ones embedded again,
+    /// unchanged ones skipped, bad ones reported in the summary. With `sync`, images under `paths`
+    /// whose files are gone are removed first.
+    pub fn ingest<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        options: IngestOptions,
+        paths: &[PathBuf],
+        sync: bool,
+        observer: &dyn Progress,
+    ) -> Result<IngestSummary> {
+        let mut ingestor = Ingestor::new(self, models, options, observer)?;
+        if sync {
+            ingestor.sync(paths)
+        } else {
+            ingestor.add(paths)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,7 +57,9 @@ pub mod duplicates;
 pub mod error;
 pub mod ingest;
 pub mod models;
+mod reindex;
 pub mod search;
+mod upload_folder;
 pub mod uploads;
 
 pub use crate::progress::{Counters, Event, Progress, Silent};

@@ -7,25 +7,17 @@
 //! owns. Files that no record points to (left by a crash between writing and indexing) are
 //! removed by [`super::Engine::remove_orphan_uploads`] at start.
 
-use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 
 use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::ingest::{IngestOptions, Ingestor};
 use super::models::Encoders;
+pub use super::upload_folder::uploads_dir;
+use super::upload_folder::UploadFolder;
 use crate::index::{content_hash, ImageId};
 use crate::progress::Silent;
-
-/// The upload directory of a collection and the hashes being uploaded now.
-#[derive(Debug)]
-pub struct Uploads {
-    dir: PathBuf,
-    in_flight: Mutex<HashSet<String>>,
-    finished: Condvar,
-}
 
 /// What an upload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +32,6 @@ pub struct Uploaded {
 /// when the store is shared (another process may be indexing a younger one right now).
 pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Where uploads go inside a collection directory.
-pub fn uploads_dir(index: &Path) -> PathBuf {
-    index.join("uploads")
-}
-
 /// One uploaded image as the client sent it.
 #[derive(Debug, Clone, Copy)]
 pub struct NewUpload<'a> {
@@ -56,120 +43,7 @@ pub struct NewUpload<'a> {
     pub ext: &'a str,
 }
 
-/// A claim on one content hash; released (and waiters woken) when dropped.
-struct Claim<'a> {
-    uploads: &'a Uploads,
-    hash: String,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.uploads.in_flight.lock() {
-            set.remove(&self.hash);
-        }
-        self.uploads.finished.notify_all();
-    }
-}
-
-/// A file this upload created; deleted when dropped unless kept.
-struct Created {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for Created {
-    fn drop(&mut self) {
-        if !self.keep {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), %e, "cannot remove a failed upload");
-            }
-        }
-    }
-}
-
-/// Most files tried for one name before giving up (`name.ext`, `name-2.ext`, ...).
-const MAX_NAME_TRIES: usize = 100;
-
-impl Uploads {
-    /// The uploads kept in `dir`, created if needed.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let io = |source| EngineError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        Ok(Self {
-            // Canonical, as the collection's paths are.
-            dir: std::fs::canonicalize(dir).map_err(io)?,
-            in_flight: Mutex::new(HashSet::new()),
-            finished: Condvar::new(),
-        })
-    }
-
-    /// The directory (canonical).
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Whether `path` (canonical) is an uploaded file, which the collection may delete.
-    pub fn owns(&self, path: &Path) -> bool {
-        path.starts_with(&self.dir)
-    }
-
-    fn claim(&self, hash: &str) -> Result<Claim<'_>> {
-        let poisoned = || EngineError::Internal("the upload lock is poisoned".into());
-        let mut set = self.in_flight.lock().map_err(|_| poisoned())?;
-        while set.contains(hash) {
-            set = self.finished.wait(set).map_err(|_| poisoned())?;
-        }
-        set.insert(hash.to_string());
-        Ok(Claim {
-            uploads: self,
-            hash: hash.to_string(),
-        })
-    }
-
-    /// Creates a new file for the upload: `<hash12>-<stem>.<ext>` (or `<hash32>.<ext>` without
-    /// a stem), with `-2`, `-3`, ... before the extension when the name is taken.
-    fn create(&self, hash: &str, stem: Option<&str>, ext: &str, bytes: &[u8]) -> Result<Created> {
-        let io = |path: &Path, source: std::io::Error| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let base = match stem {
-            Some(stem) => format!("{}-{stem}", &hash[..12]),
-            None => hash[..32].to_string(),
-        };
-        for n in 1..=MAX_NAME_TRIES {
-            let name = if n == 1 {
-                format!("{base}.{ext}")
-            } else {
-                format!("{base}-{n}.{ext}")
-            };
-            let path = self.dir.join(name);
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    // From here the file is ours: a failure below removes it.
-                    let created = Created { path, keep: false };
-                    f.write_all(bytes)
-                        .and_then(|()| f.sync_all())
-                        .map_err(|e| io(&created.path, e))?;
-                    return Ok(created);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(io(&path, e)),
-            }
-        }
-        Err(EngineError::Internal(format!(
-            "no free file name for {base}.{ext} in {}",
-            self.dir.display()
-        )))
-    }
-
+impl UploadFolder {
     /// Stores and indexes an upload with its given `texts`. The same bytes already in the
     /// collection (or being uploaded by another request) answer that image's id as a
     /// duplicate. A file that fails to index is removed; the error says why.
@@ -258,12 +132,12 @@ impl Uploads {
     /// many. Run it while no upload of this process is in flight (at start).
     pub(crate) fn remove_orphans(engine: &Engine, min_age: std::time::Duration) -> Result<usize> {
         let this = engine.uploads();
-        let entries = match std::fs::read_dir(&this.dir) {
+        let entries = match std::fs::read_dir(this.dir()) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => {
                 return Err(EngineError::Io {
-                    path: this.dir.clone(),
+                    path: this.dir().to_path_buf(),
                     source: e,
                 })
             }
@@ -272,7 +146,7 @@ impl Uploads {
         for entry in entries {
             let path = entry
                 .map_err(|e| EngineError::Io {
-                    path: this.dir.clone(),
+                    path: this.dir().to_path_buf(),
                     source: e,
                 })?
                 .path();
@@ -297,5 +171,39 @@ impl Uploads {
             }
         }
         Ok(removed)
+    }
+}
+
+impl Engine {
+    /// Stores and indexes an uploaded image with its given `texts` (see [`super::uploads`]).
+    pub fn upload<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        options: IngestOptions,
+        upload: NewUpload<'_>,
+        texts: Vec<String>,
+    ) -> Result<Uploaded> {
+        UploadFolder::add(self, models, options, upload, texts)
+    }
+
+    /// Deletes uploaded files no image points to (left by a crash between writing and
+    /// indexing); returns how many. Run it while no upload is in flight (at start). With a
+    /// shared store, other processes may be uploading now: only files older than
+    /// [`ORPHAN_AGE`] go.
+    pub fn remove_orphan_uploads(&self) -> Result<usize> {
+        let min_age = match self.read()?.shared() {
+            true => ORPHAN_AGE,
+            false => std::time::Duration::ZERO,
+        };
+        UploadFolder::remove_orphans(self, min_age)
+    }
+
+    /// Removes image `id` and its blobs, and its file when it was uploaded; committed on return.
+    /// Files in the user's folders are never deleted: their content is remembered as removed
+    /// instead, so that scans of the folder (`sync`, a server's watched folders) leave it out
+    /// until the file is added by name. Serialised with uploads of the same bytes. `false`: no
+    /// such image.
+    pub fn remove(&self, id: ImageId) -> Result<bool> {
+        UploadFolder::remove_image(self, id)
     }
 }

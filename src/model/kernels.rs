@@ -1,7 +1,7 @@
 //! What every CPU kernel of the model shares, below the layers that use them: the per-thread
 //! kernel choice ([`Kernels`]) and training switch ([`TrainingMode`]), the activation fused into
-//! matmuls ([`Epilogue`]), and the vectorisable element-wise math (GELU's erf, `exp`, softmax
-//! rows). The kernels ([`super::linear`], [`super::sgemm`], [`super::attention`]) and the layers
+//! matmuls (`Epilogue`), and the vectorisable element-wise math (GELU's erf, `exp`, softmax
+//! rows). The kernels ([`super::linear`], `sgemm`, `attention`) and the layers
 //! ([`super::layers`]) import this; it imports none of them.
 
 use std::cell::Cell;
