@@ -125,10 +125,10 @@ fn attribute_accuracy(caps: &Path, scenes: &HashMap<String, Value>) -> [f64; 6] 
     right.map(|r| r as f64 / lines.len() as f64)
 }
 
-/// The captioner on the 200 held-out scenes. Measured with the committed checkpoint (3450
+/// The captioner on the 200 test images (new renderings of training scenes). Measured with the committed checkpoint (3450
 /// steps): colour 1.00, shape 0.915, size 0.97, count 0.925, position 0.57 (chance 0.25), colour
-/// and shape together 0.915, BLEU-4 76.7, CIDEr 659.3 (x100). Issue 8's target is the right shape
-/// and colour for most images; the thresholds leave a margin under the measured figures.
+/// and shape together 0.915, BLEU-4 76.7, CIDEr 659.3 (x100). The target is the right shape and
+/// colour for most images; the thresholds leave a margin under the measured figures.
 #[test]
 fn held_out_captions() {
     let (_tmp, w) = world();
@@ -165,7 +165,7 @@ fn held_out_captions() {
     );
 }
 
-/// Retrieval on the 200 held-out scenes (600 captions, each matching exactly one image):
+/// Retrieval on the 200 test images (600 captions, each matching exactly one image):
 /// `eval --k 16 --json`.
 fn held_out_retrieval() -> Value {
     let (_tmp, w) = world();
@@ -265,7 +265,7 @@ const QUERIES: [(&str, &str, &str); 6] = [
     ("a green square", "green", "square"),
 ];
 
-/// Ingests the held-out scenes with `add` (captions on) and runs every query of [`QUERIES`]
+/// Ingests the test images with `add` (captions on) and runs every query of [`QUERIES`]
 /// at each `--rerank-k` of `reranks`: (query, rerank, colour, shape, scene of the first hit).
 fn first_hits(reranks: &[&'static str]) -> Vec<(String, &'static str, String, String, Value)> {
     let (tmp, w) = world();
