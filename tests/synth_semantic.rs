@@ -63,23 +63,6 @@ fn world() -> (tempfile::TempDir, PathBuf) {
     (dir, out)
 }
 
-/// Test scenes by image file name (`00012.png`).
-fn scenes(world: &Path) -> HashMap<String, Value> {
-    std::fs::read_to_string(world.join("test.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let r = json(l);
-            let name = Path::new(r["image"].as_str().unwrap())
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            (name, r["scene"].clone())
-        })
-        .collect()
-}
-
 fn recall(v: &Value, scoring: &str, direction: &str) -> f64 {
     v["retrieval"][scoring][direction]["r1"].as_f64().unwrap()
 }
@@ -145,7 +128,7 @@ fn held_out_captions() {
     ]);
     assert!(ok, "{err}");
     let v = json(&out);
-    let acc = attribute_accuracy(&caps, &scenes(&w));
+    let acc = attribute_accuracy(&caps, &common::synth_scenes(&w));
     eprintln!("{v}\ncolour, shape, size, count, position, colour+shape right: {acc:?}");
     let [colour, shape, size, count, position, both] = acc;
     assert!(colour >= 0.95, "colour right on {colour}");
@@ -283,7 +266,7 @@ fn first_hits(reranks: &[&'static str]) -> Vec<(String, &'static str, String, St
         &s(&w.join("images/test")),
     ]);
     assert!(ok, "{err}");
-    let scenes = scenes(&w);
+    let scenes = common::synth_scenes(&w);
     let mut out = Vec::new();
     for &rerank in reranks {
         for (q, colour, shape) in QUERIES {
