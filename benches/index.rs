@@ -178,6 +178,7 @@ fn text(c: &mut Criterion) {
             }],
             given_texts: Vec::new(),
             added_unix: 0,
+            product: None,
         })
         .collect();
     let mut g = c.benchmark_group("tantivy");

@@ -88,6 +88,7 @@ fn record(i: u64, g: &mut Gen) -> ImageRecord {
         }],
         given_texts: vec![],
         added_unix: 1_700_000_000,
+        product: None,
     }
 }
 

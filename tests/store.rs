@@ -71,6 +71,7 @@ fn record(n: u64, g: &mut Gen) -> ImageRecord {
         }],
         given_texts: vec![],
         added_unix: 1_700_000_000,
+        product: None,
     }
 }
 
@@ -88,6 +89,7 @@ fn filters() -> Vec<Filter> {
         date_to: to.map(str::to_string),
         min_width: w,
         min_height: h,
+        attributes: Vec::new(),
     };
     vec![
         f(Some("/lib/a/"), None, None, None, None),

@@ -122,7 +122,10 @@ pub fn search(a: SearchArgs) -> Result<()> {
             date_to: a.date_to.clone(),
             min_width: a.min_width,
             min_height: a.min_height,
+            attributes: Vec::new(),
         },
+        facets: Vec::new(),
+        group_by: None,
     };
     // More like this compares stored vectors, and BM25 without rerank reads no model.
     let text_only = params.mode == SearchMode::Text && params.rerank_k == Some(0);

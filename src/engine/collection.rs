@@ -19,12 +19,13 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
+use super::facets::FacetRequest;
 use super::models::Encoders;
 use super::search::{SearchParams, SearchResults, Searcher};
 use super::upload_folder::{uploads_dir, UploadFolder};
 use crate::index::{
-    BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId, ImageRecord,
-    IndexError, MilvusAddress, MilvusStore, Store, StoreStats,
+    AttrFilter, BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId,
+    ImageRecord, IndexError, MilvusAddress, MilvusStore, Store, StoreStats,
 };
 
 /// Counts and disk usage of a collection: its store and its blobs.
@@ -260,6 +261,22 @@ impl Engine {
     /// What the collection was built with.
     pub fn info(&self) -> Result<CollectionInfo> {
         Ok(self.read()?.info().clone())
+    }
+
+    /// Parses filter strings (`brand:acme`, `price:..80`, see [`AttrFilter::parse`]) with the
+    /// collection's attribute types.
+    pub fn parse_filters(&self, filters: &[String]) -> Result<Vec<AttrFilter>> {
+        let schema = self.info()?.attributes;
+        filters
+            .iter()
+            .map(|f| Ok(AttrFilter::parse(f, &schema)?))
+            .collect()
+    }
+
+    /// Parses a facet list (`brand,price:..50|50..`, see [`FacetRequest::parse_list`]) with the
+    /// collection's attribute types.
+    pub fn parse_facets(&self, list: &str) -> Result<Vec<FacetRequest>> {
+        FacetRequest::parse_list(list, &self.info()?.attributes)
     }
 
     pub(crate) fn read(&self) -> Result<RwLockReadGuard<'_, Box<dyn Store>>> {

@@ -578,6 +578,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     captions: caps,
                     given_texts: p.given.clone(),
                     added_unix: now_unix(),
+                    product: None,
                 },
                 keep_id: keep,
                 replaces: p.replaces,

@@ -55,6 +55,7 @@
 pub mod collection;
 pub mod duplicates;
 pub mod error;
+pub mod facets;
 pub mod ingest;
 pub mod models;
 mod reindex;
@@ -70,6 +71,6 @@ pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
 pub use uploads::{NewUpload, Uploaded};
 
 pub use crate::index::{
-    Caption, CaptionSource, CollectionInfo, FeatureMatrix, Filter, ImageId, ImageRecord,
-    DEFAULT_DIR,
+    AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource, CollectionInfo,
+    FeatureMatrix, Filter, ImageId, ImageRecord, Product, Schema, DEFAULT_DIR,
 };

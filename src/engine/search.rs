@@ -10,8 +10,9 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
+use super::facets::{FacetCounts, FacetRequest, GroupBy, HitGroup};
 use super::models::Encoders;
-use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Store};
+use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Product, Store};
 
 /// Largest number of candidates taken from each retriever.
 pub const MAX_K: usize = 1000;
@@ -119,6 +120,10 @@ pub struct SearchParams {
     pub include_self: bool,
     /// Which images may be returned.
     pub filter: Filter,
+    /// Facets to count over the relevant set.
+    pub facets: Vec<FacetRequest>,
+    /// One hit per group (paging and `total` then count groups).
+    pub group_by: Option<GroupBy>,
 }
 
 impl SearchParams {
@@ -168,6 +173,8 @@ impl Default for SearchParams {
             min_itm_prob: None,
             include_self: false,
             filter: Filter::default(),
+            facets: Vec::new(),
+            group_by: None,
         }
     }
 }
@@ -198,8 +205,14 @@ pub struct SearchHit {
     pub itm_logit: Option<f32>,
     /// ITM p(match), when reranked.
     pub itm_prob: Option<f32>,
-    /// Captions kept by CapFilt (why it may have matched on words).
+    /// Captions kept by CapFilt and the product's texts (why it may have matched on words).
     pub captions: Vec<Caption>,
+    /// The product the image belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product: Option<Product>,
+    /// When results are grouped: the group this hit stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<HitGroup>,
 }
 
 /// The answer to a search.
@@ -209,6 +222,10 @@ pub struct SearchResults {
     pub hits: Vec<SearchHit>,
     /// Candidates considered (after filters).
     pub candidates: usize,
+    /// Results (groups, when grouped) before offset and limit.
+    pub total: usize,
+    /// Facet counts over the relevant set, in the order asked.
+    pub facets: Vec<FacetCounts>,
     /// Whether the query text was cut to BLIP's 35-token limit.
     pub truncated: bool,
     /// Notices for the user (clamped parameters, truncation).
@@ -445,6 +462,8 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 itm_logit: None,
                 itm_prob: None,
                 captions: record.captions.into_iter().filter(|c| c.kept).collect(),
+                product: record.product,
+                group: None,
             });
         }
         if let Some(query) = query {
@@ -459,10 +478,13 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 }
             }
         }
+        let total = hits.len();
         let hits = hits.into_iter().skip(p.offset).take(p.limit).collect();
         Ok(SearchResults {
             hits,
             candidates,
+            total,
+            facets: Vec::new(),
             truncated: false,
             notices: Vec::new(),
         })

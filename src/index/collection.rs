@@ -1,9 +1,11 @@
 //! [`Collection`], the embedded [`Store`]: sled, the HNSW graph, tantivy and the filter columns
 //! of one collection directory, kept consistent through commits and crashes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::attributes::{merge_schema, Product, Schema};
 use super::error::{IndexError, Result};
 use super::filter::{Columns, Filter, IdSet};
 use super::id::ImageId;
@@ -286,6 +288,30 @@ impl Store for Collection {
         Ok(())
     }
 
+    fn extend_schema(&mut self, attributes: &Schema) -> Result<()> {
+        let mut info = self.info.clone();
+        merge_schema(&mut info.attributes, attributes)?;
+        if info != self.info {
+            self.meta.set_info(&info)?;
+            self.info = info;
+        }
+        Ok(())
+    }
+
+    fn products_of(&self, ids: &[ImageId]) -> Result<Vec<Option<Product>>> {
+        Ok(ids
+            .iter()
+            .map(|&id| self.columns.product(id).map(|p| Product::clone(p)))
+            .collect())
+    }
+
+    fn product_images(
+        &self,
+        products: Option<&[String]>,
+    ) -> Result<BTreeMap<String, Vec<ImageId>>> {
+        Ok(self.columns.product_images(products))
+    }
+
     fn allocate_id(&mut self, _content_hash: &str) -> Result<ImageId> {
         self.meta.allocate_id()
     }
@@ -508,6 +534,7 @@ mod tests {
             }],
             given_texts: vec![],
             added_unix: 1_700_000_000,
+            product: None,
         }
     }
 

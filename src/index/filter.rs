@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::attributes::{AttrFilter, Product};
 use super::error::{IndexError, Result};
 use super::id::ImageId;
 use super::record::ImageRecord;
 
 /// Restrictions on which images a search may return; every set field must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Filter {
     /// Only images whose path starts with this (a string prefix: `/photos/a` also matches
     /// `/photos/ab/x.jpg`; end it with `/` for one folder).
@@ -30,6 +31,10 @@ pub struct Filter {
     pub min_width: Option<u32>,
     /// Minimum height in pixels.
     pub min_height: Option<u32>,
+    /// Product attribute filters, all of which must hold (an image without a product fails
+    /// any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<AttrFilter>,
 }
 
 impl Filter {
@@ -38,8 +43,12 @@ impl Filter {
         *self == Self::default()
     }
 
-    /// Refuses a filter that cannot mean anything: dates that are not calendar days.
+    /// Refuses a filter that cannot mean anything: dates that are not calendar days, attribute
+    /// filters that [`AttrFilter::check`] refuses.
     pub fn check(&self) -> Result<()> {
+        for a in &self.attributes {
+            a.check()?;
+        }
         for d in [&self.date_from, &self.date_to].into_iter().flatten() {
             if day_number(d).is_none() {
                 return Err(IndexError::InvalidFilter(format!(
@@ -58,6 +67,12 @@ impl Filter {
             .as_deref()
             .is_none_or(|p| r.path.starts_with(p))
             && self.accepts_row(&row, self.day_range())
+            && self.accepts_product(r.product.as_ref())
+    }
+
+    /// Whether an image of `product` (or of none) passes the attribute filters.
+    pub fn accepts_product(&self, product: Option<&Product>) -> bool {
+        self.attributes.iter().all(|a| a.accepts(product))
     }
 
     /// `(from, to)` as day numbers (`YYYYMMDD`); an unset end is open.
@@ -141,6 +156,10 @@ pub struct Columns {
     ids: Vec<u64>,
     rows: Vec<Row>,
     row_paths: Vec<Arc<str>>,
+    /// The product of each row, if any.
+    row_products: Vec<Option<Arc<Product>>>,
+    /// The rows of each product's images.
+    products: HashMap<Arc<str>, Vec<u64>>,
     /// Row of each id.
     slot: HashMap<u64, usize>,
     /// Row of each path, in path order.
@@ -158,6 +177,14 @@ impl Columns {
         self.rows.push(Row::of(r));
         self.row_paths.push(path.clone());
         self.paths.insert(path, row);
+        let product = r.product.clone().map(Arc::new);
+        if let Some(p) = &product {
+            self.products
+                .entry(Arc::from(p.id.as_str()))
+                .or_default()
+                .push(r.id.0);
+        }
+        self.row_products.push(product);
     }
 
     /// Drops the fields of `id`; returns whether it was there.
@@ -170,6 +197,14 @@ impl Columns {
         let path = self.row_paths.swap_remove(i);
         if self.paths.get(&path) == Some(&i) {
             self.paths.remove(&path);
+        }
+        if let Some(p) = self.row_products.swap_remove(i) {
+            if let Some(ids) = self.products.get_mut(p.id.as_str()) {
+                ids.retain(|x| *x != id.0);
+                if ids.is_empty() {
+                    self.products.remove(p.id.as_str());
+                }
+            }
         }
         // The last row moved into `i`.
         if let Some(&moved) = self.ids.get(i) {
@@ -214,6 +249,38 @@ impl Columns {
         self.paths.range::<str, _>((Bound::Included(prefix), upper))
     }
 
+    /// The product of `id`, if it has one.
+    pub fn product(&self, id: ImageId) -> Option<&Arc<Product>> {
+        self.slot
+            .get(&id.0)
+            .and_then(|&row| self.row_products[row].as_ref())
+    }
+
+    /// The ids of the images of each product (every product when `products` is `None`), in id
+    /// order; a product without images is left out.
+    pub fn product_images(&self, products: Option<&[String]>) -> BTreeMap<String, Vec<ImageId>> {
+        let of = |ids: &Vec<u64>| {
+            let mut v: Vec<ImageId> = ids.iter().map(|&i| ImageId(i)).collect();
+            v.sort_unstable();
+            v
+        };
+        match products {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| {
+                    self.products
+                        .get(n.as_str())
+                        .map(|ids| (n.clone(), of(ids)))
+                })
+                .collect(),
+            None => self
+                .products
+                .iter()
+                .map(|(n, ids)| (n.to_string(), of(ids)))
+                .collect(),
+        }
+    }
+
     /// The ids passing `filter`, as a bit set.
     pub fn select(&self, filter: &Filter) -> IdSet {
         let range = filter.day_range();
@@ -225,14 +292,19 @@ impl Columns {
                     ..Filter::default()
                 } == *filter;
                 for (_, &row) in self.prefixed(prefix) {
-                    if path_only || filter.accepts_row(&self.rows[row], range) {
+                    if path_only
+                        || (filter.accepts_row(&self.rows[row], range)
+                            && filter.accepts_product(self.row_products[row].as_deref()))
+                    {
                         ids.push(self.ids[row]);
                     }
                 }
             }
             None => {
-                for (id, row) in self.ids.iter().zip(&self.rows) {
-                    if filter.accepts_row(row, range) {
+                for (i, (id, row)) in self.ids.iter().zip(&self.rows).enumerate() {
+                    if filter.accepts_row(row, range)
+                        && filter.accepts_product(self.row_products[i].as_deref())
+                    {
                         ids.push(*id);
                     }
                 }
@@ -325,6 +397,7 @@ mod tests {
             captions: vec![],
             given_texts: vec![],
             added_unix: 0,
+            product: None,
         }
     }
 
@@ -430,6 +503,7 @@ mod tests {
                 date_to: to,
                 min_width: w,
                 min_height: h,
+                attributes: Vec::new(),
             })
     }
 

@@ -532,6 +532,7 @@ mod tests {
             ],
             given_texts: vec!["holiday".into()],
             added_unix: 1_700_000_001,
+            product: None,
         }
     }
 

@@ -19,6 +19,7 @@
 //!
 //! `index/README.md` documents the layout and recovery for operators.
 
+pub mod attributes;
 pub mod blobs;
 mod collection;
 pub mod error;
@@ -41,6 +42,7 @@ pub mod vectors;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use attributes::{merge_schema, AttrFilter, AttrTest, AttrType, AttrValue, Product, Schema};
 pub use blobs::BlobStore;
 pub use collection::{Collection, Recovery};
 pub use error::{IndexError, Result};

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::attributes::{Product, Schema};
 use super::error::{IndexError, Result};
 use super::id::ImageId;
 
@@ -22,6 +23,18 @@ pub enum CaptionSource {
     Sample,
     /// Derived from the file name.
     FileName,
+    /// The title of the image's product (trusted: never dropped by the filter).
+    Title,
+    /// The description of the image's product (trusted: never dropped by the filter).
+    Description,
+}
+
+impl CaptionSource {
+    /// Whether text of this source is a product's, indexed in its own fields rather than as a
+    /// caption.
+    pub fn is_product_text(self) -> bool {
+        matches!(self, Self::Title | Self::Description)
+    }
 }
 
 /// A caption of an image and the CapFilt verdict on it.
@@ -69,14 +82,18 @@ pub struct ImageRecord {
     pub given_texts: Vec<String>,
     /// When the image was added, seconds since the Unix epoch.
     pub added_unix: i64,
+    /// The catalogue product the image belongs to, with its title, description and attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product: Option<Product>,
 }
 
 impl ImageRecord {
-    /// The captions that passed the filter, i.e. those indexed for text search.
+    /// The captions that passed the filter, i.e. those indexed for text search as captions
+    /// (a product's title and description have fields of their own).
     pub fn kept_captions(&self) -> impl Iterator<Item = &str> {
         self.captions
             .iter()
-            .filter(|c| c.kept)
+            .filter(|c| c.kept && !c.source.is_product_text())
             .map(|c| c.text.as_str())
     }
 }
@@ -105,6 +122,10 @@ pub struct CollectionInfo {
     pub format_version: u32,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: i64,
+    /// The type of every product attribute seen so far (see
+    /// [`super::attributes::merge_schema`]).
+    #[serde(default, skip_serializing_if = "Schema::is_empty")]
+    pub attributes: Schema,
 }
 
 impl CollectionInfo {
@@ -128,6 +149,7 @@ impl CollectionInfo {
             vit_hidden,
             format_version: Self::FORMAT_VERSION,
             created_unix: now_unix(),
+            attributes: Schema::new(),
         }
     }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use super::attributes::{Product, Schema};
 use super::error::Result;
 use super::filter::Filter;
 use super::id::ImageId;
@@ -61,6 +62,7 @@ use super::record::{CollectionInfo, ImageRecord};
 ///     }],
 ///     given_texts: Vec::new(),
 ///     added_unix: 0,
+///     product: None,
 /// })?;
 /// store.commit()?;
 ///
@@ -80,6 +82,10 @@ pub trait Store: Send + Sync {
     /// ([`super::IndexError::Incompatible`] otherwise), then records where they are and their
     /// fingerprint, so that a copy of the same weights elsewhere is found next time.
     fn adopt_models(&mut self, requested: &CollectionInfo) -> Result<()>;
+    /// Records the types of product attributes: new names are added, a known name must keep
+    /// its type ([`super::IndexError::InvalidParams`] otherwise, changing nothing). Durable on
+    /// return; [`Store::info`] shows them.
+    fn extend_schema(&mut self, attributes: &Schema) -> Result<()>;
     /// An id for new content `content_hash`, never given to other content.
     fn allocate_id(&mut self, content_hash: &str) -> Result<ImageId>;
     /// [`Store::allocate_id`] for each of `content_hashes`, in order (one round trip where the
@@ -125,6 +131,30 @@ pub trait Store: Send + Sync {
     fn text_search(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<(ImageId, f32)>>;
     /// The record of `id`.
     fn get(&self, id: ImageId) -> Result<Option<ImageRecord>>;
+    /// The product of each of `ids`, in order (`None`: no product, or no such image): what
+    /// facets and grouping read for a result set.
+    fn products_of(&self, ids: &[ImageId]) -> Result<Vec<Option<Product>>> {
+        ids.iter()
+            .map(|&id| Ok(self.get(id)?.and_then(|r| r.product)))
+            .collect()
+    }
+    /// The ids of the images of each of `products` (of every product when `None`), in id
+    /// order; a product without images is left out.
+    fn product_images(
+        &self,
+        products: Option<&[String]>,
+    ) -> Result<BTreeMap<String, Vec<ImageId>>> {
+        let mut out: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
+        self.for_each(&mut |r| {
+            if let Some(p) = r.product {
+                if products.is_none_or(|want| want.contains(&p.id)) {
+                    out.entry(p.id).or_default().push(r.id);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
     /// The id stored for a canonical path.
     fn by_path(&self, path: &str) -> Result<Option<ImageId>>;
     /// The id stored for a content hash.

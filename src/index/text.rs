@@ -375,6 +375,7 @@ mod tests {
                 .collect(),
             given_texts: given.iter().map(|s| (*s).into()).collect(),
             added_unix: 0,
+            product: None,
         }
     }
 

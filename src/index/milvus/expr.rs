@@ -72,6 +72,7 @@ mod tests {
             date_to: None,
             min_width: Some(10),
             min_height: None,
+            attributes: Vec::new(),
         };
         assert_eq!(
             filter_expr(&f).unwrap(),

@@ -50,6 +50,7 @@ use std::time::Duration;
 use milvus::v2::prelude::*;
 use serde_json::{json, Value};
 
+use super::attributes::{merge_schema, Schema};
 use super::error::{IndexError, Result};
 use super::filter::{exif_day, Filter};
 use super::id::ImageId;
@@ -336,6 +337,20 @@ impl Store for MilvusStore {
         let info = self
             .info
             .adopting(requested, &self.remote.address.as_path())?;
+        if info != self.info {
+            self.remote.write_info(&info)?;
+            self.info = info;
+        }
+        Ok(())
+    }
+
+    fn extend_schema(&mut self, attributes: &Schema) -> Result<()> {
+        // Another process may have added attributes since this one read the info.
+        let mut info = self
+            .remote
+            .read_info()?
+            .unwrap_or_else(|| self.info.clone());
+        merge_schema(&mut info.attributes, attributes)?;
         if info != self.info {
             self.remote.write_info(&info)?;
             self.info = info;
