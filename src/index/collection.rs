@@ -843,6 +843,34 @@ mod tests {
         assert_consistent(&c);
     }
 
+    /// A collection whose `text/` was made before the product fields (same generation as sled,
+    /// same count) has it rebuilt at open, so product titles become searchable.
+    #[test]
+    fn a_text_index_without_product_fields_is_rebuilt_from_sled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rng = Rng::new(9);
+        let (id, generation) = {
+            let mut c = open(tmp.path());
+            let mut r = record(1, &mut rng);
+            r.product = Some(Product {
+                id: "SKU-1".into(),
+                title: Some("Waterproof trail shoe".into()),
+                ..Product::default()
+            });
+            let id = add(&mut c, r).unwrap();
+            c.commit().unwrap();
+            (id, c.stats().unwrap().generation)
+        };
+        let text = tmp.path().join("text");
+        std::fs::remove_dir_all(&text).unwrap();
+        std::fs::create_dir(&text).unwrap();
+        text::write_index_without_product_fields(&text, generation, &[(id.0, "a cat")]);
+        let c = open(tmp.path());
+        assert!(c.last_recovery().rebuilt_text && !c.last_recovery().rebuilt_vectors);
+        assert_eq!(c.text_search("waterproof", 5, &all()).unwrap()[0].0, id);
+        assert_consistent(&c);
+    }
+
     #[test]
     fn filters_apply_to_both_searches_through_the_store_trait() {
         let tmp = tempfile::tempdir().unwrap();

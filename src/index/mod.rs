@@ -10,8 +10,8 @@
 //!   |---|---|---|---|
 //!   | metadata | [`meta`] (sled) | `meta/` | **source of truth**: [`record`]s, ids, paths, hashes, captions, ITC vectors |
 //!   | vectors | [`vectors`] (hnsw_rs) | `vectors/` | ANN over ITC vectors; derived |
-//!   | text | [`text`] (tantivy) | `text/` | BM25 over captions, given texts, file names; derived |
-//!   | columns | [`filter`] | memory | filterable fields, rebuilt at open; derived |
+//!   | text | [`text`] (tantivy) | `text/` | BM25 over captions, given texts, product titles and descriptions, file names; derived |
+//!   | columns | [`filter`] | memory | filterable fields and product attributes, rebuilt at open; derived |
 //!
 //! - [`BlobStore`] ([`blobs`]) holds what is too big for records, by image id: rerank features
 //!   (`features/`) and thumbnails (`thumbs/`). The engine writes blobs before a record and
@@ -19,6 +19,7 @@
 //!
 //! `index/README.md` documents the layout and recovery for operators.
 
+mod attr_columns;
 pub mod attributes;
 pub mod blobs;
 mod collection;

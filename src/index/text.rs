@@ -1,11 +1,18 @@
-//! Full-text search over captions, given texts and file names (tantivy, directory `text/`).
+//! Full-text search over captions, given texts, product titles and descriptions, and file names
+//! (tantivy, directory `text/`).
 //!
-//! One document per image: `id` (u64, indexed + fast + stored), and three text fields analysed
+//! One document per image: `id` (u64, indexed + fast + stored), and five text fields analysed
 //! with tantivy's `en_stem` analyser (split on non-alphanumerics, lowercase, drop tokens over 40
 //! bytes, English Snowball stemming), indexed with positions so that quoted phrases work:
 //! - `caption`: the kept captions ([`ImageRecord::kept_captions`]);
 //! - `given`: texts supplied with the image;
+//! - `title`, `description`: the title and description of the image's product
+//!   ([`ImageRecord::product`]), indexed whatever CapFilt said of them: a merchant's text is
+//!   trusted;
 //! - `filename`: the words of the file name ([`filename_words`]).
+//!
+//! An index with other fields (made by another version) is recreated empty at open, and the
+//! collection rebuilds it from sled (see [`TextIndex::open`]).
 //!
 //! Text is not stored here: sled has it. Scores are BM25 summed over the fields with
 //! [`TextBoosts`]. Queries are user text, parsed leniently: whatever does not parse is searched
@@ -39,7 +46,7 @@ pub type IdPredicate = std::sync::Arc<dyn Fn(u64) -> bool + Send + Sync>;
 pub const MAX_QUERY_BYTES: usize = 2000;
 /// Deepest nesting of parentheses in a query.
 pub const MAX_QUERY_DEPTH: usize = 8;
-/// Most words and operators in a query (each word becomes a clause on three fields).
+/// Most words and operators in a query (each word becomes a clause on each of the five fields).
 pub const MAX_QUERY_TERMS: usize = 256;
 
 /// Checks a user query against the parser's bounds: at most [`MAX_QUERY_BYTES`] bytes,
@@ -85,8 +92,26 @@ pub struct TextBoosts {
     pub caption: f32,
     /// Texts supplied by the user: the most deliberate description of an image.
     pub given: f32,
+    /// A product's title (2.0 by default): a few words the merchant chose to name the product,
+    /// so a query word found there says more than anywhere else, and a product whose title has
+    /// the word ranks above one that only mentions it in its description.
+    #[serde(default = "default_title_boost")]
+    pub title: f32,
+    /// A product's description (1.0 by default): trusted like the title, but long and
+    /// discursive (materials, care, what it goes with), so a word in it is weaker evidence,
+    /// weighted like a caption.
+    #[serde(default = "default_description_boost")]
+    pub description: f32,
     /// File-name words: often meaningful, often camera noise (`img`, `dsc`).
     pub filename: f32,
+}
+
+fn default_title_boost() -> f32 {
+    2.0
+}
+
+fn default_description_boost() -> f32 {
+    1.0
 }
 
 impl Default for TextBoosts {
@@ -94,6 +119,8 @@ impl Default for TextBoosts {
         TextBoosts {
             caption: 1.0,
             given: 1.5,
+            title: default_title_boost(),
+            description: default_description_boost(),
             filename: 0.7,
         }
     }
@@ -104,6 +131,8 @@ struct Fields {
     id: Field,
     caption: Field,
     given: Field,
+    title: Field,
+    description: Field,
     filename: Field,
 }
 
@@ -117,6 +146,8 @@ fn schema() -> (Schema, Fields) {
     let id = b.add_u64_field("id", INDEXED | FAST | STORED);
     let caption = b.add_text_field("caption", text.clone());
     let given = b.add_text_field("given", text.clone());
+    let title = b.add_text_field("title", text.clone());
+    let description = b.add_text_field("description", text.clone());
     let filename = b.add_text_field("filename", text);
     (
         b.build(),
@@ -124,6 +155,8 @@ fn schema() -> (Schema, Fields) {
             id,
             caption,
             given,
+            title,
+            description,
             filename,
         },
     )
@@ -147,8 +180,9 @@ pub struct TextIndex {
 impl TextIndex {
     /// Opens the index in `dir`, creating it if missing.
     ///
-    /// An index that cannot be opened or has another schema is wiped and recreated empty (its
-    /// [`TextIndex::generation`] is then `None`): it is derived data, rebuilt from sled.
+    /// An index that cannot be opened or has another schema (other fields, as made by a version
+    /// before the product fields) is wiped and recreated empty (its [`TextIndex::generation`] is
+    /// then `None`): it is derived data, and the collection rebuilds it from sled.
     pub fn open(dir: &Path) -> Result<Self> {
         fs_err::create_dir_all(dir)?;
         let (schema, fields) = schema();
@@ -211,6 +245,14 @@ impl TextIndex {
         for given in &record.given_texts {
             doc.add_text(f.given, given);
         }
+        if let Some(product) = &record.product {
+            if let Some(title) = &product.title {
+                doc.add_text(f.title, title);
+            }
+            if let Some(description) = &product.description {
+                doc.add_text(f.description, description);
+            }
+        }
         doc.add_text(f.filename, filename_words(&record.path));
         self.writer.add_document(doc)?;
         Ok(())
@@ -265,9 +307,14 @@ impl TextIndex {
             return Ok(Vec::new());
         }
         let f = self.fields;
-        let mut parser = QueryParser::for_index(&self.index, vec![f.caption, f.given, f.filename]);
+        let mut parser = QueryParser::for_index(
+            &self.index,
+            vec![f.caption, f.given, f.title, f.description, f.filename],
+        );
         parser.set_field_boost(f.caption, self.boosts.caption);
         parser.set_field_boost(f.given, self.boosts.given);
+        parser.set_field_boost(f.title, self.boosts.title);
+        parser.set_field_boost(f.description, self.boosts.description);
         parser.set_field_boost(f.filename, self.boosts.filename);
         let (query, _errors) = parser.parse_query_lenient(query);
         let searcher = self.reader.searcher();
@@ -346,6 +393,39 @@ pub fn filename_words(path: &str) -> String {
         words.push(current);
     }
     words.join(" ")
+}
+
+/// Writes in `dir` an index with the fields an index had before the product fields (`id`,
+/// `caption`, `given`, `filename`), holding `docs` as (id, caption), committed as `generation`:
+/// what a collection made by an earlier version has.
+#[cfg(test)]
+pub(crate) fn write_index_without_product_fields(
+    dir: &Path,
+    generation: u64,
+    docs: &[(u64, &str)],
+) {
+    let mut b = Schema::builder();
+    let text = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer("en_stem")
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let id = b.add_u64_field("id", INDEXED | FAST | STORED);
+    let caption = b.add_text_field("caption", text.clone());
+    b.add_text_field("given", text.clone());
+    b.add_text_field("filename", text);
+    let index = Index::create_in_dir(dir, b.build()).unwrap();
+    let mut writer: IndexWriter<TantivyDocument> =
+        index.writer_with_num_threads(1, WRITER_HEAP_BYTES).unwrap();
+    for (n, text) in docs {
+        let mut doc = TantivyDocument::default();
+        doc.add_u64(id, *n);
+        doc.add_text(caption, text);
+        writer.add_document(doc).unwrap();
+    }
+    let mut prepared = writer.prepare_commit().unwrap();
+    prepared.set_payload(&serde_json::to_string(&Payload { generation }).unwrap());
+    prepared.commit().unwrap();
 }
 
 #[cfg(test)]
@@ -582,6 +662,78 @@ mod tests {
                 }
             })
             .unwrap();
+    }
+
+    /// An image of a product titled `title` and described by `description`, whose captions of
+    /// those texts CapFilt rejected.
+    fn product_image(id: u64, title: &str, description: &str) -> ImageRecord {
+        let mut r = record(id, &format!("/p/{id}.jpg"), &[("a photo", true)], &[]);
+        for (text, source) in [
+            (title, CaptionSource::Title),
+            (description, CaptionSource::Description),
+        ] {
+            r.captions.push(Caption {
+                text: text.into(),
+                source,
+                p_match: Some(0.1),
+                kept: false,
+            });
+        }
+        r.product = Some(crate::index::Product {
+            id: format!("SKU-{id}"),
+            title: Some(title.into()),
+            description: Some(description.into()),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn product_texts_are_indexed_whatever_capfilt_said_and_titles_weigh_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = TextIndex::open(dir.path()).unwrap();
+        index
+            .upsert(&product_image(
+                1,
+                "Trail runner",
+                "A light shoe in red canvas",
+            ))
+            .unwrap();
+        index
+            .upsert(&product_image(
+                2,
+                "Canvas tote",
+                "A bag for the trail and the town",
+            ))
+            .unwrap();
+        index.commit(1).unwrap();
+        // Found through the product fields although their captions were rejected.
+        assert_eq!(ids(&index.search("shoes", 10).unwrap()), vec![1]);
+        assert_eq!(ids(&index.search("tote", 10).unwrap()), vec![2]);
+        // The same word in a title (2.0) outranks it in a description (1.0), both ways round.
+        let trail = index.search("trail", 10).unwrap();
+        assert_eq!(ids(&trail), vec![1, 2]);
+        assert!(trail[0].1 > trail[1].1, "{trail:?}");
+        assert_eq!(ids(&index.search("canvas", 10).unwrap()), vec![2, 1]);
+        // The fields can be named in a query.
+        assert_eq!(
+            ids(&index.search("description:trail", 10).unwrap()),
+            vec![2]
+        );
+        assert_eq!(ids(&index.search("title:trail", 10).unwrap()), vec![1]);
+    }
+
+    #[test]
+    fn an_index_of_another_schema_is_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        write_index_without_product_fields(dir.path(), 3, &[(1, "a red car")]);
+        let index = TextIndex::open(dir.path()).unwrap();
+        assert_eq!(
+            index.generation().unwrap(),
+            None,
+            "so the collection rebuilds it"
+        );
+        assert_eq!(index.num_docs(), 0);
     }
 
     #[test]
