@@ -9,16 +9,25 @@
 //! once; both searches with a filter return exactly the images `Filter::accepts` accepts (on a
 //! collection small enough that vector search is exact); exclusions are remembered durably;
 //! commit makes everything survive a reopen.
+//!
+//! The catalogue part ([`catalogue_contract`]) checks products: every kind of attribute filter
+//! (keyword, alternatives, prefix, number ranges open and closed, bool, date ranges), alone and
+//! with the other filters, on both searches, agreeing with `Filter::accepts`, including a value
+//! written to break out of a Milvus string literal; `products_of` and `product_images` after
+//! updates and deletes; the attribute schema kept across a reopen and refusing a conflicting
+//! type without change; product titles and descriptions found by text search, a title above a
+//! description for the same word.
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blipsearch::index::{
-    content_hash, Caption, CaptionSource, Collection, CollectionInfo, Filter, HnswParams, ImageId,
-    ImageRecord, IndexError, MilvusStore, Store,
+    content_hash, AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource, Collection,
+    CollectionInfo, Filter, HnswParams, ImageId, ImageRecord, IndexError, MilvusStore, Product,
+    Schema, Store,
 };
 use common::milvus::MilvusLite;
 
@@ -357,6 +366,419 @@ pub fn contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     assert!(s.is_excluded("h1").unwrap() && !s.is_excluded("h2").unwrap());
 }
 
+/// The catalogue's attribute types.
+fn schema() -> Schema {
+    [
+        ("brand", AttrType::Keyword),
+        ("color", AttrType::Keyword),
+        ("category", AttrType::Keyword),
+        ("price", AttrType::Number),
+        ("in_stock", AttrType::Bool),
+        ("released", AttrType::Date),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_string(), t))
+    .collect()
+}
+
+/// A brand written to end a Milvus string literal and match every row.
+const INJECTION: &str = r#"x" or id > 0 or ""#;
+
+/// A product: id, title, description, attributes.
+fn product(id: &str, title: &str, description: &str, attrs: &[(&str, AttrValue)]) -> Product {
+    Product {
+        id: id.into(),
+        title: (!title.is_empty()).then(|| title.to_string()),
+        description: (!description.is_empty()).then(|| description.to_string()),
+        attributes: attrs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    }
+}
+
+fn text(s: &str) -> AttrValue {
+    AttrValue::Text(s.into())
+}
+
+/// The catalogue: products with their number of images. "trail" is in the title of `RUN` and
+/// the description of `HIKE`; values sit on the edges of the filters below.
+fn catalogue() -> Vec<(Product, usize)> {
+    use AttrValue::{Bool, Number};
+    vec![
+        (
+            product(
+                "RUN",
+                "Trail runner",
+                "Light running shoe with a grippy sole",
+                &[
+                    ("brand", text("acme")),
+                    ("color", text("red")),
+                    ("category", text("shoes/running")),
+                    ("price", Number(59.9)),
+                    ("in_stock", Bool(true)),
+                    ("released", text("2024-03-01")),
+                ],
+            ),
+            3,
+        ),
+        (
+            product(
+                "HIKE",
+                "Hiking boot",
+                "Waterproof leather boot for the trail",
+                &[
+                    ("brand", text("zeta")),
+                    ("color", text("brown")),
+                    ("category", text("shoes/hiking")),
+                    ("price", Number(120.0)),
+                    ("in_stock", Bool(false)),
+                    ("released", text("2023-10-15")),
+                ],
+            ),
+            2,
+        ),
+        (
+            product(
+                "TOTE",
+                "Canvas tote",
+                "A bag for the town",
+                &[
+                    ("brand", text("acme")),
+                    ("color", text("blue")),
+                    ("category", text("bags/tote")),
+                    ("price", Number(25.0)),
+                    ("in_stock", Bool(true)),
+                    ("released", text("2024-06-30")),
+                ],
+            ),
+            2,
+        ),
+        (
+            product(
+                "ODD",
+                "",
+                "",
+                &[
+                    ("brand", text(INJECTION)),
+                    ("color", text(r"red\blue")),
+                    ("category", text("shoes0")),
+                    ("price", Number(80.0)),
+                    ("in_stock", Bool(true)),
+                ],
+            ),
+            1,
+        ),
+        (
+            product(
+                "EDGE",
+                "",
+                "",
+                &[
+                    ("brand", text("80")),
+                    ("category", text("shoes/")),
+                    ("price", Number(-5.0)),
+                    ("released", text("2024-01-01")),
+                ],
+            ),
+            1,
+        ),
+        (product("BARE", "Gift card", "", &[]), 1),
+    ]
+}
+
+/// Attribute filters in their string form (parsed with [`schema`]), each with whether it goes
+/// with a path, size or date filter too.
+fn attribute_filters() -> Vec<Filter> {
+    let s = schema();
+    let f = |attrs: &[&str]| Filter {
+        attributes: attrs
+            .iter()
+            .map(|a| AttrFilter::parse(a, &s).unwrap())
+            .collect(),
+        ..Filter::default()
+    };
+    let injection = format!("brand:{INJECTION}");
+    let mut out = vec![
+        f(&["brand:acme"]),
+        f(&["brand:80"]),
+        f(&[&injection]),
+        f(&[r#"brand:acme" or "1" == "1"#]),
+        f(&[r"color:red\\blue"]),
+        f(&["color:red|blue"]),
+        f(&["color:green|brown|red"]),
+        f(&["category:shoes/*"]),
+        f(&["category:shoes/r*|bags/*"]),
+        f(&["category:shoes"]),
+        f(&["price:10..80"]),
+        f(&["price:..59.9"]),
+        f(&["price:60.."]),
+        f(&["price:80"]),
+        f(&["price:..0|100.."]),
+        f(&["in_stock:true"]),
+        f(&["in_stock:false"]),
+        f(&["released:2024-01-01.."]),
+        f(&["released:..2024-03-01"]),
+        f(&["released:2024-01-01..2024-06-30"]),
+        f(&["released:2023-10-15"]),
+        f(&["brand:acme", "in_stock:true", "price:..30"]),
+        f(&["category:shoes/*", "color:red"]),
+    ];
+    let mut with_path = f(&["brand:acme"]);
+    with_path.path_prefix = Some("/lib/a".into());
+    let mut with_size = f(&["in_stock:true"]);
+    with_size.min_width = Some(200);
+    let mut with_day = f(&["category:shoes/*"]);
+    with_day.date_from = Some("2020-01-01".into());
+    out.extend([with_path, with_size, with_day]);
+    // An attribute no product has, and a test of another type than the values.
+    out.push(Filter {
+        attributes: vec![AttrFilter {
+            name: "weight".into(),
+            any_of: vec![AttrTest::Range {
+                min: None,
+                max: None,
+            }],
+        }],
+        ..Filter::default()
+    });
+    out.push(Filter {
+        attributes: vec![AttrFilter {
+            name: "brand".into(),
+            any_of: vec![
+                AttrTest::Range {
+                    min: Some(0.0),
+                    max: None,
+                },
+                AttrTest::Equals(AttrValue::Bool(true)),
+            ],
+        }],
+        ..Filter::default()
+    });
+    out
+}
+
+/// Both searches with each attribute filter return exactly what `Filter::accepts` accepts;
+/// returns how many filters passed some image and how many passed none.
+fn attribute_filters_agree_with_accepts(s: &dyn Store, g: &mut Gen) -> (usize, usize) {
+    let all = records(s);
+    let (mut some, mut none) = (0, 0);
+    for f in attribute_filters() {
+        let want: BTreeSet<u64> = all
+            .iter()
+            .filter(|r| f.accepts(r))
+            .map(|r| r.id.0)
+            .collect();
+        let got = ids(&s.vector_search(&g.unit(), all.len() + 5, None, &f).unwrap());
+        assert_eq!(got, want, "vector search with {f:?}");
+        let got = ids(&s.text_search("everyone", all.len() + 5, &f).unwrap());
+        assert_eq!(got, want, "text search with {f:?}");
+        if want.is_empty() {
+            none += 1;
+        } else {
+            some += 1;
+        }
+    }
+    (some, none)
+}
+
+/// Products as each store reports them agree with the records.
+fn products_agree_with_records(s: &dyn Store) {
+    let all = records(s);
+    let mut asked: Vec<ImageId> = all.iter().map(|r| r.id).rev().collect();
+    asked.push(ImageId(999_999_999));
+    let mut want: Vec<Option<Product>> = all.iter().map(|r| r.product.clone()).rev().collect();
+    want.push(None);
+    assert_eq!(s.products_of(&asked).unwrap(), want);
+    let mut images: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
+    for r in &all {
+        if let Some(p) = &r.product {
+            images.entry(p.id.clone()).or_default().push(r.id);
+        }
+    }
+    for v in images.values_mut() {
+        v.sort();
+    }
+    assert_eq!(s.product_images(None).unwrap(), images);
+    let some = ["TOTE".to_string(), "RUN".to_string(), "NONE".to_string()];
+    let want: BTreeMap<String, Vec<ImageId>> = images
+        .iter()
+        .filter(|(k, _)| some.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(s.product_images(Some(&some)).unwrap(), want);
+    assert!(s.product_images(Some(&[])).unwrap().is_empty());
+}
+
+/// Products: filters, lookups, schema and product texts (see the module docs), against stores
+/// made by `open` (called again on the same directory to reopen).
+pub fn catalogue_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut g = Gen(0x5EED_CA7A_1065);
+    let mut s = open(dir);
+
+    // The schema: extended, kept as it is by a conflicting type.
+    s.extend_schema(&schema()).unwrap();
+    assert_eq!(s.info().attributes, schema());
+    let conflict: Schema = [
+        ("weight".to_string(), AttrType::Number),
+        ("price".to_string(), AttrType::Keyword),
+    ]
+    .into();
+    match s.extend_schema(&conflict) {
+        Err(IndexError::InvalidParams(m)) => assert!(m.contains("price"), "{m}"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(s.info().attributes, schema());
+
+    // Images: those of each product, and two with none.
+    let mut n = 100;
+    let mut by_product: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
+    for (p, images) in catalogue() {
+        for _ in 0..images {
+            let mut r = record(n, &mut g);
+            r.product = Some(p.clone());
+            // Captions of the product texts, as ingest writes them: not indexed as captions.
+            r.captions.push(Caption {
+                text: "canvas".into(),
+                source: CaptionSource::Title,
+                p_match: Some(0.2),
+                kept: false,
+            });
+            by_product
+                .entry(p.id.clone())
+                .or_default()
+                .push(add(&mut *s, r).unwrap());
+            n += 1;
+        }
+    }
+    let plain: Vec<ImageId> = (0..2)
+        .map(|i| add(&mut *s, record(200 + i, &mut g)).unwrap())
+        .collect();
+    s.commit().unwrap();
+    let (some, none) = attribute_filters_agree_with_accepts(&*s, &mut g);
+    assert!(
+        some >= 20 && none >= 3,
+        "{some} filters pass some image, {none} none"
+    );
+    products_agree_with_records(&*s);
+    // The injection value matches its own product's image and nothing else.
+    let injection = Filter {
+        attributes: vec![AttrFilter::parse(&format!("brand:{INJECTION}"), &schema()).unwrap()],
+        ..Filter::default()
+    };
+    assert_eq!(
+        ids(&s.vector_search(&g.unit(), 50, None, &injection).unwrap()),
+        by_product["ODD"].iter().map(|id| id.0).collect()
+    );
+
+    // Product texts: titles and descriptions are searched (whatever CapFilt said of their
+    // captions, and only through the product: "canvas" is a rejected caption of every image);
+    // a title outranks a description for the same word.
+    let hits = |s: &dyn Store, q: &str| ids(&s.text_search(q, 50, &Filter::default()).unwrap());
+    let of = |p: &str| {
+        by_product[p]
+            .iter()
+            .map(|id| id.0)
+            .collect::<BTreeSet<u64>>()
+    };
+    assert_eq!(hits(&*s, "runner"), of("RUN"));
+    assert_eq!(hits(&*s, "waterproof"), of("HIKE"));
+    assert_eq!(hits(&*s, "canvas"), of("TOTE"));
+    let trail = s.text_search("trail", 50, &Filter::default()).unwrap();
+    let order: Vec<ImageId> = trail.iter().map(|h| h.0).collect();
+    assert_eq!(order.len(), 5, "{trail:?}");
+    assert!(
+        order[..3].iter().all(|id| by_product["RUN"].contains(id)),
+        "title hits first: {trail:?}"
+    );
+    assert!(trail[2].1 > trail[3].1, "{trail:?}");
+
+    // Updates: an image moves to another product, one loses its product, one gains one, and a
+    // product's attributes and title change on all its images.
+    let moved = by_product["RUN"][0];
+    let mut r = s.get(moved).unwrap().unwrap();
+    r.product = Some(catalogue()[2].0.clone());
+    s.update(&r).unwrap();
+    let lost = by_product["EDGE"][0];
+    let mut r = s.get(lost).unwrap().unwrap();
+    r.product = None;
+    s.update(&r).unwrap();
+    let mut r = s.get(plain[0]).unwrap().unwrap();
+    r.product = Some(catalogue()[1].0.clone());
+    s.update(&r).unwrap();
+    for &id in by_product["HIKE"].iter().chain(&plain[..1]) {
+        let mut r = s.get(id).unwrap().unwrap();
+        let p = r.product.as_mut().unwrap();
+        p.attributes.insert("price".into(), AttrValue::Number(75.0));
+        p.attributes
+            .insert("in_stock".into(), AttrValue::Bool(true));
+        p.title = Some("Summit boot".into());
+        s.update(&r).unwrap();
+    }
+    s.commit().unwrap();
+    let images = s.product_images(None).unwrap();
+    assert!(images["TOTE"].contains(&moved) && !images["RUN"].contains(&moved));
+    assert!(!images.contains_key("EDGE"));
+    assert!(images["HIKE"].contains(&plain[0]));
+    assert_eq!(
+        s.products_of(&[lost, moved]).unwrap(),
+        [None, Some(catalogue()[2].0.clone())]
+    );
+    assert!(hits(&*s, "hiking").is_empty());
+    assert_eq!(hits(&*s, "summit").len(), 3);
+    attribute_filters_agree_with_accepts(&*s, &mut g);
+    products_agree_with_records(&*s);
+
+    // Deletes: gone from products and filters at once.
+    let gone = by_product["ODD"][0];
+    s.delete(gone).unwrap();
+    s.delete(by_product["TOTE"][0]).unwrap();
+    assert!(!s.product_images(None).unwrap().contains_key("ODD"));
+    assert_eq!(s.products_of(&[gone]).unwrap(), [None]);
+    assert!(ids(&s.vector_search(&g.unit(), 50, None, &injection).unwrap()).is_empty());
+    attribute_filters_agree_with_accepts(&*s, &mut g);
+    products_agree_with_records(&*s);
+    s.commit().unwrap();
+    let before = records(&*s);
+    drop(s);
+
+    // Reopen: the schema, the products and the filters are as they were; a new attribute
+    // joins the schema durably.
+    let mut s = open(dir);
+    assert_eq!(s.info().attributes, schema());
+    assert_eq!(records(&*s), before);
+    attribute_filters_agree_with_accepts(&*s, &mut g);
+    products_agree_with_records(&*s);
+    assert!(s.extend_schema(&conflict).is_err());
+    let weight: Schema = [("weight".to_string(), AttrType::Number)].into();
+    s.extend_schema(&weight).unwrap();
+    drop(s);
+    let s = open(dir);
+    let mut want = schema();
+    want.insert("weight".into(), AttrType::Number);
+    assert_eq!(s.info().attributes, want);
+}
+
+#[test]
+fn embedded_collection_keeps_the_catalogue_contract() {
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    catalogue_contract(&|dir| {
+        Box::new(Collection::open(dir, &info, HnswParams::default()).unwrap()) as Box<dyn Store>
+    });
+}
+
+#[test]
+fn milvus_store_keeps_the_catalogue_contract() {
+    let milvus = MilvusLite::start();
+    let address = milvus.address("catalogue").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    catalogue_contract(&|_dir| {
+        Box::new(MilvusStore::open(&address, &info).unwrap()) as Box<dyn Store>
+    });
+}
+
 #[test]
 fn embedded_collection_keeps_the_store_contract() {
     let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
@@ -437,4 +859,81 @@ fn milvus_killed_and_restarted_loses_nothing_and_the_store_recovers() {
     drop(s);
     let s = MilvusStore::open_existing(&address).unwrap();
     assert_eq!(snapshot(&s), before);
+}
+
+/// A Milvus collection holding rows written before products were stored (no `product`, `attrs`
+/// or `attr_days` keys) keeps working beside new rows: the old rows are read, searched and
+/// filtered as before, and fail every attribute filter.
+#[test]
+fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
+    use milvus::v2::prelude::{ClientV2, ConnectConfig, InsertRequest};
+    let milvus = MilvusLite::start();
+    let address = milvus.address("old_rows").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    let mut s = MilvusStore::open(&address, &info).unwrap();
+    s.extend_schema(&schema()).unwrap();
+    let mut g = Gen(11);
+
+    // An old row, written as the store wrote rows before products: the fixed fields only.
+    let mut old = record(1, &mut g);
+    old.id = s.allocate_id(&old.content_hash).unwrap();
+    let mut stored = serde_json::to_value(&old).unwrap();
+    stored.as_object_mut().unwrap().remove("itc");
+    let row = serde_json::json!({
+        "id": old.id.0 as i64,
+        "path": old.path,
+        "hash": old.content_hash,
+        "width": old.width as i64,
+        "height": old.height as i64,
+        "day": serde_json::Value::Null,
+        "record": stored.to_string(),
+        "text": "a dog and a cat everyone",
+        "vector": old.itc,
+    });
+    let port = milvus.port;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime
+        .block_on(async move {
+            let config = ConnectConfig::new().uri(format!("http://127.0.0.1:{port}"));
+            let client = ClientV2::new(&config).await?;
+            let insert = InsertRequest::builder()
+                .collection_name("old_rows")
+                .rows(vec![row])
+                .build()?;
+            client.insert(insert).await.map(|_| ())
+        })
+        .unwrap();
+
+    let mut new = record(2, &mut g);
+    new.product = Some(catalogue()[0].0.clone());
+    let new_id = add(&mut s, new).unwrap();
+    assert_eq!(s.get(old.id).unwrap().as_ref(), Some(&old));
+    let everything = ids(&s.text_search("everyone", 10, &Filter::default()).unwrap());
+    assert_eq!(everything, [old.id.0, new_id.0].into());
+    assert_eq!(
+        s.products_of(&[old.id, new_id]).unwrap(),
+        [None, Some(catalogue()[0].0.clone())]
+    );
+    assert_eq!(
+        s.product_images(None).unwrap(),
+        [("RUN".to_string(), vec![new_id])].into()
+    );
+    for f in attribute_filters() {
+        let got = ids(&s.vector_search(&g.unit(), 10, None, &f).unwrap());
+        assert!(!got.contains(&old.id.0), "{f:?}");
+        let want: BTreeSet<u64> = records(&s)
+            .iter()
+            .filter(|r| f.accepts(r))
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(got, want, "{f:?}");
+    }
+    let wide = Filter {
+        min_width: Some(1),
+        ..Filter::default()
+    };
+    assert_eq!(
+        ids(&s.vector_search(&g.unit(), 10, None, &wide).unwrap()),
+        everything
+    );
 }

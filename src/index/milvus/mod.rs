@@ -10,13 +10,24 @@
 //! | `width`, `height` | INT64 | pixels, for filters |
 //! | `day` | INT64, nullable | EXIF day as `YYYYMMDD`, for date filters |
 //! | `record` | VARCHAR | the [`ImageRecord`] as JSON, without its vector |
-//! | `text` | VARCHAR, standard analyser | kept captions, given texts and file-name words |
+//! | `text` | VARCHAR, standard analyser | product title (twice) and description, kept captions, given texts, file-name words |
 //! | `sparse` | SPARSE_FLOAT_VECTOR | BM25 of `text`, computed by Milvus (a BM25 function) |
 //! | `vector` | FLOAT_VECTOR, HNSW, COSINE | the ITC embedding |
 //!
-//! The collection has dynamic fields enabled, so that attributes can join rows without a new
-//! schema. The [`CollectionInfo`] lives in the collection's property `blipsearch.collection`;
-//! removed content hashes live in a second collection, `<name>__excluded`.
+//! The collection has dynamic fields enabled, so that products join rows without a new schema.
+//! A row of an image of a product has three dynamic keys:
+//!
+//! | key | holds |
+//! |---|---|
+//! | `product` | the product's id |
+//! | `attrs` | its attributes, a JSON object by name (strings, numbers, booleans) |
+//! | `attr_days` | for each attribute whose value is a calendar day, the day as `YYYYMMDD` |
+//!
+//! Attribute filters test `attrs["name"]` (`attr_days["name"]` for date ranges); rows without
+//! these keys (images without a product, rows written before products were stored) fail every
+//! attribute filter and are otherwise read as before. The [`CollectionInfo`] (with the attribute
+//! [`Schema`]) lives in the collection's property `blipsearch.collection`; removed content hashes
+//! live in a second collection, `<name>__excluded`.
 //!
 //! **Ids** derive from the content hash (53 bits of it, so that JavaScript clients read them
 //! exactly): every process computes the same id for the same bytes, with no coordinator, and the
@@ -31,7 +42,10 @@
 //!
 //! **Text search differs from the embedded store's** in what Milvus offers: one BM25 field (no
 //! per-field boosts), the `standard` analyser (no stemming: "dogs" does not match "dog"), and no
-//! query syntax (quotes and operators are words).
+//! query syntax (quotes and operators are words). A product's title is written into `text`
+//! twice, so that a word of the title counts twice for BM25 (saturating, as BM25 does): the
+//! nearest this field comes to the embedded store's title boost, and enough for a title to
+//! outrank a description that has the same word once.
 //!
 //! The store is synchronous like the trait; each call runs on a small Tokio runtime of its own,
 //! so it may be called from any thread, inside another runtime or not. A Milvus that cannot be
@@ -44,13 +58,13 @@ mod address;
 mod expr;
 mod remote;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use milvus::v2::prelude::*;
 use serde_json::{json, Value};
 
-use super::attributes::{merge_schema, Schema};
+use super::attributes::{merge_schema, Product, Schema};
 use super::error::{IndexError, Result};
 use super::filter::{exif_day, Filter};
 use super::id::ImageId;
@@ -59,7 +73,7 @@ use super::store::{Store, StoreStats};
 use super::text::{check_query, filename_words};
 use super::vectors::check_vector;
 pub use address::MilvusAddress;
-use expr::{filter_expr, literal};
+use expr::{filter_expr, literal, ATTRS_KEY, DAYS_KEY, PRODUCT_KEY};
 use remote::{Remote, Row, MAX_PATH, MAX_VARCHAR, PAGE};
 
 /// Most results one search returns (Milvus' top-k limit).
@@ -225,7 +239,7 @@ impl MilvusStore {
         if stored.len() > MAX_VARCHAR as usize {
             return Err(IndexError::InvalidParams(format!(
                 "the record of {} is {} bytes of JSON, over the Milvus store's limit of \
-                 {MAX_VARCHAR} (shorten its given texts)",
+                 {MAX_VARCHAR} (shorten its given texts or its product's description)",
                 record.path,
                 stored.len()
             )));
@@ -236,8 +250,15 @@ impl MilvusStore {
                 record.path
             )));
         }
-        let mut text = record
-            .kept_captions()
+        // The product's texts first, so that a cut for length takes captions, not them; the
+        // title twice, to weigh like the embedded store's title boost (see the module docs).
+        let product = record.product.as_ref();
+        let title = product.and_then(|p| p.title.as_deref());
+        let description = product.and_then(|p| p.description.as_deref());
+        let mut text = [title, title, description]
+            .into_iter()
+            .flatten()
+            .chain(record.kept_captions())
             .chain(record.given_texts.iter().map(String::as_str))
             .collect::<Vec<_>>()
             .join("\n");
@@ -245,7 +266,7 @@ impl MilvusStore {
         text.push_str(&filename_words(&record.path));
         truncate_at_char(&mut text, MAX_VARCHAR as usize);
         let day = record.exif_date.as_deref().and_then(exif_day);
-        Ok(json!({
+        let mut row = json!({
             "id": record.id.0 as i64,
             "path": record.path,
             "hash": record.content_hash,
@@ -255,7 +276,28 @@ impl MilvusStore {
             "record": stored,
             "text": text,
             "vector": record.itc,
-        }))
+        });
+        // Written as null without a product: an upsert without a key would keep the key of the
+        // row it replaces (an image that left its product would still be found under it).
+        let (id, attrs, days) = match product {
+            Some(p) => {
+                let days: serde_json::Map<String, Value> = p
+                    .attributes
+                    .iter()
+                    .filter_map(|(name, v)| v.as_day().map(|d| (name.clone(), json!(d))))
+                    .collect();
+                (
+                    json!(p.id),
+                    serde_json::to_value(&p.attributes)?,
+                    Value::Object(days),
+                )
+            }
+            None => (Value::Null, Value::Null, Value::Null),
+        };
+        row[PRODUCT_KEY] = id;
+        row[ATTRS_KEY] = attrs;
+        row[DAYS_KEY] = days;
+        Ok(row)
     }
 
     fn check_vector(&self, v: &[f32]) -> Result<()> {
@@ -356,6 +398,71 @@ impl Store for MilvusStore {
             self.info = info;
         }
         Ok(())
+    }
+
+    /// One query by ids per [`PAGE`] of them, reading each product from its row's record.
+    fn products_of(&self, ids: &[ImageId]) -> Result<Vec<Option<Product>>> {
+        /// The part of a stored record this reads.
+        #[derive(serde::Deserialize)]
+        struct OfRecord {
+            #[serde(default)]
+            product: Option<Product>,
+        }
+        let mut found: HashMap<u64, Option<Product>> = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(PAGE) {
+            let list = chunk
+                .iter()
+                .map(|id| id.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            for row in self.query_rows(format!("id in [{list}]"), &["id", "record"], None)? {
+                let text = row
+                    .get("record")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| self.corrupt("a row without its record"))?;
+                let of: OfRecord = serde_json::from_str(text)?;
+                found.insert(row_id(&row)?.0, of.product);
+            }
+        }
+        Ok(ids
+            .iter()
+            .map(|id| found.get(&id.0).cloned().flatten())
+            .collect())
+    }
+
+    /// A query on the rows' `product` key (every row that has one when `products` is `None`),
+    /// page by page.
+    fn product_images(
+        &self,
+        products: Option<&[String]>,
+    ) -> Result<BTreeMap<String, Vec<ImageId>>> {
+        let filters: Vec<String> = match products {
+            // Every string is `>=` the empty one; a row without the key compares with nothing.
+            None => vec![format!("{PRODUCT_KEY} >= \"\"")],
+            Some(names) => names
+                .chunks(PAGE)
+                .map(|chunk| {
+                    let list: Vec<String> = chunk.iter().map(|n| literal(n)).collect();
+                    format!("{PRODUCT_KEY} in [{}]", list.join(","))
+                })
+                .collect(),
+        };
+        let mut out: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
+        for filter in filters {
+            for row in self
+                .remote
+                .query_all(&self.remote.images, filter, &["id", PRODUCT_KEY])?
+            {
+                out.entry(row_str(&row, PRODUCT_KEY)?)
+                    .or_default()
+                    .push(row_id(&row)?);
+            }
+        }
+        for ids in out.values_mut() {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        Ok(out)
     }
 
     fn allocate_id(&mut self, content_hash: &str) -> Result<ImageId> {
