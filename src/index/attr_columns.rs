@@ -3,14 +3,14 @@
 //! [`super::filter::Columns`], and a dictionary of its texts; a filter is compiled once per
 //! search (each text of the dictionary tested once), then every row costs one array read and a
 //! table lookup or a number comparison, with no pointer to follow and no string to compare.
-//! 100k rows evaluate in well under a millisecond.
+//! 100k rows evaluate in under a millisecond in a release build.
 //!
 //! Memory: 8 bytes per row per attribute name the collection has seen, plus each distinct text
 //! value once per attribute (freed when no row holds it any more).
 
 use std::collections::HashMap;
 
-use super::attributes::{AttrFilter, AttrValue, Product};
+use super::attributes::{AttrFilter, AttrTest, AttrValue, Product};
 
 /// One attribute value of one row in 8 bytes: a number as its bits; no value, a bool, or a
 /// text (by its index in the column's dictionary) as a NaN payload that no stored number has
@@ -174,6 +174,18 @@ impl AttrColumns {
             .map(|f| {
                 let column = self.columns.get(&f.name)?;
                 let passes = |v: &AttrValue| f.any_of.iter().any(|t| t.accepts(v));
+                // What a number must be within to pass: a range, or an equality as the range
+                // of one value (the same for every number, -0.0 and NaN included); no other
+                // test passes a number.
+                let ranges = f
+                    .any_of
+                    .iter()
+                    .filter_map(|t| match t {
+                        AttrTest::Range { min, max } => Some((*min, *max)),
+                        AttrTest::Equals(AttrValue::Number(n)) => Some((Some(*n), Some(*n))),
+                        _ => None,
+                    })
+                    .collect();
                 Some(Compiled {
                     cells: &column.cells,
                     texts: column.texts.values.iter().map(passes).collect(),
@@ -181,19 +193,20 @@ impl AttrColumns {
                         passes(&AttrValue::Bool(false)),
                         passes(&AttrValue::Bool(true)),
                     ],
-                    filter: f,
+                    ranges,
                 })
             })
             .collect()
     }
 }
 
-/// An [`AttrFilter`] over one column: its answer for each text and bool worked out once.
+/// An [`AttrFilter`] over one column: its answer for each text and bool worked out once, and
+/// the ranges a number must fall in.
 pub(crate) struct Compiled<'a> {
     cells: &'a [Cell],
     texts: Vec<bool>,
     bools: [bool; 2],
-    filter: &'a AttrFilter,
+    ranges: Vec<(Option<f64>, Option<f64>)>,
 }
 
 impl Compiled<'_> {
@@ -204,10 +217,10 @@ impl Compiled<'_> {
             CellValue::Missing => false,
             CellValue::Bool(b) => self.bools[b as usize],
             CellValue::Text(i) => self.texts[i as usize],
-            CellValue::Number(n) => {
-                let v = AttrValue::Number(n);
-                self.filter.any_of.iter().any(|t| t.accepts(&v))
-            }
+            CellValue::Number(n) => self
+                .ranges
+                .iter()
+                .any(|(min, max)| min.is_none_or(|m| n >= m) && max.is_none_or(|m| n <= m)),
         }
     }
 }

@@ -125,9 +125,10 @@ pub trait Store: Send + Sync {
         ef: Option<usize>,
         filter: &Filter,
     ) -> Result<Vec<(ImageId, f32)>>;
-    /// The `k` best images for a user text query (BM25 over kept captions, given texts and file
-    /// names) as `(id, score)`, best first, among those passing `filter`. A query past the
-    /// parser's bounds is [`super::IndexError::InvalidQuery`].
+    /// The `k` best images for a user text query (BM25 over kept captions, given texts, the
+    /// title and description of the image's product, a title weighing more than a description,
+    /// and file names) as `(id, score)`, best first, among those passing `filter`. A query past
+    /// the parser's bounds is [`super::IndexError::InvalidQuery`].
     fn text_search(&self, query: &str, k: usize, filter: &Filter) -> Result<Vec<(ImageId, f32)>>;
     /// The record of `id`.
     fn get(&self, id: ImageId) -> Result<Option<ImageRecord>>;

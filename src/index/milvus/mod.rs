@@ -400,7 +400,7 @@ impl Store for MilvusStore {
         Ok(())
     }
 
-    /// One query by ids per [`PAGE`] of them, reading each product from its row's record.
+    /// One query by ids per thousand of them, reading each product from its row's record.
     fn products_of(&self, ids: &[ImageId]) -> Result<Vec<Option<Product>>> {
         /// The part of a stored record this reads.
         #[derive(serde::Deserialize)]
