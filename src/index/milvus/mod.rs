@@ -84,6 +84,8 @@ const DEFAULT_EF: usize = 64;
 const FLUSH_EVERY: Duration = Duration::from_secs(10);
 /// How many windows of the content hash are tried as an id.
 const ID_ATTEMPTS: usize = 4;
+/// Most product ids one query names, to keep its expression short.
+const NAMES_PER_QUERY: usize = 256;
 
 /// A Milvus collection as a [`Store`] (see the module documentation).
 pub struct MilvusStore {
@@ -440,7 +442,7 @@ impl Store for MilvusStore {
             // Every string is `>=` the empty one; a row without the key compares with nothing.
             None => vec![format!("{PRODUCT_KEY} >= \"\"")],
             Some(names) => names
-                .chunks(PAGE)
+                .chunks(NAMES_PER_QUERY)
                 .map(|chunk| {
                     let list: Vec<String> = chunk.iter().map(|n| literal(n)).collect();
                     format!("{PRODUCT_KEY} in [{}]", list.join(","))
