@@ -20,9 +20,10 @@
 //!
 //! **Types** of attributes: an attribute the collection knows keeps its type; a new one gets
 //! the type of its first value (JSON: a boolean, a number, a string that is a day
-//! `YYYY-MM-DD` is a date, any other string a keyword; CSV: the type every non-empty cell of
-//! the column has, `true`/`false` -> bool, a finite number -> number, a day -> date, else
-//! keyword). A value that cannot be of its attribute's type is a conflict: the line is
+//! `YYYY-MM-DD` is a date, any other string a keyword; CSV: the type most non-empty cells of
+//! the column have, keyword on a tie, where `true`/`false` is a bool, a finite number a
+//! number, a day a date, anything else a keyword). A keyword takes any value as its text. A
+//! value that cannot be of its attribute's type is a conflict: the line is
 //! malformed and the message names the attribute, its type and where that type came from.
 //!
 //! **Malformed lines** (not JSON, no product or images, an unknown field, a bad attribute
@@ -427,7 +428,8 @@ impl Columns {
                 "title" => title = Some(i),
                 "description" => description = Some(i),
                 _ => {
-                    check_name(name).map_err(|e| format!("column {}: {e}", i + 1))?;
+                    check_name(name)
+                        .map_err(|e| format!("column {}: {}", i + 1, name_error(e)))?;
                     attributes.push((i, name.to_string()));
                 }
             }
@@ -454,8 +456,9 @@ impl Columns {
         })
     }
 
-    /// The type of each attribute column: the collection's, else the one every non-empty
-    /// cell has (keyword when they differ).
+    /// The type of each attribute column: the collection's, else the one most of its
+    /// non-empty cells have (keyword on a tie). One stray cell does not turn a column of prices
+    /// into keywords: its row is a conflict instead.
     fn types(&self, rows: &[(usize, csv::StringRecord)], schema: &Schema) -> Vec<AttrType> {
         self.attributes
             .iter()
@@ -463,21 +466,32 @@ impl Columns {
                 if let Some(&ty) = schema.get(name) {
                     return ty;
                 }
-                let mut cells = rows
-                    .iter()
-                    .filter_map(|(_, r)| r.get(*i))
-                    .filter(|c| !c.is_empty());
-                let Some(first) = cells.next() else {
-                    return AttrType::Keyword;
-                };
-                let ty = cell_type(first);
-                if cells.all(|c| cell_type(c) == ty) {
-                    ty
-                } else {
-                    AttrType::Keyword
+                let mut counts: BTreeMap<AttrType, usize> = BTreeMap::new();
+                for c in rows.iter().filter_map(|(_, r)| r.get(*i)) {
+                    if !c.is_empty() {
+                        *counts.entry(cell_type(c)).or_default() += 1;
+                    }
+                }
+                let most = counts.values().copied().max().unwrap_or(0);
+                let leaders: Vec<AttrType> = counts
+                    .into_iter()
+                    .filter(|&(_, n)| n == most)
+                    .map(|(ty, _)| ty)
+                    .collect();
+                match leaders.as_slice() {
+                    [ty] => *ty,
+                    _ => AttrType::Keyword,
                 }
             })
             .collect()
+    }
+}
+
+/// The message of a refused attribute name.
+fn name_error(e: crate::index::IndexError) -> String {
+    match e {
+        crate::index::IndexError::InvalidParams(m) => m,
+        other => other.to_string(),
     }
 }
 
@@ -589,7 +603,7 @@ impl<'a> Builder<'a> {
         value: AttrValue,
         new_types: &mut BTreeMap<String, (AttrType, usize)>,
     ) -> std::result::Result<AttrValue, String> {
-        check_name(name).map_err(|e| e.to_string())?;
+        check_name(name).map_err(name_error)?;
         if let AttrValue::Text(s) = &value {
             if s.len() > MAX_VALUE {
                 return Err(format!(
@@ -918,5 +932,176 @@ impl<'a> Builder<'a> {
             product,
             images,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jsonl(text: &str, schema: &Schema) -> Catalogue {
+        Catalogue::from_json_lines(text.as_bytes(), Path::new("/shop"), schema).unwrap()
+    }
+
+    fn csv(text: &str, schema: &Schema) -> Result<Catalogue> {
+        Catalogue::from_csv(text.as_bytes(), Path::new("/shop"), schema)
+    }
+
+    fn reasons(c: &Catalogue) -> Vec<(usize, String)> {
+        c.malformed
+            .iter()
+            .map(|m| (m.line, m.reason.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn json_lines_infer_types_and_skip_malformed_lines_by_number() {
+        let text = [
+            r#"{"product":"A","images":["a1.png","img/a2.png"],"title":" Red shoe ","attributes":{"brand":"acme","price":59.9,"in_stock":true,"released":"2024-03-01","note":null}}"#,
+            "",
+            r#"{"product":"B","images":["b.png"],"attributes":{"price":"cheap"}}"#,
+            r#"{"product":"C","images":[]}"#,
+            r#"{"product":"D","images":["d.png"],"attributes":{"in stock":true}}"#,
+            r#"{"product":"E","images":["d.png"],"colour":"red"}"#,
+            r#"{"product":"F","images":["a1.png"]}"#,
+            r#"{"product":"A","images":["x.png"]}"#,
+            r#"{"product": "G", "images": ["#,
+            r#"{"product":"H","images":["h.png"],"attributes":{"brand":7,"released":"soon"}}"#,
+        ]
+        .join("\n");
+        let c = jsonl(&text, &Schema::new());
+        let ids: Vec<&str> = c.products.iter().map(|p| p.product.id.as_str()).collect();
+        assert_eq!(ids, ["A"]);
+        let a = &c.products[0];
+        assert_eq!(a.line, 1);
+        assert_eq!(a.product.title.as_deref(), Some("Red shoe"));
+        assert_eq!(
+            a.images,
+            [PathBuf::from("/shop/a1.png"), PathBuf::from("/shop/img/a2.png")]
+        );
+        assert_eq!(
+            c.attributes,
+            Schema::from([
+                ("brand".into(), AttrType::Keyword),
+                ("in_stock".into(), AttrType::Bool),
+                ("price".into(), AttrType::Number),
+                ("released".into(), AttrType::Date),
+            ])
+        );
+        let r = reasons(&c);
+        let lines: Vec<usize> = r.iter().map(|x| x.0).collect();
+        assert_eq!(lines, [3, 4, 5, 6, 7, 8, 9, 10], "{r:?}");
+        let says = |line: usize, what: &str| {
+            let (_, reason) = r.iter().find(|x| x.0 == line).unwrap();
+            assert!(reason.contains(what), "line {line}: {reason}");
+        };
+        says(3, "\"price\" is a number (since line 1)");
+        says(4, "no \"images\"");
+        says(5, "must be a letter");
+        says(6, "unknown field \"colour\"");
+        says(7, "already listed by product \"A\" (line 1)");
+        says(8, "already on line 1");
+        says(9, "not JSON");
+        // A keyword takes a number as its text; a date must be a day.
+        says(10, "\"released\" is a date");
+        assert_eq!(c.malformed[6].product, None, "line 9 names no product");
+        assert_eq!(c.malformed[0].product.as_deref(), Some("B"));
+        assert!(c.has_unreadable_lines());
+    }
+
+    #[test]
+    fn the_collection_types_win_and_long_lines_are_skipped() {
+        let known = Schema::from([("code".into(), AttrType::Keyword)]);
+        let long = format!(
+            r#"{{"product":"L","images":["l.png"],"title":"{}"}}"#,
+            "x".repeat(MAX_LINE_BYTES)
+        );
+        let text = format!(
+            "\u{feff}{}\n{long}\r\n{}\r\n",
+            r#"{"product":"A","images":["a.png"],"attributes":{"code":7}}"#,
+            r#"{"product":"B","images":["b.png"],"attributes":{"code":"x7"}}"#
+        );
+        let c = jsonl(&text, &known);
+        assert_eq!(c.products.len(), 2, "{:?}", c.malformed);
+        assert_eq!(
+            c.products[0].product.attributes["code"],
+            AttrValue::Text("7".into())
+        );
+        assert_eq!(reasons(&c)[0].0, 2);
+        assert!(reasons(&c)[0].1.contains("longer than"));
+    }
+
+    #[test]
+    fn csv_rows_merge_by_product_and_columns_take_the_type_most_cells_have() {
+        let text = "\u{feff}product,image,title,description,price,color,code\n\
+                    A,a1.png,Red shoe,\"Light, fast\nand red\",59.9,red,007\n\
+                    A,a2.png,,,,,\n\
+                    B,b1.png,Blue bag,,cheap,blue,A12\n\
+                    B,b2.png,Green bag,,12,,\n\
+                    C,,Only words,,3,,\n\
+                    D,d.png,x\n\
+                    E,a1.png,Copy,,4,,\n";
+        let c = csv(text, &Schema::new()).unwrap();
+        let ids: Vec<&str> = c.products.iter().map(|p| p.product.id.as_str()).collect();
+        assert_eq!(ids, ["A", "B"]);
+        let a = &c.products[0];
+        assert_eq!(a.images.len(), 2);
+        assert_eq!(
+            a.product.description.as_deref(),
+            Some("Light, fast\nand red")
+        );
+        assert_eq!(a.product.attributes["price"], AttrValue::Number(59.9));
+        assert_eq!(a.product.attributes["code"], AttrValue::Text("007".into()));
+        assert_eq!(c.attributes["price"], AttrType::Number);
+        assert_eq!(c.attributes["code"], AttrType::Keyword, "a tie is a keyword");
+        let r = reasons(&c);
+        let lines: Vec<usize> = r.iter().map(|x| x.0).collect();
+        // B's first row conflicts (price), so its second row starts the product.
+        assert_eq!(lines, [5, 7, 8, 9], "{r:?}");
+        assert!(r[0].1.contains("\"price\" is a number"), "{r:?}");
+        assert!(r[1].1.contains("no image"), "{r:?}");
+        assert!(r[2].1.contains("fields"), "{r:?}");
+        assert!(r[3].1.contains("already listed by product \"A\""), "{r:?}");
+        assert_eq!(c.products[1].line, 6);
+        assert_eq!(c.products[1].product.title.as_deref(), Some("Green bag"));
+
+        // Rows that disagree: the later one is refused.
+        let c = csv(
+            "product,image,title\nA,a1.png,One\nA,a2.png,Two\n",
+            &Schema::new(),
+        )
+        .unwrap();
+        assert_eq!(c.products[0].images.len(), 1);
+        assert!(reasons(&c)[0].1.contains("title differs from line 2"));
+        // Headers that cannot be used fail the file.
+        for (header, says) in [
+            ("product,title\n", "product and image"),
+            ("product,image,in stock\n", "column 3"),
+            ("product,image,x,x\n", "appears twice"),
+        ] {
+            let e = csv(header, &Schema::new()).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("line 1"), "{header}: {e}");
+        }
+    }
+
+    #[test]
+    fn products_from_the_api_are_checked_like_lines() {
+        let schema = Schema::from([("price".into(), AttrType::Number)]);
+        let (p, types) = read_product(
+            serde_json::json!({"product":"S","title":"T","attributes":{"price":3,"brand":"b"}}),
+            &schema,
+        )
+        .unwrap();
+        assert_eq!(p.attributes["price"], AttrValue::Number(3.0));
+        assert_eq!(types["brand"], AttrType::Keyword);
+        for (v, says) in [
+            (serde_json::json!({"product":"S","attributes":{"price":"x"}}), "is a number"),
+            (serde_json::json!({"product":"S","images":["a"]}), "file parts"),
+            (serde_json::json!({"title":"T"}), "no \"product\""),
+            (serde_json::json!({"product":""}), "empty product id"),
+        ] {
+            let e = read_product(v.clone(), &schema).unwrap_err();
+            assert!(e.contains(says), "{v}: {e}");
+        }
     }
 }

@@ -162,7 +162,8 @@ impl Engine {
         }
         let mut listed_ids: HashSet<ImageId> = HashSet::new();
         let mut updates: Vec<ImageRecord> = Vec::new();
-        let mut embed: Vec<PathBuf> = Vec::new();
+        // To embed, with the image each replaces.
+        let mut embed: Vec<(PathBuf, Option<ImageId>)> = Vec::new();
         let mut attach: HashMap<String, Product> = HashMap::new();
         let mut touched: HashSet<String> = HashSet::new();
         for cp in &catalogue.products {
@@ -182,7 +183,7 @@ impl Engine {
                     Ok(Listed::Embed(replaces)) => {
                         listed_ids.extend(replaces);
                         touched.insert(cp.product.id.clone());
-                        embed.push(path.clone());
+                        embed.push((path.clone(), replaces));
                         attach.insert(key, cp.product.clone());
                     }
                     Ok(Listed::Unchanged(mut record, mtime_changed)) => {
@@ -249,21 +250,27 @@ impl Engine {
 
         // New and changed images, embedded with their products.
         if !embed.is_empty() {
+            let files: Vec<PathBuf> = embed.iter().map(|(p, _)| p.clone()).collect();
             let ingest = Ingestor::new(self, models, options, observer)?
                 .with_products(attach.clone())
-                .add(&embed)?;
+                .add(&files)?;
             summary.images_embedded = ingest.added + ingest.updated;
             summary.failed.extend(ingest.failed);
             // An image found under a new path (its file moved) kept its record: it takes its
             // product here. One whose content is indexed under another path is a duplicate.
             let failed: HashSet<String> = summary.failed.iter().map(|f| f.path.clone()).collect();
             let mut moved = Vec::new();
-            for path in &embed {
+            for (path, replaces) in &embed {
                 let key = path.display().to_string();
                 let Some(product) = attach.get(&key) else {
                     continue;
                 };
                 match self.by_path(&key)? {
+                    // Still the old image: the new content was not embedded.
+                    Some(id) if Some(id) == *replaces && !failed.contains(&key) => {
+                        let reason = self.why_not_indexed(path);
+                        summary.failed.push(Failure { path: key, reason });
+                    }
                     Some(id) => {
                         if let Some(mut record) = self.get(id)? {
                             if give_product(&mut record, product) {
