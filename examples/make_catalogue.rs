@@ -51,12 +51,8 @@ fn main() -> anyhow::Result<()> {
     let Some(out) = out else {
         bail!("usage: make_catalogue OUT_DIR [--products N] [--csv] [--no-malformed]");
     };
-    let written = catalogue::write_catalogue(
-        &out,
-        &catalogue::products(products),
-        format,
-        malformed,
-    );
+    let written =
+        catalogue::write_catalogue(&out, &catalogue::products(products), format, malformed);
     println!(
         "{}: {} products, {} images, malformed lines {:?}",
         written.file.display(),

@@ -220,10 +220,7 @@ impl Catalogue {
                         b.malformed(
                             line,
                             None,
-                            format!(
-                                "{len} fields, the header has {}",
-                                header.len()
-                            ),
+                            format!("{len} fields, the header has {}", header.len()),
                         );
                     }
                     csv::ErrorKind::Utf8 { pos, .. } => {
@@ -428,8 +425,7 @@ impl Columns {
                 "title" => title = Some(i),
                 "description" => description = Some(i),
                 _ => {
-                    check_name(name)
-                        .map_err(|e| format!("column {}: {}", i + 1, name_error(e)))?;
+                    check_name(name).map_err(|e| format!("column {}: {}", i + 1, name_error(e)))?;
                     attributes.push((i, name.to_string()));
                 }
             }
@@ -570,7 +566,11 @@ impl<'a> Builder<'a> {
             .into_iter()
             .partition(|p| !p.images.is_empty());
         for p in imageless {
-            self.malformed(p.line, Some(p.product.id), "the product has no image".into());
+            self.malformed(
+                p.line,
+                Some(p.product.id),
+                "the product has no image".into(),
+            );
         }
         self.products = products;
         let mut attributes = self.known.clone();
@@ -671,11 +671,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Claims `images` for product `id` of `line`: an image another product listed is an error.
-    fn check_owners(
-        &self,
-        id: &str,
-        images: &[PathBuf],
-    ) -> std::result::Result<(), String> {
+    fn check_owners(&self, id: &str, images: &[PathBuf]) -> std::result::Result<(), String> {
         for p in images {
             if let Some((other, line)) = self.image_owner.get(p) {
                 if other != id {
@@ -748,7 +744,11 @@ impl<'a> Builder<'a> {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(format!("{key:?} must be a string")),
         };
-        let title = Self::text("title", string(&mut obj, "title")?.as_deref(), MAX_TITLE_BYTES)?;
+        let title = Self::text(
+            "title",
+            string(&mut obj, "title")?.as_deref(),
+            MAX_TITLE_BYTES,
+        )?;
         let description = Self::text(
             "description",
             string(&mut obj, "description")?.as_deref(),
@@ -781,7 +781,10 @@ impl<'a> Builder<'a> {
         line: usize,
         attributes: serde_json::Map<String, Value>,
     ) -> std::result::Result<
-        (BTreeMap<String, AttrValue>, BTreeMap<String, (AttrType, usize)>),
+        (
+            BTreeMap<String, AttrValue>,
+            BTreeMap<String, (AttrType, usize)>,
+        ),
         String,
     > {
         if attributes.len() > MAX_ATTRIBUTES {
@@ -824,11 +827,7 @@ impl<'a> Builder<'a> {
         let cell = |i: usize| row.get(i).filter(|c| !c.is_empty());
         let id = cell(columns.product).ok_or("no product")?.to_string();
         Self::check_id(&id)?;
-        let title = Self::text(
-            "title",
-            columns.title.and_then(cell),
-            MAX_TITLE_BYTES,
-        )?;
+        let title = Self::text("title", columns.title.and_then(cell), MAX_TITLE_BYTES)?;
         let description = Self::text(
             "description",
             columns.description.and_then(cell),
@@ -848,7 +847,9 @@ impl<'a> Builder<'a> {
             let value = self.conform(line, name, value, &mut new_types)?;
             attributes.insert(name.clone(), value);
         }
-        let image = cell(columns.image).map(|c| self.image_path(c)).transpose()?;
+        let image = cell(columns.image)
+            .map(|c| self.image_path(c))
+            .transpose()?;
         let images: Vec<PathBuf> = image.into_iter().collect();
         self.check_owners(&id, &images)?;
         match self.by_id.get(&id).copied() {
@@ -867,9 +868,7 @@ impl<'a> Builder<'a> {
                 // Rows of one product must agree on what they both say.
                 let have = &self.products[i];
                 let first = have.line;
-                let differs = |a: &Option<String>, b: &Option<String>| {
-                    matches!((a, b), (Some(x), Some(y)) if x != y)
-                };
+                let differs = |a: &Option<String>, b: &Option<String>| matches!((a, b), (Some(x), Some(y)) if x != y);
                 if differs(&have.product.title, &title) {
                     return Err(format!("the title differs from line {first}'s"));
                 }
@@ -977,7 +976,10 @@ mod tests {
         assert_eq!(a.product.title.as_deref(), Some("Red shoe"));
         assert_eq!(
             a.images,
-            [PathBuf::from("/shop/a1.png"), PathBuf::from("/shop/img/a2.png")]
+            [
+                PathBuf::from("/shop/a1.png"),
+                PathBuf::from("/shop/img/a2.png")
+            ]
         );
         assert_eq!(
             c.attributes,
@@ -1053,7 +1055,11 @@ mod tests {
         assert_eq!(a.product.attributes["price"], AttrValue::Number(59.9));
         assert_eq!(a.product.attributes["code"], AttrValue::Text("007".into()));
         assert_eq!(c.attributes["price"], AttrType::Number);
-        assert_eq!(c.attributes["code"], AttrType::Keyword, "a tie is a keyword");
+        assert_eq!(
+            c.attributes["code"],
+            AttrType::Keyword,
+            "a tie is a keyword"
+        );
         let r = reasons(&c);
         let lines: Vec<usize> = r.iter().map(|x| x.0).collect();
         // B's first row conflicts (price), so its second row starts the product.
@@ -1095,8 +1101,14 @@ mod tests {
         assert_eq!(p.attributes["price"], AttrValue::Number(3.0));
         assert_eq!(types["brand"], AttrType::Keyword);
         for (v, says) in [
-            (serde_json::json!({"product":"S","attributes":{"price":"x"}}), "is a number"),
-            (serde_json::json!({"product":"S","images":["a"]}), "file parts"),
+            (
+                serde_json::json!({"product":"S","attributes":{"price":"x"}}),
+                "is a number",
+            ),
+            (
+                serde_json::json!({"product":"S","images":["a"]}),
+                "file parts",
+            ),
             (serde_json::json!({"title":"T"}), "no \"product\""),
             (serde_json::json!({"product":""}), "empty product id"),
         ] {

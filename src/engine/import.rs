@@ -233,7 +233,12 @@ impl Engine {
                 let named: HashSet<&str> = names
                     .iter()
                     .map(String::as_str)
-                    .chain(catalogue.malformed.iter().filter_map(|m| m.product.as_deref()))
+                    .chain(
+                        catalogue
+                            .malformed
+                            .iter()
+                            .filter_map(|m| m.product.as_deref()),
+                    )
                     .collect();
                 for (product, ids) in &before {
                     if !named.contains(product.as_str()) {
@@ -506,7 +511,11 @@ mod tests {
         assert!(!give_product(&mut r, &p), "nothing changed");
         p.attributes.insert("price".into(), AttrValue::Number(12.0));
         assert!(give_product(&mut r, &p), "an attribute changed");
-        assert_eq!(r.captions, [beam.clone(), old_title], "the title keeps its score");
+        assert_eq!(
+            r.captions,
+            [beam.clone(), old_title],
+            "the title keeps its score"
+        );
         p.title = Some("Crimson shoe".into());
         p.description = Some("Light".into());
         assert!(give_product(&mut r, &p));

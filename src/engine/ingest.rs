@@ -684,15 +684,17 @@ fn split_candidates(
     Ok(candidates
         .into_iter()
         .enumerate()
-        .map(|(i, c)| match i.checked_sub(given).and_then(|j| texts.get(j)) {
-            Some(&(source, _)) => Caption {
-                p_match: c.itm_logits.map(|_| c.p_match),
-                text: c.text,
-                source,
-                kept: true,
+        .map(
+            |(i, c)| match i.checked_sub(given).and_then(|j| texts.get(j)) {
+                Some(&(source, _)) => Caption {
+                    p_match: c.itm_logits.map(|_| c.p_match),
+                    text: c.text,
+                    source,
+                    kept: true,
+                },
+                None => caption_of(c),
             },
-            None => caption_of(c),
-        })
+        )
         .collect())
 }
 

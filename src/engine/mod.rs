@@ -66,9 +66,9 @@ mod upload_folder;
 pub mod uploads;
 
 pub use crate::progress::{Counters, Event, Progress, Silent};
+pub use catalogue::{Catalogue, CatalogueProduct, Malformed};
 pub use collection::{CollectionStats, Engine, Location, StoreLocation, Target};
 pub use error::{EngineError, ErrorKind, Result};
-pub use catalogue::{Catalogue, CatalogueProduct, Malformed};
 pub use import::ImportSummary;
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};

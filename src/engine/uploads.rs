@@ -210,8 +210,7 @@ impl UploadFolder {
             malformed: Vec::new(),
             attributes: schema,
         };
-        let summary =
-            engine.import_holding(models, options, &catalogue, false, &Silent, &held)?;
+        let summary = engine.import_holding(models, options, &catalogue, false, &Silent, &held)?;
         if let Some(f) = summary.failed.first() {
             return Err(EngineError::Model(crate::model::ModelError::Image {
                 path: PathBuf::from(

@@ -260,8 +260,9 @@ pub const MALFORMED_CSV: [&str; 3] = [
 ];
 
 fn csv(products: &[FixtureProduct], malformed: bool) -> (String, Vec<usize>) {
-    let mut out =
-        String::from("product,image,title,description,brand,color,price,category,in_stock,released\n");
+    let mut out = String::from(
+        "product,image,title,description,brand,color,price,category,in_stock,released\n",
+    );
     let mut line = 1;
     let mut bad = Vec::new();
     let mut extra = MALFORMED_CSV.iter();
