@@ -126,6 +126,11 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // `RUST_LOG=blipsearch=debug` shows the import's phases.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let mut n = 100_000usize;
     let mut dir = PathBuf::from("/tmp/import-speed");
     let mut args = std::env::args().skip(1);
@@ -171,6 +176,13 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let s = engine.import_file(&NoModels, options, &file, None, false, &Silent)?;
     let took = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let read = blipsearch::engine::Catalogue::read(&file, None, &engine.info()?.attributes)?;
+    println!(
+        "(of which reading the catalogue: {:.2} s, {} products)",
+        t.elapsed().as_secs_f64(),
+        read.products.len()
+    );
     println!(
         "re-import of {n} products with changed attributes: {took:.2} s \
          (products updated {}, unchanged {}; images updated {}, embedded {}, unchanged {}; \

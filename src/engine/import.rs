@@ -39,7 +39,7 @@ use crate::index::{content_hash, Caption, ImageId, ImageRecord, IndexError, Prod
 use crate::model::tokenizer::pre_caption;
 use crate::progress::{Event, Progress};
 
-/// Records rewritten under one write lock (searches run between batches).
+/// Records rewritten in one write (one lock, one transaction; searches run between batches).
 const UPDATE_BATCH: usize = 256;
 /// Images scored against one text in one ITM call.
 const ITM_BATCH: usize = 16;
@@ -131,6 +131,7 @@ impl Engine {
             ..ImportSummary::default()
         };
         let capfilt = options.capfilt.is_some();
+        let started = std::time::Instant::now();
         // The types first: no record may carry a value of a type the collection does not know.
         self.write()?
             .extend_schema(&catalogue.attributes)
@@ -204,10 +205,20 @@ impl Engine {
             observer.event(Event::Done { n: 1 });
         }
         observer.event(Event::Finished);
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "import: images classified"
+        );
         if capfilt {
             self.score_product_texts(models, &mut updates)?;
         }
+        let n = updates.len();
         self.update_all(updates)?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            records = n,
+            "import: records rewritten"
+        );
 
         // Images no longer listed, and products no longer in the catalogue (`sync`).
         let mut remove: Vec<ImageId> = Vec::new();
@@ -252,6 +263,10 @@ impl Engine {
         remove.dedup();
         summary.images_removed = UploadFolder::remove_images(self, &remove, held)?;
         self.commit()?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "import: committed"
+        );
 
         // New and changed images, embedded with their products.
         if !embed.is_empty() {
@@ -376,10 +391,7 @@ impl Engine {
     /// Writes `records` (existing images, same vectors) in batches, one write lock each.
     fn update_all(&self, records: Vec<ImageRecord>) -> Result<()> {
         for chunk in records.chunks(UPDATE_BATCH) {
-            let mut store = self.write()?;
-            for r in chunk {
-                store.update(r)?;
-            }
+            self.write()?.update_all(chunk)?;
         }
         Ok(())
     }
