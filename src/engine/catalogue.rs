@@ -524,6 +524,9 @@ fn cell_value(cell: &str, ty: AttrType) -> std::result::Result<AttrValue, String
     }
 }
 
+/// Types of attributes new to the collection, each with the line that gave it.
+type NewTypes = BTreeMap<String, (AttrType, usize)>;
+
 /// Gathers products, checks them against each other and the schema, and records malformed
 /// lines.
 struct Builder<'a> {
@@ -531,7 +534,7 @@ struct Builder<'a> {
     /// The collection's types.
     known: &'a Schema,
     /// Types of new attributes, with the line that gave each.
-    inferred: BTreeMap<String, (AttrType, usize)>,
+    inferred: NewTypes,
     products: Vec<CatalogueProduct>,
     by_id: HashMap<String, usize>,
     /// Which product (and line) lists each image.
@@ -601,7 +604,7 @@ impl<'a> Builder<'a> {
         line: usize,
         name: &str,
         value: AttrValue,
-        new_types: &mut BTreeMap<String, (AttrType, usize)>,
+        new_types: &mut NewTypes,
     ) -> std::result::Result<AttrValue, String> {
         check_name(name).map_err(name_error)?;
         if let AttrValue::Text(s) = &value {
@@ -738,7 +741,7 @@ impl<'a> Builder<'a> {
         id: String,
         mut obj: serde_json::Map<String, Value>,
         fields: &str,
-    ) -> std::result::Result<(Product, BTreeMap<String, (AttrType, usize)>), String> {
+    ) -> std::result::Result<(Product, NewTypes), String> {
         let string = |obj: &mut serde_json::Map<String, Value>, key: &str| match obj.remove(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
@@ -775,18 +778,11 @@ impl<'a> Builder<'a> {
     }
 
     /// The attributes of a JSON object, conformed; with the types they introduce.
-    #[allow(clippy::type_complexity)]
     fn json_attributes(
         &self,
         line: usize,
         attributes: serde_json::Map<String, Value>,
-    ) -> std::result::Result<
-        (
-            BTreeMap<String, AttrValue>,
-            BTreeMap<String, (AttrType, usize)>,
-        ),
-        String,
-    > {
+    ) -> std::result::Result<(BTreeMap<String, AttrValue>, NewTypes), String> {
         if attributes.len() > MAX_ATTRIBUTES {
             return Err(format!(
                 "{} attributes, at most {MAX_ATTRIBUTES}",
@@ -907,19 +903,13 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn commit_types(&mut self, new_types: BTreeMap<String, (AttrType, usize)>) {
+    fn commit_types(&mut self, new_types: NewTypes) {
         for (name, t) in new_types {
             self.inferred.entry(name).or_insert(t);
         }
     }
 
-    fn add(
-        &mut self,
-        line: usize,
-        product: Product,
-        images: Vec<PathBuf>,
-        new_types: BTreeMap<String, (AttrType, usize)>,
-    ) {
+    fn add(&mut self, line: usize, product: Product, images: Vec<PathBuf>, new_types: NewTypes) {
         for p in &images {
             self.image_owner
                 .insert(p.clone(), (product.id.clone(), line));

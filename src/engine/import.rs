@@ -84,7 +84,7 @@ enum Listed {
     /// Not in the collection, or its file changed (the image it replaces, if any).
     Embed(Option<ImageId>),
     /// Its file did not change: its record, and whether its mtime must be written.
-    Unchanged(ImageRecord, bool),
+    Unchanged(Box<ImageRecord>, bool),
 }
 
 impl Engine {
@@ -187,7 +187,8 @@ impl Engine {
                         embed.push((path.clone(), replaces));
                         attach.insert(key, cp.product.clone());
                     }
-                    Ok(Listed::Unchanged(mut record, mtime_changed)) => {
+                    Ok(Listed::Unchanged(record, mtime_changed)) => {
+                        let mut record = *record;
                         listed_ids.insert(record.id);
                         if give_product(&mut record, &cp.product) {
                             touched.insert(cp.product.id.clone());
@@ -350,7 +351,7 @@ impl Engine {
             return Ok(Listed::Embed(None));
         };
         if unchanged_by_stat(&record, size, mtime) {
-            return Ok(Listed::Unchanged(record, false));
+            return Ok(Listed::Unchanged(Box::new(record), false));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
         if content_hash(&bytes) != record.content_hash {
@@ -359,7 +360,7 @@ impl Engine {
         // Touched but not changed: the new mtime is written, so the next run does not hash.
         let touched = record.mtime_unix != mtime;
         record.mtime_unix = mtime;
-        Ok(Listed::Unchanged(record, touched))
+        Ok(Listed::Unchanged(Box::new(record), touched))
     }
 
     /// Why a listed file that the ingest did not fail has no record: a type not read, or its

@@ -57,7 +57,7 @@ pub mod collection;
 pub mod duplicates;
 pub mod error;
 pub mod facets;
-mod import;
+pub mod import;
 pub mod ingest;
 pub mod models;
 mod reindex;

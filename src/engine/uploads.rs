@@ -359,9 +359,9 @@ impl Engine {
         UploadFolder::remove_orphans(self, min_age)
     }
 
-    /// Stores uploaded `images` and makes them the images of `product` (see
-    /// [`UploadFolder::add_product`]): its images before that are not sent again leave the
-    /// collection, uploaded files with them. `product`'s attributes must conform to the
+    /// Stores uploaded `images` (the same bytes already indexed: that image) and makes them the
+    /// images of `product`, with its texts and attributes: its images before that are not sent
+    /// again leave the collection, uploaded files with them. `product`'s attributes must conform to the
     /// collection's types, with `schema` giving those of new attributes (see
     /// [`super::catalogue::read_product`]).
     pub fn upload_product<M: Encoders + ?Sized>(
