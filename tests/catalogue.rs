@@ -343,6 +343,27 @@ fn import_reimport_and_sync_on_milvus() {
 }
 
 #[test]
+fn reindex_keeps_products_and_their_attribute_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let index = tmp.path().join("index");
+    let shop = tmp.path().join("shop");
+    let products = catalogue::products(4);
+    let fx = catalogue::write_catalogue(&shop, &products, Format::JsonLines, false);
+    {
+        let engine = Engine::open(&index, &collection_info(&r)).unwrap();
+        engine
+            .import_file(&r, options(), &fx.file, None, false, &Silent)
+            .unwrap();
+    }
+    let s = Engine::reindex(&index, &r, &collection_info(&r), options(), &Silent).unwrap();
+    assert_eq!(s.added, fx.images(), "{s:?}");
+    let engine = Engine::open_existing(&index).unwrap();
+    assert_eq!(engine.info().unwrap().attributes, fixture_schema());
+    assert_holds(&engine, &shop, &products);
+}
+
+#[test]
 fn csv_catalogues_merge_rows_and_report_bad_rows_by_line() {
     let tmp = tempfile::tempdir().unwrap();
     let r = retriever();
