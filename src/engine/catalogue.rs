@@ -44,10 +44,10 @@ use crate::index::{day_number, AttrType, AttrValue, Product, Schema};
 
 /// Longest line (a CSV record, with its quoted line breaks), in bytes.
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
-/// Longest title, in bytes.
-pub const MAX_TITLE_BYTES: usize = 1024;
-/// Longest description, in bytes.
-pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
+/// Longest title, in characters.
+pub const MAX_TITLE_CHARS: usize = 1024;
+/// Longest description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 16 * 1024;
 /// Most images one product may list.
 pub const MAX_IMAGES: usize = 64;
 /// Longest image path, in bytes.
@@ -667,8 +667,8 @@ impl<'a> Builder<'a> {
         let Some(t) = value.map(str::trim).filter(|t| !t.is_empty()) else {
             return Ok(None);
         };
-        if t.len() > max {
-            return Err(format!("the {what} is over {max} bytes"));
+        if t.chars().count() > max {
+            return Err(format!("the {what} is over {max} characters"));
         }
         Ok(Some(t.to_string()))
     }
@@ -750,12 +750,12 @@ impl<'a> Builder<'a> {
         let title = Self::text(
             "title",
             string(&mut obj, "title")?.as_deref(),
-            MAX_TITLE_BYTES,
+            MAX_TITLE_CHARS,
         )?;
         let description = Self::text(
             "description",
             string(&mut obj, "description")?.as_deref(),
-            MAX_DESCRIPTION_BYTES,
+            MAX_DESCRIPTION_CHARS,
         )?;
         let attributes = match obj.remove("attributes") {
             None | Some(Value::Null) => serde_json::Map::new(),
@@ -823,11 +823,11 @@ impl<'a> Builder<'a> {
         let cell = |i: usize| row.get(i).filter(|c| !c.is_empty());
         let id = cell(columns.product).ok_or("no product")?.to_string();
         Self::check_id(&id)?;
-        let title = Self::text("title", columns.title.and_then(cell), MAX_TITLE_BYTES)?;
+        let title = Self::text("title", columns.title.and_then(cell), MAX_TITLE_CHARS)?;
         let description = Self::text(
             "description",
             columns.description.and_then(cell),
-            MAX_DESCRIPTION_BYTES,
+            MAX_DESCRIPTION_CHARS,
         )?;
         let mut attributes = BTreeMap::new();
         let mut new_types = BTreeMap::new();
