@@ -316,6 +316,13 @@ fn upsert_suite(engine: &Engine, shop: &Path) {
         .unwrap();
     assert!(s.sync_skipped.is_some(), "{s:?}");
     assert_eq!((s.products_removed, s.images_removed, s.total), (0, 0, 6));
+    // An empty catalogue never empties the collection.
+    std::fs::write(&fx.file, "").unwrap();
+    let s = engine
+        .import_file(&models, options(), &fx.file, None, true, &Silent)
+        .unwrap();
+    assert!(s.sync_skipped.is_some(), "{s:?}");
+    assert_eq!((s.products_removed, s.total), (0, 6));
 }
 
 #[test]

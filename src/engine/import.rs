@@ -13,7 +13,8 @@
 //!   except uploaded ones; their content is left out of folder scans, as `remove` does).
 //! - With `sync`, products the catalogue does not name leave the collection too; a product
 //!   named on a malformed line is kept as it is, and a malformed line whose product cannot be
-//!   read stops `sync` from removing anything (the summary says so).
+//!   read, or a catalogue without a single product, stops `sync` from removing anything (the
+//!   summary says so).
 //! - New attribute types are recorded in the collection's schema before anything is written.
 //!
 //! Record updates are written in batches under one lock each and committed once, so an import
@@ -235,7 +236,13 @@ impl Engine {
             }
         }
         if sync {
-            if catalogue.has_unreadable_lines() {
+            if catalogue.products.is_empty() {
+                summary.sync_skipped = Some(
+                    "the catalogue names no product, and sync would remove every product: \
+                     nothing was removed"
+                        .into(),
+                );
+            } else if catalogue.has_unreadable_lines() {
                 summary.sync_skipped = Some(
                     "a malformed line does not say which product it is about, so no product \
                      was removed: fix the line and import again"
