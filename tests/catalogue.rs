@@ -350,7 +350,7 @@ fn import_reimport_and_sync_on_milvus() {
 }
 
 #[test]
-fn reindex_keeps_products_and_their_attribute_types() {
+fn reindex_and_folder_scans_keep_products_and_their_attribute_types() {
     let tmp = tempfile::tempdir().unwrap();
     let r = retriever();
     let index = tmp.path().join("index");
@@ -367,6 +367,17 @@ fn reindex_keeps_products_and_their_attribute_types() {
     assert_eq!(s.added, fx.images(), "{s:?}");
     let engine = Engine::open_existing(&index).unwrap();
     assert_eq!(engine.info().unwrap().attributes, fixture_schema());
+    assert_holds(&engine, &shop, &products);
+
+    // A file changed and found by a folder scan (`sync`, a server's watched folder) stays in
+    // its product.
+    catalogue::image_of("black", 77, 0)
+        .save(shop.join(&products[1].images[0]))
+        .unwrap();
+    let s = engine
+        .ingest(&r, options(), &[shop.join("images")], true, &Silent)
+        .unwrap();
+    assert_eq!(s.updated, 1, "{s:?}");
     assert_holds(&engine, &shop, &products);
 }
 

@@ -479,7 +479,12 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 given.push(t.clone());
             }
         }
-        let product = self.products.get(&path_str).cloned();
+        // A changed file stays in its product unless a product is attached to it now.
+        let product = self
+            .products
+            .get(&path_str)
+            .cloned()
+            .or_else(|| existing.as_ref().and_then(|r| r.product.clone()));
         Ok(Some(Prepared {
             path: path_str,
             hash,
