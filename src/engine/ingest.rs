@@ -195,7 +195,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     /// Products to attach to images by canonical path (a catalogue import, a product upload):
     /// an embedded image's record carries its product, and the product's title and description
     /// are judged by CapFilt with the given texts but always kept (see [`product_captions`]).
-    /// Images found unchanged are not touched: the import updates their records itself.
+    /// Images found unchanged are not touched: the import updates their records itself. A
+    /// changed file without a product here keeps the one its record had.
     pub fn with_products(mut self, products: HashMap<String, Product>) -> Self {
         self.products = products;
         self
