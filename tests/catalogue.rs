@@ -316,6 +316,19 @@ fn upsert_suite(engine: &Engine, shop: &Path) {
         .unwrap();
     assert!(s.sync_skipped.is_some(), "{s:?}");
     assert_eq!((s.products_removed, s.images_removed, s.total), (0, 0, 6));
+    // A listed file that cannot be read now keeps its image.
+    let hidden = shop.join("hidden.png");
+    std::fs::rename(shop.join(&products[0].images[0]), &hidden).unwrap();
+    let fx = catalogue::write_file(shop, &products[..4], Format::JsonLines, false);
+    let s = engine
+        .import_file(&models, options(), &fx.file, None, true, &Silent)
+        .unwrap();
+    assert_eq!(
+        (s.failed.len(), s.images_removed, s.total),
+        (1, 0, 6),
+        "{s:?}"
+    );
+    std::fs::rename(&hidden, shop.join(&products[0].images[0])).unwrap();
     // An empty catalogue never empties the collection.
     std::fs::write(&fx.file, "").unwrap();
     let s = engine

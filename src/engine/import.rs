@@ -10,7 +10,8 @@
 //!   is scored again by ITM against the image's stored ViT features (a text that did not
 //!   change keeps its score); without CapFilt it is stored without a p(match).
 //! - Images a product no longer lists leave the collection (their files are never deleted,
-//!   except uploaded ones; their content is left out of folder scans, as `remove` does).
+//!   except uploaded ones; their content is left out of folder scans, as `remove` does). A
+//!   listed file that cannot be read is reported and keeps the image it had.
 //! - With `sync`, products the catalogue does not name leave the collection too; a product
 //!   named on a malformed line is kept as it is, and a malformed line whose product cannot be
 //!   read, or a catalogue without a single product, stops `sync` from removing anything (the
@@ -180,6 +181,9 @@ impl Engine {
                             item: &key,
                             reason: &reason,
                         });
+                        // Still listed: an image it had stays as it was (a file that cannot be
+                        // read now, an unmounted disk, is no reason to drop it).
+                        listed_ids.extend(self.by_path(&key)?);
                         summary.failed.push(Failure { path: key, reason });
                     }
                     Ok(Listed::Embed(replaces)) => {
