@@ -1158,6 +1158,7 @@ async fn the_key_is_checked_on_the_route_that_runs() {
         // An id that does not exist: the DELETE with the key must not remove anything.
         let uri = pattern
             .replace("{id}", "999999")
+            .replace("{product}", "NO-SUCH-PRODUCT")
             .replace("{file}", "app.js");
         let m = actix_web::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let (st, _) = send!(svc, TestRequest::default().method(m.clone()).uri(&uri));

@@ -1,4 +1,4 @@
-//! Collection subcommands: `add`, `sync`, `remove`, `stats`, `reindex`.
+//! Collection subcommands: `add`, `sync`, `import`, `remove`, `stats`, `reindex`.
 
 use std::path::{Path, PathBuf};
 
@@ -9,8 +9,8 @@ use super::progress::ProgressRenderer;
 use super::{CaptionCheckpointArgs, RetrievalModelArgs};
 use crate::engine::models::{select_device, CapFiltParams, DecodeBudget};
 use crate::engine::{
-    CollectionInfo, Engine, EngineError, ErrorKind, IngestOptions, IngestSummary, LocalModels,
-    Location, StoreLocation, Target,
+    CollectionInfo, Engine, EngineError, ErrorKind, ImportSummary, IngestOptions, IngestSummary,
+    LocalModels, Location, StoreLocation, Target,
 };
 
 /// Where the collection lives.
@@ -60,6 +60,26 @@ pub struct IngestArgs {
     /// Files or folders (recursive).
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+}
+
+/// `import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    common: IngestCommon,
+    /// Image paths of the catalogue are relative to this folder [default: the catalogue's
+    /// folder].
+    #[arg(long)]
+    images_root: Option<PathBuf>,
+    /// Also remove the products the catalogue does not name.
+    #[arg(long)]
+    sync: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The catalogue: JSON lines (.jsonl, .ndjson), one product a line, or CSV (.csv), one
+    /// image a row.
+    catalogue: PathBuf,
 }
 
 /// `reindex`.
@@ -129,6 +149,7 @@ pub struct StatsArgs {
 pub(super) enum Instead {
     Search,
     Add,
+    Import,
     Remove,
     Stats,
     StopFirst,
@@ -153,6 +174,10 @@ pub(super) fn explain_lock(e: EngineError, dir: &Path, instead: Instead) -> anyh
         Instead::Add => format!(
             "add through it: curl -F image=@photo.jpg {url}/api/images for a file, or give the \
              folder to the server (serve --images FOLDER) to keep it in sync"
+        ),
+        Instead::Import => format!(
+            "send products through it: curl -F 'product={{\"product\":\"SKU-1\",\"title\":\"...\"}}' \
+             -F image=@a.jpg {url}/api/products, or stop the server to import the whole catalogue"
         ),
         Instead::Remove => format!("remove through it: curl -X DELETE {url}/api/images/ID"),
         Instead::Stats => format!("ask it: curl {url}/api/status"),
@@ -250,6 +275,69 @@ pub fn ingest(a: IngestArgs, sync: bool) -> Result<()> {
         &ProgressRenderer::new(),
     )?;
     print_summary(&summary, a.json)
+}
+
+/// `import`: upserts the products of a catalogue (see [`Engine::import`]).
+pub fn import(a: ImportArgs) -> Result<()> {
+    let c = &a.common;
+    if !a.catalogue.is_file() {
+        bail!("no catalogue file {}", a.catalogue.display());
+    }
+    let (engine, models) = open_with_models(c, Instead::Import)?;
+    let summary = engine.import_file(
+        &models,
+        ingest_options(c)?,
+        &a.catalogue,
+        a.images_root.as_deref(),
+        a.sync,
+        &ProgressRenderer::new(),
+    )?;
+    print_import(&summary, a.json)
+}
+
+fn print_import(s: &ImportSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "products: added {}, updated {}, unchanged {}, removed {}, failed {}",
+        s.products_added,
+        s.products_updated,
+        s.products_unchanged,
+        s.products_removed,
+        s.products_failed
+    );
+    println!(
+        "images: embedded {}, updated {}, unchanged {}, removed {}, failed {}",
+        s.images_embedded,
+        s.images_updated,
+        s.images_unchanged,
+        s.images_removed,
+        s.failed.len()
+    );
+    for f in &s.failed {
+        println!("  failed: {}: {}", f.path, f.reason);
+    }
+    if !s.malformed.is_empty() {
+        println!("malformed lines: {} (skipped)", s.malformed.len());
+        for m in &s.malformed {
+            println!("  line {}: {}", m.line, m.reason);
+        }
+    }
+    if let Some(why) = &s.sync_skipped {
+        println!("sync removed nothing: {why}");
+    }
+    if !s.attributes.is_empty() {
+        let types: Vec<String> = s
+            .attributes
+            .iter()
+            .map(|(name, ty)| format!("{name} ({ty})"))
+            .collect();
+        println!("attributes: {}", types.join(", "));
+    }
+    println!("{} images in the collection", s.total);
+    Ok(())
 }
 
 /// `reindex`: embeds every image of the collection again, from its original file, with the

@@ -41,6 +41,9 @@ pub enum Command {
     Add(collection::IngestArgs),
     /// Add new and changed images under folders, and drop those whose files are gone.
     Sync(collection::IngestArgs),
+    /// Import a product catalogue (JSON lines or CSV): products with their images, titles,
+    /// descriptions and attributes; a re-import updates what changed.
+    Import(collection::ImportArgs),
     /// Remove images (by id or path) from the collection.
     Remove(collection::RemoveArgs),
     /// Counts, disk use and models of the collection.
@@ -260,6 +263,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score(a),
         Command::Add(a) => collection::ingest(a, false),
         Command::Sync(a) => collection::ingest(a, true),
+        Command::Import(a) => collection::import(a),
         Command::Remove(a) => collection::remove(a),
         Command::Stats(a) => collection::stats(a),
         Command::Reindex(a) => collection::reindex(a),

@@ -16,7 +16,7 @@ use super::collection::{Engine, NewImage};
 use super::error::{EngineError, Result};
 use super::models::{CapFiltJob, Encoders};
 use crate::index::{
-    content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord,
+    content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord, Product,
     THUMB_MAX_SIDE,
 };
 use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
@@ -120,6 +120,9 @@ struct Prepared {
     /// The decode budget held by `image` (and the copy CapFilt reads).
     _permit: DecodePermit,
     given: Vec<String>,
+    /// The catalogue product the image belongs to: its title and description are judged with
+    /// the given texts, and stored as captions of their own sources.
+    product: Option<Product>,
     exif_date: Option<String>,
     replaces: Option<ImageId>,
 }
@@ -146,6 +149,7 @@ pub(crate) struct Ingestor<'a, M: Encoders + ?Sized> {
     observer: &'a dyn Progress,
     options: IngestOptions,
     extra_given: HashMap<String, Vec<String>>,
+    products: HashMap<String, Product>,
     keep_ids: HashMap<String, ImageId>,
     /// Files given by name (not found in a folder), canonical.
     named: HashSet<PathBuf>,
@@ -175,6 +179,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             observer,
             options,
             extra_given: HashMap::new(),
+            products: HashMap::new(),
             keep_ids: HashMap::new(),
             named: HashSet::new(),
         })
@@ -184,6 +189,16 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
     /// (used by `reindex` to carry texts that were uploaded with the images).
     pub fn with_given_texts(mut self, texts: HashMap<String, Vec<String>>) -> Self {
         self.extra_given = texts;
+        self
+    }
+
+    /// Products to attach to images by canonical path (a catalogue import, a product upload):
+    /// an embedded image's record carries its product, and the product's title and description
+    /// are judged by CapFilt with the given texts but always kept (see [`product_captions`]).
+    /// Images found unchanged are not touched: the import updates their records itself. A
+    /// changed file without a product here keeps the one its record had.
+    pub fn with_products(mut self, products: HashMap<String, Product>) -> Self {
+        self.products = products;
         self
     }
 
@@ -368,12 +383,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         let path = canonical(file).map_err(|e| e.to_string())?;
         let path_str = path.display().to_string();
         let meta = std::fs::metadata(&path).map_err(|e| format!("cannot stat: {e}"))?;
-        let size = meta.len();
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs() as i64);
+        let (size, mtime) = size_and_mtime(&meta);
         let existing = (|| {
             let store = self.engine.read()?;
             Ok::<_, EngineError>(match store.by_path(&path_str)? {
@@ -383,10 +393,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         })()
         .map_err(|e| e.to_string())?;
         if let Some(r) = &existing {
-            // mtimes have one-second resolution here: a file written in the second it was
-            // indexed (or later) may have changed without its size or mtime showing it, so
-            // only older files are trusted without hashing (git's "racy clean" rule).
-            if r.size_bytes == size && r.mtime_unix == mtime && mtime < r.added_unix {
+            if unchanged_by_stat(r, size, mtime) {
                 summary.unchanged += 1;
                 return Ok(None);
             }
@@ -473,6 +480,12 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                 given.push(t.clone());
             }
         }
+        // A changed file stays in its product unless a product is attached to it now.
+        let product = self
+            .products
+            .get(&path_str)
+            .cloned()
+            .or_else(|| existing.as_ref().and_then(|r| r.product.clone()));
         Ok(Some(Prepared {
             path: path_str,
             hash,
@@ -484,6 +497,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             thumb,
             _permit: admitted.permit,
             given,
+            product,
             exif_date,
             replaces: existing.map(|r| r.id),
         }))
@@ -524,23 +538,34 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         let (emb, captions): (_, Vec<Vec<Caption>>) = match &self.options.capfilt {
             Some(params) => {
                 let emb = self.models.encode_images(images.clone())?;
-                let given: Vec<Vec<String>> = batch.iter().map(|p| p.given.clone()).collect();
-                let captions = self
-                    .models
-                    .capfilt(CapFiltJob {
-                        images,
-                        tokens: Some(emb.tokens.clone()),
-                        given,
-                        params: params.clone(),
-                    })?
-                    .into_iter()
-                    .map(|cands| cands.into_iter().map(caption_of).collect())
+                // The product's texts are judged after the image's own given texts.
+                let given: Vec<Vec<String>> = batch
+                    .iter()
+                    .map(|p| {
+                        let mut g = p.given.clone();
+                        g.extend(product_texts(p.product.as_ref()).map(|(_, t)| t.to_string()));
+                        g
+                    })
                     .collect();
+                let candidates = self.models.capfilt(CapFiltJob {
+                    images,
+                    tokens: Some(emb.tokens.clone()),
+                    given,
+                    params: params.clone(),
+                })?;
+                let captions = batch
+                    .iter()
+                    .zip(candidates)
+                    .map(|(p, cands)| split_candidates(p.given.len(), p.product.as_ref(), cands))
+                    .collect::<Result<_>>()?;
                 (emb, captions)
             }
             None => (
                 self.models.encode_images(images)?,
-                vec![Vec::new(); batch.len()],
+                batch
+                    .iter()
+                    .map(|p| product_captions(p.product.as_ref()))
+                    .collect(),
             ),
         };
         let itc = emb.itc;
@@ -578,7 +603,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     captions: caps,
                     given_texts: p.given.clone(),
                     added_unix: now_unix(),
-                    product: None,
+                    product: p.product.clone(),
                 },
                 keep_id: keep,
                 replaces: p.replaces,
@@ -611,6 +636,90 @@ pub fn caption_of(c: CapFiltCandidate) -> Caption {
         p_match: Some(c.p_match),
         kept: c.kept,
     }
+}
+
+/// The title and description of `product` that have words, with the caption source each is
+/// stored under.
+pub fn product_texts(product: Option<&Product>) -> impl Iterator<Item = (CaptionSource, &str)> {
+    product
+        .into_iter()
+        .flat_map(|p| {
+            [
+                (CaptionSource::Title, p.title.as_deref()),
+                (CaptionSource::Description, p.description.as_deref()),
+            ]
+        })
+        .filter_map(|(source, text)| Some((source, text?.trim())))
+        .filter(|(_, t)| !t.is_empty())
+}
+
+/// The product's texts as captions without a verdict (no CapFilt): trusted, so kept, with no
+/// p(match).
+pub fn product_captions(product: Option<&Product>) -> Vec<Caption> {
+    product_texts(product)
+        .map(|(source, text)| Caption {
+            text: text.to_string(),
+            source,
+            p_match: None,
+            kept: true,
+        })
+        .collect()
+}
+
+/// CapFilt's candidates for one image, judged with `given` of the image's own texts followed
+/// by its product's texts (in [`product_texts`] order), as stored captions: the product's texts
+/// keep their sources and their p(match), and are kept whatever ITM says (a merchant's title is
+/// trusted text).
+fn split_candidates(
+    given: usize,
+    product: Option<&Product>,
+    candidates: Vec<CapFiltCandidate>,
+) -> Result<Vec<Caption>> {
+    let texts: Vec<(CaptionSource, &str)> = product_texts(product).collect();
+    // CapFilt lists the given texts first, one candidate each, in order.
+    let misplaced = candidates.len() < given + texts.len()
+        || texts.iter().enumerate().any(|(i, (_, t))| {
+            let c = &candidates[given + i];
+            c.source != CandidateSource::Given || c.text != *t
+        });
+    if misplaced {
+        return Err(EngineError::Internal(
+            "CapFilt did not return the product's texts where they were given".into(),
+        ));
+    }
+    Ok(candidates
+        .into_iter()
+        .enumerate()
+        .map(
+            |(i, c)| match i.checked_sub(given).and_then(|j| texts.get(j)) {
+                Some(&(source, _)) => Caption {
+                    p_match: c.itm_logits.map(|_| c.p_match),
+                    text: c.text,
+                    source,
+                    kept: true,
+                },
+                None => caption_of(c),
+            },
+        )
+        .collect())
+}
+
+/// Whether a file whose record is `r` is unchanged by its size and mtime alone, without hashing.
+/// mtimes have one-second resolution here: a file written in the second it was indexed (or
+/// later) may have changed without its size or mtime showing it, so only older files are
+/// trusted without hashing (git's "racy clean" rule).
+pub(crate) fn unchanged_by_stat(r: &ImageRecord, size: u64, mtime: i64) -> bool {
+    r.size_bytes == size && r.mtime_unix == mtime && mtime < r.added_unix
+}
+
+/// Size and mtime (seconds since the epoch) of a file's metadata.
+pub(crate) fn size_and_mtime(meta: &std::fs::Metadata) -> (u64, i64) {
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64);
+    (meta.len(), mtime)
 }
 
 fn canonical(p: &Path) -> Result<PathBuf> {

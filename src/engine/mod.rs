@@ -52,10 +52,12 @@
 //! # }
 //! ```
 
+pub mod catalogue;
 pub mod collection;
 pub mod duplicates;
 pub mod error;
 pub mod facets;
+pub mod import;
 pub mod ingest;
 pub mod models;
 mod reindex;
@@ -64,11 +66,13 @@ mod upload_folder;
 pub mod uploads;
 
 pub use crate::progress::{Counters, Event, Progress, Silent};
+pub use catalogue::{Catalogue, CatalogueProduct, Malformed};
 pub use collection::{CollectionStats, Engine, Location, StoreLocation, Target};
 pub use error::{EngineError, ErrorKind, Result};
+pub use import::ImportSummary;
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
-pub use uploads::{NewUpload, Uploaded};
+pub use uploads::{NewUpload, ProductUploaded, Uploaded};
 
 pub use crate::index::{
     AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource, CollectionInfo,

@@ -15,7 +15,7 @@ impl Engine {
     /// Embeds every image of the collection at `at` again, from its original file, with
     /// `models`, into a new collection beside it, which replaces the old one only once complete
     /// (an interrupted reindex leaves the old collection as it was). Every image keeps its id
-    /// and given texts; uploaded files stay with the collection. Files that are gone are left
+    /// given texts and product; uploaded files stay with the collection. Files that are gone are left
     /// out, with a warning event each. With Milvus, the new collection is `<name>_reindex`
     /// until it replaces the old one (other processes serving it see the new one from then).
     pub fn reindex<M: Encoders + ?Sized>(
@@ -34,16 +34,24 @@ impl Engine {
         let mut paths = Vec::new();
         let mut given = std::collections::HashMap::new();
         let mut ids = std::collections::HashMap::new();
-        let (next_id, exclusions) = {
+        let mut products = std::collections::HashMap::new();
+        let (next_id, exclusions, attributes) = {
             let old = Engine::open_existing(at.clone())?;
             old.for_each(&mut |r| {
                 paths.push(PathBuf::from(&r.path));
                 given.insert(r.path.clone(), r.given_texts);
+                if let Some(p) = r.product {
+                    products.insert(r.path.clone(), p);
+                }
                 ids.insert(r.path, r.id);
                 Ok(())
             })?;
             let store = old.read()?;
-            (store.next_id()?, store.exclusions()?)
+            (
+                store.next_id()?,
+                store.exclusions()?,
+                store.info().attributes.clone(),
+            )
         };
         let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
             paths.into_iter().partition(|p| p.exists());
@@ -75,9 +83,12 @@ impl Engine {
                 for (hash, path) in &exclusions {
                     store.exclude(hash, path)?;
                 }
+                // Products keep their attributes' types.
+                store.extend_schema(&attributes)?;
             }
             Ingestor::new(&fresh, models, options, observer)?
                 .with_given_texts(given)
+                .with_products(products)
                 .with_ids(ids)
                 .add(&present)?
         };

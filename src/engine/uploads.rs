@@ -7,16 +7,18 @@
 //! owns. Files that no record points to (left by a crash between writing and indexing) are
 //! removed by [`super::Engine::remove_orphan_uploads`] at start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+use super::catalogue::{Catalogue, CatalogueProduct};
 use super::collection::Engine;
 use super::error::{EngineError, Result};
+use super::import::ImportSummary;
 use super::ingest::{IngestOptions, Ingestor};
 use super::models::Encoders;
 pub use super::upload_folder::uploads_dir;
 use super::upload_folder::UploadFolder;
-use crate::index::{content_hash, ImageId};
+use crate::index::{content_hash, ImageId, ImageRecord, Product, Schema};
 use crate::progress::Silent;
 
 /// What an upload did.
@@ -31,6 +33,17 @@ pub struct Uploaded {
 /// How old an unowned upload must be before [`super::Engine::remove_orphan_uploads`] removes it
 /// when the store is shared (another process may be indexing a younger one right now).
 pub const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What a product upload did.
+#[derive(Debug, Clone)]
+pub struct ProductUploaded {
+    /// The product's images now, in the order they were sent.
+    pub ids: Vec<ImageId>,
+    /// Whether the product had no image in the collection before.
+    pub created: bool,
+    /// What the import of the product did.
+    pub summary: ImportSummary,
+}
 
 /// One uploaded image as the client sent it.
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +140,154 @@ impl UploadFolder {
         Ok(true)
     }
 
+    /// Stores `images` as uploads (the same bytes already indexed: that image) and makes them
+    /// the images of `product`, with its texts and attributes (`schema`: the collection's
+    /// types with those `product` introduces); images the product had before and no longer
+    /// has leave the collection, and their files too when they were uploads.
+    pub(crate) fn add_product<M: Encoders + ?Sized>(
+        engine: &Engine,
+        models: &M,
+        options: IngestOptions,
+        product: Product,
+        schema: Schema,
+        images: &[NewUpload<'_>],
+    ) -> Result<ProductUploaded> {
+        if images.is_empty() {
+            return Err(EngineError::InvalidInput(
+                "a product needs at least one image".into(),
+            ));
+        }
+        let this = engine.uploads();
+        let hashes: Vec<String> = images.iter().map(|u| content_hash(u.bytes)).collect();
+        // Claimed in one order, so that two requests never wait for each other.
+        let mut order: Vec<&String> = hashes.iter().collect();
+        order.sort();
+        order.dedup();
+        let held: HashSet<String> = order.iter().map(|h| h.to_string()).collect();
+        let _claims = order
+            .iter()
+            .map(|h| this.claim(h))
+            .collect::<Result<Vec<_>>>()?;
+        let mut created = Vec::new();
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut sent: HashSet<&str> = HashSet::new();
+        for (u, hash) in images.iter().zip(&hashes) {
+            if !sent.insert(hash) {
+                continue; // the same bytes twice in one request
+            }
+            let known = match engine.read()?.by_hash(hash)? {
+                Some(id) => engine.get(id)?.map(|r| PathBuf::from(r.path)),
+                None => None,
+            };
+            let path = match known {
+                Some(p) => p,
+                None => {
+                    let file = this.create(hash, u.stem, u.ext, u.bytes)?;
+                    let canonical =
+                        std::fs::canonicalize(&file.path).map_err(|e| EngineError::Io {
+                            path: file.path.clone(),
+                            source: e,
+                        })?;
+                    created.push(file);
+                    canonical
+                }
+            };
+            if !paths.contains(&path) {
+                paths.push(path);
+            }
+        }
+        let id = product.id.clone();
+        let created_product = engine
+            .read()?
+            .product_images(Some(std::slice::from_ref(&id)))?
+            .is_empty();
+        let catalogue = Catalogue {
+            products: vec![CatalogueProduct {
+                line: 1,
+                product,
+                images: paths.clone(),
+            }],
+            malformed: Vec::new(),
+            attributes: schema,
+        };
+        let summary = engine.import_holding(models, options, &catalogue, false, &Silent, &held)?;
+        if let Some(f) = summary.failed.first() {
+            return Err(EngineError::Model(crate::model::ModelError::Image {
+                path: PathBuf::from(
+                    Path::new(&f.path)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
+                reason: f.reason.clone(),
+            }));
+        }
+        let mut ids = Vec::with_capacity(paths.len());
+        {
+            let store = engine.read()?;
+            for p in &paths {
+                if let Some(id) = store.by_path(&p.display().to_string())? {
+                    ids.push(id);
+                }
+            }
+        }
+        for file in &mut created {
+            let canonical = std::fs::canonicalize(&file.path).ok();
+            file.keep = canonical.is_some_and(|c| paths.contains(&c));
+        }
+        Ok(ProductUploaded {
+            ids,
+            created: created_product,
+            summary,
+        })
+    }
+
+    /// Removes the images `ids` that exist, in one commit, as [`Self::remove_image`] removes
+    /// one (uploaded files are deleted, other files' content left out of folder scans); the
+    /// caller holds the upload claims of `held`. Returns how many were removed.
+    pub(crate) fn remove_images(
+        engine: &Engine,
+        ids: &[ImageId],
+        held: &HashSet<String>,
+    ) -> Result<usize> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let this = engine.uploads();
+        let mut records: Vec<ImageRecord> = Vec::with_capacity(ids.len());
+        for &id in ids {
+            records.extend(engine.get(id)?);
+        }
+        let mut order: Vec<&str> = records
+            .iter()
+            .map(|r| r.content_hash.as_str())
+            .filter(|h| !held.contains(*h))
+            .collect();
+        order.sort_unstable();
+        order.dedup();
+        let _claims = order
+            .iter()
+            .map(|h| this.claim(h))
+            .collect::<Result<Vec<_>>>()?;
+        for r in &records {
+            if !this.owns(Path::new(&r.path)) {
+                engine.exclude(&r.content_hash, &r.path)?;
+            }
+        }
+        let ids: Vec<ImageId> = records.iter().map(|r| r.id).collect();
+        let removed = engine.delete_records(&ids)?;
+        engine.commit()?;
+        for r in &removed {
+            let path = Path::new(&r.path);
+            if this.owns(path) {
+                if let Err(e) = std::fs::remove_file(path) {
+                    tracing::warn!(path = %path.display(), %e, "cannot remove an uploaded file");
+                }
+            }
+        }
+        Ok(removed.len())
+    }
+
     /// Deletes the files in the upload directory, last modified at least `min_age` ago, that no
     /// image points to (left by a crash between writing a file and indexing it); returns how
     /// many. Run it while no upload of this process is in flight (at start).
@@ -196,6 +357,37 @@ impl Engine {
             false => std::time::Duration::ZERO,
         };
         UploadFolder::remove_orphans(self, min_age)
+    }
+
+    /// Stores uploaded `images` (the same bytes already indexed: that image) and makes them the
+    /// images of `product`, with its texts and attributes: its images before that are not sent
+    /// again leave the collection, uploaded files with them. `product`'s attributes must conform to the
+    /// collection's types, with `schema` giving those of new attributes (see
+    /// [`super::catalogue::read_product`]).
+    pub fn upload_product<M: Encoders + ?Sized>(
+        &self,
+        models: &M,
+        options: IngestOptions,
+        product: Product,
+        schema: Schema,
+        images: &[NewUpload<'_>],
+    ) -> Result<ProductUploaded> {
+        UploadFolder::add_product(self, models, options, product, schema, images)
+    }
+
+    /// Removes every image of `product` (uploaded files with them; other files are never
+    /// deleted, their content is left out of folder scans); committed on return. Returns how
+    /// many; [`EngineError::NotFound`] when the collection has no such product.
+    pub fn remove_product(&self, product: &str) -> Result<usize> {
+        let ids = self
+            .read()?
+            .product_images(Some(&[product.to_string()]))?
+            .remove(product)
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return Err(EngineError::NotFound(format!("no product {product:?}")));
+        }
+        UploadFolder::remove_images(self, &ids, &HashSet::new())
     }
 
     /// Removes image `id` and its blobs, and its file when it was uploaded; committed on return.

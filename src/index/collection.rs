@@ -375,6 +375,29 @@ impl Store for Collection {
         self.text.upsert(record)
     }
 
+    fn update_all(&mut self, records: &[ImageRecord]) -> Result<()> {
+        for record in records {
+            let old = self
+                .meta
+                .get(record.id)?
+                .ok_or(IndexError::NotFound(record.id))?;
+            if old.itc != record.itc {
+                return Err(IndexError::InvalidParams(format!(
+                    "the ITC vector of image {} cannot change; remove and re-add it",
+                    record.id
+                )));
+            }
+        }
+        // One sled transaction: a log write per batch, not per record.
+        self.meta.update_all(records)?;
+        for record in records {
+            self.columns.upsert(record);
+            self.text.upsert(record)?;
+        }
+        self.columns_changed();
+        Ok(())
+    }
+
     fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>> {
         let Some(record) = self.meta.remove(id)? else {
             return Ok(None);
@@ -868,6 +891,39 @@ mod tests {
         let c = open(tmp.path());
         assert!(c.last_recovery().rebuilt_text && !c.last_recovery().rebuilt_vectors);
         assert_eq!(c.text_search("waterproof", 5, &all()).unwrap()[0].0, id);
+        assert_consistent(&c);
+    }
+
+    #[test]
+    fn update_all_rewrites_a_batch_or_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = open(tmp.path());
+        let mut rng = Rng::new(7);
+        let ids: Vec<ImageId> = (0..3)
+            .map(|n| add(&mut c, record(n, &mut rng)).unwrap())
+            .collect();
+        c.commit().unwrap();
+        let mut recs: Vec<ImageRecord> =
+            ids.iter().map(|&id| c.get(id).unwrap().unwrap()).collect();
+        for r in &mut recs {
+            r.given_texts.push(format!("batch{}", r.id));
+        }
+        c.update_all(&recs).unwrap();
+        c.commit().unwrap();
+        for r in &recs {
+            assert_eq!(c.get(r.id).unwrap().as_ref(), Some(r));
+            let word = format!("batch{}", r.id);
+            assert_eq!(c.text_search(&word, 5, &all()).unwrap()[0].0, r.id);
+        }
+        // A changed vector anywhere in the batch: nothing is written.
+        let mut bad = recs.clone();
+        bad[0].given_texts.push("unwritten".into());
+        bad[2].itc[0] += 0.5;
+        assert!(matches!(
+            c.update_all(&bad),
+            Err(IndexError::InvalidParams(_))
+        ));
+        assert_eq!(c.get(recs[0].id).unwrap().as_ref(), Some(&recs[0]));
         assert_consistent(&c);
     }
 

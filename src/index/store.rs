@@ -112,6 +112,12 @@ pub trait Store: Send + Sync {
     /// Replaces the record of an existing image (texts, path, dates); its ITC vector cannot
     /// change.
     fn update(&mut self, record: &ImageRecord) -> Result<()>;
+    /// [`Store::update`] of each of `records`, in one write where the store can (the embedded
+    /// store: one transaction). On an error, the records before the failing one may be
+    /// updated.
+    fn update_all(&mut self, records: &[ImageRecord]) -> Result<()> {
+        records.iter().try_for_each(|r| self.update(r))
+    }
     /// Removes an image, durably; returns its record if it existed. Its id never comes back.
     fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>>;
     /// Makes every write so far durable and visible to every search.

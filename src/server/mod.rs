@@ -178,6 +178,7 @@ pub fn app(
         .app_data(web::JsonConfig::default().error_handler(json_error))
         .configure(routes::search::configure)
         .configure(routes::images::configure)
+        .configure(routes::products::configure)
         .configure(routes::system::configure)
         .configure(routes::ui::configure)
         .default_service(web::to(not_found))

@@ -1,7 +1,8 @@
 //! Shared helpers for the integration tests: fixture paths, generated images, tensor
-//! comparisons, and a Milvus Lite server ([`milvus`]).
+//! comparisons, a Milvus Lite server ([`milvus`]) and an e-commerce catalogue ([`catalogue`]).
 #![allow(dead_code)]
 
+pub mod catalogue;
 pub mod milvus;
 
 use std::collections::HashMap;

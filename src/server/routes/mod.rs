@@ -2,6 +2,7 @@
 //! here: the JSON shapes of images and hits, and reading uploads.
 
 pub mod images;
+pub mod products;
 pub mod search;
 pub mod system;
 pub mod ui;
@@ -37,6 +38,8 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("get", "/api/images/{id}/file", Access::Read),
     ("post", "/api/images", Access::Write),
     ("delete", "/api/images/{id}", Access::Write),
+    ("post", "/api/products", Access::Write),
+    ("delete", "/api/products/{product}", Access::Write),
     // Captioning changes nothing but spends model time for the caller.
     ("post", "/api/caption", Access::Write),
     ("get", "/api/status", Access::Read),
