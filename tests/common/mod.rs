@@ -1,8 +1,10 @@
 //! Shared helpers for the integration tests: fixture paths, generated images, tensor
-//! comparisons, and a Milvus Lite server ([`milvus`]).
+//! comparisons, a Milvus Lite server ([`milvus`]), and products on an ingested collection
+//! ([`products`]).
 #![allow(dead_code)]
 
 pub mod milvus;
+pub mod products;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
