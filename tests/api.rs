@@ -1697,34 +1697,62 @@ fn catalogue() -> Vec<common::products::CatalogueEntry> {
     ]
 }
 
-/// The app over [`catalogue`]: the folder (the four fixture images and four noise PNGs) is
-/// ingested by a first server, the products are written into the closed collection, and a
-/// second server opens it. `(setup, service, tempdir, ids of each product's images, rocket's id)`.
+/// How a server opens the catalogue collection in `dir` ([`make_catalogue`]).
+fn catalogue_options(dir: &Path) -> Options {
+    Options {
+        index: Some(dir.join("index")),
+        photos: Some(dir.join("images")),
+        ..Default::default()
+    }
+}
+
+/// [`catalogue`] in `dir`: the folder `dir/images` (the four fixture images and four noise
+/// PNGs) is ingested into `dir/index` by a server, and the products are written into the
+/// closed collection. Returns rocket.jpg's id and the ids of each product's images.
+async fn make_catalogue(
+    dir: &Path,
+) -> (
+    u64,
+    std::collections::BTreeMap<String, Vec<blipsearch::index::ImageId>>,
+) {
+    let photos = dir.join("images");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
+        std::fs::copy(common::fixtures().join("images").join(f), photos.join(f)).unwrap();
+    }
+    std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
+    common::noise_pngs(&photos, 4, 11, |_| (48, 40), |i| format!("n{i}.png"));
+    let (s, svc) = ingested!(catalogue_options(dir));
+    assert_eq!(image_count!(svc), 8);
+    let rocket = rocket_id!(svc);
+    // The app holds the state: drop it first, so that stopping closes the collection.
+    drop(svc);
+    s.running.stop();
+    let ids = common::products::assign_products(&dir.join("index"), &catalogue());
+    (rocket, ids)
+}
+
+/// The app over [`catalogue`] ([`make_catalogue`]): `(setup, service, tempdir, ids of each
+/// product's images, rocket's id)`.
 macro_rules! catalogue_app {
     () => {{
         let dir = tempfile::tempdir().unwrap();
-        let photos = dir.path().join("photos");
-        let index = dir.path().join("index");
-        std::fs::create_dir_all(&photos).unwrap();
-        for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
-            std::fs::copy(common::fixtures().join("images").join(f), photos.join(f)).unwrap();
-        }
-        std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
-        common::noise_pngs(&photos, 4, 11, |_| (48, 40), |i| format!("n{i}.png"));
-        let options = || Options {
-            index: Some(index.clone()),
-            photos: Some(photos.clone()),
-            ..Default::default()
-        };
-        let (s, svc) = ingested!(options());
-        assert_eq!(image_count!(svc), 8);
-        let rocket = rocket_id!(svc);
-        drop(svc);
-        s.running.stop();
-        let ids = common::products::assign_products(&index, &catalogue());
-        let (s, svc) = ingested!(options());
+        let (rocket, ids) = make_catalogue(dir.path()).await;
+        let (s, svc) = ingested!(catalogue_options(dir.path()));
         (s, svc, dir, ids, rocket)
     }};
+}
+
+/// Not a check of its own: writes [`catalogue`] into `$BROWSER_CATALOGUE_DIR` (`images/`,
+/// `index/`) for the facet pass of the browser test (tests/browser/run.sh), which serves it.
+#[actix_web::test]
+#[ignore = "tests/browser/run.sh runs it to make its catalogue"]
+async fn browser_catalogue() {
+    let dir = std::env::var_os("BROWSER_CATALOGUE_DIR")
+        .map(PathBuf::from)
+        .expect("set BROWSER_CATALOGUE_DIR to an empty folder");
+    let (_, ids) = make_catalogue(&dir).await;
+    assert_eq!(ids.len(), 4);
 }
 
 /// A search whose candidates are every image (vector candidates over the whole small
