@@ -542,7 +542,7 @@
       });
       groups.push(el('fieldset', { class: 'facet', 'data-testid': 'facet-range', dataset: { facet: name } },
         el('legend', { text: name.replace(/_/g, ' ') }),
-        el('div', { class: 'facet-range' }, input('min', 'from'), '–', input('max', 'to'))));
+        el('div', { class: `facet-range${type === 'date' ? ' is-date' : ''}` }, input('min', 'from'), type === 'date' ? null : '–', input('max', 'to'))));
     }
     ui.facets.replaceChildren(...groups);
   }
