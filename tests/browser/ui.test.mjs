@@ -416,6 +416,14 @@ async function catalogueTest(status) {
       ]);
       assert.match(await page.textContent('[data-testid=summary]'), /2 products for/);
       await thumbnailsLoaded(page);
+      // A card opens the detail view of its image, with the product's attributes.
+      await page.click('[data-testid=product-card] [data-testid=result] >> nth=0');
+      await page.waitForSelector('[data-testid=detail-product]', { state: 'visible' });
+      const product = await page.textContent('[data-testid=detail-product]');
+      assert.match(product, /brand\s*acme/);
+      assert.match(product, /Summit boot|Trail runner/);
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('[data-testid=detail]', { state: 'hidden' });
       await page.hover('[data-testid=result] >> nth=0');
       await page.screenshot({ path: path.join(ARTIFACTS, 'ui-products.png') });
     });
