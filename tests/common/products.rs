@@ -51,14 +51,22 @@ pub fn schema_of(entries: &[CatalogueEntry]) -> Schema {
     schema
 }
 
-/// Gives the images of the embedded collection in `index` (closed: no server has it open) their
-/// products, records the attribute types, and commits. Every named image must be in the
-/// collection, once. Returns the ids of each product's images, by product id.
+/// [`assign_products_in`] the embedded collection in `index` (closed: no server has it open).
 pub fn assign_products(
     index: &Path,
     entries: &[CatalogueEntry],
 ) -> BTreeMap<String, Vec<blipsearch::index::ImageId>> {
     let mut store = Collection::open_existing(index, HnswParams::default()).unwrap();
+    assign_products_in(&mut store, entries)
+}
+
+/// Gives the images of `store` their products, records the attribute types, and commits.
+/// Every named image must be in the collection, once. Returns the ids of each product's
+/// images, by product id.
+pub fn assign_products_in(
+    store: &mut dyn Store,
+    entries: &[CatalogueEntry],
+) -> BTreeMap<String, Vec<blipsearch::index::ImageId>> {
     let mut by_name: BTreeMap<String, ImageRecord> = BTreeMap::new();
     store
         .for_each(&mut |r| {
