@@ -1707,6 +1707,13 @@ fn catalogue() -> Vec<common::products::CatalogueEntry> {
     ]
 }
 
+/// Stops a server off the test's runtime, where a Milvus store's own runtime may be dropped.
+async fn stop(running: Running) {
+    actix_web::rt::task::spawn_blocking(move || running.stop())
+        .await
+        .unwrap();
+}
+
 /// How a server opens the catalogue collection in `dir` ([`make_catalogue`]), its records in
 /// the embedded store or in `store` (`milvus://...`).
 fn catalogue_options(dir: &Path, store: Option<&str>) -> Options {
@@ -1740,15 +1747,20 @@ async fn make_catalogue(
     let rocket = rocket_id!(svc);
     // The app holds the state: drop it first, so that stopping closes the collection.
     drop(svc);
-    s.running.stop();
-    let ids = match store {
-        None => common::products::assign_products(&dir.join("index"), &catalogue()),
+    stop(s.running).await;
+    let index = dir.join("index");
+    let store = store.map(str::to_string);
+    // Off the test's runtime: a Milvus store runs (and drops) a runtime of its own.
+    let ids = actix_web::rt::task::spawn_blocking(move || match store {
+        None => common::products::assign_products(&index, &catalogue()),
         Some(address) => {
             let mut milvus =
                 blipsearch::index::MilvusStore::open_existing(&address.parse().unwrap()).unwrap();
             common::products::assign_products_in(&mut milvus, &catalogue())
         }
-    };
+    })
+    .await
+    .unwrap();
     (rocket, ids)
 }
 
@@ -2166,5 +2178,6 @@ async fn on_milvus_product_filters_facets_and_groups() {
     let (s, svc, _dir, ids, rocket) = catalogue_app!(Some(address.as_str()));
     check_product_filters!(svc, ids, rocket);
     check_facets_and_groups!(svc, ids, rocket);
-    s.running.stop();
+    drop(svc);
+    stop(s.running).await;
 }
