@@ -1,6 +1,5 @@
 //! Shared helpers for the integration tests: fixture paths, generated images, tensor
-//! comparisons, a Milvus Lite server ([`milvus`]), and products on an ingested collection
-//! ([`products`]).
+//! comparisons, and a Milvus Lite server ([`milvus`]).
 #![allow(dead_code)]
 
 pub mod milvus;
