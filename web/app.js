@@ -225,7 +225,8 @@
     if (hit.matched_caption) return hit.matched_caption;
     const caps = hit.captions || [];
     const kept = caps.find((c) => c.kept) || caps[0];
-    return kept ? kept.text : '';
+    if (kept) return kept.text;
+    return (hit.product && hit.product.title) || '';
   }
 
   // ---------------------------------------------------------------- search parameters and URL
