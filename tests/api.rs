@@ -1952,6 +1952,12 @@ macro_rules! check_product_filters {
                     assert!(message.contains(says), "{what} {query}: {message}");
                 }
             }
+            let (st, b) = send!(
+                *svc,
+                TestRequest::get().uri(&format!("{ALL}&facets={}", ",".repeat(2001)))
+            );
+            assert_eq!(st, StatusCode::BAD_REQUEST);
+            assert!(String::from_utf8_lossy(&b).contains("over 2000"));
             let many: String = (0..33).map(|_| "&filter=brand:acme").collect();
             let (st, b) = send!(*svc, TestRequest::get().uri(&format!("{ALL}{many}")));
             assert_eq!(st, StatusCode::BAD_REQUEST);

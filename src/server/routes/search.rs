@@ -31,6 +31,8 @@ const MAX_OFFSET: usize = 10_000;
 
 /// Most `filter` parameters of one search.
 const MAX_FILTERS: usize = 32;
+/// Longest `facets` list, in characters (what the OpenAPI document's `maxLength` counts).
+const MAX_FACETS_CHARS: usize = 2000;
 
 /// Query parameters of both searches but the repeatable `filter` (see [`read_query`]). Unknown
 /// parameters are refused (400), so that a misspelt filter is not silently ignored.
@@ -118,6 +120,15 @@ impl SearchQuery {
                     "min_itm_prob must be between 0 and 1",
                 ));
             }
+        }
+        if self
+            .facets
+            .as_ref()
+            .is_some_and(|f| f.chars().count() > MAX_FACETS_CHARS)
+        {
+            return Err(ApiError::bad_request(format!(
+                "facets is over {MAX_FACETS_CHARS} characters"
+            )));
         }
         let blank = |s: &Option<String>| s.clone().filter(|x| !x.trim().is_empty());
         let group_by = match &self.group_by {
