@@ -49,6 +49,8 @@ struct Options {
     models: Option<(PathBuf, PathBuf)>,
     /// A folder to serve instead of a copy of the fixture photos.
     photos: Option<PathBuf>,
+    /// The record store (`milvus://...`) instead of the embedded one.
+    store: Option<String>,
 }
 
 impl Default for Options {
@@ -64,6 +66,7 @@ impl Default for Options {
             index: None,
             models: None,
             photos: None,
+            store: None,
         }
     }
 }
@@ -98,7 +101,14 @@ fn start(o: Options) -> Setup {
         cfg.vision.hidden_size,
     );
     let index = o.index.unwrap_or_else(|| tmp.path().join("index"));
-    let engine = Engine::open(&index, &info).unwrap();
+    let location = blipsearch::engine::Location {
+        dir: index.clone(),
+        store: o
+            .store
+            .as_deref()
+            .map_or(Default::default(), |s| s.parse().unwrap()),
+    };
+    let engine = Engine::open(location, &info).unwrap();
     let mut capfilt = CapFiltParams::default();
     capfilt.sampling.num_samples = 1;
     capfilt.max_length = 8;
@@ -305,6 +315,11 @@ async fn health_readiness_and_the_status_of_the_first_ingest() {
     assert_eq!(status["ingest"]["done"], 4, "{status}");
     assert_eq!(status["ingest"]["failed"], 0, "{status}");
     assert_eq!(status["device"], "cpu");
+    assert_eq!(
+        status["attributes"],
+        serde_json::json!({}),
+        "no products, no attributes"
+    );
     assert!(status["models"]["caption"].is_string());
     s.running.stop();
 }
@@ -356,6 +371,18 @@ async fn text_search_reranks_pages_filters_and_refuses_bad_parameters() {
         TestRequest::get().uri("/api/search?q=photo&folder=/nowhere&rerank_k=0")
     );
     assert_eq!(json(&b)["hits"].as_array().unwrap().len(), 0);
+    // Grouped by product, images without one are groups of their own.
+    let (st, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=photo&rerank_k=0&group_by=product")
+    );
+    assert_eq!(st, StatusCode::OK);
+    let v = json(&b);
+    assert_eq!(v["total"], 4, "{v}");
+    for h in v["hits"].as_array().unwrap() {
+        assert_eq!(h["group"]["size"], 1, "{h}");
+        assert_eq!(h["group"]["product"], Value::Null, "{h}");
+    }
     // Bad searches.
     for (uri, code) in [
         ("/api/search", StatusCode::BAD_REQUEST),
@@ -381,6 +408,10 @@ async fn text_search_reranks_pages_filters_and_refuses_bad_parameters() {
         ("/api/search?q=x&offset=10001", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&date_from=", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&colour=red", StatusCode::BAD_REQUEST),
+        // A folder collection has no product attributes to filter or count.
+        ("/api/search?q=x&filter=brand:acme", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&facets=brand", StatusCode::BAD_REQUEST),
+        ("/api/search?q=x&group_by=folder", StatusCode::BAD_REQUEST),
         (
             "/api/search?q=x&min_itm_prob=1.0000000000000002",
             StatusCode::BAD_REQUEST,
@@ -1592,4 +1623,568 @@ async fn mutated_and_huge_header_images_never_get_a_5xx() {
     eprintln!("statuses of mutated images: {statuses:?}");
     assert_eq!(s.running.state.settings.budget.in_use(), 0);
     s.running.stop();
+}
+
+/// `s` with every byte but the unreserved ones percent-encoded, for a query value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A brand that would break a Milvus expression if it were pasted into one: a filter on it must
+/// match this text and nothing else.
+const INJECTION: &str = r#"x" or id > 0 or ""#;
+
+/// The test catalogue: four products over seven images, and rocket.jpg without a product.
+fn catalogue() -> Vec<common::products::CatalogueEntry> {
+    use blipsearch::index::AttrValue::{Bool, Number};
+    use common::products::{product, text, CatalogueEntry};
+    vec![
+        CatalogueEntry {
+            product: product(
+                "SKU-1",
+                "Trail runner",
+                &[
+                    ("brand", text("acme")),
+                    ("color", text("red")),
+                    ("price", Number(59.9)),
+                    ("in_stock", Bool(true)),
+                    ("released", text("2024-03-01")),
+                    ("category", text("shoes/running")),
+                ],
+            ),
+            images: vec!["astronaut.png", "n0.png"],
+        },
+        CatalogueEntry {
+            product: product(
+                "SKU-2",
+                "Summit boot",
+                &[
+                    ("brand", text("acme")),
+                    ("color", text("blue")),
+                    ("price", Number(120.0)),
+                    ("in_stock", Bool(false)),
+                    ("released", text("2023-10-15")),
+                    ("category", text("shoes/hiking")),
+                ],
+            ),
+            images: vec!["chelsea.png", "n1.png", "n2.png"],
+        },
+        CatalogueEntry {
+            product: product(
+                "SKU-3",
+                "Day pack",
+                &[
+                    ("brand", text("zenith")),
+                    ("color", text("red")),
+                    ("price", Number(35.0)),
+                    ("in_stock", Bool(true)),
+                    ("released", text("2024-06-01")),
+                    ("category", text("bags/day")),
+                ],
+            ),
+            images: vec!["coffee.png"],
+        },
+        CatalogueEntry {
+            product: product(
+                "SKU-4",
+                "Odd one",
+                &[
+                    ("brand", text(INJECTION)),
+                    ("color", text("green")),
+                    ("price", Number(80.0)),
+                    ("in_stock", Bool(true)),
+                    ("category", text("bags/travel")),
+                ],
+            ),
+            images: vec!["n3.png"],
+        },
+    ]
+}
+
+/// Stops a server off the test's runtime, where a Milvus store's own runtime may be dropped.
+async fn stop(running: Running) {
+    actix_web::rt::task::spawn_blocking(move || running.stop())
+        .await
+        .unwrap();
+}
+
+/// How a server opens the catalogue collection in `dir` ([`make_catalogue`]), its records in
+/// the embedded store or in `store` (`milvus://...`).
+fn catalogue_options(dir: &Path, store: Option<&str>) -> Options {
+    Options {
+        index: Some(dir.join("index")),
+        photos: Some(dir.join("images")),
+        store: store.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// [`catalogue`] in `dir`: the folder `dir/images` (the four fixture images and four noise
+/// PNGs) is ingested into `dir/index` by a server, and the products are written into the
+/// closed collection. Returns rocket.jpg's id and the ids of each product's images.
+async fn make_catalogue(
+    dir: &Path,
+    store: Option<&str>,
+) -> (
+    u64,
+    std::collections::BTreeMap<String, Vec<blipsearch::index::ImageId>>,
+) {
+    let photos = dir.join("images");
+    std::fs::create_dir_all(&photos).unwrap();
+    for f in ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg"] {
+        std::fs::copy(common::fixtures().join("images").join(f), photos.join(f)).unwrap();
+    }
+    std::fs::write(photos.join("rocket.jpg.txt"), "a rocket launch at dusk").unwrap();
+    common::noise_pngs(&photos, 4, 11, |_| (48, 40), |i| format!("n{i}.png"));
+    let (s, svc) = ingested!(catalogue_options(dir, store));
+    assert_eq!(image_count!(svc), 8);
+    let rocket = rocket_id!(svc);
+    // The app holds the state: drop it first, so that stopping closes the collection.
+    drop(svc);
+    stop(s.running).await;
+    let index = dir.join("index");
+    let store = store.map(str::to_string);
+    // Off the test's runtime: a Milvus store runs (and drops) a runtime of its own.
+    let ids = actix_web::rt::task::spawn_blocking(move || match store {
+        None => common::products::assign_products(&index, &catalogue()),
+        Some(address) => {
+            let mut milvus =
+                blipsearch::index::MilvusStore::open_existing(&address.parse().unwrap()).unwrap();
+            common::products::assign_products_in(&mut milvus, &catalogue())
+        }
+    })
+    .await
+    .unwrap();
+    (rocket, ids)
+}
+
+/// The app over [`catalogue`] ([`make_catalogue`]): `(setup, service, tempdir, ids of each
+/// product's images, rocket's id)`.
+macro_rules! catalogue_app {
+    () => {
+        catalogue_app!(None)
+    };
+    ($store:expr) => {{
+        let dir = tempfile::tempdir().unwrap();
+        let (rocket, ids) = make_catalogue(dir.path(), $store).await;
+        let (s, svc) = ingested!(catalogue_options(dir.path(), $store));
+        (s, svc, dir, ids, rocket)
+    }};
+}
+
+/// Not a check of its own: writes [`catalogue`] into `$BROWSER_CATALOGUE_DIR` (`images/`,
+/// `index/`) for the facet pass of the browser test (tests/browser/run.sh), which serves it.
+#[actix_web::test]
+#[ignore = "tests/browser/run.sh runs it to make its catalogue"]
+async fn browser_catalogue() {
+    let dir = std::env::var_os("BROWSER_CATALOGUE_DIR")
+        .map(PathBuf::from)
+        .expect("set BROWSER_CATALOGUE_DIR to an empty folder");
+    let (_, ids) = make_catalogue(&dir, None).await;
+    assert_eq!(ids.len(), 4);
+}
+
+/// A search whose candidates are every image (vector candidates over the whole small
+/// collection), without a limit.
+const UNPAGED: &str = "/api/search?q=a%20photo&mode=vector&rerank_k=0&k=50";
+/// Every image a search can return, on one page.
+const ALL: &str = concat!(
+    "/api/search?q=a%20photo&mode=vector&rerank_k=0&k=50",
+    "&limit=50"
+);
+
+/// GETs `uri`, which must answer 200; its JSON.
+macro_rules! get_ok {
+    ($svc:expr, $uri:expr) => {{
+        let uri: String = $uri;
+        let (st, b) = send!($svc, TestRequest::get().uri(&uri));
+        assert_eq!(st, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&b));
+        json(&b)
+    }};
+}
+
+/// The ids of a search's hits, sorted.
+fn hit_ids(v: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = v["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Product filters on the catalogue app ([`catalogue_app`]): every kind, on both searches, and
+/// the 400s of bad filters, facets and groupings.
+macro_rules! check_product_filters {
+    ($svc:expr, $ids:expr, $rocket:expr) => {{
+        let (svc, ids, rocket) = (&$svc, &$ids, $rocket);
+            let of = |skus: &[&str]| {
+                let mut v: Vec<u64> = skus
+                    .iter()
+                    .flat_map(|p| ids[*p].iter().map(|i| i.0))
+                    .collect();
+                v.sort();
+                v
+            };
+            // The status lists the attribute types: what the UI offers facets for.
+            let (_, b) = send!(*svc, TestRequest::get().uri("/api/status"));
+            assert_eq!(
+                json(&b)["attributes"],
+                serde_json::json!({"brand": "keyword", "category": "keyword", "color": "keyword",
+                    "in_stock": "bool", "price": "number", "released": "date"})
+            );
+            // Unfiltered: every image, with its product (rocket.jpg has none).
+            let all = get_ok!(*svc, ALL.to_string());
+            assert_eq!(all["hits"].as_array().unwrap().len(), 8, "{all}");
+            assert_eq!(all["total"], 8);
+            for h in all["hits"].as_array().unwrap() {
+                if h["id"] == rocket {
+                    assert!(h.get("product").is_none(), "{h}");
+                } else {
+                    assert!(
+                        h["product"]["id"].as_str().unwrap().starts_with("SKU-"),
+                        "{h}"
+                    );
+                }
+            }
+            let sku1 = all["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["product"]["id"] == "SKU-1")
+                .unwrap();
+            assert_eq!(sku1["product"]["title"], "Trail runner");
+            assert_eq!(sku1["product"]["attributes"]["price"], 59.9);
+            assert_eq!(sku1["product"]["attributes"]["in_stock"], true);
+            assert_eq!(sku1["product"]["attributes"]["brand"], "acme");
+            // Every filter kind, and several filters at once (all must hold).
+            let injection = format!("brand:{INJECTION}");
+            for (filters, want) in [
+                (vec!["brand:acme"], of(&["SKU-1", "SKU-2"])),
+                (vec!["color:red|blue"], of(&["SKU-1", "SKU-2", "SKU-3"])),
+                (vec!["price:..60"], of(&["SKU-1", "SKU-3"])),
+                (vec!["price:59.9"], of(&["SKU-1"])),
+                (vec!["price:60.."], of(&["SKU-2", "SKU-4"])),
+                (vec!["price:60..", "in_stock:true"], of(&["SKU-4"])),
+                (vec!["in_stock:false"], of(&["SKU-2"])),
+                (vec!["released:2024-01-01.."], of(&["SKU-1", "SKU-3"])),
+                (vec!["released:..2023-12-31"], of(&["SKU-2"])),
+                (vec!["category:shoes/*"], of(&["SKU-1", "SKU-2"])),
+                (vec!["category:bags/*", "color:red"], of(&["SKU-3"])),
+                (vec!["brand:acme", "brand:zenith"], vec![]),
+                // A value that would be an expression elsewhere is a literal: that brand alone...
+                (vec![injection.as_str()], of(&["SKU-4"])),
+                // ... and a near miss matches nothing, not everything.
+                (vec![r#"brand:x" or id > 0 or "x"#], vec![]),
+            ] {
+                let query: String = filters
+                    .iter()
+                    .map(|f| format!("&filter={}", enc(f)))
+                    .collect();
+                let v = get_ok!(*svc, format!("{ALL}{query}"));
+                assert_eq!(hit_ids(&v), want, "{filters:?}: {v}");
+                assert_eq!(v["total"], want.len(), "{filters:?}");
+            }
+            // Paging keeps the total.
+            let v = get_ok!(*svc, format!("{UNPAGED}&filter=brand:acme&limit=2&offset=1"));
+            assert_eq!(v["hits"].as_array().unwrap().len(), 2);
+            assert_eq!(v["total"], 5);
+            // The same filters on a search by image, by an indexed id and by an upload.
+            let (st, b) = send!(
+                *svc,
+                TestRequest::post()
+                    .uri("/api/search/image?k=50&limit=50&filter=color:red&filter=brand:zenith")
+                    .set_json(serde_json::json!({ "similar_to": rocket })),
+            );
+            assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(hit_ids(&json(&b)), of(&["SKU-3"]));
+            let coffee = file_bytes(&common::fixtures().join("images/coffee.png"));
+            let (st, b) = send!(
+                *svc,
+                post_multipart(
+                    "/api/search/image?k=50&limit=50&filter=category:shoes/*",
+                    &[("image", Some("q.png"), &coffee)]
+                ),
+            );
+            assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(hit_ids(&json(&b)), of(&["SKU-1", "SKU-2"]));
+
+            // Bad filters, facets and groupings: 400, with a message naming what is wrong.
+            for (query, says) in [
+                ("filter=colour:red", "colour"),
+                ("filter=price:80..10", "price:80..10"),
+                ("filter=price:cheap", "price:cheap"),
+                ("filter=in_stock:yes", "in_stock:yes"),
+                ("filter=released:2024-02-30", "released:2024-02-30"),
+                ("filter=brand", "name:value"),
+                ("filter=brand:", "brand:"),
+                ("filter=price:5*", "price:5*"),
+                ("filter=brand:acme&filter=size:9", "size:9"),
+                ("facets=brand:..5", "brand:..5"),
+                ("facets=size", "size"),
+                ("facets=price:50..10", "price:50..10"),
+                ("facets=price:cheap..", "cheap"),
+                ("facets=brand,brand", "twice"),
+                ("group_by=brand", "brand"),
+                ("group_by=", "group"),
+            ] {
+                for (req, what) in [
+                    (TestRequest::get().uri(&format!("{ALL}&{query}")), "text"),
+                    (
+                        TestRequest::post()
+                            .uri(&format!("/api/search/image?{query}"))
+                            .set_json(serde_json::json!({ "similar_to": rocket })),
+                        "image",
+                    ),
+                ] {
+                    let (st, b) = send!(*svc, req);
+                    assert_eq!(st, StatusCode::BAD_REQUEST, "{what} {query}");
+                    assert_eq!(error_code(&b), "bad_request");
+                    let message = json(&b)["error"]["message"].as_str().unwrap().to_string();
+                    assert!(message.contains(says), "{what} {query}: {message}");
+                }
+            }
+            let (st, b) = send!(
+                *svc,
+                TestRequest::get().uri(&format!("{ALL}&facets={}", ",".repeat(2001)))
+            );
+            assert_eq!(st, StatusCode::BAD_REQUEST);
+            assert!(String::from_utf8_lossy(&b).contains("over 2000"));
+            let many: String = (0..33).map(|_| "&filter=brand:acme").collect();
+            let (st, b) = send!(*svc, TestRequest::get().uri(&format!("{ALL}{many}")));
+            assert_eq!(st, StatusCode::BAD_REQUEST);
+            assert!(String::from_utf8_lossy(&b).contains("at most 32"));
+    }};
+}
+
+#[actix_web::test]
+async fn product_filters_narrow_both_searches_and_bad_ones_are_400() {
+    let (s, svc, _dir, ids, rocket) = catalogue_app!();
+    check_product_filters!(svc, ids, rocket);
+    s.running.stop();
+}
+
+/// The counts of a facet as `(value, count)`, in the order given.
+fn facet(v: &Value, name: &str) -> (Vec<(String, u64)>, u64) {
+    let f = v["facets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no facet {name}: {v}"));
+    let values = f["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["value"].as_str().unwrap().to_string(),
+                x["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (values, f["missing"].as_u64().unwrap())
+}
+
+fn pairs(p: &[(&str, u64)]) -> Vec<(String, u64)> {
+    p.iter().map(|(v, n)| (v.to_string(), *n)).collect()
+}
+
+fn sorted(mut p: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    p.sort();
+    p
+}
+
+/// Facets counted by hand and one hit per product on the catalogue app ([`catalogue_app`]).
+macro_rules! check_facets_and_groups {
+    ($svc:expr, $ids:expr, $rocket:expr) => {{
+        let (svc, ids, rocket) = (&$svc, &$ids, $rocket);
+            // Facets over all eight images, counted by hand from `catalogue`.
+            let facets = enc("brand,color,in_stock,price:..50|50..100|100..,released,category");
+            let v = get_ok!(*svc, format!("{ALL}&facets={facets}"));
+            assert_eq!(v["total"], 8);
+            let names: Vec<&str> = v["facets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                names,
+                ["brand", "color", "in_stock", "price", "released", "category"]
+            );
+            // Keywords: most frequent first, ties by value.
+            assert_eq!(
+                facet(&v, "brand"),
+                (pairs(&[("acme", 5), (INJECTION, 1), ("zenith", 1)]), 1)
+            );
+            assert_eq!(
+                facet(&v, "color"),
+                (pairs(&[("blue", 3), ("red", 3), ("green", 1)]), 1)
+            );
+            let (stock, missing) = facet(&v, "in_stock");
+            assert_eq!(
+                (sorted(stock), missing),
+                (pairs(&[("false", 3), ("true", 4)]), 1)
+            );
+            let (days, missing) = facet(&v, "released");
+            assert_eq!(
+                (sorted(days), missing),
+                (
+                    pairs(&[("2023-10-15", 3), ("2024-03-01", 2), ("2024-06-01", 1)]),
+                    2
+                )
+            );
+            // Number ranges in the order asked, with their ends.
+            let price = v["facets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["name"] == "price")
+                .unwrap();
+            assert_eq!(price["kind"], "number");
+            assert_eq!(price["missing"], 1);
+            let counts: Vec<(Option<f64>, Option<f64>, u64)> = price["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| {
+                    (
+                        x["min"].as_f64(),
+                        x["max"].as_f64(),
+                        x["count"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                counts,
+                [
+                    (None, Some(50.0), 1),
+                    (Some(50.0), Some(100.0), 3),
+                    (Some(100.0), None, 3)
+                ]
+            );
+            // Automatic buckets cover every priced image.
+            let v = get_ok!(*svc, format!("{ALL}&facets=price"));
+            let (buckets, missing) = facet(&v, "price");
+            assert_eq!(missing, 1);
+            assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 7, "{v}");
+            // Facets count what the filters leave.
+            let v = get_ok!(*svc, format!("{ALL}&filter=brand:acme&facets=color,brand"));
+            assert_eq!(facet(&v, "color"), (pairs(&[("blue", 3), ("red", 2)]), 0));
+            assert_eq!(facet(&v, "brand"), (pairs(&[("acme", 5)]), 0));
+            // ... and the facets of a search by image.
+            let (st, b) = send!(
+                *svc,
+                TestRequest::post()
+                    .uri("/api/search/image?k=50&limit=50&include_self=true&facets=brand")
+                    .set_json(serde_json::json!({ "similar_to": rocket })),
+            );
+            assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(
+                facet(&json(&b), "brand"),
+                (pairs(&[("acme", 5), (INJECTION, 1), ("zenith", 1)]), 1)
+            );
+
+            // One hit per product: five groups (rocket.jpg is a group of its own).
+            let v = get_ok!(*svc, format!("{ALL}&group_by=product&facets=brand"));
+            assert_eq!(v["total"], 5, "{v}");
+            let hits = v["hits"].as_array().unwrap();
+            assert_eq!(hits.len(), 5);
+            for h in hits {
+                let g = &h["group"];
+                let matching: Vec<u64> = g["matching"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_u64().unwrap())
+                    .collect();
+                if h["id"] == rocket {
+                    assert_eq!(g["product"], Value::Null, "{h}");
+                    assert_eq!((g["size"].as_u64(), matching.len()), (Some(1), 0));
+                    continue;
+                }
+                let sku = h["product"]["id"].as_str().unwrap();
+                assert_eq!(g["product"], sku, "{h}");
+                // Every image matched (all are candidates): the group is the product's images.
+                let mut all: Vec<u64> = matching.clone();
+                all.push(h["id"].as_u64().unwrap());
+                all.sort();
+                let mut want: Vec<u64> = ids[sku].iter().map(|i| i.0).collect();
+                want.sort();
+                assert_eq!(all, want, "{h}");
+                assert_eq!(g["size"].as_u64().unwrap() as usize, want.len());
+            }
+            // Grouped facets count groups.
+            assert_eq!(
+                facet(&v, "brand"),
+                (pairs(&[("acme", 2), (INJECTION, 1), ("zenith", 1)]), 1)
+            );
+            // Pages of groups: every group once over the pages, the total on each.
+            let mut seen = Vec::new();
+            for offset in [0, 2, 4] {
+                let v = get_ok!(
+                    *svc,
+                    format!("{UNPAGED}&group_by=product&limit=2&offset={offset}")
+                );
+                assert_eq!(v["total"], 5);
+                let hits = v["hits"].as_array().unwrap();
+                assert_eq!(hits.len(), if offset == 4 { 1 } else { 2 });
+                seen.extend(hits.iter().map(|h| h["group"]["product"].to_string()));
+            }
+            seen.sort();
+            assert_eq!(
+                seen,
+                ["\"SKU-1\"", "\"SKU-2\"", "\"SKU-3\"", "\"SKU-4\"", "null"]
+            );
+            // Grouping after filtering: a group's size is the product's, its matches the filtered ones.
+            let v = get_ok!(*svc, format!("{ALL}&group_by=product&filter=color:red"));
+            assert_eq!(v["total"], 2);
+            let mut products: Vec<&str> = v["hits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["group"]["product"].as_str().unwrap())
+                .collect();
+            products.sort();
+            assert_eq!(products, ["SKU-1", "SKU-3"]);
+            // A search by image groups too.
+            let (st, b) = send!(
+                *svc,
+                TestRequest::post()
+                    .uri("/api/search/image?k=50&limit=50&group_by=product&filter=brand:acme")
+                    .set_json(serde_json::json!({ "similar_to": rocket })),
+            );
+            assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            assert_eq!(json(&b)["total"], 2);
+    }};
+}
+
+#[actix_web::test]
+async fn facets_count_the_relevant_set_and_group_by_gives_one_hit_per_product() {
+    let (s, svc, _dir, ids, rocket) = catalogue_app!();
+    check_facets_and_groups!(svc, ids, rocket);
+    s.running.stop();
+}
+
+/// The same filters (the Milvus-injection brand among them), facets and groups with the records
+/// in Milvus (Milvus Lite; see tests/common/milvus.rs).
+#[actix_web::test]
+async fn on_milvus_product_filters_facets_and_groups() {
+    let milvus = common::milvus::MilvusLite::start();
+    let address = milvus.address("catalogue");
+    let (s, svc, _dir, ids, rocket) = catalogue_app!(Some(address.as_str()));
+    check_product_filters!(svc, ids, rocket);
+    check_facets_and_groups!(svc, ids, rocket);
+    drop(svc);
+    stop(s.running).await;
 }

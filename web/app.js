@@ -6,6 +6,11 @@
   const KEY_STORAGE = 'blipsearch.apiKey';
   const DEFAULT_LIMIT = 20;
   const DEFAULT_RERANK_K = 16;
+  // Facets the server counts per search (its limit), and the attribute types shown as
+  // checkboxes (counted) or as a from-to range.
+  const MAX_FACETS = 16;
+  const CHECKBOX_KINDS = ['keyword', 'bool'];
+  const RANGE_KINDS = ['number', 'date'];
   const POLL_ACTIVE_MS = 1500;
   const POLL_IDLE_MS = 15000;
 
@@ -38,6 +43,9 @@
     dateFrom: $('#date-from'),
     dateTo: $('#date-to'),
     clearFilters: $('#clear-filters'),
+    group: $('#group'),
+    groupField: $('#group-field'),
+    facets: $('#facets'),
     imageInput: $('#image-search-input'),
     results: $('#results'),
     summary: $('#summary'),
@@ -77,6 +85,16 @@
     detailIndex: -1,
     detailHit: null,
     focusIndex: 0,
+    // Product attributes of the collection (name -> type, from /api/status): what facets and
+    // filters exist. Empty for a folder collection, which then shows none.
+    schema: {},
+    schemaLoaded: false,
+    // Checked facet values by attribute, and from-to ranges by attribute (strings as typed).
+    picked: new Map(),
+    ranges: new Map(),
+    // `filter` strings of the page URL, read once the schema is known.
+    urlFilters: [],
+    total: null,
   };
 
   // ---------------------------------------------------------------- API
@@ -207,7 +225,8 @@
     if (hit.matched_caption) return hit.matched_caption;
     const caps = hit.captions || [];
     const kept = caps.find((c) => c.kept) || caps[0];
-    return kept ? kept.text : '';
+    if (kept) return kept.text;
+    return (hit.product && hit.product.title) || '';
   }
 
   // ---------------------------------------------------------------- search parameters and URL
@@ -221,7 +240,67 @@
   }
 
   function hasFilters() {
-    return Boolean(ui.folder.value.trim() || ui.dateFrom.value || ui.dateTo.value);
+    return Boolean(ui.folder.value.trim() || ui.dateFrom.value || ui.dateTo.value || productFilters().length);
+  }
+
+  // ---------------------------------------------------------------- product attributes
+
+  function attributesOf(kinds) {
+    return Object.entries(state.schema).filter(([, t]) => kinds.includes(t)).map(([n]) => n);
+  }
+
+  function hasProducts() {
+    return Object.keys(state.schema).length > 0;
+  }
+
+  function grouped() {
+    return hasProducts() && ui.group.checked;
+  }
+
+  /** A keyword as a filter value: `|`, `*` and `\` stand for themselves when escaped. */
+  const escapeValue = (v) => v.replace(/[\\|*]/g, (c) => `\\${c}`);
+
+  /** `value` split at unescaped `|`, each part unescaped. */
+  function splitAlternatives(value) {
+    const parts = [];
+    let cur = '';
+    for (let i = 0; i < value.length; i += 1) {
+      const c = value[i];
+      if (c === '\\' && i + 1 < value.length) { i += 1; cur += value[i]; } else if (c === '|') { parts.push(cur); cur = ''; } else cur += c;
+    }
+    parts.push(cur);
+    return parts;
+  }
+
+  /** The `filter` parameters of the checked values and ranges, but those of `except`. */
+  function productFilters(except) {
+    const out = [];
+    for (const [name, values] of state.picked) {
+      if (name !== except && values.size) out.push(`${name}:${[...values].map(escapeValue).join('|')}`);
+    }
+    for (const [name, r] of state.ranges) {
+      if (name !== except && (r.min || r.max)) out.push(`${name}:${r.min}..${r.max}`);
+    }
+    return out;
+  }
+
+  /** Checked values and ranges from the page URL's `filter`s, with the types of the schema. */
+  function applyUrlFilters() {
+    state.picked = new Map();
+    state.ranges = new Map();
+    for (const f of state.urlFilters) {
+      const at = f.indexOf(':');
+      const name = f.slice(0, at);
+      const value = f.slice(at + 1);
+      const type = state.schema[name];
+      if (at < 0 || !type) continue;
+      if (RANGE_KINDS.includes(type)) {
+        const [min = '', max = ''] = value.includes('..') ? value.split('..') : [value, value];
+        state.ranges.set(name, { min, max });
+      } else {
+        state.picked.set(name, new Set(splitAlternatives(value)));
+      }
+    }
   }
 
   function limit() {
@@ -240,6 +319,8 @@
     if (ui.folder.value.trim()) p.set('folder', ui.folder.value.trim());
     if (ui.dateFrom.value) p.set('from', ui.dateFrom.value);
     if (ui.dateTo.value) p.set('to', ui.dateTo.value);
+    for (const f of productFilters()) p.append('filter', f);
+    if (grouped()) p.set('group', '1');
     const s = p.toString();
     return s ? `?${s}` : location.pathname;
   }
@@ -255,6 +336,9 @@
     ui.folder.value = p.get('folder') || '';
     ui.dateFrom.value = p.get('from') || '';
     ui.dateTo.value = p.get('to') || '';
+    ui.group.checked = p.get('group') === '1';
+    state.urlFilters = p.getAll('filter');
+    if (state.schemaLoaded) applyUrlFilters();
     updateFilterButton();
     const like = Number(p.get('like'));
     if (p.get('q')) return { kind: 'text', q: p.get('q') };
@@ -292,24 +376,24 @@
     ui.results.setAttribute('aria-busy', 'true');
     document.body.classList.add('is-loading');
     if (!append) ui.summary.textContent = 'Searching…';
-    const params = filterParams(new URLSearchParams());
+    const params = searchParams();
     params.set('limit', String(limit()));
     params.set('offset', String(append ? state.offset : 0));
-    let req;
-    if (query.kind === 'text') {
-      params.set('q', query.q);
-      params.set('mode', ui.mode.value);
-      params.set('rerank_k', String(ui.rerank.checked ? DEFAULT_RERANK_K : 0));
-      req = api(`/api/search?${params}`);
-    } else if (query.kind === 'like') {
-      req = api(`/api/search/image?${params}`, { method: 'POST', json: { similar_to: query.id } });
-    } else {
-      const body = new FormData();
-      body.append('image', query.file, query.file.name || 'image');
-      req = api(`/api/search/image?${params}`, { method: 'POST', body });
-    }
+    const counted = attributesOf(CHECKBOX_KINDS).slice(0, MAX_FACETS);
+    if (counted.length) params.set('facets', counted.join(','));
+    const req = searchRequest(query, params, ui.rerank.checked ? DEFAULT_RERANK_K : 0);
+    // An attribute with checked values is counted without its own filter, so that its other
+    // values stay in view with what checking them would add.
+    const own = append ? [] : counted.filter((n) => state.picked.has(n) && state.picked.get(n).size);
+    const ownReqs = own.map((name) => {
+      const p = searchParams(name);
+      p.set('limit', '1');
+      p.set('facets', name);
+      return searchRequest(query, p, 0);
+    });
     try {
       const res = await req;
+      const ownRes = await Promise.all(ownReqs);
       if (seq !== state.seq) return;
       const hits = Array.isArray(res.hits) ? res.hits : [];
       if (!append) {
@@ -320,7 +404,13 @@
       const start = state.hits.length;
       state.hits.push(...hits);
       state.offset = state.hits.length;
-      state.hasMore = hits.length >= limit();
+      state.total = typeof res.total === 'number' ? res.total : null;
+      state.hasMore = state.total === null ? hits.length >= limit() : state.hits.length < state.total;
+      if (!append) {
+        const counts = new Map((res.facets || []).map((f) => [f.name, f]));
+        for (const r of ownRes) for (const f of r.facets || []) counts.set(f.name, f);
+        renderFacets(counts);
+      }
       renderSummary(res);
       renderNotices(res.notices);
       renderHits(start, append);
@@ -330,6 +420,7 @@
       if (!append) {
         state.hits = [];
         renderHits(0, false);
+        renderFacets(new Map());
         ui.summary.textContent = '';
       }
       showError(err, 'The search failed.');
@@ -342,11 +433,37 @@
     }
   }
 
+  /** The parameters every search of the page sends: the filters (but the product filter of
+   * `except`) and the grouping. */
+  function searchParams(except) {
+    const params = filterParams(new URLSearchParams());
+    for (const f of productFilters(except)) params.append('filter', f);
+    if (grouped()) params.set('group_by', 'product');
+    return params;
+  }
+
+  /** Sends `query` with `params` (text queries reranked over `rerankK`). */
+  function searchRequest(query, params, rerankK) {
+    if (query.kind === 'text') {
+      params.set('q', query.q);
+      params.set('mode', ui.mode.value);
+      params.set('rerank_k', String(rerankK));
+      return api(`/api/search?${params}`);
+    }
+    if (query.kind === 'like') {
+      return api(`/api/search/image?${params}`, { method: 'POST', json: { similar_to: query.id } });
+    }
+    const body = new FormData();
+    body.append('image', query.file, query.file.name || 'image');
+    return api(`/api/search/image?${params}`, { method: 'POST', body });
+  }
+
   function renderSummary(res) {
-    const n = state.hits.length;
+    const n = state.total === null ? state.hits.length : state.total;
     const query = state.query;
     const parts = [];
-    const count = el('strong', { text: `${n}${state.hasMore ? '+' : ''} ${n === 1 ? 'result' : 'results'}` });
+    const noun = grouped() ? (n === 1 ? 'product' : 'products') : (n === 1 ? 'result' : 'results');
+    const count = el('strong', { text: `${n}${state.total === null && state.hasMore ? '+' : ''} ${noun}` });
     ui.summary.replaceChildren();
     if (query.kind === 'text') {
       ui.summary.append(count, ' for ', el('q', { class: 'summary-q', text: query.q }));
@@ -374,6 +491,81 @@
     }
   }
 
+  /** The facet panel: checkboxes with counts (`counts`: facet by name, from the last search)
+   * for keyword and bool attributes, from-to inputs for number and date ones. */
+  function renderFacets(counts) {
+    const checkboxes = attributesOf(CHECKBOX_KINDS).slice(0, MAX_FACETS);
+    const ranges = attributesOf(RANGE_KINDS);
+    ui.facets.hidden = !(state.query && (checkboxes.length || ranges.length));
+    if (ui.facets.hidden) {
+      ui.facets.replaceChildren();
+      return;
+    }
+    const groups = [];
+    for (const name of checkboxes) {
+      const picked = state.picked.get(name) || new Set();
+      const facet = counts.get(name);
+      const values = facet ? facet.values.map((v) => ({ value: v.value, count: v.count })) : [];
+      for (const v of picked) if (!values.some((x) => x.value === v)) values.push({ value: v, count: 0 });
+      if (!values.length) continue;
+      const box = el('fieldset', { class: 'facet', 'data-testid': 'facet', dataset: { facet: name } },
+        el('legend', { text: name.replace(/_/g, ' ') }));
+      for (const v of values) {
+        const input = el('input', {
+          type: 'checkbox',
+          checked: picked.has(v.value),
+          'data-testid': 'facet-option',
+          dataset: { facet: name, value: v.value },
+          onchange: () => pickValue(name, v.value, input.checked),
+        });
+        const label = state.schema[name] === 'bool' ? (v.value === 'true' ? 'yes' : 'no') : v.value;
+        box.append(el('label', { class: 'facet-value' },
+          input,
+          el('span', { class: 'facet-label', title: v.value, text: label }),
+          el('span', { class: 'facet-count', 'data-testid': 'facet-count', text: fmt.count(v.count) })));
+      }
+      groups.push(box);
+    }
+    for (const name of ranges) {
+      const type = state.schema[name] === 'date' ? 'date' : 'number';
+      const r = state.ranges.get(name) || { min: '', max: '' };
+      const input = (end, label) => el('input', {
+        type,
+        step: type === 'number' ? 'any' : undefined,
+        value: r[end],
+        placeholder: label,
+        'aria-label': `${name} ${label}`,
+        'data-testid': `range-${end}`,
+        dataset: { facet: name },
+        onchange: (ev) => setRange(name, end, ev.target.value.trim()),
+        // Enter applies the range (the inputs are outside the search form).
+        onkeydown: (ev) => { if (ev.key === 'Enter') ev.target.blur(); },
+      });
+      groups.push(el('fieldset', { class: 'facet', 'data-testid': 'facet-range', dataset: { facet: name } },
+        el('legend', { text: name.replace(/_/g, ' ') }),
+        el('div', { class: `facet-range${type === 'date' ? ' is-date' : ''}` }, input('min', 'from'), type === 'date' ? null : '–', input('max', 'to'))));
+    }
+    ui.facets.replaceChildren(...groups);
+  }
+
+  function pickValue(name, value, on) {
+    const values = state.picked.get(name) || new Set();
+    if (on) values.add(value);
+    else values.delete(value);
+    if (values.size) state.picked.set(name, values);
+    else state.picked.delete(name);
+    updateFilterButton();
+    if (state.query) startSearch(state.query, { push: state.query.kind !== 'file' });
+  }
+
+  function setRange(name, end, value) {
+    const r = { min: '', max: '', ...state.ranges.get(name), [end]: value };
+    if (r.min || r.max) state.ranges.set(name, r);
+    else state.ranges.delete(name);
+    updateFilterButton();
+    if (state.query) startSearch(state.query, { push: state.query.kind !== 'file' });
+  }
+
   function renderNotices(notices) {
     const list = Array.isArray(notices) ? notices.filter(Boolean) : [];
     ui.notices.replaceChildren(...list.map((n) => el('li', { text: n })));
@@ -387,6 +579,7 @@
     releaseBlobs();
     ui.q.value = '';
     ui.summary.replaceChildren();
+    renderFacets(new Map());
     renderNotices([]);
     renderHits(0, false);
     history.pushState(null, '', pageUrl());
@@ -439,7 +632,25 @@
     });
     like.innerHTML = '<svg class="icon" viewBox="0 0 24 24" aria-hidden="true" focusable="false"><rect x="3" y="3" width="8" height="8" rx="1.5"/><rect x="13" y="13" width="8" height="8" rx="1.5"/><path d="M15 7h4M17 5v4"/></svg>';
 
+    if (hit.group) return el('li', { class: 'cell card', 'data-testid': 'product-card' }, tile, like, cardBody(hit));
     return el('li', { class: 'cell' }, tile, like);
+  }
+
+  const fmtPrice = (n) => (Number.isInteger(n) ? String(n) : n.toFixed(2));
+
+  /** Below a grouped hit's image: the product's title, price and brand, and its other images. */
+  function cardBody(hit) {
+    const product = hit.product || {};
+    const attrs = product.attributes || {};
+    const title = product.title || product.id || hit.file_name || `#${hit.id}`;
+    const meta = [];
+    if (typeof attrs.price === 'number') meta.push(el('span', { class: 'card-price', 'data-testid': 'card-price', text: fmtPrice(attrs.price) }));
+    if (attrs.brand !== undefined) meta.push(el('span', { 'data-testid': 'card-brand', text: String(attrs.brand) }));
+    const more = hit.group.size - 1;
+    return el('div', { class: 'card-body' },
+      el('span', { class: 'card-title', title, 'data-testid': 'card-title', text: title }),
+      meta.length ? el('span', { class: 'card-meta' }, meta.flatMap((m, i) => (i ? [' · ', m] : [m]))) : null,
+      more > 0 ? el('span', { class: 'card-more', 'data-testid': 'card-more', text: `+${more} more image${more === 1 ? '' : 's'}` }) : null);
   }
 
   function renderHits(start, append) {
@@ -517,7 +728,7 @@
       show = true;
       if (query.kind === 'text') {
         title = `No matches for “${query.q}”`;
-        if (hasFilters()) text = 'Nothing matched within the current folder and date filters. Clear them to search everything.';
+        if (hasFilters()) text = 'Nothing matched within the current filters. Clear them to search everything.';
         else if (ui.mode.value === 'text') text = 'Text mode only finds words that appear in captions, given texts and file names. Hybrid or Vector mode also finds photos by what they look like.';
         else if (status && status.images === 0) text = 'The collection is empty, so there is nothing to find yet.';
         else text = 'Try other words, or describe the scene rather than naming it.';
@@ -672,6 +883,14 @@
     dl.replaceChildren(...rows.filter(([, v]) => v).flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v })]));
   }
 
+  function renderProduct(product) {
+    $('#detail-product').hidden = !product;
+    if (!product) return;
+    const rows = [['Product', product.id], ['Title', product.title], ['Description', product.description]];
+    for (const [k, v] of Object.entries(product.attributes || {})) rows.push([k.replace(/_/g, ' '), String(v)]);
+    $('#detail-product-meta').replaceChildren(...rows.filter(([, v]) => v).flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v })]));
+  }
+
   function fillDetail(hit) {
     state.detailHit = hit;
     $('#detail-title').textContent = hit.file_name || `Image #${hit.id}`;
@@ -682,6 +901,7 @@
     const matched = $('#detail-matched');
     matched.hidden = !hit.matched_caption;
     matched.textContent = hit.matched_caption ? `“${hit.matched_caption}”` : '';
+    renderProduct(hit.product);
     renderScores(hit);
     renderCaptions($('#detail-captions'), hit.captions || [], hit.matched_caption);
     $('#detail-given-wrap').hidden = true;
@@ -881,7 +1101,8 @@
   // ---------------------------------------------------------------- status and ingest progress
 
   let pollTimer = 0;
-  /** Polls /api/status; `ask` lets a 401 open the key dialog (the first call, not every poll). */
+  /** Polls /api/status; `ask` lets a 401 open the key dialog (the first call, not every poll).
+   * Resolves once this poll is done. */
   async function refreshStatus(ask = false) {
     clearTimeout(pollTimer);
     let active = false;
@@ -942,6 +1163,15 @@
     if (s.version) bits.push(`v${s.version}`);
     ui.footerStats.textContent = bits.join(' · ');
 
+    const schema = s.attributes && typeof s.attributes === 'object' ? s.attributes : {};
+    if (!state.schemaLoaded || JSON.stringify(schema) !== JSON.stringify(state.schema)) {
+      state.schema = schema;
+      state.schemaLoaded = true;
+      state.urlFilters = new URLSearchParams(location.search).getAll('filter');
+      applyUrlFilters();
+      ui.groupField.hidden = !hasProducts();
+    }
+
     const folders = Array.isArray(s.folders) ? s.folders : [];
     ui.folderList.replaceChildren(...folders.map((f) => el('option', { value: f })));
     if (!state.query) renderEmpty();
@@ -970,6 +1200,8 @@
     ui.folder.value = '';
     ui.dateFrom.value = '';
     ui.dateTo.value = '';
+    state.picked = new Map();
+    state.ranges = new Map();
     updateFilterButton();
     if (state.query) startSearch(state.query);
   }
@@ -979,7 +1211,7 @@
     submit();
   });
   // Changing an option re-runs the current search at once (mode and rerank only apply to text).
-  for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo]) {
+  for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo, ui.group]) {
     control.addEventListener('change', () => {
       updateFilterButton();
       const query = state.query;
@@ -1016,15 +1248,18 @@
       state.query = null;
       state.hits = [];
       renderHits(0, false);
+      renderFacets(new Map());
       ui.summary.replaceChildren();
       renderNotices([]);
     }
   });
 
-  // Start: restore the search in the URL, then poll the status.
+  // Start: restore the search in the URL; search once the status says which product
+  // attributes there are (the URL's filters and the facets depend on them).
   const initial = applyUrl();
   renderEmpty();
-  refreshStatus(true);
-  if (initial) startSearch(initial, { push: false });
-  else ui.q.focus();
+  if (!initial) ui.q.focus();
+  refreshStatus(true).then(() => {
+    if (initial && !state.query) startSearch(initial, { push: false });
+  });
 })();

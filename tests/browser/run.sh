@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Browser test of the web UI: starts a real `blipsearch serve` on a temporary index of the fixture
 # images with the tiny fixture models, then drives the UI in headless Chromium
-# (tests/browser/ui.test.mjs) in two passes: the whole UI with a key on writes, then a short pass
-# with --protect-reads. Screenshots land in target/browser/ (ui.png, ui-detail.png, and
-# failure.png when a step fails); the server log is target/browser/server.log.
+# (tests/browser/ui.test.mjs) in three passes: the whole UI with a key on writes, a short pass
+# with --protect-reads, and the facets and product cards over a small product catalogue (made by
+# the ignored test `browser_catalogue` of tests/api.rs). Screenshots land in target/browser/
+# (ui.png, ui-detail.png, ui-facets.png, ui-products.png, and failure.png when a step fails);
+# the server log is target/browser/server.log.
 #
 # Needs: cargo, node + npm, and Debian's chromium (installed here with apt-get when missing and
 # running as root, as in CI). Environment overrides: BLIPSEARCH_BIN (skip the cargo build),
@@ -48,9 +50,13 @@ EXPECTED_IMAGES=$(find "$TMP/images" -type f | wc -l)
 
 API_KEY=browser-test-key
 
+free_port() {
+  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
 # start_server EXTRA_ARGS...: a server on a free loopback port over the temporary index.
 start_server() {
-  PORT=$(node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+  PORT=$(free_port)
   serve_fixtures "$ARTIFACT_DIR/server.log" "$@"
   echo "blipsearch serve $* on 127.0.0.1:$PORT (pid $SERVER_PID, log $ARTIFACT_DIR/server.log)"
 }
@@ -91,4 +97,15 @@ stop_server
 # 2. Same index (now with the upload), reads need the key too.
 start_server --protect-reads
 run_ui_test $((EXPECTED_IMAGES + 1)) protected-reads
+stop_server
+# 3. A product catalogue: facets, a price range, product cards.
+CATALOGUE=$TMP/catalogue
+mkdir -p "$CATALOGUE"
+BROWSER_CATALOGUE_DIR=$CATALOGUE cargo test --test api -- --ignored --exact browser_catalogue
+# Served as the fixtures are, from $CATALOGUE/images and $CATALOGUE/index.
+PORT=$(free_port)
+TMP=$CATALOGUE serve_fixtures "$ARTIFACT_DIR/server.log"
+echo "blipsearch serve over the catalogue on 127.0.0.1:$PORT (pid $SERVER_PID)"
+# Eight images: four products of one to three images, and one image without a product.
+run_ui_test 8 catalogue
 stop_server

@@ -10,7 +10,9 @@
 //   ARTIFACT_DIR          where screenshots go (default target/browser)
 //   CHROMIUM              browser binary (default /usr/bin/chromium)
 //   SERVER_PID            the server's pid: waiting stops early if it exits
-//   UI_TEST               `protected-reads` for the short test of a server run with --protect-reads
+//   UI_TEST               `protected-reads` for the short test of a server run with --protect-reads,
+//                         `catalogue` for the facets and product cards over the test catalogue
+//                         (tests/api.rs, `catalogue`)
 // Exit code 0 when every step passed; on failure a screenshot `failure.png` is saved.
 
 import assert from 'node:assert/strict';
@@ -152,6 +154,9 @@ async function fullTest(status) {
       assert.equal(new URL(page.url()).searchParams.get('q'), query);
       assert.match(await page.textContent('[data-testid=summary]'), /results? for/);
       assert.ok(await page.isHidden('[data-testid=empty-state]'));
+      // A folder collection has no product attributes: no facets, no grouping.
+      assert.ok(await page.isHidden('[data-testid=facets]'));
+      assert.ok(await page.isHidden('[data-testid=group-toggle]'));
     });
 
     await step('arrow keys move through the grid; Enter opens the detail dialog', async () => {
@@ -338,10 +343,110 @@ async function protectedReadsTest(status) {
   });
 }
 
+/** The counts a facet shows, by value. */
+async function facetCounts(page, name) {
+  return page.$$eval(`[data-testid=facet][data-facet="${name}"] [data-testid=facet-option]`, (inputs) => Object.fromEntries(
+    inputs.map((i) => [i.dataset.value, Number(i.closest('label').querySelector('[data-testid=facet-count]').textContent.replace(/\D/g, ''))])));
+}
+
+/** Waits until the grid shows `n` results after the page's last search. */
+async function waitForCount(page, n, what) {
+  await page.waitForFunction((n) => !document.body.classList.contains('is-loading')
+    && document.querySelectorAll('[data-testid=result]').length === n, n, { timeout: 60_000 })
+    .catch(async () => { throw new Error(`${what}: expected ${n} results, got ${await resultCount(page)}`); });
+}
+
+/** The test catalogue (tests/api.rs, `catalogue`): facets narrow, a price range, product cards. */
+async function catalogueTest(status) {
+  assert.deepEqual(status.attributes, { brand: 'keyword', category: 'keyword', color: 'keyword', in_stock: 'bool', price: 'number', released: 'date' });
+  const brands = { acme: 5, zenith: 1, 'x" or id > 0 or "': 1 };
+  await withPage(async (page) => {
+    await step('catalogue: a search shows facet counts of its results', async () => {
+      // Vector candidates over the whole small collection: every image is a result.
+      await page.goto(`${BASE}/?q=${encodeURIComponent('a photo')}&mode=vector&rerank=0`);
+      await waitForResults(page);
+      await waitForCount(page, 8, 'unfiltered');
+      await page.waitForSelector('[data-testid=facets]', { state: 'visible' });
+      assert.deepEqual(await facetCounts(page, 'brand'), brands);
+      assert.deepEqual(await facetCounts(page, 'color'), { blue: 3, red: 3, green: 1 });
+      assert.deepEqual(await facetCounts(page, 'in_stock'), { true: 4, false: 3 });
+      assert.ok(await page.isVisible('[data-testid=facet-range][data-facet=price]'));
+      assert.ok(await page.isVisible('[data-testid=group-toggle]'));
+      await thumbnailsLoaded(page);
+    });
+
+    await step('catalogue: ticking a brand narrows the results and the other facets', async () => {
+      await page.check('[data-testid=facet-option][data-facet=brand][data-value=acme]');
+      await waitForCount(page, 5, 'brand acme');
+      assert.deepEqual(new URL(page.url()).searchParams.getAll('filter'), ['brand:acme']);
+      // The brand facet still offers the other brands (counted without its own filter).
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid=facet][data-facet=color] [data-testid=facet-option]').length === 2);
+      assert.deepEqual(await facetCounts(page, 'brand'), brands);
+      assert.deepEqual(await facetCounts(page, 'color'), { blue: 3, red: 2 });
+      assert.ok(await page.isChecked('[data-testid=facet-option][data-facet=brand][data-value=acme]'));
+      await thumbnailsLoaded(page);
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui-facets.png') });
+    });
+
+    await step('catalogue: a price range narrows further', async () => {
+      await page.fill('[data-testid=range-max][data-facet=price]', '100');
+      await page.press('[data-testid=range-max][data-facet=price]', 'Enter');
+      // acme under 100: the Trail runner's two images.
+      await waitForCount(page, 2, 'brand acme, price ..100');
+      assert.deepEqual(new URL(page.url()).searchParams.getAll('filter'), ['brand:acme', 'price:..100']);
+      await page.fill('[data-testid=range-max][data-facet=price]', '');
+      await page.press('[data-testid=range-max][data-facet=price]', 'Enter');
+      await waitForCount(page, 5, 'range cleared');
+    });
+
+    await step('catalogue: grouping shows one card per product', async () => {
+      await page.check('[data-testid=group-toggle]');
+      await page.waitForFunction(() => !document.body.classList.contains('is-loading')
+        && document.querySelectorAll('[data-testid=product-card]').length === 2, null, { timeout: 60_000 });
+      assert.equal(new URL(page.url()).searchParams.get('group'), '1');
+      const cards = await page.$$eval('[data-testid=product-card]', (cs) => cs.map((c) => [
+        c.querySelector('[data-testid=card-title]').textContent,
+        c.querySelector('[data-testid=card-price]').textContent,
+        c.querySelector('[data-testid=card-brand]').textContent,
+        (c.querySelector('[data-testid=card-more]') || { textContent: '' }).textContent,
+      ]).sort());
+      assert.deepEqual(cards, [
+        ['Summit boot', '120', 'acme', '+2 more images'],
+        ['Trail runner', '59.90', 'acme', '+1 more image'],
+      ]);
+      assert.match(await page.textContent('[data-testid=summary]'), /2 products for/);
+      await thumbnailsLoaded(page);
+      // A card opens the detail view of its image, with the product's attributes.
+      await page.click('[data-testid=product-card] [data-testid=result] >> nth=0');
+      await page.waitForSelector('[data-testid=detail-product]', { state: 'visible' });
+      const product = await page.textContent('[data-testid=detail-product]');
+      assert.match(product, /brand\s*acme/);
+      assert.match(product, /Summit boot|Trail runner/);
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('[data-testid=detail]', { state: 'hidden' });
+      await page.hover('[data-testid=result] >> nth=0');
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui-products.png') });
+    });
+
+    await step('catalogue: unticking the brand shows every product again', async () => {
+      await page.uncheck('[data-testid=facet-option][data-facet=brand][data-value=acme]');
+      // Four products and the image without one.
+      await page.waitForFunction(() => !document.body.classList.contains('is-loading')
+        && document.querySelectorAll('[data-testid=product-card]').length === 5, null, { timeout: 60_000 });
+      assert.deepEqual(await facetCounts(page, 'brand'), { acme: 2, zenith: 1, 'x" or id > 0 or "': 1 });
+      // Reloading keeps the grouping.
+      await page.reload();
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid=product-card]').length === 5, null, { timeout: 60_000 });
+      assert.ok(await page.isChecked('[data-testid=group-toggle]'));
+    });
+  });
+}
+
 async function main() {
   const status = await waitForServer();
   console.log(`server ready: ${status.images} images, models ${JSON.stringify(status.models)}`);
   if (process.env.UI_TEST === 'protected-reads') await protectedReadsTest(status);
+  else if (process.env.UI_TEST === 'catalogue') await catalogueTest(status);
   else await fullTest(status);
   console.log(`browser test passed: ${steps.length} steps; screenshots in ${ARTIFACTS}/`);
 }

@@ -4,6 +4,7 @@
 
 pub mod catalogue;
 pub mod milvus;
+pub mod products;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,7 @@ use super::{
     content_type, decode_upload, is_multipart, read_upload, BodyDeadline, Endpoint, FileOut,
     PathView,
 };
+use crate::engine::facets::{FacetCounts, GroupBy};
 use crate::engine::search::{
     SearchHit, SearchMode, SearchParams, SearchResults, MAX_K, MAX_RERANK_K,
 };
@@ -28,8 +29,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// `MAX_K` each), so nothing is lost by the bound.
 const MAX_OFFSET: usize = 10_000;
 
-/// Query parameters of both searches. Unknown parameters are refused (400), so that a
-/// misspelt filter is not silently ignored.
+/// Most `filter` parameters of one search.
+const MAX_FILTERS: usize = 32;
+/// Longest `facets` list, in characters (what the OpenAPI document's `maxLength` counts).
+const MAX_FACETS_CHARS: usize = 2000;
+
+/// Query parameters of both searches but the repeatable `filter` (see [`read_query`]). Unknown
+/// parameters are refused (400), so that a misspelt filter is not silently ignored.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchQuery {
@@ -44,6 +50,10 @@ pub struct SearchQuery {
     date_to: Option<String>,
     min_itm_prob: Option<f64>,
     include_self: Option<bool>,
+    /// Facets to count: `brand,color,price:..50|50..`.
+    facets: Option<String>,
+    /// `product`: one hit per product.
+    group_by: Option<String>,
     /// The API key of a GET request (`auth` reads it); accepted here, never used.
     #[serde(rename = "api_key")]
     _api_key: Option<serde::de::IgnoredAny>,
@@ -65,7 +75,35 @@ fn check_range(
     }
 }
 
+/// The query string of a search: the `filter` values (each `name:value`, repeatable, all of
+/// which must hold) and the other parameters, each given at most once.
+fn read_query(req: &HttpRequest) -> ApiResult<(SearchQuery, Vec<String>)> {
+    let malformed = |e: &dyn std::fmt::Display| ApiError::bad_request(format!("{e}"));
+    let mut rest = Vec::new();
+    let mut filters = Vec::new();
+    for piece in req.query_string().split('&').filter(|p| !p.is_empty()) {
+        let pair = web::Query::<Vec<(String, String)>>::from_query(piece)
+            .map_err(|e| malformed(&e))?
+            .into_inner();
+        match pair.as_slice() {
+            [(name, value)] if name == "filter" => filters.push(value.clone()),
+            _ => rest.push(piece),
+        }
+    }
+    if filters.len() > MAX_FILTERS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_FILTERS} filter parameters"
+        )));
+    }
+    let query = web::Query::<SearchQuery>::from_query(&rest.join("&"))
+        .map_err(|e| malformed(&e))?
+        .into_inner();
+    Ok((query, filters))
+}
+
 impl SearchQuery {
+    /// The parameters that need no look at the collection; see [`Self::attach_products`] for
+    /// the rest.
     fn params(&self, view: &PathView) -> ApiResult<SearchParams> {
         let d = SearchParams::default();
         let mode = match &self.mode {
@@ -83,7 +121,20 @@ impl SearchQuery {
                 ));
             }
         }
+        if self
+            .facets
+            .as_ref()
+            .is_some_and(|f| f.chars().count() > MAX_FACETS_CHARS)
+        {
+            return Err(ApiError::bad_request(format!(
+                "facets is over {MAX_FACETS_CHARS} characters"
+            )));
+        }
         let blank = |s: &Option<String>| s.clone().filter(|x| !x.trim().is_empty());
+        let group_by = match &self.group_by {
+            None => None,
+            Some(g) => Some(g.parse::<GroupBy>()?),
+        };
         Ok(SearchParams {
             k: self.k.unwrap_or(d.k),
             rerank_k: self.rerank_k,
@@ -98,8 +149,24 @@ impl SearchQuery {
                 date_to: self.date_to.clone(),
                 ..Default::default()
             },
+            group_by,
             ..d
         })
+    }
+
+    /// Adds the attribute filters and facets, parsed with the collection's attribute types (a
+    /// look at the collection: call it off the HTTP workers).
+    fn attach_products(
+        &self,
+        engine: &Engine,
+        filters: &[String],
+        params: &mut SearchParams,
+    ) -> ApiResult<()> {
+        params.filter.attributes = engine.parse_filters(filters)?;
+        if let Some(list) = self.facets.as_deref() {
+            params.facets = engine.parse_facets(list)?;
+        }
+        Ok(())
     }
 }
 
@@ -121,6 +188,8 @@ struct SearchOut {
     similar_to: Option<u64>,
     hits: Vec<HitOut>,
     candidates: usize,
+    total: usize,
+    facets: Vec<FacetCounts>,
     truncated: bool,
     notices: Vec<String>,
     took_ms: f64,
@@ -174,6 +243,8 @@ fn render(
         similar_to,
         hits,
         candidates: r.candidates,
+        total: r.total,
+        facets: r.facets,
         truncated: r.truncated,
         notices: r.notices,
         took_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -182,18 +253,20 @@ fn render(
 
 async fn search_text(
     state: web::Data<AppState>,
-    query: web::Query<SearchQuery>,
+    req: HttpRequest,
     view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
+    let (query, filters) = read_query(&req)?;
     let q = query
         .q
         .clone()
         .map(|q| q.trim().to_string())
         .filter(|q| !q.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing query: pass q=..."))?;
-    let params = query.params(&view)?;
+    let mut params = query.params(&view)?;
     let out = web::block(move || -> ApiResult<SearchOut> {
+        query.attach_products(&state.engine, &filters, &mut params)?;
         let r = state.engine.search_text(&state.client, &q, &params)?;
         render(&state.engine, &view, Some(&q), None, r, started)
     })
@@ -212,11 +285,11 @@ struct ById {
 async fn search_image(
     state: web::Data<AppState>,
     req: HttpRequest,
-    query: web::Query<SearchQuery>,
     payload: web::Payload,
     view: PathView,
 ) -> ApiResult<HttpResponse> {
     let started = Instant::now();
+    let (query, filters) = read_query(&req)?;
     if query.q.is_some() || query.mode.is_some() {
         return Err(ApiError::bad_request(
             "a search by image takes no q or mode (it compares image vectors)",
@@ -224,8 +297,17 @@ async fn search_image(
     }
     let mut params = query.params(&view)?;
     params.mode = SearchMode::Vector;
-    // Before reading a body: refuse what a search by image cannot do.
-    params.check(false)?;
+    // Before reading a body: refuse what a search by image cannot do, and filters or facets
+    // the collection cannot answer.
+    let params = {
+        let state = state.clone();
+        web::block(move || -> ApiResult<SearchParams> {
+            query.attach_products(&state.engine, &filters, &mut params)?;
+            params.check(false)?;
+            Ok(params)
+        })
+        .await??
+    };
     if is_multipart(&req) {
         if params.include_self {
             return Err(ApiError::bad_request(

@@ -26,13 +26,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 async fn status(state: web::Data<AppState>, view: PathView) -> ApiResult<HttpResponse> {
     let s = state.clone();
-    let images = web::block(move || -> ApiResult<u64> { Ok(s.engine.len()?) }).await??;
+    let (images, attributes) =
+        web::block(move || -> ApiResult<_> { Ok((s.engine.len()?, s.engine.info()?.attributes)) })
+            .await??;
     let ing = &state.ingest;
     let p = &ing.progress;
     let st = &state.settings;
     Ok(HttpResponse::Ok().json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "images": images,
+        // What the collection's products say, by attribute name: what filters and facets take.
+        "attributes": attributes,
         "folders": st.folders.iter().map(|f| view.show(&f.display().to_string())).collect::<Vec<_>>(),
         "ingest": {
             "state": ing.state.lock().map(|g| *g).ok(),
