@@ -976,4 +976,171 @@ mod catalogue_tests {
         assert_eq!(counts(&acme.facets[0]), [("acme", 3)]);
         assert_eq!(acme.facets[0].missing, 0);
     }
+
+    /// After the ITM cut-off the relevant set is what ITM kept: facets and groups count those,
+    /// not the candidates. On the tiny fixture model, with the cut-off at the median p(match).
+    #[test]
+    fn facets_and_groups_count_what_the_itm_cut_off_keeps() {
+        use crate::engine::{IngestOptions, Silent};
+        use crate::model::{ModelSource, Retriever};
+
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let r = Retriever::load(
+            &ModelSource::Dir(fixtures.join("tiny-a/retrieval")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let photos = tmp.path().join("photos");
+        std::fs::create_dir_all(&photos).unwrap();
+        for f in [
+            "chelsea.png",
+            "coffee.png",
+            "rocket.jpg",
+            "astronaut.png",
+            "camera.png",
+        ] {
+            std::fs::copy(fixtures.join("images").join(f), photos.join(f)).unwrap();
+        }
+        for i in 0..11u32 {
+            image::RgbImage::from_fn(24, 16 + i % 5, |x, y| {
+                image::Rgb([
+                    (x * 9 + i * 31) as u8,
+                    (y * 13 + i * 7) as u8,
+                    (i * 5) as u8,
+                ])
+            })
+            .save(photos.join(format!("noise_{i}.png")))
+            .unwrap();
+        }
+        let cfg = r.config();
+        let info = CollectionInfo::new(
+            r.name(),
+            None,
+            r.embedding_dim(),
+            cfg.vision.num_tokens(),
+            cfg.vision.hidden_size,
+        );
+        let e = Engine::open(tmp.path().join("index").as_path(), &info).unwrap();
+        let opts = IngestOptions {
+            capfilt: None,
+            ..Default::default()
+        };
+        let s = e.ingest(&r, opts, &[photos], false, &Silent).unwrap();
+        assert_eq!(s.added, 16);
+        // Products by id: three images each of five products, the last image none.
+        e.write().unwrap().extend_schema(&schema()).unwrap();
+        let mut records = Vec::new();
+        e.read()
+            .unwrap()
+            .for_each(&mut |rec| {
+                records.push(rec);
+                Ok(())
+            })
+            .unwrap();
+        records.sort_by_key(|rec| rec.id);
+        let brands = ["acme", "zenith", "acme", "orbit", "zenith"];
+        for (i, mut rec) in records.into_iter().enumerate() {
+            rec.product =
+                (i < 15).then(|| product(&format!("P{}", i / 3), &[("brand", t(brands[i / 3]))]));
+            e.update(&rec).unwrap();
+        }
+        e.commit().unwrap();
+
+        let query = "a cat lying on a sofa";
+        let all = SearchParams {
+            mode: SearchMode::Vector,
+            rerank_k: Some(16),
+            limit: 100,
+            facets: e.parse_facets("brand").unwrap(),
+            ..SearchParams::default()
+        };
+        let every = e.search_text(&r, query, &all).unwrap();
+        assert_eq!(every.total, 16);
+        let mut probs: Vec<f32> = every.hits.iter().map(|h| h.itm_prob.unwrap()).collect();
+        probs.sort_by(|a, b| b.total_cmp(a));
+        let min = probs[7];
+        assert!(
+            probs[0] > min,
+            "ITM gives the images distinct p(match): {probs:?}"
+        );
+        let kept: Vec<&SearchHit> = every
+            .hits
+            .iter()
+            .filter(|h| h.itm_prob.unwrap() >= min)
+            .collect();
+
+        // Counted by hand over the hits ITM kept, with their products as ingested above.
+        let by_hand = |hits: &[&SearchHit]| {
+            let mut c: BTreeMap<String, usize> = BTreeMap::new();
+            let mut missing = 0;
+            for h in hits {
+                match &h.product {
+                    Some(p) => {
+                        *c.entry(p.attributes["brand"].as_text().unwrap().to_string())
+                            .or_default() += 1
+                    }
+                    None => missing += 1,
+                }
+            }
+            let mut v: Vec<(String, usize)> = c.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            (v, missing)
+        };
+        let owned = |f: &FacetCounts| -> (Vec<(String, usize)>, usize) {
+            (
+                f.values
+                    .iter()
+                    .map(|v| (v.value.clone(), v.count))
+                    .collect(),
+                f.missing,
+            )
+        };
+        let everything: Vec<&SearchHit> = every.hits.iter().collect();
+        assert_eq!(owned(&every.facets[0]), by_hand(&everything));
+
+        let cut = SearchParams {
+            min_itm_prob: Some(min),
+            ..all.clone()
+        };
+        let r1 = e.search_text(&r, query, &cut).unwrap();
+        assert_eq!(r1.total, kept.len());
+        assert!(kept.len() >= 8 && kept.len() < 16);
+        let got: Vec<u64> = r1.hits.iter().map(|h| h.id).collect();
+        let want: Vec<u64> = kept.iter().map(|h| h.id).collect();
+        assert_eq!(got, want);
+        assert_eq!(owned(&r1.facets[0]), by_hand(&kept));
+        assert_ne!(r1.facets, every.facets, "the cut-off changed the counts");
+
+        // Grouped: one group per product among the kept, in the order of their best image.
+        let grouped = SearchParams {
+            group_by: Some(GroupBy::Product),
+            ..cut
+        };
+        let r2 = e.search_text(&r, query, &grouped).unwrap();
+        let mut seen: Vec<Option<String>> = Vec::new();
+        let mut reps = Vec::new();
+        for h in &kept {
+            let key = h.product.as_ref().map(|p| p.id.clone());
+            if key.is_none() || !seen.contains(&key) {
+                seen.push(key);
+                reps.push(*h);
+            }
+        }
+        let got: Vec<u64> = r2.hits.iter().map(|h| h.id).collect();
+        let want: Vec<u64> = reps.iter().map(|h| h.id).collect();
+        assert_eq!(got, want);
+        assert_eq!(r2.total, reps.len());
+        assert_eq!(owned(&r2.facets[0]), by_hand(&reps));
+        for h in &r2.hits {
+            let g = h.group.as_ref().unwrap();
+            let others: Vec<u64> = kept
+                .iter()
+                .filter(|k| k.id != h.id && k.product.is_some() && k.product == h.product)
+                .map(|k| k.id)
+                .collect();
+            assert_eq!(g.matching, others);
+            assert_eq!(g.size, if h.product.is_some() { 3 } else { 1 });
+        }
+    }
 }
