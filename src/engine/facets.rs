@@ -11,6 +11,7 @@
 //! that many buckets, and buckets start at a multiple of it (`0..20`, `20..40`, ...); the last
 //! bucket includes its upper end. `missing` counts results without the attribute.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -258,12 +259,12 @@ fn count_one(req: &FacetRequest, set: &[Option<&Product>]) -> FacetCounts {
             }
         }
         AttrType::Keyword | AttrType::Bool | AttrType::Date => {
-            let mut counts: HashMap<String, usize> = HashMap::new();
+            let mut counts: HashMap<Cow<'_, str>, usize> = HashMap::new();
             for v in values {
                 let text = match v {
-                    Some(AttrValue::Text(s)) => s.clone(),
-                    Some(AttrValue::Bool(b)) => b.to_string(),
-                    Some(AttrValue::Number(n)) => number_text(*n),
+                    Some(AttrValue::Text(s)) => Cow::Borrowed(s.as_str()),
+                    Some(AttrValue::Bool(b)) => Cow::Borrowed(if *b { "true" } else { "false" }),
+                    Some(AttrValue::Number(n)) => Cow::Owned(number_text(*n)),
                     None => {
                         missing += 1;
                         continue;
@@ -274,7 +275,7 @@ fn count_one(req: &FacetRequest, set: &[Option<&Product>]) -> FacetCounts {
             let mut values: Vec<FacetValue> = counts
                 .into_iter()
                 .map(|(value, count)| FacetValue {
-                    value,
+                    value: value.into_owned(),
                     count,
                     min: None,
                     max: None,
