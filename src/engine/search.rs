@@ -10,7 +10,9 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
-use super::facets::{count_facets, FacetCounts, FacetRequest, GroupBy, HitGroup};
+use super::facets::{
+    count_facets, FacetCounts, FacetRequest, GroupBy, HitGroup, MAX_FACETS, MAX_FACET_RANGES,
+};
 use super::models::Encoders;
 use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Product, Store};
 
@@ -135,10 +137,21 @@ pub struct SearchParams {
 
 impl SearchParams {
     /// Refuses what cannot mean anything for a query by text (`by_text`) or by image: a bad
-    /// filter, `k` or `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
+    /// filter, more facets or ranges than [`MAX_FACETS`] and [`MAX_FACET_RANGES`], `k` or
+    /// `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
     /// `include_self` on a text query.
     pub fn check(&self, by_text: bool) -> Result<()> {
         self.filter.check()?;
+        if self.facets.len() > MAX_FACETS
+            || self
+                .facets
+                .iter()
+                .any(|f| f.ranges.len() > MAX_FACET_RANGES)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "at most {MAX_FACETS} facets, of at most {MAX_FACET_RANGES} ranges each"
+            )));
+        }
         if self.k == 0 || self.limit == 0 {
             return Err(EngineError::InvalidInput(
                 "k and limit must be at least 1".into(),
@@ -897,6 +910,15 @@ mod catalogue_tests {
         assert_eq!(r3.total, 4);
         assert_eq!(counts(&r3.facets[0]), [("..50", 2), ("50..", 1)]);
         assert_eq!(r3.facets[0].missing, 1);
+
+        // Facets built by hand are bounded like parsed ones.
+        let price = e.parse_facets("price").unwrap().remove(0);
+        let too_many = SearchParams {
+            facets: vec![price; MAX_FACETS + 1],
+            ..SearchParams::default()
+        };
+        let err = e.search_similar(&NoModels, ImageId(ids["q"]), &too_many);
+        assert!(matches!(err, Err(EngineError::InvalidInput(_))), "{err:?}");
     }
 
     #[test]
