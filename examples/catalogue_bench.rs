@@ -149,7 +149,7 @@ fn records(n: u64) -> impl Iterator<Item = ImageRecord> {
     })
 }
 
-/// Writes the `n` images into `s` in batches of 1000.
+/// Writes the `n` images into `s` in batches of 1000, committing every 10 000.
 fn fill(name: &str, s: &mut dyn Store, n: u64) -> anyhow::Result<()> {
     s.extend_schema(&schema())?;
     let started = Instant::now();
@@ -167,8 +167,8 @@ fn fill(name: &str, s: &mut dyn Store, n: u64) -> anyhow::Result<()> {
         }
         done += batch.len();
         s.insert_all(batch)?;
-        s.commit()?;
-        if done % 10_000 == 0 {
+        if done % 10_000 == 0 || done as u64 == n {
+            s.commit()?;
             eprintln!(
                 "{name}: {done}/{n} in {:.0} s",
                 started.elapsed().as_secs_f64()
