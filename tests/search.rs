@@ -502,3 +502,161 @@ fn near_duplicates_group_a_recompressed_copy() {
     assert!(g.max_cosine >= 0.999);
     assert!(c.duplicates(2.0).is_err());
 }
+
+/// `search --filter/--facet/--group-by` on a catalogue built through the store (searches by
+/// an indexed image need no model): ranked by cosine to `q`, the images are a1 (product P1,
+/// acme, 10), b1 (P2, zenith, 60), a2 (P1), n1 (no product).
+#[test]
+fn cli_search_filters_facets_and_groups_products() {
+    use blipsearch::index::{
+        content_hash, AttrType, AttrValue, Collection, CollectionInfo, HnswParams, ImageRecord,
+        Product, Schema, Store,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let product = |id: &str, brand: &str, price: f64| Product {
+        id: id.into(),
+        title: Some(format!("{brand} shoe")),
+        description: None,
+        attributes: [
+            ("brand".to_string(), AttrValue::Text(brand.into())),
+            ("price".to_string(), AttrValue::Number(price)),
+        ]
+        .into(),
+    };
+    let (p1, p2) = (product("P1", "acme", 10.0), product("P2", "zenith", 60.0));
+    let mut ids = std::collections::HashMap::new();
+    {
+        let info = CollectionInfo::new("test/model", None, 4, 5, 8);
+        let mut c = Collection::open(&index, &info, HnswParams::default()).unwrap();
+        c.extend_schema(&Schema::from([
+            ("brand".to_string(), AttrType::Keyword),
+            ("price".to_string(), AttrType::Number),
+        ]))
+        .unwrap();
+        for (name, cos, p) in [
+            ("q", 1.0f32, None),
+            ("a1", 0.9, Some(&p1)),
+            ("b1", 0.8, Some(&p2)),
+            ("a2", 0.7, Some(&p1)),
+            ("n1", 0.6, None),
+        ] {
+            let hash = content_hash(name.as_bytes());
+            let id = c.allocate_id(&hash).unwrap();
+            c.insert(ImageRecord {
+                id,
+                path: format!("/shop/{name}.jpg"),
+                content_hash: hash,
+                size_bytes: 1,
+                width: 10,
+                height: 10,
+                mtime_unix: 0,
+                exif_date: None,
+                itc: vec![cos, (1.0 - cos * cos).sqrt(), 0.0, 0.0],
+                captions: vec![],
+                given_texts: vec![],
+                added_unix: 0,
+                product: p.cloned(),
+            })
+            .unwrap();
+            ids.insert(name, id.0);
+        }
+        c.commit().unwrap();
+    }
+    let idx = index.to_str().unwrap();
+    let q = ids["q"].to_string();
+    let search = |extra: &[&str]| {
+        let mut args = vec!["search", "--index", idx, "--similar-to", &q];
+        args.extend_from_slice(extra);
+        blipsearch(&args)
+    };
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = extra.to_vec();
+        args.push("--json");
+        let (ok, out, err) = search(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let hit_ids = |v: &serde_json::Value| -> Vec<u64> {
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["id"].as_u64().unwrap())
+            .collect()
+    };
+
+    // Grouped, with facets: three groups, counted once each.
+    let v = json(&[
+        "--facet",
+        "brand",
+        "--facet",
+        "price:..50|50..",
+        "--group-by",
+        "product",
+    ]);
+    assert_eq!(hit_ids(&v), [ids["a1"], ids["b1"], ids["n1"]], "{v}");
+    assert_eq!(v["total"], 3);
+    assert_eq!(
+        v["hits"][0]["group"],
+        serde_json::json!({"product": "P1", "size": 2, "matching": [ids["a2"]]})
+    );
+    assert_eq!(
+        v["hits"][2]["group"],
+        serde_json::json!({"product": null, "size": 1, "matching": []})
+    );
+    assert_eq!(v["hits"][0]["product"]["id"], "P1");
+    assert_eq!(v["hits"][0]["product"]["attributes"]["price"], 10.0);
+    assert!(v["hits"][2].get("product").is_none(), "{v}");
+    assert_eq!(
+        v["facets"][0],
+        serde_json::json!({"name": "brand", "kind": "keyword", "missing": 1,
+            "values": [{"value": "acme", "count": 1}, {"value": "zenith", "count": 1}]})
+    );
+    assert_eq!(
+        v["facets"][1]["values"],
+        serde_json::json!([{"value": "..50", "count": 1, "max": 50.0},
+            {"value": "50..", "count": 1, "min": 50.0}])
+    );
+
+    // Filters: one, then two that must both hold; ungrouped hits have no group.
+    let v = json(&["--filter", "brand:acme"]);
+    assert_eq!(hit_ids(&v), [ids["a1"], ids["a2"]]);
+    assert_eq!(v["total"], 2);
+    assert!(v["hits"][0].get("group").is_none());
+    assert_eq!(v["facets"], serde_json::json!([]));
+    let v = json(&["--filter", "price:50..", "--filter", "brand:zenith|acme"]);
+    assert_eq!(hit_ids(&v), [ids["b1"]]);
+    let v = json(&["--filter", "price:..50", "--filter", "brand:zenith"]);
+    assert_eq!(v["total"], 0);
+
+    // The table shows products, groups and facets.
+    let (ok, out, err) = search(&["--group-by", "product", "--facet", "brand"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("product P1: acme shoe  [brand=acme, price=10]"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("group P1: 2 images, also matching {}", ids["a2"])),
+        "{out}"
+    );
+    assert!(out.contains("3 of 3 groups"), "{out}");
+    assert!(out.contains("brand: acme 1, zenith 1 (1 without)"), "{out}");
+
+    // Bad input: clear errors, no panic.
+    for (args, says) in [
+        (vec!["--filter", "colour:red"], "colour"),
+        (vec!["--filter", "price:cheap"], "price"),
+        (vec!["--filter", "brand"], "name:value"),
+        (vec!["--facet", "brand:..5"], "ranges are for numbers"),
+        (vec!["--facet", "size"], "no such attribute"),
+        (vec!["--group-by", "brand"], "cannot group by"),
+    ] {
+        let (ok, _, err) = search(&args);
+        assert!(
+            !ok && err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

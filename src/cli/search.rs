@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use crate::engine::facets::{FacetCounts, GroupBy};
 use crate::engine::models::{
     load_image, retriever_info, select_device, ModelSource, NoModels, Retriever,
 };
-use crate::engine::search::{Fusion, SearchMode, SearchParams, SearchResults};
-use crate::engine::{Filter, ImageId};
+use crate::engine::search::{Fusion, SearchHit, SearchMode, SearchParams, SearchResults};
+use crate::engine::{AttrValue, Filter, ImageId};
 
 use super::collection::{open_existing, IndexArgs, Instead};
 use super::recorded_source;
@@ -74,6 +75,20 @@ pub struct SearchArgs {
     /// Minimum height in pixels.
     #[arg(long)]
     min_height: Option<u32>,
+    /// Only images of products whose attribute matches: `brand:acme`, `color:red|blue` (any
+    /// of), `price:10..80`, `price:..80`, `in_stock:true`, `released:2024-01-01..`,
+    /// `category:shoes/*` (prefix). Repeat it for several: all must hold.
+    #[arg(long = "filter", value_name = "EXPR")]
+    filters: Vec<String>,
+    /// Count the values of these attributes among the results: `brand,color,price`; a number
+    /// takes the ranges to count, `price:..50|50..100|100..` (from inclusive, to exclusive),
+    /// else automatic buckets. Repeatable.
+    #[arg(long = "facet", value_name = "LIST")]
+    facets: Vec<String>,
+    /// One hit per product (its best image, with the product's other matching images):
+    /// `product`. Paging and the total then count products.
+    #[arg(long, value_name = "BY")]
+    group_by: Option<String>,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
     device: String,
@@ -122,10 +137,17 @@ pub fn search(a: SearchArgs) -> Result<()> {
             date_to: a.date_to.clone(),
             min_width: a.min_width,
             min_height: a.min_height,
-            attributes: Vec::new(),
+            attributes: engine.parse_filters(&a.filters)?,
         },
-        facets: Vec::new(),
-        group_by: None,
+        facets: match a.facets.is_empty() {
+            true => Vec::new(),
+            false => engine.parse_facets(&a.facets.join(","))?,
+        },
+        group_by: a
+            .group_by
+            .as_deref()
+            .map(str::parse::<GroupBy>)
+            .transpose()?,
     };
     // More like this compares stored vectors, and BM25 without rerank reads no model.
     let text_only = params.mode == SearchMode::Text && params.rerank_k == Some(0);
@@ -184,14 +206,15 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
     for n in &r.notices {
         eprintln!("note: {n}");
     }
+    let grouped = r.hits.iter().any(|h| h.group.is_some());
     if r.hits.is_empty() {
         println!("no results");
-        return Ok(());
+    } else {
+        println!(
+            "{:>4}  {:>8}  {:<5}  {:>8}  {:<40}  caption",
+            "rank", "score", "by", "p(match)", "path"
+        );
     }
-    println!(
-        "{:>4}  {:>8}  {:<5}  {:>8}  {:<40}  caption",
-        "rank", "score", "by", "p(match)", "path"
-    );
     for (i, h) in r.hits.iter().enumerate() {
         let p = h
             .itm_prob
@@ -209,8 +232,83 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
             h.path,
             cap
         );
+        for line in hit_details(h) {
+            println!("{:>6}{line}", "");
+        }
+    }
+    let unit = if grouped { "groups" } else { "results" };
+    if !r.hits.is_empty() || r.total > 0 {
+        println!(
+            "{} of {} {unit} (from {} candidates)",
+            r.hits.len(),
+            r.total,
+            r.candidates
+        );
+    }
+    if !r.facets.is_empty() {
+        println!("facets over the {} {unit}:", r.total);
+        for f in &r.facets {
+            println!("  {}", facet_line(f));
+        }
     }
     Ok(())
+}
+
+/// The lines under a hit: its product (id, title, attributes) and its group.
+fn hit_details(h: &SearchHit) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(p) = &h.product {
+        let mut line = format!("product {}", p.id);
+        if let Some(t) = &p.title {
+            line.push_str(&format!(": {t}"));
+        }
+        let attrs: Vec<String> = p
+            .attributes
+            .iter()
+            .map(|(k, v)| match v {
+                AttrValue::Text(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect();
+        if !attrs.is_empty() {
+            line.push_str(&format!("  [{}]", attrs.join(", ")));
+        }
+        out.push(line);
+    }
+    if let Some(g) = &h.group {
+        let mut line = match &g.product {
+            Some(id) => format!("group {id}: {} images", g.size),
+            None => "group: this image alone".to_string(),
+        };
+        if !g.matching.is_empty() {
+            let ids: Vec<String> = g.matching.iter().map(u64::to_string).collect();
+            line.push_str(&format!(", also matching {}", ids.join(", ")));
+        }
+        out.push(line);
+    }
+    out
+}
+
+/// One facet on a line: `brand: acme 12, zenith 5 (3 without)`.
+fn facet_line(f: &FacetCounts) -> String {
+    let values: Vec<String> = f
+        .values
+        .iter()
+        .map(|v| format!("{} {}", v.value, v.count))
+        .collect();
+    let mut line = format!(
+        "{}: {}",
+        f.name,
+        if values.is_empty() {
+            "-".to_string()
+        } else {
+            values.join(", ")
+        }
+    );
+    if f.missing > 0 {
+        line.push_str(&format!(" ({} without)", f.missing));
+    }
+    line
 }
 
 /// `duplicates`.

@@ -10,7 +10,9 @@ use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
-use super::facets::{FacetCounts, FacetRequest, GroupBy, HitGroup};
+use super::facets::{
+    count_facets, FacetCounts, FacetRequest, GroupBy, HitGroup, MAX_FACETS, MAX_FACET_RANGES,
+};
 use super::models::Encoders;
 use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Product, Store};
 
@@ -20,6 +22,9 @@ pub const MAX_K: usize = 1000;
 pub const MAX_RERANK_K: usize = 256;
 /// Candidates of a text query reranked with ITM when the caller does not say.
 pub const DEFAULT_RERANK_K: usize = 16;
+/// When grouping, each retriever is asked for this many times `k` images (within [`MAX_K`]):
+/// `k` counts images, and a product often shows several among the results.
+pub const GROUP_FETCH: usize = 4;
 
 /// Which retrievers produce candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -94,7 +99,10 @@ impl Default for Fusion {
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParams {
-    /// Candidates taken from each retriever (clamped to [`MAX_K`]).
+    /// Candidates taken from each retriever (clamped to [`MAX_K`]). When grouping, each
+    /// retriever is asked for [`GROUP_FETCH`] times as many (still within [`MAX_K`]), so that
+    /// about `k` groups form even when products show several images among the candidates; the
+    /// groups are then at most the candidates' number, and `total` says how many formed.
     pub k: usize,
     /// Candidates reranked with ITM (0: off; clamped to [`MAX_RERANK_K`]). `None`:
     /// [`DEFAULT_RERANK_K`] for a text query, 0 for a search by image, which refuses any other
@@ -122,16 +130,28 @@ pub struct SearchParams {
     pub filter: Filter,
     /// Facets to count over the relevant set.
     pub facets: Vec<FacetRequest>,
-    /// One hit per group (paging and `total` then count groups).
+    /// One hit per group (paging and `total` then count groups): a product's best-ranked image
+    /// (after rerank), with the product's other images among the results and its size.
     pub group_by: Option<GroupBy>,
 }
 
 impl SearchParams {
     /// Refuses what cannot mean anything for a query by text (`by_text`) or by image: a bad
-    /// filter, `k` or `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
+    /// filter, more facets or ranges than [`MAX_FACETS`] and [`MAX_FACET_RANGES`], `k` or
+    /// `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
     /// `include_self` on a text query.
     pub fn check(&self, by_text: bool) -> Result<()> {
         self.filter.check()?;
+        if self.facets.len() > MAX_FACETS
+            || self
+                .facets
+                .iter()
+                .any(|f| f.ranges.len() > MAX_FACET_RANGES)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "at most {MAX_FACETS} facets, of at most {MAX_FACET_RANGES} ranges each"
+            )));
+        }
         if self.k == 0 || self.limit == 0 {
             return Err(EngineError::InvalidInput(
                 "k and limit must be at least 1".into(),
@@ -275,6 +295,27 @@ pub fn fuse(vector: &[(u64, f32)], text: &[(u64, f32)], fusion: Fusion) -> Vec<(
     out
 }
 
+/// Groups of a ranked result set by product, in the order of each group's best result: the
+/// indexes into `products` (one per result, best first) of each group, best first. A result
+/// without a product is a group of its own.
+fn group_by_product(products: &[Option<Product>]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut of: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in products.iter().enumerate() {
+        match p {
+            Some(p) => match of.get(p.id.as_str()) {
+                Some(&g) => groups[g].push(i),
+                None => {
+                    of.insert(&p.id, groups.len());
+                    groups.push(vec![i]);
+                }
+            },
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
 /// Runs searches against a store and its blobs with a retrieval model.
 pub(crate) struct Searcher<'a, M: Encoders + ?Sized> {
     store: &'a dyn Store,
@@ -313,6 +354,9 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         if p.limit > MAX_K {
             notices.push(format!("limit {} clamped to {MAX_K}", p.limit));
             p.limit = MAX_K;
+        }
+        if p.group_by.is_some() {
+            p.k = p.k.saturating_mul(GROUP_FETCH).min(MAX_K);
         }
         Ok((p, notices))
     }
@@ -439,21 +483,15 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
             .collect();
         let fused = fuse(&vector, &text, p.fusion);
         let candidates = fused.len();
-        let mut hits = Vec::with_capacity(fused.len());
-        for (id, f) in fused {
-            let Some(record) = self.store.get(ImageId(id))? else {
-                continue; // removed since the candidate lists were made
-            };
-            let itc = match vrank.get(&id) {
-                Some((_, s)) => Some(*s),
-                None if q.is_empty() => None,
-                None => Some(dot(q, &record.itc)),
-            };
-            hits.push(SearchHit {
+        // Records are read only for the hits that need them (the reranked ones and the page):
+        // the rest of the set is ranked by its scores and counted by its products.
+        let mut hits: Vec<SearchHit> = fused
+            .into_iter()
+            .map(|(id, f)| SearchHit {
                 id,
-                path: record.path.clone(),
+                path: String::new(),
                 score: f,
-                itc,
+                itc: vrank.get(&id).map(|x| x.1),
                 bm25: trank.get(&id).map(|x| x.1),
                 vector_rank: vrank.get(&id).map(|x| x.0),
                 text_rank: trank.get(&id).map(|x| x.0),
@@ -461,13 +499,25 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 reranked: false,
                 itm_logit: None,
                 itm_prob: None,
-                captions: record.captions.into_iter().filter(|c| c.kept).collect(),
-                product: record.product,
+                captions: Vec::new(),
+                product: None,
                 group: None,
-            });
-        }
+            })
+            .collect();
+        let mut read = vec![false; hits.len()];
         if let Some(query) = query {
-            let n = p.rerank_k.unwrap_or(0).min(hits.len());
+            // The first `rerank_k` hits whose records are still there.
+            let want = p.rerank_k.unwrap_or(0);
+            let mut n = 0;
+            while n < want && n < hits.len() {
+                if self.fill(&mut hits[n], q)? {
+                    read[n] = true;
+                    n += 1;
+                } else {
+                    hits.remove(n); // removed since the candidate lists were made
+                    read.remove(n);
+                }
+            }
             if n > 0 {
                 self.rerank(query, &mut hits[..n])?;
                 hits[..n].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
@@ -475,19 +525,105 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                     // Only what ITM has seen can be said to match: unreranked candidates go too.
                     hits.truncate(n);
                     hits.retain(|h| h.itm_prob.unwrap_or(0.0) >= min);
+                    read.truncate(hits.len());
                 }
             }
         }
-        let total = hits.len();
-        let hits = hits.into_iter().skip(p.offset).take(p.limit).collect();
+        // From here `hits` is the relevant set, best first.
+        let products = if p.group_by.is_some() || !p.facets.is_empty() {
+            let ids: Vec<ImageId> = hits.iter().map(|h| ImageId(h.id)).collect();
+            self.store.products_of(&ids)?
+        } else {
+            Vec::new()
+        };
+        let groups: Vec<Vec<usize>> = match p.group_by {
+            Some(GroupBy::Product) => group_by_product(&products),
+            None => (0..hits.len()).map(|i| vec![i]).collect(),
+        };
+        let facets = if p.facets.is_empty() {
+            Vec::new()
+        } else {
+            // One count per result, or per group (its products are one product).
+            let set: Vec<Option<&Product>> =
+                groups.iter().map(|g| products[g[0]].as_ref()).collect();
+            count_facets(&p.facets, &set)
+        };
+        let mut total = groups.len();
+        let mut page: Vec<Vec<usize>> = Vec::with_capacity(p.limit.min(groups.len()));
+        for mut group in groups.into_iter().skip(p.offset) {
+            if page.len() == p.limit {
+                break;
+            }
+            // The group's best image whose record is still there stands for it.
+            while let Some(&i) = group.first() {
+                if read[i] || self.fill(&mut hits[i], q)? {
+                    read[i] = true;
+                    break;
+                }
+                group.remove(0);
+            }
+            if group.is_empty() {
+                total -= 1; // removed since the candidate lists were made
+            } else {
+                page.push(group);
+            }
+        }
+        let sizes = if p.group_by.is_some() {
+            let names: Vec<String> = page
+                .iter()
+                .filter_map(|g| hits[g[0]].product.as_ref().map(|p| p.id.clone()))
+                .collect();
+            self.store.product_images(Some(&names))?
+        } else {
+            Default::default()
+        };
+        let mut slots: Vec<Option<SearchHit>> = hits.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(page.len());
+        for group in page {
+            let Some(mut hit) = slots[group[0]].take() else {
+                continue;
+            };
+            if p.group_by.is_some() {
+                let product = hit.product.as_ref().map(|p| p.id.clone());
+                let size = product
+                    .as_ref()
+                    .and_then(|id| sizes.get(id))
+                    .map_or(0, Vec::len)
+                    .max(group.len());
+                hit.group = Some(HitGroup {
+                    product,
+                    size,
+                    matching: group[1..]
+                        .iter()
+                        .filter_map(|&i| slots[i].as_ref().map(|h| h.id))
+                        .collect(),
+                });
+            }
+            out.push(hit);
+        }
         Ok(SearchResults {
-            hits,
+            hits: out,
             candidates,
             total,
-            facets: Vec::new(),
+            facets,
             truncated: false,
             notices: Vec::new(),
         })
+    }
+
+    /// Reads `hit`'s record into it: path, kept captions, product, and the ITC cosine when the
+    /// vector list did not give it. `false` when the image is gone.
+    fn fill(&self, hit: &mut SearchHit, q: &[f32]) -> Result<bool> {
+        let Some(record) = self.store.get(ImageId(hit.id))? else {
+            return Ok(false);
+        };
+        if hit.itc.is_none() && !q.is_empty() {
+            hit.itc = Some(dot(q, &record.itc));
+        }
+        hit.path = record.path;
+        hit.captions = record.captions.into_iter().filter(|c| c.kept).collect();
+        hit.product = record.product;
+        Ok(true)
     }
 
     /// ITM on (query, candidate) pairs in one batch; sets `itm_*` and `score = itm_logit + itc`.
@@ -565,6 +701,468 @@ mod tests {
             let mut t2: Vec<(u64, f32)> = t.into_iter().filter(|x| x.0 != top).collect();
             t2.insert(0, (top, 1.0));
             prop_assert_eq!(fuse(&v, &t2, Fusion::Rrf { k: 60.0 })[0].0, top);
+        }
+    }
+}
+
+/// Facets, grouping and totals on a collection built by hand: vectors at known cosines to the
+/// query image, so that the order, the groups and every count are known in advance.
+#[cfg(test)]
+mod catalogue_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::engine::models::NoModels;
+    use crate::engine::Engine;
+    use crate::index::{
+        content_hash, AttrType, AttrValue, Collection, CollectionInfo, HnswParams, ImageRecord,
+        Schema,
+    };
+
+    fn schema() -> Schema {
+        Schema::from([
+            ("brand".to_string(), AttrType::Keyword),
+            ("color".to_string(), AttrType::Keyword),
+            ("price".to_string(), AttrType::Number),
+            ("in_stock".to_string(), AttrType::Bool),
+            ("released".to_string(), AttrType::Date),
+        ])
+    }
+
+    fn product(id: &str, attrs: &[(&str, AttrValue)]) -> Product {
+        Product {
+            id: id.into(),
+            title: Some(format!("title of {id}")),
+            description: None,
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn t(s: &str) -> AttrValue {
+        AttrValue::Text(s.into())
+    }
+
+    /// The collection, and the id of each image by name. The query image `q` lies outside
+    /// `/cat/`; ranked by cosine to it, the images under `/cat/` are a1 n1 b1 a2 c1 b2 n2 a3 d1
+    /// (a: product P1, b: P2, c: P3, d: P4, n: none); P1 has a fourth image, a4, outside `/cat/`.
+    fn build(dir: &std::path::Path) -> (Engine, BTreeMap<&'static str, u64>) {
+        let p1 = product(
+            "P1",
+            &[
+                ("brand", t("acme")),
+                ("color", t("red")),
+                ("price", AttrValue::Number(10.0)),
+                ("in_stock", AttrValue::Bool(true)),
+                ("released", t("2024-01-05")),
+            ],
+        );
+        let p2 = product(
+            "P2",
+            &[
+                ("brand", t("zenith")),
+                ("color", t("blue")),
+                ("price", AttrValue::Number(55.5)),
+                ("in_stock", AttrValue::Bool(false)),
+                ("released", t("2023-06-01")),
+            ],
+        );
+        let p3 = product(
+            "P3",
+            &[
+                ("brand", t("acme")),
+                ("color", t("red")),
+                ("price", AttrValue::Number(99.0)),
+                ("released", t("2024-01-05")),
+            ],
+        );
+        let p4 = product(
+            "P4",
+            &[
+                ("brand", t("acme")),
+                ("color", t("green")),
+                ("price", AttrValue::Number(120.0)),
+                ("in_stock", AttrValue::Bool(true)),
+            ],
+        );
+        let images: [(&str, &str, f32, Option<&Product>); 11] = [
+            ("q", "/q/", 1.0, None),
+            ("a1", "/cat/", 0.99, Some(&p1)),
+            ("a4", "/hidden/", 0.98, Some(&p1)),
+            ("n1", "/cat/", 0.97, None),
+            ("b1", "/cat/", 0.95, Some(&p2)),
+            ("a2", "/cat/", 0.90, Some(&p1)),
+            ("c1", "/cat/", 0.85, Some(&p3)),
+            ("b2", "/cat/", 0.80, Some(&p2)),
+            ("n2", "/cat/", 0.60, None),
+            ("a3", "/cat/", 0.50, Some(&p1)),
+            ("d1", "/cat/", 0.10, Some(&p4)),
+        ];
+        let info = CollectionInfo::new("test/model", None, 4, 5, 8);
+        let mut c = Collection::open(dir, &info, HnswParams::default()).unwrap();
+        c.extend_schema(&schema()).unwrap();
+        let mut ids = BTreeMap::new();
+        for (name, folder, cos, product) in images {
+            let hash = content_hash(name.as_bytes());
+            let id = c.allocate_id(&hash).unwrap();
+            c.insert(ImageRecord {
+                id,
+                path: format!("{folder}{name}.jpg"),
+                content_hash: hash,
+                size_bytes: 1,
+                width: 10,
+                height: 10,
+                mtime_unix: 0,
+                exif_date: None,
+                itc: vec![cos, (1.0 - cos * cos).max(0.0).sqrt(), 0.0, 0.0],
+                captions: vec![],
+                given_texts: vec![],
+                added_unix: 0,
+                product: product.cloned(),
+            })
+            .unwrap();
+            ids.insert(name, id.0);
+        }
+        c.commit().unwrap();
+        (Engine::over(dir, Box::new(c)).unwrap(), ids)
+    }
+
+    fn counts(f: &FacetCounts) -> Vec<(&str, usize)> {
+        f.values
+            .iter()
+            .map(|v| (v.value.as_str(), v.count))
+            .collect()
+    }
+
+    fn names(ids: &BTreeMap<&'static str, u64>, hits: &[u64]) -> Vec<&'static str> {
+        hits.iter()
+            .map(|h| *ids.iter().find(|(_, id)| *id == h).unwrap().0)
+            .collect()
+    }
+
+    fn params(e: &Engine, group: bool) -> SearchParams {
+        SearchParams {
+            filter: Filter {
+                path_prefix: Some("/cat/".into()),
+                ..Filter::default()
+            },
+            facets: e
+                .parse_facets("brand,color,price,in_stock,released")
+                .unwrap(),
+            group_by: group.then_some(GroupBy::Product),
+            ..SearchParams::default()
+        }
+    }
+
+    #[test]
+    fn facets_count_every_result_and_total_counts_before_paging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (e, ids) = build(tmp.path());
+        let p = SearchParams {
+            limit: 3,
+            ..params(&e, false)
+        };
+        let r = e.search_similar(&NoModels, ImageId(ids["q"]), &p).unwrap();
+        let got: Vec<u64> = r.hits.iter().map(|h| h.id).collect();
+        assert_eq!(names(&ids, &got), ["a1", "n1", "b1"]);
+        assert_eq!((r.total, r.candidates), (9, 9));
+        // By hand over the nine results a1 n1 b1 a2 c1 b2 n2 a3 d1.
+        let f = &r.facets;
+        assert_eq!(f.len(), 5);
+        assert_eq!(counts(&f[0]), [("acme", 5), ("zenith", 2)]);
+        assert_eq!(f[0].missing, 2);
+        assert_eq!(counts(&f[1]), [("red", 4), ("blue", 2), ("green", 1)]);
+        assert_eq!(
+            counts(&f[2]),
+            [("0..50", 3), ("50..100", 3), ("100..150", 1)]
+        );
+        assert_eq!(f[2].missing, 2);
+        assert_eq!(counts(&f[3]), [("true", 4), ("false", 2)]);
+        assert_eq!(f[3].missing, 3);
+        assert_eq!(counts(&f[4]), [("2024-01-05", 4), ("2023-06-01", 2)]);
+        assert_eq!(f[4].missing, 3);
+        // Hits carry their product; ungrouped hits no group.
+        assert_eq!(r.hits[0].product.as_ref().unwrap().id, "P1");
+        assert_eq!(r.hits[0].path, "/cat/a1.jpg");
+        assert!(r.hits[1].product.is_none());
+        assert!(r.hits.iter().all(|h| h.group.is_none()));
+
+        // A later page: the same total and facets.
+        let p2 = SearchParams {
+            offset: 7,
+            ..p.clone()
+        };
+        let r2 = e.search_similar(&NoModels, ImageId(ids["q"]), &p2).unwrap();
+        let got: Vec<u64> = r2.hits.iter().map(|h| h.id).collect();
+        assert_eq!(names(&ids, &got), ["a3", "d1"]);
+        assert_eq!(r2.total, 9);
+        assert_eq!(r2.facets, r.facets);
+
+        // Ranges asked for, and facets of a smaller relevant set (k: the four best).
+        let p3 = SearchParams {
+            k: 4,
+            facets: e.parse_facets("price:..50|50..").unwrap(),
+            ..p
+        };
+        let r3 = e.search_similar(&NoModels, ImageId(ids["q"]), &p3).unwrap();
+        assert_eq!(r3.total, 4);
+        assert_eq!(counts(&r3.facets[0]), [("..50", 2), ("50..", 1)]);
+        assert_eq!(r3.facets[0].missing, 1);
+
+        // Facets built by hand are bounded like parsed ones.
+        let price = e.parse_facets("price").unwrap().remove(0);
+        let too_many = SearchParams {
+            facets: vec![price; MAX_FACETS + 1],
+            ..SearchParams::default()
+        };
+        let err = e.search_similar(&NoModels, ImageId(ids["q"]), &too_many);
+        assert!(matches!(err, Err(EngineError::InvalidInput(_))), "{err:?}");
+    }
+
+    #[test]
+    fn grouping_gives_one_hit_per_product_with_its_other_matches_and_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (e, ids) = build(tmp.path());
+        let r = e
+            .search_similar(&NoModels, ImageId(ids["q"]), &params(&e, true))
+            .unwrap();
+        let got: Vec<u64> = r.hits.iter().map(|h| h.id).collect();
+        assert_eq!(names(&ids, &got), ["a1", "n1", "b1", "c1", "n2", "d1"]);
+        assert_eq!(r.total, 6);
+        let groups: Vec<(Option<&str>, usize, Vec<&str>)> = r
+            .hits
+            .iter()
+            .map(|h| {
+                let g = h.group.as_ref().unwrap();
+                (g.product.as_deref(), g.size, names(&ids, &g.matching))
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                // a4 is P1's too, outside the filter: counted in the size, not matching.
+                (Some("P1"), 4, vec!["a2", "a3"]),
+                (None, 1, vec![]),
+                (Some("P2"), 2, vec!["b2"]),
+                (Some("P3"), 1, vec![]),
+                (None, 1, vec![]),
+                (Some("P4"), 1, vec![]),
+            ]
+        );
+        // Facets count groups: P1 P3 P4 are acme, P2 zenith, the two without product missing.
+        assert_eq!(counts(&r.facets[0]), [("acme", 3), ("zenith", 1)]);
+        assert_eq!(r.facets[0].missing, 2);
+        assert_eq!(
+            counts(&r.facets[1]),
+            [("red", 2), ("blue", 1), ("green", 1)]
+        );
+        assert_eq!(
+            counts(&r.facets[2]),
+            [("0..50", 1), ("50..100", 2), ("100..150", 1)]
+        );
+        assert_eq!(counts(&r.facets[3]), [("true", 2), ("false", 1)]);
+        assert_eq!(r.facets[3].missing, 3);
+
+        // Pages count groups.
+        let p = SearchParams {
+            offset: 1,
+            limit: 2,
+            ..params(&e, true)
+        };
+        let page = e.search_similar(&NoModels, ImageId(ids["q"]), &p).unwrap();
+        let got: Vec<u64> = page.hits.iter().map(|h| h.id).collect();
+        assert_eq!(names(&ids, &got), ["n1", "b1"]);
+        assert_eq!(page.total, 6);
+        assert_eq!(page.facets, r.facets);
+
+        // `k` counts images; grouping asks for GROUP_FETCH times as many: k 1 is the 4 best
+        // images a1 n1 b1 a2, three groups.
+        let p = SearchParams {
+            k: 1,
+            ..params(&e, true)
+        };
+        let few = e.search_similar(&NoModels, ImageId(ids["q"]), &p).unwrap();
+        assert_eq!((few.candidates, few.total), (GROUP_FETCH, 3));
+        let g = few.hits[0].group.as_ref().unwrap();
+        assert_eq!(names(&ids, &g.matching), ["a2"]);
+
+        // With an attribute filter: only acme's products are grouped and counted.
+        let mut p = params(&e, true);
+        p.filter.attributes = e.parse_filters(&["brand:acme".into()]).unwrap();
+        let acme = e.search_similar(&NoModels, ImageId(ids["q"]), &p).unwrap();
+        let got: Vec<u64> = acme.hits.iter().map(|h| h.id).collect();
+        assert_eq!(names(&ids, &got), ["a1", "c1", "d1"]);
+        assert_eq!(acme.total, 3);
+        assert_eq!(counts(&acme.facets[0]), [("acme", 3)]);
+        assert_eq!(acme.facets[0].missing, 0);
+    }
+
+    /// After the ITM cut-off the relevant set is what ITM kept: facets and groups count those,
+    /// not the candidates. On the tiny fixture model, with the cut-off at the median p(match).
+    #[test]
+    fn facets_and_groups_count_what_the_itm_cut_off_keeps() {
+        use crate::engine::{IngestOptions, Silent};
+        use crate::model::{ModelSource, Retriever};
+
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let r = Retriever::load(
+            &ModelSource::Dir(fixtures.join("tiny-a/retrieval")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let photos = tmp.path().join("photos");
+        std::fs::create_dir_all(&photos).unwrap();
+        for f in [
+            "chelsea.png",
+            "coffee.png",
+            "rocket.jpg",
+            "astronaut.png",
+            "camera.png",
+        ] {
+            std::fs::copy(fixtures.join("images").join(f), photos.join(f)).unwrap();
+        }
+        for i in 0..11u32 {
+            image::RgbImage::from_fn(24, 16 + i % 5, |x, y| {
+                image::Rgb([
+                    (x * 9 + i * 31) as u8,
+                    (y * 13 + i * 7) as u8,
+                    (i * 5) as u8,
+                ])
+            })
+            .save(photos.join(format!("noise_{i}.png")))
+            .unwrap();
+        }
+        let cfg = r.config();
+        let info = CollectionInfo::new(
+            r.name(),
+            None,
+            r.embedding_dim(),
+            cfg.vision.num_tokens(),
+            cfg.vision.hidden_size,
+        );
+        let e = Engine::open(tmp.path().join("index").as_path(), &info).unwrap();
+        let opts = IngestOptions {
+            capfilt: None,
+            ..Default::default()
+        };
+        let s = e.ingest(&r, opts, &[photos], false, &Silent).unwrap();
+        assert_eq!(s.added, 16);
+        // Products by id: three images each of five products, the last image none.
+        e.write().unwrap().extend_schema(&schema()).unwrap();
+        let mut records = Vec::new();
+        e.read()
+            .unwrap()
+            .for_each(&mut |rec| {
+                records.push(rec);
+                Ok(())
+            })
+            .unwrap();
+        records.sort_by_key(|rec| rec.id);
+        let brands = ["acme", "zenith", "acme", "orbit", "zenith"];
+        for (i, mut rec) in records.into_iter().enumerate() {
+            rec.product =
+                (i < 15).then(|| product(&format!("P{}", i / 3), &[("brand", t(brands[i / 3]))]));
+            e.update(&rec).unwrap();
+        }
+        e.commit().unwrap();
+
+        let query = "a cat lying on a sofa";
+        let all = SearchParams {
+            mode: SearchMode::Vector,
+            rerank_k: Some(16),
+            limit: 100,
+            facets: e.parse_facets("brand").unwrap(),
+            ..SearchParams::default()
+        };
+        let every = e.search_text(&r, query, &all).unwrap();
+        assert_eq!(every.total, 16);
+        let mut probs: Vec<f32> = every.hits.iter().map(|h| h.itm_prob.unwrap()).collect();
+        probs.sort_by(|a, b| b.total_cmp(a));
+        let min = probs[7];
+        assert!(
+            probs[0] > min,
+            "ITM gives the images distinct p(match): {probs:?}"
+        );
+        let kept: Vec<&SearchHit> = every
+            .hits
+            .iter()
+            .filter(|h| h.itm_prob.unwrap() >= min)
+            .collect();
+
+        // Counted by hand over the hits ITM kept, with their products as ingested above.
+        let by_hand = |hits: &[&SearchHit]| {
+            let mut c: BTreeMap<String, usize> = BTreeMap::new();
+            let mut missing = 0;
+            for h in hits {
+                match &h.product {
+                    Some(p) => {
+                        *c.entry(p.attributes["brand"].as_text().unwrap().to_string())
+                            .or_default() += 1
+                    }
+                    None => missing += 1,
+                }
+            }
+            let mut v: Vec<(String, usize)> = c.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            (v, missing)
+        };
+        let owned = |f: &FacetCounts| -> (Vec<(String, usize)>, usize) {
+            (
+                f.values
+                    .iter()
+                    .map(|v| (v.value.clone(), v.count))
+                    .collect(),
+                f.missing,
+            )
+        };
+        let everything: Vec<&SearchHit> = every.hits.iter().collect();
+        assert_eq!(owned(&every.facets[0]), by_hand(&everything));
+
+        let cut = SearchParams {
+            min_itm_prob: Some(min),
+            ..all.clone()
+        };
+        let r1 = e.search_text(&r, query, &cut).unwrap();
+        assert_eq!(r1.total, kept.len());
+        assert!(kept.len() >= 8 && kept.len() < 16);
+        let got: Vec<u64> = r1.hits.iter().map(|h| h.id).collect();
+        let want: Vec<u64> = kept.iter().map(|h| h.id).collect();
+        assert_eq!(got, want);
+        assert_eq!(owned(&r1.facets[0]), by_hand(&kept));
+        assert_ne!(r1.facets, every.facets, "the cut-off changed the counts");
+
+        // Grouped: one group per product among the kept, in the order of their best image.
+        let grouped = SearchParams {
+            group_by: Some(GroupBy::Product),
+            ..cut
+        };
+        let r2 = e.search_text(&r, query, &grouped).unwrap();
+        let mut seen: Vec<Option<String>> = Vec::new();
+        let mut reps = Vec::new();
+        for h in &kept {
+            let key = h.product.as_ref().map(|p| p.id.clone());
+            if key.is_none() || !seen.contains(&key) {
+                seen.push(key);
+                reps.push(*h);
+            }
+        }
+        let got: Vec<u64> = r2.hits.iter().map(|h| h.id).collect();
+        let want: Vec<u64> = reps.iter().map(|h| h.id).collect();
+        assert_eq!(got, want);
+        assert_eq!(r2.total, reps.len());
+        assert_eq!(owned(&r2.facets[0]), by_hand(&reps));
+        for h in &r2.hits {
+            let g = h.group.as_ref().unwrap();
+            let others: Vec<u64> = kept
+                .iter()
+                .filter(|k| k.id != h.id && k.product.is_some() && k.product == h.product)
+                .map(|k| k.id)
+                .collect();
+            assert_eq!(g.matching, others);
+            assert_eq!(g.size, if h.product.is_some() { 3 } else { 1 });
         }
     }
 }
