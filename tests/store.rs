@@ -937,3 +937,66 @@ fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
         everything
     );
 }
+
+/// Vectors of BLIP's size in the test of selective filters (graph searches miss more there).
+const BLIP_DIM: usize = 256;
+
+/// A filter that 1% of 4000 images pass, asked for more than pass: every passing image comes
+/// back, on a store whose graph search alone may come back short.
+fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
+    let mut g = Gen(0x5eed_1234_abcd);
+    let unit = |g: &mut Gen| {
+        let v: Vec<f32> = (0..BLIP_DIM)
+            .map(|_| (g.next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
+        v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+    };
+    s.extend_schema(&schema()).unwrap();
+    let mut batch = Vec::new();
+    let mut rare = Vec::new();
+    for n in 0..4000u64 {
+        let mut r = record(10_000 + n, &mut g);
+        r.itc = unit(&mut g);
+        r.id = s.allocate_id(&r.content_hash).unwrap();
+        let brand = if n % 100 == 7 { "rare" } else { "common" };
+        r.product = Some(product(&format!("P{n}"), "", "", &[("brand", text(brand))]));
+        if brand == "rare" {
+            rare.push((r.id, r.itc.clone()));
+        }
+        batch.push(r);
+        if batch.len() == 500 {
+            s.insert_all(std::mem::take(&mut batch)).unwrap();
+        }
+    }
+    s.commit().unwrap();
+    let filter = Filter {
+        attributes: vec![AttrFilter::parse("brand:rare", &schema()).unwrap()],
+        ..Filter::default()
+    };
+    for _ in 0..10 {
+        let q = unit(&mut g);
+        let got = s.vector_search(&q, 100, None, &filter).unwrap();
+        let mut want: Vec<(u64, f32)> = rare
+            .iter()
+            .map(|(id, v)| (id.0, v.iter().zip(&q).map(|(a, b)| a * b).sum()))
+            .collect();
+        want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let got_ids: Vec<u64> = got.iter().map(|h| h.0 .0).collect();
+        let want_ids: Vec<u64> = want.iter().take(100).map(|h| h.0).collect();
+        assert_eq!(got_ids.len(), 40, "40 images pass, so all 40 come back");
+        assert_eq!(
+            got_ids.iter().collect::<BTreeSet<_>>(),
+            want_ids.iter().collect::<BTreeSet<_>>()
+        );
+    }
+}
+
+#[test]
+fn milvus_selective_filters_return_k_whenever_k_pass() {
+    let milvus = MilvusLite::start();
+    let address = milvus.address("selective").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, BLIP_DIM, 5, 8);
+    let mut s = MilvusStore::open(&address, &info).unwrap();
+    selective_filters_return_k_whenever_k_pass(&mut s);
+}
