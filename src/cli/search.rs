@@ -277,6 +277,7 @@ fn hit_details(h: &SearchHit) -> Vec<String> {
     }
     if let Some(g) = &h.group {
         let mut line = match &g.product {
+            Some(id) if g.size == 1 => format!("group {id}: 1 image"),
             Some(id) => format!("group {id}: {} images", g.size),
             None => "group: this image alone".to_string(),
         };
