@@ -359,20 +359,7 @@ impl Store for Collection {
     }
 
     fn update(&mut self, record: &ImageRecord) -> Result<()> {
-        let old = self
-            .meta
-            .get(record.id)?
-            .ok_or(IndexError::NotFound(record.id))?;
-        if old.itc != record.itc {
-            return Err(IndexError::InvalidParams(format!(
-                "the ITC vector of image {} cannot change; remove and re-add it",
-                record.id
-            )));
-        }
-        self.meta.update(record)?;
-        self.columns.upsert(record);
-        self.columns_changed();
-        self.text.upsert(record)
+        self.update_all(std::slice::from_ref(record))
     }
 
     fn update_all(&mut self, records: &[ImageRecord]) -> Result<()> {

@@ -282,29 +282,8 @@ impl MetaStore {
     /// Path and hash indexes follow a changed path or hash ([`IndexError::AlreadyExists`] if the
     /// new one belongs to another image). Fails with [`IndexError::NotFound`] for unknown ids.
     pub fn update(&self, record: &ImageRecord) -> Result<ImageRecord> {
-        let value = serde_json::to_vec(record)?;
-        let key = record.id.to_key();
-        (&self.images, &self.by_path, &self.by_hash, &self.pending)
-            .transaction(|(images, by_path, by_hash, pending)| {
-                let old = match images.get(key)? {
-                    Some(v) => record_or_abort(&v)?,
-                    None => return abort(IndexError::NotFound(record.id)),
-                };
-                if old.path != record.path {
-                    ensure_free(by_path, "path", &record.path)?;
-                    by_path.remove(old.path.as_bytes())?;
-                    by_path.insert(record.path.as_bytes(), &key)?;
-                }
-                if old.content_hash != record.content_hash {
-                    ensure_free(by_hash, "content hash", &record.content_hash)?;
-                    by_hash.remove(old.content_hash.as_bytes())?;
-                    by_hash.insert(record.content_hash.as_bytes(), &key)?;
-                }
-                images.insert(&key, value.as_slice())?;
-                pending.insert(&key, &[])?;
-                Ok(old)
-            })
-            .map_err(tx_err)
+        let mut olds = self.update_all(std::slice::from_ref(record))?;
+        olds.pop().ok_or(IndexError::NotFound(record.id))
     }
 
     /// [`MetaStore::update`] of each of `records`, all in one transaction (one log write
