@@ -49,24 +49,9 @@ const CATEGORIES: [&str; 5] = [
 /// The facets counted: every attribute, the price in automatic buckets.
 const FACETS: &str = "brand,color,price,in_stock,category";
 
-/// xorshift64*: deterministic data without an RNG dependency.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> Vec<f32> {
-        let v: Vec<f32> = (0..DIM)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-            .collect();
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.into_iter().map(|x| x / n).collect()
-    }
-}
+#[path = "common/gen.rs"]
+mod gen;
+use gen::Gen;
 
 fn schema() -> Schema {
     Schema::from([
@@ -136,7 +121,7 @@ fn records(n: u64) -> impl Iterator<Item = ImageRecord> {
             height: 1024,
             mtime_unix: 1_700_000_000,
             exif_date: None,
-            itc: g.unit(),
+            itc: g.unit(DIM),
             captions: vec![Caption {
                 text: "a product photo".into(),
                 source: CaptionSource::Beam,
@@ -254,7 +239,7 @@ fn bench_store(s: &dyn Store, runs: usize) -> anyhow::Result<Vec<(String, Row)>>
             }
             r
         };
-        let v = g.unit();
+        let v = g.unit(DIM);
         let r = next(&mut out);
         out[r].time(|| {
             let h = s.vector_search(&v, 100, None, &Filter::default())?;
@@ -267,7 +252,7 @@ fn bench_store(s: &dyn Store, runs: usize) -> anyhow::Result<Vec<(String, Row)>>
                 let h = s.vector_search(&v, 100, None, f)?;
                 Ok(((), h.len()))
             })?;
-            let v2 = g.unit();
+            let v2 = g.unit(DIM);
             let r = next(&mut out);
             out[r].time(|| {
                 let h = s.vector_search(&v2, 100, None, f)?;

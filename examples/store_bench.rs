@@ -42,24 +42,9 @@ const QUERIES: [&str; 6] = [
     "the moon over the city",
 ];
 
-/// xorshift64*: deterministic data without an RNG dependency.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn unit(&mut self) -> Vec<f32> {
-        let v: Vec<f32> = (0..DIM)
-            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-            .collect();
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.into_iter().map(|x| x / n).collect()
-    }
-}
+#[path = "common/gen.rs"]
+mod gen;
+use gen::Gen;
 
 fn record(i: u64, g: &mut Gen) -> ImageRecord {
     let w: Vec<&str> = (0..6).map(|_| VOCAB[(g.next() % 16) as usize]).collect();
@@ -76,7 +61,7 @@ fn record(i: u64, g: &mut Gen) -> ImageRecord {
         height: 768,
         mtime_unix: 1_700_000_000,
         exif_date: Some("2020:05:10 12:00:00".into()),
-        itc: g.unit(),
+        itc: g.unit(DIM),
         captions: vec![Caption {
             text: format!(
                 "a {} and a {} by the {} {} {} {}",
@@ -216,7 +201,7 @@ fn main() -> anyhow::Result<()> {
     let mut g = Gen(42);
     let mut times = vec![vec![Vec::new(); kinds.len()]; stores.len()];
     for i in 0..runs + 5 {
-        let v = g.unit();
+        let v = g.unit(DIM);
         let q = QUERIES[i % QUERIES.len()];
         for (si, (_, s)) in stores.iter().enumerate() {
             for (ki, kind) in kinds.iter().enumerate() {
