@@ -179,6 +179,8 @@ fn text(c: &mut Criterion) {
             given_texts: Vec::new(),
             added_unix: 0,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         })
         .collect();
     let mut g = c.benchmark_group("tantivy");

@@ -131,6 +131,8 @@ fn records(n: u64) -> impl Iterator<Item = ImageRecord> {
             given_texts: vec![],
             added_unix: 1_700_000_000,
             product: Some(prod.clone()),
+            pdq: None,
+            flags: Vec::new(),
         }
     })
 }

@@ -143,6 +143,8 @@ fn build(dir: &Path, n: u64, dim: usize, model: &str) -> anyhow::Result<()> {
             given_texts: vec![],
             added_unix: 1_700_000_000,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         })?;
         if (i + 1) % 10_000 == 0 {
             c.commit()?;

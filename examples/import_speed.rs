@@ -97,6 +97,8 @@ fn build(index: &Path, shop: &Path, products: &[catalogue::FixtureProduct]) -> a
                 // Indexed after the file was written: trusted by size and mtime.
                 added_unix: mtime + 1,
                 product: Some(product.clone()),
+                pdq: None,
+                flags: Vec::new(),
             })?;
         }
     }

@@ -74,6 +74,8 @@ fn record(i: u64, g: &mut Gen) -> ImageRecord {
         given_texts: vec![],
         added_unix: 1_700_000_000,
         product: None,
+        pdq: None,
+        flags: Vec::new(),
     }
 }
 

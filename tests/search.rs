@@ -557,6 +557,8 @@ fn cli_search_filters_facets_and_groups_products() {
                 given_texts: vec![],
                 added_unix: 0,
                 product: p.cloned(),
+                pdq: None,
+                flags: Vec::new(),
             })
             .unwrap();
             ids.insert(name, id.0);

@@ -81,6 +81,8 @@ fn record(n: u64, g: &mut Gen) -> ImageRecord {
         given_texts: vec![],
         added_unix: 1_700_000_000,
         product: None,
+        pdq: None,
+        flags: Vec::new(),
     }
 }
 
@@ -99,6 +101,7 @@ fn filters() -> Vec<Filter> {
         min_width: w,
         min_height: h,
         attributes: Vec::new(),
+        flagged: None,
     };
     vec![
         f(Some("/lib/a/"), None, None, None, None),

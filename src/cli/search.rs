@@ -138,6 +138,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
             min_width: a.min_width,
             min_height: a.min_height,
             attributes: engine.parse_filters(&a.filters)?,
+            flagged: None,
         },
         facets: match a.facets.is_empty() {
             true => Vec::new(),

@@ -508,6 +508,8 @@ mod tests {
             given_texts: Vec::new(),
             added_unix: 0,
             product,
+            pdq: None,
+            flags: Vec::new(),
         }
     }
 

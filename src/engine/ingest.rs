@@ -604,6 +604,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     given_texts: p.given.clone(),
                     added_unix: now_unix(),
                     product: p.product.clone(),
+                    pdq: None,
+                    flags: Vec::new(),
                 },
                 keep_id: keep,
                 replaces: p.replaces,

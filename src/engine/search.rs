@@ -821,6 +821,8 @@ mod catalogue_tests {
                 given_texts: vec![],
                 added_unix: 0,
                 product: product.cloned(),
+                pdq: None,
+                flags: Vec::new(),
             })
             .unwrap();
             ids.insert(name, id.0);

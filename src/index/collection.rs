@@ -1,6 +1,7 @@
 //! [`Collection`], the embedded [`Store`]: sled, the HNSW graph, tantivy and the filter columns
 //! of one collection directory, kept consistent through commits and crashes.
 
+use crate::index::moderation::{ListEntry, ListInfo};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -275,6 +276,28 @@ impl Collection {
 }
 
 impl Store for Collection {
+    fn matching(&self, _filter: &Filter, _limit: usize) -> Result<Vec<ImageId>> {
+        todo!("moderation storage")
+    }
+    fn create_list(&mut self, _name: &str) -> Result<ListInfo> {
+        todo!("moderation storage")
+    }
+    fn delete_list(&mut self, _name: &str) -> Result<Option<ListInfo>> {
+        todo!("moderation storage")
+    }
+    fn lists(&self) -> Result<Vec<ListInfo>> {
+        todo!("moderation storage")
+    }
+    fn add_entries(&mut self, _entries: &[ListEntry]) -> Result<()> {
+        todo!("moderation storage")
+    }
+    fn remove_entry(&mut self, _list: &str, _id: u64) -> Result<Option<ListEntry>> {
+        todo!("moderation storage")
+    }
+    fn entries(&self, _list: Option<&str>) -> Result<Vec<ListEntry>> {
+        todo!("moderation storage")
+    }
+
     fn info(&self) -> &CollectionInfo {
         &self.info
     }
@@ -545,6 +568,8 @@ mod tests {
             given_texts: vec![],
             added_unix: 1_700_000_000,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         }
     }
 

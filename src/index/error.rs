@@ -75,6 +75,12 @@ pub enum IndexError {
     /// No image has this id.
     #[error("no image with id {0}")]
     NotFound(ImageId),
+    /// No match list has this name.
+    #[error("no match list {0:?}")]
+    NoList(String),
+    /// A match list with this name exists already.
+    #[error("a match list {0:?} exists already")]
+    ListExists(String),
     /// An image with the same path or content hash is already stored.
     #[error("an image with {kind} {key:?} is already stored as id {existing}")]
     AlreadyExists {

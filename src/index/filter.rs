@@ -16,6 +16,7 @@ use super::attr_columns::AttrColumns;
 use super::attributes::{AttrFilter, Product};
 use super::error::{IndexError, Result};
 use super::id::ImageId;
+use super::moderation::FlagFilter;
 use super::record::ImageRecord;
 
 /// Restrictions on which images a search may return; every set field must hold.
@@ -36,6 +37,9 @@ pub struct Filter {
     /// any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attributes: Vec<AttrFilter>,
+    /// Only flagged images (see [`FlagFilter`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flagged: Option<FlagFilter>,
 }
 
 impl Filter {
@@ -69,6 +73,7 @@ impl Filter {
             .is_none_or(|p| r.path.starts_with(p))
             && self.accepts_row(&row, self.day_range())
             && self.accepts_product(r.product.as_ref())
+            && self.flagged.as_ref().is_none_or(|f| f.accepts(&r.flags))
     }
 
     /// Whether an image of `product` (or of none) passes the attribute filters.
@@ -417,6 +422,8 @@ mod tests {
             given_texts: vec![],
             added_unix: 0,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         }
     }
 
@@ -598,6 +605,7 @@ mod tests {
                 min_width: w,
                 min_height: h,
                 attributes,
+                flagged: None,
             })
     }
 

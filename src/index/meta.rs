@@ -548,6 +548,8 @@ mod tests {
             given_texts: vec!["holiday".into()],
             added_unix: 1_700_000_001,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         }
     }
 

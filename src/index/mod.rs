@@ -32,6 +32,8 @@ pub mod id;
 mod lock;
 pub mod meta;
 pub mod milvus;
+pub mod moderation;
+pub mod pdq;
 pub mod record;
 mod simd;
 pub mod store;
@@ -54,6 +56,10 @@ pub use flat::ExactScan;
 pub use id::{BadIdKey, ImageId};
 pub use meta::MetaStore;
 pub use milvus::{MilvusAddress, MilvusStore};
+pub use moderation::{
+    check_list_name, entry_id, Decision, Flag, FlagFilter, ListEntry, ListInfo, MatchRule, Verdict,
+};
+pub use pdq::{Pdq, PdqHash, DEFAULT_PDQ_DISTANCE, MIN_PDQ_QUALITY};
 pub use record::{
     content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageRecord,
 };

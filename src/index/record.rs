@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use super::attributes::{Product, Schema};
 use super::error::{IndexError, Result};
 use super::id::ImageId;
+use super::moderation::Flag;
+use super::pdq::Pdq;
 
 /// Where a caption came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,13 @@ pub struct ImageRecord {
     /// The catalogue product the image belongs to, with its title, description and attributes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product: Option<Product>,
+    /// The image's PDQ hash (`None` for an image too small to hash, or stored before hashes
+    /// were taken: `reindex --only pdq` fills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pdq: Option<Pdq>,
+    /// Its matches with match-list entries, with their review decisions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<Flag>,
 }
 
 impl ImageRecord {

@@ -14,6 +14,8 @@ use super::attributes::{Product, Schema};
 use super::error::Result;
 use super::filter::Filter;
 use super::id::ImageId;
+use super::moderation::{ListEntry, ListInfo};
+use super::pdq::Pdq;
 use super::record::{CollectionInfo, ImageRecord};
 
 /// Records with their ITC vector, texts and filterable fields; vector and BM25 top-k with a
@@ -63,6 +65,8 @@ use super::record::{CollectionInfo, ImageRecord};
 ///     given_texts: Vec::new(),
 ///     added_unix: 0,
 ///     product: None,
+///     pdq: None,
+///     flags: Vec::new(),
 /// })?;
 /// store.commit()?;
 ///
@@ -187,6 +191,35 @@ pub trait Store: Send + Sync {
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// The ids of the images passing `filter`, in id order, at most `limit` of them.
+    fn matching(&self, filter: &Filter, limit: usize) -> Result<Vec<ImageId>>;
+    /// The PDQ hash of every image that has one, in id order.
+    fn pdq_hashes(&self) -> Result<Vec<(ImageId, Pdq)>> {
+        let mut out = Vec::new();
+        self.for_each(&mut |r| {
+            if let Some(p) = r.pdq {
+                out.push((r.id, p));
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+    /// Creates an empty match list ([`super::IndexError::ListExists`] if there is one of that
+    /// name). The name must pass [`super::check_list_name`]. Durable on return.
+    fn create_list(&mut self, name: &str) -> Result<ListInfo>;
+    /// Removes a match list and all its entries; returns it, or `None` if there was none.
+    /// Durable on return.
+    fn delete_list(&mut self, name: &str) -> Result<Option<ListInfo>>;
+    /// Every match list, by name.
+    fn lists(&self) -> Result<Vec<ListInfo>>;
+    /// Stores `entries` in their lists ([`ListEntry::list`], which must exist:
+    /// [`super::IndexError::NoList`] otherwise, writing nothing); an entry with the id of a stored
+    /// one replaces it. Durable on return.
+    fn add_entries(&mut self, entries: &[ListEntry]) -> Result<()>;
+    /// Removes entry `id` of `list`; returns it, or `None` if there was none. Durable on return.
+    fn remove_entry(&mut self, list: &str, id: u64) -> Result<Option<ListEntry>>;
+    /// The entries of `list` (of every list when `None`), by list then id.
+    fn entries(&self, list: Option<&str>) -> Result<Vec<ListEntry>>;
     /// Counts and bytes on disk.
     fn stats(&self) -> Result<StoreStats>;
     /// Whether other processes may write this store at the same time: then nothing local (blob

@@ -456,6 +456,8 @@ mod tests {
             given_texts: given.iter().map(|s| (*s).into()).collect(),
             added_unix: 0,
             product: None,
+            pdq: None,
+            flags: Vec::new(),
         }
     }
 

@@ -175,6 +175,7 @@ mod tests {
             min_width: Some(10),
             min_height: None,
             attributes: Vec::new(),
+            flagged: None,
         };
         assert_eq!(
             filter_expr(&f).unwrap(),

@@ -58,6 +58,7 @@ mod address;
 mod expr;
 mod remote;
 
+use crate::index::moderation::{ListEntry, ListInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -377,6 +378,28 @@ impl MilvusStore {
 }
 
 impl Store for MilvusStore {
+    fn matching(&self, _filter: &Filter, _limit: usize) -> Result<Vec<ImageId>> {
+        todo!("moderation storage")
+    }
+    fn create_list(&mut self, _name: &str) -> Result<ListInfo> {
+        todo!("moderation storage")
+    }
+    fn delete_list(&mut self, _name: &str) -> Result<Option<ListInfo>> {
+        todo!("moderation storage")
+    }
+    fn lists(&self) -> Result<Vec<ListInfo>> {
+        todo!("moderation storage")
+    }
+    fn add_entries(&mut self, _entries: &[ListEntry]) -> Result<()> {
+        todo!("moderation storage")
+    }
+    fn remove_entry(&mut self, _list: &str, _id: u64) -> Result<Option<ListEntry>> {
+        todo!("moderation storage")
+    }
+    fn entries(&self, _list: Option<&str>) -> Result<Vec<ListEntry>> {
+        todo!("moderation storage")
+    }
+
     fn info(&self) -> &CollectionInfo {
         &self.info
     }

@@ -1,0 +1,245 @@
+//! What moderation stores: match lists ([`ListInfo`], [`ListEntry`]), the flags a match puts on
+//! an image ([`Flag`]) and the reviewer's [`Decision`] on them, and the [`FlagFilter`] that
+//! selects flagged images.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::{IndexError, Result};
+use super::pdq::PdqHash;
+
+/// Longest list name.
+pub const MAX_LIST_NAME: usize = 64;
+
+/// Which rule of a list entry matched an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchRule {
+    /// The PDQ hashes are within the distance (one of the entry's dihedral variants).
+    Pdq,
+    /// The ITC cosine is at or above the threshold.
+    Itc,
+    /// Both.
+    Both,
+}
+
+/// A reviewer's verdict on a flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The image is what the entry stands for.
+    Confirmed,
+    /// A false match: the image is not flagged again for this entry.
+    Cleared,
+}
+
+/// A decision on a flag: who, when, why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Confirmed or cleared.
+    pub verdict: Verdict,
+    /// The reviewer's note.
+    #[serde(default)]
+    pub note: String,
+    /// Who decided: a key id, or `cli`.
+    pub actor: String,
+    /// When, seconds since the Unix epoch.
+    pub unix: i64,
+}
+
+/// An image's match with one list entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flag {
+    /// The list.
+    pub list: String,
+    /// The entry of the list ([`ListEntry::id`]).
+    pub entry: u64,
+    /// Which rule matched.
+    pub rule: MatchRule,
+    /// Hamming distance to the nearest of the entry's PDQ hashes, when both have one.
+    #[serde(default)]
+    pub pdq_distance: Option<u32>,
+    /// ITC cosine with the entry, when the entry has a vector.
+    #[serde(default)]
+    pub cosine: Option<f32>,
+    /// When the match was found, seconds since the Unix epoch.
+    pub flagged_unix: i64,
+    /// The review decision, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+}
+
+impl Flag {
+    /// Whether the flag counts: not cleared by a reviewer.
+    pub fn active(&self) -> bool {
+        !matches!(
+            self.decision,
+            Some(Decision {
+                verdict: Verdict::Cleared,
+                ..
+            })
+        )
+    }
+
+    /// Whether the flag waits for review.
+    pub fn pending(&self) -> bool {
+        self.decision.is_none()
+    }
+}
+
+/// A match list and its size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListInfo {
+    /// The list's name ([`check_list_name`]).
+    pub name: String,
+    /// Entries in it.
+    pub entries: u64,
+    /// When it was created, seconds since the Unix epoch.
+    pub created_unix: i64,
+}
+
+/// One reference of a match list: the PDQ hashes and ITC vector of a reference image (the
+/// image itself is not kept), or a PDQ hash alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListEntry {
+    /// The list it belongs to.
+    pub list: String,
+    /// Its id within the list: [`entry_id`] of its plain hash (or vector), so that adding the
+    /// same reference twice keeps one entry.
+    pub id: u64,
+    /// A label given with it (a CSV's label column, `--label`).
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Where it came from: the reference image's file name, or the hash file's.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Its PDQ hashes: the plain hash first, then, for a reference image, the seven other
+    /// dihedral variants (rotations by 90, 180, 270 degrees, and the four mirrors).
+    #[serde(default)]
+    pub pdq: Vec<PdqHash>,
+    /// PDQ quality of the plain hash, when computed here (a hash file gives none).
+    #[serde(default)]
+    pub quality: Option<u8>,
+    /// The reference image's normalised ITC vector (`None` for a hash-only entry).
+    #[serde(default)]
+    pub itc: Option<Vec<f32>>,
+    /// When it was added, seconds since the Unix epoch.
+    pub added_unix: i64,
+}
+
+/// Which flagged images a search or listing wants.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FlagFilter {
+    /// Only flags of this list (any list when `None`).
+    #[serde(default)]
+    pub list: Option<String>,
+    /// Only flags waiting for review (otherwise pending or confirmed: not cleared).
+    #[serde(default)]
+    pub pending_only: bool,
+}
+
+impl FlagFilter {
+    /// Whether an image with `flags` passes.
+    pub fn accepts(&self, flags: &[Flag]) -> bool {
+        flags.iter().any(|f| {
+            f.active()
+                && (!self.pending_only || f.pending())
+                && self.list.as_deref().is_none_or(|l| l == f.list)
+        })
+    }
+}
+
+/// Refuses a list name that is not 1 to 64 of `a-z 0-9 _ -`, starting with a letter or digit.
+pub fn check_list_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_LIST_NAME
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(IndexError::InvalidParams(format!(
+            "list name {name:?}: use 1 to {MAX_LIST_NAME} of a-z, 0-9, _ and -, starting with a \
+             letter or digit"
+        )))
+    }
+}
+
+/// The id of an entry of `list` whose plain PDQ hash is `pdq` (or, without one, whose ITC vector
+/// is `itc`): 53 bits of a SHA-256, so that it is exact in JSON numbers.
+pub fn entry_id(list: &str, pdq: Option<&PdqHash>, itc: Option<&[f32]>) -> u64 {
+    let mut h = Sha256::new();
+    h.update(list.as_bytes());
+    h.update([0u8]);
+    if let Some(p) = pdq {
+        h.update(p.0);
+    } else if let Some(v) = itc {
+        for x in v {
+            h.update(x.to_le_bytes());
+        }
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) >> 11
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_names() {
+        for ok in ["csam-bank", "a", "x_1", "9lives"] {
+            check_list_name(ok).unwrap();
+        }
+        for bad in ["", "-a", "A", "a b", "a/b", &"x".repeat(65)] {
+            assert!(check_list_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn flag_filter_counts_active_flags() {
+        let flag = |list: &str, decision: Option<Verdict>| Flag {
+            list: list.into(),
+            entry: 1,
+            rule: MatchRule::Pdq,
+            pdq_distance: Some(3),
+            cosine: None,
+            flagged_unix: 0,
+            decision: decision.map(|verdict| Decision {
+                verdict,
+                note: String::new(),
+                actor: "cli".into(),
+                unix: 0,
+            }),
+        };
+        let any = FlagFilter::default();
+        let pending = FlagFilter {
+            list: None,
+            pending_only: true,
+        };
+        let bank = FlagFilter {
+            list: Some("bank".into()),
+            pending_only: false,
+        };
+        assert!(!any.accepts(&[]));
+        assert!(any.accepts(&[flag("bank", None)]));
+        assert!(any.accepts(&[flag("bank", Some(Verdict::Confirmed))]));
+        assert!(!any.accepts(&[flag("bank", Some(Verdict::Cleared))]));
+        assert!(!pending.accepts(&[flag("bank", Some(Verdict::Confirmed))]));
+        assert!(pending.accepts(&[flag("bank", None)]));
+        assert!(!bank.accepts(&[flag("other", None)]));
+        assert!(bank.accepts(&[flag("other", None), flag("bank", None)]));
+    }
+
+    #[test]
+    fn entry_ids_fit_53_bits_and_depend_on_list_and_hash() {
+        let h = PdqHash([7; 32]);
+        let a = entry_id("a", Some(&h), None);
+        assert!(a < 1 << 53);
+        assert_eq!(a, entry_id("a", Some(&h), None));
+        assert_ne!(a, entry_id("b", Some(&h), None));
+        assert_ne!(a, entry_id("a", None, Some(&[1.0, 0.0])));
+    }
+}
