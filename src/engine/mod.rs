@@ -60,6 +60,7 @@ pub mod facets;
 pub mod import;
 pub mod ingest;
 pub mod models;
+pub mod moderation;
 mod reindex;
 pub mod search;
 mod upload_folder;
@@ -72,9 +73,14 @@ pub use error::{EngineError, ErrorKind, Result};
 pub use import::ImportSummary;
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
+pub use moderation::{
+    EntriesAdded, Match, MatchParams, ReferenceImage, ReviewItem, ReviewPage, Skipped,
+    DEFAULT_MIN_COSINE,
+};
 pub use uploads::{NewUpload, ProductUploaded, Uploaded};
 
 pub use crate::index::{
-    AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource, CollectionInfo,
-    FeatureMatrix, Filter, ImageId, ImageRecord, Product, Schema, DEFAULT_DIR,
+    AttrFilter, AttrTest, AttrType, AttrValue, AuditEntry, Caption, CaptionSource, CollectionInfo,
+    Decision, FeatureMatrix, Filter, Flag, FlagFilter, ImageId, ImageRecord, ListEntry, ListInfo,
+    MatchRule, Pdq, PdqHash, Product, Schema, Verdict, DEFAULT_DIR, DEFAULT_PDQ_DISTANCE,
 };

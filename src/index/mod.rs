@@ -21,6 +21,7 @@
 
 mod attr_columns;
 pub mod attributes;
+pub mod audit;
 pub mod blobs;
 mod collection;
 pub mod error;
@@ -46,6 +47,7 @@ pub mod vectors;
 pub(crate) mod testutil;
 
 pub use attributes::{merge_schema, AttrFilter, AttrTest, AttrType, AttrValue, Product, Schema};
+pub use audit::{AuditEntry, AuditLog};
 pub use blobs::BlobStore;
 pub use collection::{Collection, Recovery};
 pub use error::{IndexError, Result};
@@ -59,7 +61,7 @@ pub use milvus::{MilvusAddress, MilvusStore};
 pub use moderation::{
     check_list_name, entry_id, Decision, Flag, FlagFilter, ListEntry, ListInfo, MatchRule, Verdict,
 };
-pub use pdq::{Pdq, PdqHash, DEFAULT_PDQ_DISTANCE, MIN_PDQ_QUALITY};
+pub use pdq::{Pdq, PdqHash, PdqIndex, DEFAULT_PDQ_DISTANCE, MIN_PDQ_QUALITY};
 pub use record::{
     content_hash, now_unix, Caption, CaptionSource, CollectionInfo, CommitState, ImageRecord,
 };

@@ -85,6 +85,39 @@ pub struct Pdq {
     pub quality: u8,
 }
 
+/// Every hash within a Hamming distance of a query, found by multi-index hashing: the 256 bits
+/// are cut into 16 chunks of 16 bits, each chunk indexes the hashes by its value, and a query
+/// within distance `d` of a stored hash agrees with it to within `d / 16` bits on at least one
+/// chunk (pigeonhole), so only the buckets of those chunk values are verified.
+pub struct PdqIndex {
+    hashes: Vec<PdqHash>,
+}
+
+impl PdqIndex {
+    /// Indexes `hashes`; a hit names its position in this vector.
+    pub fn new(hashes: Vec<PdqHash>) -> Self {
+        let _ = &hashes;
+        todo!("multi-index hashing")
+    }
+
+    /// Hashes indexed.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Every indexed hash within `max_distance` of `query`, as (position, distance), by
+    /// position.
+    pub fn within(&self, query: &PdqHash, max_distance: u32) -> Vec<(usize, u32)> {
+        let _ = (query, max_distance);
+        todo!("multi-index hashing")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

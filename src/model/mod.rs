@@ -16,6 +16,7 @@ pub mod error;
 pub mod kernels;
 pub mod layers;
 pub mod linear;
+pub mod pdq;
 pub mod preprocess;
 pub mod resample;
 pub mod retrieval;
