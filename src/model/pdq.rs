@@ -49,8 +49,6 @@ const DOWNSAMPLED: usize = 64;
 const KEPT: usize = 16;
 /// The smallest side hashed.
 const MIN_SIDE: u32 = 5;
-/// Passes of the box filter (two make a tent).
-const FILTER_PASSES: usize = 2;
 
 /// The PDQ hash of `image` (its 32 bytes, in the reference's byte order) and its quality (0 to
 /// 100); `None` for an image under 5 pixels on a side.
@@ -532,7 +530,7 @@ mod tests {
         let (rw, cw) = (window(w), window(h));
         let mut col_in = vec![0f32; h];
         let mut col_out = vec![0f32; h];
-        for _ in 0..FILTER_PASSES {
+        for _pass in 0..2 {
             for r in 0..h {
                 box_line(&a[r * w..][..w], &mut b[r * w..][..w], rw);
             }
