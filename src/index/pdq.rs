@@ -145,21 +145,12 @@ impl PdqIndex {
         // A counting sort per chunk, the chunks side by side.
         starts
             .par_chunks_mut(CHUNK_VALUES + 1)
-            .zip(positions.par_chunks_mut(n.max(1)))
+            .zip(positions.par_chunks_mut(n))
             .enumerate()
             .for_each(|(c, (starts, positions))| {
-                for w in &words {
-                    starts[usize::from(chunk(w, c)) + 1] += 1;
-                }
-                for v in 0..CHUNK_VALUES {
-                    starts[v + 1] += starts[v];
-                }
-                let mut next: Vec<u32> = starts[..CHUNK_VALUES].to_vec();
-                for (p, w) in words.iter().enumerate() {
-                    let slot = &mut next[usize::from(chunk(w, c))];
-                    positions[*slot as usize] = p as u32;
-                    *slot += 1;
-                }
+                let (s, p) = group_by_chunk(&words, c);
+                starts.copy_from_slice(&s);
+                positions.copy_from_slice(&p);
             });
         Self {
             words,
@@ -176,6 +167,13 @@ impl PdqIndex {
     /// Whether none are.
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
+    }
+
+    /// Bytes the index takes in memory (its hashes and tables).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.words.as_slice())
+            + std::mem::size_of_val(self.starts.as_slice())
+            + std::mem::size_of_val(self.positions.as_slice())
     }
 
     /// The hash at `position`.
@@ -235,6 +233,127 @@ impl PdqIndex {
         out.sort_unstable_by_key(|&(p, _)| p);
         out
     }
+
+    /// Every (query, position, distance) with the indexed hash at `position` within
+    /// `max_distance` of `queries[query]`, by query and then position: [`PdqIndex::within`]
+    /// for many queries at once, as matching a whole collection against a bank needs.
+    ///
+    /// The same lookups, made chunk by chunk as a join: the queries are grouped by the chunk's
+    /// value and the indexed hashes copied into the chunk's order, so each table bucket is
+    /// checked against the queries of every value near its own while both sit in cache, rather
+    /// than one query fetching hashes from all over memory. On a million hashes and more it is
+    /// several times faster than `within` per query. Runs on rayon's threads; takes, beside
+    /// the index, 32 bytes per indexed hash and 36 per query while it runs.
+    pub fn pairs_within(&self, queries: &[PdqHash], max_distance: u32) -> Vec<(usize, usize, u32)> {
+        let radius = lookup_radius(max_distance);
+        let flips = masks_within(radius);
+        if self.starts.is_empty() || flips.len() * CHUNKS >= self.words.len() {
+            return queries
+                .par_iter()
+                .enumerate()
+                .flat_map_iter(|(i, q)| {
+                    self.scan(q, max_distance)
+                        .into_iter()
+                        .map(move |(p, dist)| (i, p, dist))
+                })
+                .collect();
+        }
+        self.join(queries, max_distance)
+    }
+
+    /// [`PdqIndex::pairs_within`] through the chunk tables.
+    fn join(&self, queries: &[PdqHash], max_distance: u32) -> Vec<(usize, usize, u32)> {
+        let radius = lookup_radius(max_distance);
+        let flips = masks_within(radius);
+        assert!(
+            u32::try_from(queries.len()).is_ok(),
+            "at most 2^32 queries at once, not {}",
+            queries.len()
+        );
+        let n = self.words.len();
+        let query_words: Vec<[u64; 4]> = queries.iter().map(to_words).collect();
+        let mut out = Vec::new();
+        for c in 0..CHUNKS {
+            let starts = &self.starts[c * (CHUNK_VALUES + 1)..][..CHUNK_VALUES + 1];
+            let positions = &self.positions[c * n..][..n];
+            let sorted: Vec<[u64; 4]> = positions
+                .par_iter()
+                .map(|&p| self.words[p as usize])
+                .collect();
+            let (query_starts, query_order) = group_by_chunk(&query_words, c);
+            let query_sorted: Vec<[u64; 4]> = query_order
+                .iter()
+                .map(|&i| query_words[i as usize])
+                .collect();
+            // Walk the values of the side with fewer hashes; look up the other side's.
+            let queries_outer = queries.len() <= n;
+            let index_bucket = |v: usize| starts[v] as usize..starts[v + 1] as usize;
+            let query_bucket = |v: usize| query_starts[v] as usize..query_starts[v + 1] as usize;
+            let found: Vec<(usize, usize, u32)> = (0..CHUNK_VALUES)
+                .into_par_iter()
+                .with_min_len(64)
+                .flat_map_iter(|v| {
+                    let mut local = Vec::new();
+                    let outer = if queries_outer {
+                        query_bucket(v)
+                    } else {
+                        index_bucket(v)
+                    };
+                    if outer.is_empty() {
+                        return local;
+                    }
+                    for &flip in flips {
+                        let u = v ^ usize::from(flip);
+                        let (qs, ks) = if queries_outer {
+                            (outer.clone(), index_bucket(u))
+                        } else {
+                            (query_bucket(u), outer.clone())
+                        };
+                        for j in qs {
+                            let q = &query_sorted[j];
+                            for k in ks.clone() {
+                                let w = &sorted[k];
+                                let dist = words_distance(w, q);
+                                if dist <= max_distance
+                                    && (0..c).all(|e| chunk_distance(w, q, e) > radius as u32)
+                                {
+                                    local.push((
+                                        query_order[j] as usize,
+                                        positions[k] as usize,
+                                        dist,
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    local
+                })
+                .collect();
+            out.extend(found);
+        }
+        out.par_sort_unstable();
+        out
+    }
+}
+
+/// `words` grouped by the value of chunk `c`: (the start of each value's group, the indexes in
+/// group order), a counting sort.
+fn group_by_chunk(words: &[[u64; 4]], c: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut starts = vec![0u32; CHUNK_VALUES + 1];
+    for w in words {
+        starts[usize::from(chunk(w, c)) + 1] += 1;
+    }
+    for v in 0..CHUNK_VALUES {
+        starts[v + 1] += starts[v];
+    }
+    let mut next = starts[..CHUNK_VALUES].to_vec();
+    let mut order = vec![0u32; words.len()];
+    for (i, w) in words.iter().enumerate() {
+        let slot = &mut next[usize::from(chunk(w, c))];
+        order[*slot as usize] = i as u32;
+        *slot += 1;
+    }
+    (starts, order)
 }
 
 /// Bits in which one chunk at least of a hash within `max_distance` agrees with the query's.
@@ -384,6 +503,38 @@ mod tests {
             prop_assert_eq!(index.scan(&query, max_distance), expected.clone());
             prop_assert_eq!(index.within(&query, max_distance), expected);
         }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn pairs_within_agrees_with_within(
+            seed in any::<u64>(),
+            max_distance in 0u32..=64,
+            distances in proptest::collection::vec(0u32..=72, 0..24),
+            spread in any::<bool>(),
+        ) {
+            let mut rng = StdRng::seed_from_u64(seed ^ 0x9a1);
+            let anchors: Vec<PdqHash> = (0..3).map(|_| random_hash(&mut rng)).collect();
+            let hashes = planted(seed, 1500, &anchors[0], &distances, spread);
+            // Queries: the anchors, near copies of the anchors and of indexed hashes, random ones.
+            let mut queries = anchors.clone();
+            for k in 0..40u32 {
+                let base = if k % 2 == 0 { anchors[(k % 3) as usize] } else { hashes[rng.random_range(0..hashes.len())] };
+                queries.push(flipped(&base, rng.random_range(0..=72), spread, &mut rng));
+                queries.push(random_hash(&mut rng));
+            }
+            let index = PdqIndex::new(hashes);
+            let expected: Vec<(usize, usize, u32)> = queries
+                .iter()
+                .enumerate()
+                .flat_map(|(i, q)| index.probe(q, max_distance).into_iter().map(move |(p, d)| (i, p, d)))
+                .collect();
+            prop_assert_eq!(index.join(&queries, max_distance), expected.clone());
+            prop_assert_eq!(index.pairs_within(&queries, max_distance), expected);
+        }
     }
 
     #[test]
@@ -433,6 +584,8 @@ mod tests {
         assert_eq!(index.within(&hashes[3], 0), vec![(3, 0)]);
         assert_eq!(index.within(&hashes[3], 256).len(), 10);
         assert_eq!(index.within(&hashes[3], u32::MAX).len(), 10);
+        let pairs = index.pairs_within(&[hashes[1], hashes[3]], 0);
+        assert_eq!(pairs, vec![(0, 1, 0), (1, 3, 0)]);
         let empty = PdqIndex::new(Vec::new());
         assert!(empty.is_empty());
         assert!(empty.within(&hashes[0], 31).is_empty());
