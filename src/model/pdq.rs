@@ -118,7 +118,7 @@ fn downsample(image: &DynamicImage, direct_at_64: bool) -> Option<(Box<Block64>,
 /// The reference's box-filter window along a side of `len` pixels sampled down to 64: half a
 /// sample's span (two passes make the whole span), rounded up.
 fn window(len: usize) -> usize {
-    (len + 2 * DOWNSAMPLED - 1) / (2 * DOWNSAMPLED)
+    len.div_ceil(2 * DOWNSAMPLED)
 }
 
 /// Pixels a window of `window` reaches before its centre: with `window - half` after it, the
@@ -331,14 +331,14 @@ impl TentDownsampler {
 fn quality(small: &Block64) -> u8 {
     let step = |u: f32, v: f32| ((((u - v) * 100.0) / 255.0) as i32).abs();
     let mut sum = 0i32;
-    for i in 0..DOWNSAMPLED - 1 {
-        for j in 0..DOWNSAMPLED {
-            sum += step(small[i][j], small[i + 1][j]);
+    for (upper, lower) in small.iter().zip(&small[1..]) {
+        for (&u, &v) in upper.iter().zip(lower) {
+            sum += step(u, v);
         }
     }
     for row in small.iter() {
-        for j in 0..DOWNSAMPLED - 1 {
-            sum += step(row[j], row[j + 1]);
+        for (&u, &v) in row.iter().zip(&row[1..]) {
+            sum += step(u, v);
         }
     }
     (sum / 90).min(100) as u8
