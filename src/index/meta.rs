@@ -15,8 +15,14 @@
 //! | `meta` | `collection`, `count` | [`CollectionInfo`] as JSON; number of images |
 //! | `commits` | `state` | [`CommitState`] as JSON |
 //! | `pending` | id | empty: ids touched since the last commit (the recovery journal) |
+//! | `excluded` | content hash | `{"path", "unix"}`: content removed on purpose |
+//! | `lists` | `h` + list name | [`ListInfo`] as JSON, with its number of entries |
+//! | `lists` | `e` + list name + `0x00` + entry id | [`ListEntry`] as JSON |
 //!
 //! Every mutation updates all affected trees, the count and the journal in one sled transaction.
+//! A match list changes in one atomic batch of the `lists` tree (its header with the count, and
+//! its entries), flushed before the call returns. The `0x00` after a name sorts a list's entries
+//! before those of any longer name that starts with it, so entries iterate by list, then id.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,6 +34,7 @@ use sled::Transactional;
 
 use super::error::{IndexError, Result};
 use super::id::ImageId;
+use super::moderation::{ListEntry, ListInfo};
 use super::record::{now_unix, CollectionInfo, CommitState, ImageRecord};
 
 const KEY_INFO: &[u8] = b"collection";
@@ -46,6 +53,7 @@ pub struct MetaStore {
     commits: sled::Tree,
     pending: sled::Tree,
     excluded: sled::Tree,
+    lists: sled::Tree,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<IndexError>>;
@@ -130,6 +138,7 @@ impl MetaStore {
             commits: db.open_tree("commits")?,
             pending: db.open_tree("pending")?,
             excluded: db.open_tree("excluded")?,
+            lists: db.open_tree("lists")?,
             db,
         };
         if store.meta.get(KEY_NEXT_ID)?.is_none() {
@@ -487,10 +496,158 @@ impl MetaStore {
         Ok(was)
     }
 
+    /// The match list `name`, if there is one.
+    pub fn list(&self, name: &str) -> Result<Option<ListInfo>> {
+        match self.lists.get(list_key(name))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every match list, by name.
+    pub fn lists(&self) -> Result<Vec<ListInfo>> {
+        self.lists
+            .scan_prefix(b"h")
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    /// Creates the empty list `name` ([`IndexError::ListExists`] if there is one). Durable on
+    /// return.
+    pub fn create_list(&self, name: &str) -> Result<ListInfo> {
+        let info = ListInfo {
+            name: name.to_string(),
+            entries: 0,
+            created_unix: now_unix(),
+        };
+        let created = self.lists.compare_and_swap(
+            list_key(name),
+            None as Option<&[u8]>,
+            Some(serde_json::to_vec(&info)?),
+        )?;
+        if created.is_err() {
+            return Err(IndexError::ListExists(name.to_string()));
+        }
+        self.lists.flush()?;
+        Ok(info)
+    }
+
+    /// Removes the list `name` and its entries in one batch; returns it, or `None` if there was
+    /// none. Durable on return.
+    pub fn delete_list(&self, name: &str) -> Result<Option<ListInfo>> {
+        let Some(info) = self.list(name)? else {
+            return Ok(None);
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(list_key(name));
+        for key in self.lists.scan_prefix(entries_prefix(name)).keys() {
+            batch.remove(key?);
+        }
+        self.lists.apply_batch(batch)?;
+        self.lists.flush()?;
+        Ok(Some(info))
+    }
+
+    /// Stores `entries` (an entry with a stored entry's list and id replaces it) and the new
+    /// counts of their lists, in one batch. Every list must exist ([`IndexError::NoList`]
+    /// otherwise, writing nothing). Durable on return.
+    pub fn put_entries(&self, entries: &[ListEntry]) -> Result<()> {
+        let mut infos: std::collections::BTreeMap<&str, ListInfo> = Default::default();
+        for e in entries {
+            if !infos.contains_key(e.list.as_str()) {
+                let info = self
+                    .list(&e.list)?
+                    .ok_or_else(|| IndexError::NoList(e.list.clone()))?;
+                infos.insert(&e.list, info);
+            }
+        }
+        let mut batch = sled::Batch::default();
+        let mut written = std::collections::HashSet::new();
+        for e in entries {
+            let key = entry_key(&e.list, e.id);
+            if written.insert(key.clone()) && !self.lists.contains_key(&key)? {
+                if let Some(info) = infos.get_mut(e.list.as_str()) {
+                    info.entries += 1;
+                }
+            }
+            batch.insert(key, serde_json::to_vec(e)?);
+        }
+        for info in infos.values() {
+            batch.insert(list_key(&info.name), serde_json::to_vec(info)?);
+        }
+        self.lists.apply_batch(batch)?;
+        self.lists.flush()?;
+        Ok(())
+    }
+
+    /// Removes entry `id` of list `name` ([`IndexError::NoList`] if there is no such list);
+    /// returns it, or `None` if there was none. Durable on return.
+    pub fn remove_entry(&self, name: &str, id: u64) -> Result<Option<ListEntry>> {
+        let mut info = self
+            .list(name)?
+            .ok_or_else(|| IndexError::NoList(name.to_string()))?;
+        let key = entry_key(name, id);
+        let Some(v) = self.lists.get(&key)? else {
+            return Ok(None);
+        };
+        let entry: ListEntry = serde_json::from_slice(&v)?;
+        info.entries = info.entries.saturating_sub(1);
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.insert(list_key(name), serde_json::to_vec(&info)?);
+        self.lists.apply_batch(batch)?;
+        self.lists.flush()?;
+        Ok(Some(entry))
+    }
+
+    /// The entries of list `name` by id ([`IndexError::NoList`] if there is no such list), or of
+    /// every list by list then id.
+    pub fn entries(&self, name: Option<&str>) -> Result<Vec<ListEntry>> {
+        let prefix = match name {
+            Some(name) => {
+                if self.list(name)?.is_none() {
+                    return Err(IndexError::NoList(name.to_string()));
+                }
+                entries_prefix(name)
+            }
+            None => b"e".to_vec(),
+        };
+        self.lists
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// The key of list `name`'s header in the `lists` tree.
+fn list_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(b'h');
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The prefix of every entry key of list `name` in the `lists` tree.
+fn entries_prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + name.len() + 8);
+    key.push(b'e');
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The key of entry `id` of list `name` in the `lists` tree.
+fn entry_key(name: &str, id: u64) -> Vec<u8> {
+    let mut key = entries_prefix(name);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
 }
 
 /// Aborts with [`IndexError::AlreadyExists`] when `tree` (`by_path` or `by_hash`, named by
