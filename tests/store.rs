@@ -1306,6 +1306,10 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
         r.id = s.allocate_id(&r.content_hash).unwrap();
         let brand = if n % 100 == 7 { "rare" } else { "common" };
         r.product = Some(product(&format!("P{n}"), "", "", &[("brand", text(brand))]));
+        r.pdq = Some(Pdq {
+            hash: PdqHash([(n % 251) as u8; 32]),
+            quality: (n % 101) as u8,
+        });
         if brand == "rare" {
             rare.push((r.id, r.itc.clone()));
         }
@@ -1319,6 +1323,18 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
         attributes: vec![AttrFilter::parse("brand:rare", &schema()).unwrap()],
         ..Filter::default()
     };
+    // Reads of many rows page through all of them, in id order, whatever order they were
+    // written in (ids come from content hashes here, so in no order).
+    let mut all: Vec<ImageId> = s.under("/lib/").unwrap().iter().map(|u| u.0).collect();
+    assert_eq!(all.len(), 4000);
+    all.sort();
+    assert_eq!(s.matching(&Filter::default(), usize::MAX).unwrap(), all);
+    assert_eq!(s.matching(&Filter::default(), 1500).unwrap(), all[..1500]);
+    let mut rare_ids: Vec<ImageId> = rare.iter().map(|r| r.0).collect();
+    rare_ids.sort();
+    assert_eq!(s.matching(&filter, usize::MAX).unwrap(), rare_ids);
+    let hashes = s.pdq_hashes().unwrap();
+    assert_eq!(hashes.iter().map(|h| h.0).collect::<Vec<_>>(), all);
     for _ in 0..10 {
         let q = unit(&mut g);
         let got = s.vector_search(&q, 100, None, &filter).unwrap();
@@ -1338,10 +1354,139 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
 }
 
 #[test]
+fn embedded_selective_filters_return_k_whenever_k_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, BLIP_DIM, 5, 8);
+    let mut s = Collection::open(tmp.path(), &info, HnswParams::default()).unwrap();
+    selective_filters_return_k_whenever_k_pass(&mut s);
+}
+
+#[test]
 fn milvus_selective_filters_return_k_whenever_k_pass() {
     let milvus = MilvusLite::start();
     let address = milvus.address("selective").parse().unwrap();
     let info = CollectionInfo::new("test/store-suite", None, BLIP_DIM, 5, 8);
     let mut s = MilvusStore::open(&address, &info).unwrap();
     selective_filters_return_k_whenever_k_pass(&mut s);
+}
+
+/// Whether the Milvus at `port` has each of `collections`.
+fn milvus_has(port: u16, collections: &[&str]) -> Vec<bool> {
+    use milvus::v2::prelude::{ClientV2, ConnectConfig, HasCollectionRequest};
+    let names: Vec<String> = collections.iter().map(|c| c.to_string()).collect();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let config = ConnectConfig::new().uri(format!("http://127.0.0.1:{port}"));
+            let client = ClientV2::new(&config).await?;
+            let mut out = Vec::new();
+            for name in names {
+                let request = HasCollectionRequest::builder()
+                    .collection_name(name)
+                    .build()?;
+                out.push(client.has_collection(request).await?.exists());
+            }
+            Ok::<_, milvus::v2::error::Error>(out)
+        })
+        .unwrap()
+}
+
+/// Drops one Milvus collection behind the store's back.
+fn milvus_drop(port: u16, collection: &str) {
+    use milvus::v2::prelude::{ClientV2, ConnectConfig, DropCollectionRequest};
+    let name = collection.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let config = ConnectConfig::new().uri(format!("http://127.0.0.1:{port}"));
+            let client = ClientV2::new(&config).await?;
+            let request = DropCollectionRequest::builder()
+                .collection_name(name)
+                .build()?;
+            client.drop_collection(request).await
+        })
+        .unwrap();
+}
+
+/// Match lists and flags live in Milvus, not in a handle: two handles (as two processes would)
+/// see each other's writes at once. A collection made before match lists gets its `__lists`
+/// collection at its next open; replacing a collection (a reindex's swap) takes the new one's
+/// lists, and dropping it drops them.
+#[test]
+fn milvus_lists_are_shared_and_go_with_their_collection() {
+    let milvus = MilvusLite::start();
+    let address: blipsearch::index::MilvusAddress = milvus.address("shared").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    let mut g = Gen(0x5A4E_D115_7500);
+    let mut a = MilvusStore::open(&address, &info).unwrap();
+    let mut b = MilvusStore::open(&address, &info).unwrap();
+
+    a.create_list("bank").unwrap();
+    assert!(matches!(b.create_list("bank"), Err(IndexError::ListExists(_))));
+    let e = entry("bank", 1, 8, Some(g.unit()));
+    b.add_entries(std::slice::from_ref(&e)).unwrap();
+    assert_eq!(a.entries(Some("bank")).unwrap(), [e.clone()]);
+    assert_eq!(a.lists().unwrap()[0].entries, 1);
+    let mut r = record(1, &mut g);
+    r.flags = vec![flag("bank", e.id, None)];
+    let id = add(&mut a, r).unwrap();
+    let pending = Filter {
+        flagged: Some(FlagFilter {
+            list: Some("bank".into()),
+            pending_only: true,
+        }),
+        ..Filter::default()
+    };
+    assert_eq!(b.matching(&pending, 10).unwrap(), [id]);
+    let mut seen = b.get(id).unwrap().unwrap();
+    seen.flags[0].decision = Some(Decision {
+        verdict: Verdict::Confirmed,
+        note: String::new(),
+        actor: "cli".into(),
+        unix: 0,
+    });
+    b.update(&seen).unwrap();
+    assert!(a.matching(&pending, 10).unwrap().is_empty());
+
+    // Deleted by one, gone for the other; a list made again under the name is empty.
+    b.delete_list("bank").unwrap();
+    assert!(a.lists().unwrap().is_empty());
+    assert!(matches!(
+        a.add_entries(std::slice::from_ref(&e)),
+        Err(IndexError::NoList(_))
+    ));
+    a.create_list("bank").unwrap();
+    assert!(b.entries(Some("bank")).unwrap().is_empty());
+    drop((a, b));
+
+    // A collection made before match lists has no `__lists`: opening it makes one.
+    milvus_drop(milvus.port, "shared__lists");
+    assert_eq!(milvus_has(milvus.port, &["shared__lists"]), [false]);
+    let mut s = MilvusStore::open_existing(&address).unwrap();
+    assert!(s.lists().unwrap().is_empty());
+    s.create_list("kept").unwrap();
+    assert_eq!(s.get(id).unwrap().unwrap().flags, seen.flags);
+
+    // Replaced by a collection with lists of its own: those are the lists now.
+    let staging: blipsearch::index::MilvusAddress =
+        milvus.address("shared_reindex").parse().unwrap();
+    let mut fresh = MilvusStore::open(&staging, &info).unwrap();
+    fresh.create_list("fresh").unwrap();
+    let f = entry("fresh", 2, 1, None);
+    fresh.add_entries(std::slice::from_ref(&f)).unwrap();
+    drop(fresh);
+    MilvusStore::replace(&address, &staging).unwrap();
+    let lists: Vec<String> = s.lists().unwrap().into_iter().map(|l| l.name).collect();
+    assert_eq!(lists, ["fresh"]);
+    assert_eq!(s.entries(None).unwrap(), [f]);
+    drop(s);
+
+    MilvusStore::drop_collection(&address).unwrap();
+    assert_eq!(
+        milvus_has(
+            milvus.port,
+            &["shared", "shared__excluded", "shared__lists", "shared_reindex__lists"]
+        ),
+        [false; 4]
+    );
 }
