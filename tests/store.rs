@@ -17,6 +17,16 @@
 //! updates and deletes; the attribute schema kept across a reopen and refusing a conflicting
 //! type without change; product titles and descriptions found by text search, a title above a
 //! description for the same word.
+//!
+//! The moderation part ([`moderation_contract`]) checks match lists and flags: lists created
+//! once under a possible name, entries added (a batch naming a missing list writes nothing),
+//! replaced by id, listed by list then id, counted, removed, deleted with their list and not
+//! resurrected by a new list of the same name, all kept across a reopen (an empty list too);
+//! flag filters (any list, one list, pending only, a cleared flag counting for nothing, with
+//! other filters) on both searches and `matching`, agreeing with `Filter::accepts`, before and
+//! after updates that change flags; a list name no list can have refused in a filter; records
+//! keeping their PDQ hash and flags; `pdq_hashes` agreeing with the records. Reads of thousands
+//! of rows page through all of them in id order (the selective-filter test).
 
 mod common;
 
@@ -809,7 +819,10 @@ fn flags_of(n: u64) -> Vec<Flag> {
         1 => vec![flag("bank", n, None)],
         2 => vec![flag("bank", n, Some(Confirmed)), flag("other", n, None)],
         3 => vec![flag("other", n, Some(Cleared))],
-        _ => vec![flag("bank", n, Some(Cleared)), flag("other", n, Some(Confirmed))],
+        _ => vec![
+            flag("bank", n, Some(Cleared)),
+            flag("other", n, Some(Confirmed)),
+        ],
     }
 }
 
@@ -859,7 +872,10 @@ fn flag_filters_agree_with_accepts(s: &dyn Store, g: &mut Gen) -> usize {
         some += !want.is_empty() as usize;
     }
     let everyone: Vec<ImageId> = all.iter().map(|r| r.id).collect();
-    assert_eq!(s.matching(&Filter::default(), usize::MAX).unwrap(), everyone);
+    assert_eq!(
+        s.matching(&Filter::default(), usize::MAX).unwrap(),
+        everyone
+    );
     assert_eq!(s.matching(&Filter::default(), 3).unwrap(), everyone[..3]);
     assert!(s.matching(&Filter::default(), 0).unwrap().is_empty());
     let hashes: Vec<(ImageId, Pdq)> = all
@@ -921,14 +937,23 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     // Entries no store can keep.
     let mut nine = entry("bank", 6, 8, None);
     nine.pdq.push(PdqHash([0; 32]));
-    let mut wrong_dim = entry("bank", 7, 1, Some(vec![1.0; DIM + 1]));
-    wrong_dim.itc = Some(vec![1.0; DIM + 1]);
+    let wrong_dim = entry("bank", 7, 1, Some(vec![1.0; DIM + 1]));
+    let not_finite = entry("bank", 10, 1, Some(vec![f32::NAN; DIM]));
     let mut nothing = entry("bank", 8, 0, None);
     nothing.id = 42;
     let mut long_label = entry("bank", 9, 1, None);
     long_label.label = Some("x".repeat(5000));
-    for bad in [nine, wrong_dim, nothing, long_label] {
-        assert!(s.add_entries(&[hash_only.clone(), bad]).is_err());
+    let mut wide_id = entry("bank", 11, 1, None);
+    wide_id.id = 1 << 53;
+    for bad in [nine, wrong_dim, not_finite, nothing, long_label, wide_id] {
+        let what = format!("{bad:?}");
+        assert!(
+            matches!(
+                s.add_entries(&[hash_only.clone(), bad]),
+                Err(IndexError::InvalidParams(_))
+            ),
+            "{what}"
+        );
     }
     assert!(s.entries(Some("bank")).unwrap().is_empty());
 
@@ -963,7 +988,10 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
         s.remove_entry("nope", full.id),
         Err(IndexError::NoList(_))
     ));
-    assert!(matches!(s.entries(Some("nope")), Err(IndexError::NoList(_))));
+    assert!(matches!(
+        s.entries(Some("nope")),
+        Err(IndexError::NoList(_))
+    ));
     bank_entries.retain(|e| e.id != vector_only.id);
     assert_eq!(s.entries(Some("bank")).unwrap(), bank_entries);
 
@@ -1019,7 +1047,10 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
             s.text_search("dog", 3, &f),
             Err(IndexError::InvalidFilter(_))
         ));
-        assert!(matches!(s.matching(&f, 3), Err(IndexError::InvalidFilter(_))));
+        assert!(matches!(
+            s.matching(&f, 3),
+            Err(IndexError::InvalidFilter(_))
+        ));
     }
 
     // An update that changes flags changes what the filter passes, at once: an unflagged image
@@ -1044,7 +1075,10 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
         .find(|r| r.flags.len() == 1 && r.flags[0].pending())
         .unwrap()
         .clone();
-    assert!(!s.matching(&pending_other, 100).unwrap().contains(&unflagged.id));
+    assert!(!s
+        .matching(&pending_other, 100)
+        .unwrap()
+        .contains(&unflagged.id));
     assert!(s.matching(&bank_any, 100).unwrap().contains(&pending.id));
     unflagged.flags.push(flag("other", 99, None));
     pending.flags[0].decision = Some(Decision {
@@ -1055,10 +1089,14 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     });
     pending.pdq = None;
     s.update_all(&[unflagged.clone(), pending.clone()]).unwrap();
-    assert!(s.matching(&pending_other, 100).unwrap().contains(&unflagged.id));
+    assert!(s
+        .matching(&pending_other, 100)
+        .unwrap()
+        .contains(&unflagged.id));
     assert!(!s.matching(&bank_any, 100).unwrap().contains(&pending.id));
-    assert!(!ids(&s.vector_search(&pending.itc, 50, None, &bank_any).unwrap())
-        .contains(&pending.id.0));
+    assert!(
+        !ids(&s.vector_search(&pending.itc, 50, None, &bank_any).unwrap()).contains(&pending.id.0)
+    );
     assert_eq!(s.get(pending.id).unwrap().as_ref(), Some(&pending));
     assert!(!s.pdq_hashes().unwrap().iter().any(|h| h.0 == pending.id));
     s.commit().unwrap();
@@ -1084,7 +1122,10 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
         names(&*s),
         [("bank".into(), 2), ("empty".into(), 0), ("other".into(), 0)]
     );
-    assert_eq!((records(&*s), s.entries(None).unwrap(), s.lists().unwrap()), before);
+    assert_eq!(
+        (records(&*s), s.entries(None).unwrap(), s.lists().unwrap()),
+        before
+    );
     flag_filters_agree_with_accepts(&*s, &mut g);
 }
 
@@ -1422,7 +1463,10 @@ fn milvus_lists_are_shared_and_go_with_their_collection() {
     let mut b = MilvusStore::open(&address, &info).unwrap();
 
     a.create_list("bank").unwrap();
-    assert!(matches!(b.create_list("bank"), Err(IndexError::ListExists(_))));
+    assert!(matches!(
+        b.create_list("bank"),
+        Err(IndexError::ListExists(_))
+    ));
     let e = entry("bank", 1, 8, Some(g.unit()));
     b.add_entries(std::slice::from_ref(&e)).unwrap();
     assert_eq!(a.entries(Some("bank")).unwrap(), [e.clone()]);
@@ -1485,7 +1529,12 @@ fn milvus_lists_are_shared_and_go_with_their_collection() {
     assert_eq!(
         milvus_has(
             milvus.port,
-            &["shared", "shared__excluded", "shared__lists", "shared_reindex__lists"]
+            &[
+                "shared",
+                "shared__excluded",
+                "shared__lists",
+                "shared_reindex__lists"
+            ]
         ),
         [false; 4]
     );

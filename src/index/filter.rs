@@ -211,7 +211,8 @@ impl Columns {
         self.row_products.push(product);
         self.row_pdq.push(r.pdq);
         if r.flags.iter().any(Flag::active) {
-            self.flags.insert(r.id.0, r.flags.clone().into_boxed_slice());
+            self.flags
+                .insert(r.id.0, r.flags.clone().into_boxed_slice());
         }
     }
 

@@ -599,12 +599,9 @@ impl Store for MilvusStore {
             return Err(IndexError::NoList(list.to_string()));
         }
         let key = literal(&format!("{list}/{id}"));
-        let rows = self.remote.query(
-            &self.remote.lists,
-            format!("key == {key}"),
-            &["data"],
-            None,
-        )?;
+        let rows =
+            self.remote
+                .query(&self.remote.lists, format!("key == {key}"), &["data"], None)?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };

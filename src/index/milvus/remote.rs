@@ -237,7 +237,11 @@ impl Remote {
     /// it does not exist: a collection made before match lists has none until its next open.
     pub(super) fn create_lists(&self) -> Result<()> {
         let lists = CollectionSchema::new()
-            .add_field(varchar("key", MAX_LIST_KEY).primary_key(true).auto_id(false))
+            .add_field(
+                varchar("key", MAX_LIST_KEY)
+                    .primary_key(true)
+                    .auto_id(false),
+            )
             .add_field(varchar("list", MAX_LIST_NAME as u32))
             .add_field(int64("entry"))
             .add_field(varchar("data", MAX_VARCHAR))
