@@ -20,8 +20,8 @@
 //! | `lists` | `e` + list name + `0x00` + entry id | [`ListEntry`] as JSON |
 //!
 //! Every mutation updates all affected trees, the count and the journal in one sled transaction.
-//! A match list changes in one atomic batch of the `lists` tree (its header with the count, and
-//! its entries), flushed before the call returns. The `0x00` after a name sorts a list's entries
+//! A match list changes in atomic batches of the `lists` tree, each with the list's count as it
+//! leaves it (so the count always matches the entries stored), flushed before the call returns. The `0x00` after a name sorts a list's entries
 //! before those of any longer name that starts with it, so entries iterate by list, then id.
 
 use std::path::{Path, PathBuf};
@@ -41,6 +41,9 @@ const KEY_INFO: &[u8] = b"collection";
 const KEY_COUNT: &[u8] = b"count";
 const KEY_STATE: &[u8] = b"state";
 const KEY_NEXT_ID: &[u8] = b"next_id";
+/// Most list entries written or removed in one batch (a bank of a million hashes is written in
+/// parts, each atomic with its list's count, rather than held whole in one batch).
+const ENTRY_BATCH: usize = 10_000;
 
 /// The sled database of a collection (directory `meta/`).
 pub struct MetaStore {
@@ -533,25 +536,39 @@ impl MetaStore {
         Ok(info)
     }
 
-    /// Removes the list `name` and its entries in one batch; returns it, or `None` if there was
-    /// none. Durable on return.
+    /// Removes the list `name` and its entries; returns it, or `None` if there was none. The
+    /// entries go [`ENTRY_BATCH`] at a time, each batch with the list's new count, and the list
+    /// last: a crash midway leaves the list with the entries not yet removed. Durable on return.
     pub fn delete_list(&self, name: &str) -> Result<Option<ListInfo>> {
-        let Some(info) = self.list(name)? else {
+        let Some(mut info) = self.list(name)? else {
             return Ok(None);
         };
-        let mut batch = sled::Batch::default();
-        batch.remove(list_key(name));
-        for key in self.lists.scan_prefix(entries_prefix(name)).keys() {
-            batch.remove(key?);
+        let entries = info.entries;
+        let mut keys = self.lists.scan_prefix(entries_prefix(name)).keys();
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for key in keys.by_ref().take(ENTRY_BATCH) {
+                batch.remove(key?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            info.entries = info.entries.saturating_sub(n);
+            batch.insert(list_key(name), serde_json::to_vec(&info)?);
+            self.lists.apply_batch(batch)?;
         }
-        self.lists.apply_batch(batch)?;
+        self.lists.remove(list_key(name))?;
         self.lists.flush()?;
+        info.entries = entries;
         Ok(Some(info))
     }
 
     /// Stores `entries` (an entry with a stored entry's list and id replaces it) and the new
-    /// counts of their lists, in one batch. Every list must exist ([`IndexError::NoList`]
-    /// otherwise, writing nothing). Durable on return.
+    /// counts of their lists, [`ENTRY_BATCH`] entries to a batch, each with the counts it
+    /// makes: a crash midway leaves the lists with the batches before it. Every list must exist
+    /// ([`IndexError::NoList`] otherwise, writing nothing). Durable on return.
     pub fn put_entries(&self, entries: &[ListEntry]) -> Result<()> {
         let mut infos: std::collections::BTreeMap<&str, ListInfo> = Default::default();
         for e in entries {
@@ -562,21 +579,24 @@ impl MetaStore {
                 infos.insert(&e.list, info);
             }
         }
-        let mut batch = sled::Batch::default();
-        let mut written = std::collections::HashSet::new();
-        for e in entries {
-            let key = entry_key(&e.list, e.id);
-            if written.insert(key.clone()) && !self.lists.contains_key(&key)? {
-                if let Some(info) = infos.get_mut(e.list.as_str()) {
-                    info.entries += 1;
+        for chunk in entries.chunks(ENTRY_BATCH) {
+            let mut batch = sled::Batch::default();
+            let mut written = std::collections::HashSet::new();
+            for e in chunk {
+                let key = entry_key(&e.list, e.id);
+                if !written.contains(&key) && !self.lists.contains_key(&key)? {
+                    if let Some(info) = infos.get_mut(e.list.as_str()) {
+                        info.entries += 1;
+                    }
                 }
+                batch.insert(key.clone(), serde_json::to_vec(e)?);
+                written.insert(key);
             }
-            batch.insert(key, serde_json::to_vec(e)?);
+            for info in infos.values() {
+                batch.insert(list_key(&info.name), serde_json::to_vec(info)?);
+            }
+            self.lists.apply_batch(batch)?;
         }
-        for info in infos.values() {
-            batch.insert(list_key(&info.name), serde_json::to_vec(info)?);
-        }
-        self.lists.apply_batch(batch)?;
         self.lists.flush()?;
         Ok(())
     }
@@ -721,6 +741,50 @@ mod tests {
         let back: ImageRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(r, back);
         assert!(json.contains("\"source\":\"beam\""), "{json}");
+    }
+
+    /// A bank written and removed in several batches keeps its count exact, an id repeated
+    /// across batches counting once; names that extend one another keep their entries apart.
+    #[test]
+    fn list_entries_in_many_batches_keep_their_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        store.create_list("bank").unwrap();
+        store.create_list("bank-2").unwrap();
+        let n = 2 * ENTRY_BATCH + 500;
+        let entry = |list: &str, i: usize| ListEntry {
+            list: list.into(),
+            // Ids repeat every 7,000 entries: across batches and within them.
+            id: (i % 7000) as u64,
+            label: None,
+            source: None,
+            pdq: vec![crate::index::pdq::PdqHash([i as u8; 32])],
+            quality: None,
+            itc: None,
+            added_unix: i as i64,
+        };
+        let entries: Vec<ListEntry> = (0..n).map(|i| entry("bank", i)).collect();
+        store.put_entries(&entries).unwrap();
+        store.put_entries(&[entry("bank-2", 3)]).unwrap();
+        assert!(matches!(
+            store.put_entries(&[entry("bank", 1), entry("bank-3", 1)]),
+            Err(IndexError::NoList(_))
+        ));
+        let counts: Vec<(String, u64)> = store
+            .lists()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.name, l.entries))
+            .collect();
+        assert_eq!(counts, [("bank".into(), 7000), ("bank-2".into(), 1)]);
+        let stored = store.entries(Some("bank")).unwrap();
+        assert_eq!(stored.len(), 7000);
+        // The last entry given for an id is the one kept.
+        assert_eq!(stored[0], entry("bank", n - n % 7000));
+        assert_eq!(store.entries(None).unwrap().len(), 7001);
+        assert_eq!(store.delete_list("bank").unwrap().unwrap().entries, 7000);
+        assert_eq!(store.entries(None).unwrap(), [entry("bank-2", 3)]);
+        assert!(store.list("bank").unwrap().is_none());
     }
 
     #[test]
