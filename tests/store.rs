@@ -1248,8 +1248,8 @@ fn milvus_killed_and_restarted_loses_nothing_and_the_store_recovers() {
 }
 
 /// A Milvus collection holding rows written before products were stored (no `product`, `attrs`
-/// or `attr_days` keys) keeps working beside new rows: the old rows are read, searched and
-/// filtered as before, and fail every attribute filter.
+/// or `attr_days` keys, nor moderation's) keeps working beside new rows: the old rows are read,
+/// searched and filtered as before, and fail every attribute and flag filter.
 #[test]
 fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
     use milvus::v2::prelude::{ClientV2, ConnectConfig, InsertRequest};
@@ -1292,8 +1292,27 @@ fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
 
     let mut new = record(2, &mut g);
     new.product = Some(catalogue()[0].0.clone());
+    let pdq = Pdq {
+        hash: PdqHash([0xa5; 32]),
+        quality: 100,
+    };
+    new.pdq = Some(pdq);
+    new.flags = vec![flag("bank", 1, None)];
     let new_id = add(&mut s, new).unwrap();
     assert_eq!(s.get(old.id).unwrap().as_ref(), Some(&old));
+    // Nor moderation keys: the old row has no hash and passes no flag filter.
+    assert_eq!(s.pdq_hashes().unwrap(), [(new_id, pdq)]);
+    for f in flag_filters() {
+        let want: Vec<ImageId> = records(&s)
+            .iter()
+            .filter(|r| f.accepts(r))
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(s.matching(&f, 10).unwrap(), want, "{f:?}");
+    }
+    let mut both = vec![old.id, new_id];
+    both.sort();
+    assert_eq!(s.matching(&Filter::default(), 10).unwrap(), both);
     let everything = ids(&s.text_search("everyone", 10, &Filter::default()).unwrap());
     assert_eq!(everything, [old.id.0, new_id.0].into());
     assert_eq!(

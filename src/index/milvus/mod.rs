@@ -482,29 +482,31 @@ impl Store for MilvusStore {
             .collect()
     }
 
-    /// The rows' `pdq` and `pdq_quality` keys, without their records.
+    /// The rows' `pdq` and `pdq_quality` keys, without their records. Every row is read, those
+    /// without a hash skipped here: a filter on the key would have Milvus parse every row's
+    /// dynamic keys once per page (three times slower on Milvus Lite at 20k images).
     fn pdq_hashes(&self) -> Result<Vec<(ImageId, Pdq)>> {
         let rows = self.remote.query_all(
             &self.remote.images,
-            format!("{PDQ_KEY} >= \"\""),
+            "id >= 0".into(),
             &["id", PDQ_KEY, PDQ_QUALITY_KEY],
         )?;
-        rows.iter()
-            .map(|r| {
-                let hash = r
-                    .get(PDQ_KEY)
-                    .and_then(Value::as_str)
-                    .and_then(PdqHash::from_hex);
-                let quality = r
-                    .get(PDQ_QUALITY_KEY)
-                    .and_then(Value::as_u64)
-                    .and_then(|q| u8::try_from(q).ok());
-                match (hash, quality) {
-                    (Some(hash), Some(quality)) => Ok((row_id(r)?, Pdq { hash, quality })),
-                    _ => Err(self.corrupt("a row with a bad pdq or pdq_quality key")),
-                }
-            })
-            .collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let hash = match r.get(PDQ_KEY) {
+                None | Some(Value::Null) => continue,
+                Some(v) => v.as_str().and_then(PdqHash::from_hex),
+            };
+            let quality = r
+                .get(PDQ_QUALITY_KEY)
+                .and_then(Value::as_u64)
+                .and_then(|q| u8::try_from(q).ok());
+            match (hash, quality) {
+                (Some(hash), Some(quality)) => out.push((row_id(r)?, Pdq { hash, quality })),
+                _ => return Err(self.corrupt("a row with a bad pdq or pdq_quality key")),
+            }
+        }
+        Ok(out)
     }
 
     /// A header row. Entries left by a list of the same name whose deletion did not finish
