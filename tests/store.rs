@@ -905,7 +905,7 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     ));
     for bad in ["", "Bank", "a b", "a/1", "\"x\" or 1"] {
         assert!(
-            matches!(s.create_list(bad), Err(IndexError::InvalidParams(_))),
+            matches!(s.create_list(bad), Err(IndexError::InvalidName(_))),
             "{bad:?}"
         );
     }

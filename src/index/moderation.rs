@@ -174,7 +174,8 @@ pub fn check_list_name(name: &str) -> Result<()> {
     }
 }
 
-/// Refuses an entry that a store cannot keep as it is: a bad list name, an id past 53 bits, no
+/// Refuses an entry that a store cannot keep as it is: a bad list name
+/// ([`IndexError::InvalidName`]), and as [`IndexError::InvalidParams`] an id past 53 bits, no
 /// hash and no vector, more than [`MAX_ENTRY_HASHES`] hashes, an ITC vector that is not a
 /// `dim`-dimensional finite non-zero vector, a label or source over [`MAX_ENTRY_TEXT`] bytes.
 pub fn check_entry(entry: &ListEntry, dim: usize) -> Result<()> {

@@ -216,8 +216,8 @@ pub trait Store: Send + Sync {
     /// Stores `entries` in their lists ([`ListEntry::list`], which must exist:
     /// [`super::IndexError::NoList`] otherwise, writing nothing); an entry with the id of a stored
     /// one replaces it (within `entries` too: the last one stays). An entry that
-    /// [`super::check_entry`] refuses is [`super::IndexError::InvalidParams`], writing nothing.
-    /// Durable on return.
+    /// [`super::check_entry`] refuses is refused with its error, writing nothing. Durable on
+    /// return.
     fn add_entries(&mut self, entries: &[ListEntry]) -> Result<()>;
     /// Removes entry `id` of `list`; returns it, or `None` if there was none
     /// ([`super::IndexError::NoList`] if there is no such list). Durable on return.
