@@ -370,12 +370,12 @@ fn itc_on_crops_of_synthetic_scenes() {
     let n = scenes.len();
     println!("\nCrops of the {n} synthetic scenes (seed 2024, {size} px) against their originals");
     println!(
-        "{:<5} {:>15} {:>15} {:>15} {:>15} {:>12} {:>10}",
-        "crop", "own med / min", "other med / max", "own nearest", "pdq <= 31", "pdq min", ""
+        "{:<5} {:>15} {:>15} {:>18} {:>16} {:>8}",
+        "crop", "own med / min", "other med / max", "own is nearest", "pdq <= 31", "pdq min"
     );
     for (name, f) in [("5%", &five), ("2%", &two)] {
         println!(
-            "{:<5} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>11} of {n} {:>8} of {n} {:>8}",
+            "{:<5} {:>7.4} {:>7.4} {:>7.4} {:>7.4} {:>11} of {n} {:>9} of {n} {:>8}",
             name,
             median(&f.own),
             min(&f.own),
@@ -386,11 +386,12 @@ fn itc_on_crops_of_synthetic_scenes() {
             f.pdq.iter().min().unwrap(),
         );
     }
-    println!("threshold  found 5% (false)  found 2% (false)");
+    println!("crops at or above a threshold with their own original (and with another scene's)");
+    println!("{:<9} {:>16} {:>16}", "threshold", "5% crops", "2% crops");
     for t in [0.92f32, 0.95, 0.96, 0.97, 0.98, 0.99] {
         let (f5, x5) = five.at(t);
         let (f2, x2) = two.at(t);
-        println!("{t:<9} {f5:>8} ({x5:>4}) {f2:>10} ({x2:>4})");
+        println!("{t:<9} {f5:>9} ({x5:>4}) {f2:>9} ({x2:>4})");
     }
     // The lowest threshold no 2% crop reaches with another scene.
     let t = max(&two.other_max) + 1e-6;
