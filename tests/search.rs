@@ -803,6 +803,62 @@ fn cli_search_json_and_table() {
     let (ok, _, err) = run(&["search", "--index", idx, "   "]);
     assert!(!ok && err.contains("empty"), "{err}");
 
+    // The ITM cut-off: how many candidates ITM judged and why it stopped, in JSON and in the
+    // table (p(match) >= 0 always holds: the budget stops it).
+    let cut = [
+        "--min-itm-prob",
+        "0",
+        "--rerank-k",
+        "3",
+        "--rerank-budget",
+        "7",
+    ];
+    let (ok, out, err) =
+        run(&[&["search", "--index", idx, "a rocket", "--json"], &cut[..]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["hits"].as_array().unwrap().len(), 7, "{v}");
+    assert_eq!(
+        (&v["examined"], &v["candidates"]),
+        (&7.into(), &10.into()),
+        "{v}"
+    );
+    assert_eq!(
+        v["cutoff"],
+        serde_json::json!({"min_itm_prob": 0.0, "budget": 7, "round": 3, "rounds": 3, "stop": "budget"})
+    );
+    let (ok, out, err) = run(&[&["search", "--index", idx, "a rocket"], &cut[..]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "ITM judged 7 of 10 candidates (p(match) >= 0, budget 7): stopped at the budget"
+        ),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["search", "--index", idx, "a rocket", "--min-itm-prob", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("no results"), "{out}");
+    assert!(
+        out.contains(
+            "ITM judged 10 of 10 candidates (p(match) >= 1, budget 256): every candidate judged"
+        ),
+        "{out}"
+    );
+    for (args, says) in [
+        (vec!["--rerank-budget", "5"], "--min-itm-prob"),
+        (vec!["--min-itm-prob", "2"], "between 0 and 1"),
+        (
+            vec!["--min-itm-prob", "0.5", "--rerank-budget", "0"],
+            "at least 1",
+        ),
+    ] {
+        let (ok, _, err) = run(&[&["search", "--index", idx, "a rocket"], &args[..]].concat());
+        assert!(
+            !ok && err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+
     // --folder takes a relative folder (its images only) and keeps --path-prefix as an alias.
     let noise = std::fs::canonicalize(photos.join("noise")).unwrap();
     let out = command()

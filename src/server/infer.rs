@@ -568,4 +568,88 @@ mod tests {
             gone.err()
         );
     }
+
+    /// A deep rerank's ITM goes to the worker in jobs of at most MAX_ITM_BATCH pairs, the next
+    /// sent only once the last is answered (so other searches' jobs are served in between), and
+    /// the answers come back in order.
+    #[test]
+    fn large_itm_calls_go_in_turns_of_one_batch() {
+        let (tx, rx) = bounded(8);
+        let client = InferClient {
+            tx,
+            timeout: Some(Duration::from_secs(60)),
+            deadline: None,
+            interactive: true,
+            can_caption: false,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let n = 2 * MAX_ITM_BATCH + 22;
+        let caller = std::thread::spawn(move || {
+            let tokens = Tensor::zeros(
+                (n, 2, 3),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            client.itm("a query".into(), tokens)
+        });
+        let mut start = 0;
+        for want in [MAX_ITM_BATCH, MAX_ITM_BATCH, 22] {
+            let job = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            let Work::Itm(text, tokens, reply) = job.work else {
+                panic!("an ITM job");
+            };
+            assert_eq!((text.as_str(), tokens.dim(0).unwrap()), ("a query", want));
+            // Nothing more is sent while this job is unanswered.
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(rx.is_empty());
+            let scores = (start..start + want)
+                .map(|i| ItmScore {
+                    logits: [0.0, i as f32],
+                    prob: 0.5,
+                })
+                .collect();
+            reply.send(Ok(scores)).unwrap();
+            start += want;
+        }
+        let got = caller.join().unwrap().unwrap();
+        let order: Vec<f32> = got.iter().map(|s| s.logits[1]).collect();
+        assert_eq!(order, (0..n).map(|i| i as f32).collect::<Vec<_>>());
+        assert!(rx.is_empty());
+    }
+
+    /// A client for one request ends every call by the request's deadline: a call made after
+    /// it fails at once without queueing, and a call before it carries it to the worker.
+    #[test]
+    fn a_request_deadline_bounds_all_its_calls() {
+        let (tx, rx) = bounded(8);
+        let timeout = Duration::from_secs(60);
+        let client = InferClient {
+            tx,
+            timeout: Some(timeout),
+            deadline: None,
+            interactive: true,
+            can_caption: false,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let late = client.for_request(Instant::now() - timeout);
+        let r = late.encode_texts(vec!["too late".into()]);
+        assert!(matches!(r, Err(EngineError::TimedOut(_))), "{:?}", r.err());
+        assert!(rx.is_empty(), "nothing queued after the deadline");
+
+        let started = Instant::now() - Duration::from_secs(30);
+        let request = client.for_request(started);
+        let caller = std::thread::spawn(move || request.encode_texts(vec!["in time".into()]));
+        let job = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            job.deadline,
+            Some(started + timeout),
+            "the request's, not a fresh one"
+        );
+        let Work::Texts(_, reply) = job.work else {
+            panic!("a text job");
+        };
+        reply.send(Ok(Vec::new())).unwrap();
+        assert!(caller.join().unwrap().unwrap().is_empty());
+    }
 }
