@@ -69,10 +69,14 @@ impl EngineError {
         match self {
             Self::InvalidInput(_)
             | Self::Model(ModelError::InvalidInput(_))
-            | Self::Index(IndexError::InvalidQuery(_) | IndexError::InvalidFilter(_)) => {
-                ErrorKind::InvalidInput
+            | Self::Index(
+                IndexError::InvalidQuery(_)
+                | IndexError::InvalidFilter(_)
+                | IndexError::ListExists(_),
+            ) => ErrorKind::InvalidInput,
+            Self::NotFound(_) | Self::Index(IndexError::NotFound(_) | IndexError::NoList(_)) => {
+                ErrorKind::NotFound
             }
-            Self::NotFound(_) | Self::Index(IndexError::NotFound(_)) => ErrorKind::NotFound,
             Self::Model(ModelError::TooManyPixels { .. } | ModelError::OverBudget { .. }) => {
                 ErrorKind::TooLarge
             }

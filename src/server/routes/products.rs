@@ -175,6 +175,7 @@ async fn put_product(
             capfilt: s.capfilt.clone(),
             budget: s.budget.clone(),
             budget_wait: Some(s.decode_wait),
+            actor: "api".into(),
         };
         let id = product.id.clone();
         let done = engine.upload_product(&state.client, options, product, types, &uploads)?;
@@ -219,6 +220,7 @@ async fn delete_product(
     check_product_id(&id).map_err(ApiError::bad_request)?;
     let shown = id.clone();
     let images =
-        web::block(move || -> ApiResult<usize> { Ok(state.engine.remove_product(&id)?) }).await??;
+        web::block(move || -> ApiResult<usize> { Ok(state.engine.remove_product(&id, "api")?) })
+            .await??;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": shown, "images": images })))
 }
