@@ -47,6 +47,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// The image asked for does not exist.
     NotFound,
+    /// What the request would create exists already (a match list of that name).
+    Conflict,
     /// An image is too big to decode (pixels, or more than the whole decode budget).
     TooLarge,
     /// An image does not decode.
@@ -72,11 +74,12 @@ impl EngineError {
             | Self::Index(
                 IndexError::InvalidQuery(_)
                 | IndexError::InvalidFilter(_)
-                | IndexError::ListExists(_),
+                | IndexError::InvalidName(_),
             ) => ErrorKind::InvalidInput,
             Self::NotFound(_) | Self::Index(IndexError::NotFound(_) | IndexError::NoList(_)) => {
                 ErrorKind::NotFound
             }
+            Self::Index(IndexError::ListExists(_)) => ErrorKind::Conflict,
             Self::Model(ModelError::TooManyPixels { .. } | ModelError::OverBudget { .. }) => {
                 ErrorKind::TooLarge
             }
@@ -97,7 +100,11 @@ impl EngineError {
                 m.clone()
             }
             Self::Model(ModelError::InvalidInput(m) | ModelError::Busy(m)) => m.clone(),
-            Self::Index(IndexError::InvalidQuery(m) | IndexError::InvalidFilter(m)) => m.clone(),
+            Self::Index(
+                IndexError::InvalidQuery(m)
+                | IndexError::InvalidFilter(m)
+                | IndexError::InvalidName(m),
+            ) => m.clone(),
             Self::Index(IndexError::NotFound(id)) => format!("no image with id {id}"),
             Self::Model(e) => e.image_reason().unwrap_or_else(|| e.to_string()),
             other => other.to_string(),

@@ -81,7 +81,8 @@ pub use moderation::{
 pub use uploads::{NewUpload, ProductUploaded, Uploaded};
 
 pub use crate::index::{
-    AttrFilter, AttrTest, AttrType, AttrValue, AuditEntry, Caption, CaptionSource, CollectionInfo,
-    Decision, FeatureMatrix, Filter, Flag, FlagFilter, ImageId, ImageRecord, ListEntry, ListInfo,
-    MatchRule, Pdq, PdqHash, Product, Schema, Verdict, DEFAULT_DIR, DEFAULT_PDQ_DISTANCE,
+    check_list_name, AttrFilter, AttrTest, AttrType, AttrValue, AuditEntry, Caption, CaptionSource,
+    CollectionInfo, Decision, FeatureMatrix, Filter, Flag, FlagFilter, ImageId, ImageRecord,
+    ListEntry, ListInfo, MatchRule, Pdq, PdqHash, Product, Schema, Verdict, DEFAULT_DIR,
+    DEFAULT_PDQ_DISTANCE,
 };

@@ -1082,10 +1082,7 @@ fn no_list(name: &str) -> EngineError {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    check_list_name(name).map_err(|e| match e {
-        crate::index::IndexError::InvalidParams(m) => EngineError::InvalidInput(m),
-        other => other.into(),
-    })
+    Ok(check_list_name(name)?)
 }
 
 /// Refuses an actor that is empty or not one line.

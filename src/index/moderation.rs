@@ -160,7 +160,7 @@ pub fn check_list_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(IndexError::InvalidParams(format!(
+        Err(IndexError::InvalidName(format!(
             "list name {name:?}: use 1 to {MAX_LIST_NAME} of a-z, 0-9, _ and -, starting with a \
              letter or digit"
         )))

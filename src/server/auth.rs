@@ -5,7 +5,9 @@
 //!
 //! With `--api-key`, every [`Access::Write`] route needs the key, and with `--protect-reads`
 //! every [`Access::Read`] route too (`/metrics` included). [`Access::Open`] routes (the UI,
-//! `/healthz`, `/readyz`, the OpenAPI document) never do. The key comes as
+//! `/healthz`, `/readyz`, the OpenAPI document) never do. [`Access::Moderate`] routes (match
+//! lists, the review queue, the audit log) always need the key, and a server without one refuses
+//! them (403): every moderation action is recorded with who took it. The key comes as
 //! `Authorization: Bearer KEY` or `X-Api-Key: KEY`; GET and HEAD requests may also carry
 //! `?api_key=KEY`, because `<img>` tags cannot send headers.
 
@@ -28,6 +30,8 @@ pub enum Access {
     /// A write, or work done for the caller on the models (captioning): needs the key
     /// whenever one is set.
     Write,
+    /// Moderation (lists, review, audit): needs the key, and a server that has one.
+    Moderate,
 }
 
 impl Access {
@@ -35,7 +39,7 @@ impl Access {
         match self {
             Self::Open => false,
             Self::Read => protect_reads,
-            Self::Write => true,
+            Self::Write | Self::Moderate => true,
         }
     }
 }
@@ -44,6 +48,14 @@ impl Access {
 /// route middleware (always `false` when the server has no key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KeyPresented(pub bool);
+
+/// Who holds `key`, as the audit log names them: `key:` and the first 8 hex digits of its
+/// SHA-256 (the key itself is never written down).
+pub fn key_id(key: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(key.as_bytes());
+    format!("key:{:02x}{:02x}{:02x}{:02x}", d[0], d[1], d[2], d[3])
+}
 
 /// Compares without an early exit, so response time does not reveal a prefix of the key.
 fn same(a: &str, b: &str) -> bool {
@@ -89,6 +101,17 @@ async fn check(
         .as_deref()
         .is_some_and(|key| presented(&req).is_some_and(|k| same(&k, key)));
     req.extensions_mut().insert(KeyPresented(ok));
+    if access == Access::Moderate && key.is_none() {
+        let res = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_api_key",
+            "moderation needs a server started with --api-key: every action is recorded with \
+             the key that took it",
+        )
+        .error_response();
+        let (http, _) = req.into_parts();
+        return Ok(ServiceResponse::new(http, res).map_into_right_body());
+    }
     if key.is_some() && access.needs_key(protect_reads) && !ok {
         let res = ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -127,6 +150,9 @@ mod tests {
         assert!(!Access::Read.needs_key(false));
         assert!(Access::Read.needs_key(true));
         assert!(Access::Write.needs_key(false));
+        assert!(Access::Moderate.needs_key(false));
+        assert_eq!(key_id("secret").len(), "key:".len() + 8);
+        assert_ne!(key_id("secret"), key_id("secret2"));
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
     }
 }

@@ -112,6 +112,7 @@ impl From<EngineError> for ApiError {
         match e.kind() {
             ErrorKind::InvalidInput => Self::bad_request(m),
             ErrorKind::NotFound => Self::not_found(m),
+            ErrorKind::Conflict => Self::new(StatusCode::CONFLICT, "conflict", m),
             ErrorKind::TooLarge => Self::too_large(m),
             ErrorKind::InvalidImage => Self::unprocessable("invalid_image", m),
             ErrorKind::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", m),

@@ -180,6 +180,7 @@ pub fn app(
         .configure(routes::search::configure)
         .configure(routes::images::configure)
         .configure(routes::products::configure)
+        .configure(routes::moderation::configure)
         .configure(routes::system::configure)
         .configure(routes::ui::configure)
         .default_service(web::to(not_found))

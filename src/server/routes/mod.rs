@@ -2,6 +2,7 @@
 //! here: the JSON shapes of images and hits, and reading uploads.
 
 pub mod images;
+pub mod moderation;
 pub mod products;
 pub mod search;
 pub mod system;
@@ -25,7 +26,7 @@ use super::auth::{self, Access, KeyPresented};
 use super::error::{ApiError, ApiResult};
 use super::state::{ApiSettings, AppState};
 use crate::engine::models::{decode_admitted, decode_cost, Admitted};
-use crate::engine::{Caption, EngineError, ImageRecord};
+use crate::engine::{Caption, EngineError, Flag, ImageRecord};
 
 /// Every route as (method, pattern, who may call it): what the server registers (see
 /// [`Endpoint`]) and what the OpenAPI document must describe. `get` routes answer HEAD too.
@@ -42,6 +43,21 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("delete", "/api/products/{product}", Access::Write),
     // Captioning changes nothing but spends model time for the caller.
     ("post", "/api/caption", Access::Write),
+    // Moderation always needs the key: every action is recorded with who took it.
+    ("get", "/api/lists", Access::Moderate),
+    ("post", "/api/lists", Access::Moderate),
+    ("get", "/api/lists/{name}", Access::Moderate),
+    ("delete", "/api/lists/{name}", Access::Moderate),
+    ("post", "/api/lists/{name}/entries", Access::Moderate),
+    (
+        "delete",
+        "/api/lists/{name}/entries/{entry}",
+        Access::Moderate,
+    ),
+    ("get", "/api/matches", Access::Moderate),
+    ("get", "/api/review", Access::Moderate),
+    ("post", "/api/review/{id}", Access::Moderate),
+    ("get", "/api/audit", Access::Moderate),
     ("get", "/api/status", Access::Read),
     ("get", "/api/openapi.json", Access::Open),
     ("get", "/healthz", Access::Open),
@@ -53,7 +69,13 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
 
 /// API routes whose handlers read and check their own query parameters (refusing unknown ones);
 /// every other API route takes none but `api_key`.
-const OWN_QUERY: &[&str] = &["/api/search", "/api/search/image"];
+const OWN_QUERY: &[&str] = &[
+    "/api/search",
+    "/api/search/image",
+    "/api/matches",
+    "/api/review",
+    "/api/audit",
+];
 
 /// Refuses query parameters on a route that takes none (`api_key` aside, which `auth` reads), as
 /// unknown JSON fields are refused: a misspelt option is never silently ignored.
@@ -197,6 +219,13 @@ pub struct ImageOut {
     content_hash: String,
     captions: Vec<Caption>,
     given_texts: Vec<String>,
+    /// Match-list flags, shown to whoever may see whole paths (the key holder, or anyone on a
+    /// server without a key).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    flags: Vec<Flag>,
+    /// The PDQ hash, hex, to the same callers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pdq: Option<String>,
 }
 
 /// What every answer about an image shows beside its id and path: where the file lies, its size
@@ -251,6 +280,11 @@ impl PathView {
             full: full || state.settings.api_key.is_none(),
             roots,
         }
+    }
+
+    /// Whether this caller sees whole paths, and with them moderation flags.
+    pub fn full(&self) -> bool {
+        self.full
     }
 
     fn root_of(&self, path: &Path) -> Option<&PathBuf> {
@@ -328,6 +362,8 @@ impl ImageOut {
             content_hash: r.content_hash,
             captions: r.captions,
             given_texts: r.given_texts,
+            flags: if view.full { r.flags } else { Vec::new() },
+            pdq: r.pdq.filter(|_| view.full).map(|p| p.hash.to_hex()),
         }
     }
 }
@@ -553,6 +589,15 @@ pub fn safe_stem(name: &str) -> Option<String> {
         .collect();
     let clean = clean.trim_matches('_').to_string();
     (!clean.is_empty()).then_some(clean)
+}
+
+/// Who an API request's changes are audited as: the id of the server's key (which a write
+/// presented), or `api` on a server without a key.
+pub(crate) fn api_actor(settings: &crate::server::state::ApiSettings) -> String {
+    settings
+        .api_key
+        .as_deref()
+        .map_or_else(|| "api".to_string(), crate::server::auth::key_id)
 }
 
 #[cfg(test)]

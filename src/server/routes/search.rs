@@ -13,7 +13,7 @@ use crate::engine::facets::{FacetCounts, GroupBy};
 use crate::engine::search::{
     SearchHit, SearchMode, SearchParams, SearchResults, MAX_K, MAX_RERANK_K,
 };
-use crate::engine::{Caption, Engine, Filter, ImageId};
+use crate::engine::{check_list_name, Caption, Engine, Filter, Flag, FlagFilter, ImageId};
 use crate::server::error::{ApiError, ApiResult};
 use crate::server::state::AppState;
 
@@ -54,6 +54,8 @@ pub struct SearchQuery {
     facets: Option<String>,
     /// `product`: one hit per product.
     group_by: Option<String>,
+    /// Only images flagged by this match list (`*`: by any); needs the key.
+    flagged: Option<String>,
     /// The API key of a GET request (`auth` reads it); accepted here, never used.
     #[serde(rename = "api_key")]
     _api_key: Option<serde::de::IgnoredAny>,
@@ -131,6 +133,25 @@ impl SearchQuery {
             )));
         }
         let blank = |s: &Option<String>| s.clone().filter(|x| !x.trim().is_empty());
+        let flagged = match self.flagged.as_deref() {
+            None => None,
+            // Flags are moderation's business: a caller who may not see them may not ask by them.
+            Some(_) if !view.full() => {
+                return Err(ApiError::new(
+                    actix_web::http::StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "flagged= needs the API key (Authorization: Bearer KEY)",
+                ))
+            }
+            Some("*") => Some(FlagFilter::default()),
+            Some(list) => {
+                check_list_name(list).map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Some(FlagFilter {
+                    list: Some(list.to_string()),
+                    pending_only: false,
+                })
+            }
+        };
         let group_by = match &self.group_by {
             None => None,
             Some(g) => Some(g.parse::<GroupBy>()?),
@@ -147,6 +168,7 @@ impl SearchQuery {
                 path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
                 date_from: self.date_from.clone(),
                 date_to: self.date_to.clone(),
+                flagged,
                 ..Default::default()
             },
             group_by,
@@ -179,6 +201,9 @@ struct HitOut {
     #[serde(flatten)]
     file: FileOut,
     matched_caption: Option<String>,
+    /// Match-list flags, to a caller who may see them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    flags: Vec<Flag>,
 }
 
 #[derive(Debug, Serialize)]
@@ -228,13 +253,15 @@ fn render(
 ) -> ApiResult<SearchOut> {
     let mut hits = Vec::with_capacity(r.hits.len());
     for mut hit in r.hits {
-        let (width, height) = engine
+        let (width, height, flags) = engine
             .get(ImageId(hit.id))?
-            .map_or((0, 0), |rec| (rec.width, rec.height));
+            .map_or((0, 0, Vec::new()), |rec| (rec.width, rec.height, rec.flags));
+        let flags = if view.full() { flags } else { Vec::new() };
         hit.path = view.show(&hit.path);
         hits.push(HitOut {
             file: FileOut::new(hit.id, &hit.path, width, height),
             matched_caption: matched_caption(query, &hit.captions),
+            flags,
             hit,
         });
     }
