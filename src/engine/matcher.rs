@@ -415,12 +415,13 @@ mod tests {
         let h = judge(&e, None, &near, &t).unwrap();
         assert_eq!((h.rule, h.pdq_distance), (MatchRule::Itc, None));
 
+        let single = entry("bank", 4, vec![base], Some(90), None);
         assert!(
-            judge(&e, Some(&pdq(flipped(&base, 32), 80)), &far, &t).is_none(),
+            judge(&single, Some(&pdq(flipped(&base, 32), 80)), &far, &t).is_none(),
             "32 > 31"
         );
         assert!(
-            judge(&e, Some(&pdq(flipped(&base, 31), 80)), &far, &t).is_some(),
+            judge(&single, Some(&pdq(flipped(&base, 31), 80)), &far, &t).is_some(),
             "31 <= 31"
         );
 

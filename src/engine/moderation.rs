@@ -1127,3 +1127,110 @@ fn check_params(params: &MatchParams) -> Result<Thresholds> {
         min_cosine: params.min_cosine,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_files_skip_headers_and_blanks_and_name_bad_lines() {
+        let a = "ab".repeat(32);
+        let b = "CD".repeat(32);
+        let text = format!(
+            "\u{feff}hash,label\n\n{a},bank A\n  {b}  \nnot-a-hash\n{a},again\n\"{}\",\"quoted\"\n{},{}\n",
+            "ef".repeat(32),
+            "01".repeat(32),
+            "x".repeat(300)
+        );
+        let (entries, skipped) = parse_hashes("bank", &text, Some("bank.csv"));
+        let got: Vec<(String, Option<&str>)> = entries
+            .iter()
+            .map(|e| (e.pdq[0].to_hex(), e.label.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (a.clone(), Some("bank A")),
+                (b.to_lowercase(), None),
+                ("ef".repeat(32), Some("quoted")),
+            ]
+        );
+        for e in &entries {
+            assert_eq!(e.list, "bank");
+            assert_eq!(e.id, entry_id("bank", Some(&e.pdq[0]), None));
+            assert_eq!((e.quality, e.itc.is_none()), (None, true));
+            assert_eq!(e.source.as_deref(), Some("bank.csv"));
+        }
+        let lines: Vec<&str> = skipped.iter().map(|s| s.source.as_str()).collect();
+        assert_eq!(lines, ["line 5", "line 6", "line 8"]);
+        assert!(skipped[0].reason.contains("not a PDQ hash"), "{skipped:?}");
+        assert!(skipped[1].reason.contains("line 3"), "{skipped:?}");
+        assert!(skipped[2].reason.contains("label"), "{skipped:?}");
+    }
+
+    #[test]
+    fn only_a_first_line_can_be_a_header() {
+        let a = "ab".repeat(32);
+        let (entries, skipped) = parse_hashes("l", &format!("{a}\nhash\n"), None);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].source, "line 2");
+        // A first line of hex digits that is not a hash is a bad line, not a header.
+        let (entries, skipped) = parse_hashes("l", &format!("abcd\n{a}\n"), None);
+        assert_eq!((entries.len(), skipped[0].source.as_str()), (1, "line 1"));
+    }
+
+    #[test]
+    fn the_same_picture_twice_is_one_entry() {
+        let entry = |source: &str, id: u64| ListEntry {
+            list: "l".into(),
+            id,
+            label: None,
+            source: Some(source.into()),
+            pdq: Vec::new(),
+            quality: None,
+            itc: None,
+            added_unix: 0,
+        };
+        let mut skipped = Vec::new();
+        let kept = dedupe(
+            vec![entry("a.jpg", 1), entry("b.jpg", 2), entry("a-copy.png", 1)],
+            &mut skipped,
+        );
+        assert_eq!(kept.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].source, "a-copy.png");
+        assert!(skipped[0].reason.contains("a.jpg"));
+    }
+
+    #[test]
+    fn bad_parameters_actors_and_labels_are_refused() {
+        let ok = MatchParams::default();
+        assert!(check_params(&ok).is_ok());
+        for bad in [
+            MatchParams {
+                pdq_distance: 257,
+                ..ok.clone()
+            },
+            MatchParams {
+                min_cosine: f32::NAN,
+                ..ok.clone()
+            },
+            MatchParams {
+                min_cosine: 1.5,
+                ..ok.clone()
+            },
+        ] {
+            let e = check_params(&bad).unwrap_err();
+            assert_eq!(e.kind(), super::super::ErrorKind::InvalidInput, "{bad:?}");
+        }
+        assert!(check_actor("cli").is_ok());
+        for bad in ["", "  ", "a\nb", &"x".repeat(201)] {
+            assert!(check_actor(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_label(Some("  ")).unwrap(), None);
+        assert_eq!(check_label(Some(" gun ")).unwrap().as_deref(), Some("gun"));
+        assert!(check_label(Some("a\nb")).is_err());
+        assert!(check_label(Some(&"x".repeat(MAX_LABEL + 1))).is_err());
+    }
+}
