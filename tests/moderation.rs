@@ -684,3 +684,205 @@ fn the_audit_log_survives_kill_9() {
         assert_eq!(back.last().unwrap(), &next);
     }
 }
+
+/// Runs the binary with `args` after `--index INDEX`: (success, stdout, stderr).
+fn cli(index: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut all: Vec<&str> = args.to_vec();
+    let index = index.display().to_string();
+    all.extend(["--index", index.as_str()]);
+    blipsearch(&all)
+}
+
+fn cli_json(index: &Path, args: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = cli(index, args);
+    assert!(ok, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+#[test]
+fn the_command_line_manages_lists_reviews_and_reads_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("index");
+    let scene = Scene::new(tmp.path());
+    let model = fixtures().join("tiny-a/retrieval").display().to_string();
+    let photos = scene.photos.display().to_string();
+    let (ok, _, err) = cli(
+        &index,
+        &["add", "--model-dir", &model, "--no-captions", &photos],
+    );
+    assert!(ok, "{err}");
+
+    let (ok, out, err) = cli(&index, &["list", "create", "bank"]);
+    assert!(ok && out.contains("created list bank"), "{out}{err}");
+    let (ok, _, err) = cli(&index, &["list", "create", "bank"]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    let (ok, _, err) = cli(&index, &["list", "create", "No Good"]);
+    assert!(!ok && err.contains("list name"), "{err}");
+
+    // A hash file with a header, a bad line and the hash of one photo.
+    let engine_hash = {
+        let engine = Engine::open_existing(&index).unwrap();
+        let h = records(&engine)["coffee.png"].pdq.unwrap().hash.to_hex();
+        h
+    };
+    let csv = tmp.path().join("hashes.csv");
+    std::fs::write(&csv, format!("pdq,label\n{engine_hash},mug\nzz\n")).unwrap();
+    let csv = csv.display().to_string();
+    let v = cli_json(&index, &["list", "add", "bank", "--pdq", &csv, "--json"]);
+    assert_eq!(v["added"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["added"][0]["label"], "mug");
+    assert_eq!(v["added"][0]["vector"], false);
+    assert_eq!(v["skipped"][0]["source"], "line 3", "{v}");
+    assert_eq!(v["flagged"], 1);
+    let bad = tmp.path().join("bad.csv");
+    std::fs::write(&bad, "nothing here\nzz\n").unwrap();
+    let (ok, out, err) = cli(
+        &index,
+        &["list", "add", "bank", "--pdq", &bad.display().to_string()],
+    );
+    assert!(
+        !ok && out.contains("line 2") && err.contains("nothing was added"),
+        "{out}{err}"
+    );
+
+    // Reference images: the copies among the photos are flagged.
+    let refs = scene.references.display().to_string();
+    let (ok, out, err) = cli(
+        &index,
+        &[
+            "list",
+            "add",
+            "bank",
+            &refs,
+            "--label",
+            "known",
+            "--model-dir",
+            &model,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("added 2 entries to bank; 2 images newly flagged"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(
+        &index,
+        &["list", "add", "nosuch", &refs, "--model-dir", &model],
+    );
+    assert!(!ok && err.contains("no match list \"nosuch\""), "{err}");
+
+    let lists = cli_json(&index, &["lists", "--json"]);
+    assert_eq!(lists[0]["name"], "bank");
+    assert_eq!(lists[0]["entries"], 3);
+    let shown = cli_json(&index, &["list", "show", "bank", "--json"]);
+    let entries = shown["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    let images: Vec<&serde_json::Value> = entries.iter().filter(|e| e["vector"] == true).collect();
+    assert_eq!(images.len(), 2);
+    assert!(images
+        .iter()
+        .all(|e| e["pdq"].as_array().unwrap().len() == 8 && e["label"] == "known"));
+
+    let matches = cli_json(&index, &["matches", "--json"]);
+    assert_eq!(matches.as_array().unwrap().len(), 3, "{matches}");
+    let (ok, _, err) = cli(&index, &["matches", "--pdq-distance", "300"]);
+    assert!(!ok && err.contains("PDQ distance"), "{err}");
+
+    // The flagged filter, by file-name words without a model.
+    let found = cli_json(
+        &index,
+        &[
+            "search",
+            "coffee rocket camera astronaut",
+            "--mode",
+            "text",
+            "--rerank-k",
+            "0",
+            "--flagged",
+            "bank",
+            "--json",
+        ],
+    );
+    let mut names: Vec<String> = found["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            Path::new(h["path"].as_str().unwrap())
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["camera_half.jpg", "coffee.png", "rocket_mirror.png"]
+    );
+    let (ok, _, err) = cli(
+        &index,
+        &[
+            "search",
+            "x",
+            "--mode",
+            "text",
+            "--rerank-k",
+            "0",
+            "--flagged",
+            "nosuch",
+        ],
+    );
+    assert!(!ok && err.contains("no match list"), "{err}");
+
+    // Review and a decision.
+    let queue = cli_json(&index, &["review", "--json"]);
+    assert_eq!(queue["total"], 3, "{queue}");
+    let first = queue["items"][0]["id"].as_u64().unwrap().to_string();
+    let (ok, out, err) = cli(
+        &index,
+        &["review", "decide", &first, "cleared", "--note", "checked"],
+    );
+    assert!(ok && out.contains("1 flag(s) cleared"), "{out}{err}");
+    let (ok, _, err) = cli(&index, &["review", "decide", &first, "confirmed"]);
+    assert!(!ok && err.contains("no flag waiting"), "{err}");
+    let (ok, _, err) = cli(&index, &["review", "decide", "abc", "cleared"]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+    assert_eq!(cli_json(&index, &["review", "--json"])["total"], 2);
+
+    // Backfill: every image has its hash already.
+    let (ok, out, err) = cli(&index, &["reindex", "--only", "pdq"]);
+    assert!(ok && out.contains("hashed 0, had a hash 4"), "{out}{err}");
+
+    // Entries and lists go.
+    let entry = entries[0]["id"].as_u64().unwrap().to_string();
+    let (ok, _, err) = cli(&index, &["list", "remove", "bank", &entry]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&index, &["list", "remove", "bank", &entry]);
+    assert!(!ok && err.contains("has no entry"), "{err}");
+    let (ok, _, err) = cli(&index, &["list", "delete", "bank"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&index, &["list", "show", "bank"]);
+    assert!(!ok && err.contains("no match list"), "{err}");
+
+    // The log, all of it by the command line.
+    let log = cli_json(&index, &["audit", "--json"]);
+    let actions: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions[..2], ["list_create", "entries_add"]);
+    assert_eq!(actions[actions.len() - 2..], ["unflag", "list_delete"]);
+    assert_eq!(actions.iter().filter(|a| **a == "match").count(), 3);
+    assert!(log.as_array().unwrap().iter().all(|e| e["actor"] == "cli"));
+    let page = cli_json(&index, &["audit", "--after", "2", "--limit", "1", "--json"]);
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert_eq!(page[0]["seq"], 3);
+    let (ok, out, _) = cli(&index, &["audit", "--limit", "2"]);
+    assert!(
+        ok && out.lines().count() == 2 && out.contains("list_create"),
+        "{out}"
+    );
+}
