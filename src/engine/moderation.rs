@@ -175,9 +175,12 @@ pub struct PdqBackfill {
     pub total: u64,
 }
 
-/// A reference image being turned into an entry.
+/// A reference image being turned into an entry: hashed when decoded, embedded with its batch.
 struct Reference {
     source: String,
+    /// Its eight dihedral PDQ hashes and their quality (`None`: too small to hash).
+    pdq: Option<([[u8; 32]; 8], u8)>,
+    /// Taken by the forward pass.
     image: DynamicImage,
     _permit: DecodePermit,
 }
@@ -343,8 +346,12 @@ impl Engine {
             if batch.is_empty() {
                 return Ok(());
             }
-            let refs = std::mem::take(batch);
-            let images: Vec<DynamicImage> = refs.iter().map(|r| r.image.clone()).collect();
+            let mut refs = std::mem::take(batch);
+            // The images leave the batch (their permits stay until it is embedded).
+            let images: Vec<DynamicImage> = refs
+                .iter_mut()
+                .map(|r| std::mem::replace(&mut r.image, DynamicImage::new_rgb8(0, 0)))
+                .collect();
             let encoded = models.encode_images(images)?;
             if encoded.itc.len() != refs.len() {
                 return Err(EngineError::Internal(
@@ -394,6 +401,7 @@ impl Engine {
             match admitted {
                 Ok(a) => batch.push(Reference {
                     source,
+                    pdq: pdq_dihedral(&a.image),
                     image: a.image,
                     _permit: a.permit,
                 }),
@@ -924,7 +932,7 @@ impl Engine {
 
 /// An entry of list `list` for reference image `r` with ITC vector `itc`.
 fn reference_entry(list: &str, r: &Reference, itc: Vec<f32>, label: Option<String>) -> ListEntry {
-    let (pdq, quality) = match pdq_dihedral(&r.image) {
+    let (pdq, quality) = match r.pdq {
         Some((hashes, quality)) => (hashes.iter().map(|h| PdqHash(*h)).collect(), Some(quality)),
         None => (Vec::new(), None),
     };
