@@ -886,3 +886,129 @@ fn the_command_line_manages_lists_reviews_and_reads_the_log() {
         "{out}"
     );
 }
+
+/// The transforms of `tests/fixtures/pdq` (made by its `generate.py` from the fixture photos),
+/// and whether PDQ is expected to find them.
+const TRANSFORMS: [(&str, bool); 8] = [
+    ("resize50", true),
+    ("jpeg40", true),
+    ("grey", true),
+    ("mirror", true),
+    ("rotate90", true),
+    ("text", true),
+    ("crop2", false),
+    ("crop5", false),
+];
+
+/// The fixture photos the transformed copies were made from.
+const ORIGINALS: [&str; 5] = [
+    "astronaut.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+];
+
+#[test]
+fn transformed_copies_are_found_by_pdq_and_nothing_else_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let engine = Engine::open(&tmp.path().join("index"), &collection_info(&r)).unwrap();
+    let originals: Vec<PathBuf> = ORIGINALS
+        .iter()
+        .map(|n| fixtures().join("images").join(n))
+        .collect();
+    engine.create_list("originals", "cli").unwrap();
+    let added = engine
+        .add_list_files(&r, "originals", &originals, None, "cli", &Silent)
+        .unwrap();
+    assert_eq!(added.added.len(), ORIGINALS.len(), "{:?}", added.skipped);
+    let entry_of = |stem: &str| {
+        added
+            .added
+            .iter()
+            .find(|e| {
+                e.source
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(&format!("{stem}.")))
+            })
+            .unwrap()
+            .id
+    };
+
+    // The copies, and an unrelated photo.
+    let copies = tmp.path().join("copies");
+    std::fs::create_dir_all(&copies).unwrap();
+    for e in std::fs::read_dir(fixtures().join("pdq")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "jpg") {
+            std::fs::copy(&p, copies.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::copy(
+        fixtures().join("images/motorcycle_rgba.png"),
+        copies.join("motorcycle.png"),
+    )
+    .unwrap();
+    let s = engine
+        .ingest(&r, options(), &[copies], false, &Silent)
+        .unwrap();
+    assert_eq!(s.added, ORIGINALS.len() * TRANSFORMS.len() + 1, "{s:?}");
+
+    let recs = records(&engine);
+    let mut table = String::from("transform  found by PDQ  distances\n");
+    for (transform, expected) in TRANSFORMS {
+        let mut found = 0;
+        let mut distances = Vec::new();
+        for original in ORIGINALS {
+            let stem = original.split('.').next().unwrap();
+            let rec = &recs[&format!("{stem}.{transform}.jpg")];
+            let by_pdq: Vec<_> = rec
+                .flags
+                .iter()
+                .filter(|f| matches!(f.rule, MatchRule::Pdq | MatchRule::Both))
+                .collect();
+            // Whatever fired, only the copy's own original.
+            for f in &rec.flags {
+                assert_eq!(
+                    f.entry,
+                    entry_of(stem),
+                    "{stem}.{transform} flagged by another entry: {f:?}"
+                );
+            }
+            let distance = rec.flags.first().and_then(|f| f.pdq_distance);
+            distances.push(distance.map_or("-".to_string(), |d| d.to_string()));
+            if !by_pdq.is_empty() {
+                found += 1;
+            }
+            assert_eq!(
+                !by_pdq.is_empty(),
+                expected,
+                "{stem}.{transform}: {:?}",
+                rec.flags
+            );
+        }
+        table.push_str(&format!(
+            "{transform:<10} {found}/{}          {}\n",
+            ORIGINALS.len(),
+            distances.join(" ")
+        ));
+    }
+    assert!(
+        recs["motorcycle.png"].flags.is_empty(),
+        "{:?}",
+        recs["motorcycle.png"].flags
+    );
+    eprintln!("{table}");
+
+    // `matches` with the ITC rule off finds exactly the non-crop copies.
+    let by_pdq = engine
+        .matches(&MatchParams {
+            min_cosine: 1.0,
+            ..MatchParams::default()
+        })
+        .unwrap();
+    let expected = ORIGINALS.len() * TRANSFORMS.iter().filter(|t| t.1).count();
+    assert_eq!(by_pdq.len(), expected, "{by_pdq:?}");
+    assert!(by_pdq.iter().all(|m| m.rule == MatchRule::Pdq));
+}
