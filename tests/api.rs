@@ -2284,13 +2284,21 @@ macro_rules! check_moderation {
         assert_eq!(json(&b)["lists"], serde_json::json!([]));
 
         // Lists: created once, with a valid name.
-        let (st, b) = send!(svc, keyed_json("/api/lists", serde_json::json!({"name": "bank"})));
+        // The tiny random model puts unrelated photos near BLIP base's default cosine (0.92).
+        let bank = serde_json::json!({"name": "bank", "min_cosine": 0.97});
+        let (st, b) = send!(svc, keyed_json("/api/lists", bank));
         assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
         assert_eq!(json(&b)["name"], "bank");
+        assert_eq!(json(&b)["pdq_distance"], 31);
+        assert!((json(&b)["min_cosine"].as_f64().unwrap() - 0.97).abs() < 1e-6);
         let (st, b) = send!(svc, keyed_json("/api/lists", serde_json::json!({"name": "bank"})));
         assert_eq!(st, StatusCode::OK, "an existing list is answered as it is");
         assert_eq!(json(&b)["entries"], 0);
-        for bad in [serde_json::json!({"name": "Bad Name"}), serde_json::json!({"nom": "x"})] {
+        for bad in [
+            serde_json::json!({"name": "Bad Name"}),
+            serde_json::json!({"nom": "x"}),
+            serde_json::json!({"name": "x", "pdq_distance": 300}),
+        ] {
             let (st, _) = send!(svc, keyed_json("/api/lists", bad.clone()));
             assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
         }

@@ -19,9 +19,17 @@ use blipsearch::engine::models::{ModelSource, Retriever};
 use blipsearch::engine::search::{SearchMode, SearchParams};
 use blipsearch::engine::{
     Engine, ErrorKind, Filter, FlagFilter, ImageId, ImageRecord, IngestOptions, Location,
-    MatchParams, MatchRule, Silent, StoreLocation, Verdict,
+    MatchParams, MatchRule, MatchRules, Silent, StoreLocation, Verdict,
 };
 use blipsearch::index::{AuditLog, Store, AUDIT_FILE};
+
+/// The rules of the lists here. The tiny fixture model has random weights: it puts unrelated
+/// photos at ITC cosines up to about 0.93 (BLIP base's default of 0.92 would flag them) and
+/// near-copies above 0.98.
+const TINY_RULES: MatchRules = MatchRules {
+    pdq_distance: 31,
+    min_cosine: 0.97,
+};
 
 fn retriever() -> Retriever {
     Retriever::load(
@@ -146,12 +154,15 @@ fn moderation_suite(engine: &Engine, root: &Path) {
     let scene = Scene::new(root);
 
     // A list of two reference images, made before the photos arrive.
-    let bank = engine.create_list("bank", "cli").unwrap();
+    let bank = engine.create_list("bank", TINY_RULES, "cli").unwrap();
     assert_eq!((bank.name.as_str(), bank.entries), ("bank", 0));
-    let err = engine.create_list("bank", "cli").unwrap_err();
+    let err = engine.create_list("bank", TINY_RULES, "cli").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
     assert_eq!(
-        engine.create_list("Bad Name", "cli").unwrap_err().kind(),
+        engine
+            .create_list("Bad Name", TINY_RULES, "cli")
+            .unwrap_err()
+            .kind(),
         ErrorKind::InvalidInput
     );
     let added = engine
@@ -308,7 +319,7 @@ fn moderation_suite(engine: &Engine, root: &Path) {
 
     // A hash list made after the photos: the collection is checked against it at once.
     let astronaut = recs["astronaut.png"].pdq.unwrap();
-    engine.create_list("hashes", "cli").unwrap();
+    engine.create_list("hashes", TINY_RULES, "cli").unwrap();
     let text = format!("hash,label\n{},astronaut\nnot-a-hash\n\n", astronaut.hash);
     let h = engine
         .add_list_hashes("hashes", &text, Some("bank.csv"), "cli")
@@ -367,8 +378,8 @@ fn moderation_suite(engine: &Engine, root: &Path) {
     );
     let tight = engine
         .matches(&MatchParams {
-            pdq_distance: 0,
-            min_cosine: 1.0,
+            pdq_distance: Some(0),
+            min_cosine: Some(1.0),
             ..MatchParams::default()
         })
         .unwrap();
@@ -490,7 +501,9 @@ fn lists_flags_review_and_audit_on_milvus() {
         .unwrap()
         .unwrap();
     let hash = engine.get(coffee_id).unwrap().unwrap().pdq.unwrap().hash;
-    other.create_list("shared", "key:00000001").unwrap();
+    other
+        .create_list("shared", TINY_RULES, "key:00000001")
+        .unwrap();
     other
         .add_list_hashes("shared", &hash.to_hex(), None, "key:00000001")
         .unwrap();
@@ -513,7 +526,9 @@ fn lists_flags_review_and_audit_on_milvus() {
             .iter()
             .map(|f| f.list.as_str())
             .collect::<Vec<_>>(),
-        ["shared"]
+        ["shared"],
+        "{:?}",
+        rec.flags
     );
     // Both processes wrote one log.
     let actors: Vec<String> = engine
@@ -533,7 +548,7 @@ fn reindex_keeps_lists_flags_and_the_log_and_backfill_hashes_what_lacks_one() {
     let scene = Scene::new(tmp.path());
     {
         let engine = Engine::open(&index, &collection_info(&r)).unwrap();
-        engine.create_list("bank", "cli").unwrap();
+        engine.create_list("bank", TINY_RULES, "cli").unwrap();
         engine
             .add_list_files(
                 &r,
@@ -598,7 +613,7 @@ fn reindex_keeps_lists_flags_and_the_log_and_backfill_hashes_what_lacks_one() {
     }
     std::fs::remove_file(scene.photos.join("coffee.png")).unwrap();
     let engine = Engine::open_existing(&index).unwrap();
-    engine.create_list("hashes", "cli").unwrap();
+    engine.create_list("hashes", TINY_RULES, "cli").unwrap();
     let h = engine
         .add_list_hashes("hashes", &astronaut_hash, None, "cli")
         .unwrap();
@@ -918,7 +933,7 @@ fn transformed_copies_are_found_by_pdq_and_nothing_else_is() {
         .iter()
         .map(|n| fixtures().join("images").join(n))
         .collect();
-    engine.create_list("originals", "cli").unwrap();
+    engine.create_list("originals", TINY_RULES, "cli").unwrap();
     let added = engine
         .add_list_files(&r, "originals", &originals, None, "cli", &Silent)
         .unwrap();
@@ -1004,7 +1019,7 @@ fn transformed_copies_are_found_by_pdq_and_nothing_else_is() {
     // `matches` with the ITC rule off finds exactly the non-crop copies.
     let by_pdq = engine
         .matches(&MatchParams {
-            min_cosine: 1.0,
+            min_cosine: Some(1.0),
             ..MatchParams::default()
         })
         .unwrap();

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use blipsearch::index::{
     content_hash, entry_id, AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource,
     Collection, CollectionInfo, Decision, Filter, Flag, FlagFilter, HnswParams, ImageId,
-    ImageRecord, IndexError, ListEntry, MatchRule, MilvusStore, Pdq, PdqHash, Product, Schema,
-    Store, Verdict,
+    ImageRecord, IndexError, ListEntry, MatchRule, MatchRules, MilvusStore, Pdq, PdqHash, Product,
+    Schema, Store, Verdict,
 };
 use common::milvus::MilvusLite;
 
@@ -897,20 +897,53 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     // Lists: created once, by a possible name.
     assert!(s.lists().unwrap().is_empty());
     assert!(s.entries(None).unwrap().is_empty());
-    let bank = s.create_list("bank").unwrap();
+    let bank = s.create_list("bank", MatchRules::default()).unwrap();
     assert_eq!((bank.name.as_str(), bank.entries), ("bank", 0));
     assert!(matches!(
-        s.create_list("bank"),
+        s.create_list("bank", MatchRules::default()),
         Err(IndexError::ListExists(n)) if n == "bank"
     ));
     for bad in ["", "Bank", "a b", "a/1", "\"x\" or 1"] {
         assert!(
-            matches!(s.create_list(bad), Err(IndexError::InvalidName(_))),
+            matches!(
+                s.create_list(bad, MatchRules::default()),
+                Err(IndexError::InvalidList(_))
+            ),
             "{bad:?}"
         );
     }
-    s.create_list("other").unwrap();
-    s.create_list("empty").unwrap();
+    // Each list keeps its own rules; impossible ones are refused.
+    let strict = MatchRules {
+        pdq_distance: 12,
+        min_cosine: 1.5,
+    };
+    for bad in [
+        MatchRules {
+            pdq_distance: 257,
+            ..strict
+        },
+        MatchRules {
+            min_cosine: f32::NAN,
+            ..strict
+        },
+    ] {
+        assert!(
+            matches!(s.create_list("other", bad), Err(IndexError::InvalidList(_))),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(s.create_list("other", strict).unwrap().rules, strict);
+    s.create_list("empty", MatchRules::default()).unwrap();
+    let rules_of = |s: &dyn Store, name: &str| {
+        s.lists()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == name)
+            .unwrap()
+            .rules
+    };
+    assert_eq!(rules_of(&*s, "other"), strict);
+    assert_eq!(rules_of(&*s, "bank"), MatchRules::default());
     let names = |s: &dyn Store| -> Vec<(String, u64)> {
         s.lists()
             .unwrap()
@@ -1004,7 +1037,7 @@ pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
         Err(IndexError::NoList(_))
     ));
     assert_eq!(s.entries(None).unwrap(), bank_entries);
-    s.create_list("other").unwrap();
+    s.create_list("other", MatchRules::default()).unwrap();
     assert!(s.entries(Some("other")).unwrap().is_empty());
 
     // Images with flags and hashes (some without a hash).
@@ -1481,9 +1514,9 @@ fn milvus_lists_are_shared_and_go_with_their_collection() {
     let mut a = MilvusStore::open(&address, &info).unwrap();
     let mut b = MilvusStore::open(&address, &info).unwrap();
 
-    a.create_list("bank").unwrap();
+    a.create_list("bank", MatchRules::default()).unwrap();
     assert!(matches!(
-        b.create_list("bank"),
+        b.create_list("bank", MatchRules::default()),
         Err(IndexError::ListExists(_))
     ));
     let e = entry("bank", 1, 8, Some(g.unit()));
@@ -1518,7 +1551,7 @@ fn milvus_lists_are_shared_and_go_with_their_collection() {
         a.add_entries(std::slice::from_ref(&e)),
         Err(IndexError::NoList(_))
     ));
-    a.create_list("bank").unwrap();
+    a.create_list("bank", MatchRules::default()).unwrap();
     assert!(b.entries(Some("bank")).unwrap().is_empty());
     drop((a, b));
 
@@ -1527,14 +1560,14 @@ fn milvus_lists_are_shared_and_go_with_their_collection() {
     assert_eq!(milvus_has(milvus.port, &["shared__lists"]), [false]);
     let mut s = MilvusStore::open_existing(&address).unwrap();
     assert!(s.lists().unwrap().is_empty());
-    s.create_list("kept").unwrap();
+    s.create_list("kept", MatchRules::default()).unwrap();
     assert_eq!(s.get(id).unwrap().unwrap().flags, seen.flags);
 
     // Replaced by a collection with lists of its own: those are the lists now.
     let staging: blipsearch::index::MilvusAddress =
         milvus.address("shared_reindex").parse().unwrap();
     let mut fresh = MilvusStore::open(&staging, &info).unwrap();
-    fresh.create_list("fresh").unwrap();
+    fresh.create_list("fresh", MatchRules::default()).unwrap();
     let f = entry("fresh", 2, 1, None);
     fresh.add_entries(std::slice::from_ref(&f)).unwrap();
     drop(fresh);

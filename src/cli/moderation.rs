@@ -13,8 +13,8 @@ use super::progress::ProgressRenderer;
 use super::recorded_source;
 use crate::engine::models::{retriever_info, select_device, ModelSource, Retriever};
 use crate::engine::{
-    AuditEntry, EntriesAdded, Flag, ImageId, ListEntry, ListInfo, Match, MatchParams, Verdict,
-    DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
+    AuditEntry, EntriesAdded, Flag, ImageId, ListEntry, ListInfo, Match, MatchParams, MatchRules,
+    Verdict, DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
 };
 
 /// Who the command line's changes are audited as.
@@ -30,8 +30,8 @@ pub struct ListArgs {
 /// What `list` does.
 #[derive(Debug, Subcommand)]
 pub enum ListCommand {
-    /// Create an empty match list.
-    Create(ListName),
+    /// Create an empty match list, with the rules its entries match by.
+    Create(ListCreateArgs),
     /// Add reference images (files, or folders of them, recursively) to a list: their PDQ
     /// hashes (the eight rotations and mirrors) and ITC vectors are stored, the images are not.
     /// With --pdq, add the hex PDQ hashes of a file instead (one per line, optionally a comma
@@ -54,6 +54,22 @@ pub struct ListName {
     index: IndexArgs,
     /// The list: 1 to 64 of a-z, 0-9, _ and -.
     name: String,
+}
+
+/// `list create`.
+#[derive(Debug, Args)]
+pub struct ListCreateArgs {
+    #[command(flatten)]
+    index: IndexArgs,
+    /// The list: 1 to 64 of a-z, 0-9, _ and -.
+    name: String,
+    /// Largest PDQ Hamming distance (of 256 bits) at which an image matches an entry.
+    #[arg(long, default_value_t = DEFAULT_PDQ_DISTANCE)]
+    pdq_distance: u32,
+    /// Smallest ITC cosine with a reference image at which an image matches it (the default
+    /// suits BLIP base; above 1 turns the ITC rule off, e.g. for a bank of shared hashes).
+    #[arg(long, default_value_t = DEFAULT_MIN_COSINE)]
+    min_cosine: f32,
 }
 
 /// `list add`.
@@ -126,12 +142,12 @@ pub struct MatchesArgs {
     /// Only this list's entries [default: every list].
     #[arg(long)]
     list: Option<String>,
-    /// Largest PDQ Hamming distance (of 256 bits) that matches.
-    #[arg(long, default_value_t = DEFAULT_PDQ_DISTANCE)]
-    pdq_distance: u32,
-    /// Smallest ITC cosine with a reference image that matches.
-    #[arg(long, default_value_t = DEFAULT_MIN_COSINE)]
-    min_cosine: f32,
+    /// Largest PDQ Hamming distance (of 256 bits) that matches [default: each list's own].
+    #[arg(long)]
+    pdq_distance: Option<u32>,
+    /// Smallest ITC cosine with a reference image that matches [default: each list's own].
+    #[arg(long)]
+    min_cosine: Option<f32>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -240,8 +256,15 @@ pub fn list(a: ListArgs) -> Result<()> {
     match a.command {
         ListCommand::Create(a) => {
             let engine = open_existing(&a.index, Instead::Moderate)?;
-            let info = engine.create_list(&a.name, ACTOR)?;
-            println!("created list {}", info.name);
+            let rules = MatchRules {
+                pdq_distance: a.pdq_distance,
+                min_cosine: a.min_cosine,
+            };
+            let info = engine.create_list(&a.name, rules, ACTOR)?;
+            println!(
+                "created list {} (matches at PDQ distance <= {}, ITC cosine >= {})",
+                info.name, info.rules.pdq_distance, info.rules.min_cosine
+            );
             Ok(())
         }
         ListCommand::Add(a) => add(a),
@@ -261,7 +284,13 @@ pub fn list(a: ListArgs) -> Result<()> {
                 println!("{}", serde_json::json!({ "list": info, "entries": out }));
                 return Ok(());
             }
-            println!("{} ({} entries)", info.name, entries.len());
+            println!(
+                "{} ({} entries; matches at PDQ distance <= {}, ITC cosine >= {})",
+                info.name,
+                entries.len(),
+                info.rules.pdq_distance,
+                info.rules.min_cosine
+            );
             for e in &entries {
                 let kind = match (e.pdq.len(), e.itc.is_some()) {
                     (_, true) => "image",
@@ -313,7 +342,10 @@ pub fn lists(a: ListsArgs) -> Result<()> {
         println!("no match lists");
     }
     for l in &lists {
-        println!("{}\t{} entries", l.name, l.entries);
+        println!(
+            "{}\t{} entries\tPDQ distance <= {}\tITC cosine >= {}",
+            l.name, l.entries, l.rules.pdq_distance, l.rules.min_cosine
+        );
     }
     Ok(())
 }

@@ -74,7 +74,7 @@ impl EngineError {
             | Self::Index(
                 IndexError::InvalidQuery(_)
                 | IndexError::InvalidFilter(_)
-                | IndexError::InvalidName(_),
+                | IndexError::InvalidList(_),
             ) => ErrorKind::InvalidInput,
             Self::NotFound(_) | Self::Index(IndexError::NotFound(_) | IndexError::NoList(_)) => {
                 ErrorKind::NotFound
@@ -103,7 +103,7 @@ impl EngineError {
             Self::Index(
                 IndexError::InvalidQuery(m)
                 | IndexError::InvalidFilter(m)
-                | IndexError::InvalidName(m),
+                | IndexError::InvalidList(m),
             ) => m.clone(),
             Self::Index(IndexError::NotFound(id)) => format!("no image with id {id}"),
             Self::Model(e) => e.image_reason().unwrap_or_else(|| e.to_string()),

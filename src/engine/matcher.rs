@@ -14,31 +14,30 @@ use std::time::{Duration, Instant};
 
 use super::error::{EngineError, Result};
 use crate::index::{
-    dot, now_unix, AuditEvent, Flag, ImageId, ListEntry, ListInfo, MatchRule, Pdq, PdqHash,
-    PdqIndex, Store, DEFAULT_PDQ_DISTANCE, MIN_PDQ_QUALITY,
+    dot, now_unix, AuditEvent, Flag, ImageId, ListEntry, ListInfo, MatchRule, MatchRules, Pdq,
+    PdqHash, PdqIndex, Store, MIN_PDQ_QUALITY,
 };
-
-/// The ITC cosine at or above which an image matches a reference image by default.
-pub const DEFAULT_MIN_COSINE: f32 = 0.92;
 
 /// How long a shared store's matcher is trusted without reading the entries again when the
 /// lists look the same (another process may have replaced an entry without changing a count).
 const SHARED_MAX_AGE: Duration = Duration::from_secs(60);
 
-/// When a pair matches.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Thresholds {
-    /// Largest PDQ Hamming distance that matches.
-    pub pdq_distance: u32,
-    /// Smallest ITC cosine that matches.
-    pub min_cosine: f32,
+/// Rules given for one pass over the collection (`blipsearch matches --pdq-distance ...`),
+/// standing in for each list's own where set.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct Overrides {
+    /// Largest PDQ Hamming distance that matches, for every list.
+    pub pdq_distance: Option<u32>,
+    /// Smallest ITC cosine that matches, for every list.
+    pub min_cosine: Option<f32>,
 }
 
-impl Default for Thresholds {
-    fn default() -> Self {
-        Self {
-            pdq_distance: DEFAULT_PDQ_DISTANCE,
-            min_cosine: DEFAULT_MIN_COSINE,
+impl Overrides {
+    /// `rules` with these overrides applied.
+    pub fn apply(&self, rules: MatchRules) -> MatchRules {
+        MatchRules {
+            pdq_distance: self.pdq_distance.unwrap_or(rules.pdq_distance),
+            min_cosine: self.min_cosine.unwrap_or(rules.min_cosine),
         }
     }
 }
@@ -94,7 +93,7 @@ pub(crate) fn judge(
     entry: &ListEntry,
     pdq: Option<&Pdq>,
     itc: &[f32],
-    t: &Thresholds,
+    t: &MatchRules,
 ) -> Option<Hit> {
     let pdq_distance = pdq.and_then(|p| entry.pdq.iter().map(|h| h.distance(&p.hash)).min());
     let pdq_fires = usable(pdq).is_some_and(|h| {
@@ -133,14 +132,26 @@ pub(crate) struct Matcher {
     vectors: Vec<f32>,
     vector_owner: Vec<usize>,
     dim: usize,
+    /// The rules of each entry's list.
+    rules: Vec<MatchRules>,
+    /// The widest PDQ distance of any list.
+    widest: u32,
     /// The lists as they were when it was built.
     lists: Vec<ListInfo>,
     built: Instant,
 }
 
 impl Matcher {
-    /// Indexes `entries`; `lists` is what the store said the lists were.
+    /// Indexes `entries`; `lists` is what the store said the lists were (their rules apply to
+    /// their entries; an entry of a list not among them gets the default rules).
     pub fn new(entries: Vec<ListEntry>, lists: Vec<ListInfo>) -> Self {
+        let by_name: HashMap<&str, MatchRules> =
+            lists.iter().map(|l| (l.name.as_str(), l.rules)).collect();
+        let rules: Vec<MatchRules> = entries
+            .iter()
+            .map(|e| by_name.get(e.list.as_str()).copied().unwrap_or_default())
+            .collect();
+        let widest = rules.iter().map(|r| r.pdq_distance).max().unwrap_or(0);
         let mut hashes = Vec::new();
         let mut pdq_owner = Vec::new();
         let mut vectors = Vec::new();
@@ -169,6 +180,8 @@ impl Matcher {
             vectors,
             vector_owner,
             dim,
+            rules,
+            widest,
             lists,
             built: Instant::now(),
         }
@@ -196,6 +209,16 @@ impl Matcher {
             .map(|&i| &self.entries[i])
     }
 
+    /// The rules of entry `e` (by position), with `over` applied.
+    pub fn rules(&self, e: usize, over: &Overrides) -> MatchRules {
+        over.apply(self.rules[e])
+    }
+
+    /// The widest PDQ distance any entry matches at, with `over` applied.
+    pub fn widest(&self, over: &Overrides) -> u32 {
+        over.pdq_distance.unwrap_or(self.widest)
+    }
+
     /// The entries (positions) with a hash within `max_distance` of `hash`, each once.
     pub fn pdq_candidates(&self, hash: &PdqHash, max_distance: u32) -> Vec<usize> {
         let Some(index) = &self.pdq else {
@@ -216,19 +239,21 @@ impl Matcher {
         self.vector_owner.iter().copied()
     }
 
-    /// Every entry an image with `pdq` and ITC vector `itc` matches under `t`, by position: a
-    /// lookup of its PDQ hash in the multi-index and a dot product with every reference vector.
-    pub fn check(&self, pdq: Option<&Pdq>, itc: &[f32], t: &Thresholds) -> Vec<Hit> {
+    /// Every entry an image with `pdq` and ITC vector `itc` matches under the rules of the
+    /// entry's list, by position: a lookup of its PDQ hash in the multi-index and a dot product
+    /// with every reference vector.
+    pub fn check(&self, pdq: Option<&Pdq>, itc: &[f32]) -> Vec<Hit> {
         if self.is_empty() {
             return Vec::new();
         }
+        let none = Overrides::default();
         let mut candidates = match usable(pdq) {
-            Some(h) => self.pdq_candidates(h, t.pdq_distance),
+            Some(h) => self.pdq_candidates(h, self.widest),
             None => Vec::new(),
         };
         if itc.len() == self.dim && self.dim > 0 {
             for (row, &owner) in self.vectors.chunks_exact(self.dim).zip(&self.vector_owner) {
-                if dot(row, itc) >= t.min_cosine {
+                if dot(row, itc) >= self.rules[owner].min_cosine {
                     candidates.push(owner);
                 }
             }
@@ -237,7 +262,10 @@ impl Matcher {
         candidates.dedup();
         candidates
             .into_iter()
-            .filter_map(|i| judge(&self.entries[i], pdq, itc, t).map(|h| Hit { entry: i, ..h }))
+            .filter_map(|i| {
+                judge(&self.entries[i], pdq, itc, &self.rules(i, &none))
+                    .map(|h| Hit { entry: i, ..h })
+            })
             .collect()
     }
 }
@@ -247,7 +275,7 @@ pub(crate) fn has_flag(flags: &[Flag], list: &str, entry: u64) -> bool {
     flags.iter().any(|f| f.list == list && f.entry == entry)
 }
 
-/// The flags an image with `pdq` and ITC vector `itc` gets from `matcher` under the default
+/// The flags an image with `pdq` and ITC vector `itc` gets from `matcher` under each list's
 /// thresholds, leaving out the entries `existing` already names (a cleared flag is never
 /// raised again for the same entry).
 pub(crate) fn new_flags(
@@ -257,7 +285,7 @@ pub(crate) fn new_flags(
     itc: &[f32],
 ) -> Vec<Flag> {
     matcher
-        .check(pdq, itc, &Thresholds::default())
+        .check(pdq, itc)
         .into_iter()
         .map(|h| h.flag(&matcher.entries()[h.entry]))
         .filter(|f| !has_flag(existing, &f.list, f.entry))
@@ -387,7 +415,7 @@ mod tests {
     #[test]
     fn judge_names_the_rule_and_reports_both_measures() {
         let base = PdqHash([0x5a; 32]);
-        let t = Thresholds::default();
+        let t = MatchRules::default();
         let e = entry(
             "bank",
             1,
@@ -442,20 +470,14 @@ mod tests {
     #[test]
     fn vectors_of_another_size_never_match() {
         let e = entry("bank", 1, Vec::new(), None, Some(vec![1.0, 0.0, 0.0]));
-        assert!(judge(&e, None, &[1.0, 0.0], &Thresholds::default()).is_none());
+        assert!(judge(&e, None, &[1.0, 0.0], &MatchRules::default()).is_none());
     }
 
     #[test]
     fn an_empty_matcher_matches_nothing_and_builds_no_index() {
         let m = Matcher::new(Vec::new(), Vec::new());
         assert!(m.is_empty());
-        assert!(m
-            .check(
-                Some(&pdq(PdqHash([1; 32]), 90)),
-                &[1.0],
-                &Thresholds::default()
-            )
-            .is_empty());
+        assert!(m.check(Some(&pdq(PdqHash([1; 32]), 90)), &[1.0]).is_empty());
         // Entries without usable hashes need no PDQ index either.
         let m = Matcher::new(
             vec![entry(
@@ -467,11 +489,7 @@ mod tests {
             )],
             Vec::new(),
         );
-        let hits = m.check(
-            Some(&pdq(PdqHash([1; 32]), 90)),
-            &unit(&[1.0, 1.0]),
-            &Thresholds::default(),
-        );
+        let hits = m.check(Some(&pdq(PdqHash([1; 32]), 90)), &unit(&[1.0, 1.0]));
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].rule, MatchRule::Itc);
         assert_eq!(m.entry("a", 1).map(|e| e.id), Some(1));

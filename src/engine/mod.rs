@@ -76,13 +76,12 @@ pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
 pub use moderation::{
     EntriesAdded, Match, MatchParams, PdqBackfill, ReferenceImage, ReviewItem, ReviewPage, Skipped,
-    DEFAULT_MIN_COSINE,
 };
 pub use uploads::{NewUpload, ProductUploaded, Uploaded};
 
 pub use crate::index::{
     check_list_name, AttrFilter, AttrTest, AttrType, AttrValue, AuditEntry, Caption, CaptionSource,
     CollectionInfo, Decision, FeatureMatrix, Filter, Flag, FlagFilter, ImageId, ImageRecord,
-    ListEntry, ListInfo, MatchRule, Pdq, PdqHash, Product, Schema, Verdict, DEFAULT_DIR,
-    DEFAULT_PDQ_DISTANCE,
+    ListEntry, ListInfo, MatchRule, MatchRules, Pdq, PdqHash, Product, Schema, Verdict,
+    DEFAULT_DIR, DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
 };

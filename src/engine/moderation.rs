@@ -7,9 +7,11 @@
 //!   retrieval model; the entry keeps the hashes and the ITC vector, never the image. A **hash
 //!   file** gives entries with one PDQ hash each, which match by PDQ alone.
 //! - An image **matches** an entry when the PDQ Hamming distance to the nearest of the entry's
-//!   hashes is at most [`DEFAULT_PDQ_DISTANCE`] (31 of 256 bits, the figure hash-sharing
-//!   programmes use), or when the ITC cosine with the entry's vector is at least
-//!   [`DEFAULT_MIN_COSINE`]. Hashes of quality below [`crate::index::MIN_PDQ_QUALITY`] (flat,
+//!   hashes is at most the list's distance (by default [`crate::index::DEFAULT_PDQ_DISTANCE`]: 31 of 256
+//!   bits, the figure hash-sharing programmes use), or when the ITC cosine with the entry's
+//!   vector is at least the list's minimum (by default [`crate::index::DEFAULT_MIN_COSINE`], set for BLIP
+//!   base; each list has its own [`MatchRules`], since the cosine of a near-copy depends on the
+//!   model and a bank of shared hashes may want no ITC rule at all). Hashes of quality below [`crate::index::MIN_PDQ_QUALITY`] (flat,
 //!   featureless pictures) are left out of the PDQ rule on both sides.
 //! - New and changed images are checked at ingest, before their records are written; adding
 //!   entries checks the whole collection against the new entries. A match puts a [`Flag`] on the
@@ -29,19 +31,16 @@ use serde_json::{json, Map, Value};
 use super::collection::Engine;
 use super::error::{EngineError, Result};
 use super::ingest::{walk, IngestSummary, DEFAULT_DECODE_BUDGET};
-use super::matcher::{has_flag, judge, match_event, usable, Matcher, Thresholds};
+use super::matcher::{has_flag, judge, match_event, usable, Matcher, Overrides};
 use super::models::Encoders;
 use crate::index::{
     check_list_name, entry_id, now_unix, AuditEntry, AuditEvent, Decision, Filter, Flag,
-    FlagFilter, ImageId, ImageRecord, ListEntry, ListInfo, MatchRule, PdqHash, Verdict,
-    DEFAULT_PDQ_DISTANCE,
+    FlagFilter, ImageId, ImageRecord, ListEntry, ListInfo, MatchRule, MatchRules, PdqHash, Verdict,
 };
 use crate::model::pdq::pdq_dihedral;
 use crate::model::preprocess::{decode_admitted, DecodeBudget, DecodeLimits, DecodePermit};
 use crate::model::ModelError;
 use crate::progress::{Event, Progress};
-
-pub use super::matcher::DEFAULT_MIN_COSINE;
 
 /// Longest entry label, in characters.
 pub const MAX_LABEL: usize = 256;
@@ -65,24 +64,14 @@ const IDS_PER_EVENT: usize = 1000;
 const ENTRY_WRITE: usize = 10_000;
 
 /// What [`Engine::matches`] looks for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct MatchParams {
     /// Only this list's entries (every list when `None`).
     pub list: Option<String>,
-    /// Largest PDQ Hamming distance that matches.
-    pub pdq_distance: u32,
-    /// Smallest ITC cosine that matches.
-    pub min_cosine: f32,
-}
-
-impl Default for MatchParams {
-    fn default() -> Self {
-        Self {
-            list: None,
-            pdq_distance: DEFAULT_PDQ_DISTANCE,
-            min_cosine: DEFAULT_MIN_COSINE,
-        }
-    }
+    /// Largest PDQ Hamming distance that matches, for every list (each list's own when `None`).
+    pub pdq_distance: Option<u32>,
+    /// Smallest ITC cosine that matches, for every list (each list's own when `None`).
+    pub min_cosine: Option<f32>,
 }
 
 /// A collection image that matches a list entry.
@@ -186,13 +175,23 @@ struct Reference {
 }
 
 impl Engine {
-    /// Creates an empty match list.
-    pub fn create_list(&self, name: &str, actor: &str) -> Result<ListInfo> {
+    /// Creates an empty match list whose entries match under `rules`.
+    pub fn create_list(&self, name: &str, rules: MatchRules, actor: &str) -> Result<ListInfo> {
         check_actor(actor)?;
         check_name(name)?;
-        let info = self.write()?.create_list(name)?;
+        let info = self.write()?.create_list(name, rules)?;
         self.lists_changed()?;
-        self.audit_events(actor, vec![event("list_create", json!({ "list": name }))])?;
+        self.audit_events(
+            actor,
+            vec![event(
+                "list_create",
+                json!({
+                    "list": name,
+                    "pdq_distance": rules.pdq_distance,
+                    "min_cosine": rules.min_cosine,
+                }),
+            )],
+        )?;
         Ok(info)
     }
 
@@ -512,16 +511,16 @@ impl Engine {
 
     /// Every collection image that matches an entry, by image id then list and entry.
     pub fn matches(&self, params: &MatchParams) -> Result<Vec<Match>> {
-        let t = check_params(params)?;
+        let over = check_params(params)?;
         self.refresh_matcher()?;
         let matcher = match &params.list {
             Some(name) => {
-                self.existing_list(name)?;
-                Arc::new(Matcher::new(self.read()?.entries(Some(name))?, Vec::new()))
+                let info = self.existing_list(name)?;
+                Arc::new(Matcher::new(self.read()?.entries(Some(name))?, vec![info]))
             }
             None => self.matcher()?,
         };
-        let candidates = self.candidates(&matcher, &t)?;
+        let candidates = self.candidates(&matcher, &over)?;
         let ids: Vec<ImageId> = candidates.keys().copied().collect();
         let mut out = Vec::new();
         for chunk in ids.chunks(CHUNK) {
@@ -532,6 +531,7 @@ impl Engine {
                 };
                 for &e in &candidates[id] {
                     let entry = &matcher.entries()[e];
+                    let t = matcher.rules(e, &over);
                     if let Some(h) = judge(entry, r.pdq.as_ref(), &r.itc, &t) {
                         out.push(Match {
                             id: r.id,
@@ -792,13 +792,13 @@ impl Engine {
     }
 
     /// The candidates of a pass over the collection: for each image, the entries of `matcher`
-    /// it may match under `t` (its PDQ hash looked up in the multi-index; the nearest images to
+    /// it may match under their lists' rules with `over` applied (its PDQ hash looked up in the multi-index; the nearest images to
     /// each reference vector, by the store's vector search, as far as the cosine reaches the
     /// threshold). [`judge`] decides on each pair.
     fn candidates(
         &self,
         matcher: &Matcher,
-        t: &Thresholds,
+        over: &Overrides,
     ) -> Result<BTreeMap<ImageId, BTreeSet<usize>>> {
         let mut out: BTreeMap<ImageId, BTreeSet<usize>> = BTreeMap::new();
         if matcher.is_empty() {
@@ -807,7 +807,7 @@ impl Engine {
         let hashes = self.read()?.pdq_hashes()?;
         for (id, pdq) in &hashes {
             if let Some(h) = usable(Some(pdq)) {
-                for e in matcher.pdq_candidates(h, t.pdq_distance) {
+                for e in matcher.pdq_candidates(h, matcher.widest(over)) {
                     out.entry(*id).or_default().insert(e);
                 }
             }
@@ -818,13 +818,17 @@ impl Engine {
             let Some(v) = matcher.entries()[e].itc.as_deref() else {
                 continue;
             };
+            let min_cosine = matcher.rules(e, over).min_cosine;
+            if min_cosine > 1.0 {
+                continue; // the list's ITC rule is off
+            }
             let mut k = 64;
             loop {
                 let hits = self.read()?.vector_search(v, k, None, &everything)?;
                 let full = hits.len() >= k;
-                let reaches = hits.last().is_some_and(|&(_, c)| c >= t.min_cosine);
+                let reaches = hits.last().is_some_and(|&(_, c)| c >= min_cosine);
                 for (id, c) in hits {
-                    if c >= t.min_cosine {
+                    if c >= min_cosine {
                         out.entry(id).or_default().insert(e);
                     }
                 }
@@ -846,12 +850,12 @@ impl Engine {
         Ok(out)
     }
 
-    /// Checks the collection against the entries of `matcher` (default thresholds) and flags
+    /// Checks the collection against the entries of `matcher` (each under its list's rules) and flags
     /// what matches and is not flagged for that entry yet; returns how many images got a new
     /// flag.
     fn flag_collection(&self, matcher: &Matcher, actor: &str) -> Result<usize> {
-        let t = Thresholds::default();
-        let candidates = self.candidates(matcher, &t)?;
+        let none = Overrides::default();
+        let candidates = self.candidates(matcher, &none)?;
         let ids: Vec<ImageId> = candidates.keys().copied().collect();
         let mut flagged = 0;
         for chunk in ids.chunks(CHUNK) {
@@ -869,6 +873,7 @@ impl Engine {
                         if has_flag(&r.flags, &entry.list, entry.id) {
                             continue;
                         }
+                        let t = matcher.rules(e, &none);
                         if let Some(h) = judge(entry, r.pdq.as_ref(), &r.itc, &t) {
                             let f = h.flag(entry);
                             events.push(match_event(r.id, &r.path, &f, Some(entry)));
@@ -1116,24 +1121,16 @@ fn check_label(label: Option<&str>) -> Result<Option<String>> {
     Ok(Some(l.to_string()))
 }
 
-/// The thresholds of `params`, checked.
-fn check_params(params: &MatchParams) -> Result<Thresholds> {
-    if params.pdq_distance > 256 {
-        return Err(EngineError::InvalidInput(format!(
-            "a PDQ distance is 0 to 256 bits, not {}",
-            params.pdq_distance
-        )));
-    }
-    if !params.min_cosine.is_finite() || !(-1.0..=1.0).contains(&params.min_cosine) {
-        return Err(EngineError::InvalidInput(format!(
-            "a minimum cosine is -1 to 1, not {}",
-            params.min_cosine
-        )));
-    }
-    Ok(Thresholds {
+/// The overrides of `params`, checked.
+fn check_params(params: &MatchParams) -> Result<Overrides> {
+    let over = Overrides {
         pdq_distance: params.pdq_distance,
         min_cosine: params.min_cosine,
-    })
+    };
+    over.apply(MatchRules::default())
+        .check()
+        .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+    Ok(over)
 }
 
 #[cfg(test)]
@@ -1217,15 +1214,15 @@ mod tests {
         assert!(check_params(&ok).is_ok());
         for bad in [
             MatchParams {
-                pdq_distance: 257,
+                pdq_distance: Some(257),
                 ..ok.clone()
             },
             MatchParams {
-                min_cosine: f32::NAN,
+                min_cosine: Some(f32::NAN),
                 ..ok.clone()
             },
             MatchParams {
-                min_cosine: 1.5,
+                min_cosine: Some(-1.5),
                 ..ok.clone()
             },
         ] {

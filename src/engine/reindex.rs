@@ -119,7 +119,7 @@ impl Engine {
                 // Products keep their attributes' types.
                 store.extend_schema(&attributes)?;
                 for l in &lists {
-                    store.create_list(&l.name)?;
+                    store.create_list(&l.name, l.rules)?;
                 }
                 for chunk in entries.chunks(10_000) {
                     store.add_entries(chunk)?;

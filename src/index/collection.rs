@@ -11,7 +11,7 @@ use super::filter::{Columns, Filter, IdSet};
 use super::id::ImageId;
 use super::lock::DirLock;
 use super::meta::MetaStore;
-use super::moderation::{check_entry, check_list_name, ListEntry, ListInfo};
+use super::moderation::{check_entry, check_list_name, ListEntry, ListInfo, MatchRules};
 use super::pdq::Pdq;
 use super::record::{CollectionInfo, CommitState, ImageRecord};
 use super::store::{Store, StoreStats};
@@ -294,9 +294,10 @@ impl Store for Collection {
         Ok(self.columns.pdq_hashes())
     }
 
-    fn create_list(&mut self, name: &str) -> Result<ListInfo> {
+    fn create_list(&mut self, name: &str, rules: MatchRules) -> Result<ListInfo> {
         check_list_name(name)?;
-        self.meta.create_list(name)
+        rules.check()?;
+        self.meta.create_list(name, rules)
     }
 
     fn delete_list(&mut self, name: &str) -> Result<Option<ListInfo>> {

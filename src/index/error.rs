@@ -75,9 +75,9 @@ pub enum IndexError {
     /// No image has this id.
     #[error("no image with id {0}")]
     NotFound(ImageId),
-    /// A name (of a list) that cannot be used.
+    /// A list name or list rules that cannot be used.
     #[error("{0}")]
-    InvalidName(String),
+    InvalidList(String),
     /// No match list has this name.
     #[error("no match list {0:?}")]
     NoList(String),

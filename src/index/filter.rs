@@ -58,7 +58,7 @@ impl Filter {
         }
         if let Some(list) = self.flagged.as_ref().and_then(|f| f.list.as_deref()) {
             check_list_name(list).map_err(|e| match e {
-                IndexError::InvalidName(m) => IndexError::InvalidFilter(m),
+                IndexError::InvalidList(m) => IndexError::InvalidFilter(m),
                 e => e,
             })?;
         }

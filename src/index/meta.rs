@@ -34,7 +34,7 @@ use sled::Transactional;
 
 use super::error::{IndexError, Result};
 use super::id::ImageId;
-use super::moderation::{ListEntry, ListInfo};
+use super::moderation::{ListEntry, ListInfo, MatchRules};
 use super::record::{now_unix, CollectionInfo, CommitState, ImageRecord};
 
 const KEY_INFO: &[u8] = b"collection";
@@ -518,9 +518,10 @@ impl MetaStore {
 
     /// Creates the empty list `name` ([`IndexError::ListExists`] if there is one). Durable on
     /// return.
-    pub fn create_list(&self, name: &str) -> Result<ListInfo> {
+    pub fn create_list(&self, name: &str, rules: MatchRules) -> Result<ListInfo> {
         let info = ListInfo {
             name: name.to_string(),
+            rules,
             entries: 0,
             created_unix: now_unix(),
         };
@@ -749,8 +750,8 @@ mod tests {
     fn list_entries_in_many_batches_keep_their_count() {
         let dir = tempfile::tempdir().unwrap();
         let store = MetaStore::open(dir.path()).unwrap();
-        store.create_list("bank").unwrap();
-        store.create_list("bank-2").unwrap();
+        store.create_list("bank", MatchRules::default()).unwrap();
+        store.create_list("bank-2", MatchRules::default()).unwrap();
         let n = 2 * ENTRY_BATCH + 500;
         let entry = |list: &str, i: usize| ListEntry {
             list: list.into(),

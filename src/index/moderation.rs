@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::error::{IndexError, Result};
-use super::pdq::PdqHash;
+use super::pdq::{PdqHash, DEFAULT_PDQ_DISTANCE};
 use super::vectors::check_vector;
 
 /// Longest list name.
@@ -94,11 +94,67 @@ impl Flag {
     }
 }
 
-/// A match list and its size.
+/// The ITC cosine at or above which an image matches a reference image by default: for BLIP
+/// base, where near-copies (crops, re-encodes, overlays) sit above it and different photographs
+/// of one kind of scene below. Other models place their vectors differently: set it per list.
+pub const DEFAULT_MIN_COSINE: f32 = 0.92;
+
+/// When an image matches an entry of a list: each list has its own, since a bank of shared
+/// hashes and a list of reference photos for a given model want different cut-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MatchRules {
+    /// Largest PDQ Hamming distance that matches (0 to 256).
+    #[serde(default = "default_pdq_distance")]
+    pub pdq_distance: u32,
+    /// Smallest ITC cosine that matches (-1 to 1; above 1 turns the ITC rule off).
+    #[serde(default = "default_min_cosine")]
+    pub min_cosine: f32,
+}
+
+fn default_pdq_distance() -> u32 {
+    DEFAULT_PDQ_DISTANCE
+}
+
+fn default_min_cosine() -> f32 {
+    DEFAULT_MIN_COSINE
+}
+
+impl Default for MatchRules {
+    fn default() -> Self {
+        Self {
+            pdq_distance: DEFAULT_PDQ_DISTANCE,
+            min_cosine: DEFAULT_MIN_COSINE,
+        }
+    }
+}
+
+impl MatchRules {
+    /// Refuses a distance over 256 bits, and a cosine that is not a number or is below -1.
+    pub fn check(&self) -> Result<()> {
+        if self.pdq_distance > 256 {
+            return Err(IndexError::InvalidList(format!(
+                "a PDQ distance is 0 to 256 bits, not {}",
+                self.pdq_distance
+            )));
+        }
+        if !self.min_cosine.is_finite() || self.min_cosine < -1.0 {
+            return Err(IndexError::InvalidList(format!(
+                "a minimum cosine is a number from -1 (above 1: the ITC rule is off), not {}",
+                self.min_cosine
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A match list, its rules and its size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ListInfo {
     /// The list's name ([`check_list_name`]).
     pub name: String,
+    /// When its entries match an image.
+    #[serde(flatten)]
+    pub rules: MatchRules,
     /// Entries in it.
     pub entries: u64,
     /// When it was created, seconds since the Unix epoch.
@@ -167,7 +223,7 @@ pub fn check_list_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(IndexError::InvalidName(format!(
+        Err(IndexError::InvalidList(format!(
             "list name {name:?}: use 1 to {MAX_LIST_NAME} of a-z, 0-9, _ and -, starting with a \
              letter or digit"
         )))
@@ -175,7 +231,7 @@ pub fn check_list_name(name: &str) -> Result<()> {
 }
 
 /// Refuses an entry that a store cannot keep as it is: a bad list name
-/// ([`IndexError::InvalidName`]), and as [`IndexError::InvalidParams`] an id past 53 bits, no
+/// ([`IndexError::InvalidList`]), and as [`IndexError::InvalidParams`] an id past 53 bits, no
 /// hash and no vector, more than [`MAX_ENTRY_HASHES`] hashes, an ITC vector that is not a
 /// `dim`-dimensional finite non-zero vector, a label or source over [`MAX_ENTRY_TEXT`] bytes.
 pub fn check_entry(entry: &ListEntry, dim: usize) -> Result<()> {

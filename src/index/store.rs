@@ -14,7 +14,7 @@ use super::attributes::{Product, Schema};
 use super::error::Result;
 use super::filter::Filter;
 use super::id::ImageId;
-use super::moderation::{ListEntry, ListInfo};
+use super::moderation::{ListEntry, ListInfo, MatchRules};
 use super::pdq::Pdq;
 use super::record::{CollectionInfo, ImageRecord};
 
@@ -212,9 +212,10 @@ pub trait Store: Send + Sync {
         })?;
         Ok(out)
     }
-    /// Creates an empty match list ([`super::IndexError::ListExists`] if there is one of that
-    /// name). The name must pass [`super::check_list_name`]. Durable on return.
-    fn create_list(&mut self, name: &str) -> Result<ListInfo>;
+    /// Creates an empty match list with its rules ([`super::IndexError::ListExists`] if there
+    /// is one of that name). The name must pass [`super::check_list_name`] and the rules
+    /// [`MatchRules::check`]. Durable on return.
+    fn create_list(&mut self, name: &str, rules: MatchRules) -> Result<ListInfo>;
     /// Removes a match list and all its entries; returns it, or `None` if there was none.
     /// Durable on return.
     fn delete_list(&mut self, name: &str) -> Result<Option<ListInfo>>;

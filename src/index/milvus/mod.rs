@@ -87,7 +87,7 @@ use super::attributes::{merge_schema, Product, Schema};
 use super::error::{IndexError, Result};
 use super::filter::{exif_day, Filter};
 use super::id::ImageId;
-use super::moderation::{check_entry, check_list_name, ListEntry, ListInfo};
+use super::moderation::{check_entry, check_list_name, ListEntry, ListInfo, MatchRules};
 use super::pdq::{Pdq, PdqHash};
 use super::record::{now_unix, CollectionInfo, ImageRecord};
 use super::simd::dot;
@@ -512,8 +512,9 @@ impl Store for MilvusStore {
     /// A header row. Entries left by a list of the same name whose deletion did not finish
     /// (or that another process added while it was deleted) are removed first, so that the new
     /// list is empty. Two processes creating one name at once may both succeed.
-    fn create_list(&mut self, name: &str) -> Result<ListInfo> {
+    fn create_list(&mut self, name: &str, rules: MatchRules) -> Result<ListInfo> {
         check_list_name(name)?;
+        rules.check()?;
         if self.list_header(name)?.is_some() {
             return Err(IndexError::ListExists(name.to_string()));
         }
@@ -521,6 +522,7 @@ impl Store for MilvusStore {
             .delete(&self.remote.lists, format!("list == {}", literal(name)))?;
         let info = ListInfo {
             name: name.to_string(),
+            rules,
             entries: 0,
             created_unix: now_unix(),
         };

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_upload, is_multipart, BodyDeadline, Endpoint, ImageOut, PathView};
 use crate::engine::{
     check_list_name, AuditEntry, ErrorKind, Flag, ImageId, ListEntry, ListInfo, MatchParams,
-    MatchRule, ReferenceImage, Silent, Skipped, Verdict, DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
+    MatchRule, MatchRules, ReferenceImage, Silent, Skipped, Verdict,
 };
 use crate::server::auth::key_id;
 use crate::server::error::{ApiError, ApiResult};
@@ -139,6 +139,8 @@ async fn json_body<T: serde::de::DeserializeOwned>(
 #[serde(deny_unknown_fields)]
 struct NewList {
     name: String,
+    pdq_distance: Option<u32>,
+    min_cosine: Option<f32>,
 }
 
 async fn create_list(
@@ -146,13 +148,30 @@ async fn create_list(
     req: HttpRequest,
     payload: web::Payload,
 ) -> ApiResult<HttpResponse> {
-    let NewList { name } =
-        json_body(&req, payload, &state.settings, "{\"name\": \"list-name\"}").await?;
+    let NewList {
+        name,
+        pdq_distance,
+        min_cosine,
+    } = json_body(
+        &req,
+        payload,
+        &state.settings,
+        "{\"name\": \"list-name\", \"pdq_distance\": 31, \"min_cosine\": 0.92}",
+    )
+    .await?;
     let name = list_name(&name)?;
+    let defaults = MatchRules::default();
+    let rules = MatchRules {
+        pdq_distance: pdq_distance.unwrap_or(defaults.pdq_distance),
+        min_cosine: min_cosine.unwrap_or(defaults.min_cosine),
+    };
+    rules
+        .check()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let who = actor(&state.settings)?;
     // Creating a list that exists answers it as it is: a script may ensure its lists.
     let (created, info) = web::block(move || -> ApiResult<(bool, ListInfo)> {
-        match state.engine.create_list(&name, &who) {
+        match state.engine.create_list(&name, rules, &who) {
             Ok(info) => Ok((true, info)),
             Err(e) if e.kind() == ErrorKind::Conflict => {
                 let info = state.engine.lists()?.into_iter().find(|l| l.name == name);
@@ -421,14 +440,14 @@ async fn matches(
 ) -> ApiResult<HttpResponse> {
     let q: MatchQuery = query(&req)?;
     let list = q.list.as_deref().map(list_name).transpose()?;
-    let pdq_distance = q.pdq_distance.unwrap_or(DEFAULT_PDQ_DISTANCE);
-    if pdq_distance > 128 {
+    let pdq_distance = q.pdq_distance;
+    if pdq_distance.is_some_and(|d| d > 128) {
         return Err(ApiError::bad_request(
             "pdq_distance must be between 0 and 128",
         ));
     }
-    let min_cosine = q.min_cosine.unwrap_or(DEFAULT_MIN_COSINE);
-    if !(-1.0..=1.0).contains(&min_cosine) {
+    let min_cosine = q.min_cosine;
+    if min_cosine.is_some_and(|c| !(-1.0..=1.0).contains(&c)) {
         return Err(ApiError::bad_request("min_cosine must be between -1 and 1"));
     }
     let limit = q.limit.unwrap_or(1000);
