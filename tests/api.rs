@@ -2188,3 +2188,260 @@ async fn on_milvus_product_filters_facets_and_groups() {
     drop(svc);
     stop(s.running).await;
 }
+
+/// The key of the moderation tests.
+const MOD_KEY: &str = "moderator-key-1234";
+
+/// `req` with the moderation key.
+fn keyed(req: TestRequest) -> TestRequest {
+    req.insert_header(("authorization", format!("Bearer {MOD_KEY}")))
+}
+
+/// A JSON POST with the moderation key.
+fn keyed_json(uri: &str, body: Value) -> TestRequest {
+    keyed(TestRequest::post().uri(uri).set_json(body))
+}
+
+/// The `action` of every audit event, in order.
+fn audit_actions(v: &Value) -> Vec<String> {
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The whole moderation flow over the API with the key: lists, reference images and hash files,
+/// flags on the matching image and the flagged filter, the review queue and a decision, matches,
+/// removal, and the audit log of all of it.
+macro_rules! check_moderation {
+    ($svc:expr) => {{
+        let svc = &$svc;
+        let rocket = {
+            let (_, b) = send!(
+                svc,
+                TestRequest::get().uri("/api/search?q=launch%20dusk&mode=text&rerank_k=0"),
+            );
+            let v = json(&b);
+            assert_eq!(v["hits"][0]["file_name"], "rocket.jpg", "{v}");
+            v["hits"][0]["id"].as_u64().unwrap()
+        };
+        // Every moderation route needs the key.
+        for uri in ["/api/lists", "/api/review", "/api/audit", "/api/matches"] {
+            let (st, b) = send!(svc, TestRequest::get().uri(uri));
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{uri}");
+            assert_eq!(error_code(&b), "unauthorized");
+        }
+        let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/lists")));
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(json(&b)["lists"], serde_json::json!([]));
+
+        // Lists: created once, with a valid name.
+        let (st, b) = send!(svc, keyed_json("/api/lists", serde_json::json!({"name": "bank"})));
+        assert_eq!(st, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["name"], "bank");
+        let (st, b) = send!(svc, keyed_json("/api/lists", serde_json::json!({"name": "bank"})));
+        assert_eq!(st, StatusCode::CONFLICT);
+        assert_eq!(error_code(&b), "conflict");
+        for bad in [serde_json::json!({"name": "Bad Name"}), serde_json::json!({"nom": "x"})] {
+            let (st, _) = send!(svc, keyed_json("/api/lists", bad.clone()));
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let (st, _) = send!(svc, keyed(TestRequest::get().uri("/api/lists/nosuch")));
+        assert_eq!(st, StatusCode::NOT_FOUND);
+
+        // A reference image (a copy of rocket.jpg) and a hash file with one good and one bad
+        // line: the rocket is flagged.
+        let reference = file_bytes(&common::fixtures().join("images/rocket.jpg"));
+        let (st, b) = send!(
+            svc,
+            keyed(post_multipart(
+                "/api/lists/bank/entries",
+                &[
+                    ("image", Some("ref-rocket.jpg"), &reference),
+                    ("label", None, b"known rocket"),
+                ],
+            )),
+        );
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let added = json(&b);
+        assert_eq!(added["added"].as_array().unwrap().len(), 1, "{added}");
+        let entry = added["added"][0].clone();
+        assert_eq!(entry["label"], "known rocket");
+        assert_eq!(entry["source"], "ref-rocket.jpg");
+        assert_eq!(entry["dihedral"], true);
+        assert_eq!(entry["itc"], true);
+        assert_eq!(added["flagged"], 1, "{added}");
+        let hashes = format!("{},other bank\nnot-a-hash\n", "0f".repeat(32));
+        let (st, b) = send!(
+            svc,
+            keyed(post_multipart(
+                "/api/lists/bank/entries",
+                &[("pdq", Some("bank.csv"), hashes.as_bytes())],
+            )),
+        );
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let v = json(&b);
+        assert_eq!(v["added"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["added"][0]["dihedral"], false);
+        assert_eq!(v["added"][0]["itc"], false);
+        assert_eq!(v["skipped"].as_array().unwrap().len(), 1, "{v}");
+        let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/lists/bank")));
+        assert_eq!(st, StatusCode::OK);
+        let v = json(&b);
+        assert_eq!(v["entries"].as_array().unwrap().len(), 2, "{v}");
+
+        // The flag shows to the key holder only, and the flagged filter needs the key.
+        let flagged = "/api/search?q=a%20photo&mode=vector&rerank_k=0&k=50&limit=50&flagged=";
+        for list in ["bank", "%2A"] {
+            let (st, b) = send!(svc, keyed(TestRequest::get().uri(&format!("{flagged}{list}"))));
+            assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            let v = json(&b);
+            assert_eq!(hit_ids(&v), vec![rocket], "{v}");
+            assert_eq!(v["hits"][0]["flags"][0]["list"], "bank");
+            assert!(v["hits"][0]["flags"][0]["pdq_distance"].as_u64().unwrap() <= 2, "{v}");
+        }
+        let (st, _) = send!(svc, TestRequest::get().uri(&format!("{flagged}bank")));
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        let (st, _) = send!(svc, keyed(TestRequest::get().uri(&format!("{flagged}Bad%20Name"))));
+        assert_eq!(st, StatusCode::BAD_REQUEST);
+        let (_, b) = send!(svc, TestRequest::get().uri(&format!("/api/images/{rocket}")));
+        assert!(json(&b).get("flags").is_none(), "flags are not shown without the key");
+        let (_, b) = send!(svc, keyed(TestRequest::get().uri(&format!("/api/images/{rocket}"))));
+        assert_eq!(json(&b)["flags"][0]["list"], "bank");
+
+        // Matches, computed afresh.
+        let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/matches?list=bank")));
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let v = json(&b);
+        assert_eq!(v["total"], 1, "{v}");
+        assert_eq!(v["matches"][0]["id"], rocket);
+        assert_ne!(v["matches"][0]["rule"], "itc", "an exact copy matches by PDQ: {v}");
+        for bad in ["/api/matches?pdq_distance=999", "/api/matches?min_cosine=2", "/api/matches?x=1"] {
+            let (st, _) = send!(svc, keyed(TestRequest::get().uri(bad)));
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+        }
+
+        // The review queue, and a decision.
+        let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/review")));
+        assert_eq!(st, StatusCode::OK);
+        let v = json(&b);
+        assert_eq!(v["total"], 1, "{v}");
+        assert_eq!(v["items"][0]["image"]["id"], rocket);
+        assert_eq!(v["items"][0]["pending"][0]["entry"], entry["id"]);
+        assert_eq!(v["items"][0]["entries"][0]["label"], "known rocket");
+        for (body, want) in [
+            (serde_json::json!({"decision": "maybe"}), StatusCode::BAD_REQUEST),
+            (serde_json::json!({"decision": "cleared", "extra": 1}), StatusCode::BAD_REQUEST),
+        ] {
+            let (st, _) = send!(svc, keyed_json(&format!("/api/review/{rocket}"), body.clone()));
+            assert_eq!(st, want, "{body}");
+        }
+        let (st, _) = send!(
+            svc,
+            keyed_json("/api/review/999999999", serde_json::json!({"decision": "cleared"}))
+        );
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, b) = send!(
+            svc,
+            keyed_json(
+                &format!("/api/review/{rocket}"),
+                serde_json::json!({"decision": "cleared", "note": "a launch photo, not the bank's"}),
+            )
+        );
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let v = json(&b);
+        assert_eq!(v["image"]["flags"][0]["decision"]["verdict"], "cleared", "{v}");
+        assert!(v["image"]["flags"][0]["decision"]["actor"]
+            .as_str()
+            .unwrap()
+            .starts_with("key:"));
+        let (_, b) = send!(svc, keyed(TestRequest::get().uri("/api/review")));
+        assert_eq!(json(&b)["total"], 0);
+        let (_, b) = send!(svc, keyed(TestRequest::get().uri(&format!("{flagged}bank"))));
+        assert_eq!(hit_ids(&json(&b)), Vec::<u64>::new(), "a cleared image is not flagged");
+
+        // Adding the same reference again flags nothing: cleared stays cleared.
+        let (st, b) = send!(
+            svc,
+            keyed(post_multipart(
+                "/api/lists/bank/entries",
+                &[("image", Some("again.jpg"), &reference)],
+            )),
+        );
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(json(&b)["flagged"], 0);
+
+        // Removal.
+        let id = entry["id"].as_u64().unwrap();
+        let (st, b) = send!(
+            svc,
+            keyed(TestRequest::delete().uri(&format!("/api/lists/bank/entries/{id}")))
+        );
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        let (st, _) = send!(
+            svc,
+            keyed(TestRequest::delete().uri(&format!("/api/lists/bank/entries/{id}")))
+        );
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = send!(svc, keyed(TestRequest::delete().uri("/api/lists/bank")));
+        assert_eq!(st, StatusCode::OK);
+        let (st, _) = send!(svc, keyed(TestRequest::get().uri("/api/lists/bank")));
+        assert_eq!(st, StatusCode::NOT_FOUND);
+
+        // The audit log: every step, in order, by the key's id and never the key.
+        let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/audit?limit=1000")));
+        assert_eq!(st, StatusCode::OK);
+        let log = json(&b);
+        let actions = audit_actions(&log);
+        let order = ["list_create", "entries_add", "match", "decision", "entry_remove", "list_delete"];
+        let mut at = 0;
+        for want in order {
+            at += actions[at..]
+                .iter()
+                .position(|a| a == want)
+                .unwrap_or_else(|| panic!("no {want} after {at} in {actions:?}"));
+        }
+        assert!(!String::from_utf8_lossy(&b).contains(MOD_KEY), "the key is never logged");
+        let first = log["entries"][0]["seq"].as_u64().unwrap();
+        let (_, b) = send!(svc, keyed(TestRequest::get().uri(&format!("/api/audit?after={first}&limit=1"))));
+        let page = json(&b);
+        assert_eq!(page["entries"][0]["seq"], first + 1, "{page}");
+        assert_eq!(page["next_after"], first + 1);
+    }};
+}
+
+#[actix_web::test]
+async fn moderation_lists_flags_review_and_audit() {
+    // A server without a key refuses moderation: nobody could be named in the audit log.
+    let s = start(Options::default());
+    let svc = service!(s);
+    let (st, b) = send!(svc, TestRequest::get().uri("/api/lists"));
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert_eq!(error_code(&b), "no_api_key");
+    drop(svc);
+    stop(s.running).await;
+
+    let (s, svc) = ingested!(Options {
+        api_key: Some(MOD_KEY),
+        ..Default::default()
+    });
+    check_moderation!(svc);
+    drop(svc);
+    stop(s.running).await;
+}
+
+#[actix_web::test]
+async fn on_milvus_moderation_lists_flags_review_and_audit() {
+    let milvus = common::milvus::MilvusLite::start();
+    let address = milvus.address("moderation");
+    let (s, svc) = ingested!(Options {
+        api_key: Some(MOD_KEY),
+        store: Some(address),
+        ..Default::default()
+    });
+    check_moderation!(svc);
+    drop(svc);
+    stop(s.running).await;
+}
