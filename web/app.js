@@ -1340,7 +1340,7 @@
   function moderationFailed(err, what) {
     if (err.status === 403 && err.code === 'no_api_key') {
       showUnavailable('Moderation is off on this server',
-        `Match lists, the review queue and the audit log need the server to run with --api-key (blipsearch serve --api-key KEY …): every decision is recorded with the key that took it. The server said: ${err.message}`);
+        'Match lists, the review queue and the audit log need a server started with --api-key KEY (blipsearch serve --api-key KEY …): every decision is recorded with the key that took it. Restart the server with a key, then enter it here with the key button at the top right.');
       return true;
     }
     if (err.status === 401) {
@@ -1453,8 +1453,8 @@
       el('span', { class: 'muted small', text: ` #${image.id} · ${pending.length} match${pending.length === 1 ? '' : 'es'} waiting` })),
     el('div', { class: 'review-body' },
       figure,
-      el('div', { class: 'review-matches' }, pending.map((f) => matchCard(image, f, entryOf(f))))),
-    decisionForm(image, li));
+      el('div', { class: 'review-matches' }, pending.map((f) => matchCard(image, f, entryOf(f))))));
+    li.append(decisionForm(image, li));
     return li;
   }
 
@@ -1501,7 +1501,8 @@
 
   const hamming = (a, b) => a.reduce((n, bit, i) => n + (bit !== b[i] ? 1 : 0), 0);
 
-  /** A 16 × 16 grid of `bits` (set bits dark); `diff` bits outlined in the danger colour. */
+  /** A 16 × 16 grid of `bits` (set bits dark, or faint when `diff` is given); `diff` bits in
+   * the danger colour. */
   function bitGrid(bits, diff, label, testid) {
     const grid = svg('svg', { class: 'bitgrid', viewBox: '0 0 16 16', role: 'img', 'aria-label': label, 'data-testid': testid });
     grid.append(svg('title'));
@@ -1514,7 +1515,7 @@
       if (bits && bits[i]) on += cell;
       if (diff && diff[i]) marked += cell;
     }
-    if (on) grid.append(svg('path', { class: 'bitgrid-on', d: on }));
+    if (on) grid.append(svg('path', { class: diff ? 'bitgrid-faint' : 'bitgrid-on', d: on }));
     if (marked) grid.append(svg('path', { class: 'bitgrid-diff', d: marked }));
     return grid;
   }
@@ -1545,7 +1546,7 @@
     wrap.append(
       el('figure', { class: 'pdq-grid' }, bitGrid(mine, null, 'PDQ hash of the flagged image', 'pdq-image'), el('figcaption', { text: 'image' })),
       el('figure', { class: 'pdq-grid' }, bitGrid(theirs, null, `PDQ hash of the ${refLabel}`, 'pdq-reference'), el('figcaption', { text: refLabel })),
-      el('figure', { class: 'pdq-grid' }, bitGrid(null, diff, `${bestD} of ${PDQ_BITS} bits differ`, 'pdq-diff'),
+      el('figure', { class: 'pdq-grid' }, bitGrid(mine, diff, `${bestD} of ${PDQ_BITS} bits differ`, 'pdq-diff'),
         el('figcaption', { 'data-testid': 'pdq-diff-count', text: `${bestD} bits differ` })));
     const notes = [];
     if (typeof flag.pdq_distance === 'number' && flag.pdq_distance < bestD && entry.dihedral) {
