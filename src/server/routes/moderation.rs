@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{check_upload, is_multipart, BodyDeadline, Endpoint, ImageOut, PathView};
 use crate::engine::{
-    check_list_name, AuditEntry, Flag, ImageId, ListEntry, ListInfo, MatchParams, MatchRule,
-    ReferenceImage, Silent, Skipped, Verdict, DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
+    check_list_name, AuditEntry, ErrorKind, Flag, ImageId, ListEntry, ListInfo, MatchParams,
+    MatchRule, ReferenceImage, Silent, Skipped, Verdict, DEFAULT_MIN_COSINE, DEFAULT_PDQ_DISTANCE,
 };
 use crate::server::auth::key_id;
 use crate::server::error::{ApiError, ApiResult};
@@ -155,10 +155,24 @@ async fn create_list(
         json_body(&req, payload, &state.settings, "{\"name\": \"list-name\"}").await?;
     let name = list_name(&name)?;
     let who = actor(&state.settings)?;
-    let info =
-        web::block(move || -> ApiResult<ListInfo> { Ok(state.engine.create_list(&name, &who)?) })
-            .await??;
-    Ok(HttpResponse::Created().json(info))
+    // Creating a list that exists answers it as it is: a script may ensure its lists.
+    let (created, info) = web::block(move || -> ApiResult<(bool, ListInfo)> {
+        match state.engine.create_list(&name, &who) {
+            Ok(info) => Ok((true, info)),
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                let info = state.engine.lists()?.into_iter().find(|l| l.name == name);
+                info.map(|i| (false, i)).ok_or_else(|| e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await??;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(HttpResponse::build(status).json(info))
 }
 
 #[derive(Serialize)]
