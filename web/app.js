@@ -1770,10 +1770,14 @@
     const input = $('#list-name');
     const name = input.value.trim();
     if (!name) return;
+    // Creating a list that exists answers it as it is: say so.
+    const existed = state.lists.some((l) => l.name === name);
     try {
-      await api('/api/lists', { method: 'POST', json: { name } });
+      const info = await api('/api/lists', { method: 'POST', json: { name } });
       input.value = '';
-      listsResult.replaceChildren(el('p', { class: 'ok', text: `Created the list ${name}.` }));
+      listsResult.replaceChildren(el('p', { class: 'ok', 'data-testid': 'list-create-ok' }, existed
+        ? `The list ${name} exists already (${entryCount(info.entries)}).`
+        : `Created the list ${name}.`));
       await renderLists(true);
       const card = listsBox.querySelector(`[data-name="${CSS.escape(name)}"]`);
       if (card) $('input[type=file]', card).focus();
