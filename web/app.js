@@ -1276,7 +1276,7 @@
   function setReviewCount(n) {
     ui.reviewCount.hidden = !(typeof n === 'number' && n > 0);
     ui.reviewCount.textContent = typeof n === 'number' ? fmt.count(n) : '';
-    ui.reviewOpen.setAttribute('aria-label', `Review${n ? `: ${n} waiting` : ''}`);
+    ui.reviewOpen.setAttribute('aria-label', `Review${n ? `: ${fmt.count(n)} waiting` : ''}`);
   }
 
   // ---------------------------------------------------------------- moderation: views
@@ -1297,6 +1297,8 @@
     ui.moderation.hidden = !on;
     ui.searchView.hidden = on;
     document.body.classList.toggle('is-moderating', on);
+    if (on) ui.reviewOpen.setAttribute('aria-current', 'page');
+    else ui.reviewOpen.removeAttribute('aria-current');
     if (on) {
       clearError();
       ui.empty.hidden = true;
@@ -1488,16 +1490,23 @@
     hashCompare(image.pdq, e, flag));
   }
 
-  /** 256 bits of a hex PDQ hash, most significant first; `null` if it is not one. */
+  /** The 256 bits of a hex PDQ hash in coefficient order: bit `16 i + j` is whether DCT
+   * coefficient (i, j) (vertical frequency i + 1, horizontal j + 1) is above the median. The
+   * reference writes bit `k` as bit `k % 8` of byte `31 - k / 8`. `null` if `hex` is not a hash. */
   function hexBits(hex) {
     if (typeof hex !== 'string' || !/^[0-9a-f]{64}$/i.test(hex)) return null;
     const bits = new Uint8Array(PDQ_BITS);
-    for (let i = 0; i < 64; i += 1) {
-      const nibble = parseInt(hex[i], 16);
-      for (let b = 0; b < 4; b += 1) bits[i * 4 + b] = (nibble >> (3 - b)) & 1;
+    for (let k = 0; k < PDQ_BITS; k += 1) {
+      const byte = 31 - Math.floor(k / 8);
+      bits[k] = (parseInt(hex.slice(2 * byte, 2 * byte + 2), 16) >> (k % 8)) & 1;
     }
     return bits;
   }
+
+  // What the entry's hash variants after the plain one are of the reference image, in the PDQ
+  // reference's order of its dihedral hashes.
+  const VARIANTS = ['rotated 90° counter-clockwise', 'rotated 180°', 'rotated 270° counter-clockwise',
+    'mirrored top-bottom', 'mirrored left-right', 'transposed', 'mirrored about the other diagonal'];
 
   const hamming = (a, b) => a.reduce((n, bit, i) => n + (bit !== b[i] ? 1 : 0), 0);
 
@@ -1541,11 +1550,11 @@
     });
     const theirs = candidates[best];
     const diff = mine.map((b, i) => (b !== theirs[i] ? 1 : 0));
-    const refLabel = best === 0 ? 'reference' : 'reference (rotated or mirrored)';
+    const refLabel = best === 0 ? 'reference' : `reference, ${VARIANTS[best - 1] || 'rotated or mirrored'}`;
     wrap.dataset.distance = String(bestD);
     wrap.append(
       el('figure', { class: 'pdq-grid' }, bitGrid(mine, null, 'PDQ hash of the flagged image', 'pdq-image'), el('figcaption', { text: 'image' })),
-      el('figure', { class: 'pdq-grid' }, bitGrid(theirs, null, `PDQ hash of the ${refLabel}`, 'pdq-reference'), el('figcaption', { text: refLabel })),
+      el('figure', { class: 'pdq-grid' }, bitGrid(theirs, null, `PDQ hash of the ${refLabel}`, 'pdq-reference'), el('figcaption', { 'data-testid': 'pdq-reference-label', text: refLabel })),
       el('figure', { class: 'pdq-grid' }, bitGrid(mine, diff, `${bestD} of ${PDQ_BITS} bits differ`, 'pdq-diff'),
         el('figcaption', { 'data-testid': 'pdq-diff-count', text: `${bestD} bits differ` })));
     const notes = [];
@@ -1557,6 +1566,7 @@
       el('code', { text: `image      ${imageHex}` }),
       el('code', { text: `reference  ${best === 0 ? entry.pdq : entry.pdq_variants[best - 1]}` })));
     if (notes.length) wrap.append(el('p', { class: 'muted small', text: notes[0] }));
+    wrap.append(el('p', { class: 'muted small', text: 'A cell is one DCT coefficient of the image (low frequencies top left), dark where it is above the median; red cells are the bits that differ.' }));
     return wrap;
   }
 

@@ -78,6 +78,7 @@ run_ui_test() {
   QUERY_IMAGE="$TMP/images/camera.png" \
   DROP_IMAGE="$TMP/images/coffee.png" \
   UPLOAD_IMAGE="$UPLOAD_IMAGE" \
+  REFERENCE_IMAGES="$ROOT/tests/fixtures/pdq/camera.text.jpg:$ROOT/tests/fixtures/pdq/rocket.mirror.jpg" \
   BLIPSEARCH_API_KEY=$API_KEY \
   ARTIFACT_DIR=$ARTIFACT_DIR \
   CHROMIUM=$CHROMIUM \

@@ -13,8 +13,10 @@
 //   UI_TEST               `protected-reads` for the short test of a server run with --protect-reads,
 //                         `catalogue` for the facets and product cards over the test catalogue
 //                         (tests/api.rs, `catalogue`), `moderation` for match lists, flags, the
-//                         review queue and the audit log (QUERY_IMAGE and DROP_IMAGE become the
-//                         references), `no-key` for a server without a key (after `moderation`)
+//                         review queue and the audit log, `no-key` for a server without a key
+//                         (after `moderation`)
+//   REFERENCE_IMAGES      for `moderation`: two reference images, separated by ':', a copy of
+//                         QUERY_IMAGE with text on it and a copy of UPLOAD_IMAGE mirrored left-right
 // Exit code 0 when every step passed; on failure a screenshot `failure.png` is saved.
 
 import assert from 'node:assert/strict';
@@ -484,16 +486,19 @@ async function searchAll(page) {
 }
 
 /** Match lists, flags, the review queue and the audit log, through the UI with the key. The two
- * references are copies of two indexed images under other names: each flags its original. */
+ * references are altered copies of two indexed images (text on one, the other mirrored): each
+ * flags its original, the mirrored one through the reference's dihedral hashes, and nothing
+ * else (the tiny model's ITC cosines of other images stay below the threshold). */
 async function moderationTest(status) {
   assert.ok(API_KEY, 'the moderation test needs BLIPSEARCH_API_KEY');
-  const refDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blipsearch-refs-'));
-  const refs = [QUERY_IMAGE, DROP_IMAGE].map((f) => {
-    const copy = path.join(refDir, `ref-${path.basename(f)}`);
-    fs.copyFileSync(f, copy);
-    return copy;
-  });
-  const [confirmName, clearName] = [QUERY_IMAGE, DROP_IMAGE].map((f) => path.basename(f));
+  const refs = env('REFERENCE_IMAGES').split(path.delimiter);
+  assert.equal(refs.length, 2, 'REFERENCE_IMAGES: two paths');
+  // The first flags QUERY_IMAGE, the second the image uploaded by the full test (found by the
+  // word of its description; uploads are stored under a name of their own).
+  const confirmName = path.basename(QUERY_IMAGE);
+  const uploaded = await apiGet(`/api/search?q=${UPLOAD_WORD}&mode=text&rerank_k=0`);
+  assert.equal(uploaded.hits.length, 1, 'the full test uploaded an image');
+  const clearName = uploaded.hits[0].file_name;
   const before = await apiGet('/api/audit?limit=1000');
   const seenSeq = before.next_after;
 
@@ -577,18 +582,20 @@ async function moderationTest(status) {
       await page.click('[data-testid=review-open]');
       await page.waitForFunction(() => document.querySelectorAll('[data-testid=review-item]').length === 2, null, { timeout: 30_000 });
       assert.match(await page.textContent('[data-testid=review-summary]'), /2 images waiting for review/);
-      for (const [name, ref] of [[confirmName, refs[0]], [clearName, refs[1]]]) {
+      for (const [name, ref, variant] of [[confirmName, refs[0], /^reference$/], [clearName, refs[1], /^reference, mirrored left-right$/]]) {
         const item = `[data-testid=review-item][data-file-name="${name}"]`;
         const text = async (id) => (await page.textContent(`${item} [data-testid=${id}]`)).trim();
         assert.equal(await text('match-list'), LIST);
         assert.equal(await text('match-label'), LIST_LABEL);
         assert.equal(await text('match-source'), path.basename(ref));
-        assert.match(await text('match-rule'), /PDQ/, 'an exact copy matches by PDQ');
+        assert.match(await text('match-rule'), /PDQ/, `${name} matches by PDQ`);
         const distance = Number((await text('match-distance')).split(' ')[0]);
-        assert.ok(distance <= 2, `PDQ distance of an exact copy: ${distance}`);
-        assert.match(await text('match-cosine'), /^(0\.9\d\d|1\.000)/);
-        // The two hashes as bit grids, and their difference.
+        assert.ok(distance <= 31, `PDQ distance of ${name}: ${distance}`);
+        assert.match(await text('match-cosine'), /^-?[01]\.\d{3} /);
+        // The two hashes as bit grids (the reference's variant that matched), and their
+        // difference: as many bits as the server's distance.
         assert.equal(await page.locator(`${item} [data-testid=pdq-compare] svg`).count(), 3);
+        assert.match(await text('pdq-reference-label'), variant);
         assert.equal(await text('pdq-diff-count'), `${distance} bits differ`);
         const on = await page.$eval(`${item} [data-testid=pdq-image] .bitgrid-on`, (p) => p.getAttribute('d').split('M').length - 1);
         assert.ok(on > 64 && on < 192, `set bits of a PDQ hash: ${on}`);
@@ -597,6 +604,7 @@ async function moderationTest(status) {
           return img && img.complete && img.naturalWidth > 0;
         }, `${item} [data-testid=review-image]`, { timeout: 30_000 });
       }
+      await page.waitForSelector('#toast', { state: 'hidden', timeout: 10_000 });
       await page.screenshot({ path: path.join(ARTIFACTS, 'ui-review.png'), fullPage: true });
     });
 

@@ -83,8 +83,10 @@ pub struct EntryOut {
     source: Option<String>,
     /// The plain PDQ hash, hex.
     pdq: Option<String>,
-    /// The seven other dihedral variants of a reference image's hash, hex (rotations by 90, 180
-    /// and 270 degrees, then the four mirrors): a reviewer sees the variant that matched.
+    /// The seven other dihedral variants of a reference image's hash, hex, in the PDQ
+    /// reference's order (rotated 90, 180 and 270 degrees counter-clockwise, mirrored top-bottom,
+    /// mirrored left-right, transposed, mirrored about the other diagonal): a reviewer sees the
+    /// variant that matched.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pdq_variants: Vec<String>,
     /// Whether the entry matches the eight dihedral variants (a reference image) or its plain
