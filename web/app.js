@@ -1694,10 +1694,7 @@
             res.flagged ? el('a', { class: 'btn btn-link', href: `?view=review&list=${encodeURIComponent(list.name)}`, text: 'Review them', onclick: (e) => { e.preventDefault(); openReview(list.name); } }) : null),
           skipped.length ? el('ul', { class: 'skipped', 'data-testid': 'list-add-skipped' }, skipped.map((s) => el('li', { text: `${s.source}: ${s.reason}` }))) : null);
         form.reset();
-        await loadLists();
-        const card = listsBox.querySelector(`[data-name="${CSS.escape(list.name)}"]`);
-        const fresh = state.lists.find((l) => l.name === list.name);
-        if (card && fresh) $('.list-count', card).textContent = entryCount(fresh.entries);
+        await refreshListCount(list.name);
         if (!entriesBox.hidden) loadEntries(list.name, entriesBox);
         refreshReviewCount();
       } catch (err) {
@@ -1736,6 +1733,14 @@
 
   const entryCount = (n) => `${fmt.count(n)} entr${n === 1 ? 'y' : 'ies'}`;
 
+  /** Reloads the lists and shows list `name`'s new entry count on its card. */
+  async function refreshListCount(name) {
+    await loadLists();
+    const card = listsBox.querySelector(`[data-name="${CSS.escape(name)}"]`);
+    const fresh = state.lists.find((l) => l.name === name);
+    if (card && fresh) $('.list-count', card).textContent = entryCount(fresh.entries);
+  }
+
   async function loadEntries(name, box) {
     box.replaceChildren(el('p', { class: 'working' }, el('span', { class: 'spinner', 'aria-hidden': 'true' }), 'Loading…'));
     try {
@@ -1758,8 +1763,13 @@
             if (!confirm(`Remove the entry ${e.label || e.source || `#${e.id}`} from ${name}?`)) return;
             try {
               await api(`/api/lists/${encodeURIComponent(name)}/entries/${e.id}`, { method: 'DELETE' });
-              await loadLists();
-              renderLists(false);
+              toast(`Removed ${e.label || e.source || `entry #${e.id}`} from ${name}.`);
+              await refreshListCount(name);
+              await loadEntries(name, box);
+              refreshReviewCount();
+              // Focus stays in the list: the next entry's Remove, or the list's toggle.
+              const next = box.querySelector('[data-testid=entry-remove]') || box.closest('.list-card').querySelector('[data-testid=list-show]');
+              if (next) next.focus();
             } catch (err) {
               moderationFailed(err, 'Could not remove the entry.');
             }

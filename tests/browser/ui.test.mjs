@@ -555,6 +555,31 @@ async function moderationTest(status) {
       await page.waitForFunction(() => document.querySelector('[data-testid=review-count]').textContent === '2');
     });
 
+    await step('moderation: a hash file adds a hash-only entry; removing it and deleting a list', async () => {
+      // The UI asks before it removes or deletes anything.
+      page.on('dialog', (d) => d.accept());
+      const card = `[data-testid=list-card][data-name="${LIST}"]`;
+      const hashes = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'blipsearch-hashes-')), 'bank.csv');
+      fs.writeFileSync(hashes, `${'0f'.repeat(32)},hash-only entry\nnot-a-hash\n`);
+      await page.setInputFiles(`${card} [data-testid=list-add-hashes]`, hashes);
+      await page.click(`${card} [data-testid=list-add-submit]`);
+      await page.waitForFunction((sel) => /Added 1 entry; 0 images newly flagged/.test(document.querySelector(sel).textContent), `${card} [data-testid=list-add-result]`, { timeout: 60_000 });
+      assert.match(await page.textContent(`${card} [data-testid=list-add-skipped]`), /not-a-hash|line 2/);
+      await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3, `${card} [data-testid=list-entry]`);
+      const row = `${card} [data-testid=list-entry]:has-text("hash-only entry")`;
+      assert.match(await page.textContent(row), /bank\.csv[\s\S]*plain/);
+      await page.click(`${row} [data-testid=entry-remove]`);
+      await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 2, `${card} [data-testid=list-entry]`);
+      assert.match(await page.textContent(`${card} [data-testid=list-count]`), /^2 entries$/);
+      // A list made and deleted again.
+      await page.fill('[data-testid=list-name]', 'scratch');
+      await page.click('[data-testid=list-create]');
+      await page.waitForSelector('[data-testid=list-card][data-name=scratch]');
+      await page.click('[data-testid=list-card][data-name=scratch] [data-testid=list-delete]');
+      await page.waitForSelector('[data-testid=list-card][data-name=scratch]', { state: 'detached' });
+      assert.equal(await page.locator('[data-testid=list-card]').count(), 1);
+    });
+
     await step('moderation: flagged results carry a badge; the flagged filter narrows to them', async () => {
       await searchAll(page);
       assert.ok(await page.isHidden('[data-testid=moderation]'));
@@ -634,7 +659,7 @@ async function moderationTest(status) {
       for (const want of [CONFIRM_NOTE, CLEAR_NOTE, 'confirmed', 'cleared']) assert.ok(text.includes(want), `audit lacks ${want}: ${text}`);
       assert.ok(decisions.every((e) => /^key:[0-9a-f]{8}$/.test(e.actor)), text);
       assert.ok(!JSON.stringify(log).includes(API_KEY), 'the key is never logged');
-      for (const want of ['list_create', 'entries_add', 'match']) assert.ok(log.entries.some((e) => e.action === want), `no ${want}`);
+      for (const want of ['list_create', 'entries_add', 'match', 'entry_remove', 'list_delete']) assert.ok(log.entries.some((e) => e.action === want), `no ${want}`);
       // The Audit view shows the newest first.
       await page.click('[data-testid=tab-audit]');
       await page.waitForSelector('[data-testid=audit-row]');
