@@ -17,6 +17,16 @@
 //! updates and deletes; the attribute schema kept across a reopen and refusing a conflicting
 //! type without change; product titles and descriptions found by text search, a title above a
 //! description for the same word.
+//!
+//! The moderation part ([`moderation_contract`]) checks match lists and flags: lists created
+//! once under a possible name, entries added (a batch naming a missing list writes nothing),
+//! replaced by id, listed by list then id, counted, removed, deleted with their list and not
+//! resurrected by a new list of the same name, all kept across a reopen (an empty list too);
+//! flag filters (any list, one list, pending only, a cleared flag counting for nothing, with
+//! other filters) on both searches and `matching`, agreeing with `Filter::accepts`, before and
+//! after updates that change flags; a list name no list can have refused in a filter; records
+//! keeping their PDQ hash and flags; `pdq_hashes` agreeing with the records. Reads of thousands
+//! of rows page through all of them in id order (the selective-filter test).
 
 mod common;
 
@@ -25,9 +35,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blipsearch::index::{
-    content_hash, AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource, Collection,
-    CollectionInfo, Filter, HnswParams, ImageId, ImageRecord, IndexError, MilvusStore, Product,
-    Schema, Store,
+    content_hash, entry_id, AttrFilter, AttrTest, AttrType, AttrValue, Caption, CaptionSource,
+    Collection, CollectionInfo, Decision, Filter, Flag, FlagFilter, HnswParams, ImageId,
+    ImageRecord, IndexError, ListEntry, MatchRule, MilvusStore, Pdq, PdqHash, Product, Schema,
+    Store, Verdict,
 };
 use common::milvus::MilvusLite;
 
@@ -764,6 +775,378 @@ pub fn catalogue_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
     assert_eq!(s.info().attributes, want);
 }
 
+/// A flag of `list`, pending or with a verdict.
+fn flag(list: &str, entry: u64, verdict: Option<Verdict>) -> Flag {
+    Flag {
+        list: list.into(),
+        entry,
+        rule: MatchRule::Pdq,
+        pdq_distance: Some(3),
+        cosine: None,
+        flagged_unix: 1_700_000_100,
+        decision: verdict.map(|verdict| Decision {
+            verdict,
+            note: "checked".into(),
+            actor: "cli".into(),
+            unix: 1_700_000_200,
+        }),
+    }
+}
+
+/// An entry of `list` with `hashes` PDQ hashes made from `n`, and maybe a vector.
+fn entry(list: &str, n: u8, hashes: usize, itc: Option<Vec<f32>>) -> ListEntry {
+    let pdq: Vec<PdqHash> = (0..hashes)
+        .map(|i| PdqHash([n.wrapping_mul(9).wrapping_add(i as u8); 32]))
+        .collect();
+    ListEntry {
+        list: list.into(),
+        id: entry_id(list, pdq.first(), itc.as_deref()),
+        label: Some(format!("reference {n}")),
+        source: Some("bank.csv".into()),
+        quality: (!pdq.is_empty()).then_some(90),
+        pdq,
+        itc,
+        added_unix: 1_700_000_000,
+    }
+}
+
+/// The flags of image `n` of the moderation suite: none, pending, confirmed and pending on two
+/// lists, cleared only, cleared and confirmed.
+fn flags_of(n: u64) -> Vec<Flag> {
+    use Verdict::{Cleared, Confirmed};
+    match n % 5 {
+        0 => vec![],
+        1 => vec![flag("bank", n, None)],
+        2 => vec![flag("bank", n, Some(Confirmed)), flag("other", n, None)],
+        3 => vec![flag("other", n, Some(Cleared))],
+        _ => vec![
+            flag("bank", n, Some(Cleared)),
+            flag("other", n, Some(Confirmed)),
+        ],
+    }
+}
+
+fn flag_filters() -> Vec<Filter> {
+    let f = |list: Option<&str>, pending_only| Filter {
+        flagged: Some(FlagFilter {
+            list: list.map(str::to_string),
+            pending_only,
+        }),
+        ..Filter::default()
+    };
+    let mut out = vec![
+        f(None, false),
+        f(None, true),
+        f(Some("bank"), false),
+        f(Some("bank"), true),
+        f(Some("other"), false),
+        f(Some("other"), true),
+        f(Some("nobody"), false),
+    ];
+    let mut with_path = f(Some("bank"), false);
+    with_path.path_prefix = Some("/lib/a/".into());
+    let mut with_size = f(None, false);
+    with_size.min_width = Some(200);
+    out.extend([with_path, with_size]);
+    out
+}
+
+/// Both searches and `matching` with each flag filter return exactly what `Filter::accepts`
+/// accepts; returns how many filters passed some image.
+fn flag_filters_agree_with_accepts(s: &dyn Store, g: &mut Gen) -> usize {
+    let all = records(s);
+    let mut some = 0;
+    for f in flag_filters() {
+        let want: Vec<ImageId> = all.iter().filter(|r| f.accepts(r)).map(|r| r.id).collect();
+        let want_set: BTreeSet<u64> = want.iter().map(|id| id.0).collect();
+        let got = ids(&s.vector_search(&g.unit(), all.len() + 5, None, &f).unwrap());
+        assert_eq!(got, want_set, "vector search with {f:?}");
+        let got = ids(&s.text_search("everyone", all.len() + 5, &f).unwrap());
+        assert_eq!(got, want_set, "text search with {f:?}");
+        assert_eq!(s.matching(&f, usize::MAX).unwrap(), want, "matching {f:?}");
+        assert_eq!(
+            s.matching(&f, 2).unwrap(),
+            want[..want.len().min(2)],
+            "the first two matching {f:?}"
+        );
+        some += !want.is_empty() as usize;
+    }
+    let everyone: Vec<ImageId> = all.iter().map(|r| r.id).collect();
+    assert_eq!(
+        s.matching(&Filter::default(), usize::MAX).unwrap(),
+        everyone
+    );
+    assert_eq!(s.matching(&Filter::default(), 3).unwrap(), everyone[..3]);
+    assert!(s.matching(&Filter::default(), 0).unwrap().is_empty());
+    let hashes: Vec<(ImageId, Pdq)> = all
+        .iter()
+        .filter_map(|r| r.pdq.map(|p| (r.id, p)))
+        .collect();
+    assert_eq!(s.pdq_hashes().unwrap(), hashes);
+    some
+}
+
+/// Match lists, flags and PDQ hashes (see [`moderation_contract`]'s steps), against stores made
+/// by `open` (called again on the same directory to reopen).
+pub fn moderation_contract(open: &dyn Fn(&Path) -> Box<dyn Store>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut g = Gen(0x0DE7_A710_0F1A);
+    let mut s = open(dir);
+
+    // Lists: created once, by a possible name.
+    assert!(s.lists().unwrap().is_empty());
+    assert!(s.entries(None).unwrap().is_empty());
+    let bank = s.create_list("bank").unwrap();
+    assert_eq!((bank.name.as_str(), bank.entries), ("bank", 0));
+    assert!(matches!(
+        s.create_list("bank"),
+        Err(IndexError::ListExists(n)) if n == "bank"
+    ));
+    for bad in ["", "Bank", "a b", "a/1", "\"x\" or 1"] {
+        assert!(
+            matches!(s.create_list(bad), Err(IndexError::InvalidName(_))),
+            "{bad:?}"
+        );
+    }
+    s.create_list("other").unwrap();
+    s.create_list("empty").unwrap();
+    let names = |s: &dyn Store| -> Vec<(String, u64)> {
+        s.lists()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.name, l.entries))
+            .collect()
+    };
+    assert_eq!(
+        names(&*s),
+        [("bank".into(), 0), ("empty".into(), 0), ("other".into(), 0)]
+    );
+
+    // Entries: a list that does not exist anywhere in a batch writes nothing.
+    let full = entry("bank", 1, 8, Some(g.unit()));
+    let hash_only = entry("bank", 2, 1, None);
+    let vector_only = entry("bank", 3, 0, Some(g.unit()));
+    let elsewhere = entry("other", 4, 8, Some(g.unit()));
+    let stray = entry("nope", 5, 1, None);
+    assert!(matches!(
+        s.add_entries(&[full.clone(), stray.clone()]),
+        Err(IndexError::NoList(n)) if n == "nope"
+    ));
+    assert!(s.entries(Some("bank")).unwrap().is_empty());
+    // Entries no store can keep.
+    let mut nine = entry("bank", 6, 8, None);
+    nine.pdq.push(PdqHash([0; 32]));
+    let wrong_dim = entry("bank", 7, 1, Some(vec![1.0; DIM + 1]));
+    let not_finite = entry("bank", 10, 1, Some(vec![f32::NAN; DIM]));
+    let mut nothing = entry("bank", 8, 0, None);
+    nothing.id = 42;
+    let mut long_label = entry("bank", 9, 1, None);
+    long_label.label = Some("x".repeat(5000));
+    let mut wide_id = entry("bank", 11, 1, None);
+    wide_id.id = 1 << 53;
+    for bad in [nine, wrong_dim, not_finite, nothing, long_label, wide_id] {
+        let what = format!("{bad:?}");
+        assert!(
+            matches!(
+                s.add_entries(&[hash_only.clone(), bad]),
+                Err(IndexError::InvalidParams(_))
+            ),
+            "{what}"
+        );
+    }
+    assert!(s.entries(Some("bank")).unwrap().is_empty());
+
+    // Added, listed by list then id, counted; the same id again replaces (also within a batch).
+    s.add_entries(&[full.clone(), hash_only.clone(), elsewhere.clone()])
+        .unwrap();
+    let mut relabelled = hash_only.clone();
+    relabelled.label = Some("relabelled".into());
+    let mut first_try = vector_only.clone();
+    first_try.label = None;
+    s.add_entries(&[relabelled.clone(), first_try, vector_only.clone()])
+        .unwrap();
+    let mut bank_entries = vec![full.clone(), relabelled.clone(), vector_only.clone()];
+    bank_entries.sort_by_key(|e| e.id);
+    assert_eq!(s.entries(Some("bank")).unwrap(), bank_entries);
+    let mut every = bank_entries.clone();
+    every.push(elsewhere.clone());
+    assert_eq!(s.entries(None).unwrap(), every);
+    assert_eq!(
+        names(&*s),
+        [("bank".into(), 3), ("empty".into(), 0), ("other".into(), 1)]
+    );
+
+    // Removed once; a list that does not exist is an error, not an empty answer.
+    assert_eq!(
+        s.remove_entry("bank", vector_only.id).unwrap(),
+        Some(vector_only.clone())
+    );
+    assert_eq!(s.remove_entry("bank", vector_only.id).unwrap(), None);
+    assert_eq!(s.remove_entry("bank", elsewhere.id).unwrap(), None);
+    assert!(matches!(
+        s.remove_entry("nope", full.id),
+        Err(IndexError::NoList(_))
+    ));
+    assert!(matches!(
+        s.entries(Some("nope")),
+        Err(IndexError::NoList(_))
+    ));
+    bank_entries.retain(|e| e.id != vector_only.id);
+    assert_eq!(s.entries(Some("bank")).unwrap(), bank_entries);
+
+    // Deleted with its entries; a list made again under its name starts empty.
+    let gone = s.delete_list("other").unwrap().unwrap();
+    assert_eq!((gone.name.as_str(), gone.entries), ("other", 1));
+    assert_eq!(s.delete_list("other").unwrap(), None);
+    assert!(matches!(
+        s.add_entries(std::slice::from_ref(&elsewhere)),
+        Err(IndexError::NoList(_))
+    ));
+    assert_eq!(s.entries(None).unwrap(), bank_entries);
+    s.create_list("other").unwrap();
+    assert!(s.entries(Some("other")).unwrap().is_empty());
+
+    // Images with flags and hashes (some without a hash).
+    let mut written = Vec::new();
+    for n in 0..40u64 {
+        let mut r = record(n, &mut g);
+        r.flags = flags_of(n);
+        r.pdq = (n % 7 != 0).then(|| Pdq {
+            hash: PdqHash([n as u8; 32]),
+            quality: (n * 2) as u8,
+        });
+        r.id = s.allocate_id(&r.content_hash).unwrap();
+        written.push(r);
+    }
+    s.insert_all(written.clone()).unwrap();
+    s.commit().unwrap();
+    written.sort_by_key(|r| r.id);
+    assert_eq!(records(&*s), written, "flags and hashes round-trip");
+    let some = flag_filters_agree_with_accepts(&*s, &mut g);
+    assert!(some >= 7, "{some} flag filters pass some image");
+    for f in [
+        FlagFilter {
+            list: Some("Bank".into()),
+            pending_only: false,
+        },
+        FlagFilter {
+            list: Some(r#"bank" or id > 0 or ""#.into()),
+            pending_only: true,
+        },
+    ] {
+        let f = Filter {
+            flagged: Some(f),
+            ..Filter::default()
+        };
+        assert!(matches!(
+            s.vector_search(&g.unit(), 3, None, &f),
+            Err(IndexError::InvalidFilter(_))
+        ));
+        assert!(matches!(
+            s.text_search("dog", 3, &f),
+            Err(IndexError::InvalidFilter(_))
+        ));
+        assert!(matches!(
+            s.matching(&f, 3),
+            Err(IndexError::InvalidFilter(_))
+        ));
+    }
+
+    // An update that changes flags changes what the filter passes, at once: an unflagged image
+    // gets a pending flag, a pending one is cleared, a hash is taken away.
+    let pending_other = Filter {
+        flagged: Some(FlagFilter {
+            list: Some("other".into()),
+            pending_only: true,
+        }),
+        ..Filter::default()
+    };
+    let bank_any = Filter {
+        flagged: Some(FlagFilter {
+            list: Some("bank".into()),
+            pending_only: false,
+        }),
+        ..Filter::default()
+    };
+    let mut unflagged = written.iter().find(|r| r.flags.is_empty()).unwrap().clone();
+    let mut pending = written
+        .iter()
+        .find(|r| r.flags.len() == 1 && r.flags[0].pending())
+        .unwrap()
+        .clone();
+    assert!(!s
+        .matching(&pending_other, 100)
+        .unwrap()
+        .contains(&unflagged.id));
+    assert!(s.matching(&bank_any, 100).unwrap().contains(&pending.id));
+    unflagged.flags.push(flag("other", 99, None));
+    pending.flags[0].decision = Some(Decision {
+        verdict: Verdict::Cleared,
+        note: "a false match".into(),
+        actor: "key:0123abcd".into(),
+        unix: 1_700_000_300,
+    });
+    pending.pdq = None;
+    s.update_all(&[unflagged.clone(), pending.clone()]).unwrap();
+    assert!(s
+        .matching(&pending_other, 100)
+        .unwrap()
+        .contains(&unflagged.id));
+    assert!(!s.matching(&bank_any, 100).unwrap().contains(&pending.id));
+    assert!(
+        !ids(&s.vector_search(&pending.itc, 50, None, &bank_any).unwrap()).contains(&pending.id.0)
+    );
+    assert_eq!(s.get(pending.id).unwrap().as_ref(), Some(&pending));
+    assert!(!s.pdq_hashes().unwrap().iter().any(|h| h.0 == pending.id));
+    s.commit().unwrap();
+    flag_filters_agree_with_accepts(&*s, &mut g);
+
+    // A deleted image leaves every flag filter and the hashes.
+    let flagged_any = Filter {
+        flagged: Some(FlagFilter::default()),
+        ..Filter::default()
+    };
+    let victim = s.matching(&flagged_any, 1).unwrap()[0];
+    s.delete(victim).unwrap();
+    assert!(!s.matching(&flagged_any, 100).unwrap().contains(&victim));
+    assert!(!s.pdq_hashes().unwrap().iter().any(|h| h.0 == victim));
+    flag_filters_agree_with_accepts(&*s, &mut g);
+    s.commit().unwrap();
+    let before = (records(&*s), s.entries(None).unwrap(), s.lists().unwrap());
+    drop(s);
+
+    // Reopen: lists (the empty one too), entries, flags and hashes are as they were.
+    let s = open(dir);
+    assert_eq!(
+        names(&*s),
+        [("bank".into(), 2), ("empty".into(), 0), ("other".into(), 0)]
+    );
+    assert_eq!(
+        (records(&*s), s.entries(None).unwrap(), s.lists().unwrap()),
+        before
+    );
+    flag_filters_agree_with_accepts(&*s, &mut g);
+}
+
+#[test]
+fn embedded_collection_keeps_the_moderation_contract() {
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    moderation_contract(&|dir| {
+        Box::new(Collection::open(dir, &info, HnswParams::default()).unwrap()) as Box<dyn Store>
+    });
+}
+
+#[test]
+fn milvus_store_keeps_the_moderation_contract() {
+    let milvus = MilvusLite::start();
+    let address = milvus.address("moderation").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    moderation_contract(&|_dir| {
+        Box::new(MilvusStore::open(&address, &info).unwrap()) as Box<dyn Store>
+    });
+}
+
 #[test]
 fn embedded_collection_keeps_the_catalogue_contract() {
     let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
@@ -865,8 +1248,8 @@ fn milvus_killed_and_restarted_loses_nothing_and_the_store_recovers() {
 }
 
 /// A Milvus collection holding rows written before products were stored (no `product`, `attrs`
-/// or `attr_days` keys) keeps working beside new rows: the old rows are read, searched and
-/// filtered as before, and fail every attribute filter.
+/// or `attr_days` keys, nor moderation's) keeps working beside new rows: the old rows are read,
+/// searched and filtered as before, and fail every attribute and flag filter.
 #[test]
 fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
     use milvus::v2::prelude::{ClientV2, ConnectConfig, InsertRequest};
@@ -909,8 +1292,27 @@ fn milvus_rows_without_product_keys_fail_attribute_filters_only() {
 
     let mut new = record(2, &mut g);
     new.product = Some(catalogue()[0].0.clone());
+    let pdq = Pdq {
+        hash: PdqHash([0xa5; 32]),
+        quality: 100,
+    };
+    new.pdq = Some(pdq);
+    new.flags = vec![flag("bank", 1, None)];
     let new_id = add(&mut s, new).unwrap();
     assert_eq!(s.get(old.id).unwrap().as_ref(), Some(&old));
+    // Nor moderation keys: the old row has no hash and passes no flag filter.
+    assert_eq!(s.pdq_hashes().unwrap(), [(new_id, pdq)]);
+    for f in flag_filters() {
+        let want: Vec<ImageId> = records(&s)
+            .iter()
+            .filter(|r| f.accepts(r))
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(s.matching(&f, 10).unwrap(), want, "{f:?}");
+    }
+    let mut both = vec![old.id, new_id];
+    both.sort();
+    assert_eq!(s.matching(&Filter::default(), 10).unwrap(), both);
     let everything = ids(&s.text_search("everyone", 10, &Filter::default()).unwrap());
     assert_eq!(everything, [old.id.0, new_id.0].into());
     assert_eq!(
@@ -964,6 +1366,10 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
         r.id = s.allocate_id(&r.content_hash).unwrap();
         let brand = if n % 100 == 7 { "rare" } else { "common" };
         r.product = Some(product(&format!("P{n}"), "", "", &[("brand", text(brand))]));
+        r.pdq = Some(Pdq {
+            hash: PdqHash([(n % 251) as u8; 32]),
+            quality: (n % 101) as u8,
+        });
         if brand == "rare" {
             rare.push((r.id, r.itc.clone()));
         }
@@ -977,6 +1383,18 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
         attributes: vec![AttrFilter::parse("brand:rare", &schema()).unwrap()],
         ..Filter::default()
     };
+    // Reads of many rows page through all of them, in id order, whatever order they were
+    // written in (ids come from content hashes here, so in no order).
+    let mut all: Vec<ImageId> = s.under("/lib/").unwrap().iter().map(|u| u.0).collect();
+    assert_eq!(all.len(), 4000);
+    all.sort();
+    assert_eq!(s.matching(&Filter::default(), usize::MAX).unwrap(), all);
+    assert_eq!(s.matching(&Filter::default(), 1500).unwrap(), all[..1500]);
+    let mut rare_ids: Vec<ImageId> = rare.iter().map(|r| r.0).collect();
+    rare_ids.sort();
+    assert_eq!(s.matching(&filter, usize::MAX).unwrap(), rare_ids);
+    let hashes = s.pdq_hashes().unwrap();
+    assert_eq!(hashes.iter().map(|h| h.0).collect::<Vec<_>>(), all);
     for _ in 0..10 {
         let q = unit(&mut g);
         let got = s.vector_search(&q, 100, None, &filter).unwrap();
@@ -996,10 +1414,147 @@ fn selective_filters_return_k_whenever_k_pass(s: &mut dyn Store) {
 }
 
 #[test]
+fn embedded_selective_filters_return_k_whenever_k_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, BLIP_DIM, 5, 8);
+    let mut s = Collection::open(tmp.path(), &info, HnswParams::default()).unwrap();
+    selective_filters_return_k_whenever_k_pass(&mut s);
+}
+
+#[test]
 fn milvus_selective_filters_return_k_whenever_k_pass() {
     let milvus = MilvusLite::start();
     let address = milvus.address("selective").parse().unwrap();
     let info = CollectionInfo::new("test/store-suite", None, BLIP_DIM, 5, 8);
     let mut s = MilvusStore::open(&address, &info).unwrap();
     selective_filters_return_k_whenever_k_pass(&mut s);
+}
+
+/// Whether the Milvus at `port` has each of `collections`.
+fn milvus_has(port: u16, collections: &[&str]) -> Vec<bool> {
+    use milvus::v2::prelude::{ClientV2, ConnectConfig, HasCollectionRequest};
+    let names: Vec<String> = collections.iter().map(|c| c.to_string()).collect();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let config = ConnectConfig::new().uri(format!("http://127.0.0.1:{port}"));
+            let client = ClientV2::new(&config).await?;
+            let mut out = Vec::new();
+            for name in names {
+                let request = HasCollectionRequest::builder()
+                    .collection_name(name)
+                    .build()?;
+                out.push(client.has_collection(request).await?.exists());
+            }
+            Ok::<_, milvus::v2::error::Error>(out)
+        })
+        .unwrap()
+}
+
+/// Drops one Milvus collection behind the store's back.
+fn milvus_drop(port: u16, collection: &str) {
+    use milvus::v2::prelude::{ClientV2, ConnectConfig, DropCollectionRequest};
+    let name = collection.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let config = ConnectConfig::new().uri(format!("http://127.0.0.1:{port}"));
+            let client = ClientV2::new(&config).await?;
+            let request = DropCollectionRequest::builder()
+                .collection_name(name)
+                .build()?;
+            client.drop_collection(request).await
+        })
+        .unwrap();
+}
+
+/// Match lists and flags live in Milvus, not in a handle: two handles (as two processes would)
+/// see each other's writes at once. A collection made before match lists gets its `__lists`
+/// collection at its next open; replacing a collection (a reindex's swap) takes the new one's
+/// lists, and dropping it drops them.
+#[test]
+fn milvus_lists_are_shared_and_go_with_their_collection() {
+    let milvus = MilvusLite::start();
+    let address: blipsearch::index::MilvusAddress = milvus.address("shared").parse().unwrap();
+    let info = CollectionInfo::new("test/store-suite", None, DIM, 5, 8);
+    let mut g = Gen(0x5A4E_D115_7500);
+    let mut a = MilvusStore::open(&address, &info).unwrap();
+    let mut b = MilvusStore::open(&address, &info).unwrap();
+
+    a.create_list("bank").unwrap();
+    assert!(matches!(
+        b.create_list("bank"),
+        Err(IndexError::ListExists(_))
+    ));
+    let e = entry("bank", 1, 8, Some(g.unit()));
+    b.add_entries(std::slice::from_ref(&e)).unwrap();
+    assert_eq!(a.entries(Some("bank")).unwrap(), std::slice::from_ref(&e));
+    assert_eq!(a.lists().unwrap()[0].entries, 1);
+    let mut r = record(1, &mut g);
+    r.flags = vec![flag("bank", e.id, None)];
+    let id = add(&mut a, r).unwrap();
+    let pending = Filter {
+        flagged: Some(FlagFilter {
+            list: Some("bank".into()),
+            pending_only: true,
+        }),
+        ..Filter::default()
+    };
+    assert_eq!(b.matching(&pending, 10).unwrap(), [id]);
+    let mut seen = b.get(id).unwrap().unwrap();
+    seen.flags[0].decision = Some(Decision {
+        verdict: Verdict::Confirmed,
+        note: String::new(),
+        actor: "cli".into(),
+        unix: 0,
+    });
+    b.update(&seen).unwrap();
+    assert!(a.matching(&pending, 10).unwrap().is_empty());
+
+    // Deleted by one, gone for the other; a list made again under the name is empty.
+    b.delete_list("bank").unwrap();
+    assert!(a.lists().unwrap().is_empty());
+    assert!(matches!(
+        a.add_entries(std::slice::from_ref(&e)),
+        Err(IndexError::NoList(_))
+    ));
+    a.create_list("bank").unwrap();
+    assert!(b.entries(Some("bank")).unwrap().is_empty());
+    drop((a, b));
+
+    // A collection made before match lists has no `__lists`: opening it makes one.
+    milvus_drop(milvus.port, "shared__lists");
+    assert_eq!(milvus_has(milvus.port, &["shared__lists"]), [false]);
+    let mut s = MilvusStore::open_existing(&address).unwrap();
+    assert!(s.lists().unwrap().is_empty());
+    s.create_list("kept").unwrap();
+    assert_eq!(s.get(id).unwrap().unwrap().flags, seen.flags);
+
+    // Replaced by a collection with lists of its own: those are the lists now.
+    let staging: blipsearch::index::MilvusAddress =
+        milvus.address("shared_reindex").parse().unwrap();
+    let mut fresh = MilvusStore::open(&staging, &info).unwrap();
+    fresh.create_list("fresh").unwrap();
+    let f = entry("fresh", 2, 1, None);
+    fresh.add_entries(std::slice::from_ref(&f)).unwrap();
+    drop(fresh);
+    MilvusStore::replace(&address, &staging).unwrap();
+    let lists: Vec<String> = s.lists().unwrap().into_iter().map(|l| l.name).collect();
+    assert_eq!(lists, ["fresh"]);
+    assert_eq!(s.entries(None).unwrap(), [f]);
+    drop(s);
+
+    MilvusStore::drop_collection(&address).unwrap();
+    assert_eq!(
+        milvus_has(
+            milvus.port,
+            &[
+                "shared",
+                "shared__excluded",
+                "shared__lists",
+                "shared_reindex__lists"
+            ]
+        ),
+        [false; 4]
+    );
 }

@@ -1,7 +1,6 @@
 //! [`Collection`], the embedded [`Store`]: sled, the HNSW graph, tantivy and the filter columns
 //! of one collection directory, kept consistent through commits and crashes.
 
-use crate::index::moderation::{ListEntry, ListInfo};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +11,8 @@ use super::filter::{Columns, Filter, IdSet};
 use super::id::ImageId;
 use super::lock::DirLock;
 use super::meta::MetaStore;
+use super::moderation::{check_entry, check_list_name, ListEntry, ListInfo};
+use super::pdq::Pdq;
 use super::record::{CollectionInfo, CommitState, ImageRecord};
 use super::store::{Store, StoreStats};
 use super::text::TextIndex;
@@ -276,26 +277,49 @@ impl Collection {
 }
 
 impl Store for Collection {
-    fn matching(&self, _filter: &Filter, _limit: usize) -> Result<Vec<ImageId>> {
-        todo!("moderation storage")
+    /// From the filter columns: the passing ids' bit set, read in order.
+    fn matching(&self, filter: &Filter, limit: usize) -> Result<Vec<ImageId>> {
+        Ok(match self.selection(filter)? {
+            None => {
+                let mut ids = self.columns.ids();
+                ids.truncate(limit);
+                ids
+            }
+            Some(set) => set.iter().take(limit).map(ImageId).collect(),
+        })
     }
-    fn create_list(&mut self, _name: &str) -> Result<ListInfo> {
-        todo!("moderation storage")
+
+    /// From the filter columns, without reading a record.
+    fn pdq_hashes(&self) -> Result<Vec<(ImageId, Pdq)>> {
+        Ok(self.columns.pdq_hashes())
     }
-    fn delete_list(&mut self, _name: &str) -> Result<Option<ListInfo>> {
-        todo!("moderation storage")
+
+    fn create_list(&mut self, name: &str) -> Result<ListInfo> {
+        check_list_name(name)?;
+        self.meta.create_list(name)
     }
+
+    fn delete_list(&mut self, name: &str) -> Result<Option<ListInfo>> {
+        self.meta.delete_list(name)
+    }
+
     fn lists(&self) -> Result<Vec<ListInfo>> {
-        todo!("moderation storage")
+        self.meta.lists()
     }
-    fn add_entries(&mut self, _entries: &[ListEntry]) -> Result<()> {
-        todo!("moderation storage")
+
+    fn add_entries(&mut self, entries: &[ListEntry]) -> Result<()> {
+        for e in entries {
+            check_entry(e, self.info.embedding_dim)?;
+        }
+        self.meta.put_entries(entries)
     }
-    fn remove_entry(&mut self, _list: &str, _id: u64) -> Result<Option<ListEntry>> {
-        todo!("moderation storage")
+
+    fn remove_entry(&mut self, list: &str, id: u64) -> Result<Option<ListEntry>> {
+        self.meta.remove_entry(list, id)
     }
-    fn entries(&self, _list: Option<&str>) -> Result<Vec<ListEntry>> {
-        todo!("moderation storage")
+
+    fn entries(&self, list: Option<&str>) -> Result<Vec<ListEntry>> {
+        self.meta.entries(list)
     }
 
     fn info(&self) -> &CollectionInfo {

@@ -16,7 +16,8 @@ use super::attr_columns::AttrColumns;
 use super::attributes::{AttrFilter, Product};
 use super::error::{IndexError, Result};
 use super::id::ImageId;
-use super::moderation::FlagFilter;
+use super::moderation::{check_list_name, Flag, FlagFilter};
+use super::pdq::Pdq;
 use super::record::ImageRecord;
 
 /// Restrictions on which images a search may return; every set field must hold.
@@ -49,10 +50,17 @@ impl Filter {
     }
 
     /// Refuses a filter that cannot mean anything: dates that are not calendar days, attribute
-    /// filters that [`AttrFilter::check`] refuses.
+    /// filters that [`AttrFilter::check`] refuses, a flag filter naming a list by a name no list
+    /// can have ([`check_list_name`]).
     pub fn check(&self) -> Result<()> {
         for a in &self.attributes {
             a.check()?;
+        }
+        if let Some(list) = self.flagged.as_ref().and_then(|f| f.list.as_deref()) {
+            check_list_name(list).map_err(|e| match e {
+                IndexError::InvalidName(m) => IndexError::InvalidFilter(m),
+                e => e,
+            })?;
         }
         for d in [&self.date_from, &self.date_to].into_iter().flatten() {
             if day_number(d).is_none() {
@@ -158,7 +166,8 @@ impl Row {
 /// The filterable fields of every image, in memory, column by column: what the embedded store
 /// evaluates a [`Filter`] on. Paths are also kept sorted, so a path prefix is a range, not a scan.
 /// Product attributes have a column each (`attr_columns.rs`), so an attribute filter reads
-/// no product.
+/// no product. The flags of the images that have one that counts are kept by id (few images are
+/// flagged: a flag filter visits only them), and the PDQ hash of every image in a column.
 #[derive(Debug, Default)]
 pub struct Columns {
     ids: Vec<u64>,
@@ -174,6 +183,10 @@ pub struct Columns {
     slot: HashMap<u64, usize>,
     /// Row of each path, in path order.
     paths: BTreeMap<Arc<str>, usize>,
+    /// The PDQ hash of each row, if any.
+    row_pdq: Vec<Option<Pdq>>,
+    /// The flags of each image with an active one ([`Flag::active`]), by id.
+    flags: HashMap<u64, Box<[Flag]>>,
 }
 
 impl Columns {
@@ -196,6 +209,11 @@ impl Columns {
                 .push(r.id.0);
         }
         self.row_products.push(product);
+        self.row_pdq.push(r.pdq);
+        if r.flags.iter().any(Flag::active) {
+            self.flags
+                .insert(r.id.0, r.flags.clone().into_boxed_slice());
+        }
     }
 
     /// `p`, sharing the copy another image of the product holds when it is the same.
@@ -220,6 +238,8 @@ impl Columns {
         self.ids.swap_remove(i);
         self.rows.swap_remove(i);
         self.attrs.swap_remove(i);
+        self.row_pdq.swap_remove(i);
+        self.flags.remove(&id.0);
         let path = self.row_paths.swap_remove(i);
         if self.paths.get(&path) == Some(&i) {
             self.paths.remove(&path);
@@ -307,6 +327,25 @@ impl Columns {
         }
     }
 
+    /// Every id, in id order.
+    pub fn ids(&self) -> Vec<ImageId> {
+        let mut ids: Vec<ImageId> = self.ids.iter().map(|&i| ImageId(i)).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The PDQ hash of every image that has one, in id order.
+    pub fn pdq_hashes(&self) -> Vec<(ImageId, Pdq)> {
+        let mut out: Vec<(ImageId, Pdq)> = self
+            .ids
+            .iter()
+            .zip(&self.row_pdq)
+            .filter_map(|(&id, p)| p.map(|p| (ImageId(id), p)))
+            .collect();
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out
+    }
+
     /// The ids passing `filter`, as a bit set.
     pub fn select(&self, filter: &Filter) -> IdSet {
         let range = filter.day_range();
@@ -322,13 +361,23 @@ impl Columns {
             (!row_tests || filter.accepts_row(&self.rows[row], range))
                 && attrs.iter().all(|a| a.accepts(row))
         };
-        let ids: Vec<u64> = match filter.path_prefix.as_deref() {
-            Some(prefix) => self
+        let ids: Vec<u64> = match (&filter.flagged, filter.path_prefix.as_deref()) {
+            // Only flagged images can pass: visit them alone.
+            (Some(flagged), prefix) => self
+                .flags
+                .iter()
+                .filter(|(_, flags)| flagged.accepts(flags))
+                .filter_map(|(id, _)| self.slot.get(id).copied())
+                .filter(|&row| prefix.is_none_or(|p| self.row_paths[row].starts_with(p)))
+                .filter(|&row| passes(row))
+                .map(|row| self.ids[row])
+                .collect(),
+            (None, Some(prefix)) => self
                 .prefixed(prefix)
                 .filter(|(_, &row)| passes(row))
                 .map(|(_, &row)| self.ids[row])
                 .collect(),
-            None => (0..self.ids.len())
+            (None, None) => (0..self.ids.len())
                 .filter(|&row| passes(row))
                 .map(|row| self.ids[row])
                 .collect(),
@@ -390,6 +439,21 @@ impl IdSet {
             .is_some_and(|w| w & (1 << (off % 64)) != 0)
     }
 
+    /// The ids in the set, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(move |(w, &word)| {
+            let base = self.base + 64 * w as u64;
+            let mut word = word;
+            std::iter::from_fn(move || {
+                (word != 0).then(|| {
+                    let bit = word.trailing_zeros();
+                    word &= word - 1;
+                    base + u64::from(bit)
+                })
+            })
+        })
+    }
+
     /// Number of ids in the set.
     pub fn len(&self) -> usize {
         self.len
@@ -424,6 +488,25 @@ mod tests {
             product: None,
             pdq: None,
             flags: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_flag_filter_names_a_list_by_a_possible_name() {
+        let f = |list: Option<&str>| Filter {
+            flagged: Some(FlagFilter {
+                list: list.map(str::to_string),
+                pending_only: false,
+            }),
+            ..Default::default()
+        };
+        f(None).check().unwrap();
+        f(Some("bank-2")).check().unwrap();
+        for bad in ["", "Bank", "a\" or id > 0 or \"", &"x".repeat(65)] {
+            assert!(
+                matches!(f(Some(bad)).check(), Err(IndexError::InvalidFilter(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -526,6 +609,43 @@ mod tests {
         })
     }
 
+    const LISTS: [&str; 3] = ["bank", "bank-2", "other"];
+
+    /// Flags on up to three lists, pending, confirmed or cleared.
+    fn flags() -> impl Strategy<Value = Vec<Flag>> {
+        use crate::index::moderation::{Decision, MatchRule, Verdict};
+        proptest::collection::vec((0usize..LISTS.len(), 0u8..3), 0..3).prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, (list, decision))| Flag {
+                    list: LISTS[list].to_string(),
+                    entry: i as u64,
+                    rule: MatchRule::Pdq,
+                    pdq_distance: Some(4),
+                    cosine: None,
+                    flagged_unix: 0,
+                    decision: [None, Some(Verdict::Confirmed), Some(Verdict::Cleared)]
+                        [decision as usize]
+                        .map(|verdict| Decision {
+                            verdict,
+                            note: String::new(),
+                            actor: "cli".into(),
+                            unix: 0,
+                        }),
+                })
+                .collect()
+        })
+    }
+
+    fn pdq() -> impl Strategy<Value = Option<Pdq>> {
+        proptest::option::of((any::<u8>(), 0u8..=100)).prop_map(|p| {
+            p.map(|(b, quality)| Pdq {
+                hash: crate::index::pdq::PdqHash([b; 32]),
+                quality,
+            })
+        })
+    }
+
     fn records() -> impl Strategy<Value = Vec<ImageRecord>> {
         proptest::collection::vec(
             (
@@ -534,22 +654,44 @@ mod tests {
                 1u32..40,
                 proptest::option::of((2019u32..2022, 1u32..13, 1u32..29)),
                 product(),
+                flags(),
+                pdq(),
             ),
             0..60,
         )
         .prop_map(|v| {
             v.into_iter()
                 .enumerate()
-                .map(|(i, (f, w, h, d, p))| {
+                .map(|(i, (f, w, h, d, p, flags, pdq))| {
                     let exif = d.map(|(y, m, d)| format!("{y}:{m:02}:{d:02} 12:00:00"));
                     // Sparse, unordered ids, as after deletes and reindexing.
                     let id = (i as u64 * 7919) % 1009 + 3;
                     let mut r =
                         record(id, &format!("{}{i}.jpg", FOLDERS[f]), w, h, exif.as_deref());
                     r.product = p;
+                    r.flags = flags;
+                    r.pdq = pdq;
                     r
                 })
                 .collect()
+        })
+    }
+
+    fn flag_filter() -> impl Strategy<Value = Option<FlagFilter>> {
+        proptest::option::of((
+            proptest::option::of(prop_oneof![
+                Just("bank"),
+                Just("bank-2"),
+                Just("other"),
+                Just("none")
+            ]),
+            any::<bool>(),
+        ))
+        .prop_map(|f| {
+            f.map(|(list, pending_only)| FlagFilter {
+                list: list.map(str::to_string),
+                pending_only,
+            })
         })
     }
 
@@ -597,15 +739,16 @@ mod tests {
             proptest::option::of(1u32..40),
             proptest::option::of(1u32..40),
             attr_filters(),
+            flag_filter(),
         )
-            .prop_map(|(p, from, to, w, h, attributes)| Filter {
+            .prop_map(|(p, from, to, w, h, attributes, flagged)| Filter {
                 path_prefix: p,
                 date_from: from,
                 date_to: to,
                 min_width: w,
                 min_height: h,
                 attributes,
-                flagged: None,
+                flagged,
             })
     }
 
@@ -716,7 +859,7 @@ mod tests {
             rs in records(),
             f in filters(),
             drop in 0usize..10,
-            changes in proptest::collection::vec(product(), 0..6),
+            changes in proptest::collection::vec((product(), flags(), pdq()), 0..6),
         ) {
             let mut c = Columns::default();
             for r in &rs {
@@ -727,19 +870,32 @@ mod tests {
                 prop_assert!(c.remove(r.id));
                 live.retain(|x| x.id != r.id);
             }
-            // Updates change products (and attributes) of some live images.
-            for (r, p) in live.iter_mut().rev().zip(changes) {
+            // Updates change products (and attributes), flags and hashes of some live images.
+            for (r, (p, flags, pdq)) in live.iter_mut().rev().zip(changes) {
                 r.product = p;
+                r.flags = flags;
+                r.pdq = pdq;
                 c.upsert(r);
             }
             prop_assert_eq!(c.len(), live.len());
             let set = c.select(&f);
-            let mut want = 0;
+            let mut want = Vec::new();
             for r in &live {
                 prop_assert_eq!(set.contains(r.id.0), f.accepts(r), "{:?}", r);
-                want += f.accepts(r) as usize;
+                if f.accepts(r) {
+                    want.push(r.id.0);
+                }
             }
-            prop_assert_eq!(set.len(), want);
+            want.sort_unstable();
+            prop_assert_eq!(set.len(), want.len());
+            prop_assert_eq!(set.iter().collect::<Vec<u64>>(), want);
+            let mut ids: Vec<ImageId> = live.iter().map(|r| r.id).collect();
+            ids.sort_unstable();
+            prop_assert_eq!(c.ids(), ids);
+            let mut hashes: Vec<(ImageId, Pdq)> =
+                live.iter().filter_map(|r| r.pdq.map(|p| (r.id, p))).collect();
+            hashes.sort_unstable_by_key(|h| h.0);
+            prop_assert_eq!(c.pdq_hashes(), hashes);
             // Products read back as written, and each product lists exactly its images.
             let mut images: BTreeMap<String, Vec<ImageId>> = BTreeMap::new();
             for r in &live {

@@ -15,8 +15,14 @@
 //! | `meta` | `collection`, `count` | [`CollectionInfo`] as JSON; number of images |
 //! | `commits` | `state` | [`CommitState`] as JSON |
 //! | `pending` | id | empty: ids touched since the last commit (the recovery journal) |
+//! | `excluded` | content hash | `{"path", "unix"}`: content removed on purpose |
+//! | `lists` | `h` + list name | [`ListInfo`] as JSON, with its number of entries |
+//! | `lists` | `e` + list name + `0x00` + entry id | [`ListEntry`] as JSON |
 //!
 //! Every mutation updates all affected trees, the count and the journal in one sled transaction.
+//! A match list changes in atomic batches of the `lists` tree, each with the list's count as it
+//! leaves it (so the count always matches the entries stored), flushed before the call returns. The `0x00` after a name sorts a list's entries
+//! before those of any longer name that starts with it, so entries iterate by list, then id.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -28,12 +34,16 @@ use sled::Transactional;
 
 use super::error::{IndexError, Result};
 use super::id::ImageId;
+use super::moderation::{ListEntry, ListInfo};
 use super::record::{now_unix, CollectionInfo, CommitState, ImageRecord};
 
 const KEY_INFO: &[u8] = b"collection";
 const KEY_COUNT: &[u8] = b"count";
 const KEY_STATE: &[u8] = b"state";
 const KEY_NEXT_ID: &[u8] = b"next_id";
+/// Most list entries written or removed in one batch (a bank of a million hashes is written in
+/// parts, each atomic with its list's count, rather than held whole in one batch).
+const ENTRY_BATCH: usize = 10_000;
 
 /// The sled database of a collection (directory `meta/`).
 pub struct MetaStore {
@@ -46,6 +56,7 @@ pub struct MetaStore {
     commits: sled::Tree,
     pending: sled::Tree,
     excluded: sled::Tree,
+    lists: sled::Tree,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<IndexError>>;
@@ -130,6 +141,7 @@ impl MetaStore {
             commits: db.open_tree("commits")?,
             pending: db.open_tree("pending")?,
             excluded: db.open_tree("excluded")?,
+            lists: db.open_tree("lists")?,
             db,
         };
         if store.meta.get(KEY_NEXT_ID)?.is_none() {
@@ -487,10 +499,175 @@ impl MetaStore {
         Ok(was)
     }
 
+    /// The match list `name`, if there is one.
+    pub fn list(&self, name: &str) -> Result<Option<ListInfo>> {
+        match self.lists.get(list_key(name))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every match list, by name.
+    pub fn lists(&self) -> Result<Vec<ListInfo>> {
+        self.lists
+            .scan_prefix(b"h")
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    /// Creates the empty list `name` ([`IndexError::ListExists`] if there is one). Durable on
+    /// return.
+    pub fn create_list(&self, name: &str) -> Result<ListInfo> {
+        let info = ListInfo {
+            name: name.to_string(),
+            entries: 0,
+            created_unix: now_unix(),
+        };
+        let created = self.lists.compare_and_swap(
+            list_key(name),
+            None as Option<&[u8]>,
+            Some(serde_json::to_vec(&info)?),
+        )?;
+        if created.is_err() {
+            return Err(IndexError::ListExists(name.to_string()));
+        }
+        self.lists.flush()?;
+        Ok(info)
+    }
+
+    /// Removes the list `name` and its entries; returns it, or `None` if there was none. The
+    /// entries go [`ENTRY_BATCH`] at a time, each batch with the list's new count, and the list
+    /// last: a crash midway leaves the list with the entries not yet removed. Durable on return.
+    pub fn delete_list(&self, name: &str) -> Result<Option<ListInfo>> {
+        let Some(mut info) = self.list(name)? else {
+            return Ok(None);
+        };
+        let entries = info.entries;
+        let mut keys = self.lists.scan_prefix(entries_prefix(name)).keys();
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for key in keys.by_ref().take(ENTRY_BATCH) {
+                batch.remove(key?);
+                n += 1;
+            }
+            if n == 0 {
+                break;
+            }
+            info.entries = info.entries.saturating_sub(n);
+            batch.insert(list_key(name), serde_json::to_vec(&info)?);
+            self.lists.apply_batch(batch)?;
+        }
+        self.lists.remove(list_key(name))?;
+        self.lists.flush()?;
+        info.entries = entries;
+        Ok(Some(info))
+    }
+
+    /// Stores `entries` (an entry with a stored entry's list and id replaces it) and the new
+    /// counts of their lists, [`ENTRY_BATCH`] entries to a batch, each with the counts it
+    /// makes: a crash midway leaves the lists with the batches before it. Every list must exist
+    /// ([`IndexError::NoList`] otherwise, writing nothing). Durable on return.
+    pub fn put_entries(&self, entries: &[ListEntry]) -> Result<()> {
+        let mut infos: std::collections::BTreeMap<&str, ListInfo> = Default::default();
+        for e in entries {
+            if !infos.contains_key(e.list.as_str()) {
+                let info = self
+                    .list(&e.list)?
+                    .ok_or_else(|| IndexError::NoList(e.list.clone()))?;
+                infos.insert(&e.list, info);
+            }
+        }
+        for chunk in entries.chunks(ENTRY_BATCH) {
+            let mut batch = sled::Batch::default();
+            let mut written = std::collections::HashSet::new();
+            for e in chunk {
+                let key = entry_key(&e.list, e.id);
+                if !written.contains(&key) && !self.lists.contains_key(&key)? {
+                    if let Some(info) = infos.get_mut(e.list.as_str()) {
+                        info.entries += 1;
+                    }
+                }
+                batch.insert(key.clone(), serde_json::to_vec(e)?);
+                written.insert(key);
+            }
+            for info in infos.values() {
+                batch.insert(list_key(&info.name), serde_json::to_vec(info)?);
+            }
+            self.lists.apply_batch(batch)?;
+        }
+        self.lists.flush()?;
+        Ok(())
+    }
+
+    /// Removes entry `id` of list `name` ([`IndexError::NoList`] if there is no such list);
+    /// returns it, or `None` if there was none. Durable on return.
+    pub fn remove_entry(&self, name: &str, id: u64) -> Result<Option<ListEntry>> {
+        let mut info = self
+            .list(name)?
+            .ok_or_else(|| IndexError::NoList(name.to_string()))?;
+        let key = entry_key(name, id);
+        let Some(v) = self.lists.get(&key)? else {
+            return Ok(None);
+        };
+        let entry: ListEntry = serde_json::from_slice(&v)?;
+        info.entries = info.entries.saturating_sub(1);
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.insert(list_key(name), serde_json::to_vec(&info)?);
+        self.lists.apply_batch(batch)?;
+        self.lists.flush()?;
+        Ok(Some(entry))
+    }
+
+    /// The entries of list `name` by id ([`IndexError::NoList`] if there is no such list), or of
+    /// every list by list then id.
+    pub fn entries(&self, name: Option<&str>) -> Result<Vec<ListEntry>> {
+        let prefix = match name {
+            Some(name) => {
+                if self.list(name)?.is_none() {
+                    return Err(IndexError::NoList(name.to_string()));
+                }
+                entries_prefix(name)
+            }
+            None => b"e".to_vec(),
+        };
+        self.lists
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
         Ok(self.db.size_on_disk()?)
     }
+}
+
+/// The key of list `name`'s header in the `lists` tree.
+fn list_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(b'h');
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The prefix of every entry key of list `name` in the `lists` tree.
+fn entries_prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + name.len() + 8);
+    key.push(b'e');
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The key of entry `id` of list `name` in the `lists` tree.
+fn entry_key(name: &str, id: u64) -> Vec<u8> {
+    let mut key = entries_prefix(name);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
 }
 
 /// Aborts with [`IndexError::AlreadyExists`] when `tree` (`by_path` or `by_hash`, named by
@@ -564,6 +741,50 @@ mod tests {
         let back: ImageRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(r, back);
         assert!(json.contains("\"source\":\"beam\""), "{json}");
+    }
+
+    /// A bank written and removed in several batches keeps its count exact, an id repeated
+    /// across batches counting once; names that extend one another keep their entries apart.
+    #[test]
+    fn list_entries_in_many_batches_keep_their_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path()).unwrap();
+        store.create_list("bank").unwrap();
+        store.create_list("bank-2").unwrap();
+        let n = 2 * ENTRY_BATCH + 500;
+        let entry = |list: &str, i: usize| ListEntry {
+            list: list.into(),
+            // Ids repeat every 7,000 entries: across batches and within them.
+            id: (i % 7000) as u64,
+            label: None,
+            source: None,
+            pdq: vec![crate::index::pdq::PdqHash([i as u8; 32])],
+            quality: None,
+            itc: None,
+            added_unix: i as i64,
+        };
+        let entries: Vec<ListEntry> = (0..n).map(|i| entry("bank", i)).collect();
+        store.put_entries(&entries).unwrap();
+        store.put_entries(&[entry("bank-2", 3)]).unwrap();
+        assert!(matches!(
+            store.put_entries(&[entry("bank", 1), entry("bank-3", 1)]),
+            Err(IndexError::NoList(_))
+        ));
+        let counts: Vec<(String, u64)> = store
+            .lists()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.name, l.entries))
+            .collect();
+        assert_eq!(counts, [("bank".into(), 7000), ("bank-2".into(), 1)]);
+        let stored = store.entries(Some("bank")).unwrap();
+        assert_eq!(stored.len(), 7000);
+        // The last entry given for an id is the one kept.
+        assert_eq!(stored[0], entry("bank", n - n % 7000));
+        assert_eq!(store.entries(None).unwrap().len(), 7001);
+        assert_eq!(store.delete_list("bank").unwrap().unwrap().entries, 7000);
+        assert_eq!(store.entries(None).unwrap(), [entry("bank-2", 3)]);
+        assert!(store.list("bank").unwrap().is_none());
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub use id::{BadIdKey, ImageId};
 pub use meta::MetaStore;
 pub use milvus::{MilvusAddress, MilvusStore};
 pub use moderation::{
-    check_list_name, entry_id, Decision, Flag, FlagFilter, ListEntry, ListInfo, MatchRule, Verdict,
+    check_entry, check_list_name, entry_id, Decision, Flag, FlagFilter, ListEntry, ListInfo,
+    MatchRule, Verdict, MAX_ENTRY_HASHES,
 };
 pub use pdq::{Pdq, PdqHash, PdqIndex, DEFAULT_PDQ_DISTANCE, MIN_PDQ_QUALITY};
 pub use record::{

@@ -7,9 +7,16 @@ use sha2::{Digest, Sha256};
 
 use super::error::{IndexError, Result};
 use super::pdq::PdqHash;
+use super::vectors::check_vector;
 
 /// Longest list name.
 pub const MAX_LIST_NAME: usize = 64;
+
+/// Most PDQ hashes of one entry: the plain hash and its seven other dihedral variants.
+pub const MAX_ENTRY_HASHES: usize = 8;
+
+/// Longest label or source of an entry, in bytes.
+pub const MAX_ENTRY_TEXT: usize = 1024;
 
 /// Which rule of a list entry matched an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +172,43 @@ pub fn check_list_name(name: &str) -> Result<()> {
              letter or digit"
         )))
     }
+}
+
+/// Refuses an entry that a store cannot keep as it is: a bad list name
+/// ([`IndexError::InvalidName`]), and as [`IndexError::InvalidParams`] an id past 53 bits, no
+/// hash and no vector, more than [`MAX_ENTRY_HASHES`] hashes, an ITC vector that is not a
+/// `dim`-dimensional finite non-zero vector, a label or source over [`MAX_ENTRY_TEXT`] bytes.
+pub fn check_entry(entry: &ListEntry, dim: usize) -> Result<()> {
+    check_list_name(&entry.list)?;
+    let bad = |why: String| {
+        Err(IndexError::InvalidParams(format!(
+            "entry {} of list {:?}: {why}",
+            entry.id, entry.list
+        )))
+    };
+    if entry.id >= 1 << 53 {
+        return bad("the id is over 53 bits".into());
+    }
+    if entry.pdq.is_empty() && entry.itc.is_none() {
+        return bad("it has neither a PDQ hash nor an ITC vector".into());
+    }
+    if entry.pdq.len() > MAX_ENTRY_HASHES {
+        return bad(format!(
+            "{} PDQ hashes, at most {MAX_ENTRY_HASHES}",
+            entry.pdq.len()
+        ));
+    }
+    if let Some(v) = &entry.itc {
+        if let Err(e) = check_vector(v, dim) {
+            return bad(format!("its ITC vector: {e}"));
+        }
+    }
+    for (what, text) in [("label", &entry.label), ("source", &entry.source)] {
+        if text.as_ref().is_some_and(|t| t.len() > MAX_ENTRY_TEXT) {
+            return bad(format!("its {what} is over {MAX_ENTRY_TEXT} bytes"));
+        }
+    }
+    Ok(())
 }
 
 /// The id of an entry of `list` whose plain PDQ hash is `pdq` (or, without one, whose ITC vector

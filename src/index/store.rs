@@ -191,7 +191,8 @@ pub trait Store: Send + Sync {
     fn is_empty(&self) -> Result<bool> {
         Ok(self.len()? == 0)
     }
-    /// The ids of the images passing `filter`, in id order, at most `limit` of them.
+    /// The ids of the images passing `filter`, in id order: the first `limit` of them. A filter
+    /// that [`Filter::check`] refuses is [`super::IndexError::InvalidFilter`].
     fn matching(&self, filter: &Filter, limit: usize) -> Result<Vec<ImageId>>;
     /// The PDQ hash of every image that has one, in id order.
     fn pdq_hashes(&self) -> Result<Vec<(ImageId, Pdq)>> {
@@ -214,11 +215,15 @@ pub trait Store: Send + Sync {
     fn lists(&self) -> Result<Vec<ListInfo>>;
     /// Stores `entries` in their lists ([`ListEntry::list`], which must exist:
     /// [`super::IndexError::NoList`] otherwise, writing nothing); an entry with the id of a stored
-    /// one replaces it. Durable on return.
+    /// one replaces it (within `entries` too: the last one stays). An entry that
+    /// [`super::check_entry`] refuses is refused with its error, writing nothing. Durable on
+    /// return.
     fn add_entries(&mut self, entries: &[ListEntry]) -> Result<()>;
-    /// Removes entry `id` of `list`; returns it, or `None` if there was none. Durable on return.
+    /// Removes entry `id` of `list`; returns it, or `None` if there was none
+    /// ([`super::IndexError::NoList`] if there is no such list). Durable on return.
     fn remove_entry(&mut self, list: &str, id: u64) -> Result<Option<ListEntry>>;
-    /// The entries of `list` (of every list when `None`), by list then id.
+    /// The entries of `list` (of every list when `None`), by list then id
+    /// ([`super::IndexError::NoList`] if there is no such list).
     fn entries(&self, list: Option<&str>) -> Result<Vec<ListEntry>>;
     /// Counts and bytes on disk.
     fn stats(&self) -> Result<StoreStats>;

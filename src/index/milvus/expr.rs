@@ -2,6 +2,7 @@
 
 use crate::index::attributes::{day_bounds, AttrFilter, AttrTest, AttrValue};
 use crate::index::filter::{day_number, prefix_end, Filter};
+use crate::index::moderation::FlagFilter;
 
 /// The dynamic key of a row holding its product's id.
 pub(super) const PRODUCT_KEY: &str = "product";
@@ -10,6 +11,17 @@ pub(super) const ATTRS_KEY: &str = "attrs";
 /// The dynamic key of a row holding, for each attribute whose value is a calendar day, that day
 /// as the number `YYYYMMDD` (what date filters compare).
 pub(super) const DAYS_KEY: &str = "attr_days";
+
+/// The dynamic key of a row holding the names of the lists it has an active flag of (not
+/// cleared), each once: a JSON array of strings, empty when none.
+pub(super) const FLAG_LISTS_KEY: &str = "flag_lists";
+/// The dynamic key of a row holding the names of the lists it has a pending flag of (no
+/// decision yet), each once.
+pub(super) const PENDING_LISTS_KEY: &str = "pending_lists";
+/// The dynamic key of a row holding its PDQ hash as 64 hex digits (null without one).
+pub(super) const PDQ_KEY: &str = "pdq";
+/// The dynamic key of a row holding its PDQ hash's quality (null without one).
+pub(super) const PDQ_QUALITY_KEY: &str = "pdq_quality";
 
 /// `s` as a Milvus expression string literal (which knows the escapes `\" \' \\ \n \r \t`).
 pub(super) fn literal(s: &str) -> String {
@@ -60,7 +72,23 @@ pub(super) fn filter_expr(filter: &Filter) -> Option<String> {
         parts.push(format!("height >= {h}"));
     }
     parts.extend(filter.attributes.iter().map(attr_expr));
+    parts.extend(filter.flagged.as_ref().map(flag_expr));
     (!parts.is_empty()).then(|| parts.join(" and "))
+}
+
+/// The expression meaning `f` (see [`FlagFilter::accepts`]) on the row's list-name arrays: a
+/// list's name in [`FLAG_LISTS_KEY`] (in [`PENDING_LISTS_KEY`] for pending flags only), or, for
+/// any list, a first element there (a string, so `>= ""`; an empty array, a null and a row
+/// without the key have none).
+fn flag_expr(f: &FlagFilter) -> String {
+    let key = match f.pending_only {
+        true => PENDING_LISTS_KEY,
+        false => FLAG_LISTS_KEY,
+    };
+    match &f.list {
+        Some(list) => format!("json_contains({key}, {})", literal(list)),
+        None => format!("{key}[0] >= \"\""),
+    }
 }
 
 /// The expression meaning `f` (see [`AttrFilter::accepts`]): its alternatives OR-ed, each on
@@ -181,6 +209,26 @@ mod tests {
             filter_expr(&f).unwrap(),
             "path >= \"/a/\\\"b\" and path < \"/a/\\\"c\" and day >= 20200101 and day <= 99999999 \
              and width >= 10"
+        );
+        let flagged = |list: Option<&str>, pending_only| {
+            filter_expr(&Filter {
+                flagged: Some(FlagFilter {
+                    list: list.map(str::to_string),
+                    pending_only,
+                }),
+                ..Filter::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(flagged(None, false), "flag_lists[0] >= \"\"");
+        assert_eq!(flagged(None, true), "pending_lists[0] >= \"\"");
+        assert_eq!(
+            flagged(Some("bank"), false),
+            "json_contains(flag_lists, \"bank\")"
+        );
+        assert_eq!(
+            flagged(Some("bank"), true),
+            "json_contains(pending_lists, \"bank\")"
         );
     }
 }

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::address::MilvusAddress;
 use super::expr::literal;
 use crate::index::error::{IndexError, Result};
+use crate::index::moderation::MAX_LIST_NAME;
 use crate::index::record::CollectionInfo;
 
 /// The collection property holding the [`CollectionInfo`] as JSON.
@@ -23,6 +24,8 @@ pub(super) const MAX_PATH: u32 = 4096;
 pub(super) const MAX_VARCHAR: u32 = 65_535;
 /// Rows fetched per query when reading many.
 pub(super) const PAGE: usize = 1000;
+/// Longest key of a match-list row: a list name, `/`, an entry id in decimal.
+const MAX_LIST_KEY: u32 = MAX_LIST_NAME as u32 + 1 + 20;
 
 /// One row of a query, as JSON.
 pub(super) type Row = serde_json::Map<String, Value>;
@@ -34,6 +37,7 @@ pub(super) struct Remote {
     pub(super) address: MilvusAddress,
     pub(super) images: String,
     pub(super) excluded: String,
+    pub(super) lists: String,
 }
 
 impl Remote {
@@ -63,6 +67,7 @@ impl Remote {
             address: address.clone(),
             images: address.collection.clone(),
             excluded: format!("{}__excluded", address.collection),
+            lists: format!("{}__lists", address.collection),
         })
     }
 
@@ -88,7 +93,11 @@ impl Remote {
     }
 
     pub(super) fn load(&self) -> Result<()> {
-        for name in [self.images.clone(), self.excluded.clone()] {
+        for name in [
+            self.images.clone(),
+            self.excluded.clone(),
+            self.lists.clone(),
+        ] {
             let run = wait(&self.runtime, {
                 let c = self.client.clone();
                 async move {
@@ -216,58 +225,81 @@ impl Remote {
         let excluded = CollectionSchema::new()
             .add_field(varchar("hash", 64).primary_key(true).auto_id(false))
             .add_field(varchar("path", MAX_PATH))
-            // Milvus wants a vector in every collection.
-            .add_field(
-                FieldSchema::new()
-                    .name("v")
-                    .data_type(DataType::FloatVector)
-                    .dimension(2),
-            );
-        let excluded_index = vec![IndexParam::new()
-            .field_name("v")
-            .index_type(IndexType::Flat)
-            .metric_type(MetricType::L2)];
-        // The excluded collection first: the images collection's property marks a complete
-        // collection.
-        for (name, schema, index) in [
-            (self.excluded.clone(), excluded, excluded_index),
-            (self.images.clone(), images, indexes),
-        ] {
-            self.call("create the collection", move |c| {
-                let (name, schema, index) = (name.clone(), schema.clone(), index.clone());
-                async move {
-                    let exists = c
-                        .has_collection(
-                            HasCollectionRequest::builder()
-                                .collection_name(name.clone())
-                                .build()?,
-                        )
-                        .await?
-                        .exists();
-                    if exists {
-                        return Ok(());
-                    }
-                    c.create_collection(
-                        CreateCollectionRequest::builder()
-                            .collection_name(name.clone())
-                            .schema(schema)
-                            .build()?,
-                    )
-                    .await?;
-                    // Not waiting for the build (the wait needs an RPC Milvus Lite lacks):
-                    // loading the collection waits for its indexes.
-                    c.create_index(
-                        CreateIndexRequest::builder()
-                            .collection_name(name)
-                            .index_params(index)
-                            .sync(false)
-                            .build()?,
-                    )
-                    .await
-                }
-            })?;
-        }
+            .add_field(dummy_vector());
+        // The images collection last: its property marks a complete collection.
+        self.create_one(&self.excluded, excluded, vec![dummy_vector_index()])?;
+        self.create_lists()?;
+        self.create_one(&self.images, images, indexes)?;
         self.write_info(info)
+    }
+
+    /// Creates the match-list collection (one row per list, `entry` -1, and one per entry) if
+    /// it does not exist: a collection made before match lists has none until its next open.
+    pub(super) fn create_lists(&self) -> Result<()> {
+        let lists = CollectionSchema::new()
+            .add_field(
+                varchar("key", MAX_LIST_KEY)
+                    .primary_key(true)
+                    .auto_id(false),
+            )
+            .add_field(varchar("list", MAX_LIST_NAME as u32))
+            .add_field(int64("entry"))
+            .add_field(varchar("data", MAX_VARCHAR))
+            .add_field(dummy_vector());
+        self.create_one(&self.lists, lists, vec![dummy_vector_index()])
+    }
+
+    /// Creates collection `name` with `schema` and `index` unless it exists (also when another
+    /// process creates it at the same time).
+    fn create_one(
+        &self,
+        name: &str,
+        schema: CollectionSchema,
+        index: Vec<IndexParam>,
+    ) -> Result<()> {
+        let name = name.to_string();
+        let exists = |c: ClientV2, name: String| async move {
+            c.has_collection(
+                HasCollectionRequest::builder()
+                    .collection_name(name)
+                    .build()?,
+            )
+            .await
+            .map(|r| r.exists())
+        };
+        if self.call("look for a collection", |c| exists(c, name.clone()))? {
+            return Ok(());
+        }
+        let target = name.clone();
+        let made = self.call("create the collection", move |c| {
+            let (name, schema, index) = (target.clone(), schema.clone(), index.clone());
+            async move {
+                c.create_collection(
+                    CreateCollectionRequest::builder()
+                        .collection_name(name.clone())
+                        .schema(schema)
+                        .build()?,
+                )
+                .await?;
+                // Not waiting for the build (the wait needs an RPC Milvus Lite lacks):
+                // loading the collection waits for its indexes.
+                c.create_index(
+                    CreateIndexRequest::builder()
+                        .collection_name(name)
+                        .index_params(index)
+                        .sync(false)
+                        .build()?,
+                )
+                .await
+            }
+        });
+        match made {
+            Err(e) if self.call("look for a collection", |c| exists(c, name.clone()))? => {
+                tracing::debug!(collection = %name, error = %e, "created meanwhile by another process");
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Writes `rows` into `collection`, replacing rows with the same primary key.
@@ -327,42 +359,81 @@ impl Remote {
         })
     }
 
-    /// Every row passing `filter`, page by page of ids (Milvus caps one query's rows).
+    /// Every row passing `filter`, page by page of ids.
     pub(super) fn query_all(
         &self,
         collection: &str,
         filter: String,
         fields: &[&str],
     ) -> Result<Vec<Row>> {
-        let key = if collection == self.images {
-            "id"
-        } else {
-            "hash"
-        };
-        let mut fields: Vec<&str> = fields.to_vec();
-        if !fields.contains(&key) {
-            fields.push(key);
+        self.query_first(collection, filter, fields, usize::MAX)
+    }
+
+    /// The first `max` rows passing `filter` in primary-key order, page by page (Milvus caps
+    /// one query's rows). Each page is asked for as an iterator's: only then does Milvus answer
+    /// the rows of lowest key (a plain query with a limit answers any rows that pass, and
+    /// paging on from the last key of those would skip rows).
+    pub(super) fn query_first(
+        &self,
+        collection: &str,
+        filter: String,
+        fields: &[&str],
+        max: usize,
+    ) -> Result<Vec<Row>> {
+        let key = self.primary_key(collection);
+        let mut fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        if !fields.iter().any(|f| f == key) {
+            fields.push(key.to_string());
         }
         let mut out: Vec<Row> = Vec::new();
         let mut after: Option<Value> = None;
-        loop {
-            let page_filter = match (&after, key) {
-                (None, _) => filter.clone(),
-                (Some(v), "id") => format!("({filter}) and id > {v}"),
-                (Some(v), _) => format!(
-                    "({filter}) and hash > {}",
-                    literal(v.as_str().unwrap_or_default())
-                ),
+        while out.len() < max {
+            let page_filter = match &after {
+                None => filter.clone(),
+                Some(Value::String(s)) => format!("({filter}) and {key} > {}", literal(s)),
+                Some(v) => format!("({filter}) and {key} > {v}"),
             };
-            // Rows come in key order only by chance: sort the page, and ask for the rest by key.
-            let mut page = self.query(collection, page_filter, &fields, Some(PAGE))?;
+            let want = PAGE.min(max - out.len());
+            let (name, fields) = (collection.to_string(), fields.clone());
+            let mut page = self.call("read", move |c| {
+                let request = QueryRequest::builder()
+                    .collection_name(name.clone())
+                    .filter(page_filter.clone())
+                    .output_fields(fields.clone())
+                    .limit(want as i64)
+                    .extra_params(HashMap::from([("iterator".into(), "true".into())]))
+                    .consistency_level(ConsistencyLevel::Strong);
+                async move { c.query(request.build()?).await?.results().get_output_rows() }
+            })?;
             let n = page.len();
             page.sort_by(|a, b| compare_key(a, b, key));
-            after = page.last().and_then(|r| r.get(key)).cloned();
+            let last = page.last().and_then(|r| r.get(key)).cloned();
             out.extend(page);
-            if n < PAGE {
-                return Ok(out);
+            if n < want {
+                break;
             }
+            after = last;
+        }
+        Ok(out)
+    }
+
+    /// The number of rows of `collection` passing `filter`.
+    pub(super) fn count(&self, collection: &str, filter: String) -> Result<u64> {
+        let rows = self.query(collection, filter, &["count(*)"], None)?;
+        rows.first()
+            .and_then(|r| r.get("count(*)"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| IndexError::Milvus(format!("{}: count(*) gave no number", self.address)))
+    }
+
+    /// The primary key field of one of the three collections.
+    fn primary_key(&self, collection: &str) -> &'static str {
+        if collection == self.images {
+            "id"
+        } else if collection == self.lists {
+            "key"
+        } else {
+            "hash"
         }
     }
 }
@@ -373,6 +444,21 @@ fn compare_key(a: &Row, b: &Row, key: &str) -> std::cmp::Ordering {
         (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
         _ => std::cmp::Ordering::Equal,
     }
+}
+
+/// The vector field of a collection that needs none (Milvus wants one in every collection).
+fn dummy_vector() -> FieldSchema {
+    FieldSchema::new()
+        .name("v")
+        .data_type(DataType::FloatVector)
+        .dimension(2)
+}
+
+fn dummy_vector_index() -> IndexParam {
+    IndexParam::new()
+        .field_name("v")
+        .index_type(IndexType::Flat)
+        .metric_type(MetricType::L2)
 }
 
 fn int64(name: &str) -> FieldSchema {
