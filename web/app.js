@@ -1325,12 +1325,16 @@
     showView('review', { focus: true });
   }
 
+  // A plain click switches the view in place; with a modifier the link opens as a link does.
+  const plainClick = (ev) => ev.button === 0 && !(ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.altKey);
   ui.reviewOpen.addEventListener('click', (ev) => {
+    if (!plainClick(ev)) return;
     ev.preventDefault();
     openReview(state.review.list);
   });
   for (const tab of ui.moderation.querySelectorAll('.tab')) {
     tab.addEventListener('click', (ev) => {
+      if (!plainClick(ev)) return;
       ev.preventDefault();
       showView(tab.dataset.view);
     });
@@ -1926,6 +1930,8 @@
     if (state.ingestWasActive && !active && state.query) ui.ingestRefresh.hidden = false;
     if (active && state.query) ui.ingestRefresh.hidden = false;
     if (!state.query) ui.ingestRefresh.hidden = true;
+    // Images indexed just now may have been flagged.
+    if (state.ingestWasActive && !active && state.key) refreshReviewCount();
     state.ingestWasActive = active;
     if (!active && ing.state !== 'error' && !ui.ingestRefresh.hidden) {
       ui.ingest.hidden = false;
