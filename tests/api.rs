@@ -350,6 +350,38 @@ async fn text_search_reranks_pages_filters_and_refuses_bad_parameters() {
     }
     let scores: Vec<f64> = hits.iter().map(|h| h["score"].as_f64().unwrap()).collect();
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert_eq!(
+        (&v["examined"], &v["cutoff"]),
+        (&serde_json::json!(4), &Value::Null),
+        "{v}"
+    );
+    // With a cut-off ITM judges in rounds of rerank_k, as deep as the matches go, within the
+    // budget; the answer says how far it went and why it stopped. p(match) >= 0 always holds.
+    let (st, b) = send!(
+        svc,
+        TestRequest::get()
+            .uri("/api/search?q=a%20rocket&rerank_k=1&min_itm_prob=0&rerank_budget=3")
+    );
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["hits"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["examined"], 3, "{v}");
+    assert_eq!(
+        v["cutoff"],
+        serde_json::json!({"min_itm_prob": 0.0, "budget": 3, "round": 1, "rounds": 3, "stop": "budget"})
+    );
+    let (_, b) = send!(
+        svc,
+        TestRequest::get().uri("/api/search?q=a%20rocket&rerank_k=3&min_itm_prob=0")
+    );
+    let v = json(&b);
+    assert_eq!(
+        (&v["examined"], &v["total"]),
+        (&serde_json::json!(4), &serde_json::json!(4)),
+        "{v}"
+    );
+    assert_eq!(v["cutoff"]["stop"], "exhausted", "{v}");
+    assert_eq!(v["cutoff"]["budget"], 256, "{v}");
     // Words of the sidecar text find the rocket through BM25, with rerank off.
     let (st, b) = send!(
         svc,
@@ -406,6 +438,20 @@ async fn text_search_reranks_pages_filters_and_refuses_bad_parameters() {
         ("/api/search?q=x&rerank_k=257", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&limit=1001", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&offset=10001", StatusCode::BAD_REQUEST),
+        (
+            "/api/search?q=x&min_itm_prob=0.5&rerank_budget=0",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/search?q=x&min_itm_prob=0.5&rerank_budget=1001",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/search?q=x&min_itm_prob=0.5&rerank_budget=many",
+            StatusCode::BAD_REQUEST,
+        ),
+        // A budget bounds the cut-off's rerank: without one it would mean nothing.
+        ("/api/search?q=x&rerank_budget=10", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&date_from=", StatusCode::BAD_REQUEST),
         ("/api/search?q=x&colour=red", StatusCode::BAD_REQUEST),
         // A folder collection has no product attributes to filter or count.

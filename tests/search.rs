@@ -8,8 +8,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use common::*;
 
-use blipsearch::engine::search::{SearchMode, SearchParams};
-use blipsearch::engine::{Engine, Filter, ImageId, IngestOptions, Silent};
+use blipsearch::engine::models::{CapFiltCandidate, CapFiltJob, ItmScore};
+use blipsearch::engine::search::{
+    CutoffStop, SearchMode, SearchParams, SearchResults, DEFAULT_RERANK_BUDGET, MAX_RERANK_BUDGET,
+};
+use blipsearch::engine::{
+    EncodedImages, EncodedText, Encoders, Engine, EngineError, Filter, ImageId, IngestOptions,
+    Silent,
+};
 use blipsearch::model::preprocess::{load_image, DecodeLimits};
 use blipsearch::model::{ItmFirstToken, ModelSource, Retriever};
 
@@ -219,18 +225,23 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     let b: Vec<u64> = page.hits.iter().map(|h| h.id).collect();
     assert_eq!(a, b);
 
-    // A minimum ITM probability keeps only what ITM has seen and accepted.
+    // A minimum ITM probability keeps only what ITM has seen and accepted; without one, ITM
+    // judges `rerank_k` candidates and reports no cut-off.
+    assert_eq!((all.examined, all.cutoff.is_none()), (16, true));
     for min in [0.0f32, 0.5, 1.0] {
         let p = SearchParams {
             rerank_k: Some(6),
             min_itm_prob: Some(min),
+            limit: 100,
             ..Default::default()
         };
         let res = c.search_text(&r, query, &p).unwrap();
-        assert!(res.hits.len() <= 6);
+        assert!(res.hits.len() <= res.examined);
         assert!(res.hits.iter().all(|h| h.itm_prob.unwrap() >= min));
         if min == 0.0 {
-            assert_eq!(res.hits.len(), 6);
+            // Everything passes, so ITM goes on to the last candidate.
+            assert_eq!(res.hits.len(), 35);
+            assert_eq!(res.examined, res.candidates);
         }
     }
 
@@ -306,6 +317,371 @@ fn text_search_rerank_fusion_filters_and_deletes() {
             .unwrap();
         assert!(res.hits.iter().all(|h| !gone.contains(&h.id)), "{mode:?}");
     }
+}
+
+/// The retrieval model, with the calls to ITM counted and a deadline that passes before the
+/// ITM call numbered `deadline_at` (from 1): as the server's queue answers once a request's
+/// time is up.
+struct Counted<'a> {
+    r: &'a Retriever,
+    itm_calls: std::cell::Cell<usize>,
+    deadline_at: Option<usize>,
+}
+
+impl<'a> Counted<'a> {
+    fn new(r: &'a Retriever, deadline_at: Option<usize>) -> Self {
+        Self {
+            r,
+            itm_calls: std::cell::Cell::new(0),
+            deadline_at,
+        }
+    }
+}
+
+impl Encoders for Counted<'_> {
+    fn encode_images(
+        &self,
+        images: Vec<image::DynamicImage>,
+    ) -> blipsearch::engine::Result<EncodedImages> {
+        self.r.encode_images(images)
+    }
+    fn encode_texts(&self, texts: Vec<String>) -> blipsearch::engine::Result<Vec<EncodedText>> {
+        self.r.encode_texts(texts)
+    }
+    fn itm(&self, text: String, tokens: Tensor) -> blipsearch::engine::Result<Vec<ItmScore>> {
+        let n = self.itm_calls.get() + 1;
+        self.itm_calls.set(n);
+        if self.deadline_at.is_some_and(|d| n >= d) {
+            return Err(EngineError::TimedOut("the request's time is up".into()));
+        }
+        Encoders::itm(self.r, text, tokens)
+    }
+    fn capfilt(&self, job: CapFiltJob) -> blipsearch::engine::Result<Vec<Vec<CapFiltCandidate>>> {
+        self.r.capfilt(job)
+    }
+    fn can_caption(&self) -> bool {
+        false
+    }
+}
+
+fn ids(r: &SearchResults) -> Vec<u64> {
+    r.hits.iter().map(|h| h.id).collect()
+}
+
+/// The rule of the cut-off, run by hand over p(match) in fused order: how many candidates ITM
+/// judges with rounds of `round`, and why it stops.
+fn by_the_rule(probs: &[f32], min: f32, round: usize, budget: usize) -> (usize, CutoffStop) {
+    let mut judged = 0;
+    loop {
+        let n = round.min(budget - judged).min(probs.len() - judged);
+        let matched = probs[judged..judged + n].iter().any(|p| *p >= min);
+        judged += n;
+        if judged == probs.len() {
+            return (judged, CutoffStop::Exhausted);
+        }
+        if !matched {
+            return (judged, CutoffStop::NoMatch);
+        }
+        if judged == budget {
+            return (judged, CutoffStop::Budget);
+        }
+    }
+}
+
+/// With a cut-off, ITM reranks down the fused list in rounds of `rerank_k` while the last round
+/// still had a match, up to the budget, and the answer says how far it went and why it stopped.
+#[test]
+fn the_itm_cut_off_reranks_as_deep_as_the_matches_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let photos = tmp.path().join("photos");
+    let c = build(&tmp.path().join("index"), &photos, &r, 40);
+    let query = "a cat lying on a sofa";
+    let k = 64; // every image (45), from each retriever
+
+    // The fused order, unreranked, and every candidate's p(match) (min 0: all pass, and ITM
+    // judges every candidate, in rounds of 16 here).
+    let fused = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k,
+                rerank_k: Some(0),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((fused.candidates, fused.examined), (45, 0));
+    let every = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k,
+                min_itm_prob: Some(0.0),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((every.examined, every.hits.len()), (45, 45));
+    let cut = every.cutoff.clone().unwrap();
+    assert_eq!(
+        (cut.budget, cut.round, cut.rounds, cut.stop),
+        (DEFAULT_RERANK_BUDGET, 16, 3, CutoffStop::Exhausted)
+    );
+    assert!(every.hits.iter().all(|h| h.reranked));
+    assert!(every.hits.windows(2).all(|w| w[0].score >= w[1].score));
+    let prob: std::collections::HashMap<u64, f32> = every
+        .hits
+        .iter()
+        .map(|h| (h.id, h.itm_prob.unwrap()))
+        .collect();
+    let probs: Vec<f32> = fused.hits.iter().map(|h| prob[&h.id]).collect();
+
+    // The budget caps it, says so, and ITM judged the best of the fused list.
+    let capped = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k,
+                rerank_k: Some(4),
+                min_itm_prob: Some(0.0),
+                rerank_budget: Some(22),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        capped.examined, 22,
+        "deeper than rerank_k, up to the budget"
+    );
+    let cut = capped.cutoff.clone().unwrap();
+    assert_eq!(
+        (cut.budget, cut.round, cut.rounds, cut.stop),
+        (22, 4, 6, CutoffStop::Budget)
+    );
+    assert!(cut.stop.limited());
+    let mut got = ids(&capped);
+    let mut want: Vec<u64> = fused.hits[..22].iter().map(|h| h.id).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    for h in &capped.hits {
+        assert!(
+            (h.itm_prob.unwrap() - prob[&h.id]).abs() < 1e-4,
+            "batching changes nothing"
+        );
+    }
+
+    // A threshold between two distinct p(match) values, such that the rule stops at a round
+    // without a match after more than one round: found among round sizes and thresholds, then
+    // the engine must agree with the rule run by hand.
+    let mut sorted = probs.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let mut case = None;
+    'find: for round in 2..=6 {
+        for w in sorted.windows(2) {
+            if w[0] - w[1] < 1e-3 {
+                continue;
+            }
+            let min = (w[0] + w[1]) / 2.0;
+            let (judged, stop) = by_the_rule(&probs, min, round, DEFAULT_RERANK_BUDGET);
+            if stop == CutoffStop::NoMatch && judged > round {
+                case = Some((round, min, judged));
+                break 'find;
+            }
+        }
+    }
+    let (round, min, judged) = case.expect("a threshold where a later round has no match");
+    let stopped = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k,
+                rerank_k: Some(round),
+                min_itm_prob: Some(min),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let cut = stopped.cutoff.clone().unwrap();
+    assert_eq!((stopped.examined, cut.stop), (judged, CutoffStop::NoMatch));
+    assert!(!cut.stop.limited());
+    assert_eq!(cut.rounds, judged.div_ceil(round));
+    let mut got = ids(&stopped);
+    let mut want: Vec<u64> = fused.hits[..judged]
+        .iter()
+        .filter(|h| prob[&h.id] >= min)
+        .map(|h| h.id)
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(
+        got, want,
+        "what ITM accepted among the judged, and nothing else"
+    );
+    assert!(stopped.hits.len() < 45 && !stopped.hits.is_empty());
+
+    // Nothing matches: one round is judged and the answer is empty, with the count.
+    let none = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k,
+                rerank_k: Some(5),
+                min_itm_prob: Some(1.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(sorted[0] < 1.0);
+    assert_eq!((none.examined, none.hits.len(), none.total), (5, 0, 0));
+    assert_eq!(none.cutoff.unwrap().stop, CutoffStop::NoMatch);
+
+    // Retrieval fetches enough for the budget: k 3 with a budget of 30 still judges 30.
+    let deep = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                k: 3,
+                min_itm_prob: Some(0.0),
+                rerank_budget: Some(30),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!((deep.examined, deep.total), (30, 30));
+    assert!(deep.candidates >= 30);
+
+    // Each round is one call to the models; a deadline during a later round ends the rerank
+    // with what was judged in time, and says so; during the first it fails the search.
+    let p = SearchParams {
+        k,
+        rerank_k: Some(4),
+        min_itm_prob: Some(0.0),
+        limit: 1000,
+        ..Default::default()
+    };
+    let counted = Counted::new(&r, None);
+    let res = c.search_text(&counted, query, &p).unwrap();
+    assert_eq!((res.examined, counted.itm_calls.get()), (45, 12));
+    let late = Counted::new(&r, Some(3));
+    let res = c.search_text(&late, query, &p).unwrap();
+    let cut = res.cutoff.clone().unwrap();
+    assert_eq!(
+        (res.examined, cut.rounds, cut.stop),
+        (8, 2, CutoffStop::Deadline)
+    );
+    assert_eq!(res.hits.len(), 8);
+    assert!(cut.stop.limited());
+    let mut got = ids(&res);
+    let mut want: Vec<u64> = fused.hits[..8].iter().map(|h| h.id).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    let early = Counted::new(&r, Some(1));
+    assert!(matches!(
+        c.search_text(&early, query, &p),
+        Err(EngineError::TimedOut(_))
+    ));
+}
+
+/// The cut-off's parameters: a budget needs the cut-off, is at least 1 and at most
+/// MAX_RERANK_BUDGET (clamped, with a notice); the cut-off is a probability.
+#[test]
+fn cut_off_parameters_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = retriever();
+    let c = build(&tmp.path().join("index"), &tmp.path().join("photos"), &r, 3);
+    let query = "a rocket";
+    for (p, says) in [
+        (
+            SearchParams {
+                rerank_budget: Some(10),
+                ..Default::default()
+            },
+            "needs min_itm_prob",
+        ),
+        (
+            SearchParams {
+                min_itm_prob: Some(0.5),
+                rerank_budget: Some(0),
+                ..Default::default()
+            },
+            "at least 1",
+        ),
+        (
+            SearchParams {
+                min_itm_prob: Some(1.5),
+                ..Default::default()
+            },
+            "between 0 and 1",
+        ),
+        (
+            SearchParams {
+                min_itm_prob: Some(f32::NAN),
+                ..Default::default()
+            },
+            "between 0 and 1",
+        ),
+        (
+            SearchParams {
+                min_itm_prob: Some(0.5),
+                rerank_k: Some(0),
+                ..Default::default()
+            },
+            "rerank_k",
+        ),
+    ] {
+        let err = c.search_text(&r, query, &p).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    let img = load_image(
+        &fixtures().join("images/coffee.png"),
+        DecodeLimits::default(),
+    )
+    .unwrap();
+    let err = c
+        .search_image(
+            &r,
+            &img,
+            &SearchParams {
+                rerank_budget: Some(10),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("needs min_itm_prob"), "{err}");
+    let big = c
+        .search_text(
+            &r,
+            query,
+            &SearchParams {
+                min_itm_prob: Some(0.0),
+                rerank_budget: Some(5000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        big.notices
+            .iter()
+            .any(|n| n == &format!("rerank_budget 5000 clamped to {MAX_RERANK_BUDGET}")),
+        "{:?}",
+        big.notices
+    );
+    assert_eq!(big.cutoff.unwrap().budget, MAX_RERANK_BUDGET);
+    assert_eq!(big.examined, 8, "every image");
 }
 
 #[test]
@@ -426,6 +802,62 @@ fn cli_search_json_and_table() {
     );
     let (ok, _, err) = run(&["search", "--index", idx, "   "]);
     assert!(!ok && err.contains("empty"), "{err}");
+
+    // The ITM cut-off: how many candidates ITM judged and why it stopped, in JSON and in the
+    // table (p(match) >= 0 always holds: the budget stops it).
+    let cut = [
+        "--min-itm-prob",
+        "0",
+        "--rerank-k",
+        "3",
+        "--rerank-budget",
+        "7",
+    ];
+    let (ok, out, err) =
+        run(&[&["search", "--index", idx, "a rocket", "--json"], &cut[..]].concat());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["hits"].as_array().unwrap().len(), 7, "{v}");
+    assert_eq!(
+        (&v["examined"], &v["candidates"]),
+        (&7.into(), &10.into()),
+        "{v}"
+    );
+    assert_eq!(
+        v["cutoff"],
+        serde_json::json!({"min_itm_prob": 0.0, "budget": 7, "round": 3, "rounds": 3, "stop": "budget"})
+    );
+    let (ok, out, err) = run(&[&["search", "--index", idx, "a rocket"], &cut[..]].concat());
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "ITM judged 7 of 10 candidates (p(match) >= 0, budget 7): stopped at the budget"
+        ),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["search", "--index", idx, "a rocket", "--min-itm-prob", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("no results"), "{out}");
+    assert!(
+        out.contains(
+            "ITM judged 10 of 10 candidates (p(match) >= 1, budget 256): every candidate judged"
+        ),
+        "{out}"
+    );
+    for (args, says) in [
+        (vec!["--rerank-budget", "5"], "--min-itm-prob"),
+        (vec!["--min-itm-prob", "2"], "between 0 and 1"),
+        (
+            vec!["--min-itm-prob", "0.5", "--rerank-budget", "0"],
+            "at least 1",
+        ),
+    ] {
+        let (ok, _, err) = run(&[&["search", "--index", idx, "a rocket"], &args[..]].concat());
+        assert!(
+            !ok && err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
 
     // --folder takes a relative folder (its images only) and keeps --path-prefix as an alias.
     let noise = std::fs::canonicalize(photos.join("noise")).unwrap();

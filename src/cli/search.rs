@@ -9,7 +9,9 @@ use crate::engine::facets::{FacetCounts, GroupBy};
 use crate::engine::models::{
     load_image, retriever_info, select_device, ModelSource, NoModels, Retriever,
 };
-use crate::engine::search::{Fusion, SearchHit, SearchMode, SearchParams, SearchResults};
+use crate::engine::search::{
+    CutoffStop, Fusion, ItmCutoff, SearchHit, SearchMode, SearchParams, SearchResults,
+};
 use crate::engine::{AttrValue, Filter, ImageId};
 
 use super::collection::{open_existing, IndexArgs, Instead};
@@ -56,9 +58,16 @@ pub struct SearchArgs {
     /// Results skipped.
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Return only reranked results with ITM p(match) at least this (absent things: no results).
+    /// Return only results that ITM judged and accepted with p(match) at least this, 0 to 1
+    /// (absent things: no results). ITM then judges the candidates in rounds of --rerank-k, as
+    /// deep as the matches go: it stops when every candidate is judged, when a round has no
+    /// match, or at --rerank-budget; the answer says how many it judged and why it stopped.
     #[arg(long)]
     min_itm_prob: Option<f32>,
+    /// With --min-itm-prob: most candidates ITM judges, 1 to 1000 (each retriever is asked for
+    /// at least as many) [default: 256].
+    #[arg(long, requires = "min_itm_prob")]
+    rerank_budget: Option<usize>,
     /// Only images in this folder (an existing folder, relative or not, means the images inside
     /// it; anything else is a prefix of the absolute path). Also accepted as --path-prefix.
     #[arg(long = "folder", alias = "path-prefix", value_name = "PATH")]
@@ -130,6 +139,7 @@ pub fn search(a: SearchArgs) -> Result<()> {
         limit: a.limit,
         offset: a.offset,
         min_itm_prob: a.min_itm_prob,
+        rerank_budget: a.rerank_budget,
         include_self: a.include_self,
         filter: Filter {
             path_prefix: a.path_prefix.as_deref().map(folder_prefix),
@@ -246,6 +256,9 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
             r.candidates
         );
     }
+    if let Some(c) = &r.cutoff {
+        println!("{}", cutoff_line(r.examined, r.candidates, c));
+    }
     if !r.facets.is_empty() {
         println!("facets over the {} {unit}:", r.total);
         for f in &r.facets {
@@ -253,6 +266,27 @@ fn print(r: &SearchResults, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the ITM cut-off judged and why it stopped, so that an empty or short answer can be
+/// trusted or not: `ITM judged 48 of 300 candidates (p(match) >= 0.5, budget 256): ...`.
+fn cutoff_line(examined: usize, candidates: usize, c: &ItmCutoff) -> String {
+    let why = match c.stop {
+        CutoffStop::Exhausted => "every candidate judged".to_string(),
+        CutoffStop::NoMatch => "stopped: its last round had no match".to_string(),
+        CutoffStop::Budget => {
+            "stopped at the budget while still finding matches: more may match deeper \
+             (raise --rerank-budget)"
+                .to_string()
+        }
+        CutoffStop::Deadline => {
+            "stopped at the deadline while still finding matches: more may match deeper".to_string()
+        }
+    };
+    format!(
+        "ITM judged {examined} of {candidates} candidates (p(match) >= {}, budget {}): {why}",
+        c.min_itm_prob, c.budget
+    )
 }
 
 /// The lines under a hit: its product (id, title, attributes) and its group.

@@ -523,8 +523,7 @@ impl Engine {
         query: &str,
         params: &SearchParams,
     ) -> Result<SearchResults> {
-        let store = self.read()?;
-        Searcher::new(&**store, &self.blobs, models).search_text(query, params)
+        Searcher::new(&self.store, &self.blobs, models).search_text(query, params)
     }
 
     /// Searches by an image (vectors only: ITM needs a text).
@@ -534,8 +533,7 @@ impl Engine {
         image: &DynamicImage,
         params: &SearchParams,
     ) -> Result<SearchResults> {
-        let store = self.read()?;
-        Searcher::new(&**store, &self.blobs, models).search_image(image, params)
+        Searcher::new(&self.store, &self.blobs, models).search_image(image, params)
     }
 
     /// Searches by an indexed image ([`EngineError::NotFound`] when there is none).
@@ -545,8 +543,7 @@ impl Engine {
         id: ImageId,
         params: &SearchParams,
     ) -> Result<SearchResults> {
-        let store = self.read()?;
-        Searcher::new(&**store, &self.blobs, models).search_similar(id, params)
+        Searcher::new(&self.store, &self.blobs, models).search_similar(id, params)
     }
 
     /// Near-duplicate groups (see [`super::duplicates`]).

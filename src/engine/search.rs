@@ -2,8 +2,14 @@
 //! search, in parallel BM25 runs over captions, given texts and file names; the two lists are
 //! fused, and the best `rerank_k` candidates are reranked with ITM cross-attention against their
 //! stored ViT features. Final score of a reranked hit is BLIP's `itm_logit + itc_cosine`.
+//!
+//! With a cut-off (`min_itm_prob`) the answer is what ITM accepts, so ITM reranks as deep as
+//! the matches go rather than a fixed `rerank_k`: rounds of `rerank_k` candidates down the fused
+//! list, continuing while the last round still had a match, within a budget of candidates
+//! judged. The rule and what the answer then promises are on [`CutoffStop`].
 
 use std::collections::HashMap;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use candle_core::Tensor;
 use image::DynamicImage;
@@ -14,7 +20,7 @@ use super::facets::{
     count_facets, FacetCounts, FacetRequest, GroupBy, HitGroup, MAX_FACETS, MAX_FACET_RANGES,
 };
 use super::models::Encoders;
-use crate::index::{dot, BlobStore, Caption, Filter, ImageId, Product, Store};
+use crate::index::{dot, BlobStore, Caption, Filter, ImageId, IndexError, Product, Store};
 
 /// Largest number of candidates taken from each retriever.
 pub const MAX_K: usize = 1000;
@@ -22,6 +28,12 @@ pub const MAX_K: usize = 1000;
 pub const MAX_RERANK_K: usize = 256;
 /// Candidates of a text query reranked with ITM when the caller does not say.
 pub const DEFAULT_RERANK_K: usize = 16;
+/// Most candidates ITM judges in one search with a cut-off (`min_itm_prob`) when the caller
+/// does not say: 16 rounds of the default `rerank_k`.
+pub const DEFAULT_RERANK_BUDGET: usize = 256;
+/// Most candidates ITM may judge in one search with a cut-off: as many as one retriever can
+/// give ([`MAX_K`]).
+pub const MAX_RERANK_BUDGET: usize = MAX_K;
 /// When grouping, each retriever is asked for this many times `k` images (within [`MAX_K`]):
 /// `k` counts images, and a product often shows several among the results.
 pub const GROUP_FETCH: usize = 4;
@@ -103,6 +115,7 @@ pub struct SearchParams {
     /// retriever is asked for [`GROUP_FETCH`] times as many (still within [`MAX_K`]), so that
     /// about `k` groups form even when products show several images among the candidates; the
     /// groups are then at most the candidates' number, and `total` says how many formed.
+    /// With `min_itm_prob`, each retriever is asked for at least `rerank_budget`.
     pub k: usize,
     /// Candidates reranked with ITM (0: off; clamped to [`MAX_RERANK_K`]). `None`:
     /// [`DEFAULT_RERANK_K`] for a text query, 0 for a search by image, which refuses any other
@@ -119,10 +132,17 @@ pub struct SearchParams {
     pub limit: usize,
     /// Results skipped (paging).
     pub offset: usize,
-    /// Keep only reranked results with ITM p(match) at least this (so that a query about
-    /// something absent can return nothing); candidates beyond `rerank_k` are dropped too.
-    /// Needs reranking: refused with `rerank_k` 0 and by a search by image.
+    /// Keep only results that ITM judged and accepted, with p(match) at least this (0 to 1), so
+    /// that a query about something absent can return nothing. ITM then judges the fused
+    /// candidates in rounds of `rerank_k`, as deep as the matches go, up to `rerank_budget`
+    /// candidates (the rule: [`CutoffStop`]); what it did not judge is dropped. Needs
+    /// reranking: refused with `rerank_k` 0 and by a search by image.
     pub min_itm_prob: Option<f32>,
+    /// With `min_itm_prob`: most candidates ITM judges (at least 1; `None`:
+    /// [`DEFAULT_RERANK_BUDGET`]; clamped to [`MAX_RERANK_BUDGET`]). Each retriever is asked
+    /// for at least this many candidates, so that the budget can be spent. Refused without
+    /// `min_itm_prob`.
+    pub rerank_budget: Option<usize>,
     /// Search by an indexed image: keep that image in the results (it is left out by default,
     /// as "more like this" asks for others).
     pub include_self: bool,
@@ -138,8 +158,8 @@ pub struct SearchParams {
 impl SearchParams {
     /// Refuses what cannot mean anything for a query by text (`by_text`) or by image: a bad
     /// filter, more facets or ranges than [`MAX_FACETS`] and [`MAX_FACET_RANGES`], `k` or
-    /// `limit` of 0, `min_itm_prob` without reranking, reranking an image query,
-    /// `include_self` on a text query.
+    /// `limit` of 0, `min_itm_prob` outside 0 to 1 or without reranking, `rerank_budget` of 0
+    /// or without `min_itm_prob`, reranking an image query, `include_self` on a text query.
     pub fn check(&self, by_text: bool) -> Result<()> {
         self.filter.check()?;
         if self.facets.len() > MAX_FACETS
@@ -156,6 +176,27 @@ impl SearchParams {
             return Err(EngineError::InvalidInput(
                 "k and limit must be at least 1".into(),
             ));
+        }
+        if let Some(p) = self.min_itm_prob {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(EngineError::InvalidInput(format!(
+                    "min_itm_prob must be between 0 and 1, not {p}"
+                )));
+            }
+        }
+        match self.rerank_budget {
+            Some(_) if self.min_itm_prob.is_none() => {
+                return Err(EngineError::InvalidInput(
+                    "rerank_budget bounds how deep the ITM cut-off looks, so it needs min_itm_prob"
+                        .into(),
+                ))
+            }
+            Some(0) => {
+                return Err(EngineError::InvalidInput(
+                    "rerank_budget must be at least 1".into(),
+                ))
+            }
+            _ => {}
         }
         if by_text {
             if self.rerank_k == Some(0) && self.min_itm_prob.is_some() {
@@ -191,6 +232,7 @@ impl Default for SearchParams {
             limit: 20,
             offset: 0,
             min_itm_prob: None,
+            rerank_budget: None,
             include_self: false,
             filter: Filter::default(),
             facets: Vec::new(),
@@ -250,6 +292,56 @@ pub struct SearchResults {
     pub truncated: bool,
     /// Notices for the user (clamped parameters, truncation).
     pub notices: Vec<String>,
+    /// Candidates ITM judged (0 without rerank): `rerank_k` at most, or with a cut-off as many
+    /// as its rounds took.
+    pub examined: usize,
+    /// With `min_itm_prob`: how deep the cut-off looked and why it stopped there.
+    pub cutoff: Option<ItmCutoff>,
+}
+
+/// How deep ITM judged the candidates of a search with a cut-off (`min_itm_prob`), and why it
+/// stopped: whether candidates beyond what it judged could still match.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ItmCutoff {
+    /// The p(match) a result needed.
+    pub min_itm_prob: f32,
+    /// Most candidates ITM could judge.
+    pub budget: usize,
+    /// Candidates judged per round (`rerank_k`).
+    pub round: usize,
+    /// Rounds run (the one a deadline cut short not counted).
+    pub rounds: usize,
+    /// Why it stopped.
+    pub stop: CutoffStop,
+}
+
+/// Why a cut-off's rerank stopped. ITM judges the fused candidates best first, `rerank_k` at a
+/// time, and after each round stops at the first of these that holds (in this order):
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CutoffStop {
+    /// Every candidate retrieved was judged: nothing retrieved is left out. Retrieval asks each
+    /// retriever for at least the budget, so fewer candidates than the budget means the vector
+    /// list held every image that passes the filter (in `text` mode: every BM25 match).
+    Exhausted,
+    /// The last round had no candidate at or above `min_itm_prob`: the fused order has left the
+    /// matching images behind. A match further down remains possible (ITM and the retrievers
+    /// can disagree) but a whole round without one is the sign that the rest are unlikely.
+    NoMatch,
+    /// The budget is spent while the last round still had matches: more may lie deeper, the
+    /// answer may be incomplete (ask again with a larger budget).
+    Budget,
+    /// The models did not answer a later round before the caller's deadline (the server's
+    /// request timeout): the answer holds what was judged in time, and more may lie deeper.
+    Deadline,
+}
+
+impl CutoffStop {
+    /// Whether a limit (the budget, a deadline) stopped the rerank while the rule would have
+    /// gone on: the answer may then miss matches that a larger limit would find.
+    pub fn limited(self) -> bool {
+        matches!(self, Self::Budget | Self::Deadline)
+    }
 }
 
 /// Fuses ranked lists of `(id, score)` (best first) into one list, best first.
@@ -317,15 +409,19 @@ fn group_by_product(products: &[Option<Product>]) -> Vec<Vec<usize>> {
 }
 
 /// Runs searches against a store and its blobs with a retrieval model.
+///
+/// The store's lock is taken for each store call, never across a forward pass: a search that
+/// reranks deep would otherwise keep a writer waiting, and with it (the lock lets a waiting
+/// writer go first) every other search. Records removed meanwhile are dropped from the answer.
 pub(crate) struct Searcher<'a, M: Encoders + ?Sized> {
-    store: &'a dyn Store,
+    store: &'a RwLock<Box<dyn Store>>,
     blobs: &'a BlobStore,
     models: &'a M,
 }
 
 impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
     /// A searcher over `store`, whose vectors the retrieval model of `models` made.
-    pub fn new(store: &'a dyn Store, blobs: &'a BlobStore, models: &'a M) -> Self {
+    pub fn new(store: &'a RwLock<Box<dyn Store>>, blobs: &'a BlobStore, models: &'a M) -> Self {
         Self {
             store,
             blobs,
@@ -333,8 +429,15 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         }
     }
 
+    /// The store, for one call.
+    fn store(&self) -> Result<RwLockReadGuard<'a, Box<dyn Store>>> {
+        self.store
+            .read()
+            .map_err(|_| EngineError::Internal("the collection lock is poisoned".into()))
+    }
+
     /// Checks and bounds `params` for a query by text (`by_text`) or by image; the answer's
-    /// `rerank_k` is always set.
+    /// `rerank_k` is always set, and its `rerank_budget` when it has a cut-off.
     fn clamp(params: &SearchParams, by_text: bool) -> Result<(SearchParams, Vec<String>)> {
         params.check(by_text)?;
         let mut p = params.clone();
@@ -355,8 +458,22 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
             notices.push(format!("limit {} clamped to {MAX_K}", p.limit));
             p.limit = MAX_K;
         }
+        if p.min_itm_prob.is_some() {
+            let mut budget = p.rerank_budget.unwrap_or(DEFAULT_RERANK_BUDGET);
+            if budget > MAX_RERANK_BUDGET {
+                notices.push(format!(
+                    "rerank_budget {budget} clamped to {MAX_RERANK_BUDGET}"
+                ));
+                budget = MAX_RERANK_BUDGET;
+            }
+            p.rerank_budget = Some(budget);
+        }
         if p.group_by.is_some() {
             p.k = p.k.saturating_mul(GROUP_FETCH).min(MAX_K);
+        }
+        if let Some(budget) = p.rerank_budget {
+            // Enough candidates for the budget to be spent (within MAX_K: so is the budget).
+            p.k = p.k.max(budget);
         }
         Ok((p, notices))
     }
@@ -419,7 +536,7 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
     pub fn search_similar(&self, id: ImageId, params: &SearchParams) -> Result<SearchResults> {
         let (p, notices) = Self::clamp(params, false)?;
         let record = self
-            .store
+            .store()?
             .get(id)?
             .ok_or_else(|| EngineError::NotFound(format!("no image with id {}", id.0)))?;
         let leave_out = (!p.include_self).then_some(id.0);
@@ -454,12 +571,12 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
     }
 
     fn vector_candidates(&self, q: &[f32], p: &SearchParams) -> Result<Vec<(u64, f32)>> {
-        let hits = self.store.vector_search(q, p.k, p.ef, &p.filter)?;
+        let hits = self.store()?.vector_search(q, p.k, p.ef, &p.filter)?;
         Ok(hits.into_iter().map(|(id, s)| (id.0, s)).collect())
     }
 
     fn text_candidates(&self, query: &str, p: &SearchParams) -> Result<Vec<(u64, f32)>> {
-        let hits = self.store.text_search(query, p.k, &p.filter)?;
+        let hits = self.store()?.text_search(query, p.k, &p.filter)?;
         Ok(hits.into_iter().map(|(id, s)| (id.0, s)).collect())
     }
 
@@ -505,34 +622,31 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
             })
             .collect();
         let mut read = vec![false; hits.len()];
+        let mut examined = 0;
+        let mut cutoff = None;
         if let Some(query) = query {
-            // The first `rerank_k` hits whose records are still there.
-            let want = p.rerank_k.unwrap_or(0);
-            let mut n = 0;
-            while n < want && n < hits.len() {
-                if self.fill(&mut hits[n], q)? {
-                    read[n] = true;
-                    n += 1;
-                } else {
-                    hits.remove(n); // removed since the candidate lists were made
-                    read.remove(n);
-                }
-            }
-            if n > 0 {
-                self.rerank(query, &mut hits[..n])?;
-                hits[..n].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
-                if let Some(min) = p.min_itm_prob {
-                    // Only what ITM has seen can be said to match: unreranked candidates go too.
-                    hits.truncate(n);
+            let round = p.rerank_k.unwrap_or(0);
+            match p.min_itm_prob {
+                // The first `rerank_k` hits whose records are still there.
+                None => examined = self.rerank(query, q, &mut hits, &mut read, 0, round)?,
+                Some(min) => {
+                    let budget = p.rerank_budget.unwrap_or(DEFAULT_RERANK_BUDGET);
+                    let c = self.rerank_deep(query, q, &mut hits, &mut read, min, round, budget)?;
+                    examined = c.0;
+                    cutoff = Some(c.1);
+                    // Only what ITM has seen can be said to match: unjudged candidates go too.
+                    hits.truncate(examined);
                     hits.retain(|h| h.itm_prob.unwrap_or(0.0) >= min);
                     read.truncate(hits.len());
                 }
             }
+            let judged = examined.min(hits.len());
+            hits[..judged].sort_by(|a, b| b.score.total_cmp(&a.score).then(a.id.cmp(&b.id)));
         }
         // From here `hits` is the relevant set, best first.
         let products = if p.group_by.is_some() || !p.facets.is_empty() {
             let ids: Vec<ImageId> = hits.iter().map(|h| ImageId(h.id)).collect();
-            self.store.products_of(&ids)?
+            self.store()?.products_of(&ids)?
         } else {
             Vec::new()
         };
@@ -573,7 +687,7 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
                 .iter()
                 .filter_map(|g| hits[g[0]].product.as_ref().map(|p| p.id.clone()))
                 .collect();
-            self.store.product_images(Some(&names))?
+            self.store()?.product_images(Some(&names))?
         } else {
             Default::default()
         };
@@ -608,13 +722,15 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
             facets,
             truncated: false,
             notices: Vec::new(),
+            examined,
+            cutoff,
         })
     }
 
     /// Reads `hit`'s record into it: path, kept captions, product, and the ITC cosine when the
     /// vector list did not give it. `false` when the image is gone.
     fn fill(&self, hit: &mut SearchHit, q: &[f32]) -> Result<bool> {
-        let Some(record) = self.store.get(ImageId(hit.id))? else {
+        let Some(record) = self.store()?.get(ImageId(hit.id))? else {
             return Ok(false);
         };
         if hit.itc.is_none() && !q.is_empty() {
@@ -626,30 +742,123 @@ impl<'a, M: Encoders + ?Sized> Searcher<'a, M> {
         Ok(true)
     }
 
-    /// ITM on (query, candidate) pairs in one batch; sets `itm_*` and `score = itm_logit + itc`.
-    fn rerank(&self, query: &str, hits: &mut [SearchHit]) -> Result<()> {
+    /// Judges with ITM the next `want` candidates from `hits[start]` on, in one call to the
+    /// models: sets their `itm_*` and `score = itm_logit + itc`, and reads their records
+    /// (`read`). A candidate removed since the candidate lists were made is dropped from `hits`.
+    /// Returns how many were judged: fewer than `want` only when the candidates ran out.
+    fn rerank(
+        &self,
+        query: &str,
+        q: &[f32],
+        hits: &mut Vec<SearchHit>,
+        read: &mut Vec<bool>,
+        start: usize,
+        want: usize,
+    ) -> Result<usize> {
         let mut data = Vec::new();
         let mut shape = (0, 0);
-        for h in hits.iter() {
-            let f = self.blobs.features(ImageId(h.id))?;
-            shape = (f.rows, f.cols);
-            data.extend(f.data);
+        let mut end = start;
+        while end < start + want && end < hits.len() {
+            let features = match self.fill(&mut hits[end], q)? {
+                true => self.features(hits[end].id)?,
+                false => None,
+            };
+            match features {
+                Some(f) => {
+                    shape = (f.rows, f.cols);
+                    data.extend(f.data);
+                    read[end] = true;
+                    end += 1;
+                }
+                None => {
+                    hits.remove(end);
+                    read.remove(end);
+                }
+            }
+        }
+        let n = end - start;
+        if n == 0 {
+            return Ok(0);
         }
         // Built on the CPU: the model's owner moves it to its device.
-        let tokens = Tensor::from_vec(
-            data,
-            (hits.len(), shape.0, shape.1),
-            &candle_core::Device::Cpu,
-        )
-        .map_err(crate::model::ModelError::from)?;
+        let tokens = Tensor::from_vec(data, (n, shape.0, shape.1), &candle_core::Device::Cpu)
+            .map_err(crate::model::ModelError::from)?;
         let scores = self.models.itm(query.to_string(), tokens)?;
-        for (h, s) in hits.iter_mut().zip(scores) {
+        if scores.len() != n {
+            return Err(EngineError::Internal(format!(
+                "ITM answered {} scores for {n} candidates",
+                scores.len()
+            )));
+        }
+        for (h, s) in hits[start..end].iter_mut().zip(scores) {
             h.reranked = true;
             h.itm_logit = Some(s.logits[1]);
             h.itm_prob = Some(s.prob);
             h.score = s.logits[1] + h.itc.unwrap_or(0.0);
         }
-        Ok(())
+        Ok(n)
+    }
+
+    /// The rerank features of image `id`; `None` when it has been removed (blobs go after their
+    /// record, so features missing under a record are an error).
+    fn features(&self, id: u64) -> Result<Option<crate::index::FeatureMatrix>> {
+        match self.blobs.features(ImageId(id)) {
+            Ok(f) => Ok(Some(f)),
+            Err(IndexError::NotFound(_)) if self.store()?.get(ImageId(id))?.is_none() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The rerank of a search with a cut-off: ITM judges `hits` (the fused candidates, best
+    /// first) in rounds of `round` from the top, each round one call to the models (on the
+    /// server, one job on the inference queue, so that other searches' jobs are served between
+    /// rounds), and stops by the rule of [`CutoffStop`]: every candidate judged; else a round
+    /// without any p(match) at or above `min`; else `budget` candidates judged. A round the
+    /// models time out on (the caller's deadline) ends it too, after the first; the first
+    /// round's failure is the search's. Returns how many hits at the front were judged.
+    #[allow(clippy::too_many_arguments)]
+    fn rerank_deep(
+        &self,
+        query: &str,
+        q: &[f32],
+        hits: &mut Vec<SearchHit>,
+        read: &mut Vec<bool>,
+        min: f32,
+        round: usize,
+        budget: usize,
+    ) -> Result<(usize, ItmCutoff)> {
+        let mut judged = 0;
+        let mut rounds = 0;
+        let stop = loop {
+            let want = round.min(budget - judged);
+            let n = match self.rerank(query, q, hits, read, judged, want) {
+                Ok(n) => n,
+                Err(EngineError::TimedOut(_)) if rounds > 0 => break CutoffStop::Deadline,
+                Err(e) => return Err(e),
+            };
+            let matched = hits[judged..judged + n]
+                .iter()
+                .any(|h| h.itm_prob.is_some_and(|p| p >= min));
+            judged += n;
+            rounds += usize::from(n > 0);
+            if judged == hits.len() {
+                break CutoffStop::Exhausted;
+            }
+            if !matched {
+                break CutoffStop::NoMatch;
+            }
+            if judged >= budget {
+                break CutoffStop::Budget;
+            }
+        };
+        let report = ItmCutoff {
+            min_itm_prob: min,
+            budget,
+            round,
+            rounds,
+            stop,
+        };
+        Ok((judged, report))
     }
 }
 

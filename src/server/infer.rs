@@ -119,6 +119,7 @@ impl InferenceQueue {
         InferClient {
             tx: self.interactive.clone(),
             timeout: Some(self.config.timeout),
+            deadline: None,
             interactive: true,
             can_caption: self.can_caption,
             metrics: self.metrics.clone(),
@@ -130,6 +131,7 @@ impl InferenceQueue {
         InferClient {
             tx: self.background.clone(),
             timeout: None,
+            deadline: None,
             interactive: false,
             can_caption: self.can_caption,
             metrics: self.metrics.clone(),
@@ -163,23 +165,51 @@ impl InferenceQueue {
 
 /// Sends work to the inference thread; implements [`Encoders`], so the engine's search and
 /// ingestion run unchanged on top of the queue.
+///
+/// Each call waits at most the queue's timeout; a client [`for_request`](Self::for_request)
+/// also ends every call by the request's deadline, however many calls the request makes.
 #[derive(Clone)]
 pub struct InferClient {
     tx: Sender<Job>,
     timeout: Option<Duration>,
+    /// When set, no call waits past it.
+    deadline: Option<Instant>,
     interactive: bool,
     can_caption: bool,
     metrics: Arc<Metrics>,
 }
 
 impl InferClient {
+    /// This client for one request that began at `started`: all its calls together end within
+    /// the timeout (a search's ITM rounds, say), not each call on its own. A background client
+    /// has no timeout and is returned as it is.
+    pub fn for_request(&self, started: Instant) -> Self {
+        Self {
+            deadline: self.timeout.map(|t| started + t),
+            ..self.clone()
+        }
+    }
+
     fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Work) -> Result<T> {
-        let (reply, rx) = bounded(1);
         let now = Instant::now();
+        let deadline = match (self.timeout.map(|t| now + t), self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timed_out = || {
+            EngineError::TimedOut(format!(
+                "no answer from the models within {:.0} s",
+                self.timeout.unwrap_or_default().as_secs_f64()
+            ))
+        };
+        if deadline.is_some_and(|d| d <= now) {
+            return Err(timed_out());
+        }
+        let (reply, rx) = bounded(1);
         let job = Job {
             work: make(reply),
             enqueued: now,
-            deadline: self.timeout.map(|t| now + t),
+            deadline,
         };
         let gone = || EngineError::Internal("the inference worker has stopped".into());
         if self.interactive {
@@ -196,14 +226,11 @@ impl InferClient {
         } else {
             self.tx.send(job).map_err(|_| gone())?;
         }
-        match self.timeout {
+        match deadline {
             None => rx.recv().map_err(|_| gone())?,
-            Some(t) => match rx.recv_timeout(t) {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(now)) {
                 Ok(r) => r,
-                Err(RecvTimeoutError::Timeout) => Err(EngineError::TimedOut(format!(
-                    "no answer from the models within {:.0} s",
-                    t.as_secs_f64()
-                ))),
+                Err(RecvTimeoutError::Timeout) => Err(timed_out()),
                 Err(RecvTimeoutError::Disconnected) => Err(gone()),
             },
         }
@@ -219,8 +246,22 @@ impl Encoders for InferClient {
         self.call(|r| Work::Texts(texts, r))
     }
 
+    /// Sent in jobs of at most [`MAX_ITM_BATCH`] pairs, each after the last is answered: the
+    /// worker serves jobs in turn, so other searches' jobs go between them and no search holds
+    /// the models for longer than one batch at a time.
     fn itm(&self, text: String, tokens: Tensor) -> Result<Vec<ItmScore>> {
-        self.call(|r| Work::Itm(text, tokens, r))
+        let n = tokens.dim(0).map_err(EngineError::from)?;
+        if n <= MAX_ITM_BATCH {
+            return self.call(|r| Work::Itm(text, tokens, r));
+        }
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(MAX_ITM_BATCH) {
+            let part = tokens
+                .narrow(0, start, MAX_ITM_BATCH.min(n - start))
+                .map_err(EngineError::from)?;
+            out.extend(self.call(|r| Work::Itm(text.clone(), part, r))?);
+        }
+        Ok(out)
     }
 
     fn capfilt(&self, job: CapFiltJob) -> Result<Vec<Vec<CapFiltCandidate>>> {
@@ -494,6 +535,7 @@ mod tests {
         let client = InferClient {
             tx,
             timeout: Some(Duration::from_millis(300)),
+            deadline: None,
             interactive: true,
             can_caption: false,
             metrics: Arc::new(Metrics::new()),
@@ -525,5 +567,89 @@ mod tests {
             "{:?}",
             gone.err()
         );
+    }
+
+    /// A deep rerank's ITM goes to the worker in jobs of at most MAX_ITM_BATCH pairs, the next
+    /// sent only once the last is answered (so other searches' jobs are served in between), and
+    /// the answers come back in order.
+    #[test]
+    fn large_itm_calls_go_in_turns_of_one_batch() {
+        let (tx, rx) = bounded(8);
+        let client = InferClient {
+            tx,
+            timeout: Some(Duration::from_secs(60)),
+            deadline: None,
+            interactive: true,
+            can_caption: false,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let n = 2 * MAX_ITM_BATCH + 22;
+        let caller = std::thread::spawn(move || {
+            let tokens = Tensor::zeros(
+                (n, 2, 3),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            client.itm("a query".into(), tokens)
+        });
+        let mut start = 0;
+        for want in [MAX_ITM_BATCH, MAX_ITM_BATCH, 22] {
+            let job = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+            let Work::Itm(text, tokens, reply) = job.work else {
+                panic!("an ITM job");
+            };
+            assert_eq!((text.as_str(), tokens.dim(0).unwrap()), ("a query", want));
+            // Nothing more is sent while this job is unanswered.
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(rx.is_empty());
+            let scores = (start..start + want)
+                .map(|i| ItmScore {
+                    logits: [0.0, i as f32],
+                    prob: 0.5,
+                })
+                .collect();
+            reply.send(Ok(scores)).unwrap();
+            start += want;
+        }
+        let got = caller.join().unwrap().unwrap();
+        let order: Vec<f32> = got.iter().map(|s| s.logits[1]).collect();
+        assert_eq!(order, (0..n).map(|i| i as f32).collect::<Vec<_>>());
+        assert!(rx.is_empty());
+    }
+
+    /// A client for one request ends every call by the request's deadline: a call made after
+    /// it fails at once without queueing, and a call before it carries it to the worker.
+    #[test]
+    fn a_request_deadline_bounds_all_its_calls() {
+        let (tx, rx) = bounded(8);
+        let timeout = Duration::from_secs(60);
+        let client = InferClient {
+            tx,
+            timeout: Some(timeout),
+            deadline: None,
+            interactive: true,
+            can_caption: false,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let late = client.for_request(Instant::now() - timeout);
+        let r = late.encode_texts(vec!["too late".into()]);
+        assert!(matches!(r, Err(EngineError::TimedOut(_))), "{:?}", r.err());
+        assert!(rx.is_empty(), "nothing queued after the deadline");
+
+        let started = Instant::now() - Duration::from_secs(30);
+        let request = client.for_request(started);
+        let caller = std::thread::spawn(move || request.encode_texts(vec!["in time".into()]));
+        let job = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(
+            job.deadline,
+            Some(started + timeout),
+            "the request's, not a fresh one"
+        );
+        let Work::Texts(_, reply) = job.work else {
+            panic!("a text job");
+        };
+        reply.send(Ok(Vec::new())).unwrap();
+        assert!(caller.join().unwrap().unwrap().is_empty());
     }
 }

@@ -11,8 +11,9 @@ says in words, so that a "valid" case is one the document calls valid:
 - Text search: `q` must leave the text model something to read (see the operation's
   description); positive cases whose `q` might not are dropped.
 - Parameters that depend on each other, which the parameters' descriptions state and JSON
-  Schema cannot: `min_itm_prob` needs reranking (refused with `rerank_k=0`), and `include_self`
-  applies to a search by an indexed image (refused with an uploaded one). Positive cases that
+  Schema cannot: `min_itm_prob` needs reranking (refused with `rerank_k=0`), `rerank_budget`
+  needs `min_itm_prob`, and `include_self` applies to a search by an indexed image (refused
+  with an uploaded one). Positive cases that
   combine them are dropped; the server's 400 for them is tested in tests/api.rs.
 - Product filters and facets name attributes of the collection (`filter`, `facets`; GET
   /api/status lists them): the collection of this run has none, so the server refuses every
@@ -192,6 +193,8 @@ def filter_case(ctx, case):
         return False
     if positive and case.operation.path == "/api/search":
         if "min_itm_prob" in query and str(query.get("rerank_k")) == "0":
+            return False
+        if "rerank_budget" in query and "min_itm_prob" not in query:
             return False
         if "q" in query:
             return _query_within_bounds(query["q"])

@@ -11,7 +11,8 @@ use super::{
 };
 use crate::engine::facets::{FacetCounts, GroupBy};
 use crate::engine::search::{
-    SearchHit, SearchMode, SearchParams, SearchResults, MAX_K, MAX_RERANK_K,
+    ItmCutoff, SearchHit, SearchMode, SearchParams, SearchResults, MAX_K, MAX_RERANK_BUDGET,
+    MAX_RERANK_K,
 };
 use crate::engine::{check_list_name, Caption, Engine, Filter, Flag, FlagFilter, ImageId};
 use crate::server::error::{ApiError, ApiResult};
@@ -49,6 +50,8 @@ pub struct SearchQuery {
     date_from: Option<String>,
     date_to: Option<String>,
     min_itm_prob: Option<f64>,
+    /// With `min_itm_prob`: most candidates ITM judges.
+    rerank_budget: Option<usize>,
     include_self: Option<bool>,
     /// Facets to count: `brand,color,price:..50|50..`.
     facets: Option<String>,
@@ -116,6 +119,7 @@ impl SearchQuery {
         check_range("rerank_k", self.rerank_k, 0..=MAX_RERANK_K)?;
         check_range("limit", self.limit, 1..=MAX_K)?;
         check_range("offset", self.offset, 0..=MAX_OFFSET)?;
+        check_range("rerank_budget", self.rerank_budget, 1..=MAX_RERANK_BUDGET)?;
         if let Some(p) = self.min_itm_prob {
             if !(0.0..=1.0).contains(&p) {
                 return Err(ApiError::bad_request(
@@ -163,6 +167,7 @@ impl SearchQuery {
             limit: self.limit.unwrap_or(d.limit),
             offset: self.offset.unwrap_or(0),
             min_itm_prob: self.min_itm_prob.map(|p| p as f32),
+            rerank_budget: self.rerank_budget,
             include_self: self.include_self.unwrap_or(false),
             filter: Filter {
                 path_prefix: blank(&self.folder).map(|f| view.resolve(&f)),
@@ -217,6 +222,8 @@ struct SearchOut {
     facets: Vec<FacetCounts>,
     truncated: bool,
     notices: Vec<String>,
+    examined: usize,
+    cutoff: Option<ItmCutoff>,
     took_ms: f64,
 }
 
@@ -274,6 +281,8 @@ fn render(
         facets: r.facets,
         truncated: r.truncated,
         notices: r.notices,
+        examined: r.examined,
+        cutoff: r.cutoff,
         took_ms: started.elapsed().as_secs_f64() * 1e3,
     })
 }
@@ -294,7 +303,9 @@ async fn search_text(
     let mut params = query.params(&view)?;
     let out = web::block(move || -> ApiResult<SearchOut> {
         query.attach_products(&state.engine, &filters, &mut params)?;
-        let r = state.engine.search_text(&state.client, &q, &params)?;
+        // Every round of a deep rerank waits within the one request deadline.
+        let client = state.client.for_request(started);
+        let r = state.engine.search_text(&client, &q, &params)?;
         render(&state.engine, &view, Some(&q), None, r, started)
     })
     .await??;
