@@ -209,8 +209,8 @@ fn uploads_dedupe_roll_back_and_leave_with_their_image() {
     assert_eq!(files(), 2);
 
     // Removing an uploaded image removes its file; its id is gone for good.
-    assert!(engine.remove(id).unwrap());
-    assert!(!engine.remove(id).unwrap());
+    assert!(engine.remove(id, "cli").unwrap());
+    assert!(!engine.remove(id, "cli").unwrap());
     assert_eq!(files(), 1);
     assert_eq!(engine.get(id).unwrap(), None);
     assert_eq!(
@@ -239,21 +239,27 @@ fn remove_all_is_all_or_none_and_leaves_user_files() {
         .unwrap()
         .unwrap();
     let err = engine
-        .remove_all(&[
-            Target::Id(id0),
-            Target::Path(files[1].clone()),
-            Target::Id(ImageId(424_242)),
-        ])
+        .remove_all(
+            &[
+                Target::Id(id0),
+                Target::Path(files[1].clone()),
+                Target::Id(ImageId(424_242)),
+            ],
+            "cli",
+        )
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     assert!(err.to_string().contains("424242"), "{err}");
     assert_eq!(engine.len().unwrap(), 4, "nothing was removed");
     let n = engine
-        .remove_all(&[
-            Target::Id(id0),
-            Target::Path(files[1].clone()),
-            Target::Id(id0),
-        ])
+        .remove_all(
+            &[
+                Target::Id(id0),
+                Target::Path(files[1].clone()),
+                Target::Id(id0),
+            ],
+            "cli",
+        )
         .unwrap();
     assert_eq!((n, engine.len().unwrap()), (2, 2));
     // Files in the user's folders are never deleted.
@@ -442,7 +448,7 @@ fn a_removed_folder_image_stays_out_of_scans_until_added_by_name() {
         .by_path(&path.display().to_string())
         .unwrap()
         .unwrap();
-    assert!(engine.remove(id).unwrap());
+    assert!(engine.remove(id, "cli").unwrap());
     assert!(files[1].exists(), "the user's file stays");
     // A rescan of the folder leaves it out...
     let s = engine

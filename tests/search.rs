@@ -300,7 +300,7 @@ fn text_search_rerank_fusion_filters_and_deletes() {
     // Deleted images never come back.
     let gone: Vec<u64> = all.hits.iter().take(3).map(|h| h.id).collect();
     for id in &gone {
-        assert!(c.remove(ImageId(*id)).unwrap());
+        assert!(c.remove(ImageId(*id), "cli").unwrap());
     }
     c.commit().unwrap();
     for mode in [SearchMode::Hybrid, SearchMode::Vector, SearchMode::Text] {

@@ -87,9 +87,20 @@ pub struct ImportArgs {
 pub struct ReindexArgs {
     #[command(flatten)]
     common: IngestCommon,
+    /// Only this part, in place: `pdq` computes the PDQ hash of every image that has none,
+    /// from its file (no model runs), and checks those images against the match lists.
+    #[arg(long, value_enum)]
+    only: Option<ReindexPart>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// What `reindex --only` redoes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReindexPart {
+    /// PDQ hashes of images that have none.
+    Pdq,
 }
 
 /// What every ingesting command takes: collection, models and batching.
@@ -152,6 +163,7 @@ pub(super) enum Instead {
     Import,
     Remove,
     Stats,
+    Moderate,
     StopFirst,
 }
 
@@ -181,6 +193,9 @@ pub(super) fn explain_lock(e: EngineError, dir: &Path, instead: Instead) -> anyh
         ),
         Instead::Remove => format!("remove through it: curl -X DELETE {url}/api/images/ID"),
         Instead::Stats => format!("ask it: curl {url}/api/status"),
+        Instead::Moderate => format!(
+            "go through its API (the routes are in {url}/api/openapi.json) or its web UI"
+        ),
         Instead::StopFirst => "stop the server first".to_string(),
     };
     anyhow::anyhow!(
@@ -235,6 +250,7 @@ pub(super) fn ingest_options(a: &IngestCommon) -> Result<IngestOptions> {
         capfilt,
         budget: DecodeBudget::new(a.decode_memory_mb << 20),
         budget_wait: None,
+        actor: "cli".into(),
     })
 }
 
@@ -347,6 +363,27 @@ pub fn reindex(a: ReindexArgs) -> Result<()> {
     if !Engine::exists(c.index.location())? {
         bail!("no collection in {}", c.index.describe());
     }
+    if a.only == Some(ReindexPart::Pdq) {
+        let engine = open_existing(&c.index, Instead::StopFirst)?;
+        let s = engine.backfill_pdq(c.model.limits()?, "cli", &ProgressRenderer::new())?;
+        if a.json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            println!(
+                "PDQ: hashed {}, had a hash {}, too small {}, failed {}; {} images newly flagged",
+                s.hashed,
+                s.had_hash,
+                s.too_small,
+                s.failed.len(),
+                s.flagged
+            );
+            for f in &s.failed {
+                println!("  failed: {}: {}", f.path, f.reason);
+            }
+            println!("{} images in the collection", s.total);
+        }
+        return Ok(());
+    }
     // The models asked for, else the ones it was built with (re-embedding with the same).
     let recorded = open_existing(&c.index, Instead::StopFirst)?.info()?;
     let models = load_models(c, Some(&recorded))?;
@@ -384,7 +421,7 @@ pub fn remove(a: RemoveArgs) -> Result<()> {
         .iter()
         .map(|t| t.parse().unwrap_or_else(|e| match e {}))
         .collect();
-    let removed = engine.remove_all(&targets)?;
+    let removed = engine.remove_all(&targets, "cli")?;
     println!("removed {removed}");
     Ok(())
 }

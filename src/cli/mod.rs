@@ -3,6 +3,7 @@
 
 mod collection;
 mod eval;
+mod moderation;
 mod progress;
 mod search;
 mod serve;
@@ -55,8 +56,22 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// List groups of near-duplicate images (ITC cosine above a threshold).
     Duplicates(search::DuplicatesArgs),
-    /// Embed every image again from its file with the models given now (after a model change).
+    /// Embed every image again from its file with the models given now (after a model change);
+    /// `--only pdq` computes the PDQ hashes images lack, without the models.
     Reindex(collection::ReindexArgs),
+    // Moderation.
+    /// Match lists of known material: reference images and PDQ hashes that images of the
+    /// collection are checked against (at ingest, and when entries are added).
+    List(moderation::ListArgs),
+    /// Print every match list with its size (as `list ls`).
+    Lists(moderation::ListsArgs),
+    /// Every image of the collection that matches a list entry, by PDQ distance or ITC cosine.
+    Matches(moderation::MatchesArgs),
+    /// The review queue: flagged images waiting for a decision; `review decide ID
+    /// confirmed|cleared` records one.
+    Review(moderation::ReviewArgs),
+    /// The audit log: list changes, matches, decisions and deletions of flagged images.
+    Audit(moderation::AuditArgs),
     // Model commands on images, without a collection.
     /// Write captions for images with a BLIP captioning checkpoint.
     Caption(CaptionArgs),
@@ -267,6 +282,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Remove(a) => collection::remove(a),
         Command::Stats(a) => collection::stats(a),
         Command::Reindex(a) => collection::reindex(a),
+        Command::List(a) => moderation::list(a),
+        Command::Lists(a) => moderation::lists(a),
+        Command::Matches(a) => moderation::matches(a),
+        Command::Review(a) => moderation::review(a),
+        Command::Audit(a) => moderation::audit(a),
         Command::Search(a) => search::search(a),
         Command::Serve(a) => serve::serve(a),
         Command::Duplicates(a) => search::duplicates(a),

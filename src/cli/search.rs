@@ -12,7 +12,7 @@ use crate::engine::models::{
 use crate::engine::search::{
     CutoffStop, Fusion, ItmCutoff, SearchHit, SearchMode, SearchParams, SearchResults,
 };
-use crate::engine::{AttrValue, Filter, ImageId};
+use crate::engine::{AttrValue, Filter, FlagFilter, ImageId};
 
 use super::collection::{open_existing, IndexArgs, Instead};
 use super::recorded_source;
@@ -98,6 +98,10 @@ pub struct SearchArgs {
     /// `product`. Paging and the total then count products.
     #[arg(long, value_name = "BY")]
     group_by: Option<String>,
+    /// Only images flagged by a match list (by this list when a name is given), pending review
+    /// or confirmed: not cleared.
+    #[arg(long, value_name = "LIST", num_args = 0..=1, default_missing_value = "")]
+    flagged: Option<String>,
     /// auto, cpu or cuda:N.
     #[arg(long, env = "BLIPSEARCH_DEVICE", default_value = "auto")]
     device: String,
@@ -113,6 +117,11 @@ pub struct SearchArgs {
 /// Runs `search`.
 pub fn search(a: SearchArgs) -> Result<()> {
     let engine = open_existing(&a.index, Instead::Search)?;
+    if let Some(list) = a.flagged.as_deref().filter(|l| !l.is_empty()) {
+        if !engine.lists()?.iter().any(|l| l.name == list) {
+            bail!("no match list {list:?} (`blipsearch lists` prints them)");
+        }
+    }
     let fusion = match &a.weighted {
         None => Fusion::default(),
         Some(w) => {
@@ -148,7 +157,10 @@ pub fn search(a: SearchArgs) -> Result<()> {
             min_width: a.min_width,
             min_height: a.min_height,
             attributes: engine.parse_filters(&a.filters)?,
-            flagged: None,
+            flagged: a.flagged.as_deref().map(|list| FlagFilter {
+                list: (!list.is_empty()).then(|| list.to_string()),
+                pending_only: false,
+            }),
         },
         facets: match a.facets.is_empty() {
             true => Vec::new(),

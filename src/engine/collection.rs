@@ -13,19 +13,21 @@
 //! see (a shared file system), and takes no lock.
 
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use image::DynamicImage;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
 use super::facets::FacetRequest;
+use super::matcher::{Matcher, MatcherCache};
 use super::models::Encoders;
 use super::search::{SearchParams, SearchResults, Searcher};
 use super::upload_folder::{uploads_dir, UploadFolder};
 use crate::index::{
-    AttrFilter, BlobStore, Collection, CollectionInfo, FeatureMatrix, HnswParams, ImageId,
-    ImageRecord, IndexError, MilvusAddress, MilvusStore, Store, StoreStats,
+    AttrFilter, AuditEntry, AuditEvent, AuditLog, BlobStore, Collection, CollectionInfo,
+    FeatureMatrix, HnswParams, ImageId, ImageRecord, IndexError, MilvusAddress, MilvusStore, Store,
+    StoreStats, AUDIT_FILE,
 };
 
 /// Counts and disk usage of a collection: its store and its blobs.
@@ -173,6 +175,10 @@ pub struct Engine {
     store: RwLock<Box<dyn Store>>,
     blobs: BlobStore,
     uploads: UploadFolder,
+    /// The moderation audit log (`audit.jsonl` in the collection directory).
+    audit: AuditLog,
+    /// Every match list, indexed for checking images.
+    matcher: MatcherCache,
 }
 
 impl Engine {
@@ -245,12 +251,54 @@ impl Engine {
             }
         }
         let uploads = UploadFolder::open(&uploads_dir(dir))?;
+        let audit = AuditLog::open(&dir.join(AUDIT_FILE))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             store: RwLock::new(store),
             blobs,
             uploads,
+            audit,
+            matcher: MatcherCache::default(),
         })
+    }
+
+    /// This engine, writing its audit events to the log of the collection in `dir` instead of
+    /// its own (a collection being rebuilt beside the one it will replace).
+    pub(crate) fn auditing_to(mut self, dir: &Path) -> Result<Self> {
+        self.audit = AuditLog::open(&dir.join(AUDIT_FILE))?;
+        Ok(self)
+    }
+
+    /// Appends `events` of `actor` to the audit log, durably.
+    pub(crate) fn audit_events(
+        &self,
+        actor: &str,
+        events: Vec<AuditEvent>,
+    ) -> Result<Vec<AuditEntry>> {
+        Ok(self.audit.append_all(actor, events)?)
+    }
+
+    /// The audit log.
+    pub(crate) fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// The matcher over every list (built from the store when a list changed since the last).
+    pub(crate) fn matcher(&self) -> Result<Arc<Matcher>> {
+        let store = self.read()?;
+        self.matcher.get(&**store)
+    }
+
+    /// Drops the matcher: a list changed.
+    pub(crate) fn lists_changed(&self) -> Result<()> {
+        self.matcher.invalidate()
+    }
+
+    /// With a store other processes write, drops the matcher if their changes may have made it
+    /// stale (run at the start of work that checks images).
+    pub(crate) fn refresh_matcher(&self) -> Result<()> {
+        let store = self.read()?;
+        self.matcher.refresh(&**store)
     }
 
     /// The collection directory.
@@ -384,9 +432,14 @@ impl Engine {
 
     /// Stores new images: their blobs, then their records in one write (each under its
     /// `keep_id` when given, which must be reserved; else a fresh id), removing the images they
-    /// replace. Returns their ids. When the write fails, no record of the batch is left without
-    /// its blobs, and blobs of records not written go.
-    pub(crate) fn put_images(&self, images: Vec<NewImage<'_>>) -> Result<Vec<ImageId>> {
+    /// replace (a flagged one is audited as deleted by `actor`). Returns their ids. When the
+    /// write fails, no record of the batch is left without its blobs, and blobs of records not
+    /// written go.
+    pub(crate) fn put_images(
+        &self,
+        images: Vec<NewImage<'_>>,
+        actor: &str,
+    ) -> Result<Vec<ImageId>> {
         let info = self.info()?;
         for f in images.iter().filter_map(|i| i.features) {
             if (f.rows, f.cols) != (info.vit_tokens, info.vit_hidden) {
@@ -420,14 +473,16 @@ impl Engine {
             .iter()
             .zip(&ids)
             .try_for_each(|(image, &id)| self.blobs.put(id, image.features, image.thumbnail));
+        let mut gone = Vec::new();
         let stored = written.map_err(EngineError::from).and_then(|()| {
             let mut store = self.write()?;
             for &old in &replaced {
-                store.delete(old)?;
+                gone.extend(store.delete(old)?);
             }
             store.insert_all(records)?;
             Ok::<_, EngineError>(())
         });
+        let audited = self.audit_deleted(&gone, actor, "its file changed");
         if let Err(e) = stored {
             let store = self.read()?;
             for &id in &ids {
@@ -437,6 +492,7 @@ impl Engine {
             }
             return Err(e);
         }
+        audited?;
         for old in replaced {
             self.blobs.remove(old)?;
         }
@@ -454,27 +510,60 @@ impl Engine {
     }
 
     /// Removes images without touching uploads' serialisation (the caller holds what it
-    /// needs); returns the records removed. Not committed.
-    pub(crate) fn delete_records(&self, ids: &[ImageId]) -> Result<Vec<ImageRecord>> {
+    /// needs); returns the records removed. Not committed. The removal of a flagged image is
+    /// audited, by `actor`, with `reason`.
+    pub(crate) fn delete_records(
+        &self,
+        ids: &[ImageId],
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<ImageRecord>> {
         let mut removed = Vec::with_capacity(ids.len());
-        {
+        let deleted = (|| {
             let mut store = self.write()?;
             for &id in ids {
                 if let Some(r) = store.delete(id)? {
                     removed.push(r);
                 }
             }
-        }
+            Ok::<_, EngineError>(())
+        })();
+        // What was removed is audited even when a later removal failed.
+        self.audit_deleted(&removed, actor, reason)?;
+        deleted?;
         for r in &removed {
             self.blobs.remove(r.id)?;
         }
         Ok(removed)
     }
 
+    /// Audits the removal of the flagged ones of `records`.
+    fn audit_deleted(&self, records: &[ImageRecord], actor: &str, reason: &str) -> Result<()> {
+        let events: Vec<AuditEvent> = records
+            .iter()
+            .filter(|r| !r.flags.is_empty())
+            .map(|r| {
+                let mut d = serde_json::Map::new();
+                d.insert("id".into(), r.id.0.into());
+                d.insert("path".into(), r.path.clone().into());
+                d.insert("content_hash".into(), r.content_hash.clone().into());
+                d.insert("reason".into(), reason.into());
+                d.insert(
+                    "flags".into(),
+                    serde_json::to_value(&r.flags).unwrap_or_default(),
+                );
+                AuditEvent::new("delete", d)
+            })
+            .collect();
+        self.audit_events(actor, events)?;
+        Ok(())
+    }
+
     /// Removes every target (ids or file paths), or none: an unknown target is an
     /// [`EngineError::NotFound`] naming every unknown one, and nothing is removed. Uploaded files
-    /// of removed images go too. Returns how many were removed.
-    pub fn remove_all(&self, targets: &[Target]) -> Result<usize> {
+    /// of removed images go too; the removal of a flagged image is audited as `actor`'s.
+    /// Returns how many were removed.
+    pub fn remove_all(&self, targets: &[Target], actor: &str) -> Result<usize> {
         let mut ids = Vec::new();
         let mut unknown = Vec::new();
         {
@@ -506,7 +595,7 @@ impl Engine {
         }
         let mut removed = 0;
         for id in ids {
-            removed += self.remove(id)? as usize;
+            removed += self.remove(id, actor)? as usize;
         }
         Ok(removed)
     }

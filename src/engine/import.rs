@@ -273,7 +273,13 @@ impl Engine {
         }
         remove.sort_unstable();
         remove.dedup();
-        summary.images_removed = UploadFolder::remove_images(self, &remove, held)?;
+        summary.images_removed = UploadFolder::remove_images(
+            self,
+            &remove,
+            held,
+            &options.actor,
+            "the catalogue no longer lists it",
+        )?;
         self.commit()?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,

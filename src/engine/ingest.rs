@@ -14,12 +14,14 @@ use serde::Serialize;
 
 use super::collection::{Engine, NewImage};
 use super::error::{EngineError, Result};
+use super::matcher::{match_event, new_flags};
 use super::models::{CapFiltJob, Encoders};
 use crate::index::{
-    content_hash, now_unix, Caption, CaptionSource, FeatureMatrix, ImageId, ImageRecord, Product,
-    THUMB_MAX_SIDE,
+    content_hash, now_unix, AuditEvent, Caption, CaptionSource, FeatureMatrix, Flag, ImageId,
+    ImageRecord, Pdq, PdqHash, Product, THUMB_MAX_SIDE,
 };
 use crate::model::capfilt::{CandidateSource, CapFiltCandidate, CapFiltParams};
+use crate::model::pdq::pdq_hash;
 use crate::model::preprocess::{decode_admitted, DecodeBudget, DecodeLimits, DecodePermit};
 use crate::model::ModelError;
 use crate::progress::{Event, Progress};
@@ -49,6 +51,9 @@ pub struct IngestOptions {
     /// How long a file may wait for its share of `budget` (`None`: as long as it takes);
     /// past it the run stops with [`EngineError::Busy`].
     pub budget_wait: Option<Duration>,
+    /// Who the run's audit events name (matches found, flagged images removed): `cli`, or the
+    /// key id of the request.
+    pub actor: String,
 }
 
 /// Size of the decode budget when none is given: room for one 100-megapixel 16-bit RGBA image
@@ -65,6 +70,7 @@ impl Default for IngestOptions {
             capfilt: Some(CapFiltParams::default()),
             budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
             budget_wait: None,
+            actor: "cli".into(),
         }
     }
 }
@@ -125,6 +131,8 @@ struct Prepared {
     product: Option<Product>,
     exif_date: Option<String>,
     replaces: Option<ImageId>,
+    /// The PDQ hash of the decoded image (before any resizing for the model).
+    pdq: Option<Pdq>,
 }
 
 /// Why a file was not prepared.
@@ -151,6 +159,7 @@ pub(crate) struct Ingestor<'a, M: Encoders + ?Sized> {
     extra_given: HashMap<String, Vec<String>>,
     products: HashMap<String, Product>,
     keep_ids: HashMap<String, ImageId>,
+    flags: HashMap<String, Vec<Flag>>,
     /// Files given by name (not found in a folder), canonical.
     named: HashSet<PathBuf>,
 }
@@ -181,6 +190,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             extra_given: HashMap::new(),
             products: HashMap::new(),
             keep_ids: HashMap::new(),
+            flags: HashMap::new(),
             named: HashSet::new(),
         })
     }
@@ -209,10 +219,19 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         self
     }
 
+    /// Flags (with their decisions) that images keep, by canonical path (used by `reindex`):
+    /// a match found again is not flagged twice, and a cleared one not again.
+    pub fn with_flags(mut self, flags: HashMap<String, Vec<Flag>>) -> Self {
+        self.flags = flags;
+        self
+    }
+
     /// Adds files and folders (recursively). Unchanged files are skipped, changed ones embedded
     /// again; bad files are reported in the summary and skipped.
     pub fn add(&mut self, paths: &[PathBuf]) -> Result<IngestSummary> {
         let mut summary = IngestSummary::default();
+        // Another process sharing the store may have changed the lists.
+        self.engine.refresh_matcher()?;
         let files = walk(paths, &mut summary)?;
         self.named = paths
             .iter()
@@ -326,7 +345,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         }
         gone.sort_unstable();
         gone.dedup();
-        self.engine.delete_records(&gone)?;
+        self.engine
+            .delete_records(&gone, &self.options.actor, "its file is gone")?;
         let mut summary = self.add(&present)?;
         summary.removed = gone.len();
         Ok(summary)
@@ -467,6 +487,10 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
         })?;
         let image = admitted.image;
         let (width, height) = (image.width(), image.height());
+        let pdq = pdq_hash(&image).map(|(hash, quality)| Pdq {
+            hash: PdqHash(hash),
+            quality,
+        });
         let thumb = if width.max(height) > THUMB_MAX_SIDE {
             image.thumbnail(THUMB_MAX_SIDE, THUMB_MAX_SIDE)
         } else {
@@ -500,6 +524,7 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             product,
             exif_date,
             replaces: existing.map(|r| r.id),
+            pdq,
         }))
     }
 
@@ -586,9 +611,17 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             });
         }
         let prepared: Vec<Prepared> = std::mem::take(batch);
+        // Checked against every list before the records are written, so that a flagged image
+        // is never stored without its flags.
+        let matcher = self.engine.matcher()?;
+        let mut found: Vec<Vec<Flag>> = Vec::with_capacity(n);
         let mut images = Vec::with_capacity(n);
         for (i, ((p, caps), f)) in prepared.iter().zip(captions).zip(&features).enumerate() {
             let keep = self.keep_ids.get(&p.path).copied();
+            let mut flags = self.flags.get(&p.path).cloned().unwrap_or_default();
+            let new = new_flags(&matcher, &flags, p.pdq.as_ref(), &itc[i]);
+            flags.extend(new.iter().cloned());
+            found.push(new);
             images.push(NewImage {
                 record: ImageRecord {
                     id: keep.unwrap_or(ImageId(0)),
@@ -604,8 +637,8 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
                     given_texts: p.given.clone(),
                     added_unix: now_unix(),
                     product: p.product.clone(),
-                    pdq: None,
-                    flags: Vec::new(),
+                    pdq: p.pdq,
+                    flags,
                 },
                 keep_id: keep,
                 replaces: p.replaces,
@@ -614,7 +647,19 @@ impl<'a, M: Encoders + ?Sized> Ingestor<'a, M> {
             });
         }
         // One write for the batch: a remote store makes one round trip, not one per image.
-        self.engine.put_images(images)?;
+        let ids = self.engine.put_images(images, &self.options.actor)?;
+        let events: Vec<AuditEvent> = prepared
+            .iter()
+            .zip(&ids)
+            .zip(&found)
+            .flat_map(|((p, &id), flags)| {
+                let matcher = &matcher;
+                flags
+                    .iter()
+                    .map(move |f| match_event(id, &p.path, f, matcher.entry(&f.list, f.entry)))
+            })
+            .collect();
+        self.engine.audit_events(&self.options.actor, events)?;
         for p in &prepared {
             if p.replaces.is_some() {
                 summary.updated += 1;

@@ -59,6 +59,7 @@ pub mod error;
 pub mod facets;
 pub mod import;
 pub mod ingest;
+mod matcher;
 pub mod models;
 pub mod moderation;
 mod reindex;
@@ -74,7 +75,7 @@ pub use import::ImportSummary;
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
 pub use moderation::{
-    EntriesAdded, Match, MatchParams, ReferenceImage, ReviewItem, ReviewPage, Skipped,
+    EntriesAdded, Match, MatchParams, PdqBackfill, ReferenceImage, ReviewItem, ReviewPage, Skipped,
     DEFAULT_MIN_COSINE,
 };
 pub use uploads::{NewUpload, ProductUploaded, Uploaded};

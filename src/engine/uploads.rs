@@ -117,7 +117,7 @@ impl UploadFolder {
 
     /// Removes image `id`; its file too when it is an upload (files in the user's folders are
     /// never deleted). Serialised with uploads of the same bytes. `false`: no such image.
-    pub(crate) fn remove_image(engine: &Engine, id: ImageId) -> Result<bool> {
+    pub(crate) fn remove_image(engine: &Engine, id: ImageId, actor: &str) -> Result<bool> {
         let this = engine.uploads();
         let Some(rec) = engine.get(id)? else {
             return Ok(false);
@@ -128,7 +128,7 @@ impl UploadFolder {
             // A file in the user's folders stays, so a scan would find it again: remember.
             engine.exclude(&rec.content_hash, &rec.path)?;
         }
-        if engine.delete_records(&[id])?.is_empty() {
+        if engine.delete_records(&[id], actor, "removed")?.is_empty() {
             return Ok(false);
         }
         engine.commit()?;
@@ -244,11 +244,14 @@ impl UploadFolder {
 
     /// Removes the images `ids` that exist, in one commit, as [`Self::remove_image`] removes
     /// one (uploaded files are deleted, other files' content left out of folder scans); the
-    /// caller holds the upload claims of `held`. Returns how many were removed.
+    /// caller holds the upload claims of `held`. The removal of a flagged image is audited as
+    /// `actor`'s, with `reason`. Returns how many were removed.
     pub(crate) fn remove_images(
         engine: &Engine,
         ids: &[ImageId],
         held: &HashSet<String>,
+        actor: &str,
+        reason: &str,
     ) -> Result<usize> {
         if ids.is_empty() {
             return Ok(0);
@@ -275,7 +278,7 @@ impl UploadFolder {
             }
         }
         let ids: Vec<ImageId> = records.iter().map(|r| r.id).collect();
-        let removed = engine.delete_records(&ids)?;
+        let removed = engine.delete_records(&ids, actor, reason)?;
         engine.commit()?;
         for r in &removed {
             let path = Path::new(&r.path);
@@ -376,9 +379,10 @@ impl Engine {
     }
 
     /// Removes every image of `product` (uploaded files with them; other files are never
-    /// deleted, their content is left out of folder scans); committed on return. Returns how
-    /// many; [`EngineError::NotFound`] when the collection has no such product.
-    pub fn remove_product(&self, product: &str) -> Result<usize> {
+    /// deleted, their content is left out of folder scans); committed on return. The removal
+    /// of a flagged image is audited as `actor`'s. Returns how many; [`EngineError::NotFound`]
+    /// when the collection has no such product.
+    pub fn remove_product(&self, product: &str, actor: &str) -> Result<usize> {
         let ids = self
             .read()?
             .product_images(Some(&[product.to_string()]))?
@@ -387,15 +391,21 @@ impl Engine {
         if ids.is_empty() {
             return Err(EngineError::NotFound(format!("no product {product:?}")));
         }
-        UploadFolder::remove_images(self, &ids, &HashSet::new())
+        UploadFolder::remove_images(
+            self,
+            &ids,
+            &HashSet::new(),
+            actor,
+            "its product was removed",
+        )
     }
 
     /// Removes image `id` and its blobs, and its file when it was uploaded; committed on return.
     /// Files in the user's folders are never deleted: their content is remembered as removed
     /// instead, so that scans of the folder (`sync`, a server's watched folders) leave it out
-    /// until the file is added by name. Serialised with uploads of the same bytes. `false`: no
-    /// such image.
-    pub fn remove(&self, id: ImageId) -> Result<bool> {
-        UploadFolder::remove_image(self, id)
+    /// until the file is added by name. Serialised with uploads of the same bytes. The removal
+    /// of a flagged image is audited as `actor`'s. `false`: no such image.
+    pub fn remove(&self, id: ImageId, actor: &str) -> Result<bool> {
+        UploadFolder::remove_image(self, id, actor)
     }
 }

@@ -459,6 +459,12 @@ impl Store for Collection {
         Ok(())
     }
 
+    fn flush(&mut self) -> Result<()> {
+        // sled holds the truth and the journal of changed ids: the derived indexes catch up
+        // from it at the next commit, or when the collection is opened again.
+        self.meta.flush()
+    }
+
     fn vector_search(
         &self,
         query: &[f32],

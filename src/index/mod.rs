@@ -47,7 +47,7 @@ pub mod vectors;
 pub(crate) mod testutil;
 
 pub use attributes::{merge_schema, AttrFilter, AttrTest, AttrType, AttrValue, Product, Schema};
-pub use audit::{AuditEntry, AuditLog};
+pub use audit::{AuditEntry, AuditEvent, AuditLog, AUDIT_FILE};
 pub use blobs::BlobStore;
 pub use collection::{Collection, Recovery};
 pub use error::{IndexError, Result};

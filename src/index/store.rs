@@ -126,6 +126,13 @@ pub trait Store: Send + Sync {
     fn delete(&mut self, id: ImageId) -> Result<Option<ImageRecord>>;
     /// Makes every write so far durable and visible to every search.
     fn commit(&mut self) -> Result<()>;
+    /// Makes every write so far durable, without the work of a commit where the store can
+    /// (the embedded store writes its records to disk and leaves its derived indexes to the
+    /// next commit, or to the recovery at the next open). Text search may not see updated
+    /// texts until the next [`Store::commit`].
+    fn flush(&mut self) -> Result<()> {
+        self.commit()
+    }
     /// The `k` nearest images to a unit ITC vector as `(id, cosine)`, best first, among those
     /// passing `filter` (`k` results whenever `k` pass). `ef` is a recall/speed hint.
     fn vector_search(

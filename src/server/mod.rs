@@ -98,6 +98,7 @@ impl Running {
                     // The folder ingest shares the requests' decode budget, and waits for it.
                     budget: config.api.budget.clone(),
                     budget_wait: None,
+                    actor: "folder-sync".into(),
                     ..config.ingest.clone()
                 },
                 ingest.clone(),

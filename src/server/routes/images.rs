@@ -136,6 +136,7 @@ async fn upload(
             capfilt: s.capfilt.clone(),
             budget: s.budget.clone(),
             budget_wait: Some(s.decode_wait),
+            actor: super::api_actor(s),
         };
         let done = state.engine.upload(
             &state.client,
@@ -175,7 +176,10 @@ async fn delete_image(
 ) -> ApiResult<HttpResponse> {
     let id = parse_id(&id)?;
     web::block(move || -> ApiResult<()> {
-        if state.engine.remove(ImageId(id))? {
+        if state
+            .engine
+            .remove(ImageId(id), &super::api_actor(&state.settings))?
+        {
             Ok(())
         } else {
             Err(ApiError::not_found(format!("no image with id {id}")))

@@ -591,6 +591,15 @@ pub fn safe_stem(name: &str) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
+/// Who an API request's changes are audited as: the id of the server's key (which a write
+/// presented), or `api` on a server without a key.
+pub(crate) fn api_actor(settings: &crate::server::state::ApiSettings) -> String {
+    settings
+        .api_key
+        .as_deref()
+        .map_or_else(|| "api".to_string(), crate::server::auth::key_id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,6 +175,7 @@ async fn put_product(
             capfilt: s.capfilt.clone(),
             budget: s.budget.clone(),
             budget_wait: Some(s.decode_wait),
+            actor: super::api_actor(s),
         };
         let id = product.id.clone();
         let done = engine.upload_product(&state.client, options, product, types, &uploads)?;
@@ -218,7 +219,10 @@ async fn delete_product(
     let id = product.into_inner();
     check_product_id(&id).map_err(ApiError::bad_request)?;
     let shown = id.clone();
-    let images =
-        web::block(move || -> ApiResult<usize> { Ok(state.engine.remove_product(&id)?) }).await??;
+    let images = web::block(move || -> ApiResult<usize> {
+        let who = super::api_actor(&state.settings);
+        Ok(state.engine.remove_product(&id, &who)?)
+    })
+    .await??;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "deleted": shown, "images": images })))
 }
