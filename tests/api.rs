@@ -2326,6 +2326,10 @@ macro_rules! check_moderation {
         assert_eq!(entry["source"], "ref-rocket.jpg");
         assert_eq!(entry["dihedral"], true);
         assert_eq!(entry["itc"], true);
+        // The seven other dihedral hashes, so that a reviewer sees the one that matched.
+        let variants = entry["pdq_variants"].as_array().unwrap();
+        assert_eq!(variants.len(), 7, "{entry}");
+        assert!(variants.iter().all(|h| h.as_str().unwrap().len() == 64 && *h != entry["pdq"]));
         assert_eq!(added["flagged"], 1, "{added}");
         let hashes = format!("{},other bank\nnot-a-hash\n", "0f".repeat(32));
         let (st, b) = send!(
@@ -2340,6 +2344,7 @@ macro_rules! check_moderation {
         assert_eq!(v["added"].as_array().unwrap().len(), 1, "{v}");
         assert_eq!(v["added"][0]["dihedral"], false);
         assert_eq!(v["added"][0]["itc"], false);
+        assert!(v["added"][0].get("pdq_variants").is_none(), "a hash-only entry: {v}");
         assert_eq!(v["skipped"].as_array().unwrap().len(), 1, "{v}");
         let (st, b) = send!(svc, keyed(TestRequest::get().uri("/api/lists/bank")));
         assert_eq!(st, StatusCode::OK);

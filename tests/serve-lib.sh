@@ -59,8 +59,8 @@ python_venv() {
 }
 
 # serve_fixtures LOG ARGS...: starts `blipsearch serve` in the background (SERVER_PID) over
-# $TMP/images (collection in $TMP/index) with the tiny fixture models and the key $API_KEY, on
-# 127.0.0.1:$PORT, with ARGS added and its output appended to LOG.
+# $TMP/images (collection in $TMP/index) with the tiny fixture models and the key $API_KEY (none
+# when it is empty), on 127.0.0.1:$PORT, with ARGS added and its output appended to LOG.
 serve_fixtures() {
   local log=$1
   shift
@@ -70,7 +70,7 @@ serve_fixtures() {
     --bind "127.0.0.1:$PORT" \
     --model-dir tests/fixtures/tiny-a/retrieval \
     --caption-model-dir tests/fixtures/tiny-a/caption \
-    --api-key "$API_KEY" \
+    ${API_KEY:+--api-key "$API_KEY"} \
     "$@" \
     >>"$log" 2>&1 &
   SERVER_PID=$!

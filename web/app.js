@@ -13,6 +13,14 @@
   const RANGE_KINDS = ['number', 'date'];
   const POLL_ACTIVE_MS = 1500;
   const POLL_IDLE_MS = 15000;
+  // Moderation: the views, review items per page, audit events per page, and the defaults the
+  // server matches with (shown beside a match's figures).
+  const MOD_VIEWS = ['review', 'lists', 'audit'];
+  const REVIEW_PAGE = 10;
+  const AUDIT_PAGE = 50;
+  const PDQ_BITS = 256;
+  const DEFAULT_PDQ_DISTANCE = 31;
+  const DEFAULT_MIN_COSINE = 0.92;
 
   const $ = (sel, root = document) => root.querySelector(sel);
   const el = (tag, attrs = {}, ...children) => {
@@ -68,6 +76,12 @@
     upload: $('#upload'),
     key: $('#key'),
     toast: $('#toast'),
+    flagged: $('#flagged'),
+    flaggedField: $('#flagged-field'),
+    searchView: $('#search-view'),
+    reviewOpen: $('#review-open'),
+    reviewCount: $('#review-count'),
+    moderation: $('#moderation'),
   };
 
   const state = {
@@ -95,6 +109,13 @@
     // `filter` strings of the page URL, read once the schema is known.
     urlFilters: [],
     total: null,
+    // The moderation view shown instead of the search results: 'review', 'lists' or 'audit'.
+    view: null,
+    // Match lists (from /api/lists, with the key), for the flagged filter and the review queue.
+    lists: [],
+    review: { list: '', offset: 0, total: 0, seq: 0 },
+    // Audit events shown, newest first, and the oldest one's `seq` (for "older events").
+    audit: { oldest: 0, seq: 0 },
   };
 
   // ---------------------------------------------------------------- API
@@ -236,11 +257,12 @@
     if (folder) params.set('folder', folder);
     if (ui.dateFrom.value) params.set('date_from', ui.dateFrom.value);
     if (ui.dateTo.value) params.set('date_to', ui.dateTo.value);
+    if (ui.flagged.value) params.set('flagged', ui.flagged.value);
     return params;
   }
 
   function hasFilters() {
-    return Boolean(ui.folder.value.trim() || ui.dateFrom.value || ui.dateTo.value || productFilters().length);
+    return Boolean(ui.folder.value.trim() || ui.dateFrom.value || ui.dateTo.value || ui.flagged.value || productFilters().length);
   }
 
   // ---------------------------------------------------------------- product attributes
@@ -319,6 +341,7 @@
     if (ui.folder.value.trim()) p.set('folder', ui.folder.value.trim());
     if (ui.dateFrom.value) p.set('from', ui.dateFrom.value);
     if (ui.dateTo.value) p.set('to', ui.dateTo.value);
+    if (ui.flagged.value) p.set('flagged', ui.flagged.value);
     for (const f of productFilters()) p.append('filter', f);
     if (grouped()) p.set('group', '1');
     const s = p.toString();
@@ -336,6 +359,10 @@
     ui.folder.value = p.get('folder') || '';
     ui.dateFrom.value = p.get('from') || '';
     ui.dateTo.value = p.get('to') || '';
+    setFlagged(p.get('flagged') || '');
+    const view = p.get('view');
+    state.view = MOD_VIEWS.includes(view) ? view : null;
+    if (state.view === 'review') state.review.list = p.get('list') || '';
     ui.group.checked = p.get('group') === '1';
     state.urlFilters = p.getAll('filter');
     if (state.schemaLoaded) applyUrlFilters();
@@ -353,6 +380,7 @@
   // ---------------------------------------------------------------- searching
 
   function startSearch(query, { push = true } = {}) {
+    if (state.view) showView(null, { push: false });
     state.query = query;
     state.offset = 0;
     if (query.kind !== 'file' && state.queryBlobUrl) {
@@ -609,7 +637,7 @@
       type: 'button',
       class: 'tile',
       tabindex: index === state.focusIndex ? '0' : '-1',
-      'aria-label': `${hit.file_name || `Image ${hit.id}`}${caption ? `: ${caption}` : ''}. Open details.`,
+      'aria-label': `${hit.file_name || `Image ${hit.id}`}${caption ? `: ${caption}` : ''}.${flagSummary(hit.flags)} Open details.`,
       'data-testid': 'result',
       dataset: { id: String(hit.id), fileName: hit.file_name || '', index: String(index) },
       onclick: () => openDetail(index),
@@ -617,6 +645,7 @@
     },
     el('span', { class: 'tile-fallback', 'aria-hidden': 'true', text: hit.file_name || `#${hit.id}` }),
     img,
+    flagBadge(hit.flags),
     el('span', { class: 'tile-overlay', 'aria-hidden': 'true' },
       el('span', { class: 'tile-caption', text: caption || hit.file_name || '' }),
       el('span', { class: 'tile-chips' }, chips)));
@@ -717,6 +746,10 @@
   // ---------------------------------------------------------------- empty states
 
   function renderEmpty() {
+    if (state.view) {
+      ui.empty.hidden = true;
+      return;
+    }
     const status = state.status;
     const query = state.query;
     const busy = document.body.classList.contains('is-loading');
@@ -902,6 +935,7 @@
     matched.hidden = !hit.matched_caption;
     matched.textContent = hit.matched_caption ? `“${hit.matched_caption}”` : '';
     renderProduct(hit.product);
+    renderFlags(hit.flags);
     renderScores(hit);
     renderCaptions($('#detail-captions'), hit.captions || [], hit.matched_caption);
     $('#detail-given-wrap').hidden = true;
@@ -913,6 +947,7 @@
     api(`/api/images/${hit.id}`).then((info) => {
       if (state.detailHit !== hit) return;
       renderMeta(info);
+      renderFlags(info.flags);
       // The record has every caption, the ones the filter dropped too (a hit has the kept ones).
       const all = info.captions || [];
       if (all.length) renderCaptions($('#detail-captions'), all, hit.matched_caption);
@@ -1082,21 +1117,772 @@
     ev.preventDefault();
     const key = $('#key-input').value.trim();
     writeKey(key);
+    updateModerationAccess();
     ui.key.close();
     settleKey(Boolean(key));
     if (key) {
       toast('API key saved in this browser.');
       refreshStatus();
+      loadLists();
+      refreshReviewCount();
+      if (state.view) showView(state.view, { push: false });
     }
   });
   $('#key-clear').addEventListener('click', () => {
     writeKey('');
+    updateModerationAccess();
     $('#key-input').value = '';
     ui.key.close();
     toast('API key forgotten.');
   });
   ui.key.addEventListener('close', () => settleKey(false));
   $('#key-open').addEventListener('click', () => { askKey(''); });
+
+  // ---------------------------------------------------------------- moderation: flags
+
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const svg = (tag, attrs = {}) => {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    return node;
+  };
+
+  /** Flags that count: not cleared by a reviewer. */
+  const activeFlags = (flags) => (Array.isArray(flags) ? flags : []).filter((f) => !(f.decision && f.decision.verdict === 'cleared'));
+  /** 'pending', 'confirmed' or 'cleared'. */
+  const flagState = (f) => (f.decision ? f.decision.verdict : 'pending');
+  const RULES = { pdq: 'PDQ', itc: 'ITC', both: 'PDQ + ITC' };
+
+  /** Whether the server shows flags to this page: with the key, or on a server without one. */
+  function flagsVisible() {
+    const auth = state.status && state.status.auth;
+    return Boolean(state.key) || Boolean(auth && !auth.writes);
+  }
+
+  /** " Flagged by LIST (pending)." for a tile's label, or nothing. */
+  function flagSummary(flags) {
+    const active = activeFlags(flags);
+    if (!active.length) return '';
+    const lists = [...new Set(active.map((f) => f.list))].join(', ');
+    return ` Flagged by ${lists} (${active.some((f) => !f.decision) ? 'pending review' : 'confirmed'}).`;
+  }
+
+  /** The badge of an image's active flags: its list(s), and pending or confirmed. */
+  function flagBadge(flags) {
+    const active = activeFlags(flags);
+    if (!active.length) return null;
+    const lists = [...new Set(active.map((f) => f.list))];
+    const status = active.some((f) => !f.decision) ? 'pending' : 'confirmed';
+    const badge = el('span', {
+      class: `flag-badge is-${status}`,
+      title: `Flagged by ${lists.join(', ')}: ${status === 'pending' ? 'waiting for review' : 'confirmed by a reviewer'}`,
+      'data-testid': 'flag-badge',
+      dataset: { state: status, lists: lists.join(' ') },
+    },
+    el('span', { class: 'flag-list-name', text: lists[0] }),
+    lists.length > 1 ? el('span', { text: `+${lists.length - 1}` }) : null,
+    el('span', { class: 'flag-state', text: status }));
+    badge.prepend(flagIcon());
+    return badge;
+  }
+
+  function flagIcon() {
+    const icon = svg('svg', { class: 'icon', viewBox: '0 0 24 24', 'aria-hidden': 'true', focusable: 'false' });
+    icon.append(svg('path', { d: 'M5 21V4' }), svg('path', { d: 'M5 4h11l-2 4 2 4H5' }));
+    return icon;
+  }
+
+  /** The figures of a flag: rule, PDQ distance, cosine. */
+  function flagFigures(f) {
+    const bits = [`rule ${RULES[f.rule] || f.rule}`];
+    if (typeof f.pdq_distance === 'number') bits.push(`PDQ distance ${f.pdq_distance}`);
+    if (typeof f.cosine === 'number') bits.push(`cosine ${fmt.num(f.cosine)}`);
+    return bits.join(' · ');
+  }
+
+  /** The detail view's match lists: every flag of the image with its state and decision. */
+  function renderFlags(flags) {
+    const list = Array.isArray(flags) ? flags : [];
+    $('#detail-flags').hidden = list.length === 0;
+    $('#detail-flag-list').replaceChildren(...list.map((f) => {
+      const status = flagState(f);
+      const d = f.decision;
+      return el('li', { class: `flag-item is-${status}`, 'data-testid': 'detail-flag', dataset: { state: status, list: f.list } },
+        el('div', { class: 'flag-item-head' },
+          el('strong', { text: f.list }),
+          el('span', { class: `badge badge-${status}`, text: status })),
+        el('span', { class: 'muted small', text: `entry #${f.entry} · ${flagFigures(f)} · flagged ${fmt.date(f.flagged_unix)}` }),
+        d ? el('span', { class: 'small', text: `${d.verdict} by ${d.actor}, ${fmt.date(d.unix)}${d.note ? `: “${d.note}”` : ''}` }) : null,
+        status === 'pending' && state.key
+          ? el('a', { class: 'btn btn-link', href: `?view=review&list=${encodeURIComponent(f.list)}`, text: 'Review', onclick: (ev) => { ev.preventDefault(); ui.detail.close(); openReview(f.list); } })
+          : null);
+    }));
+  }
+
+  /** The flagged filter (and the Review link) are offered to whoever may see flags. */
+  function updateModerationAccess() {
+    const visible = flagsVisible();
+    ui.flaggedField.hidden = !visible && !ui.flagged.value;
+    ui.reviewOpen.hidden = !state.key;
+    if (!state.key) {
+      ui.reviewCount.hidden = true;
+    }
+  }
+
+  /** Puts the lists into the flagged filter and the review queue's list picker, keeping the
+   * picked values (a value no list has any more stays, so that the URL keeps meaning it). */
+  function renderListOptions() {
+    const names = state.lists.map((l) => l.name);
+    const fill = (select, first, label) => {
+      const keep = select.value;
+      const want = [...new Set([...names, ...(keep && keep !== '*' ? [keep] : [])])].sort();
+      select.replaceChildren(...first, ...want.map((n) => el('option', { value: n, text: label(n) })));
+      select.value = keep;
+    };
+    fill(ui.flagged, [el('option', { value: '', text: 'All images' }), el('option', { value: '*', text: 'Flagged by any list' })], (n) => `Flagged by ${n}`);
+    fill($('#review-list'), [el('option', { value: '', text: 'All lists' })], (n) => n);
+  }
+
+  function setFlagged(value) {
+    if (value && ![...ui.flagged.options].some((o) => o.value === value)) {
+      ui.flagged.append(el('option', { value, text: `Flagged by ${value}` }));
+    }
+    ui.flagged.value = value;
+  }
+
+  /** Loads the match lists; quiet (the pages that need them say what went wrong). */
+  async function loadLists() {
+    try {
+      const res = await api('/api/lists', { retry: false });
+      state.lists = Array.isArray(res.lists) ? res.lists : [];
+    } catch {
+      state.lists = [];
+    }
+    renderListOptions();
+    return state.lists;
+  }
+
+  /** The count of images waiting for review beside the header's Review link. */
+  async function refreshReviewCount() {
+    if (!state.key) return;
+    try {
+      const res = await api('/api/review?limit=1', { retry: false });
+      setReviewCount(res.total);
+    } catch {
+      ui.reviewCount.hidden = true;
+    }
+  }
+
+  function setReviewCount(n) {
+    ui.reviewCount.hidden = !(typeof n === 'number' && n > 0);
+    ui.reviewCount.textContent = typeof n === 'number' ? fmt.count(n) : '';
+    ui.reviewOpen.setAttribute('aria-label', `Review${n ? `: ${fmt.count(n)} waiting` : ''}`);
+  }
+
+  // ---------------------------------------------------------------- moderation: views
+
+  const panels = { review: $('#review-panel'), lists: $('#lists-panel'), audit: $('#audit-panel') };
+  const modUnavailable = $('#mod-unavailable');
+
+  function viewUrl(view) {
+    const p = new URLSearchParams({ view });
+    if (view === 'review' && state.review.list) p.set('list', state.review.list);
+    return `?${p}`;
+  }
+
+  /** Shows moderation view `view` instead of the search results (`null`: the results again). */
+  function showView(view, { push = true, focus = false } = {}) {
+    state.view = view;
+    const on = Boolean(view);
+    ui.moderation.hidden = !on;
+    ui.searchView.hidden = on;
+    document.body.classList.toggle('is-moderating', on);
+    if (on) ui.reviewOpen.setAttribute('aria-current', 'page');
+    else ui.reviewOpen.removeAttribute('aria-current');
+    if (on) {
+      clearError();
+      ui.empty.hidden = true;
+      for (const [name, panel] of Object.entries(panels)) panel.hidden = name !== view;
+      for (const tab of ui.moderation.querySelectorAll('.tab')) {
+        if (tab.dataset.view === view) tab.setAttribute('aria-current', 'page');
+        else tab.removeAttribute('aria-current');
+      }
+      modUnavailable.hidden = true;
+      if (push && viewUrl(view) !== location.search) history.pushState(null, '', viewUrl(view));
+      if (focus) $('#moderation-title').focus();
+      if (view === 'review') loadReview();
+      else if (view === 'lists') renderLists(true);
+      else loadAudit();
+    } else {
+      renderEmpty();
+    }
+  }
+
+  function openReview(list = '') {
+    state.review.list = list;
+    state.review.offset = 0;
+    $('#review-list').value = list;
+    showView('review', { focus: true });
+  }
+
+  // A plain click switches the view in place; with a modifier the link opens as a link does.
+  const plainClick = (ev) => ev.button === 0 && !(ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.altKey);
+  ui.reviewOpen.addEventListener('click', (ev) => {
+    if (!plainClick(ev)) return;
+    ev.preventDefault();
+    openReview(state.review.list);
+  });
+  for (const tab of ui.moderation.querySelectorAll('.tab')) {
+    tab.addEventListener('click', (ev) => {
+      if (!plainClick(ev)) return;
+      ev.preventDefault();
+      showView(tab.dataset.view);
+    });
+  }
+
+  /** A moderation request failed: explains a server without a key (403 no_api_key) or a
+   * missing key in place of the panel; anything else goes to the error bar. Returns whether
+   * the panel was replaced. */
+  function moderationFailed(err, what) {
+    if (err.status === 403 && err.code === 'no_api_key') {
+      showUnavailable('Moderation is off on this server',
+        'Match lists, the review queue and the audit log need a server started with --api-key KEY (blipsearch serve --api-key KEY …): every decision is recorded with the key that took it. Restart the server with a key, then enter it here with the key button at the top right.');
+      return true;
+    }
+    if (err.status === 401) {
+      showUnavailable('Moderation needs the API key',
+        'Enter the server\'s API key (the key button at the top right); it is kept in this browser only.');
+      return true;
+    }
+    showError(err, what);
+    return false;
+  }
+
+  function showUnavailable(title, text) {
+    $('#mod-unavailable-title').textContent = title;
+    $('#mod-unavailable-text').textContent = text;
+    modUnavailable.hidden = false;
+    for (const panel of Object.values(panels)) panel.hidden = true;
+  }
+
+  // ---------------------------------------------------------------- moderation: review queue
+
+  const reviewItems = $('#review-items');
+
+  async function loadReview() {
+    const seq = ++state.review.seq;
+    const r = state.review;
+    const params = new URLSearchParams({ offset: String(r.offset), limit: String(REVIEW_PAGE) });
+    if (r.list) params.set('list', r.list);
+    reviewItems.setAttribute('aria-busy', 'true');
+    $('#review-summary').textContent = 'Loading the queue…';
+    if (!state.lists.length) loadLists();
+    try {
+      const res = await api(`/api/review?${params}`);
+      if (seq !== r.seq) return;
+      const items = Array.isArray(res.items) ? res.items : [];
+      r.total = typeof res.total === 'number' ? res.total : items.length;
+      // A page past the end (the queue shrank): back to the last page.
+      if (!items.length && r.offset > 0 && r.total > 0) {
+        r.offset = Math.max(0, Math.floor((r.total - 1) / REVIEW_PAGE) * REVIEW_PAGE);
+        return loadReview();
+      }
+      reviewItems.replaceChildren(...items.map(reviewItem));
+      if (!r.list) setReviewCount(r.total);
+      renderReviewSummary();
+    } catch (err) {
+      if (seq !== r.seq) return;
+      reviewItems.replaceChildren();
+      $('#review-summary').textContent = '';
+      moderationFailed(err, 'Could not load the review queue.');
+    } finally {
+      if (seq === r.seq) reviewItems.removeAttribute('aria-busy');
+    }
+  }
+
+  function renderReviewSummary() {
+    const r = state.review;
+    const shown = reviewItems.children.length;
+    const where = r.list ? ` from ${r.list}` : '';
+    $('#review-summary').replaceChildren(r.total
+      ? el('span', {}, el('strong', { text: `${fmt.count(r.total)} image${r.total === 1 ? '' : 's'}` }), ` waiting for review${where}`)
+      : el('span', { 'data-testid': 'review-empty', text: `Nothing waiting for review${where}.` }));
+    const pager = $('.pager', panels.review);
+    pager.hidden = r.total <= REVIEW_PAGE && r.offset === 0;
+    $('#review-page').textContent = shown ? `${fmt.count(r.offset + 1)}–${fmt.count(r.offset + shown)} of ${fmt.count(r.total)}` : '';
+    $('#review-prev').disabled = r.offset === 0;
+    $('#review-next').disabled = r.offset + shown >= r.total;
+  }
+
+  $('#review-prev').addEventListener('click', () => {
+    state.review.offset = Math.max(0, state.review.offset - REVIEW_PAGE);
+    loadReview();
+  });
+  $('#review-next').addEventListener('click', () => {
+    state.review.offset += REVIEW_PAGE;
+    loadReview();
+  });
+  $('#review-reload').addEventListener('click', () => loadReview());
+  $('#review-list').addEventListener('change', (ev) => {
+    state.review.list = ev.target.value;
+    state.review.offset = 0;
+    history.replaceState(null, '', viewUrl('review'));
+    loadReview();
+  });
+
+  /** One image of the queue: the image beside each reference it matched, and the decision. */
+  function reviewItem(item) {
+    const image = item.image || {};
+    const pending = Array.isArray(item.pending) ? item.pending : [];
+    const entries = Array.isArray(item.entries) ? item.entries : [];
+    const entryOf = (f) => entries.find((e) => e.list === f.list && e.id === f.entry);
+    const name = image.file_name || `Image #${image.id}`;
+    const headingId = `review-title-${image.id}`;
+
+    const img = el('img', { alt: bestCaption(image) || name, loading: 'lazy', decoding: 'async', 'data-testid': 'review-image' });
+    loadImage(img, image.thumbnail_url || `/api/images/${image.id}/thumbnail`);
+    const figure = el('figure', { class: 'review-figure' },
+      el('button', {
+        type: 'button', class: 'review-thumb', title: 'Open the image',
+        'aria-label': `Open ${name}`, onclick: () => openRecord(image),
+      }, img),
+      el('figcaption', {},
+        el('span', { class: 'review-side', text: 'Flagged image' }),
+        el('span', { class: 'review-path', title: image.path || '', text: image.path || name }),
+        el('span', { class: 'muted small', text: [image.width && image.height ? `${image.width} × ${image.height}` : '', image.size_bytes ? fmt.bytes(image.size_bytes) : '', image.added_unix ? `added ${fmt.date(image.added_unix)}` : ''].filter(Boolean).join(' · ') })));
+
+    const li = el('li', {
+      class: 'review-item', 'aria-labelledby': headingId, 'data-testid': 'review-item',
+      dataset: { id: String(image.id), fileName: image.file_name || '' },
+    },
+    el('h2', { id: headingId, class: 'review-title' }, name,
+      el('span', { class: 'muted small', text: ` #${image.id} · ${pending.length} match${pending.length === 1 ? '' : 'es'} waiting` })),
+    el('div', { class: 'review-body' },
+      figure,
+      el('div', { class: 'review-matches' }, pending.map((f) => matchCard(image, f, entryOf(f))))));
+    li.append(decisionForm(image, li));
+    return li;
+  }
+
+  /** A matched reference: since reference images are not kept, what the entry knows of it
+   * (label, source file, list) and how close it is: the rule, PDQ distance, cosine, and the two
+   * PDQ hashes as bit grids with the differing bits marked. */
+  function matchCard(image, flag, entry) {
+    const e = entry || {};
+    const title = e.label || e.source || `entry #${flag.entry}`;
+    const rows = [
+      ['List', flag.list, 'match-list'],
+      ['Label', e.label || '—', 'match-label'],
+      ['Source', e.source || '—', 'match-source'],
+      ['Rule', RULES[flag.rule] || flag.rule, 'match-rule'],
+      ['PDQ distance', typeof flag.pdq_distance === 'number' ? `${flag.pdq_distance} of ${PDQ_BITS} bits (match at ≤ ${DEFAULT_PDQ_DISTANCE} by default)` : '—', 'match-distance'],
+      ['Cosine', typeof flag.cosine === 'number' ? `${fmt.num(flag.cosine)} (match at ≥ ${DEFAULT_MIN_COSINE} by default)` : '—', 'match-cosine'],
+      ['Entry', `#${flag.entry}${e.dihedral ? ' · matches rotations and mirrors' : e.pdq ? ' · plain hash only' : ''}${typeof e.quality === 'number' ? ` · quality ${e.quality}` : ''}`, 'match-entry'],
+      ['Flagged', fmt.date(flag.flagged_unix), 'match-flagged'],
+    ];
+    const dl = el('dl', { class: 'meta match-meta' });
+    for (const [k, v, id] of rows) dl.append(el('dt', { text: k }), el('dd', { 'data-testid': id, text: v }));
+    return el('section', {
+      class: 'match', 'aria-label': `Matched reference ${title} of list ${flag.list}`,
+      'data-testid': 'review-match', dataset: { list: flag.list, entry: String(flag.entry), rule: flag.rule },
+    },
+    el('div', { class: 'match-head' },
+      el('span', { class: 'review-side', text: 'Matched reference' }),
+      el('span', { class: `badge badge-rule-${flag.rule}`, text: RULES[flag.rule] || flag.rule })),
+    el('p', { class: 'match-title', title, 'data-testid': 'match-title', text: title }),
+    dl,
+    hashCompare(image.pdq, e, flag));
+  }
+
+  /** The 256 bits of a hex PDQ hash in coefficient order: bit `16 i + j` is whether DCT
+   * coefficient (i, j) (vertical frequency i + 1, horizontal j + 1) is above the median. The
+   * reference writes bit `k` as bit `k % 8` of byte `31 - k / 8`. `null` if `hex` is not a hash. */
+  function hexBits(hex) {
+    if (typeof hex !== 'string' || !/^[0-9a-f]{64}$/i.test(hex)) return null;
+    const bits = new Uint8Array(PDQ_BITS);
+    for (let k = 0; k < PDQ_BITS; k += 1) {
+      const byte = 31 - Math.floor(k / 8);
+      bits[k] = (parseInt(hex.slice(2 * byte, 2 * byte + 2), 16) >> (k % 8)) & 1;
+    }
+    return bits;
+  }
+
+  // What the entry's hash variants after the plain one are of the reference image, in the PDQ
+  // reference's order of its dihedral hashes.
+  const VARIANTS = ['rotated 90° counter-clockwise', 'rotated 180°', 'rotated 270° counter-clockwise',
+    'mirrored top-bottom', 'mirrored left-right', 'transposed', 'mirrored about the other diagonal'];
+
+  const hamming = (a, b) => a.reduce((n, bit, i) => n + (bit !== b[i] ? 1 : 0), 0);
+
+  /** A 16 × 16 grid of `bits` (set bits dark, or faint when `diff` is given); `diff` bits in
+   * the danger colour. */
+  function bitGrid(bits, diff, label, testid) {
+    const grid = svg('svg', { class: 'bitgrid', viewBox: '0 0 16 16', role: 'img', 'aria-label': label, 'data-testid': testid });
+    grid.append(svg('title'));
+    grid.firstChild.textContent = label;
+    grid.append(svg('rect', { class: 'bitgrid-bg', width: '16', height: '16' }));
+    let on = '';
+    let marked = '';
+    for (let i = 0; i < PDQ_BITS; i += 1) {
+      const cell = `M${i % 16} ${Math.floor(i / 16)}h1v1h-1z`;
+      if (bits && bits[i]) on += cell;
+      if (diff && diff[i]) marked += cell;
+    }
+    if (on) grid.append(svg('path', { class: diff ? 'bitgrid-faint' : 'bitgrid-on', d: on }));
+    if (marked) grid.append(svg('path', { class: 'bitgrid-diff', d: marked }));
+    return grid;
+  }
+
+  /** The image's PDQ hash and the entry's nearest one (of its plain hash and, where the API
+   * gives them, its seven rotated and mirrored variants) side by side, and their differing
+   * bits. */
+  function hashCompare(imageHex, entry, flag) {
+    const mine = hexBits(imageHex);
+    const candidates = [entry.pdq, ...(Array.isArray(entry.pdq_variants) ? entry.pdq_variants : [])].map(hexBits);
+    const wrap = el('div', { class: 'pdq-compare', 'data-testid': 'pdq-compare' });
+    if (!mine || !candidates[0]) {
+      const missing = !mine ? 'The image has no PDQ hash' : 'The entry has no PDQ hash';
+      wrap.append(el('p', { class: 'muted small', text: `${missing}: the match is by the ITC rule alone.` }));
+      return wrap;
+    }
+    let best = 0;
+    let bestD = Infinity;
+    candidates.forEach((c, i) => {
+      if (!c) return;
+      const d = hamming(mine, c);
+      if (d < bestD) { best = i; bestD = d; }
+    });
+    const theirs = candidates[best];
+    const diff = mine.map((b, i) => (b !== theirs[i] ? 1 : 0));
+    const refLabel = best === 0 ? 'reference' : `reference, ${VARIANTS[best - 1] || 'rotated or mirrored'}`;
+    wrap.dataset.distance = String(bestD);
+    wrap.append(
+      el('figure', { class: 'pdq-grid' }, bitGrid(mine, null, 'PDQ hash of the flagged image', 'pdq-image'), el('figcaption', { text: 'image' })),
+      el('figure', { class: 'pdq-grid' }, bitGrid(theirs, null, `PDQ hash of the ${refLabel}`, 'pdq-reference'), el('figcaption', { 'data-testid': 'pdq-reference-label', text: refLabel })),
+      el('figure', { class: 'pdq-grid' }, bitGrid(mine, diff, `${bestD} of ${PDQ_BITS} bits differ`, 'pdq-diff'),
+        el('figcaption', { 'data-testid': 'pdq-diff-count', text: `${bestD} bits differ` })));
+    const notes = [];
+    if (typeof flag.pdq_distance === 'number' && flag.pdq_distance < bestD && entry.dihedral) {
+      notes.push(`The match is with a rotated or mirrored variant of the reference (distance ${flag.pdq_distance}); the grids compare with its plain hash.`);
+    }
+    wrap.append(el('details', { class: 'pdq-hex' },
+      el('summary', { text: 'Hashes' }),
+      el('code', { text: `image      ${imageHex}` }),
+      el('code', { text: `reference  ${best === 0 ? entry.pdq : entry.pdq_variants[best - 1]}` })));
+    if (notes.length) wrap.append(el('p', { class: 'muted small', text: notes[0] }));
+    wrap.append(el('p', { class: 'muted small', text: 'A cell is one DCT coefficient of the image (low frequencies top left), dark where it is above the median; red cells are the bits that differ.' }));
+    return wrap;
+  }
+
+  /** Confirm / Clear with an optional note; on success the item leaves the queue in place. */
+  function decisionForm(image, li) {
+    const noteId = `review-note-${image.id}`;
+    const note = el('textarea', { id: noteId, rows: '2', maxlength: '2000', placeholder: 'Why (kept in the audit log)', 'data-testid': 'decision-note' });
+    const error = el('p', { class: 'form-error', role: 'alert', 'data-testid': 'decision-error', hidden: true });
+    const form = el('form', { class: 'decision', 'data-testid': 'decision-form' },
+      el('div', { class: 'field-stack' },
+        el('label', { for: noteId }, 'Note ', el('span', { class: 'muted', text: '(optional)' })),
+        note),
+      el('div', { class: 'decision-actions' },
+        el('button', { type: 'submit', class: 'btn btn-danger-solid', value: 'confirmed', 'data-testid': 'decision-confirm', title: 'The image is what the list entry stands for' }, 'Confirm match'),
+        el('button', { type: 'submit', class: 'btn', value: 'cleared', 'data-testid': 'decision-clear', title: 'A false match: the image is not flagged again for these entries' }, 'Clear (false match)')),
+      error);
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      const decision = ev.submitter && ev.submitter.value;
+      if (decision !== 'confirmed' && decision !== 'cleared') return;
+      const buttons = [...form.querySelectorAll('button')];
+      buttons.forEach((b) => { b.disabled = true; });
+      error.hidden = true;
+      try {
+        await api(`/api/review/${image.id}`, { method: 'POST', json: { decision, note: note.value.trim() } });
+        removeReviewItem(li);
+        toast(`${decision === 'confirmed' ? 'Confirmed' : 'Cleared'} ${image.file_name || `#${image.id}`}.`);
+      } catch (err) {
+        buttons.forEach((b) => { b.disabled = false; });
+        if (err.status === 403 || err.status === 401) moderationFailed(err, 'Could not record the decision.');
+        else {
+          error.textContent = `${err.message}${err.code ? ` (${err.code})` : ''}`;
+          error.hidden = false;
+        }
+      }
+    });
+    return form;
+  }
+
+  function removeReviewItem(li) {
+    const r = state.review;
+    const next = li.nextElementSibling || li.previousElementSibling;
+    li.remove();
+    r.total = Math.max(0, r.total - 1);
+    if (!r.list) setReviewCount(r.total);
+    else refreshReviewCount();
+    renderReviewSummary();
+    if (next) $('h2', next).setAttribute('tabindex', '-1');
+    if (next) $('h2', next).focus();
+    else if (r.total > 0) loadReview();
+    else $('#review-summary').focus();
+  }
+
+  // ---------------------------------------------------------------- moderation: match lists
+
+  const listsBox = $('#lists');
+  const listsResult = $('#lists-result');
+
+  async function renderLists(reload) {
+    if (reload) {
+      listsBox.setAttribute('aria-busy', 'true');
+      try {
+        const res = await api('/api/lists');
+        state.lists = Array.isArray(res.lists) ? res.lists : [];
+        renderListOptions();
+      } catch (err) {
+        listsBox.removeAttribute('aria-busy');
+        moderationFailed(err, 'Could not load the match lists.');
+        return;
+      }
+      listsBox.removeAttribute('aria-busy');
+    }
+    if (!state.lists.length) {
+      listsBox.replaceChildren(el('p', { class: 'muted', 'data-testid': 'lists-empty', text: 'No match lists yet. Create one, then add reference images or a file of PDQ hashes to it.' }));
+      return;
+    }
+    listsBox.replaceChildren(...state.lists.map(listCard));
+  }
+
+  function listCard(list) {
+    const entriesBox = el('div', { class: 'list-entries', 'data-testid': 'list-entries', hidden: true });
+    const show = el('button', {
+      type: 'button', class: 'btn', 'aria-expanded': 'false', 'data-testid': 'list-show',
+      text: 'Show entries',
+      onclick: async () => {
+        const open = show.getAttribute('aria-expanded') === 'true';
+        show.setAttribute('aria-expanded', String(!open));
+        show.textContent = open ? 'Show entries' : 'Hide entries';
+        entriesBox.hidden = open;
+        if (!open) await loadEntries(list.name, entriesBox);
+      },
+    });
+    const result = el('div', { class: 'mod-result', role: 'status', 'aria-live': 'polite', 'data-testid': 'list-add-result' });
+    const id = (what) => `list-${list.name}-${what}`;
+    const images = el('input', { id: id('images'), type: 'file', accept: 'image/*', multiple: true, 'data-testid': 'list-add-images' });
+    const hashes = el('input', { id: id('hashes'), type: 'file', accept: '.csv,.txt,text/csv,text/plain', 'data-testid': 'list-add-hashes' });
+    const label = el('input', { id: id('label'), type: 'text', maxlength: '256', placeholder: 'e.g. case 1234', 'data-testid': 'list-add-label' });
+    const form = el('form', { class: 'list-add', 'data-testid': 'list-add-form' },
+      el('div', { class: 'field-stack' }, el('label', { for: id('images'), text: 'Reference images' }), images,
+        el('span', { class: 'muted small', text: 'Their PDQ hashes (all eight rotations and mirrors) and ITC vectors are kept; the images are not.' })),
+      el('div', { class: 'field-stack' }, el('label', { for: id('hashes'), text: 'PDQ hash file' }), hashes,
+        el('span', { class: 'muted small', text: 'Hex PDQ hashes, one per line, optionally a comma and a label: these match by PDQ alone.' })),
+      el('div', { class: 'field-stack' }, el('label', { for: id('label') }, 'Label ', el('span', { class: 'muted', text: '(optional, for the images)' })), label),
+      el('div', {}, el('button', { type: 'submit', class: 'btn btn-primary', 'data-testid': 'list-add-submit', text: 'Add to list' })));
+    form.addEventListener('submit', async (ev) => {
+      ev.preventDefault();
+      if (!images.files.length && !hashes.files.length) {
+        result.replaceChildren(el('p', { class: 'form-error', text: 'Choose reference images, a hash file, or both.' }));
+        return;
+      }
+      const body = new FormData();
+      for (const f of images.files) body.append('image', f, f.name);
+      if (hashes.files[0]) body.append('pdq', hashes.files[0], hashes.files[0].name);
+      if (label.value.trim()) body.append('label', label.value.trim());
+      const submit = $('[type=submit]', form);
+      submit.disabled = true;
+      result.replaceChildren(el('p', { class: 'working' }, el('span', { class: 'spinner', 'aria-hidden': 'true' }), 'Hashing the references and checking the collection…'));
+      try {
+        const res = await api(`/api/lists/${encodeURIComponent(list.name)}/entries`, { method: 'POST', body });
+        const added = (res.added || []).length;
+        const skipped = res.skipped || [];
+        result.replaceChildren(
+          el('p', { class: 'ok', 'data-testid': 'list-add-summary' },
+            `Added ${added} entr${added === 1 ? 'y' : 'ies'}; ${res.flagged || 0} image${res.flagged === 1 ? '' : 's'} newly flagged.`,
+            res.flagged ? el('a', { class: 'btn btn-link', href: `?view=review&list=${encodeURIComponent(list.name)}`, text: 'Review them', onclick: (e) => { e.preventDefault(); openReview(list.name); } }) : null),
+          skipped.length ? el('ul', { class: 'skipped', 'data-testid': 'list-add-skipped' }, skipped.map((s) => el('li', { text: `${s.source}: ${s.reason}` }))) : null);
+        form.reset();
+        await refreshListCount(list.name);
+        if (!entriesBox.hidden) loadEntries(list.name, entriesBox);
+        refreshReviewCount();
+      } catch (err) {
+        result.replaceChildren(el('p', { class: 'form-error', 'data-testid': 'list-add-error', text: `${err.message}${err.code ? ` (${err.code})` : ''}` }));
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    const del = el('button', {
+      type: 'button', class: 'btn btn-danger', 'data-testid': 'list-delete', text: 'Delete list',
+      onclick: async () => {
+        if (!confirm(`Delete the match list “${list.name}” and its ${list.entries} entries? Its flags stay on the images; the audit log keeps the deletion.`)) return;
+        try {
+          await api(`/api/lists/${encodeURIComponent(list.name)}`, { method: 'DELETE' });
+          toast(`Deleted the list ${list.name}.`);
+          await renderLists(true);
+          refreshReviewCount();
+        } catch (err) {
+          moderationFailed(err, 'Could not delete the list.');
+        }
+      },
+    });
+    return el('article', { class: 'list-card', 'aria-labelledby': id('title'), 'data-testid': 'list-card', dataset: { name: list.name } },
+      el('div', { class: 'list-head' },
+        el('h2', { id: id('title'), text: list.name }),
+        el('span', { class: 'list-count muted', 'data-testid': 'list-count', text: entryCount(list.entries) }),
+        el('span', { class: 'muted small', text: `created ${fmt.date(list.created_unix)}` }),
+        el('span', { class: 'list-actions' },
+          show,
+          el('a', { class: 'btn', href: `?view=review&list=${encodeURIComponent(list.name)}`, text: 'Review', onclick: (e) => { e.preventDefault(); openReview(list.name); } }),
+          del)),
+      entriesBox,
+      form,
+      result);
+  }
+
+  const entryCount = (n) => `${fmt.count(n)} entr${n === 1 ? 'y' : 'ies'}`;
+
+  /** Reloads the lists and shows list `name`'s new entry count on its card. */
+  async function refreshListCount(name) {
+    await loadLists();
+    const card = listsBox.querySelector(`[data-name="${CSS.escape(name)}"]`);
+    const fresh = state.lists.find((l) => l.name === name);
+    if (card && fresh) $('.list-count', card).textContent = entryCount(fresh.entries);
+  }
+
+  async function loadEntries(name, box) {
+    box.replaceChildren(el('p', { class: 'working' }, el('span', { class: 'spinner', 'aria-hidden': 'true' }), 'Loading…'));
+    try {
+      const res = await api(`/api/lists/${encodeURIComponent(name)}`);
+      const entries = Array.isArray(res.entries) ? res.entries : [];
+      if (!entries.length) {
+        box.replaceChildren(el('p', { class: 'muted', text: 'No entries yet.' }));
+        return;
+      }
+      const rows = entries.map((e) => el('tr', { 'data-testid': 'list-entry', dataset: { entry: String(e.id) } },
+        el('td', { text: e.label || '—' }),
+        el('td', { text: e.source || '—' }),
+        el('td', {}, e.pdq ? el('code', { class: 'hash', title: e.pdq, text: `${e.pdq.slice(0, 16)}…` }) : '—'),
+        el('td', { text: [e.dihedral ? '8 variants' : e.pdq ? 'plain' : '', e.itc ? 'ITC' : '', typeof e.quality === 'number' ? `q ${e.quality}` : ''].filter(Boolean).join(' · ') }),
+        el('td', { text: fmt.date(e.added_unix) }),
+        el('td', {}, el('button', {
+          type: 'button', class: 'btn btn-link btn-danger', 'data-testid': 'entry-remove',
+          'aria-label': `Remove entry ${e.label || e.source || e.id}`, text: 'Remove',
+          onclick: async () => {
+            if (!confirm(`Remove the entry ${e.label || e.source || `#${e.id}`} from ${name}?`)) return;
+            try {
+              await api(`/api/lists/${encodeURIComponent(name)}/entries/${e.id}`, { method: 'DELETE' });
+              toast(`Removed ${e.label || e.source || `entry #${e.id}`} from ${name}.`);
+              await refreshListCount(name);
+              await loadEntries(name, box);
+              refreshReviewCount();
+              // Focus stays in the list: the next entry's Remove, or the list's toggle.
+              const next = box.querySelector('[data-testid=entry-remove]') || box.closest('.list-card').querySelector('[data-testid=list-show]');
+              if (next) next.focus();
+            } catch (err) {
+              moderationFailed(err, 'Could not remove the entry.');
+            }
+          },
+        }))));
+      box.replaceChildren(el('div', { class: 'table-wrap' }, el('table', { class: 'entries' },
+        el('caption', { class: 'visually-hidden', text: `Entries of ${name}` }),
+        el('thead', {}, el('tr', {}, ['Label', 'Source', 'PDQ', 'Matches by', 'Added', ''].map((h) => el('th', { scope: 'col', text: h })))),
+        el('tbody', {}, rows))));
+    } catch (err) {
+      box.replaceChildren();
+      moderationFailed(err, 'Could not load the entries.');
+    }
+  }
+
+  $('#list-create').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const input = $('#list-name');
+    const name = input.value.trim();
+    if (!name) return;
+    // Creating a list that exists answers it as it is: say so.
+    const existed = state.lists.some((l) => l.name === name);
+    try {
+      const info = await api('/api/lists', { method: 'POST', json: { name } });
+      input.value = '';
+      listsResult.replaceChildren(el('p', { class: 'ok', 'data-testid': 'list-create-ok' }, existed
+        ? `The list ${name} exists already (${entryCount(info.entries)}).`
+        : `Created the list ${name}.`));
+      await renderLists(true);
+      const card = listsBox.querySelector(`[data-name="${CSS.escape(name)}"]`);
+      if (card) $('input[type=file]', card).focus();
+    } catch (err) {
+      if (err.status === 403 && err.code === 'no_api_key') moderationFailed(err);
+      else listsResult.replaceChildren(el('p', { class: 'form-error', 'data-testid': 'list-create-error', text: `${err.message}${err.code ? ` (${err.code})` : ''}` }));
+    }
+  });
+
+  // ---------------------------------------------------------------- moderation: audit log
+
+  const auditRows = $('#audit-rows');
+
+  /** The `seq` of the log's last event (0 when empty). The API reads forward from `after`, so
+   * this bisects on "is there an event after X" (about 2·log2(events) small requests). */
+  async function lastAuditSeq() {
+    const next = async (after) => {
+      const res = await api(`/api/audit?after=${after}&limit=1`);
+      return res.entries && res.entries.length ? res.entries[0].seq : 0;
+    };
+    let lo = await next(0);
+    if (!lo) return 0;
+    // Invariant: an event `lo` exists and none is after `hi`.
+    let hi = Math.max(lo * 2, lo + 64);
+    for (let s = await next(hi); s; s = await next(hi)) {
+      lo = s;
+      hi = s * 2;
+    }
+    while (lo < hi) {
+      const mid = Math.floor((lo + hi + 1) / 2);
+      const s = await next(mid - 1);
+      if (s) lo = s;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+
+  /** The newest events (`older`: the page before the oldest one shown), newest first. */
+  async function loadAudit(older = false) {
+    const a = state.audit;
+    const seq = ++a.seq;
+    $('#audit-summary').textContent = 'Loading…';
+    try {
+      const to = older ? a.oldest - 1 : await lastAuditSeq();
+      if (seq !== a.seq) return;
+      const after = Math.max(0, to - AUDIT_PAGE);
+      const res = to > 0 ? await api(`/api/audit?after=${after}&limit=${AUDIT_PAGE}`) : { entries: [] };
+      if (seq !== a.seq) return;
+      const events = (res.entries || []).filter((e) => e.seq <= to).reverse();
+      if (!older) auditRows.replaceChildren();
+      auditRows.append(...events.map(auditRow));
+      if (events.length) a.oldest = events[events.length - 1].seq;
+      else if (!older) a.oldest = 0;
+      $('#audit-older').hidden = !(a.oldest > 1);
+      const n = auditRows.children.length;
+      $('#audit-summary').textContent = n ? `The latest ${fmt.count(n)} event${n === 1 ? '' : 's'}, newest first.` : 'The audit log is empty.';
+    } catch (err) {
+      if (seq !== a.seq) return;
+      $('#audit-summary').textContent = '';
+      moderationFailed(err, 'Could not load the audit log.');
+    }
+  }
+
+  const AUDIT_FIXED = ['seq', 'time', 'actor', 'action'];
+
+  function auditRow(e) {
+    const details = Object.entries(e).filter(([k]) => !AUDIT_FIXED.includes(k)).map(([k, v]) => {
+      const text = typeof v === 'string' ? v : JSON.stringify(v);
+      return el('span', { class: 'kv' }, el('span', { class: 'muted', text: `${k} ` }), text.length > 200 ? `${text.slice(0, 200)}…` : text);
+    });
+    const when = Date.parse(e.time);
+    return el('tr', { 'data-testid': 'audit-row', dataset: { action: e.action, seq: String(e.seq) } },
+      el('td', { class: 'num', text: String(e.seq) }),
+      el('td', { title: e.time, text: Number.isNaN(when) ? e.time : new Date(when).toLocaleString() }),
+      el('td', {}, el('code', { text: e.actor })),
+      el('td', {}, el('span', { class: `badge badge-action-${e.action}`, text: e.action })),
+      el('td', {}, el('div', { class: 'kvs' }, details)));
+  }
+
+  $('#audit-reload').addEventListener('click', () => loadAudit());
+  $('#audit-older').addEventListener('click', () => loadAudit(true));
 
   // ---------------------------------------------------------------- status and ingest progress
 
@@ -1144,6 +1930,8 @@
     if (state.ingestWasActive && !active && state.query) ui.ingestRefresh.hidden = false;
     if (active && state.query) ui.ingestRefresh.hidden = false;
     if (!state.query) ui.ingestRefresh.hidden = true;
+    // Images indexed just now may have been flagged.
+    if (state.ingestWasActive && !active && state.key) refreshReviewCount();
     state.ingestWasActive = active;
     if (!active && ing.state !== 'error' && !ui.ingestRefresh.hidden) {
       ui.ingest.hidden = false;
@@ -1171,6 +1959,7 @@
       applyUrlFilters();
       ui.groupField.hidden = !hasProducts();
     }
+    updateModerationAccess();
 
     const folders = Array.isArray(s.folders) ? s.folders : [];
     ui.folderList.replaceChildren(...folders.map((f) => el('option', { value: f })));
@@ -1200,6 +1989,7 @@
     ui.folder.value = '';
     ui.dateFrom.value = '';
     ui.dateTo.value = '';
+    ui.flagged.value = '';
     state.picked = new Map();
     state.ranges = new Map();
     updateFilterButton();
@@ -1211,7 +2001,7 @@
     submit();
   });
   // Changing an option re-runs the current search at once (mode and rerank only apply to text).
-  for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo, ui.group]) {
+  for (const control of [ui.mode, ui.rerank, ui.limit, ui.dateFrom, ui.dateTo, ui.group, ui.flagged]) {
     control.addEventListener('change', () => {
       updateFilterButton();
       const query = state.query;
@@ -1242,6 +2032,8 @@
 
   window.addEventListener('popstate', () => {
     const query = applyUrl();
+    showView(state.view, { push: false });
+    if (state.view) return;
     if (query) startSearch(query, { push: false });
     else {
       state.seq += 1;
@@ -1257,8 +2049,13 @@
   // Start: restore the search in the URL; search once the status says which product
   // attributes there are (the URL's filters and the facets depend on them).
   const initial = applyUrl();
+  if (state.view) showView(state.view, { push: false });
   renderEmpty();
-  if (!initial) ui.q.focus();
+  if (!initial && !state.view) ui.q.focus();
+  if (state.key) {
+    loadLists();
+    refreshReviewCount();
+  }
   refreshStatus(true).then(() => {
     if (initial && !state.query) startSearch(initial, { push: false });
   });

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Browser test of the web UI: starts a real `blipsearch serve` on a temporary index of the fixture
 # images with the tiny fixture models, then drives the UI in headless Chromium
-# (tests/browser/ui.test.mjs) in three passes: the whole UI with a key on writes, a short pass
-# with --protect-reads, and the facets and product cards over a small product catalogue (made by
-# the ignored test `browser_catalogue` of tests/api.rs). Screenshots land in target/browser/
-# (ui.png, ui-detail.png, ui-facets.png, ui-products.png, and failure.png when a step fails);
-# the server log is target/browser/server.log.
+# (tests/browser/ui.test.mjs) in five passes: the whole UI with a key on writes; moderation (a
+# match list made in the UI flags two images, which are reviewed, and the audit log shows it); a
+# short pass with --protect-reads; a server without a key (flags show to all, moderation is
+# refused); and the facets and product cards over a small product catalogue (made by the ignored
+# test `browser_catalogue` of tests/api.rs). Screenshots land in target/browser/ (ui.png,
+# ui-detail.png, ui-review.png, ui-audit.png, ui-facets.png, ui-products.png, and failure.png
+# when a step fails); the server log is target/browser/server.log.
 #
 # Needs: cargo, node + npm, and Debian's chromium (installed here with apt-get when missing and
 # running as root, as in CI). Environment overrides: BLIPSEARCH_BIN (skip the cargo build),
@@ -76,6 +78,7 @@ run_ui_test() {
   QUERY_IMAGE="$TMP/images/camera.png" \
   DROP_IMAGE="$TMP/images/coffee.png" \
   UPLOAD_IMAGE="$UPLOAD_IMAGE" \
+  REFERENCE_IMAGES="$ROOT/tests/fixtures/pdq/camera.text.jpg:$ROOT/tests/fixtures/pdq/rocket.mirror.jpg" \
   BLIPSEARCH_API_KEY=$API_KEY \
   ARTIFACT_DIR=$ARTIFACT_DIR \
   CHROMIUM=$CHROMIUM \
@@ -93,12 +96,18 @@ run_ui_test() {
 # 1. The whole UI; writes need the key (the UI asks for it on the upload's 401).
 start_server
 run_ui_test "$EXPECTED_IMAGES"
+# 2. Moderation on the same server (now with the upload): lists, flags, review, audit.
+run_ui_test $((EXPECTED_IMAGES + 1)) moderation
 stop_server
-# 2. Same index (now with the upload), reads need the key too.
+# 3. Same index, reads need the key too.
 start_server --protect-reads
 run_ui_test $((EXPECTED_IMAGES + 1)) protected-reads
 stop_server
-# 3. A product catalogue: facets, a price range, product cards.
+# 4. Same index (with the flag confirmed in 2), on a server without a key.
+API_KEY='' start_server
+API_KEY='' run_ui_test $((EXPECTED_IMAGES + 1)) no-key
+stop_server
+# 5. A product catalogue: facets, a price range, product cards.
 CATALOGUE=$TMP/catalogue
 mkdir -p "$CATALOGUE"
 BROWSER_CATALOGUE_DIR=$CATALOGUE cargo test --test api -- --ignored --exact browser_catalogue

@@ -12,7 +12,11 @@
 //   SERVER_PID            the server's pid: waiting stops early if it exits
 //   UI_TEST               `protected-reads` for the short test of a server run with --protect-reads,
 //                         `catalogue` for the facets and product cards over the test catalogue
-//                         (tests/api.rs, `catalogue`)
+//                         (tests/api.rs, `catalogue`), `moderation` for match lists, flags, the
+//                         review queue and the audit log, `no-key` for a server without a key
+//                         (after `moderation`)
+//   REFERENCE_IMAGES      for `moderation`: two reference images, separated by ':', a copy of
+//                         QUERY_IMAGE with text on it and a copy of UPLOAD_IMAGE mirrored left-right
 // Exit code 0 when every step passed; on failure a screenshot `failure.png` is saved.
 
 import assert from 'node:assert/strict';
@@ -442,11 +446,278 @@ async function catalogueTest(status) {
   });
 }
 
+// ---------------------------------------------------------------- moderation
+
+const LIST = 'browser-bank';
+const LIST_LABEL = 'browser test bank';
+const CONFIRM_NOTE = 'the reference itself: confirmed by the browser test';
+const CLEAR_NOTE = 'cleared by the browser test';
+
+/** GET `path` of the API with the key; the parsed JSON. */
+async function apiGet(pathAndQuery) {
+  const res = await fetch(`${BASE}${pathAndQuery}`, { headers: API_KEY ? { Authorization: `Bearer ${API_KEY}` } : {} });
+  assert.ok(res.ok, `GET ${pathAndQuery}: HTTP ${res.status} ${await res.clone().text()}`);
+  return res.json();
+}
+
+/** Enters `key` in the key dialog. */
+async function saveKey(page, key) {
+  await page.click('[data-testid=key-open]');
+  await page.waitForSelector('[data-testid=key-dialog]', { state: 'visible' });
+  await page.fill('[data-testid=key-input]', key);
+  await page.click('[data-testid=key-save]');
+  await page.waitForSelector('[data-testid=key-dialog]', { state: 'hidden' });
+}
+
+/** The flag badges of the grid: file name -> [state, lists]. */
+async function badges(page) {
+  return page.$$eval('[data-testid=result]', (tiles) => Object.fromEntries(tiles.map((t) => {
+    const b = t.querySelector('[data-testid=flag-badge]');
+    return [t.dataset.fileName, b ? [b.dataset.state, b.dataset.lists] : null];
+  })));
+}
+
+/** A text search over every image (hybrid: the vector side ranks them all). */
+async function searchAll(page) {
+  await page.fill('[data-testid=search-input]', 'a photo');
+  await page.keyboard.press('Enter');
+  await waitForResults(page);
+  await thumbnailsLoaded(page);
+}
+
+/** Match lists, flags, the review queue and the audit log, through the UI with the key. The two
+ * references are altered copies of two indexed images (text on one, the other mirrored): each
+ * flags its original, the mirrored one through the reference's dihedral hashes, and nothing
+ * else (the tiny model's ITC cosines of other images stay below the threshold). */
+async function moderationTest(status) {
+  assert.ok(API_KEY, 'the moderation test needs BLIPSEARCH_API_KEY');
+  const refs = env('REFERENCE_IMAGES').split(path.delimiter);
+  assert.equal(refs.length, 2, 'REFERENCE_IMAGES: two paths');
+  // The first flags QUERY_IMAGE, the second the image uploaded by the full test (found by the
+  // word of its description; uploads are stored under a name of their own).
+  const confirmName = path.basename(QUERY_IMAGE);
+  const uploaded = await apiGet(`/api/search?q=${UPLOAD_WORD}&mode=text&rerank_k=0`);
+  assert.equal(uploaded.hits.length, 1, 'the full test uploaded an image');
+  const clearName = uploaded.hits[0].file_name;
+  const before = await apiGet('/api/audit?limit=1000');
+  const seenSeq = before.next_after;
+
+  await withPage(async (page) => {
+    await step('moderation: the Review link and the flagged filter come with the key', async () => {
+      await page.goto(`${BASE}/`);
+      await page.waitForFunction((n) => document.querySelector('[data-testid=footer-stats]').textContent.includes(`${n} images`), status.images);
+      assert.ok(await page.isHidden('[data-testid=review-open]'), 'Review is offered without a key');
+      assert.ok(await page.isHidden('[data-testid=flagged-filter]'), 'the flagged filter is offered without a key');
+      await saveKey(page, API_KEY);
+      await page.waitForSelector('[data-testid=review-open]', { state: 'visible' });
+      await page.waitForSelector('[data-testid=flagged-filter]', { state: 'visible' });
+    });
+
+    await step('moderation: an empty queue, then a list made in the Lists panel', async () => {
+      await page.click('[data-testid=review-open]');
+      await page.waitForSelector('[data-testid=review-panel]', { state: 'visible' });
+      assert.equal(new URL(page.url()).searchParams.get('view'), 'review');
+      await page.waitForSelector('[data-testid=review-empty]');
+      assert.equal(await page.locator('[data-testid=review-item]').count(), 0);
+      assert.ok(await page.isHidden('[data-testid=results]'));
+      await page.click('[data-testid=tab-lists]');
+      await page.waitForSelector('[data-testid=lists-panel]', { state: 'visible' });
+      await page.fill('[data-testid=list-name]', LIST);
+      await page.click('[data-testid=list-create]');
+      await page.waitForSelector(`[data-testid=list-card][data-name="${LIST}"]`);
+      assert.match(await page.textContent(`[data-testid=list-card][data-name="${LIST}"] [data-testid=list-count]`), /^0 entries$/);
+      // Creating it again keeps the one list; a bad name (past the browser's own check of the
+      // pattern) is refused with the server's reason.
+      await page.fill('[data-testid=list-name]', LIST);
+      await page.click('[data-testid=list-create]');
+      await page.waitForFunction(() => /exists already/.test(document.querySelector('[data-testid=lists-result]').textContent));
+      assert.equal(await page.locator('[data-testid=list-card]').count(), 1);
+      await page.fill('[data-testid=list-name]', '-bad');
+      await page.evaluate(() => document.querySelector('#list-name').removeAttribute('pattern'));
+      await page.click('[data-testid=list-create]');
+      await page.waitForSelector('[data-testid=list-create-error]');
+      assert.match(await page.textContent('[data-testid=list-create-error]'), /list name .*\(bad_request\)/);
+    });
+
+    await step('moderation: reference images added to the list flag their copies', async () => {
+      const card = `[data-testid=list-card][data-name="${LIST}"]`;
+      await page.setInputFiles(`${card} [data-testid=list-add-images]`, refs);
+      await page.fill(`${card} [data-testid=list-add-label]`, LIST_LABEL);
+      await page.click(`${card} [data-testid=list-add-submit]`);
+      await page.waitForSelector(`${card} [data-testid=list-add-summary], ${card} [data-testid=list-add-error]`, { timeout: 120_000 });
+      const summary = await page.textContent(`${card} [data-testid=list-add-result]`);
+      assert.match(summary, /Added 2 entries; 2 images newly flagged/, summary);
+      await page.waitForFunction((sel) => /^2 entries$/.test(document.querySelector(sel).textContent), `${card} [data-testid=list-count]`);
+      await page.click(`${card} [data-testid=list-show]`);
+      await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 2, `${card} [data-testid=list-entry]`);
+      const entries = await page.textContent(`${card} [data-testid=list-entries]`);
+      for (const r of refs) assert.ok(entries.includes(path.basename(r)), `entries lack ${path.basename(r)}: ${entries}`);
+      await page.waitForFunction(() => document.querySelector('[data-testid=review-count]').textContent === '2');
+    });
+
+    await step('moderation: a hash file adds a hash-only entry; removing it and deleting a list', async () => {
+      // The UI asks before it removes or deletes anything.
+      page.on('dialog', (d) => d.accept());
+      const card = `[data-testid=list-card][data-name="${LIST}"]`;
+      const hashes = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'blipsearch-hashes-')), 'bank.csv');
+      fs.writeFileSync(hashes, `${'0f'.repeat(32)},hash-only entry\nnot-a-hash\n`);
+      await page.setInputFiles(`${card} [data-testid=list-add-hashes]`, hashes);
+      await page.click(`${card} [data-testid=list-add-submit]`);
+      await page.waitForFunction((sel) => /Added 1 entry; 0 images newly flagged/.test(document.querySelector(sel).textContent), `${card} [data-testid=list-add-result]`, { timeout: 60_000 });
+      assert.match(await page.textContent(`${card} [data-testid=list-add-skipped]`), /not-a-hash|line 2/);
+      await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 3, `${card} [data-testid=list-entry]`);
+      const row = `${card} [data-testid=list-entry]:has-text("hash-only entry")`;
+      assert.match(await page.textContent(row), /bank\.csv[\s\S]*plain/);
+      await page.click(`${row} [data-testid=entry-remove]`);
+      await page.waitForFunction((sel) => document.querySelectorAll(sel).length === 2, `${card} [data-testid=list-entry]`);
+      assert.match(await page.textContent(`${card} [data-testid=list-count]`), /^2 entries$/);
+      // A list made and deleted again.
+      await page.fill('[data-testid=list-name]', 'scratch');
+      await page.click('[data-testid=list-create]');
+      await page.waitForSelector('[data-testid=list-card][data-name=scratch]');
+      await page.click('[data-testid=list-card][data-name=scratch] [data-testid=list-delete]');
+      await page.waitForSelector('[data-testid=list-card][data-name=scratch]', { state: 'detached' });
+      assert.equal(await page.locator('[data-testid=list-card]').count(), 1);
+    });
+
+    await step('moderation: flagged results carry a badge; the flagged filter narrows to them', async () => {
+      await searchAll(page);
+      assert.ok(await page.isHidden('[data-testid=moderation]'));
+      const all = await badges(page);
+      assert.ok(Object.keys(all).length >= 3, `expected every image: ${JSON.stringify(all)}`);
+      for (const [name, badge] of Object.entries(all)) {
+        const want = name === confirmName || name === clearName ? ['pending', LIST] : null;
+        assert.deepEqual(badge, want, `badge of ${name}`);
+      }
+      await page.selectOption('[data-testid=flagged-filter]', LIST);
+      await page.waitForFunction(() => !document.body.classList.contains('is-loading')
+        && document.querySelectorAll('[data-testid=result]').length === 2, null, { timeout: 60_000 });
+      assert.equal(new URL(page.url()).searchParams.get('flagged'), LIST);
+      assert.deepEqual(Object.keys(await badges(page)).sort(), [confirmName, clearName].sort());
+      // The detail view lists the flag.
+      await page.click('[data-testid=result] >> nth=0');
+      await page.waitForSelector('[data-testid=detail-flags]', { state: 'visible' });
+      const flag = await page.textContent('[data-testid=detail-flag]');
+      assert.match(flag, new RegExp(`${LIST}[\\s\\S]*pending`));
+      await page.keyboard.press('Escape');
+      await page.waitForSelector('[data-testid=detail]', { state: 'hidden' });
+    });
+
+    await step('moderation: the queue shows each image beside its matched reference', async () => {
+      await page.click('[data-testid=review-open]');
+      await page.waitForFunction(() => document.querySelectorAll('[data-testid=review-item]').length === 2, null, { timeout: 30_000 });
+      assert.match(await page.textContent('[data-testid=review-summary]'), /2 images waiting for review/);
+      for (const [name, ref, variant] of [[confirmName, refs[0], /^reference$/], [clearName, refs[1], /^reference, mirrored left-right$/]]) {
+        const item = `[data-testid=review-item][data-file-name="${name}"]`;
+        const text = async (id) => (await page.textContent(`${item} [data-testid=${id}]`)).trim();
+        assert.equal(await text('match-list'), LIST);
+        assert.equal(await text('match-label'), LIST_LABEL);
+        assert.equal(await text('match-source'), path.basename(ref));
+        assert.match(await text('match-rule'), /PDQ/, `${name} matches by PDQ`);
+        const distance = Number((await text('match-distance')).split(' ')[0]);
+        assert.ok(distance <= 31, `PDQ distance of ${name}: ${distance}`);
+        assert.match(await text('match-cosine'), /^-?[01]\.\d{3} /);
+        // The two hashes as bit grids (the reference's variant that matched), and their
+        // difference: as many bits as the server's distance.
+        assert.equal(await page.locator(`${item} [data-testid=pdq-compare] svg`).count(), 3);
+        assert.match(await text('pdq-reference-label'), variant);
+        assert.equal(await text('pdq-diff-count'), `${distance} bits differ`);
+        const on = await page.$eval(`${item} [data-testid=pdq-image] .bitgrid-on`, (p) => p.getAttribute('d').split('M').length - 1);
+        assert.ok(on > 64 && on < 192, `set bits of a PDQ hash: ${on}`);
+        await page.waitForFunction((sel) => {
+          const img = document.querySelector(sel);
+          return img && img.complete && img.naturalWidth > 0;
+        }, `${item} [data-testid=review-image]`, { timeout: 30_000 });
+      }
+      await page.waitForSelector('#toast', { state: 'hidden', timeout: 10_000 });
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui-review.png'), fullPage: true });
+    });
+
+    await step('moderation: confirm one and clear the other with notes; the queue empties in place', async () => {
+      await page.evaluate(() => { window.__samePage = true; });
+      const item = (name) => `[data-testid=review-item][data-file-name="${name}"]`;
+      await page.fill(`${item(confirmName)} [data-testid=decision-note]`, CONFIRM_NOTE);
+      await page.click(`${item(confirmName)} [data-testid=decision-confirm]`);
+      await page.waitForSelector(item(confirmName), { state: 'detached' });
+      assert.match(await page.textContent('[data-testid=review-summary]'), /1 image waiting for review/);
+      await page.waitForFunction(() => document.querySelector('[data-testid=review-count]').textContent === '1');
+      await page.fill(`${item(clearName)} [data-testid=decision-note]`, CLEAR_NOTE);
+      await page.click(`${item(clearName)} [data-testid=decision-clear]`);
+      await page.waitForSelector(item(clearName), { state: 'detached' });
+      await page.waitForSelector('[data-testid=review-empty]');
+      assert.ok(await page.isHidden('[data-testid=review-count]'));
+      assert.ok(await page.evaluate(() => window.__samePage), 'the page reloaded');
+      // The server agrees.
+      assert.equal((await apiGet('/api/review')).total, 0);
+    });
+
+    await step('moderation: the audit log records the decisions', async () => {
+      const log = await apiGet(`/api/audit?after=${seenSeq}&limit=1000`);
+      const decisions = log.entries.filter((e) => e.action === 'decision');
+      assert.equal(decisions.length, 2, JSON.stringify(log.entries));
+      const text = JSON.stringify(decisions);
+      for (const want of [CONFIRM_NOTE, CLEAR_NOTE, 'confirmed', 'cleared']) assert.ok(text.includes(want), `audit lacks ${want}: ${text}`);
+      assert.ok(decisions.every((e) => /^key:[0-9a-f]{8}$/.test(e.actor)), text);
+      assert.ok(!JSON.stringify(log).includes(API_KEY), 'the key is never logged');
+      for (const want of ['list_create', 'entries_add', 'match', 'entry_remove', 'list_delete']) assert.ok(log.entries.some((e) => e.action === want), `no ${want}`);
+      // The Audit view shows the newest first.
+      await page.click('[data-testid=tab-audit]');
+      await page.waitForSelector('[data-testid=audit-row]');
+      assert.equal(new URL(page.url()).searchParams.get('view'), 'audit');
+      const rows = await page.$$eval('[data-testid=audit-row]', (trs) => trs.map((tr) => [Number(tr.dataset.seq), tr.dataset.action, tr.textContent]));
+      assert.equal(rows[0][0], log.next_after, 'the newest event comes first');
+      assert.equal(rows[0][1], 'decision');
+      assert.ok(rows[0][2].includes(CLEAR_NOTE), rows[0][2]);
+      assert.ok(rows.every(([seq], i) => i === 0 || seq < rows[i - 1][0]), 'newest first');
+      await page.screenshot({ path: path.join(ARTIFACTS, 'ui-audit.png') });
+    });
+
+    await step('moderation: the confirmed image keeps its badge, the cleared one loses it', async () => {
+      // Back to the flagged search (the browser's history), now with one image.
+      await page.goBack();
+      await page.goBack();
+      await page.waitForSelector('[data-testid=results]', { state: 'visible' });
+      await page.waitForFunction((n) => !document.body.classList.contains('is-loading')
+        && document.querySelectorAll('[data-testid=result]').length === n, 1, { timeout: 60_000 });
+      assert.deepEqual(await badges(page), { [confirmName]: ['confirmed', LIST] });
+    });
+  });
+}
+
+/** A server without a key over the moderated collection: flags show to everyone, moderation
+ * is refused and the Review page says why. */
+async function noKeyTest(status) {
+  assert.equal(API_KEY, '', 'the no-key test runs against a server without a key');
+  const confirmName = path.basename(QUERY_IMAGE);
+  await withPage(async (page) => {
+    await step('no key: flags show to everyone, with the flagged filter', async () => {
+      await page.goto(`${BASE}/`);
+      await page.waitForFunction((n) => document.querySelector('[data-testid=footer-stats]').textContent.includes(`${n} images`), status.images);
+      await page.waitForSelector('[data-testid=flagged-filter]', { state: 'visible' });
+      assert.ok(await page.isHidden('[data-testid=review-open]'));
+      await searchAll(page);
+      const all = await badges(page);
+      assert.deepEqual(Object.entries(all).filter(([, b]) => b), [[confirmName, ['confirmed', LIST]]]);
+    });
+
+    await step('no key: the Review page explains that moderation needs --api-key', async () => {
+      await saveKey(page, 'a-key-this-server-does-not-have');
+      await page.click('[data-testid=review-open]');
+      await page.waitForSelector('[data-testid=moderation-unavailable]', { state: 'visible' });
+      const text = await page.textContent('[data-testid=moderation-unavailable]');
+      assert.match(text, /--api-key/);
+      assert.ok(await page.isHidden('[data-testid=review-panel]'));
+    });
+  });
+}
+
 async function main() {
   const status = await waitForServer();
   console.log(`server ready: ${status.images} images, models ${JSON.stringify(status.models)}`);
   if (process.env.UI_TEST === 'protected-reads') await protectedReadsTest(status);
   else if (process.env.UI_TEST === 'catalogue') await catalogueTest(status);
+  else if (process.env.UI_TEST === 'moderation') await moderationTest(status);
+  else if (process.env.UI_TEST === 'no-key') await noKeyTest(status);
   else await fullTest(status);
   console.log(`browser test passed: ${steps.length} steps; screenshots in ${ARTIFACTS}/`);
 }

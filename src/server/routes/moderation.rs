@@ -83,6 +83,12 @@ pub struct EntryOut {
     source: Option<String>,
     /// The plain PDQ hash, hex.
     pdq: Option<String>,
+    /// The seven other dihedral variants of a reference image's hash, hex, in the PDQ
+    /// reference's order (rotated 90, 180 and 270 degrees counter-clockwise, mirrored top-bottom,
+    /// mirrored left-right, transposed, mirrored about the other diagonal): a reviewer sees the
+    /// variant that matched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pdq_variants: Vec<String>,
     /// Whether the entry matches the eight dihedral variants (a reference image) or its plain
     /// hash only (a hash file).
     dihedral: bool,
@@ -100,6 +106,7 @@ impl From<&ListEntry> for EntryOut {
             label: e.label.clone(),
             source: e.source.clone(),
             pdq: e.pdq.first().map(|h| h.to_hex()),
+            pdq_variants: e.pdq.iter().skip(1).map(|h| h.to_hex()).collect(),
             dihedral: e.pdq.len() == 8,
             quality: e.quality,
             itc: e.itc.is_some(),
