@@ -169,7 +169,7 @@ fn moderation_suite(engine: &Engine, root: &Path) {
         .add_list_files(
             &r,
             "bank",
-            &[scene.references.clone()],
+            std::slice::from_ref(&scene.references),
             Some("known"),
             "cli",
             &Silent,
@@ -199,7 +199,13 @@ fn moderation_suite(engine: &Engine, root: &Path) {
 
     // The photos: the copies are flagged as they are ingested, the others not.
     let s = engine
-        .ingest(&r, options(), &[scene.photos.clone()], false, &Silent)
+        .ingest(
+            &r,
+            options(),
+            std::slice::from_ref(&scene.photos),
+            false,
+            &Silent,
+        )
         .unwrap();
     assert_eq!(s.added, 4, "{s:?}");
     let recs = records(engine);
@@ -514,7 +520,7 @@ fn lists_flags_review_and_audit_on_milvus() {
     let copy = tmp.path().join("later/coffee_copy.png");
     save(&fixture_image("coffee.png").grayscale(), &copy);
     engine
-        .ingest(&r, options(), &[copy.clone()], false, &Silent)
+        .ingest(&r, options(), std::slice::from_ref(&copy), false, &Silent)
         .unwrap();
     let id = engine
         .by_path(&std::fs::canonicalize(&copy).unwrap().display().to_string())
@@ -553,14 +559,20 @@ fn reindex_keeps_lists_flags_and_the_log_and_backfill_hashes_what_lacks_one() {
             .add_list_files(
                 &r,
                 "bank",
-                &[scene.references.clone()],
+                std::slice::from_ref(&scene.references),
                 None,
                 "cli",
                 &Silent,
             )
             .unwrap();
         engine
-            .ingest(&r, options(), &[scene.photos.clone()], false, &Silent)
+            .ingest(
+                &r,
+                options(),
+                std::slice::from_ref(&scene.photos),
+                false,
+                &Silent,
+            )
             .unwrap();
         let camera = records(&engine)["camera_half.jpg"].id;
         engine
@@ -737,8 +749,7 @@ fn the_command_line_manages_lists_reviews_and_reads_the_log() {
     // A hash file with a header, a bad line and the hash of one photo.
     let engine_hash = {
         let engine = Engine::open_existing(&index).unwrap();
-        let h = records(&engine)["coffee.png"].pdq.unwrap().hash.to_hex();
-        h
+        records(&engine)["coffee.png"].pdq.unwrap().hash.to_hex()
     };
     let csv = tmp.path().join("hashes.csv");
     std::fs::write(&csv, format!("pdq,label\n{engine_hash},mug\nzz\n")).unwrap();

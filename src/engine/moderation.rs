@@ -174,6 +174,10 @@ struct Reference {
     _permit: DecodePermit,
 }
 
+/// Reads the `i`-th reference: its name and bytes, or its name and why it cannot be read.
+type LoadReference<'a> =
+    dyn FnMut(usize) -> std::result::Result<(String, Vec<u8>), (String, String)> + 'a;
+
 impl Engine {
     /// Creates an empty match list whose entries match under `rules`.
     pub fn create_list(&self, name: &str, rules: MatchRules, actor: &str) -> Result<ListInfo> {
@@ -330,7 +334,7 @@ impl Engine {
         label: Option<&str>,
         actor: &str,
         progress: &dyn Progress,
-        load: &mut dyn FnMut(usize) -> std::result::Result<(String, Vec<u8>), (String, String)>,
+        load: &mut LoadReference<'_>,
     ) -> Result<EntriesAdded> {
         check_actor(actor)?;
         let label = check_label(label)?;
