@@ -234,6 +234,23 @@ impl Matcher {
         out
     }
 
+    /// For each of `hashes`, the entries (positions) with a hash within `max_distance` of it:
+    /// every pair at once, as a join over the multi-index ([`PdqIndex::pairs_within`]), which
+    /// is what a pass over a whole collection needs.
+    pub fn pdq_pairs(&self, hashes: &[PdqHash], max_distance: u32) -> Vec<(usize, usize)> {
+        let Some(index) = &self.pdq else {
+            return Vec::new();
+        };
+        let mut out: Vec<(usize, usize)> = index
+            .pairs_within(hashes, max_distance)
+            .into_iter()
+            .map(|(q, pos, _)| (q, self.pdq_owner[pos]))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The entries (positions) that have a reference vector.
     pub fn with_vectors(&self) -> impl Iterator<Item = usize> + '_ {
         self.vector_owner.iter().copied()
@@ -471,6 +488,67 @@ mod tests {
     fn vectors_of_another_size_never_match() {
         let e = entry("bank", 1, Vec::new(), None, Some(vec![1.0, 0.0, 0.0]));
         assert!(judge(&e, None, &[1.0, 0.0], &MatchRules::default()).is_none());
+    }
+
+    #[test]
+    fn each_list_matches_by_its_own_rules() {
+        let base = PdqHash([0x5a; 32]);
+        let v = unit(&[1.0, 0.0]);
+        let near = unit(&[1.0, 0.3]); // cosine about 0.958
+        let list = |name: &str, pdq_distance, min_cosine| ListInfo {
+            name: name.into(),
+            rules: MatchRules {
+                pdq_distance,
+                min_cosine,
+            },
+            entries: 1,
+            created_unix: 0,
+        };
+        let m = Matcher::new(
+            vec![
+                entry("loose", 1, vec![base], Some(90), Some(v.clone())),
+                entry("strict", 2, vec![base], Some(90), Some(v.clone())),
+                entry("hashes", 3, vec![base], None, None),
+            ],
+            vec![
+                list("loose", 31, 0.9),
+                list("strict", 4, 0.99),
+                list("hashes", 31, 2.0),
+            ],
+        );
+        let lists = |hits: Vec<Hit>| -> Vec<(u64, MatchRule)> {
+            hits.iter()
+                .map(|h| (m.entries()[h.entry].id, h.rule))
+                .collect()
+        };
+        // 10 bits off and a cosine of 0.958: the strict list wants both closer.
+        let hits = m.check(Some(&pdq(flipped(&base, 10), 90)), &near);
+        assert_eq!(lists(hits), [(1, MatchRule::Both), (3, MatchRule::Pdq)]);
+        // 3 bits off: within every list's distance; only the loose list's cosine is reached.
+        let hits = m.check(Some(&pdq(flipped(&base, 3), 90)), &near);
+        assert_eq!(
+            lists(hits),
+            [
+                (1, MatchRule::Both),
+                (2, MatchRule::Pdq),
+                (3, MatchRule::Pdq)
+            ]
+        );
+        // No hash: only the ITC rule, and the hash-only list has none.
+        assert_eq!(
+            lists(m.check(None, &v)),
+            [(1, MatchRule::Itc), (2, MatchRule::Itc)]
+        );
+        // A pass with overrides applies them to every list.
+        let over = Overrides {
+            pdq_distance: Some(0),
+            min_cosine: None,
+        };
+        assert_eq!(m.rules(1, &over).pdq_distance, 0);
+        assert_eq!(m.rules(1, &over).min_cosine, 0.99);
+        assert_eq!(m.widest(&Overrides::default()), 31);
+        let pairs = m.pdq_pairs(&[flipped(&base, 10), PdqHash([0xa5; 32])], 31);
+        assert_eq!(pairs, [(0, 0), (0, 1), (0, 2)]);
     }
 
     #[test]

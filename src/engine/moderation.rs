@@ -808,13 +808,14 @@ impl Engine {
         if matcher.is_empty() {
             return Ok(out);
         }
-        let hashes = self.read()?.pdq_hashes()?;
-        for (id, pdq) in &hashes {
-            if let Some(h) = usable(Some(pdq)) {
-                for e in matcher.pdq_candidates(h, matcher.widest(over)) {
-                    out.entry(*id).or_default().insert(e);
-                }
-            }
+        let (ids, hashes): (Vec<ImageId>, Vec<PdqHash>) = self
+            .read()?
+            .pdq_hashes()?
+            .iter()
+            .filter_map(|(id, pdq)| usable(Some(pdq)).map(|h| (*id, *h)))
+            .unzip();
+        for (q, e) in matcher.pdq_pairs(&hashes, matcher.widest(over)) {
+            out.entry(ids[q]).or_default().insert(e);
         }
         drop(hashes);
         let everything = Filter::default();
