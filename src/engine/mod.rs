@@ -75,7 +75,8 @@ pub use import::ImportSummary;
 pub use ingest::{IngestOptions, IngestSummary};
 pub use models::{CapFiltJob, EncodedImages, EncodedText, Encoders, LocalModels};
 pub use moderation::{
-    EntriesAdded, Match, MatchParams, PdqBackfill, ReferenceImage, ReviewItem, ReviewPage, Skipped,
+    EntriesAdded, Match, MatchParams, PdqBackfill, ReferenceDecode, ReferenceImage, ReviewItem,
+    ReviewPage, Skipped,
 };
 pub use uploads::{NewUpload, ProductUploaded, Uploaded};
 

@@ -105,6 +105,30 @@ pub struct ReferenceImage {
     pub bytes: Vec<u8>,
 }
 
+/// How reference images are admitted for decoding: the pixel limits, the memory budget they
+/// share with every other decode of the process, and how long one waits for room in it.
+#[derive(Debug, Clone)]
+pub struct ReferenceDecode {
+    /// Pixel limits.
+    pub limits: DecodeLimits,
+    /// The decode memory budget.
+    pub budget: Arc<DecodeBudget>,
+    /// How long a decode waits for room before the image is skipped as busy (`None`: as long
+    /// as it takes).
+    pub wait: Option<Duration>,
+}
+
+impl Default for ReferenceDecode {
+    /// A budget of the command's own, waited for without end.
+    fn default() -> Self {
+        Self {
+            limits: DecodeLimits::default(),
+            budget: DecodeBudget::new(DEFAULT_DECODE_BUDGET),
+            wait: None,
+        }
+    }
+}
+
 /// An input of [`Engine::add_list_images`] or [`Engine::add_list_hashes`] that was not added.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Skipped {
@@ -253,7 +277,8 @@ impl Engine {
 
     /// Adds reference images to a list: each is decoded, PDQ-hashed with its dihedral variants
     /// and embedded; the images themselves are not kept. The collection is then checked against
-    /// the new entries and matches are flagged.
+    /// the new entries and matches are flagged. Decodes are admitted by `decode`.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_list_images<M: Encoders + ?Sized>(
         &self,
         models: &M,
@@ -261,11 +286,12 @@ impl Engine {
         images: Vec<ReferenceImage>,
         label: Option<&str>,
         actor: &str,
+        decode: &ReferenceDecode,
         progress: &dyn Progress,
     ) -> Result<EntriesAdded> {
         let mut images: Vec<Option<ReferenceImage>> = images.into_iter().map(Some).collect();
         let n = images.len();
-        self.add_references(models, name, n, label, actor, progress, &mut |i| {
+        self.add_references(models, name, n, label, actor, decode, progress, &mut |i| {
             let r = images[i]
                 .take()
                 .ok_or_else(|| (String::new(), "read twice".into()))?;
@@ -304,6 +330,7 @@ impl Engine {
             files.len(),
             label,
             actor,
+            &ReferenceDecode::default(),
             progress,
             &mut |i| {
                 let path = &files[i];
@@ -333,14 +360,14 @@ impl Engine {
         n: usize,
         label: Option<&str>,
         actor: &str,
+        admission: &ReferenceDecode,
         progress: &dyn Progress,
         load: &mut LoadReference<'_>,
     ) -> Result<EntriesAdded> {
         check_actor(actor)?;
         let label = check_label(label)?;
         self.existing_list(name)?;
-        let budget = DecodeBudget::new(DEFAULT_DECODE_BUDGET);
-        let limits = DecodeLimits::default();
+        let (budget, limits) = (&admission.budget, admission.limits);
         let mut entries: Vec<ListEntry> = Vec::new();
         let mut skipped = Vec::new();
         let mut batch: Vec<Reference> = Vec::with_capacity(REFERENCE_BATCH);
@@ -394,12 +421,16 @@ impl Engine {
             };
             progress.event(Event::Working { item: &source });
             let at = Path::new(&source);
-            let decode = || decode_admitted(&bytes, at, limits, &budget, Some(Duration::ZERO), 1);
-            let mut admitted = decode();
+            let decode = |wait| decode_admitted(&bytes, at, limits, budget, wait, 1);
+            // With a batch in hand, do not wait: the batch may be what holds the budget.
+            let mut admitted = match batch.is_empty() {
+                true => decode(admission.wait),
+                false => decode(Some(Duration::ZERO)),
+            };
             if matches!(admitted, Err(ModelError::Busy(_))) && !batch.is_empty() {
-                // The batch holds the budget: embed it, then decode again.
+                // Embed the batch to free its share, then decode again.
                 flush(&mut batch, &mut entries)?;
-                admitted = decode();
+                admitted = decode(admission.wait);
             }
             match admitted {
                 Ok(a) => batch.push(Reference {
@@ -408,6 +439,9 @@ impl Engine {
                     image: a.image,
                     _permit: a.permit,
                 }),
+                // No room in the budget even after waiting: the request is refused whole (429
+                // over HTTP), nothing stored, rather than an entry silently left out.
+                Err(ModelError::Busy(m)) => return Err(EngineError::Busy(m)),
                 Err(e) => {
                     let reason = e.image_reason().unwrap_or_else(|| e.to_string());
                     fail(&mut skipped, source, reason);

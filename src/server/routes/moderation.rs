@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::{check_upload, is_multipart, BodyDeadline, Endpoint, ImageOut, PathView};
 use crate::engine::{
     check_list_name, AuditEntry, ErrorKind, Flag, ImageId, ListEntry, ListInfo, MatchParams,
-    MatchRule, MatchRules, ReferenceImage, Silent, Skipped, Verdict,
+    MatchRule, MatchRules, ReferenceDecode, ReferenceImage, Silent, Skipped, Verdict,
 };
 use crate::server::auth::key_id;
 use crate::server::error::{ApiError, ApiResult};
@@ -369,12 +369,19 @@ async fn add_entries(
                     }),
                 }
             }
+            // Reference images share the decode budget with every other request.
+            let decode = ReferenceDecode {
+                limits: state.settings.limits,
+                budget: state.settings.budget.clone(),
+                wait: Some(state.settings.decode_wait),
+            };
             let done = engine.add_list_images(
                 &state.client,
                 &name,
                 images,
                 form.label.as_deref(),
                 &who,
+                &decode,
                 &Silent,
             )?;
             out.added.extend(done.added.iter().map(EntryOut::from));
