@@ -322,6 +322,22 @@ fn moderation_suite(engine: &Engine, root: &Path) {
         "the same picture is the same entry"
     );
     assert_eq!(engine.list_entries("bank").unwrap().len(), 2);
+    // Its plain hash from a hash file would replace the image's entry with a poorer one.
+    let camera_hash = engine
+        .list_entries("bank")
+        .unwrap()
+        .into_iter()
+        .find(|e| e.id == camera_entry)
+        .unwrap()
+        .pdq[0];
+    let dup = engine
+        .add_list_hashes("bank", &camera_hash.to_hex(), None, "cli")
+        .unwrap();
+    assert!(dup.added.is_empty(), "{dup:?}");
+    assert!(dup.skipped[0].reason.contains("camera.png"), "{dup:?}");
+    let kept = engine.list_entries("bank").unwrap();
+    let camera = kept.iter().find(|e| e.id == camera_entry).unwrap();
+    assert_eq!((camera.pdq.len(), camera.itc.is_some()), (8, true));
 
     // A hash list made after the photos: the collection is checked against it at once.
     let astronaut = recs["astronaut.png"].pdq.unwrap();

@@ -468,7 +468,29 @@ impl Engine {
     ) -> Result<EntriesAdded> {
         check_actor(actor)?;
         self.existing_list(name)?;
-        let (entries, skipped) = parse_hashes(name, text, source);
+        let (mut entries, mut skipped) = parse_hashes(name, text, source);
+        // A hash a reference image of the list already has (its plain hash: the same entry id)
+        // would replace that entry and lose its other seven hashes and its vector.
+        let images: BTreeMap<u64, Option<String>> = self
+            .read()?
+            .entries(Some(name))?
+            .into_iter()
+            .filter(|e| e.itc.is_some())
+            .map(|e| (e.id, e.source))
+            .collect();
+        entries.retain(|e| match images.get(&e.id) {
+            None => true,
+            Some(image) => {
+                skipped.push(Skipped {
+                    source: e.label.clone().unwrap_or_else(|| e.pdq[0].to_hex()),
+                    reason: format!(
+                        "the list has this hash already, from the reference image {}",
+                        image.as_deref().unwrap_or("(unnamed)")
+                    ),
+                });
+                false
+            }
+        });
         self.store_entries(
             name,
             entries,
