@@ -2298,6 +2298,7 @@ macro_rules! check_moderation {
             serde_json::json!({"name": "Bad Name"}),
             serde_json::json!({"nom": "x"}),
             serde_json::json!({"name": "x", "pdq_distance": 300}),
+            serde_json::json!({"name": "x", "min_cosine": 3}),
         ] {
             let (st, _) = send!(svc, keyed_json("/api/lists", bad.clone()));
             assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
@@ -2350,6 +2351,7 @@ macro_rules! check_moderation {
         assert_eq!(st, StatusCode::OK);
         let v = json(&b);
         assert_eq!(v["entries"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["list"]["entries"], 2, "{v}");
 
         // The flag shows to the key holder only, and the flagged filter needs the key.
         let flagged = "/api/search?q=a%20photo&mode=vector&rerank_k=0&k=50&limit=50&flagged=";
@@ -2418,6 +2420,16 @@ macro_rules! check_moderation {
             .starts_with("key:"));
         let (_, b) = send!(svc, keyed(TestRequest::get().uri("/api/review")));
         assert_eq!(json(&b)["total"], 0);
+        let (st, b) = send!(
+            svc,
+            keyed_json(&format!("/api/review/{rocket}"), serde_json::json!({"decision": "confirmed"}))
+        );
+        assert_eq!(st, StatusCode::CONFLICT, "nothing waits for review");
+        assert_eq!(error_code(&b), "conflict");
+        let (st, _) = send!(svc, keyed(TestRequest::get().uri("/api/review?list=nosuch")));
+        assert_eq!(st, StatusCode::NOT_FOUND);
+        let (st, _) = send!(svc, keyed(TestRequest::get().uri("/api/audit?after=9223372036854775808")));
+        assert_eq!(st, StatusCode::BAD_REQUEST);
         let (_, b) = send!(svc, keyed(TestRequest::get().uri(&format!("{flagged}bank"))));
         assert_eq!(hit_ids(&json(&b)), Vec::<u64>::new(), "a cleared image is not flagged");
 

@@ -283,11 +283,7 @@ fn moderation_suite(engine: &Engine, root: &Path) {
     let again = engine
         .decide(rocket_id, Verdict::Cleared, "", "cli")
         .unwrap_err();
-    assert_eq!(
-        again.kind(),
-        ErrorKind::InvalidInput,
-        "nothing waits: {again}"
-    );
+    assert_eq!(again.kind(), ErrorKind::Conflict, "nothing waits: {again}");
     assert_eq!(
         engine
             .decide(ImageId(987_654_321), Verdict::Cleared, "", "cli")

@@ -29,6 +29,10 @@ pub enum EngineError {
     /// No such image.
     #[error("{0}")]
     NotFound(String),
+    /// The request does not fit the state of what it names (a decision on an image with nothing
+    /// waiting for review).
+    #[error("{0}")]
+    Conflict(String),
     /// The inference queue is full: try again shortly.
     #[error("busy: {0}")]
     Busy(String),
@@ -79,7 +83,7 @@ impl EngineError {
             Self::NotFound(_) | Self::Index(IndexError::NotFound(_) | IndexError::NoList(_)) => {
                 ErrorKind::NotFound
             }
-            Self::Index(IndexError::ListExists(_)) => ErrorKind::Conflict,
+            Self::Conflict(_) | Self::Index(IndexError::ListExists(_)) => ErrorKind::Conflict,
             Self::Model(ModelError::TooManyPixels { .. } | ModelError::OverBudget { .. }) => {
                 ErrorKind::TooLarge
             }
@@ -96,9 +100,11 @@ impl EngineError {
     /// the caller's own), the error otherwise.
     pub fn user_message(&self) -> String {
         match self {
-            Self::InvalidInput(m) | Self::NotFound(m) | Self::Busy(m) | Self::TimedOut(m) => {
-                m.clone()
-            }
+            Self::InvalidInput(m)
+            | Self::NotFound(m)
+            | Self::Conflict(m)
+            | Self::Busy(m)
+            | Self::TimedOut(m) => m.clone(),
             Self::Model(ModelError::InvalidInput(m) | ModelError::Busy(m)) => m.clone(),
             Self::Index(
                 IndexError::InvalidQuery(m)

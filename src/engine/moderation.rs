@@ -722,7 +722,7 @@ impl Engine {
                 decided.push(json!({ "list": f.list, "entry": f.entry }));
             }
             if decided.is_empty() {
-                return Err(EngineError::InvalidInput(format!(
+                return Err(EngineError::Conflict(format!(
                     "image {id} has no flag waiting for review"
                 )));
             }

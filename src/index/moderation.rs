@@ -106,7 +106,7 @@ pub struct MatchRules {
     /// Largest PDQ Hamming distance that matches (0 to 256).
     #[serde(default = "default_pdq_distance")]
     pub pdq_distance: u32,
-    /// Smallest ITC cosine that matches (-1 to 1; above 1 turns the ITC rule off).
+    /// Smallest ITC cosine that matches (-1 to 2; above 1 turns the ITC rule off).
     #[serde(default = "default_min_cosine")]
     pub min_cosine: f32,
 }
@@ -129,7 +129,7 @@ impl Default for MatchRules {
 }
 
 impl MatchRules {
-    /// Refuses a distance over 256 bits, and a cosine that is not a number or is below -1.
+    /// Refuses a distance over 256 bits, and a cosine that is not a number from -1 to 2.
     pub fn check(&self) -> Result<()> {
         if self.pdq_distance > 256 {
             return Err(IndexError::InvalidList(format!(
@@ -137,9 +137,9 @@ impl MatchRules {
                 self.pdq_distance
             )));
         }
-        if !self.min_cosine.is_finite() || self.min_cosine < -1.0 {
+        if !(-1.0..=2.0).contains(&self.min_cosine) {
             return Err(IndexError::InvalidList(format!(
-                "a minimum cosine is a number from -1 (above 1: the ITC rule is off), not {}",
+                "a minimum cosine is a number from -1 to 2 (above 1: the ITC rule is off), not {}",
                 self.min_cosine
             )));
         }

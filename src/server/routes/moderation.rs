@@ -198,8 +198,7 @@ async fn create_list(
 
 #[derive(Serialize)]
 struct ListOut {
-    #[serde(flatten)]
-    info: ListInfo,
+    list: ListInfo,
     entries: Vec<EntryOut>,
 }
 
@@ -214,7 +213,7 @@ async fn show_list(state: web::Data<AppState>, name: web::Path<String>) -> ApiRe
             .ok_or_else(|| ApiError::not_found(format!("no match list {name:?}")))?;
         let entries = state.engine.list_entries(&name)?;
         Ok(ListOut {
-            info,
+            list: info,
             entries: entries.iter().map(EntryOut::from).collect(),
         })
     })
@@ -606,6 +605,12 @@ struct AuditQuery {
 async fn audit(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let q: AuditQuery = query(&req)?;
     let after = q.after.unwrap_or(0);
+    if after > i64::MAX as u64 {
+        return Err(ApiError::bad_request(format!(
+            "after must be between 0 and {}",
+            i64::MAX
+        )));
+    }
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
