@@ -1171,15 +1171,17 @@ fn check_actor(actor: &str) -> Result<()> {
 
 /// A label trimmed (`None` when empty), refused when too long or not one line.
 fn check_label(label: Option<&str>) -> Result<Option<String>> {
-    let Some(l) = label.map(str::trim).filter(|l| !l.is_empty()) else {
+    let Some(raw) = label else {
         return Ok(None);
     };
-    if l.chars().count() > MAX_LABEL || l.chars().any(char::is_control) {
+    // Control characters anywhere, even in the white space trimmed off, are refused.
+    let l = raw.trim();
+    if l.chars().count() > MAX_LABEL || raw.chars().any(char::is_control) {
         return Err(EngineError::InvalidInput(format!(
             "a label is one line of at most {MAX_LABEL} characters"
         )));
     }
-    Ok(Some(l.to_string()))
+    Ok(Some(l.to_string()).filter(|l| !l.is_empty()))
 }
 
 /// The overrides of `params`, checked.

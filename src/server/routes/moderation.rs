@@ -312,13 +312,14 @@ async fn read_entries_form(
         match name.as_str() {
             "image" => out.images.push((buf, file_name)),
             "label" => {
-                let label = text(buf, "the label")?.trim().to_string();
+                // Trimmed by the engine, which also refuses control characters.
+                let label = text(buf, "the label")?;
                 if label.chars().count() > MAX_LABEL_CHARS {
                     return Err(ApiError::bad_request(format!(
                         "the label is over {MAX_LABEL_CHARS} characters"
                     )));
                 }
-                out.label = Some(label).filter(|l| !l.is_empty());
+                out.label = Some(label);
             }
             _ => out.hashes = Some((text(buf, "the hash file")?, file_name)),
         }
