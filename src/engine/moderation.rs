@@ -918,46 +918,57 @@ impl Engine {
         let none = Overrides::default();
         let candidates = self.candidates(matcher, &none)?;
         let ids: Vec<ImageId> = candidates.keys().copied().collect();
-        let mut flagged = 0;
-        for chunk in ids.chunks(CHUNK) {
+        self.edit_records(&ids, actor, &mut |r| {
             let mut events = Vec::new();
-            {
-                let mut store = self.write()?;
-                let mut changed = Vec::new();
-                for id in chunk {
-                    let Some(mut r) = store.get(*id)? else {
-                        continue;
-                    };
-                    let mut new = Vec::new();
-                    for &e in &candidates[id] {
-                        let entry = &matcher.entries()[e];
-                        if has_flag(&r.flags, &entry.list, entry.id) {
-                            continue;
-                        }
-                        let t = matcher.rules(e, &none);
-                        if let Some(h) = judge(entry, r.pdq.as_ref(), &r.itc, &t) {
-                            let f = h.flag(entry);
-                            events.push(match_event(r.id, &r.path, &f, Some(entry)));
-                            new.push(f);
-                        }
-                    }
-                    if !new.is_empty() {
-                        r.flags.extend(new);
-                        changed.push(r);
-                    }
+            for &e in &candidates[&r.id] {
+                let entry = &matcher.entries()[e];
+                if has_flag(&r.flags, &entry.list, entry.id) {
+                    continue;
                 }
-                flagged += changed.len();
-                store.update_all(&changed)?;
-                store.flush()?;
+                let t = matcher.rules(e, &none);
+                if let Some(h) = judge(entry, r.pdq.as_ref(), &r.itc, &t) {
+                    let f = h.flag(entry);
+                    events.push(match_event(r.id, &r.path, &f, Some(entry)));
+                    r.flags.push(f);
+                }
             }
-            self.audit_events(actor, events)?;
-        }
-        Ok(flagged)
+            events
+        })
     }
 
     /// Removes the flags of list `name` from images `ids`, auditing each image's; returns how
     /// many images lost flags.
     fn unflag(&self, ids: &[ImageId], name: &str, actor: &str) -> Result<usize> {
+        self.edit_records(ids, actor, &mut |r| {
+            let (gone, kept): (Vec<Flag>, Vec<Flag>) = std::mem::take(&mut r.flags)
+                .into_iter()
+                .partition(|f| f.list == name);
+            r.flags = kept;
+            if gone.is_empty() {
+                return Vec::new();
+            }
+            vec![event(
+                "unflag",
+                json!({
+                    "id": r.id.0,
+                    "path": r.path,
+                    "list": name,
+                    "reason": "its list was deleted",
+                    "flags": gone,
+                }),
+            )]
+        })
+    }
+
+    /// Applies `edit` to the records of `ids` still stored, [`CHUNK`] at a time under one write
+    /// lock: a record for which `edit` gives audit events has changed and is written back, and
+    /// the events are audited once the chunk is durable. Returns how many records changed.
+    fn edit_records(
+        &self,
+        ids: &[ImageId],
+        actor: &str,
+        edit: &mut dyn FnMut(&mut ImageRecord) -> Vec<AuditEvent>,
+    ) -> Result<usize> {
         let mut count = 0;
         for chunk in ids.chunks(CHUNK) {
             let mut events = Vec::new();
@@ -966,25 +977,13 @@ impl Engine {
                 let mut changed = Vec::new();
                 for id in chunk {
                     let Some(mut r) = store.get(*id)? else {
-                        continue;
+                        continue; // removed meanwhile
                     };
-                    let (gone, kept): (Vec<Flag>, Vec<Flag>) =
-                        r.flags.into_iter().partition(|f| f.list == name);
-                    r.flags = kept;
-                    if gone.is_empty() {
-                        continue;
+                    let mine = edit(&mut r);
+                    if !mine.is_empty() {
+                        events.extend(mine);
+                        changed.push(r);
                     }
-                    events.push(event(
-                        "unflag",
-                        json!({
-                            "id": r.id.0,
-                            "path": r.path,
-                            "list": name,
-                            "reason": "its list was deleted",
-                            "flags": gone,
-                        }),
-                    ));
-                    changed.push(r);
                 }
                 count += changed.len();
                 store.update_all(&changed)?;
