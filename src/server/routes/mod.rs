@@ -472,23 +472,16 @@ pub async fn read_upload(
         } else {
             MAX_TEXT_BYTES
         };
-        let mut buf = Vec::new();
-        while let Some(chunk) = deadline.within(field.next()).await? {
-            let chunk = chunk
-                .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
-            if buf.len() + chunk.len() > limit {
-                return Err(if name == "image" {
-                    ApiError::too_large(format!(
-                        "the image is over the upload limit of {max_bytes} bytes"
-                    ))
-                } else {
-                    ApiError::bad_request(format!(
-                        "a text field is over {MAX_TEXT_CHARS} characters"
-                    ))
-                });
+        let buf = read_field(&mut field, deadline, limit, || {
+            if name == "image" {
+                ApiError::too_large(format!(
+                    "the image is over the upload limit of {max_bytes} bytes"
+                ))
+            } else {
+                ApiError::bad_request(format!("a text field is over {MAX_TEXT_CHARS} characters"))
             }
-            buf.extend_from_slice(&chunk);
-        }
+        })
+        .await?;
         match name.as_str() {
             "image" => {
                 if out.image.is_some() {
@@ -519,6 +512,26 @@ pub async fn read_upload(
         }
     }
     Ok(out)
+}
+
+/// Reads one multipart field whole, within `deadline`: 400 for a malformed body, and
+/// `over_limit` as soon as it passes `limit` bytes (nothing more is read).
+pub async fn read_field(
+    field: &mut actix_multipart::Field,
+    deadline: BodyDeadline,
+    limit: usize,
+    over_limit: impl Fn() -> ApiError,
+) -> ApiResult<Vec<u8>> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = deadline.within(field.next()).await? {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(over_limit());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
 }
 
 /// Checks uploaded image bytes from their header alone, before anything is decoded: 415 for

@@ -10,7 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{check_upload, is_multipart, BodyDeadline, Endpoint, ImageOut, PathView};
+use super::{check_upload, is_multipart, read_field, BodyDeadline, Endpoint, ImageOut, PathView};
 use crate::engine::{
     check_list_name, AuditEntry, ErrorKind, Flag, ImageId, ListEntry, ListInfo, MatchParams,
     MatchRule, MatchRules, ReferenceDecode, ReferenceImage, Silent, Skipped, Verdict,
@@ -286,25 +286,16 @@ async fn read_entries_form(
             .content_disposition()
             .and_then(|cd| cd.get_filename())
             .map(str::to_string);
-        let mut buf = Vec::new();
-        while let Some(chunk) = deadline.within(field.next()).await? {
-            let chunk = chunk
-                .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
-            if buf.len() + chunk.len() > limit {
-                return Err(match name.as_str() {
-                    "image" => ApiError::too_large(format!(
-                        "an image is over the upload limit of {limit} bytes"
-                    )),
-                    "pdq" => ApiError::too_large(format!(
-                        "the hash file is over {MAX_HASH_FILE_BYTES} bytes: send it in parts"
-                    )),
-                    _ => ApiError::bad_request(format!(
-                        "the label is over {MAX_LABEL_CHARS} characters"
-                    )),
-                });
-            }
-            buf.extend_from_slice(&chunk);
-        }
+        let buf = read_field(&mut field, deadline, limit, || match name.as_str() {
+            "image" => ApiError::too_large(format!(
+                "an image is over the upload limit of {limit} bytes"
+            )),
+            "pdq" => ApiError::too_large(format!(
+                "the hash file is over {MAX_HASH_FILE_BYTES} bytes: send it in parts"
+            )),
+            _ => ApiError::bad_request(format!("the label is over {MAX_LABEL_CHARS} characters")),
+        })
+        .await?;
         let text = |buf: Vec<u8>, what: &str| {
             String::from_utf8(buf)
                 .map_err(|_| ApiError::bad_request(format!("{what} is not UTF-8")))

@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::{
-    check_upload, decode_upload, is_multipart, safe_stem, BodyDeadline, Endpoint, ImageOut,
-    PathView,
+    check_upload, decode_upload, is_multipart, read_field, safe_stem, BodyDeadline, Endpoint,
+    ImageOut, PathView,
 };
 use crate::engine::catalogue::{check_product_id, read_product};
 use crate::engine::{IngestOptions, NewUpload, Product};
@@ -81,22 +81,15 @@ async fn read_product_form(
             .content_disposition()
             .and_then(|cd| cd.get_filename())
             .map(str::to_string);
-        let mut buf = Vec::new();
-        while let Some(chunk) = deadline.within(field.next()).await? {
-            let chunk = chunk
-                .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
-            if buf.len() + chunk.len() > limit {
-                return Err(match name.as_str() {
-                    "image" => ApiError::too_large(format!(
-                        "an image is over the upload limit of {limit} bytes"
-                    )),
-                    _ => ApiError::bad_request(format!(
-                        "the product field is over {MAX_PRODUCT_BYTES} bytes"
-                    )),
-                });
-            }
-            buf.extend_from_slice(&chunk);
-        }
+        let buf = read_field(&mut field, deadline, limit, || match name.as_str() {
+            "image" => ApiError::too_large(format!(
+                "an image is over the upload limit of {limit} bytes"
+            )),
+            _ => ApiError::bad_request(format!(
+                "the product field is over {MAX_PRODUCT_BYTES} bytes"
+            )),
+        })
+        .await?;
         match name.as_str() {
             "product" => out.product = Some(buf),
             _ => out.images.push((buf, file_name)),
